@@ -1,0 +1,22 @@
+"""Serving side of lcnet-bento: preprocessing, inference engines, the Predictor and the runner.
+
+Never imports ``train``: data flows dataset → train → store → runner → service → client.
+"""
+
+import warnings
+
+# Paddle warns about a missing C++ compiler cache at import; it never compiles anything here.
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+
+from .artifact import ModelArtifact, ModelNotFoundError, load_artifact
+from .predictor import Predictor
+from .preprocess import InvalidImageError, PreprocessConfig
+
+__all__ = [
+    "InvalidImageError",
+    "ModelArtifact",
+    "ModelNotFoundError",
+    "Predictor",
+    "PreprocessConfig",
+    "load_artifact",
+]

@@ -1,0 +1,204 @@
+"""The exported model folder: its files, how to write its metadata and how to read it back.
+
+A folder (exported by ``train``, or by PaddleClas / PaddleX) holds::
+
+    inference.json        the Paddle inference program (inference.pdmodel from Paddle 2)
+    inference.pdiparams   the weights
+    inference.yml         preprocessing + labels, in the format paddlex.create_model reads
+    labels.txt            one class name a line (optional when inference.yml has them)
+    model_info.json       architecture, metrics, training facts (ours only)
+
+A model in the BentoML store is such a folder, with the same facts as store labels and metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .preprocess import PreprocessConfig
+
+PROGRAM_FILES = ("inference.json", "inference.pdmodel")  # Paddle 3 (PIR) first, then Paddle 2
+PARAMS_FILE = "inference.pdiparams"
+INFERENCE_YML = "inference.yml"
+LABELS_FILE = "labels.txt"
+INFO_FILE = "model_info.json"
+DEFAULT_MODEL = "pplcnet:latest"
+# PaddleX/OpenCV interpolation names → ours (PIL's).
+_PADDLEX_INTERPOLATION = {
+    "NEAREST": "nearest",
+    "LINEAR": "bilinear",
+    "BILINEAR": "bilinear",
+    "BICUBIC": "bicubic",
+    "LANCZOS4": "lanczos",
+}
+
+
+class ModelNotFoundError(LookupError):
+    """A model tag or folder that cannot be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    path: Path
+    program_file: Path
+    params_file: Path
+    labels: tuple[str, ...]
+    preprocess: PreprocessConfig
+    info: dict[str, Any] = field(default_factory=dict)
+    tag: str | None = None  # the store tag, when loaded from the store
+
+    @property
+    def name(self) -> str:
+        return self.tag or str(self.path)
+
+
+def paddlex_model_name(architecture: str) -> str:
+    """PaddleX spells ``PPLCNet_x1_0`` as ``PP-LCNet_x1_0``."""
+    return architecture.replace("PPLCNet", "PP-LCNet", 1)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_metadata(
+    folder: Path,
+    *,
+    architecture: str,
+    labels: list[str],
+    preprocess: PreprocessConfig,
+    info: dict[str, Any],
+) -> None:
+    """Write inference.yml (PaddleX-compatible), labels.txt and model_info.json into ``folder``."""
+    inference_yml = {
+        "Global": {"model_name": paddlex_model_name(architecture)},
+        "PreProcess": {
+            "transform_ops": [
+                {
+                    "ResizeImage": {
+                        "resize_short": preprocess.resize_short,
+                        # PIL here too, so PaddleX resizes exactly as we do.
+                        "backend": "pil",
+                        "interpolation": preprocess.interpolation.upper(),
+                    }
+                },
+                {"CropImage": {"size": preprocess.crop_size}},
+                {
+                    "NormalizeImage": {
+                        "channel_num": 3,
+                        "mean": list(preprocess.mean),
+                        "std": list(preprocess.std),
+                        "order": "",
+                        "scale": 1.0 / 255.0,
+                    }
+                },
+                {"ToCHWImage": None},
+            ]
+        },
+        "PostProcess": {"Topk": {"topk": min(5, len(labels)), "label_list": list(labels)}},
+    }
+    write_text_atomic(
+        folder / INFERENCE_YML, yaml.safe_dump(inference_yml, sort_keys=False, allow_unicode=True)
+    )
+    write_text_atomic(folder / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
+def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
+    """Read our PreprocessConfig back from PaddleClas/PaddleX ``transform_ops``."""
+    ops: dict[str, dict[str, Any]] = {}
+    for op in config.get("PreProcess", {}).get("transform_ops", []):
+        ((name, args),) = op.items()
+        ops[name] = args or {}
+    resize, crop, norm = (
+        ops.get("ResizeImage", {}),
+        ops.get("CropImage", {}),
+        ops.get("NormalizeImage", {}),
+    )
+    crop_size = int(crop.get("size", 224))
+    if "resize_short" not in resize:
+        raise ModelNotFoundError("inference.yml: only ResizeImage with resize_short is supported")
+    scale = float(norm.get("scale", 1.0 / 255.0))
+    if abs(scale - 1.0 / 255.0) > 1e-6:
+        raise ModelNotFoundError(f"inference.yml: NormalizeImage scale {scale} is not 1/255")
+    return PreprocessConfig(
+        crop_size=crop_size,
+        resize_short=int(resize["resize_short"]),
+        interpolation=_PADDLEX_INTERPOLATION[str(resize.get("interpolation", "LINEAR")).upper()],
+        mean=tuple(norm.get("mean", PreprocessConfig.mean)),
+        std=tuple(norm.get("std", PreprocessConfig.std)),
+    )
+
+
+def _read_labels(folder: Path, config: dict[str, Any]) -> tuple[str, ...]:
+    if (folder / LABELS_FILE).is_file():
+        lines = (folder / LABELS_FILE).read_text(encoding="utf-8").splitlines()
+        return tuple(line.strip() for line in lines if line.strip())
+    label_list = config.get("PostProcess", {}).get("Topk", {}).get("label_list")
+    if not label_list:
+        raise ModelNotFoundError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
+    return tuple(str(label) for label in label_list)
+
+
+def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
+    """Read an exported model folder; missing files give one clear error."""
+    folder = Path(folder)
+    program = next((folder / f for f in PROGRAM_FILES if (folder / f).is_file()), None)
+    missing = [
+        name
+        for name, present in (
+            ("inference.json or inference.pdmodel", program is not None),
+            (PARAMS_FILE, (folder / PARAMS_FILE).is_file()),
+            (INFERENCE_YML, (folder / INFERENCE_YML).is_file()),
+        )
+        if not present
+    ]
+    if missing:
+        raise ModelNotFoundError(
+            f"{folder} is not an exported model folder: missing {', '.join(missing)}"
+        )
+    config = yaml.safe_load((folder / INFERENCE_YML).read_text(encoding="utf-8")) or {}
+    info_path = folder / INFO_FILE
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    return ModelArtifact(
+        path=folder,
+        program_file=program,
+        params_file=folder / PARAMS_FILE,
+        labels=_read_labels(folder, config),
+        preprocess=preprocess_from_inference_yml(config),
+        info=info,
+        tag=tag,
+    )
+
+
+def load_artifact(model: str | Path = DEFAULT_MODEL) -> ModelArtifact:
+    """Load a model from an exported folder or a BentoML store tag (``name[:version]``)."""
+    if Path(model).is_dir():
+        return load_folder(model)
+    if isinstance(model, Path) or os.sep in str(model):
+        raise ModelNotFoundError(f"no model folder at {model}")
+    import bentoml  # slow to import; only needed for store tags
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        stored = bentoml.models.get(str(model))
+    except NotFound:
+        raise ModelNotFoundError(
+            f"model {model!r} is not in the BentoML store ({bentoml_home()}); "
+            "train one with `python -m train fit DATASET` or list them with `bentoml models list`"
+        ) from None
+    except BentoMLException as err:
+        raise ModelNotFoundError(f"invalid model tag {model!r}: {err}") from None
+    return load_folder(stored.path, tag=str(stored.tag))
+
+
+def bentoml_home() -> str:
+    return os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))

@@ -1,0 +1,62 @@
+"""``python -m lcnet_runner predict IMAGE... --model pplcnet:latest --top-k 3 [--benchmark N]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .artifact import DEFAULT_MODEL, ModelNotFoundError
+from .preprocess import InvalidImageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lcnet_runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="classify images and print the latency block")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="store tag or exported folder")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument(
+        "--benchmark",
+        type=int,
+        default=0,
+        metavar="N",
+        help="repeat the prediction N times and report the timing of those runs",
+    )
+    return parser
+
+
+def predict(args: argparse.Namespace) -> None:
+    from .predictor import Predictor, Timings
+
+    missing = [str(path) for path in args.images if not path.is_file()]
+    if missing:  # before the slow model load
+        raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+    images = list(args.images)
+    predictor = Predictor(args.model, threads=args.threads, batch_size=args.batch_size)
+    results = predictor.predict(images, top_k=args.top_k)
+    for path, result in zip(args.images, results, strict=True):
+        print(json.dumps({"image": str(path), "predictions": result}, ensure_ascii=False))
+    timings = predictor.timings
+    if args.benchmark:
+        timings = Timings()
+        for _ in range(args.benchmark):
+            predictor.predict(images, top_k=args.top_k)
+            for field in ("images", "batches", "preprocess_s", "inference_s", "postprocess_s"):
+                setattr(timings, field, getattr(timings, field) + getattr(predictor.timings, field))
+    print(timings.report(args.batch_size))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        predict(args)
+    except (ModelNotFoundError, InvalidImageError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

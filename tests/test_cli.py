@@ -1,0 +1,86 @@
+"""Command-line errors: exit code 2 and exactly one readable line on stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def two_classes(root: Path, per_class: int = 3) -> Path:
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_split_missing_dir(tmp_path: Path) -> None:
+    line = one_error_line(run_cli("train", "split", str(tmp_path / "nope"), check=False))
+    assert "not found" in line
+
+
+def test_split_single_class_and_bad_ratios(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "only" / "x.png")
+    assert "at least 2 classes" in one_error_line(
+        run_cli("train", "split", str(tmp_path), check=False)
+    )
+    data = two_classes(tmp_path / "two")
+    result = run_cli(
+        "train", "split", str(data), "--val_value", "0.6", "--test_value", "0.5", check=False
+    )
+    assert "< 1" in one_error_line(result)
+
+
+def test_split_cli_writes_lists_with_paddlex_aliases(tmp_path: Path) -> None:
+    data = two_classes(tmp_path / "two", per_class=10)
+    result = run_cli("train", "split", str(data), "--val_value", "0.2", "--test_value", "0.1")
+    assert "train 14, val 4, test 2" in result.stdout
+    assert (data / "labels.txt").read_text() == "a\nb\n"
+
+
+def test_fit_unknown_model_lists_valid_names(tmp_path: Path) -> None:
+    data = two_classes(tmp_path / "two")
+    line = one_error_line(run_cli("train", "fit", str(data), "--model", "PPLCNet_x9", check=False))
+    assert "PPLCNet_x0_25" in line and "PPLCNet_x2_5" in line
+
+
+def test_fit_missing_pretrained_file(tmp_path: Path) -> None:
+    data = two_classes(tmp_path / "two")
+    args = ["--pretrained", str(tmp_path / "missing.pdparams"), "--save-dir", str(tmp_path / "o")]
+    line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
+    assert "missing.pdparams" in line and "none" in line
+
+
+def test_evaluate_unknown_tag(tmp_path: Path) -> None:
+    data = two_classes(tmp_path / "two")
+    result = run_cli("train", "evaluate", "nope:latest", "--dataset", str(data), check=False)
+    assert "not in the BentoML store" in one_error_line(result)
+
+
+@pytest.mark.parametrize("name, content", [("missing.jpg", None), ("text.jpg", b"hello")])
+def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content: bytes | None) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    model = trained["export_dir"]
+    result = run_cli("lcnet_runner", "predict", str(path), "--model", model, check=False)
+    assert name in one_error_line(result)
+
+
+def test_predict_missing_model_folder(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    result = run_cli("lcnet_runner", "predict", str(image), "--model", str(tmp_path), check=False)
+    assert "not an exported model folder" in one_error_line(result)

@@ -1,0 +1,75 @@
+"""`python -m train import`: PaddleClas checkpoints and exported folders become store versions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_cli
+
+from lcnet_runner import Predictor
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+
+
+def _probs(model: str | Path, trained: dict) -> np.ndarray:
+    paths = [path for path, _ in read_split(trained["dataset"], "test")]
+    predictor = Predictor(model, threads=1)
+    return np.stack([[p["score"] for p in r] for r in predictor.predict(paths, top_k=3)])
+
+
+def test_import_checkpoint_reproduces_the_model(trained: dict) -> None:
+    labels = trained["dataset"] / "labels.txt"
+    result = run_cli(
+        "train", "import", str(trained["save_dir"] / "best.pdparams"), "--name", "imported-ckpt",
+        "--model", "PPLCNet_x0_25", "--labels", str(labels), "--input-size", "32",
+        "--resize-short", "36",
+    )  # fmt: skip
+    tag = result.stdout.strip().split()[-1]
+    assert tag.startswith("imported-ckpt:")
+    np.testing.assert_allclose(
+        _probs(tag, trained), _probs(trained["export_dir"], trained), atol=1e-5
+    )
+
+
+def test_import_paddleclas_style_folder(trained: dict, tmp_path: Path) -> None:
+    """A PaddleClas export: no labels.txt or model_info.json, labels only in inference.yml."""
+    folder = tmp_path / "paddleclas_export"
+    shutil.copytree(trained["export_dir"], folder)
+    (folder / "labels.txt").unlink()
+    (folder / "model_info.json").unlink()
+    config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8"))
+    config["PreProcess"]["transform_ops"][0] = {"ResizeImage": {"resize_short": 36}}
+    (folder / "inference.yml").write_text(yaml.safe_dump(config, allow_unicode=True), "utf-8")
+
+    result = run_cli("train", "import", str(folder), "--name", "imported-folder")
+    tag = result.stdout.strip().split()[-1]
+    predictor = Predictor(tag)
+    assert predictor.labels == ("blue sky", "green", "红")
+    assert predictor.artifact.info["architecture"] == "PPLCNet_x0_25"
+    np.testing.assert_allclose(
+        _probs(tag, trained), _probs(trained["export_dir"], trained), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{ckpt}"], "needs --model"),
+        (["{ckpt}", "--model", "PPLCNet_x1_0", "--labels", "{labels}"], "does not match the model"),
+        (["/no/such/dir"], "expected an exported model folder or a .pdparams file"),
+    ],
+)
+def test_import_errors_are_one_line(trained: dict, args: list[str], message: str) -> None:
+    values = {
+        "ckpt": trained["save_dir"] / "best.pdparams",
+        "labels": trained["dataset"] / "labels.txt",
+    }
+    result = run_cli("train", "import", *[a.format(**values) for a in args], check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last

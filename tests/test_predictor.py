@@ -1,0 +1,114 @@
+"""The Predictor on a real exported model: equals dygraph, every input kind, errors at load time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+from lcnet_runner import ModelNotFoundError, Predictor
+from lcnet_runner.preprocess import normalize, preprocess
+from train.model import build_model
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def predictor(trained: dict) -> Predictor:
+    return Predictor(trained["export_dir"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def test_images(trained: dict) -> list[tuple[Path, int]]:
+    return read_split(trained["dataset"], "test")
+
+
+def test_exported_model_equals_dygraph(trained: dict, predictor: Predictor, test_images) -> None:
+    network = build_model("PPLCNet_x0_25", num_classes=len(predictor.labels))
+    network.set_state_dict(paddle.load(str(trained["save_dir"] / "best.pdparams")))
+    network.eval()
+    crops = np.stack([preprocess(path, predictor.config) for path, _ in test_images])
+    with paddle.no_grad():
+        logits = network(paddle.to_tensor(normalize(crops, predictor.config)))
+    expected = paddle.nn.functional.softmax(logits, axis=-1).numpy()
+    np.testing.assert_allclose(predictor.infer(crops), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predictions_are_accurate_sorted_probabilities(predictor: Predictor, test_images) -> None:
+    results = predictor.predict([path for path, _ in test_images], top_k=3)
+    assert len(results) == len(test_images)
+    correct = 0
+    for result, (_, label) in zip(results, test_images, strict=True):
+        assert [set(p) for p in result] == [{"category_id", "category", "score"}] * 3
+        scores = [p["score"] for p in result]
+        assert scores == sorted(scores, reverse=True) and 0.99 < sum(scores) < 1.01
+        assert all(predictor.labels[p["category_id"]] == p["category"] for p in result)
+        correct += result[0]["category_id"] == label
+    assert correct / len(test_images) >= 0.85
+
+
+def test_every_input_kind_gives_the_same_answer(predictor: Predictor, test_images) -> None:
+    path = test_images[0][0]
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    expected = predictor.predict(path)
+    assert len(expected) == 1
+    for source in (str(path), path.read_bytes(), Image.open(path), rgb):
+        assert predictor.predict(source) == expected
+    assert predictor.predict(rgb[:, :, ::-1].copy(), bgr=True) == expected
+    pair = predictor.predict([path, path], top_k=2)
+    assert predictor.timings.images == 2 and predictor.timings.inference_s > 0
+    assert pair == [predictor.predict(path, top_k=2)] * 2
+
+
+def test_store_tag_and_folder_give_the_same_answer(trained: dict, test_images) -> None:
+    paths = [path for path, _ in test_images[:4]]
+    by_tag = Predictor(trained["tag"], threads=1)
+    assert by_tag.artifact.tag == trained["tag"]
+    assert by_tag.predict(paths, top_k=3) == Predictor(trained["export_dir"]).predict(
+        paths, top_k=3
+    )
+
+
+def test_unknown_tag_and_broken_folders_fail_at_load(trained: dict, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="not in the BentoML store"):
+        Predictor("no-such-model:latest")
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["export_dir"], broken)
+    (broken / "inference.pdiparams").unlink()
+    with pytest.raises(ModelNotFoundError, match="missing inference.pdiparams"):
+        Predictor(broken)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(trained["export_dir"], mismatched)
+    with open(mismatched / "labels.txt", "a", encoding="utf-8") as f:
+        f.write("extra\n")
+    with pytest.raises(ModelNotFoundError, match="outputs 3 classes but has 4 labels"):
+        Predictor(mismatched)
+
+
+def test_predict_cli_prints_results_and_latency_block(trained: dict, test_images) -> None:
+    path = str(test_images[0][0])
+    result = run_cli(
+        "lcnet_runner", "predict", path, path, "--model", trained["tag"], "--top-k", "2",
+        "--benchmark", "3",
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    first = json.loads(lines[0])
+    assert first["image"] == path and len(first["predictions"]) == 2
+    assert "Inference Time Info" in result.stdout
+    assert "img_num: 6, batch_size: 1" in result.stdout
+    assert "preprocess_time_per_im(ms)" in lines[-1]
+
+
+def test_evaluate_cli_reports_accuracy(trained: dict) -> None:
+    result = run_cli("train", "evaluate", trained["tag"], "--dataset", str(trained["dataset"]))
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["split"] == "test" and report["n"] == 18
+    assert report["top1"] == trained["test_top1"]
+    assert report["top5"] == 1.0 and set(report["per_class"]) == {"blue sky", "green", "红"}

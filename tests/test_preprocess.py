@@ -1,0 +1,122 @@
+"""Preprocessing: golden values, every input kind and mode, and train/serve equivalence."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lcnet_runner.preprocess import (
+    InvalidImageError,
+    PreprocessConfig,
+    center_crop_box,
+    load_image,
+    normalize,
+    preprocess,
+    resize_short,
+)
+from train.data import decode_split, eval_batches
+
+CONFIG = PreprocessConfig(crop_size=32, resize_short=36)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def gradient(width: int = 50, height: int = 40) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 5 % 256, y * 6 % 256, (x + y) * 3 % 256], axis=-1).astype(np.uint8)
+
+
+def test_resize_short_and_center_crop_follow_paddlex_rounding() -> None:
+    assert resize_short(Image.new("RGB", (500, 375)), 256).size == (341, 256)
+    assert resize_short(Image.new("RGB", (375, 500)), 256).size == (256, 341)
+    assert center_crop_box(341, 256, 224) == (58, 16, 282, 240)
+
+
+def test_preprocess_output_shape_dtype_and_golden_normalization() -> None:
+    crop = preprocess(gradient(), CONFIG)
+    assert crop.shape == (32, 32, 3) and crop.dtype == np.uint8
+    batch = normalize(crop[None], CONFIG)
+    assert batch.shape == (1, 3, 32, 32) and batch.dtype == np.float32
+    naive = (crop.astype(np.float64) / 255 - CONFIG.mean) / CONFIG.std
+    np.testing.assert_allclose(batch[0], naive.transpose(2, 0, 1), atol=1e-5)
+    white = normalize(np.full((1, 1, 1, 3), 255, np.uint8), CONFIG)[0, :, 0, 0]
+    np.testing.assert_allclose(white, [2.2489, 2.4286, 2.64], atol=1e-4)
+
+
+def test_every_input_kind_gives_the_same_crop(tmp_path: Path) -> None:
+    rgb = gradient()
+    png = encode(Image.fromarray(rgb))
+    (tmp_path / "a.png").write_bytes(png)
+    expected = preprocess(rgb, CONFIG)
+    for source in (png, tmp_path / "a.png", str(tmp_path / "a.png"), Image.fromarray(rgb)):
+        np.testing.assert_array_equal(preprocess(source, CONFIG), expected)
+    np.testing.assert_array_equal(preprocess(rgb[:, :, ::-1].copy(), CONFIG, bgr=True), expected)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I"])
+def test_any_mode_becomes_rgb(mode: str) -> None:
+    image = Image.fromarray(gradient()).convert("RGBA" if mode in ("LA", "RGBA") else "RGB")
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(np.asarray(image.convert("L"), np.uint16) * 257).convert(mode)
+    else:
+        image = image.convert(mode)
+    decoded = load_image(encode(image, "TIFF" if mode in ("CMYK", "I") else "PNG"))
+    assert decoded.mode == "RGB" and decoded.size == (50, 40)
+    if mode.startswith("I"):  # 16-bit is scaled down, not clipped to white
+        assert 0 < np.asarray(decoded).mean() < 250
+
+
+def test_transparency_is_composited_on_white() -> None:
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert np.asarray(load_image(encode(clear)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.fromarray(gradient(60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    decoded = load_image(encode(image, "JPEG", exif=exif))
+    assert decoded.size == (30, 60)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image", encode(Image.new("RGB", (64, 64)), "JPEG")[:100]]
+)
+def test_undecodable_bytes_raise_invalid_image(data: bytes) -> None:
+    with pytest.raises(InvalidImageError):
+        load_image(data)
+
+
+def test_arrays_must_be_hwc_uint8() -> None:
+    with pytest.raises(InvalidImageError, match="HxWx3 uint8"):
+        load_image(np.zeros((4, 4), np.uint8))
+    with pytest.raises(InvalidImageError):
+        load_image(np.zeros((4, 4, 3), np.float32))
+
+
+def test_config_rejects_crop_larger_than_resize() -> None:
+    with pytest.raises(ValueError, match="crop_size"):
+        PreprocessConfig(crop_size=64, resize_short=32)
+    assert PreprocessConfig.from_dict(CONFIG.to_dict()) == CONFIG
+
+
+def test_training_evaluation_crops_equal_serving_crops(tmp_path: Path) -> None:
+    """Training validates on exactly the pixels the Predictor and server will see."""
+    paths = []
+    for i, (w, h) in enumerate([(50, 40), (40, 90), (37, 37)]):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray(gradient(w, h)).save(path, quality=90)
+        paths.append((path, i))
+    split = decode_split(paths, CONFIG, workers=2)
+    crops, labels = next(eval_batches(split, CONFIG.crop_size, batch_size=8))
+    assert labels.tolist() == [0, 1, 2]
+    for crop, (path, _) in zip(crops, paths, strict=True):
+        np.testing.assert_array_equal(crop, preprocess(path, CONFIG))

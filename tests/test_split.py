@@ -1,0 +1,203 @@
+"""Tests for train.split: ImageNet folder -> PaddleX list files."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from train.split import (
+    SPLITS,
+    DatasetError,
+    SplitResult,
+    is_image_file,
+    read_labels,
+    read_split,
+    split_dataset,
+)
+
+UNICODE_CLASS = "ünïcødé 猫"
+
+
+def _save(path: Path, fmt: str = "JPEG", size: int = 32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), (200, 30, 90)).save(path, format=fmt)
+
+
+def _jpeg_bytes(size: int = 64) -> bytes:
+    # Random pixels keep the compressed data large enough to cut in half meaningfully.
+    buf = io.BytesIO()
+    Image.effect_noise((size, size), 64).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """cat: 10 good + 2 broken, 'dog house': 7 good, unicode class: 4 good, plus clutter."""
+    root = tmp_path / "data"
+    for i in range(9):
+        _save(root / "cat" / f"cat_{i}.jpg")
+    _save(root / "cat" / "UPPER.JPG")
+    (root / "cat" / "truncated.jpg").write_bytes(_jpeg_bytes()[:400])
+    (root / "cat" / "zero.jpg").write_bytes(b"")
+    (root / "cat" / ".hidden.jpg").write_bytes(b"not an image")
+    (root / "cat" / "notes.txt").write_text("ignored")
+    for i in range(6):
+        _save(root / "dog house" / f"dog {i}.jpg")
+    _save(root / "dog house" / "dog.png", fmt="PNG")
+    for i in range(3):
+        _save(root / UNICODE_CLASS / f"mañana {i}.jpg")
+    _save(root / UNICODE_CLASS / "画像.jpeg")
+    (root / "empty" / "nested").mkdir(parents=True)
+    _save(root / ".hidden_class" / "a.jpg")
+    _save(root / "stray.jpg")  # directly in the dataset root: ignored
+    return root
+
+
+def _labels_per_split(root: Path) -> dict[str, Counter[int]]:
+    return {s: Counter(i for _, i in read_split(root, s)) for s in SPLITS}
+
+
+def test_split_counts_labels_and_skipped(dataset: Path) -> None:
+    result = split_dataset(dataset, val_ratio=0.2, test_ratio=0.1)
+
+    assert result == SplitResult(
+        labels=["cat", "dog house", UNICODE_CLASS],
+        counts={"train": 15, "val": 4, "test": 2},
+        skipped=["cat/truncated.jpg", "cat/zero.jpg"],
+    )
+    # Per class (n -> val, test): 10 -> 2, 1;  7 -> 1, 1;  4 -> 1, 0.
+    assert _labels_per_split(dataset) == {
+        "train": Counter({0: 7, 1: 5, 2: 3}),
+        "val": Counter({0: 2, 1: 1, 2: 1}),
+        "test": Counter({0: 1, 1: 1}),
+    }
+    assert read_labels(dataset) == result.labels
+    assert (dataset / "labels.txt").read_text(encoding="utf-8") == "cat\ndog house\nünïcødé 猫\n"
+
+
+def test_lists_are_disjoint_and_cover_all_good_images(dataset: Path) -> None:
+    split_dataset(dataset)
+    splits = [read_split(dataset, s) for s in SPLITS]
+    paths = [p for samples in splits for p, _ in samples]
+
+    broken = {dataset / "cat" / "truncated.jpg", dataset / "cat" / "zero.jpg"}
+    good = {p.absolute() for p in dataset.glob("[!.]*/*") if is_image_file(p)} - broken
+    assert len(paths) == len(set(paths)) == len(good) == 21
+    assert set(paths) == good
+
+
+def test_read_split_round_trips_spaces_and_unicode(dataset: Path) -> None:
+    split_dataset(dataset)
+    labels = read_labels(dataset)
+    samples = [s for split in SPLITS for s in read_split(dataset, split)]
+
+    assert all(p.is_absolute() and p.is_file() for p, _ in samples)
+    assert all(p.parent.name == labels[i] for p, i in samples)
+    names = {p.name for p, _ in samples}
+    assert {"dog 0.jpg", "mañana 0.jpg", "画像.jpeg", "UPPER.JPG", "dog.png"} <= names
+    written = "".join((dataset / f"{s}_list.txt").read_text("utf-8") for s in SPLITS)
+    assert "dog house/dog 0.jpg 1\n" in written
+
+
+def test_split_is_deterministic_per_seed(dataset: Path) -> None:
+    def snapshot(seed: int) -> dict[str, str]:
+        split_dataset(dataset, seed=seed)
+        return {s: (dataset / f"{s}_list.txt").read_text("utf-8") for s in SPLITS}
+
+    first = snapshot(0)
+    assert snapshot(0) == first
+    assert snapshot(1) != first
+
+
+def test_tiny_classes_keep_a_training_image(tmp_path: Path) -> None:
+    _save(tmp_path / "one" / "a.jpg")
+    for name in ("a.jpg", "b.jpg"):
+        _save(tmp_path / "two" / name)
+
+    # one: val=round(0.6)=1, test=0 -> val gives way.
+    # two: val=round(1.2)=1, test=round(0.6)=1 -> test gives way first.
+    result = split_dataset(tmp_path, val_ratio=0.6, test_ratio=0.3)
+
+    assert result.counts == {"train": 2, "val": 1, "test": 0}
+    assert _labels_per_split(tmp_path)["train"] == Counter({0: 1, 1: 1})
+    assert _labels_per_split(tmp_path)["val"] == Counter({1: 1})
+
+
+def test_zero_test_ratio_writes_empty_test_list(dataset: Path) -> None:
+    result = split_dataset(dataset, val_ratio=0.2, test_ratio=0.0)
+
+    assert result.counts["test"] == 0
+    assert (dataset / "test_list.txt").read_text() == ""
+    assert read_split(dataset, "test") == []
+
+
+def test_is_image_file(tmp_path: Path) -> None:
+    for name in ("a.JPG", "b.webp", ".c.jpg", "d.txt"):
+        (tmp_path / name).touch()
+    (tmp_path / "dir.png").mkdir()
+
+    found = {p.name for p in tmp_path.iterdir() if is_image_file(p)}
+    assert found == {"a.JPG", "b.webp"}
+
+
+@pytest.mark.parametrize(
+    ("val_ratio", "test_ratio", "match"),
+    [
+        (-0.1, 0.1, r"val_ratio must be in \[0, 1\), got -0.1"),
+        (1.0, 0.0, r"val_ratio must be in \[0, 1\)"),
+        (0.2, 1.5, r"test_ratio must be in \[0, 1\)"),
+        (0.6, 0.4, r"val_ratio \+ test_ratio must be < 1"),
+    ],
+)
+def test_bad_ratios(dataset: Path, val_ratio: float, test_ratio: float, match: str) -> None:
+    with pytest.raises(DatasetError, match=match):
+        split_dataset(dataset, val_ratio=val_ratio, test_ratio=test_ratio)
+
+
+def test_missing_or_non_directory_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="dataset directory not found"):
+        split_dataset(tmp_path / "nope")
+    (tmp_path / "file").touch()
+    with pytest.raises(DatasetError, match="not a directory"):
+        split_dataset(tmp_path / "file")
+
+
+def test_no_images(tmp_path: Path) -> None:
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "notes.txt").touch()
+    _save(tmp_path / "stray.jpg")
+    with pytest.raises(DatasetError, match="no images found in"):
+        split_dataset(tmp_path)
+
+
+def test_no_readable_images(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "broken.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"no readable images .*\(2 unreadable\)"):
+        split_dataset(tmp_path)
+
+
+def test_single_class(tmp_path: Path) -> None:
+    _save(tmp_path / "cat" / "a.jpg")
+    (tmp_path / "dog").mkdir()  # no images, so not a class
+    with pytest.raises(DatasetError, match="needs at least 2 classes, found 1: 'cat'"):
+        split_dataset(tmp_path)
+    assert not (tmp_path / "train_list.txt").exists()
+
+
+def test_read_split_missing_list(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"val_list\.txt not found"):
+        read_split(tmp_path, "val")
+    with pytest.raises(DatasetError, match=r"labels\.txt not found"):
+        read_labels(tmp_path)
+
+
+def test_read_split_rejects_malformed_line(tmp_path: Path) -> None:
+    (tmp_path / "train_list.txt").write_text("cat/a.jpg 0\ncat/b.jpg\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"train_list\.txt:2: expected"):
+        read_split(tmp_path, "train")

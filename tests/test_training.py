@@ -1,0 +1,98 @@
+"""`python -m train fit` for real on generated data: accuracy, files, store entry, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import bentoml
+import pytest
+from conftest import COLOUR_CLASSES, TINY_EPOCHS, run_cli, tiny_fit
+
+from train.data import decode_split
+from train.fit import FitConfig, learning_rate
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+
+
+def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
+    # Chance is 0.33; the split holds 36 val and 18 test images.
+    assert trained["val_top1"] >= 0.85
+    assert trained["test_top1"] >= 0.85
+    assert trained["architecture"] == "PPLCNet_x0_25"
+    assert trained["epochs"] == TINY_EPOCHS
+
+
+def test_fit_writes_checkpoints_history_and_export(trained: dict) -> None:
+    save_dir: Path = trained["save_dir"]
+    for name in ("last.pdckpt", "best.pdparams", "history.json"):
+        assert (save_dir / name).is_file(), name
+    history = json.loads((save_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, TINY_EPOCHS + 1))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    export = save_dir / "inference"
+    for name in ("inference.json", "inference.pdiparams", "inference.yml", "labels.txt"):
+        assert (export / name).is_file(), name
+    assert (export / "labels.txt").read_text(encoding="utf-8").splitlines() == sorted(
+        COLOUR_CLASSES
+    )
+
+
+def test_fit_saves_a_store_version_with_labels_and_metadata(trained: dict) -> None:
+    model = bentoml.models.get(trained["tag"])
+    assert model.info.labels["architecture"] == "PPLCNet_x0_25"
+    assert model.info.labels["dataset"] == "colours"
+    meta = model.info.metadata
+    assert meta["classes"] == sorted(COLOUR_CLASSES)
+    assert (meta["input_size"], meta["resize_short"]) == (32, 36)
+    assert meta["val_top1"] == trained["val_top1"] and meta["test_top1"] == trained["test_top1"]
+    assert meta["epochs"] == TINY_EPOCHS and meta["paddle_version"] and meta["training_time_s"] > 0
+    assert meta["mean"] == [0.485, 0.456, 0.406]
+    assert (Path(model.path) / "inference.pdiparams").is_file()
+
+
+def test_resume_continues_from_the_last_checkpoint(trained: dict, tmp_path: Path) -> None:
+    save_dir = tmp_path / "resumed"
+    shutil.copytree(trained["save_dir"], save_dir)
+    more = TINY_EPOCHS + 1
+    args = [*tiny_fit(epochs=more), "--save-dir", str(save_dir), "--resume"]
+    result = run_cli("train", "fit", str(trained["dataset"]), *args)
+    assert f"resuming from epoch {TINY_EPOCHS}" in result.stderr
+    assert f"epoch {more}/{more}" in result.stderr and f"epoch 1/{more}" not in result.stderr
+    history = json.loads((save_dir / "history.json").read_text())
+    assert len(history) == more
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["tag"] != trained["tag"]  # a new store version, the old one untouched
+    assert bentoml.models.get(trained["tag"]).info.metadata["epochs"] == TINY_EPOCHS
+
+
+def test_resume_without_checkpoint_is_a_clear_error(colour_dataset: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "train", "fit", str(colour_dataset), *tiny_fit(), "--save-dir", str(tmp_path), "--resume",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --resume: no checkpoint")
+
+
+def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path: Path) -> None:
+    samples = read_split(colour_dataset, "train")[:5]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(samples[0][0].read_bytes()[:200])
+    decoded = decode_split([*samples, (broken, 0)], FitConfig().preprocess)
+    assert len(decoded) == 5 and decoded.skipped == [str(broken)]
+
+
+def test_learning_rate_schedules() -> None:
+    seed = FitConfig()  # the seed's lr 0.01, decayed ×0.1 at epochs 4, 6, 8
+    lrs = [learning_rate(seed, epoch) for epoch in range(10)]
+    assert lrs == pytest.approx([0.01] * 4 + [0.001] * 2 + [0.0001] * 2 + [0.00001] * 2)
+    cosine = FitConfig(schedule="cosine", epochs=10, warmup_epochs=2, lr=0.1)
+    assert learning_rate(cosine, 0.0) < 0.01
+    assert learning_rate(cosine, 1.0) == pytest.approx(0.05, rel=0.01)
+    assert learning_rate(cosine, 2.0) == pytest.approx(0.1)
+    assert learning_rate(cosine, 10.0) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="schedule"):
+        FitConfig(schedule="step")

@@ -1,0 +1,143 @@
+"""Training data on a CPU: decode every image once, then crop and flip in memory.
+
+Decoding JPEGs every step roughly halves training throughput on 2 cores, and DataLoader worker
+processes take cores from the model. So each split is decoded once (in a thread pool — PIL
+releases the GIL) into uint8 arrays at resize-short size; evaluation then takes the center crop
+with ``lcnet_runner``'s own functions, and training takes random resized crops + flips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from lcnet_runner.preprocess import (
+    RESAMPLE_FILTERS,
+    InvalidImageError,
+    PreprocessConfig,
+    center_crop,
+    load_image,
+    resize_short,
+)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation: PaddleX 2's RandomCrop (a random resized crop) + horizontal flip."""
+
+    input_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < MIN <= MAX <= 1, got {low},{high}")
+
+
+@dataclass
+class DecodedSplit:
+    images: list[np.ndarray]  # uint8 HxWx3, short side = resize_short
+    labels: np.ndarray  # int64 class index per image
+    skipped: list[str]  # files that could not be decoded
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def decode_split(
+    samples: Sequence[tuple[Path, int]],
+    config: PreprocessConfig,
+    *,
+    workers: int = 2,
+    desc: str = "decode",
+) -> DecodedSplit:
+    """Decode and resize every image once; unreadable files are skipped and listed, never fatal."""
+
+    def decode(path: Path) -> np.ndarray | None:
+        try:
+            return np.asarray(
+                resize_short(load_image(path), config.resize_short, config.interpolation)
+            )
+        except (InvalidImageError, OSError):
+            return None
+
+    images, labels, skipped = [], [], []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = pool.map(decode, [path for path, _ in samples])
+        for (path, label), image in tqdm(
+            zip(samples, decoded, strict=True),
+            total=len(samples),
+            desc=desc,
+            disable=None,
+            leave=False,
+        ):
+            if image is None:
+                skipped.append(str(path))
+            else:
+                images.append(image)
+                labels.append(label)
+    return DecodedSplit(images, np.asarray(labels, dtype=np.int64), skipped)
+
+
+def random_resized_crop(
+    image: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, interpolation: str
+) -> np.ndarray:
+    """torchvision/PaddleX RandomResizedCrop on a uint8 HWC array (10 tries, then center crop)."""
+    height, width = image.shape[:2]
+    area = height * width
+    log_ratio = (math.log(aug.crop_ratio[0]), math.log(aug.crop_ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*aug.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            break
+    else:
+        side = min(width, height)
+        w = h = side
+        left, top = (width - side) // 2, (height - side) // 2
+    size = (aug.input_size, aug.input_size)
+    box = (left, top, left + w, top + h)
+    return np.asarray(Image.fromarray(image).resize(size, RESAMPLE_FILTERS[interpolation], box=box))
+
+
+def train_batches(
+    split: DecodedSplit,
+    aug: AugmentConfig,
+    interpolation: str,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled uint8 NHWC batches with augmentation; the last partial batch is kept."""
+    order = rng.permutation(len(split))
+    for start in range(0, len(order), batch_size):
+        ids = order[start : start + batch_size]
+        crops = np.stack(
+            [random_resized_crop(split.images[i], rng, aug, interpolation) for i in ids]
+        )
+        if aug.hflip:
+            flip = rng.random(len(ids)) < 0.5
+            crops[flip] = crops[flip, :, ::-1]
+        yield crops, split.labels[ids]
+
+
+def eval_batches(
+    split: DecodedSplit, crop_size: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Center crops in order — exactly ``lcnet_runner.preprocess.eval_crop`` of each file."""
+    for start in range(0, len(split), batch_size):
+        images = split.images[start : start + batch_size]
+        crops = np.stack([center_crop(image, crop_size) for image in images])
+        yield crops, split.labels[start : start + batch_size]

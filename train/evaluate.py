@@ -1,0 +1,68 @@
+"""Accuracy: metrics from class scores, and ``evaluate`` of a stored or exported model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcnet_runner import Predictor
+
+from .data import decode_split, eval_batches
+from .split import read_labels, read_split
+
+
+def classification_metrics(
+    scores: np.ndarray, targets: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """top-1, top-5 (or top-C for fewer classes), image count and per-class top-1."""
+    n = len(targets)
+    if n == 0:
+        return {"top1": None, "top5": None, "n": 0, "per_class": {}}
+    k = min(5, scores.shape[1])
+    top_k = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    hit1 = top_k[:, 0] == targets
+    hit5 = (top_k == targets[:, None]).any(axis=1)
+    per_class = {
+        name: round(float(hit1[targets == i].mean()), 4)
+        for i, name in enumerate(class_names)
+        if (targets == i).any()
+    }
+    return {
+        "top1": round(float(hit1.mean()), 4),
+        "top5": round(float(hit5.mean()), 4),
+        "n": n,
+        "per_class": per_class,
+    }
+
+
+def evaluate(
+    model: str | Path,
+    dataset: str | Path,
+    split: str = "test",
+    *,
+    engine: str = "paddle",
+    threads: int | None = None,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Accuracy of a stored model (tag) or exported folder on one split of a dataset."""
+    predictor = Predictor(model, engine=engine, threads=threads)
+    dataset_labels = read_labels(dataset)
+    if list(dataset_labels) != list(predictor.labels):
+        raise ValueError(
+            f"the dataset's labels.txt ({len(dataset_labels)} classes) differs from the model's "
+            f"labels ({len(predictor.labels)} classes); evaluate on the dataset it was trained for"
+        )
+    decoded = decode_split(read_split(dataset, split), predictor.config, desc=split)
+    if not len(decoded):
+        raise ValueError(f"the {split} split of {dataset} has no readable images")
+    probs = np.concatenate(
+        [
+            predictor.infer(crops)
+            for crops, _ in eval_batches(decoded, predictor.config.crop_size, batch_size)
+        ]
+    )
+    metrics = classification_metrics(probs, decoded.labels, predictor.labels)
+    return {"model": predictor.artifact.name, "split": split, **metrics, "skipped": decoded.skipped}

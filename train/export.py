@@ -1,0 +1,85 @@
+"""Export a trained network for inference and save it as a new version in the BentoML store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import paddle
+
+from lcnet_runner.artifact import load_folder, write_metadata
+from lcnet_runner.preprocess import PreprocessConfig
+
+
+class WithSoftmax(paddle.nn.Layer):
+    """The exported program ends in softmax, as PaddleClas exports do: PaddleX and every engine
+    then read class probabilities straight from the output."""
+
+    def __init__(self, network: paddle.nn.Layer):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.nn.functional.softmax(self.network(x), axis=-1)
+
+
+def export_inference(
+    model: paddle.nn.Layer,
+    out_dir: str | Path,
+    *,
+    architecture: str,
+    labels: list[str],
+    preprocess: PreprocessConfig,
+    info: dict[str, Any],
+) -> Path:
+    """Write the Paddle inference program + weights, and the metadata that makes the folder
+    self-describing (``paddlex.create_model`` and our Predictor both read it)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    size = preprocess.crop_size
+    spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "x")]
+    paddle.jit.save(WithSoftmax(model), str(out_dir / "inference"), input_spec=spec)
+    if was_training:
+        model.train()
+    write_metadata(
+        out_dir, architecture=architecture, labels=labels, preprocess=preprocess, info=info
+    )
+    return out_dir
+
+
+def store_labels(info: dict[str, Any]) -> dict[str, str]:
+    """The few facts worth filtering ``bentoml models list`` by."""
+    keys = ("architecture", "dataset", "framework", "task")
+    return {k: str(info[k]) for k in keys if info.get(k) is not None}
+
+
+def save_to_store(folder: str | Path, name: str, info: dict[str, Any]) -> str:
+    """Copy an exported folder into the store as a new version of ``name``; returns the tag.
+
+    BentoML builds the version in a temporary directory and moves it into place only when the
+    ``with`` block succeeds, so a failed save never leaves a half-written version behind.
+    """
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+    from bentoml.models import ModelContext
+
+    artifact = load_folder(folder)  # refuse to store something we could not serve
+    context = ModelContext(
+        framework_name="paddle", framework_versions={"paddlepaddle": paddle.__version__}
+    )
+    metadata = {k: v for k, v in info.items() if v is not None}
+    try:
+        with bentoml.models.create(
+            name,
+            labels=store_labels(info),
+            metadata=metadata,
+            module="lcnet_runner",
+            context=context,
+        ) as stored:
+            shutil.copytree(artifact.path, stored.path, dirs_exist_ok=True)
+    except BentoMLException as err:
+        raise ValueError(f"cannot save model {name!r} to the BentoML store: {err}") from None
+    return str(stored.tag)

@@ -1,0 +1,297 @@
+"""``fit``: the seed's PaddleX 2 training recipe, reading top to bottom.
+
+split lists → decode once → epochs of (train, validate, checkpoint) → test → export → store.
+A checkpoint is a plain dict holding everything needed to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from tqdm import tqdm
+
+from lcnet_runner.preprocess import PreprocessConfig, normalize
+
+from . import pretrained
+from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
+from .evaluate import classification_metrics
+from .export import export_inference, save_to_store
+from .model import build_model, scale_of
+from .split import SPLITS, read_labels, read_split, split_dataset
+
+CHECKPOINT = "last.pdckpt"  # full state for --resume
+BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
+HISTORY = "history.json"
+EXPORT_DIR = "inference"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Training settings; the defaults are the seed's (PaddleX 2 PPLCNet tutorial)."""
+
+    model: str = "PPLCNet_x1_0"
+    epochs: int = 10
+    batch_size: int = 4
+    lr: float = 0.01
+    schedule: str = "piecewise"  # or "cosine"
+    lr_decay_epochs: tuple[int, ...] = (4, 6, 8)  # piecewise: ×0.1 at each
+    warmup_epochs: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # L2, not applied to batch-norm parameters
+    input_size: int = 224
+    resize_short: int = 256
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    pretrained: str = "imagenet"  # imagenet | imagenet-ssld | none | PATH.pdparams
+    seed: int = 0
+    workers: int = 0  # decoding threads; 0 = one per core
+    threads: int = 0  # Paddle compute threads; 0 = one per core
+    early_stop_patience: int = 0  # epochs without a better val top-1 before stopping; 0 = off
+    save_dir: str = "output/pplcnet"
+    name: str = "pplcnet"  # BentoML store model name
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("piecewise", "cosine"):
+            raise ValueError(f"schedule must be 'piecewise' or 'cosine', got {self.schedule!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be >= 1")
+        scale_of(self.model)  # unknown names fail before any data is read
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(crop_size=self.input_size, resize_short=self.resize_short)
+
+    @property
+    def augment(self) -> AugmentConfig:
+        return AugmentConfig(
+            input_size=self.input_size, crop_scale=tuple(self.crop_scale), hflip=self.hflip
+        )
+
+
+def learning_rate(config: FitConfig, epoch: float) -> float:
+    """LR at a fractional epoch: linear warmup, then piecewise ×0.1 steps or cosine decay."""
+    if epoch < config.warmup_epochs:
+        return config.lr * (epoch + 1e-3) / config.warmup_epochs
+    if config.schedule == "cosine":
+        span = max(config.epochs - config.warmup_epochs, 1)
+        return 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - config.warmup_epochs) / span))
+    return config.lr * 0.1 ** sum(int(epoch) >= boundary for boundary in config.lr_decay_epochs)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """A run killed mid-save leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    paddle.save(obj, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_splits(dataset: Path, config: FitConfig) -> tuple[list[str], dict[str, DecodedSplit]]:
+    """Read (or first create) the split lists and decode each non-empty split once."""
+    if not (dataset / "train_list.txt").is_file():
+        log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
+        result = split_dataset(dataset, seed=config.seed)
+        if result.skipped:
+            log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
+    labels = read_labels(dataset)
+    workers = config.workers or os.cpu_count() or 1
+    splits = {}
+    for name in SPLITS:
+        samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
+        if samples:
+            splits[name] = decode_split(samples, config.preprocess, workers=workers, desc=name)
+            if splits[name].skipped:
+                log(
+                    f"{name}: skipped {len(splits[name].skipped)} unreadable images: "
+                    + ", ".join(splits[name].skipped)
+                )
+    if not splits.get("train"):
+        raise ValueError(f"{dataset}: the train split has no readable images")
+    return labels, splits
+
+
+def predict_logits(model: paddle.nn.Layer, split: DecodedSplit, config: FitConfig) -> np.ndarray:
+    model.eval()
+    outputs = []
+    with paddle.no_grad():
+        for crops, _ in eval_batches(split, config.input_size, batch_size=64):
+            outputs.append(model(paddle.to_tensor(normalize(crops, config.preprocess))).numpy())
+    return np.concatenate(outputs)
+
+
+def train_one_epoch(
+    model: paddle.nn.Layer,
+    optimizer: paddle.optimizer.Optimizer,
+    split: DecodedSplit,
+    config: FitConfig,
+    epoch: int,
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    model.train()
+    steps = math.ceil(len(split) / config.batch_size)
+    batches = train_batches(split, config.augment, "bilinear", config.batch_size, rng)
+    loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
+    progress = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", disable=None, leave=False)
+    for step, (crops, targets) in enumerate(progress):
+        optimizer.set_lr(learning_rate(config, epoch + step / steps))
+        logits = model(paddle.to_tensor(normalize(crops, config.preprocess)))
+        loss = F.cross_entropy(logits, paddle.to_tensor(targets))
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        loss_sum += float(loss) * len(targets)
+        correct += int((logits.argmax(axis=1).numpy() == targets).sum())
+        seen += len(targets)
+        progress.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    elapsed = time.perf_counter() - start
+    return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
+
+
+def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON."""
+    config = dataclasses.replace(config or FitConfig(), **overrides)
+    dataset, save_dir = Path(dataset), Path(config.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    paddle.seed(config.seed)
+    paddle.base.core.set_num_threads(config.threads or os.cpu_count() or 1)
+    rng = np.random.default_rng(config.seed)
+
+    # Weights first: a failed download should not wait for the whole dataset to decode.
+    weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
+    labels, splits = load_splits(dataset, config)
+    model = build_model(config.model, num_classes=len(labels))
+    optimizer = paddle.optimizer.Momentum(
+        learning_rate=config.lr,
+        momentum=config.momentum,
+        parameters=model.parameters(),
+        weight_decay=paddle.regularizer.L2Decay(config.weight_decay),
+    )
+    history: list[dict[str, Any]] = []
+    first_epoch, best = 0, {"val_top1": -1.0, "epoch": -1}
+    if config.resume and (save_dir / CHECKPOINT).is_file():
+        state = paddle.load(str(save_dir / CHECKPOINT))
+        model.set_state_dict(state["model"])
+        optimizer.set_state_dict(state["optimizer"])
+        first_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        rng = np.random.default_rng([config.seed, first_epoch])
+        log(f"resuming from epoch {first_epoch} of {save_dir / CHECKPOINT}")
+    elif config.resume:
+        raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
+    elif weights is not None:
+        report = pretrained.load_weights(model, weights)
+        log(
+            f"loaded {report.loaded} tensors from {weights}; re-initialised: "
+            + (", ".join(report.skipped) or "none")
+        )
+
+    val = splits.get("val")
+    for epoch in range(first_epoch, config.epochs):
+        stats = train_one_epoch(model, optimizer, splits["train"], config, epoch, rng)
+        val_metrics = (
+            classification_metrics(predict_logits(model, val, config), val.labels, labels)
+            if val
+            else {}
+        )
+        # Without a validation split the last epoch counts as the best.
+        score = val_metrics.get("top1", 0.0) if val else epoch
+        row = {
+            "epoch": epoch + 1,
+            "lr": learning_rate(config, epoch),
+            "train_loss": stats["loss"],
+            "train_top1": stats["top1"],
+            "val_top1": val_metrics.get("top1"),
+            "val_top5": val_metrics.get("top5"),
+            "images_per_s": stats["images_per_s"],
+        }
+        history.append(row)
+        if score > best["val_top1"]:
+            best = {"val_top1": score, "epoch": epoch}
+            save_atomic(model.state_dict(), save_dir / BEST_WEIGHTS)
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "history": history,
+                "labels": labels,
+                "config": dataclasses.asdict(config),
+            },
+            save_dir / CHECKPOINT,
+        )
+        log(
+            f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
+            f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
+            f"val_top5 {row['val_top5']}  "
+            f"{stats['images_per_s']:.0f} img/s"
+        )
+        if config.early_stop_patience and epoch - best["epoch"] >= config.early_stop_patience:
+            log(f"early stop: no better val top-1 for {config.early_stop_patience} epochs")
+            break
+    (save_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+
+    model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
+    best_row = history[best["epoch"]]  # history holds every epoch, resumed runs included
+    test = splits.get("test")
+    test_metrics = (
+        classification_metrics(predict_logits(model, test, config), test.labels, labels)
+        if test
+        else {}
+    )
+    info = {
+        "architecture": config.model,
+        "task": "image-classification",
+        "framework": "paddle",
+        "dataset": dataset.resolve().name,
+        "classes": labels,
+        "num_classes": len(labels),
+        "input_size": config.input_size,
+        "resize_short": config.resize_short,
+        "mean": list(config.preprocess.mean),
+        "std": list(config.preprocess.std),
+        "val_top1": best_row.get("val_top1"),
+        "val_top5": best_row.get("val_top5"),
+        "test_top1": test_metrics.get("top1"),
+        "test_top5": test_metrics.get("top5"),
+        "epochs": history[-1]["epoch"],
+        "best_epoch": best["epoch"] + 1,
+        "train_images": len(splits["train"]),
+        "pretrained": config.pretrained,
+        "crop_scale": list(config.crop_scale),
+        "hflip": config.hflip,
+        "paddle_version": paddle.__version__,
+        "training_time_s": round(time.time() - started, 1),
+    }
+    folder = export_inference(
+        model,
+        save_dir / EXPORT_DIR,
+        architecture=config.model,
+        labels=labels,
+        preprocess=config.preprocess,
+        info=info,
+    )
+    tag = save_to_store(folder, config.name, info)
+    return {
+        "tag": tag,
+        **{
+            k: info[k]
+            for k in ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
+        },
+        "export_dir": str(folder),
+    }

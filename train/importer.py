@@ -1,0 +1,109 @@
+"""``import``: bring a PaddleClas checkpoint or a PaddleX/PaddleClas exported folder into the store.
+
+Security: a ``.pdparams`` file is a pickle — importing one runs code from it. Import only files
+from a source you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import paddle
+
+from lcnet_runner.artifact import INFO_FILE, LABELS_FILE, load_folder, write_text_atomic
+from lcnet_runner.preprocess import PreprocessConfig
+
+from .export import export_inference, save_to_store
+from .model import SCALES, build_model
+from .pretrained import load_weights
+
+
+def read_label_file(path: str | Path) -> list[str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    labels = [line.strip() for line in lines if line.strip()]
+    if not labels:
+        raise ValueError(f"{path}: no class names (expected one per line)")
+    return labels
+
+
+def _architecture_from_yml(folder: Path) -> str | None:
+    import yaml
+
+    config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8")) or {}
+    name = str(config.get("Global", {}).get("model_name", "")).replace("PP-LCNet", "PPLCNet")
+    return name or None
+
+
+def _base_info(
+    architecture: str | None, labels: list[str], preprocess: PreprocessConfig, source: Path
+) -> dict[str, Any]:
+    return {
+        "architecture": architecture,
+        "task": "image-classification",
+        "framework": "paddle",
+        "classes": labels,
+        "num_classes": len(labels),
+        "input_size": preprocess.crop_size,
+        "resize_short": preprocess.resize_short,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "imported_from": source.name,
+        "paddle_version": paddle.__version__,
+    }
+
+
+def import_model(
+    source: str | Path,
+    *,
+    name: str = "pplcnet",
+    model: str | None = None,
+    labels: str | Path | None = None,
+    input_size: int = 224,
+    resize_short: int = 256,
+) -> str:
+    """Store ``source`` as a new version of ``name``; returns the tag.
+
+    ``source`` is an exported folder (labels from ``labels.txt``, ``inference.yml`` or ``labels``)
+    or a ``.pdparams`` checkpoint, which needs ``model`` (e.g. ``PPLCNet_x1_0``) and ``labels``.
+    """
+    source = Path(source)
+    label_list = read_label_file(labels) if labels else None
+    with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
+        folder = Path(tmp) / "model"
+        if source.is_dir():
+            shutil.copytree(source, folder)
+            if label_list:
+                write_text_atomic(folder / LABELS_FILE, "".join(f"{x}\n" for x in label_list))
+            artifact = load_folder(folder)
+            info = artifact.info or _base_info(
+                model or _architecture_from_yml(folder),
+                list(artifact.labels),
+                artifact.preprocess,
+                source,
+            )
+            write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2) + "\n")
+        elif source.suffix == ".pdparams" and source.is_file():
+            if model not in SCALES or not label_list:
+                raise ValueError(
+                    "importing a .pdparams checkpoint needs --model (one of "
+                    f"{', '.join(SCALES)}) and --labels FILE"
+                )
+            network = build_model(model, num_classes=len(label_list))
+            load_weights(network, source, strict=True)
+            preprocess = PreprocessConfig(crop_size=input_size, resize_short=resize_short)
+            info = _base_info(model, label_list, preprocess, source)
+            export_inference(
+                network,
+                folder,
+                architecture=model,
+                labels=label_list,
+                preprocess=preprocess,
+                info=info,
+            )
+        else:
+            raise ValueError(f"{source}: expected an exported model folder or a .pdparams file")
+        return save_to_store(folder, name, info)

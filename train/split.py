@@ -1,0 +1,195 @@
+"""Split an ImageNet-style folder into PaddleX train/val/test list files.
+
+Replaces PaddleX 2's ``paddlex --split_dataset --format ImageNet``: given
+``DATASET/<class>/<image>``, writes ``labels.txt`` and ``{train,val,test}_list.txt``
+(lines ``class/file.jpg <label_index>``) into ``DATASET``. Unreadable images are left
+out and reported instead of breaking training later.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+SPLITS = ("train", "val", "test")
+LABELS_FILE = "labels.txt"
+
+# Image.open/load raise these for corrupt files; EOFError and struct.error still leak
+# from a few Pillow plugins, and a bad file must never abort the whole split.
+_DECODE_ERRORS = (
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+)
+
+
+class DatasetError(ValueError):
+    """A dataset problem the user must fix; message is one readable line."""
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    labels: list[str]  # sorted class names
+    counts: dict[str, int]  # {"train": n, "val": n, "test": n}
+    skipped: list[str]  # relative paths of unreadable images, sorted
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible regular file with a known image extension (any case)."""
+    return (
+        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
+
+def split_dataset(
+    dataset_dir: str | Path,
+    val_ratio: float = 0.2,
+    test_ratio: float = 0.1,
+    seed: int = 0,
+) -> SplitResult:
+    """Verify every image, split each class by the ratios and write the list files."""
+    _check_ratios(val_ratio, test_ratio)
+    root = _check_dir(Path(dataset_dir))
+    candidates = _find_images(root)
+    if not candidates:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise DatasetError(f"no images found in {root} (expected <class>/<image> with {exts})")
+
+    good: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for path in tqdm(
+        candidates, desc="Verifying images", unit="img", disable=None, file=sys.stderr
+    ):
+        rel = path.relative_to(root).as_posix()
+        # A line break in a name cannot be stored in a line-based list file.
+        if "\n" not in rel and "\r" not in rel and _is_readable(path):
+            good.setdefault(path.parent.name, []).append(rel)
+        else:
+            skipped.append(rel)
+
+    # Classes are defined by readable images, so a class whose files are all broken
+    # cannot end up as a label with no samples.
+    labels = sorted(good)
+    if not labels:
+        raise DatasetError(f"no readable images in {root} ({len(skipped)} unreadable)")
+    if len(labels) == 1:
+        raise DatasetError(f"needs at least 2 classes, found 1: {labels[0]!r}")
+
+    rng = random.Random(seed)
+    lists: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
+    for index, label in enumerate(labels):
+        files = sorted(good[label])  # sort first so the shuffle is platform-independent
+        rng.shuffle(files)
+        n_val, n_test = _split_sizes(len(files), val_ratio, test_ratio)
+        lists["val"] += [(f, index) for f in files[:n_val]]
+        lists["test"] += [(f, index) for f in files[n_val : n_val + n_test]]
+        lists["train"] += [(f, index) for f in files[n_val + n_test :]]
+
+    for split, entries in lists.items():
+        _write_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
+    _write_atomic(root / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+
+    counts = {split: len(entries) for split, entries in lists.items()}
+    return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped))
+
+
+def read_labels(dataset_dir: str | Path) -> list[str]:
+    """Class names from ``labels.txt``, in label-index order."""
+    path = Path(dataset_dir) / LABELS_FILE
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; split the dataset first")
+    return [line for line in _read_lines(path) if line]
+
+
+def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
+    """``(absolute image path, label index)`` pairs from ``{split}_list.txt``."""
+    root = Path(dataset_dir).absolute()
+    path = root / f"{split}_list.txt"
+    if not path.is_file():
+        raise DatasetError(f"{path} not found; split the dataset first")
+    samples = []
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        # rsplit: file names may contain spaces, the label index never does.
+        rel, _, index = line.rpartition(" ")
+        if not rel or not index.isdigit():
+            raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
+        samples.append((root / rel, int(index)))
+    return samples
+
+
+def _read_lines(path: Path) -> list[str]:
+    # Not str.splitlines(): it also breaks on characters such as U+2028 that are legal
+    # in file names. utf-8-sig and the "\r" strip tolerate lists edited on Windows.
+    text = path.read_text(encoding="utf-8-sig")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _check_ratios(val_ratio: float, test_ratio: float) -> None:
+    for name, ratio in (("val_ratio", val_ratio), ("test_ratio", test_ratio)):
+        if not 0 <= ratio < 1:
+            raise DatasetError(f"{name} must be in [0, 1), got {ratio}")
+    if val_ratio + test_ratio >= 1:
+        raise DatasetError(
+            f"val_ratio + test_ratio must be < 1 to leave training data, "
+            f"got {val_ratio} + {test_ratio}"
+        )
+
+
+def _check_dir(root: Path) -> Path:
+    if not root.exists():
+        raise DatasetError(f"dataset directory not found: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset path is not a directory: {root}")
+    return root
+
+
+def _find_images(root: Path) -> list[Path]:
+    """Image files in visible immediate subdirectories, sorted; files in ``root`` are ignored."""
+    class_dirs = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return sorted(p for d in class_dirs for p in d.iterdir() if is_image_file(p))
+
+
+def _is_readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            # draft() lets JPEG decode at reduced DCT scale: cheap, yet the whole
+            # file is still parsed, so truncation is caught.
+            im.draft("RGB", (64, 64))
+            im.load()
+    except _DECODE_ERRORS:
+        return False
+    return True
+
+
+def _split_sizes(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]:
+    """``(n_val, n_test)`` for a class of ``n`` images, leaving at least one for training."""
+    n_val, n_test = round(n * val_ratio), round(n * test_ratio)
+    excess = max(0, n_val + n_test - (n - 1))
+    # Test is the least important split for a tiny class, so it gives way first.
+    from_test = min(excess, n_test)
+    return n_val - (excess - from_test), n_test - from_test
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + ``os.replace`` so readers never see a half-written list."""
+    # A plain open() (rather than mkstemp) keeps the usual umask-based permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
