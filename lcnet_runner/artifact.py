@@ -179,8 +179,10 @@ def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
     )
 
 
-def load_artifact(model: str | Path = DEFAULT_MODEL) -> ModelArtifact:
+def load_artifact(model: str | Path | ModelArtifact = DEFAULT_MODEL) -> ModelArtifact:
     """Load a model from an exported folder or a BentoML store tag (``name[:version]``)."""
+    if isinstance(model, ModelArtifact):
+        return model
     if Path(model).is_dir():
         return load_folder(model)
     if isinstance(model, Path) or os.sep in str(model):

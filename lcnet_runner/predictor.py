@@ -66,7 +66,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: str | Path = DEFAULT_MODEL,
+        model: str | Path | ModelArtifact = DEFAULT_MODEL,
         *,
         engine: str = "paddle",
         threads: int | None = None,

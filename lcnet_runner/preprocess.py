@@ -35,6 +35,10 @@ class InvalidImageError(ValueError):
     """The input is not an image we can classify; the message is safe to show to a client."""
 
 
+class ImageTooLargeError(InvalidImageError):
+    """The image has more pixels than allowed (e.g. a decompression bomb)."""
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Evaluation preprocessing (PaddleX's ResizeByShort + CenterCrop + Normalize)."""
@@ -92,11 +96,14 @@ def _from_array(array: np.ndarray, bgr: bool) -> Image.Image:
     return Image.fromarray(array[:, :, ::-1] if bgr else array)
 
 
-def load_image(source: ImageSource, *, bgr: bool = False) -> Image.Image:
+def load_image(
+    source: ImageSource, *, bgr: bool = False, max_pixels: int | None = None
+) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or an HxWx3 uint8 array to an RGB PIL image.
 
     ``bgr=True`` marks arrays in OpenCV's channel order. EXIF orientation is applied so a phone
-    photo is classified the way it is displayed.
+    photo is classified the way it is displayed. ``max_pixels`` is checked from the header,
+    before anything is decoded.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source, bgr)
@@ -110,20 +117,20 @@ def load_image(source: ImageSource, *, bgr: bool = False) -> Image.Image:
         else:
             opened = Image.open(source)
         with opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLargeError(
+                    f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
+                )
             opened.load()
             return _to_rgb(ImageOps.exif_transpose(opened))
     except (InvalidImageError, FileNotFoundError):
         raise
     except Image.DecompressionBombError as err:
-        raise InvalidImageError(f"{_where(source)}image has too many pixels: {err}") from None
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        EOFError,
-        struct.error,
-    ) as err:
+        raise ImageTooLargeError(f"{_where(source)}image has too many pixels: {err}") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"{_where(source)}not an image format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         raise InvalidImageError(f"{_where(source)}cannot decode image: {err}") from None
 
 
@@ -159,9 +166,15 @@ def eval_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, config.crop_size))
 
 
-def preprocess(source: ImageSource, config: PreprocessConfig, *, bgr: bool = False) -> np.ndarray:
+def preprocess(
+    source: ImageSource,
+    config: PreprocessConfig,
+    *,
+    bgr: bool = False,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Decode and crop one image: the uint8 HWC input a batch is stacked from."""
-    return eval_crop(load_image(source, bgr=bgr), config)
+    return eval_crop(load_image(source, bgr=bgr, max_pixels=max_pixels), config)
 
 
 def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:

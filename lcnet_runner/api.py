@@ -1,0 +1,86 @@
+"""What a request means, independent of transport: HTTP and gRPC both call these functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .predictor import Prediction
+from .preprocess import ImageTooLargeError, InvalidImageError
+from .runner import LCNetRunner
+from .settings import ServingSettings
+
+
+class RequestError(Exception):
+    """A client error: an HTTP status (gRPC uses INVALID_ARGUMENT) and a message safe to return."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def client_error_status(error: Exception) -> int | None:
+    """The HTTP status for a client's mistake, or None for a server fault."""
+    if isinstance(error, RequestError):
+        return error.status
+    if isinstance(error, ImageTooLargeError):
+        return 413
+    if isinstance(error, InvalidImageError):
+        return 400
+    return None
+
+
+def parse_top_k(value: Any) -> int:
+    """An integer >= 1 (more than the class count is clamped to it); absent, empty, or a proto's
+    unset 0 mean the default, 1."""
+    if value is None or value == "" or value == 0:
+        return 1
+    try:
+        top_k = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(422, f"top_k must be an integer, got {str(value)[:50]!r}") from None
+    if top_k < 1:
+        raise RequestError(422, f"top_k must be >= 1, got {top_k}")
+    return top_k
+
+
+async def classify(runner: LCNetRunner, image: bytes, top_k: Any) -> list[Prediction]:
+    top_k = parse_top_k(top_k)
+    if not image:
+        raise RequestError(400, "empty image")
+    return await runner.aclassify(image, top_k)
+
+
+async def classify_batch(
+    runner: LCNetRunner, settings: ServingSettings, images: Sequence[bytes], top_k: Any
+) -> list[list[Prediction]]:
+    top_k = parse_top_k(top_k)
+    if not images:
+        raise RequestError(422, "no images")
+    if len(images) > settings.max_batch_images:
+        raise RequestError(413, f"at most {settings.max_batch_images} images per request")
+    if not all(images):
+        raise RequestError(400, "empty image")
+    return await runner.aclassify_batch(images, top_k)
+
+
+def model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]:
+    artifact = runner.predictor.artifact
+    info = artifact.info
+    return {
+        "tag": artifact.tag,
+        "architecture": info.get("architecture"),
+        "labels": list(artifact.labels),
+        "input_size": artifact.preprocess.crop_size,
+        "preprocess": artifact.preprocess.to_dict(),
+        "engine": runner.config.engine,
+        "threads": runner.config.threads,
+        "max_batch_size": runner.config.max_batch_size,
+        "val_top1": info.get("val_top1"),
+        "test_top1": info.get("test_top1"),
+        "limits": {
+            "max_body_bytes": settings.max_body_bytes,
+            "max_pixels": settings.max_pixels,
+            "max_batch_images": settings.max_batch_images,
+        },
+    }

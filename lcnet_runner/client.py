@@ -1,0 +1,112 @@
+"""A small client for the service: ``Client("http://host:3000")`` or ``Client("grpc://host:50051")``."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from .predictor import Prediction
+
+Image_ = Union[str, Path, bytes, Image.Image]
+
+
+class ClientError(RuntimeError):
+    """The server refused the request; ``status`` is the HTTP status or the gRPC status name."""
+
+    def __init__(self, status: int | str, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message = status, message
+
+
+def encode(image: Image_) -> bytes:
+    """Files are sent as they are; PIL images as PNG (lossless)."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        return buffer.getvalue()
+    return Path(image).read_bytes()
+
+
+class Client:
+    def __init__(self, url: str, timeout: float = 30.0):
+        parts = urlsplit(url)
+        self.url, self.timeout = url.rstrip("/"), timeout
+        if parts.scheme == "grpc":
+            import grpc
+
+            from .protos import lcnet_pb2, lcnet_pb2_grpc
+
+            self._pb2, self._grpc = lcnet_pb2, grpc
+            self._channel = grpc.insecure_channel(parts.netloc)
+            self._stub = lcnet_pb2_grpc.ClassifierStub(self._channel)
+        elif parts.scheme in ("http", "https"):
+            import httpx
+
+            self._http = httpx.Client(base_url=self.url, timeout=timeout)
+            self._stub = None
+        else:
+            raise ValueError(f"url must start with http://, https:// or grpc://, got {url!r}")
+
+    def classify(self, image: Image_, top_k: int = 1) -> list[Prediction]:
+        if self._stub is not None:
+            request = self._pb2.ClassifyRequest(image=encode(image), top_k=top_k)
+            return _predictions(self._rpc(self._stub.Classify, request))
+        files = [("image", ("image", encode(image)))]
+        return self._post("/classify", files, top_k)
+
+    def classify_batch(self, images: Sequence[Image_], top_k: int = 1) -> list[list[Prediction]]:
+        data = [encode(image) for image in images]
+        if self._stub is not None:
+            request = self._pb2.ClassifyBatchRequest(images=data, top_k=top_k)
+            response = self._rpc(self._stub.ClassifyBatch, request)
+            return [_predictions(result) for result in response.results]
+        files = [("images", (f"image{i}", d)) for i, d in enumerate(data)]
+        return self._post("/classify_batch", files, top_k)
+
+    def model_info(self) -> dict:
+        """Only over HTTP: GET /model."""
+        response = self._http.get("/model")
+        response.raise_for_status()
+        return response.json()
+
+    def _post(self, path: str, files: list, top_k: int):
+        response = self._http.post(path, files=files, data={"top_k": str(top_k)})
+        if response.status_code != 200:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text
+            raise ClientError(response.status_code, message)
+        return response.json()
+
+    def _rpc(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except self._grpc.RpcError as err:
+            raise ClientError(err.code().name, err.details()) from None
+
+    def close(self) -> None:
+        if self._stub is not None:
+            self._channel.close()
+        else:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _predictions(response) -> list[Prediction]:
+    return [
+        {"category_id": p.category_id, "category": p.category, "score": p.score}
+        for p in response.predictions
+    ]

@@ -1,0 +1,72 @@
+"""``LCNetService``: the BentoML service. Glue only: each worker holds one runner, and HTTP
+(a mounted Starlette app) and gRPC (a server started in the worker) both feed it."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import bentoml
+
+from .artifact import ModelNotFoundError, bentoml_home, load_folder
+from .http_api import create_app
+from .settings import ServingSettings
+
+warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+logger = logging.getLogger(__name__)
+SETTINGS = ServingSettings.from_env()
+http_app = create_app()
+
+
+def _model_reference(tag: str) -> bentoml.models.BentoModel:
+    """Declared on the class so `bentoml build` packs the model; checked here so a missing model
+    is one clear message instead of a BentoCloud lookup error."""
+    try:
+        bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise ModelNotFoundError(
+            f"model {tag!r} is not in the BentoML store ({bentoml_home()}); train one with "
+            "`make demo` or `python -m train fit DATASET`, or set LCNET_MODEL to another tag"
+        ) from None
+    return bentoml.models.BentoModel(tag)
+
+
+@bentoml.asgi_app(http_app, path="/")
+@bentoml.service(
+    name="lcnet",
+    workers=SETTINGS.worker_count,
+    traffic={"timeout": 60},
+    metrics={"enabled": True},
+)
+class LCNetService:
+    model = _model_reference(SETTINGS.model)
+
+    def __init__(self) -> None:
+        from .metrics import PrometheusObserver
+        from .runner import LCNetRunner, RunnerConfig
+
+        config = RunnerConfig(
+            engine=SETTINGS.engine,
+            threads=SETTINGS.threads,
+            max_batch_size=SETTINGS.max_batch_size,
+            max_delay_ms=SETTINGS.max_delay_ms,
+            max_pixels=SETTINGS.max_pixels,
+        )
+        artifact = load_folder(self.model.path, tag=str(self.model.tag))
+        self.runner = LCNetRunner(artifact, config, PrometheusObserver(config.max_batch_size))
+        http_app.state.runner = self.runner
+        http_app.state.settings = SETTINGS
+        self.grpc_server = None
+
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        if SETTINGS.grpc_port:
+            from .grpc_api import start_grpc_server
+
+            self.grpc_server = await start_grpc_server(self.runner, SETTINGS)
+
+    @bentoml.on_shutdown
+    async def stop(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=5)
+        self.runner.close()

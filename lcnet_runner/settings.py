@@ -1,0 +1,51 @@
+"""Serving settings, read once from ``LCNET_*`` environment variables (``bentofile.yaml``
+sets defaults for a Bento under ``envs``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .artifact import DEFAULT_MODEL
+from .engines import default_threads
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Each field ``name`` is read from ``LCNET_<NAME>``; defaults are safe and fast on 2 cores."""
+
+    model: str = DEFAULT_MODEL  # store tag (or exported folder) to serve
+    engine: str = "paddle"
+    threads: int = 1  # engine threads per worker
+    workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
+    max_batch_size: int = 16  # 1 turns batching off
+    max_delay_ms: float = 0.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_batch_images: int = 64
+    grpc_port: int = 50051  # 0 disables gRPC
+    grpc_host: str = "0.0.0.0"
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or max(1, default_threads() // max(1, self.threads))
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServingSettings:
+        environ = dict(os.environ if environ is None else environ)
+        values = {}
+        for field in fields(cls):
+            raw = environ.get(f"LCNET_{field.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            kind = type(getattr(cls, field.name))
+            if field.name == "grpc_port" and raw.strip().lower() in ("off", "false", "no"):
+                values[field.name] = 0
+            else:
+                try:
+                    values[field.name] = kind(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"LCNET_{field.name.upper()}={raw!r} is not a {kind.__name__}"
+                    ) from None
+        return cls(**values)

@@ -1,0 +1,170 @@
+"""A real `bentoml serve` (HTTP + gRPC, 2 workers) on a tiny trained model, on loopback."""
+
+from __future__ import annotations
+
+import io
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import Server
+from PIL import Image
+
+from lcnet_runner import Predictor
+from lcnet_runner.client import Client, ClientError
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def images(trained: dict) -> list[bytes]:
+    return [path.read_bytes() for path, _ in read_split(trained["dataset"], "test")[:6]]
+
+
+@pytest.fixture(scope="module")
+def expected(trained: dict, images: list[bytes]) -> list[list[dict]]:
+    return Predictor(trained["tag"], threads=1).predict(images, top_k=3)
+
+
+def assert_same(got: list[dict], want: list[dict]) -> None:
+    assert [p["category_id"] for p in got] == [p["category_id"] for p in want]
+    assert [p["category"] for p in got] == [p["category"] for p in want]
+    assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_answers_equal_the_in_process_predictor(server: Server, scheme, images, expected) -> None:
+    with Client(server.url if scheme == "http" else server.grpc_url) as client:
+        for image, want in zip(images, expected, strict=True):
+            assert_same(client.classify(image, top_k=3), want)
+        batch = client.classify_batch(images, top_k=3)
+    assert len(batch) == len(images)
+    for got, want in zip(batch, expected, strict=True):
+        assert_same(got, want)
+
+
+def test_model_info_endpoint(server: Server, trained: dict) -> None:
+    info = httpx.get(f"{server.url}/model").json()
+    assert info["tag"] == trained["tag"]
+    assert info["architecture"] == "PPLCNet_x0_25"
+    assert info["labels"] == ["blue sky", "green", "红"]
+    assert info["input_size"] == 32 and info["engine"] == "paddle" and info["threads"] == 1
+    assert info["val_top1"] == trained["val_top1"] and info["test_top1"] == trained["test_top1"]
+
+
+def test_bentoml_endpoints_keep_working(server: Server) -> None:
+    for path in ("/readyz", "/livez", "/metrics", "/", "/docs.json"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+
+
+def _batch_histogram(server: Server) -> tuple[float, float]:
+    """(batches formed, batches of size 1) summed over workers from /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    count = sum(
+        float(v) for v in re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
+    )
+    ones = sum(
+        float(v)
+        for v in re.findall(r'^lcnet_runner_batch_size_bucket\{le="1.0"\S* (\S+)', text, re.M)
+    )
+    return count, ones
+
+
+def test_concurrent_requests_form_batches(server: Server, images: list[bytes]) -> None:
+    before_count, before_ones = _batch_histogram(server)
+    image = images[0]
+
+    def call(_: int) -> int:
+        files = {"image": ("x.jpg", image)}
+        return httpx.post(f"{server.url}/classify", files=files, timeout=30).status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(call, range(256)))
+    assert statuses == [200] * 256
+    count, ones = _batch_histogram(server)
+    batches, single = count - before_count, ones - before_ones
+    assert batches < 256, "every request ran alone: no batch larger than 1 was formed"
+    assert single < batches
+    text = httpx.get(f"{server.url}/metrics").text
+    for stage in ("decode", "queue_wait", "inference"):
+        assert re.search(rf'^lcnet_runner_stage_seconds_count\{{[^}}]*stage="{stage}"', text, re.M)
+
+
+def _png(size=(8, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+MULTIPART = "multipart/form-data"
+PNG = ("a.png", _png())
+BAD_HTTP = [
+    ("undecodable", "/classify", {"files": {"image": ("a.jpg", b"not an image")}}, 400),
+    ("empty file", "/classify", {"files": {"image": ("a.jpg", b"")}}, 400),
+    ("url instead of file", "/classify",
+     {"files": {"x": PNG}, "data": {"image": "http://127.0.0.1:9/x.jpg"}}, 422),
+    ("url-encoded form", "/classify", {"data": {"image": "abc"}}, 415),
+    ("misspelt field", "/classify", {"files": {"imgae": PNG}}, 422),
+    ("top_k zero", "/classify", {"files": {"image": PNG}, "data": {"top_k": "0"}}, 422),
+    ("top_k text", "/classify", {"files": {"image": PNG}, "data": {"top_k": "x"}}, 422),
+    ("json body", "/classify", {"json": {"image": "abc"}}, 415),
+    ("garbage multipart", "/classify",
+     {"content": b"--x\r\n\r\n", "headers": {"content-type": f"{MULTIPART}; boundary=x"}}, 400),
+    ("no boundary", "/classify", {"content": b"abc", "headers": {"content-type": MULTIPART}}, 400),
+    ("too many pixels", "/classify", {"files": {"image": ("big.png", _png((8000, 6000)))}}, 413),
+    ("too large body", "/classify", {"files": {"image": ("a.png", b"\0" * (21 << 20))}}, 413),
+    ("empty multipart", "/classify_batch",
+     {"content": b"--x--\r\n", "headers": {"content-type": f"{MULTIPART}; boundary=x"}}, 422),
+    ("too many images", "/classify_batch", {"files": [("images", PNG)] * 70}, 413),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, path, kwargs, status", BAD_HTTP, ids=[b[0] for b in BAD_HTTP])
+def test_bad_http_input_gets_a_clear_4xx(server: Server, name, path, kwargs, status) -> None:
+    response = httpx.post(f"{server.url}{path}", timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    assert isinstance(response.json()["error"], str) and response.json()["error"]
+    # ... and the server still answers normally.
+    ok = httpx.post(f"{server.url}/classify", files={"image": ("a.png", _png())}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_huge_top_k_is_clamped_to_the_classes(server: Server) -> None:
+    with Client(server.url) as client:
+        assert len(client.classify(_png(), top_k=1000)) == 3
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.classify(b"not an image"),
+        lambda c: c.classify(b""),
+        lambda c: c.classify(_png(), top_k=-1),
+        lambda c: c.classify_batch([]),
+        lambda c: c.classify_batch([_png()] * 70),
+    ],
+)
+def test_bad_grpc_input_is_invalid_argument(server: Server, call) -> None:
+    with Client(server.grpc_url) as client:
+        with pytest.raises(ClientError) as err:
+            call(client)
+        assert err.value.status == "INVALID_ARGUMENT" and err.value.message
+        assert len(client.classify(_png())) == 1
+
+
+def test_grpc_health_and_reflection(server: Server) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(service="lcnet.v1.Classifier"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+        names = {s.name for s in response.list_services_response.service}
+        assert "lcnet.v1.Classifier" in names and "grpc.health.v1.Health" in names
