@@ -11,7 +11,7 @@ DEMO_FIT  ?= --model PPLCNet_x0_25 --pretrained none --input-size 64 --resize-sh
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-train test lint format bench clean
+.PHONY: install demo demo-train serve test lint format proto bench clean
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,11 @@ demo-train: install
 	$(PY) -m lcnet_runner predict --model pplcnet:latest --top-k 3 \
 	    "$(DEMO_DIR)/$$(head -n 1 $(DEMO_DIR)/test_list.txt | sed 's/ [0-9]*$$//')"
 
-demo: demo-train
+demo: demo-train serve
+
+# HTTP on :3000, gRPC on :50051 (LCNET_GRPC_PORT); Ctrl+C to stop.
+serve: install
+	$(VENV)/bin/bentoml serve . --port 3000
 
 test: install
 	$(VENV)/bin/ruff check .
@@ -42,8 +46,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# gRPC stubs next to the proto; tests check they are up to date.
+proto: install
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
+	    lcnet_runner/protos/lcnet.proto
+
 bench: install
 	$(PY) bench/train_speed.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .pytest_cache

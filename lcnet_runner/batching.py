@@ -1,31 +1,36 @@
-"""Adaptive (greedy) batching for one model engine per worker process.
+"""A greedy adaptive batcher for asyncio servers.
 
-Callers (asyncio handlers and gRPC threads alike) submit single items; one background thread
-forms batches and runs them. The batcher is *greedy*: as soon as the engine is free it flushes
-whatever is waiting instead of waiting for a batch to fill. Under load the queue refills while a
-batch runs, so batches grow naturally and the engine never idles while work is pending.
-BentoML's own dispatcher keeps only one batch in flight and polls for the next one; on a 2-core
-CPU we measured 70-80 % engine utilisation with it versus 90-98 % with this greedy loop.
+Callers (HTTP and gRPC handlers on a worker's event loop) await single items or small lists; one
+task takes everything queued (up to ``max_batch_size``) as soon as the engine is free, runs it in
+the engine's thread and hands each caller its own result. It never waits for arrivals on an idle
+server: it only lets requests the event loop is already working on join the batch, keeping the
+engine idle for at most ``max_delay_ms``.
 
-Pure stdlib so it can be tested and used without BentoML.
+Why asyncio and not a free-running engine thread: Paddle Inference holds the GIL while it runs
+(measured here: two predictors in two threads ran no faster than one). An engine thread that
+grabs each item the moment it is queued then alternates with the event loop one image at a time,
+and batches never form (mean size 1.02 at 32 clients). Taking the queue from the event loop
+lets every request that arrived during the previous batch be decoded first, so under load each
+batch holds what accumulated; engines that release the GIL still overlap with decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+logger = logging.getLogger(__name__)
+# A turn of an idle event loop takes ~10 µs; a turn that ran a request handler takes far longer.
+_IDLE_TURN_S = 50e-6
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,16 +41,18 @@ class BatchStats:
 
 
 class BatcherClosedError(RuntimeError):
-    """Raised by submit() after close()."""
+    """Raised for calls after close()."""
 
 
 class AdaptiveBatcher(Generic[T, R]):
+    """``await batcher(item)`` → ``process([... item ...])[i]``, batching concurrent callers."""
+
     def __init__(
         self,
         process: Callable[[list[T]], Sequence[R]],
         *,
         max_batch_size: int = 16,
-        max_delay_ms: float = 0.0,
+        max_delay_ms: float = 10.0,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
     ) -> None:
@@ -58,106 +65,96 @@ class AdaptiveBatcher(Generic[T, R]):
         self._max_delay_s = max_delay_ms / 1000.0
         self._on_batch = on_batch
         self._name = name
-        # (item, future, submit time); a deque under one Condition lets submit_many enqueue a
-        # contiguous run atomically and lets the worker sleep without polling.
-        self._queue: deque[tuple[T, Future[R], float]] = deque()
-        self._cond = threading.Condition()
+        self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # One engine thread: the engine is not re-entrant, and its own threads do the math.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._closed = False
-        # Daemon: a forgotten close() must not hang interpreter shutdown.
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
 
-    # ---- public API -------------------------------------------------------------------------
+    async def __call__(self, item: T) -> R:
+        return (await self.call_many([item]))[0]
 
-    def submit(self, item: T) -> Future[R]:
-        return self.submit_many((item,))[0]
-
-    def submit_many(self, items: Sequence[T]) -> list[Future[R]]:
-        futures: list[Future[R]] = [Future() for _ in items]
+    async def call_many(self, items: Sequence[T]) -> list[R]:
+        """Queue ``items`` together, in order; they may share batches with other callers."""
+        if self._closed:
+            raise BatcherClosedError(f"{self._name} is closed")
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._worker(), name=self._name)
         now = time.perf_counter()
-        with self._cond:
-            if self._closed:
-                raise BatcherClosedError(f"{self._name} is closed")
-            self._queue.extend((it, fut, now) for it, fut in zip(items, futures, strict=True))
-            self._cond.notify()
-        return futures
+        futures = [loop.create_future() for _ in items]
+        self._queue.extend((item, fut, now) for item, fut in zip(items, futures, strict=True))
+        self._wakeup.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
-    def __call__(self, item: T) -> R:
-        return self.submit(item).result()
+    async def close(self) -> None:
+        """Stop taking calls, finish what is queued, release the engine thread; idempotent."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+        self._executor.shutdown(wait=True)
 
-    async def acall(self, item: T) -> R:
-        # wrap_future propagates asyncio cancellation to the concurrent future, so a cancelled
-        # request that has not started yet is skipped by the worker.
-        return await asyncio.wrap_future(self.submit(item))
-
-    def close(self, timeout: float | None = 5.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        # Joining ourselves (close() called from process/on_batch) would deadlock.
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def __enter__(self) -> AdaptiveBatcher[T, R]:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- worker -----------------------------------------------------------------------------
-
-    def _take(self, batch: list[tuple[T, Future[R], float]]) -> None:
-        # Caller holds the lock.
+    def _take(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
         while self._queue and len(batch) < self._max_batch_size:
-            batch.append(self._queue.popleft())
+            entry = self._queue.popleft()
+            if not entry[1].cancelled():  # the caller went away (client disconnected)
+                batch.append(entry)
 
-    def _next_batch(self) -> list[tuple[T, Future[R], float]] | None:
-        with self._cond:
-            while not self._queue and not self._closed:
-                self._cond.wait()
-            if not self._queue:
-                return None  # closed and drained
-            batch: list[tuple[T, Future[R], float]] = []
-            self._take(batch)
-            if self._max_delay_s > 0:
-                # Optional short wait for stragglers, bounded from when this batch began;
-                # closing stops the wait so shutdown stays prompt.
-                deadline = time.perf_counter() + self._max_delay_s
-                while len(batch) < self._max_batch_size and not self._closed:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
-                    self._take(batch)
-            return batch
-
-    def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            # Skip futures cancelled by their callers; the rest become uncancellable.
-            live = [e for e in batch if e[1].set_running_or_notify_cancel()]
-            if live:
-                self._run_batch(live)
-
-    def _run_batch(self, batch: list[tuple[T, Future[R], float]]) -> None:
-        items = [e[0] for e in batch]
+    async def _loop_is_busy(self) -> bool:
+        """Yield once; other callbacks ran meanwhile if that took more than a few microseconds."""
         start = time.perf_counter()
-        try:
-            results = list(self._process(items))
-            if len(results) != len(items):
-                raise RuntimeError(
-                    f"{self._name}: process returned {len(results)} results for {len(items)} items"
-                )
-        except BaseException as exc:  # noqa: BLE001 - a bad batch must never kill the worker
-            run_s = time.perf_counter() - start
-            for _, fut, _ in batch:
-                fut.set_exception(exc)
-        else:
-            run_s = time.perf_counter() - start
-            for (_, fut, _), res in zip(batch, results, strict=True):
-                fut.set_result(res)
-        if self._on_batch is not None:
-            stats = BatchStats(len(batch), tuple(start - e[2] for e in batch), run_s)
+        await asyncio.sleep(0)
+        return time.perf_counter() - start > _IDLE_TURN_S
+
+    async def _next_batch(self) -> list[tuple[T, asyncio.Future[R], float]]:
+        while not self._queue and not self._closed:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        # Greedy, not hasty: while the event loop is still reading and decoding other requests,
+        # let it finish them so they join this batch. The engine stays idle for at most
+        # max_delay (counted from now: queued items have usually waited for the last batch).
+        deadline = time.perf_counter() + self._max_delay_s
+        while len(self._queue) < self._max_batch_size and time.perf_counter() < deadline:
+            if not await self._loop_is_busy():
+                break
+        batch: list[tuple[T, asyncio.Future[R], float]] = []
+        self._take(batch)
+        return batch
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not (self._closed and not self._queue):
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            items = [entry[0] for entry in batch]
+            start = time.perf_counter()
             try:
-                self._on_batch(stats)
-            except Exception:
-                logger.exception("%s: on_batch callback failed", self._name)
+                results = list(await loop.run_in_executor(self._executor, self._process, items))
+                if len(results) != len(items):
+                    raise RuntimeError(
+                        f"{self._name}: process returned {len(results)} results "
+                        f"for {len(items)} items"
+                    )
+            except Exception as exc:  # a bad batch fails its callers, never the batcher
+                for _, fut, _ in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            else:
+                for (_, fut, _), result in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+            run_s = time.perf_counter() - start
+            if self._on_batch is not None:
+                try:
+                    self._on_batch(
+                        BatchStats(len(batch), tuple(start - e[2] for e in batch), run_s)
+                    )
+                except Exception:
+                    logger.exception("%s: on_batch callback failed", self._name)

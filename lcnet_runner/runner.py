@@ -1,15 +1,14 @@
 """The runner: one Predictor plus an adaptive batcher, held in-process by each serving worker.
 
-HTTP handlers (asyncio) and gRPC handlers in the same worker call ``aclassify`` /
-``aclassify_batch``; decoding happens in the caller, the uint8 crops queue, and one engine thread
-runs whatever is queued as one batch. Measured on 2 cores, keeping the model in the worker that
+HTTP and gRPC handlers on the worker's event loop call ``aclassify`` / ``aclassify_batch``;
+decoding happens in the handler, the uint8 crops queue, and whatever is queued when the engine
+is free runs as one batch. Measured on 2 cores, keeping the model in the worker that
 received the request beat a separate runner process by ~2× (every process hop costs 2–3.5 ms of
 CPU per request). Works without BentoML: tests and scripts can drive it directly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ class RunnerConfig:
     engine: str = "paddle"
     threads: int = 1  # engine threads; workers × threads should not exceed the cores
     max_batch_size: int = 16
-    max_delay_ms: float = 0.0  # 0: pure greedy, flush as soon as the engine is free
+    max_delay_ms: float = 10.0  # how long a busy event loop may hold back a batch; 0: never
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
 
 
@@ -74,12 +73,8 @@ class LCNetRunner:
     def _format(self, probs: Sequence[np.ndarray], top_k: int) -> list[list[Prediction]]:
         return top_k_predictions(np.stack(probs), self.labels, top_k)
 
-    def classify(self, image: ImageSource, top_k: int = 1) -> list[Prediction]:
-        """Blocking, for threads (e.g. a sync gRPC server)."""
-        return self._format([self._batcher(self.decode(image))], top_k)[0]
-
     async def aclassify(self, image: ImageSource, top_k: int = 1) -> list[Prediction]:
-        probs = await self._batcher.acall(self.decode(image))
+        probs = await self._batcher(self.decode(image))
         return self._format([probs], top_k)[0]
 
     async def aclassify_batch(
@@ -87,8 +82,7 @@ class LCNetRunner:
     ) -> list[list[Prediction]]:
         """All images are decoded first, so one bad image fails the request before any work."""
         crops = [self.decode(image) for image in images]
-        futures = [asyncio.wrap_future(f) for f in self._batcher.submit_many(crops)]
-        return self._format(await asyncio.gather(*futures), top_k)
+        return self._format(await self._batcher.call_many(crops), top_k)
 
-    def close(self) -> None:
-        self._batcher.close()
+    async def close(self) -> None:
+        await self._batcher.close()

@@ -69,4 +69,4 @@ class LCNetService:
     async def stop(self) -> None:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
-        self.runner.close()
+        await self.runner.close()

@@ -19,7 +19,7 @@ class ServingSettings:
     threads: int = 1  # engine threads per worker
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_batch_size: int = 16  # 1 turns batching off
-    max_delay_ms: float = 0.0
+    max_delay_ms: float = 10.0
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_batch_images: int = 64

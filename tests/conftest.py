@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serverproc import Server
 
 # Before anything imports bentoml: every test (and every subprocess) uses a throwaway store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-test-bentoml-")
@@ -73,62 +70,6 @@ def trained(colour_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     result = run_cli("train", "fit", str(colour_dataset), *tiny_fit(), "--save-dir", str(save_dir))
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return {**summary, "save_dir": save_dir, "dataset": colour_dataset, "stderr": result.stderr}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A real `bentoml serve` process group on loopback ports, ended by its own PID."""
-
-    def __init__(self, target: str, env: dict[str, str], cwd: Path = ROOT):
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log")
-        full_env = {
-            **os.environ,
-            "LCNET_GRPC_PORT": str(self.grpc_port),
-            "LCNET_GRPC_HOST": "127.0.0.1",
-            **env,
-        }
-        self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", target,
-             "--host", "127.0.0.1", "--port", str(self.http_port)],
-            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,  # workers share the group: stop them all by our PID
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 90.0) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"bentoml serve exited early:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise AssertionError(f"bentoml serve not ready after {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -1,155 +1,195 @@
-"""Tests for lcnet_runner.batching.AdaptiveBatcher."""
+"""The asyncio adaptive batcher: right results to the right callers, real batches, failures."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from lcnet_runner.batching import AdaptiveBatcher, BatcherClosedError, BatchStats
 
 
-def _double_slow(items: list[int]) -> list[int]:
-    time.sleep(0.005)
-    return [x * 2 for x in items]
+def run(coro):
+    return asyncio.run(coro)
 
 
-def test_results_go_to_right_callers() -> None:
-    with (
-        AdaptiveBatcher(_double_slow, max_batch_size=8) as b,
-        ThreadPoolExecutor(max_workers=16) as pool,
-    ):
-        results = list(pool.map(b, range(100)))
-    assert results == [x * 2 for x in range(100)]
+def doubler(sleep_s: float = 0.0, sizes: list[int] | None = None):
+    def process(items: list[int]) -> list[int]:
+        if sizes is not None:
+            sizes.append(len(items))
+        time.sleep(sleep_s)
+        return [x * 2 for x in items]
+
+    return process
 
 
-def test_batches_form_under_concurrency() -> None:
+def test_each_caller_gets_its_own_result_and_batches_form() -> None:
+    stats: list[BatchStats] = []
+
+    async def main() -> list[int]:
+        batcher = AdaptiveBatcher(doubler(0.02), max_batch_size=8, on_batch=stats.append)
+        results = await asyncio.gather(*(batcher(i) for i in range(40)))
+        await batcher.close()
+        return results
+
+    assert run(main()) == [i * 2 for i in range(40)]
+    sizes = [s.size for s in stats]
+    assert sum(sizes) == 40 and max(sizes) == 8 and len(sizes) < 40
+    assert all(len(s.queue_wait_s) == s.size and s.run_s >= 0.02 for s in stats)
+
+
+def test_a_lone_request_is_not_delayed() -> None:
+    async def main() -> float:
+        batcher = AdaptiveBatcher(doubler())
+        await batcher(1)
+        start = time.perf_counter()
+        assert await batcher(21) == 42
+        elapsed = time.perf_counter() - start
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.05
+
+
+def handler(batcher: AdaptiveBatcher, x: int, work_steps: int):
+    """A request handler: some CPU work in several event-loop turns, then the batcher."""
+
+    async def run() -> int:
+        for _ in range(work_steps):
+            time.sleep(0.001)  # reading, parsing, decoding
+            await asyncio.sleep(0)
+        return await batcher(x)
+
+    return run()
+
+
+@pytest.mark.parametrize("max_delay_ms", [100, 0])
+def test_items_of_a_busy_loop_join_the_batch_within_max_delay(max_delay_ms) -> None:
     sizes: list[int] = []
 
-    def slow(items: list[int]) -> list[int]:
-        time.sleep(0.02)
-        return items
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(sizes=sizes), max_delay_ms=max_delay_ms)
+        await batcher(0)  # the first request finds an idle loop and runs alone, at once
+        sizes.clear()
+        first = asyncio.ensure_future(batcher(1))
+        others = [handler(batcher, x, work_steps=3) for x in range(2, 9)]
+        assert await asyncio.gather(first, *others) == [2 * x for x in range(1, 9)]
+        await batcher.close()
 
-    start = threading.Barrier(32)
-
-    def call(x: int) -> int:
-        start.wait()
-        return b(x)
-
-    with (
-        AdaptiveBatcher(slow, max_batch_size=8, on_batch=lambda s: sizes.append(s.size)) as b,
-        ThreadPoolExecutor(max_workers=32) as pool,
-    ):
-        assert list(pool.map(call, range(32))) == list(range(32))
-    assert sum(sizes) == 32
-    assert max(sizes) > 1
-    assert max(sizes) <= 8
+    run(main())
+    assert sum(sizes) == 8
+    if max_delay_ms:  # item 1 waited while the loop worked on the other seven
+        assert sizes == [8]
+    else:  # item 1 ran at once, alone
+        assert sizes[0] == 1
 
 
-def test_single_request_not_delayed() -> None:
-    with AdaptiveBatcher(lambda items: items) as b:
-        b(0)  # warm-up
-        t0 = time.perf_counter()
-        assert b(1) == 1
-        assert time.perf_counter() - t0 < 0.05
+def test_max_delay_bounds_the_wait_on_a_busy_loop() -> None:
+    async def main() -> float:
+        batcher = AdaptiveBatcher(doubler(), max_delay_ms=5)
+
+        async def busy() -> None:
+            for _ in range(100):
+                time.sleep(0.001)
+                await asyncio.sleep(0)
+
+        noise = asyncio.ensure_future(busy())
+        start = time.perf_counter()
+        await batcher(1)
+        elapsed = time.perf_counter() - start
+        await noise
+        await batcher.close()
+        return elapsed
+
+    assert run(main()) < 0.03
 
 
-def test_max_delay_groups_items() -> None:
-    stats: list[BatchStats] = []
-    with AdaptiveBatcher(lambda items: items, max_delay_ms=40, on_batch=stats.append) as b:
-        f1 = b.submit(1)
-        time.sleep(0.005)
-        f2 = b.submit(2)
-        assert (f1.result(1), f2.result(1)) == (1, 2)
-    assert [s.size for s in stats] == [2]
-    assert len(stats[0].queue_wait_s) == 2
-    assert stats[0].run_s >= 0
+def test_call_many_keeps_order_and_respects_max_batch_size() -> None:
+    sizes: list[int] = []
+
+    async def main() -> list[int]:
+        batcher = AdaptiveBatcher(doubler(sizes=sizes), max_batch_size=4)
+        results = await batcher.call_many(list(range(10)))
+        await batcher.close()
+        return results
+
+    assert run(main()) == [i * 2 for i in range(10)]
+    assert sizes == [4, 4, 2]
 
 
-def test_exception_reaches_batch_and_batcher_survives() -> None:
+def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
     def process(items: list[int]) -> list[int]:
-        if any(x < 0 for x in items):
-            raise ValueError("bad item")
+        if 13 in items:
+            raise ValueError("unlucky")
         return items
 
-    with AdaptiveBatcher(process, max_delay_ms=30) as b:
-        futs = b.submit_many([1, -1, 2])
-        for f in futs:
-            with pytest.raises(ValueError, match="bad item"):
-                f.result(1)
-        assert b(5) == 5
+    async def main() -> None:
+        batcher = AdaptiveBatcher(process)
+        with pytest.raises(ValueError, match="unlucky"):
+            await batcher(13)
+        assert await batcher(7) == 7
+        await batcher.close()
+
+    run(main())
 
 
-def test_wrong_result_count() -> None:
-    with (
-        AdaptiveBatcher(lambda items: [*items, 0]) as b,
-        pytest.raises(RuntimeError, match="returned 2 results for 1 items"),
-    ):
-        b(1)
+def test_wrong_result_count_is_an_error() -> None:
+    async def main() -> None:
+        batcher = AdaptiveBatcher(lambda items: items[:-1])
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 items"):
+            await batcher(1)
+        await batcher.close()
+
+    run(main())
 
 
-def test_on_batch_exception_is_swallowed() -> None:
-    def boom(_: BatchStats) -> None:
-        raise RuntimeError("callback failed")
+def test_on_batch_errors_are_swallowed() -> None:
+    def broken(stats: BatchStats) -> None:
+        raise RuntimeError("metrics down")
 
-    with AdaptiveBatcher(lambda items: items, on_batch=boom) as b:
-        assert b(1) == 1
-        assert b(2) == 2
+    async def main() -> int:
+        batcher = AdaptiveBatcher(doubler(), on_batch=broken)
+        result = await batcher(5)
+        await batcher.close()
+        return result
 
-
-def test_cancelled_future_is_skipped() -> None:
-    seen: list[int] = []
-    gate = threading.Event()
-
-    def process(items: list[int]) -> list[int]:
-        gate.wait(1)
-        seen.extend(items)
-        return items
-
-    with AdaptiveBatcher(process) as b:
-        first = b.submit(0)  # occupies the engine while we cancel the next one
-        time.sleep(0.01)
-        cancelled = b.submit(1)
-        kept = b.submit(2)
-        assert cancelled.cancel()
-        gate.set()
-        assert first.result(1) == 0
-        assert kept.result(1) == 2
-    assert 1 not in seen
+    assert run(main()) == 10
 
 
-def test_acall_from_asyncio() -> None:
-    async def main(b: AdaptiveBatcher[int, int]) -> list[int]:
-        return await asyncio.gather(*(b.acall(i) for i in range(20)))
+def test_cancelled_callers_are_skipped() -> None:
+    sizes: list[int] = []
 
-    with AdaptiveBatcher(_double_slow) as b:
-        assert asyncio.run(main(b)) == [i * 2 for i in range(20)]
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(0.05, sizes), max_batch_size=1)
+        first = asyncio.ensure_future(batcher(1))
+        second = asyncio.ensure_future(batcher(2))
+        await asyncio.sleep(0.01)  # the first batch is running, the second queued
+        second.cancel()
+        assert await first == 2
+        assert await batcher(3) == 6
+        await batcher.close()
+
+    run(main())
+    assert sizes == [1, 1]
 
 
-def test_submit_many_preserves_order() -> None:
-    with AdaptiveBatcher(_double_slow, max_batch_size=4) as b:
-        futs = b.submit_many(list(range(50)))
-        assert [f.result(1) for f in futs] == [i * 2 for i in range(50)]
+def test_close_drains_then_refuses() -> None:
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(0.01), max_batch_size=2)
+        pending = asyncio.gather(*(batcher(i) for i in range(5)))
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert await pending == [0, 2, 4, 6, 8]
+        with pytest.raises(BatcherClosedError):
+            await batcher(1)
+        await batcher.close()  # idempotent
+
+    run(main())
 
 
-def test_close_drains_then_rejects() -> None:
-    gate = threading.Event()
-
-    def process(items: list[int]) -> list[int]:
-        gate.wait(1)
-        return items
-
-    b = AdaptiveBatcher(process, max_batch_size=2)
-    futs = b.submit_many(list(range(6)))
-    # Close while the engine is still blocked on the first batch: queued work must still run.
-    threading.Timer(0.02, gate.set).start()
-    b.close()
-    assert [f.result(0) for f in futs] == list(range(6))
-    with pytest.raises(BatcherClosedError):
-        b.submit(1)
-    b.close()  # idempotent
-    with pytest.raises(BatcherClosedError):
-        b.submit_many([1, 2])
+def test_invalid_settings() -> None:
+    with pytest.raises(ValueError):
+        AdaptiveBatcher(doubler(), max_batch_size=0)
+    with pytest.raises(ValueError):
+        AdaptiveBatcher(doubler(), max_delay_ms=-1)

@@ -8,7 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Server
+from conftest import ROOT
+from serverproc import Server
 
 from lcnet_runner.client import Client
 

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import Server
 from PIL import Image
+from serverproc import Server
 
 from lcnet_runner import Predictor
 from lcnet_runner.client import Client, ClientError

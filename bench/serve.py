@@ -1,0 +1,258 @@
+"""Serving throughput and latency on loopback, with ratios measured side by side in one run.
+
+    python bench/serve.py [--model PPLCNet_x1_0] [--seconds 6] [--clients 1,8,32,64]
+
+Sets up a throwaway BentoML store with an exported PP-LCNet (random weights: speed does not
+depend on them) and a 500×375 JPEG, then measures:
+  in-process   one process, Predictor with all cores' threads, batches of 16,
+               decode + preprocess + infer (the baseline)
+  served       `bentoml serve` (defaults: 2 workers × 1 thread, greedy batching) under a closed-loop
+               load of N concurrent clients, over HTTP and gRPC
+  no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients
+Every load level is bounded in time (--seconds) and count (--max-requests).
+The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
+channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
+    """A photo-sized JPEG with texture, so decoding costs what a real photo costs."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 0.4, y * 0.6, (x + y) * 0.2], axis=-1) + rng.normal(
+        0, 20, (height, width, 3)
+    )
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(20):
+        x0, y0 = rng.integers(0, width - 50), rng.integers(0, height - 50)
+        draw.ellipse(
+            (x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_store(model: str) -> str:
+    """A 1000-class model in a temporary store; returns its tag."""
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
+    from lcnet_runner.preprocess import PreprocessConfig
+    from train.export import export_inference, save_to_store
+    from train.model import build_model
+
+    labels = [f"class_{i}" for i in range(1000)]
+    folder = Path(tempfile.mkdtemp()) / "model"
+    info = {"architecture": model, "classes": labels}
+    export_inference(
+        build_model(model, 1000), folder, architecture=model, labels=labels,
+        preprocess=PreprocessConfig(), info=info,
+    )  # fmt: skip
+    return save_to_store(folder, "bench", info)
+
+
+def in_process(tag: str, image: bytes, seconds: float) -> float:
+    from lcnet_runner import Predictor
+
+    predictor = Predictor(tag, batch_size=16)  # all cores' threads
+    batch = [image] * 16
+    predictor.predict(batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        predictor.predict(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+def multipart(image: bytes, port: int) -> bytes:
+    boundary = "lcnetbench"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def http_client(
+    port: int, request: bytes, until: float, budget: list[int], out: list, per_connection: int
+):
+    """Keep-alive, reconnecting every ``per_connection`` requests, like many short client
+    sessions. BentoML's HTTP workers share one listening socket and the first to wake accepts a
+    whole burst, so long-lived connections opened together can all land on one worker (seen here:
+    half the throughput); a front balancer or churn spreads them."""
+    while time.perf_counter() < until and budget[0] > 0:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(per_connection):
+                if time.perf_counter() >= until or budget[0] <= 0:
+                    break
+                budget[0] -= 1
+                start = time.perf_counter()
+                writer.write(request)
+                status_line = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                out.append((int(status_line.split()[1]), time.perf_counter() - start))
+        finally:
+            writer.close()
+
+
+async def grpc_client(port: int, image: bytes, until: float, budget: list[int], out: list):
+    import grpc
+
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+
+    # A private subchannel pool: otherwise every channel of this process shares one TCP
+    # connection, and so one server worker.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = lcnet_pb2_grpc.ClassifierStub(channel)
+        request = lcnet_pb2.ClassifyRequest(image=image, top_k=1)
+        while time.perf_counter() < until and budget[0] > 0:
+            budget[0] -= 1
+            start = time.perf_counter()
+            try:
+                await stub.Classify(request, timeout=30)
+                status = 200
+            except grpc.aio.AioRpcError as err:
+                status = 503 if err.code() == grpc.StatusCode.UNAVAILABLE else 500
+            out.append((status, time.perf_counter() - start))
+
+
+def load(
+    server, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
+    per_connection: int = 20,
+):  # fmt: skip
+    """Closed loop: each client sends its next request when the previous one answers."""
+    out: list[tuple[int, float]] = []
+    budget = [max_requests]
+
+    async def staggered(i: int, client):
+        await asyncio.sleep(0.002 * i)  # clients arrive over time, not in one burst
+        await client
+
+    async def run() -> float:
+        until = time.perf_counter() + seconds
+        if protocol == "http":
+            request = multipart(image, server.http_port)
+            tasks = [
+                http_client(server.http_port, request, until, budget, out, per_connection)
+                for _ in range(clients)
+            ]
+        else:
+            tasks = [
+                grpc_client(server.grpc_port, image, until, budget, out) for _ in range(clients)
+            ]
+        start = time.perf_counter()
+        await asyncio.gather(*(staggered(i, task) for i, task in enumerate(tasks)))
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(run())
+    ok = [latency for status, latency in out if status == 200]
+    latencies = sorted(ok) or [float("nan")]
+    return {
+        "rps": len(ok) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "errors": len(out) - len(ok),
+        "503": sum(status == 503 for status, _ in out),
+    }
+
+
+def mean_batch_size(server) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics").text
+    total = sum(float(v) for v in re.findall(r"^lcnet_runner_batch_size_sum\S* (\S+)", text, re.M))
+    count = sum(
+        float(v) for v in re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
+    )
+    return total / count if count else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per load level")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
+    parser.add_argument("--clients", default="1,8,32,64")
+    parser.add_argument("--requests-per-connection", type=int, default=5)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.clients.split(",")]
+
+    from serverproc import Server
+
+    tag = make_store(args.model)
+    image = photo_jpeg()
+    print(f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {os.cpu_count()} cores")
+    baseline = [in_process(tag, image, args.seconds)]
+    print(f"in-process (1 process, {os.cpu_count()} threads, batch 16): {baseline[0]:.1f} img/s")
+
+    results: dict[tuple[str, str, int], dict] = {}
+    for mode, env in (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"})):
+        server = Server(".", {"LCNET_MODEL": tag, **env}).wait_ready()
+        try:
+            for protocol in ("http", "grpc"):
+                for clients in levels if mode == "batching" else [32]:
+                    load(server, protocol, image, clients, 1.0, 200)  # warm-up
+                    r = load(
+                        server, protocol, image, clients, args.seconds, args.max_requests,
+                        args.requests_per_connection,
+                    )  # fmt: skip
+                    results[(mode, protocol, clients)] = r
+                    print(
+                        f"{mode:11s} {protocol:4s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
+                        f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+                        f"errors {r['errors']}  503s {r['503']}"
+                    )
+            print(f"{mode}: mean batch size formed {mean_batch_size(server):.2f}")
+        finally:
+            server.stop()
+        baseline.append(in_process(tag, image, args.seconds))
+    base = statistics.median(baseline)
+    print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s")
+    for protocol in ("http", "grpc"):
+        on, off = results[("batching", protocol, 32)], results[("no batching", protocol, 32)]
+        print(
+            f"{protocol}: served@32 / in-process = {on['rps'] / base:.2f} (target >= 0.85); "
+            f"batching on / off @32 = {on['rps'] / off['rps']:.2f} (target >= 1.5)"
+        )
+    top = max(levels)
+    errors = sum(results[("batching", p, top)]["errors"] for p in ("http", "grpc"))
+    print(f"errors or 503s at {top} clients: {errors}")
+
+
+if __name__ == "__main__":
+    main()

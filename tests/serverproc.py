@@ -1,0 +1,72 @@
+"""Start and stop a real `bentoml serve` for tests and benchmarks (no side effects on import)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `bentoml serve` process group on loopback ports, ended by its own PID."""
+
+    def __init__(self, target: str, env: dict[str, str], cwd: Path = ROOT):
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log")
+        full_env = {
+            **os.environ,
+            "LCNET_GRPC_PORT": str(self.grpc_port),
+            "LCNET_GRPC_HOST": "127.0.0.1",
+            **env,
+        }
+        self.process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", target,
+             "--host", "127.0.0.1", "--port", str(self.http_port)],
+            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # workers share the group: stop them all by our PID
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 90.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"bentoml serve exited early:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise AssertionError(f"bentoml serve not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
