@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import bentoml
@@ -13,7 +12,6 @@ from .http_api import create_app
 from .settings import ServingSettings
 
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
-logger = logging.getLogger(__name__)
 SETTINGS = ServingSettings.from_env()
 http_app = create_app()
 
@@ -43,17 +41,11 @@ class LCNetService:
 
     def __init__(self) -> None:
         from .metrics import PrometheusObserver
-        from .runner import LCNetRunner, RunnerConfig
+        from .runner import LCNetRunner
 
-        config = RunnerConfig(
-            engine=SETTINGS.engine,
-            threads=SETTINGS.threads,
-            max_batch_size=SETTINGS.max_batch_size,
-            max_delay_ms=SETTINGS.max_delay_ms,
-            max_pixels=SETTINGS.max_pixels,
-        )
         artifact = load_folder(self.model.path, tag=str(self.model.tag))
-        self.runner = LCNetRunner(artifact, config, PrometheusObserver(config.max_batch_size))
+        observer = PrometheusObserver(SETTINGS.max_batch_size)
+        self.runner = LCNetRunner(artifact, SETTINGS.runner_config(), observer)
         http_app.state.runner = self.runner
         http_app.state.settings = SETTINGS
         self.grpc_server = None

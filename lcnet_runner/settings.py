@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 
 from .artifact import DEFAULT_MODEL
 from .engines import default_threads
+from .runner import RunnerConfig
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,15 @@ class ServingSettings:
     max_batch_images: int = 64
     grpc_port: int = 50051  # 0 disables gRPC
     grpc_host: str = "0.0.0.0"
+
+    def runner_config(self) -> RunnerConfig:
+        return RunnerConfig(
+            engine=self.engine,
+            threads=self.threads,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_pixels=self.max_pixels,
+        )
 
     @property
     def worker_count(self) -> int:

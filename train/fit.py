@@ -125,13 +125,18 @@ def load_splits(dataset: Path, config: FitConfig) -> tuple[list[str], dict[str, 
     return labels, splits
 
 
-def predict_logits(model: paddle.nn.Layer, split: DecodedSplit, config: FitConfig) -> np.ndarray:
+def split_metrics(
+    model: paddle.nn.Layer, split: DecodedSplit | None, labels: list[str], config: FitConfig
+) -> dict[str, Any]:
+    """top-1/top-5/per-class of the dygraph model on a decoded split ({} when there is none)."""
+    if split is None:
+        return {}
     model.eval()
     outputs = []
     with paddle.no_grad():
         for crops, _ in eval_batches(split, config.input_size, batch_size=64):
             outputs.append(model(paddle.to_tensor(normalize(crops, config.preprocess))).numpy())
-    return np.concatenate(outputs)
+    return classification_metrics(np.concatenate(outputs), split.labels, labels)
 
 
 def train_one_epoch(
@@ -162,6 +167,44 @@ def train_one_epoch(
     return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
 
 
+def model_info(
+    config: FitConfig,
+    dataset: Path,
+    labels: list[str],
+    train_images: int,
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    test: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """What is stored with the model: store labels, metadata, model_info.json."""
+    best = history[best_epoch]  # history holds every epoch, resumed runs included
+    return {
+        "architecture": config.model,
+        "task": "image-classification",
+        "framework": "paddle",
+        "dataset": dataset.resolve().name,
+        "classes": labels,
+        "num_classes": len(labels),
+        "input_size": config.input_size,
+        "resize_short": config.resize_short,
+        "mean": list(config.preprocess.mean),
+        "std": list(config.preprocess.std),
+        "val_top1": best["val_top1"],
+        "val_top5": best["val_top5"],
+        "test_top1": test.get("top1"),
+        "test_top5": test.get("top5"),
+        "epochs": history[-1]["epoch"],
+        "best_epoch": best_epoch + 1,
+        "train_images": train_images,
+        "pretrained": config.pretrained,
+        "crop_scale": list(config.crop_scale),
+        "hflip": config.hflip,
+        "paddle_version": paddle.__version__,
+        "training_time_s": round(seconds, 1),
+    }
+
+
 def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
     """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON."""
     config = dataclasses.replace(config or FitConfig(), **overrides)
@@ -182,64 +225,54 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         parameters=model.parameters(),
         weight_decay=paddle.regularizer.L2Decay(config.weight_decay),
     )
+    # Without a validation split every epoch "improves", so the last one is kept.
     history: list[dict[str, Any]] = []
-    first_epoch, best = 0, {"val_top1": -1.0, "epoch": -1}
-    if config.resume and (save_dir / CHECKPOINT).is_file():
+    first_epoch, best = 0, {"score": -math.inf, "epoch": -1}
+    if config.resume:
+        if not (save_dir / CHECKPOINT).is_file():
+            raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
         state = paddle.load(str(save_dir / CHECKPOINT))
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         first_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
         rng = np.random.default_rng([config.seed, first_epoch])
         log(f"resuming from epoch {first_epoch} of {save_dir / CHECKPOINT}")
-    elif config.resume:
-        raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
     elif weights is not None:
         report = pretrained.load_weights(model, weights)
-        log(
-            f"loaded {report.loaded} tensors from {weights}; re-initialised: "
-            + (", ".join(report.skipped) or "none")
-        )
+        skipped = ", ".join(report.skipped) or "none"
+        log(f"loaded {report.loaded} tensors from {weights}; re-initialised: {skipped}")
 
-    val = splits.get("val")
     for epoch in range(first_epoch, config.epochs):
         stats = train_one_epoch(model, optimizer, splits["train"], config, epoch, rng)
-        val_metrics = (
-            classification_metrics(predict_logits(model, val, config), val.labels, labels)
-            if val
-            else {}
-        )
-        # Without a validation split the last epoch counts as the best.
-        score = val_metrics.get("top1", 0.0) if val else epoch
+        val = split_metrics(model, splits.get("val"), labels, config)
         row = {
             "epoch": epoch + 1,
             "lr": learning_rate(config, epoch),
             "train_loss": stats["loss"],
             "train_top1": stats["top1"],
-            "val_top1": val_metrics.get("top1"),
-            "val_top5": val_metrics.get("top5"),
+            "val_top1": val.get("top1"),
+            "val_top5": val.get("top5"),
             "images_per_s": stats["images_per_s"],
         }
         history.append(row)
-        if score > best["val_top1"]:
-            best = {"val_top1": score, "epoch": epoch}
+        score = val["top1"] if val else epoch
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch}
             save_atomic(model.state_dict(), save_dir / BEST_WEIGHTS)
-        save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "history": history,
-                "labels": labels,
-                "config": dataclasses.asdict(config),
-            },
-            save_dir / CHECKPOINT,
-        )
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "best": best,
+            "history": history,
+            "labels": labels,
+            "config": dataclasses.asdict(config),
+        }
+        save_atomic(checkpoint, save_dir / CHECKPOINT)
         log(
             f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
             f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
-            f"val_top5 {row['val_top5']}  "
-            f"{stats['images_per_s']:.0f} img/s"
+            f"val_top5 {row['val_top5']}  {stats['images_per_s']:.0f} img/s"
         )
         if config.early_stop_patience and epoch - best["epoch"] >= config.early_stop_patience:
             log(f"early stop: no better val top-1 for {config.early_stop_patience} epochs")
@@ -247,37 +280,17 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     (save_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
 
     model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
-    best_row = history[best["epoch"]]  # history holds every epoch, resumed runs included
-    test = splits.get("test")
-    test_metrics = (
-        classification_metrics(predict_logits(model, test, config), test.labels, labels)
-        if test
-        else {}
+    test = split_metrics(model, splits.get("test"), labels, config)
+    info = model_info(
+        config,
+        dataset,
+        labels,
+        len(splits["train"]),
+        history,
+        best["epoch"],
+        test,
+        time.time() - started,
     )
-    info = {
-        "architecture": config.model,
-        "task": "image-classification",
-        "framework": "paddle",
-        "dataset": dataset.resolve().name,
-        "classes": labels,
-        "num_classes": len(labels),
-        "input_size": config.input_size,
-        "resize_short": config.resize_short,
-        "mean": list(config.preprocess.mean),
-        "std": list(config.preprocess.std),
-        "val_top1": best_row.get("val_top1"),
-        "val_top5": best_row.get("val_top5"),
-        "test_top1": test_metrics.get("top1"),
-        "test_top5": test_metrics.get("top5"),
-        "epochs": history[-1]["epoch"],
-        "best_epoch": best["epoch"] + 1,
-        "train_images": len(splits["train"]),
-        "pretrained": config.pretrained,
-        "crop_scale": list(config.crop_scale),
-        "hflip": config.hflip,
-        "paddle_version": paddle.__version__,
-        "training_time_s": round(time.time() - started, 1),
-    }
     folder = export_inference(
         model,
         save_dir / EXPORT_DIR,
@@ -287,11 +300,5 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         info=info,
     )
     tag = save_to_store(folder, config.name, info)
-    return {
-        "tag": tag,
-        **{
-            k: info[k]
-            for k in ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
-        },
-        "export_dir": str(folder),
-    }
+    summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
+    return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}

@@ -1,0 +1,47 @@
+"""The runner without BentoML: concurrent callers form batches and get the Predictor's answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lcnet_runner import Predictor
+from lcnet_runner.batching import BatchStats
+from lcnet_runner.runner import LCNetRunner, RunnerConfig
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[BatchStats] = []
+        self.decodes: list[float] = []
+
+    def decoded(self, seconds: float) -> None:
+        self.decodes.append(seconds)
+
+    def batch(self, stats: BatchStats) -> None:
+        self.batches.append(stats)
+
+
+def test_concurrent_calls_are_batched_and_correct(trained: dict) -> None:
+    images = [path.read_bytes() for path, _ in read_split(trained["dataset"], "test")]
+    expected = Predictor(trained["export_dir"], threads=1).predict(images, top_k=2)
+    recorder = Recorder()
+
+    async def main() -> tuple[list, list]:
+        runner = LCNetRunner(trained["export_dir"], RunnerConfig(max_batch_size=8), recorder)
+        singles = await asyncio.gather(*(runner.aclassify(image, top_k=2) for image in images))
+        batch = await runner.aclassify_batch(images, top_k=2)
+        await runner.close()
+        return singles, batch
+
+    singles, batch = asyncio.run(main())
+    for got in (singles, batch):
+        for result, want in zip(got, expected, strict=True):
+            assert [p["category_id"] for p in result] == [p["category_id"] for p in want]
+            assert [p["score"] for p in result] == pytest.approx([p["score"] for p in want])
+    sizes = [stats.size for stats in recorder.batches]
+    assert sum(sizes) == 2 * len(images) and max(sizes) == 8 and len(recorder.decodes) == 36
