@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="repeat the prediction N times and report the timing of those runs",
     )
+    p.add_argument(
+        "--annotate",
+        type=Path,
+        metavar="OUT",
+        help="write the image with its top class drawn on it (a folder for several images)",
+    )
     return parser
 
 
@@ -42,6 +48,8 @@ def predict(args: argparse.Namespace) -> None:
     results = predictor.predict(images, top_k=args.top_k)
     for path, result in zip(args.images, results, strict=True):
         print(json.dumps({"image": str(path), "predictions": result}, ensure_ascii=False))
+    if args.annotate:
+        write_annotated(args.images, results, args.annotate)
     timings = predictor.timings
     if args.benchmark:
         timings = Timings()
@@ -50,6 +58,19 @@ def predict(args: argparse.Namespace) -> None:
             for field in ("images", "batches", "preprocess_s", "inference_s", "postprocess_s"):
                 setattr(timings, field, getattr(timings, field) + getattr(predictor.timings, field))
     print(timings.report(args.batch_size))
+
+
+def write_annotated(images: list[Path], results: list, out: Path) -> None:
+    from .annotate import annotate
+    from .preprocess import load_image
+
+    several = len(images) > 1
+    if several:
+        out.mkdir(parents=True, exist_ok=True)
+    for path, result in zip(images, results, strict=True):
+        target = out / f"{path.stem}.jpg" if several else out
+        annotate(load_image(path), result).save(target, quality=92)
+        print(f"wrote {target}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from . import api
 from .api import RequestError, client_error_status
@@ -26,6 +28,7 @@ from .runner import LCNetRunner
 from .settings import ServingSettings
 
 logger = logging.getLogger(__name__)
+UI_DIR = Path(__file__).parent / "ui"
 
 
 async def _limited(request: Request, limit: int):
@@ -108,6 +111,10 @@ async def _model(request: Request, runner: LCNetRunner, settings: ServingSetting
     return api.model_info(runner, settings)
 
 
+async def _ui(request: Request) -> FileResponse:
+    return FileResponse(UI_DIR / "index.html")
+
+
 def create_app() -> Starlette:
     """Routes only; the service puts its runner and settings on ``app.state`` at start-up."""
     return Starlette(
@@ -115,5 +122,8 @@ def create_app() -> Starlette:
             Route("/classify", _handler(_classify), methods=["POST"]),
             Route("/classify_batch", _handler(_classify_batch), methods=["POST"]),
             Route("/model", _handler(_model), methods=["GET"]),
+            # A page to try the model: static files shipped in the package, no build, no CDN.
+            Route("/ui", _ui, methods=["GET"]),
+            Mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui"),
         ]
     )

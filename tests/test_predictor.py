@@ -92,6 +92,17 @@ def test_unknown_tag_and_broken_folders_fail_at_load(trained: dict, tmp_path: Pa
         Predictor(mismatched)
 
 
+def test_predict_cli_annotates(trained: dict, test_images, tmp_path: Path) -> None:
+    path = test_images[0][0]
+    out = tmp_path / "annotated.jpg"
+    run_cli("lcnet_runner", "predict", str(path), "--model", trained["tag"], "--annotate", str(out))
+    original = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+    drawn = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    assert drawn.shape == original.shape
+    band = np.abs(drawn[:8] - original[:8]).mean()  # the label band at the top
+    assert band > 20 and np.abs(drawn[-8:] - original[-8:]).mean() < 5
+
+
 def test_predict_cli_prints_results_and_latency_block(trained: dict, test_images) -> None:
     path = str(test_images[0][0])
     result = run_cli(
@@ -106,9 +117,12 @@ def test_predict_cli_prints_results_and_latency_block(trained: dict, test_images
     assert "preprocess_time_per_im(ms)" in lines[-1]
 
 
-def test_evaluate_cli_reports_accuracy(trained: dict) -> None:
-    result = run_cli("train", "evaluate", trained["tag"], "--dataset", str(trained["dataset"]))
+def test_evaluate_cli_reports_accuracy(trained: dict, tmp_path: Path) -> None:
+    png = tmp_path / "cm.png"
+    args = ["--dataset", str(trained["dataset"]), "--confusion-matrix", str(png)]
+    result = run_cli("train", "evaluate", trained["tag"], *args)
     report = json.loads(result.stdout.splitlines()[-1])
+    assert report["confusion_matrix"] == str(png) and Image.open(png).format == "PNG"
     assert report["split"] == "test" and report["n"] == 18
     assert report["top1"] == trained["test_top1"]
     assert report["top5"] == 1.0 and set(report["per_class"]) == {"blue sky", "green", "红"}

@@ -7,11 +7,15 @@ import shutil
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pytest
 from conftest import COLOUR_CLASSES, TINY_EPOCHS, run_cli, tiny_fit
+from PIL import Image
 
 from train.data import decode_split
 from train.fit import FitConfig, learning_rate
+from train.plots import confusion_matrix
+from train.report import report
 from train.split import read_split
 
 pytestmark = pytest.mark.slow
@@ -25,10 +29,16 @@ def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
     assert trained["epochs"] == TINY_EPOCHS
 
 
-def test_fit_writes_checkpoints_history_and_export(trained: dict) -> None:
+def test_fit_writes_checkpoints_history_plots_and_export(trained: dict) -> None:
     save_dir: Path = trained["save_dir"]
     for name in ("last.pdckpt", "best.pdparams", "history.json"):
         assert (save_dir / name).is_file(), name
+    stored = Path(bentoml.models.get(trained["tag"]).path)
+    for folder in (save_dir, stored):  # the plots travel with the model version
+        for name, min_width in (("curves.png", 900), ("confusion_matrix.png", 400)):
+            with Image.open(folder / name) as png:
+                assert png.format == "PNG" and png.width >= min_width, (folder, name)
+    assert (stored / "history.json").is_file()
     history = json.loads((save_dir / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, TINY_EPOCHS + 1))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
@@ -96,3 +106,15 @@ def test_learning_rate_schedules() -> None:
     assert learning_rate(cosine, 10.0) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="schedule"):
         FitConfig(schedule="step")
+
+
+def test_report_answers_what_is_this_model(trained: dict) -> None:
+    text = report(trained["tag"])
+    for expected in (trained["tag"], "PPLCNet_x0_25", "3: blue sky, green, 红", "colours",
+                     f"{100 * trained['test_top1']:.1f} %", "curves.png"):  # fmt: skip
+        assert expected in text, expected
+
+
+def test_confusion_matrix_counts() -> None:
+    counts = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]

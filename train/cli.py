@@ -1,4 +1,4 @@
-"""``python -m train``: demo-data, split, fit, evaluate, import.
+"""``python -m train``: demo-data, split, fit, evaluate, report, import.
 
 Parsing only; each subcommand calls one function of the Python API."""
 
@@ -94,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--confusion-matrix",
+        default="confusion_matrix.png",
+        metavar="PNG",
+        help="where to write the confusion matrix (default: ./confusion_matrix.png)",
+    )
+
+    p = sub.add_parser("report", help="summary of a stored or exported model")
+    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
 
     p = sub.add_parser("import", help="store a PaddleClas .pdparams or an exported folder")
     p.add_argument("source", type=Path)
@@ -137,7 +146,13 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         from .evaluate import evaluate
 
-        print(json.dumps(evaluate(args.model, args.dataset, args.split, threads=args.threads)))
+        report = evaluate(args.model, args.dataset, args.split, threads=args.threads,
+                          confusion_png=args.confusion_matrix)  # fmt: skip
+        print(json.dumps(report, ensure_ascii=False))
+    elif args.command == "report":
+        from .report import report
+
+        print(report(args.model))
     elif args.command == "import":
         from .importer import import_model
 

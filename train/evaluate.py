@@ -11,6 +11,7 @@ import numpy as np
 from lcnet_runner import Predictor
 
 from .data import decode_split, eval_batches
+from .plots import confusion_matrix, plot_confusion_matrix
 from .split import read_labels, read_split
 
 
@@ -46,8 +47,10 @@ def evaluate(
     engine: str = "paddle",
     threads: int | None = None,
     batch_size: int = 32,
+    confusion_png: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a stored model (tag) or exported folder on one split of a dataset."""
+    """Accuracy of a stored model (tag) or exported folder on one split of a dataset;
+    ``confusion_png`` also writes its confusion matrix there."""
     predictor = Predictor(model, engine=engine, threads=threads)
     dataset_labels = read_labels(dataset)
     if list(dataset_labels) != list(predictor.labels):
@@ -65,4 +68,11 @@ def evaluate(
         ]
     )
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
-    return {"model": predictor.artifact.name, "split": split, **metrics, "skipped": decoded.skipped}
+    report = {"model": predictor.artifact.name, "split": split, **metrics}
+    if confusion_png:
+        counts = confusion_matrix(decoded.labels, probs.argmax(axis=1), len(predictor.labels))
+        title = f"{predictor.artifact.name}: {split} split"
+        report["confusion_matrix"] = str(
+            plot_confusion_matrix(counts, predictor.labels, confusion_png, title=title)
+        )
+    return {**report, "skipped": decoded.skipped}

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -28,11 +29,14 @@ from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train
 from .evaluate import classification_metrics
 from .export import export_inference, save_to_store
 from .model import build_model, scale_of
+from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .split import SPLITS, read_labels, read_split, split_dataset
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
 BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
 HISTORY = "history.json"
+CURVES = "curves.png"
+CONFUSION = "confusion_matrix.png"
 EXPORT_DIR = "inference"
 
 
@@ -125,18 +129,43 @@ def load_splits(dataset: Path, config: FitConfig) -> tuple[list[str], dict[str, 
     return labels, splits
 
 
-def split_metrics(
-    model: paddle.nn.Layer, split: DecodedSplit | None, labels: list[str], config: FitConfig
-) -> dict[str, Any]:
-    """top-1/top-5/per-class of the dygraph model on a decoded split ({} when there is none)."""
-    if split is None:
-        return {}
+def predict_scores(model: paddle.nn.Layer, split: DecodedSplit, config: FitConfig) -> np.ndarray:
+    """Logits of the dygraph model on a decoded split, with the serving crops."""
     model.eval()
     outputs = []
     with paddle.no_grad():
         for crops, _ in eval_batches(split, config.input_size, batch_size=64):
             outputs.append(model(paddle.to_tensor(normalize(crops, config.preprocess))).numpy())
-    return classification_metrics(np.concatenate(outputs), split.labels, labels)
+    return np.concatenate(outputs)
+
+
+def split_metrics(
+    model: paddle.nn.Layer, split: DecodedSplit | None, labels: list[str], config: FitConfig
+) -> dict[str, Any]:
+    """top-1/top-5/per-class on a decoded split ({} when there is none)."""
+    if split is None:
+        return {}
+    return classification_metrics(predict_scores(model, split, config), split.labels, labels)
+
+
+def write_plots(
+    model: paddle.nn.Layer,
+    splits: dict[str, DecodedSplit],
+    labels: list[str],
+    history: list[dict[str, Any]],
+    config: FitConfig,
+    out_dir: Path,
+) -> list[Path]:
+    """curves.png, and confusion_matrix.png on the test split (val when there is no test)."""
+    files = [plot_curves(history, out_dir / CURVES)]
+    name = "test" if "test" in splits else "val" if "val" in splits else None
+    if name:
+        split = splits[name]
+        predicted = predict_scores(model, split, config).argmax(axis=1)
+        counts = confusion_matrix(split.labels, predicted, len(labels))
+        title = f"{config.name}: {name} split"
+        files.append(plot_confusion_matrix(counts, labels, out_dir / CONFUSION, title=title))
+    return files
 
 
 def train_one_epoch(
@@ -299,6 +328,12 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         preprocess=config.preprocess,
         info=info,
     )
+    # Curves, confusion matrix and history travel with the model version.
+    for path in [
+        *write_plots(model, splits, labels, history, config, save_dir),
+        save_dir / HISTORY,
+    ]:
+        shutil.copy(path, folder / path.name)
     tag = save_to_store(folder, config.name, info)
     summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
     return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}
