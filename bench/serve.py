@@ -82,22 +82,37 @@ def in_process(tag: str, image: bytes, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def multipart(image: bytes, port: int) -> bytes:
+def multipart(images: list[bytes], port: int, path: str = "/classify", field: str = "image"):
+    """A complete HTTP/1.1 request, built once and replayed (the cheapest possible client)."""
     boundary = "lcnetbench"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
         + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+        + b"\r\n"
+        for i, image in enumerate(images)
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     head = (
-        f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
+
+
+async def send_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
+    """Send one prepared request on a keep-alive connection; returns the status code."""
+    writer.write(request)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return int(status_line.split()[1])
 
 
 async def http_client(
@@ -115,14 +130,8 @@ async def http_client(
                     break
                 budget[0] -= 1
                 start = time.perf_counter()
-                writer.write(request)
-                status_line = await reader.readline()
-                length = 0
-                while (line := await reader.readline()) not in (b"\r\n", b""):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                out.append((int(status_line.split()[1]), time.perf_counter() - start))
+                status = await send_http(reader, writer, request)
+                out.append((status, time.perf_counter() - start))
         finally:
             writer.close()
 
@@ -164,7 +173,7 @@ def load(
     async def run() -> float:
         until = time.perf_counter() + seconds
         if protocol == "http":
-            request = multipart(image, server.http_port)
+            request = multipart([image], server.http_port)
             tasks = [
                 http_client(server.http_port, request, until, budget, out, per_connection)
                 for _ in range(clients)

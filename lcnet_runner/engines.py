@@ -7,6 +7,8 @@ An engine takes a float32 NCHW batch and returns what the program outputs: class
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Protocol
 
@@ -26,14 +28,32 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _import_paddle_inference():
+    """``paddle.inference``, without Paddle's signal handlers.
+
+    Importing Paddle replaces the SIGTERM handler with one that aborts the process on the spot
+    ("FatalError: Termination signal is detected"), which kills a server's graceful shutdown and
+    every request in flight. Keep whatever handlers the host (uvicorn, BentoML) had installed.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    import paddle
+    from paddle import inference
+
+    paddle.disable_signal_handler()
+    for sig, handler in kept.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+    return inference
+
+
 class PaddleEngine:
     """Paddle Inference on CPU with oneDNN (MKLDNN), the engine PP-LCNet was designed for."""
 
     name = "paddle"
 
     def __init__(self, artifact: ModelArtifact, threads: int | None = None):
-        from paddle import inference
-
+        inference = _import_paddle_inference()
         config = inference.Config(str(artifact.program_file), str(artifact.params_file))
         config.disable_gpu()
         config.enable_mkldnn()

@@ -17,6 +17,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
@@ -115,9 +117,13 @@ async def _ui(request: Request) -> FileResponse:
     return FileResponse(UI_DIR / "index.html")
 
 
-def create_app() -> Starlette:
-    """Routes only; the service puts its runner and settings on ``app.state`` at start-up."""
+def create_app(cors_origins: str = "") -> Starlette:
+    """Routes only; the service puts its runner and settings on ``app.state`` at start-up.
+    Cross-origin browser calls are refused unless ``cors_origins`` lists the origins."""
+    origins = [origin.strip() for origin in cors_origins.split(",") if origin.strip()]
+    middleware = [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"])]
     return Starlette(
+        middleware=middleware if origins else [],
         routes=[
             Route("/classify", _handler(_classify), methods=["POST"]),
             Route("/classify_batch", _handler(_classify_batch), methods=["POST"]),
@@ -125,5 +131,5 @@ def create_app() -> Starlette:
             # A page to try the model: static files shipped in the package, no build, no CDN.
             Route("/ui", _ui, methods=["GET"]),
             Mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui"),
-        ]
+        ],
     )

@@ -51,6 +51,7 @@ class LCNetRunner:
         self.predictor = Predictor(model, engine=config.engine, threads=config.threads)
         self.labels = self.predictor.labels
         self._observer = observer
+        self._warm_up()
         self._batcher: AdaptiveBatcher[np.ndarray, np.ndarray] = AdaptiveBatcher(
             self._infer,
             max_batch_size=config.max_batch_size,
@@ -58,6 +59,14 @@ class LCNetRunner:
             on_batch=observer.batch if observer else None,
             name="lcnet-runner",
         )
+
+    def _warm_up(self) -> None:
+        """Run every batch size once before serving: oneDNN builds (and caches) its kernels per
+        input shape, so the first batch of each size is slow and grows memory. Measured: without
+        this a worker's memory rose ~100 MiB over its first few thousand requests, then stayed."""
+        size = self.predictor.config.crop_size
+        for batch in range(1, self.config.max_batch_size + 1):
+            self.predictor.infer(np.zeros((batch, size, size, 3), np.uint8))
 
     def _infer(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         return list(self.predictor.infer(np.stack(crops)))

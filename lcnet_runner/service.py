@@ -13,7 +13,7 @@ from .settings import ServingSettings
 
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 SETTINGS = ServingSettings.from_env()
-http_app = create_app()
+http_app = create_app(SETTINGS.cors_origins)
 
 
 def _model_reference(tag: str) -> bentoml.models.BentoModel:

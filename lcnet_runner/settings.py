@@ -26,6 +26,7 @@ class ServingSettings:
     max_batch_images: int = 64
     grpc_port: int = 50051  # 0 disables gRPC
     grpc_host: str = "0.0.0.0"
+    cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
 
     def runner_config(self) -> RunnerConfig:
         return RunnerConfig(

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import bentoml
 import numpy as np
+import paddle
 import pytest
-from conftest import COLOUR_CLASSES, TINY_EPOCHS, run_cli, tiny_fit
+from conftest import COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
 from PIL import Image
 
 from train.data import decode_split
@@ -118,3 +122,87 @@ def test_report_answers_what_is_this_model(trained: dict) -> None:
 def test_confusion_matrix_counts() -> None:
     counts = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def versions(name: str) -> list:
+    try:
+        return bentoml.models.list(name)
+    except bentoml.exceptions.NotFound:
+        return []
+
+
+def test_odd_and_broken_images_never_stop_training(tmp_path: Path) -> None:
+    """Split skips what cannot be read; fit converts odd modes and skips files broken later."""
+    root = tmp_path / "odd"
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg")
+    odd = root / "cats"
+    base = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    base.convert("CMYK").save(odd / "cmyk.jpg")
+    Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257).save(odd / "sixteen.png")
+    base.convert("L").save(odd / "grey.png")
+    base.convert("P").save(odd / "palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    base.save(odd / "rotated.jpg", exif=exif)
+    base.save(odd / "ユニコード 名前.jpg")
+    base.save(odd / "really_a_png.jpg", format="PNG")
+    base.save(odd / ".hidden.jpg")
+    (odd / "empty.jpg").write_bytes(b"")
+    (odd / "truncated.jpg").write_bytes((odd / "0.jpg").read_bytes()[:300])
+
+    result = run_cli("train", "split", str(root), "--val-ratio", "0.2", "--test-ratio", "0")
+    assert "skipped 2 unreadable images: cats/empty.jpg, cats/truncated.jpg" in result.stdout
+    (root / "dogs" / "5.jpg").write_bytes(b"broken after the split")
+    result = run_cli(
+        "train", "fit", str(root), *tiny_fit(epochs=1), "--save-dir", str(tmp_path / "run"),
+        "--name", "odd",
+    )  # fmt: skip
+    assert "dogs/5.jpg" in result.stderr and "skipped 1 unreadable" in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["tag"].startswith("odd:")
+
+
+def test_a_killed_run_resumes_and_stores_one_version(colour_dataset: Path, tmp_path: Path) -> None:
+    save_dir = tmp_path / "killed"
+    args = [*tiny_fit(epochs=TINY_EPOCHS), "--save-dir", str(save_dir), "--name", "killed"]
+    command = [sys.executable, "-m", "train", "fit", str(colour_dataset), *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (save_dir / "last.pdckpt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.kill()  # SIGKILL mid-run, some epochs done
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -9
+    assert versions("killed") == []  # nothing half-written became a version
+    done = len(paddle.load(str(save_dir / "last.pdckpt"))["history"])
+    assert 1 <= done < TINY_EPOCHS
+
+    result = run_cli("train", "fit", str(colour_dataset), *args, "--resume")
+    assert f"resuming from epoch {done}" in result.stderr
+    history = json.loads((save_dir / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, TINY_EPOCHS + 1))
+    assert len(versions("killed")) == 1
+    assert json.loads(result.stdout.splitlines()[-1])["val_top1"] >= 0.85
+
+
+def test_a_failed_store_write_leaves_no_version(trained: dict, monkeypatch) -> None:
+    """BentoML builds a version in a temporary folder: a crash while copying stores nothing."""
+    import train.export
+
+    def disk_full(src, dst, **kwargs):
+        (Path(dst) / "inference.json").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.export.shutil, "copytree", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train.export.save_to_store(trained["export_dir"], "atomic", {"architecture": "x"})
+    assert versions("atomic") == []
+    assert bentoml.models.get(trained["tag"]).info.metadata["epochs"] == TINY_EPOCHS

@@ -1,0 +1,208 @@
+"""A corpus of bad and odd requests against a real server, over HTTP and gRPC.
+
+Odd-but-valid images get 200 and a sensible answer; bad ones a 4xx / INVALID_ARGUMENT with a
+message; never a 5xx, a hang or a dead worker, and the server answers normally afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from serverproc import Server
+
+from lcnet_runner.client import Client, ClientError
+
+pytestmark = pytest.mark.slow
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def photo(size=(64, 48), mode="RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(photo((80, 40)), "JPEG", exif=exif)
+
+
+def palette_with_transparency() -> bytes:
+    image = photo().convert("P")
+    return encode(image, "PNG", transparency=0)
+
+
+def animated_gif() -> bytes:
+    frames = [photo().convert("P") for _ in range(3)]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+
+
+def sixteen_bit() -> bytes:
+    return encode(Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20), "PNG")
+
+
+def bomb() -> bytes:
+    """A few hundred KB that decode to 400 million pixels."""
+    return encode(Image.new("1", (20_000, 20_000)), "PNG")
+
+
+JPEG = encode(photo(), "JPEG")
+# name → (image bytes, HTTP status, gRPC status)
+IMAGES = {
+    "jpeg": (JPEG, 200, "OK"),
+    "png": (encode(photo(), "PNG"), 200, "OK"),
+    "webp": (encode(photo(), "WEBP"), 200, "OK"),
+    "bmp": (encode(photo(), "BMP"), 200, "OK"),
+    "tiff": (encode(photo(), "TIFF"), 200, "OK"),
+    "1x1 pixel": (encode(photo((1, 1)), "PNG"), 200, "OK"),
+    "greyscale": (encode(photo(mode="L"), "PNG"), 200, "OK"),
+    "grey + alpha": (encode(photo(mode="LA"), "PNG"), 200, "OK"),
+    "rgba": (encode(photo(mode="RGBA"), "PNG"), 200, "OK"),
+    "cmyk jpeg": (encode(photo(mode="CMYK"), "JPEG"), 200, "OK"),
+    "16-bit png": (sixteen_bit(), 200, "OK"),
+    "palette + transparency": (palette_with_transparency(), 200, "OK"),
+    "exif rotated": (exif_rotated(), 200, "OK"),
+    "animated gif": (animated_gif(), 200, "OK"),
+    "panorama 4000x20": (encode(photo((4000, 20)), "JPEG"), 200, "OK"),
+    "truncated jpeg": (JPEG[: len(JPEG) // 2], 400, "INVALID_ARGUMENT"),
+    "jpeg header only": (JPEG[:20], 400, "INVALID_ARGUMENT"),
+    "zero bytes": (b"", 400, "INVALID_ARGUMENT"),
+    "html as image": (b"<!doctype html><html><body>hi</body></html>", 400, "INVALID_ARGUMENT"),
+    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', 400,
+            "INVALID_ARGUMENT"),
+    "pdf": (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 400, "INVALID_ARGUMENT"),
+    "plain text": (b"just some words", 400, "INVALID_ARGUMENT"),
+    "random bytes": (np.random.default_rng(1).bytes(5000), 400, "INVALID_ARGUMENT"),
+    "decompression bomb": (bomb(), 413, "INVALID_ARGUMENT"),
+}  # fmt: skip
+
+
+def assert_still_serving(server: Server) -> None:
+    response = httpx.post(f"{server.url}/classify", files={"image": ("ok.jpg", JPEG)}, timeout=30)
+    assert response.status_code == 200
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_images_over_http(server: Server, name: str) -> None:
+    data, status, _ = IMAGES[name]
+    response = httpx.post(
+        f"{server.url}/classify", files={"image": ("upload.jpg", data)}, timeout=30
+    )
+    assert response.status_code == status, response.text
+    body = response.json()
+    if status == 200:
+        assert len(body) == 1 and body[0]["category"] in ("blue sky", "green", "红")
+    else:
+        assert body["error"] and "Traceback" not in body["error"]
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("name", list(IMAGES))
+def test_images_over_grpc(server: Server, name: str) -> None:
+    data, _, status = IMAGES[name]
+    with Client(server.grpc_url) as client:
+        if status == "OK":
+            assert len(client.classify(data)) == 1
+        else:
+            with pytest.raises(ClientError) as err:
+                client.classify(data)
+            assert err.value.status == status and err.value.message
+        assert len(client.classify(JPEG)) == 1
+
+
+def upload(field: str = "image", data: bytes = JPEG, filename: str = "a.jpg", **form) -> dict:
+    return {"files": {field: (filename, data)}, "data": form}
+
+
+def raw(body: bytes, content_type: str = "multipart/form-data; boundary=x") -> dict:
+    return {"content": body, "headers": {"content-type": content_type}}
+
+
+TWO_IMAGES = {"files": [("image", ("a", JPEG))] * 2}
+URL_IN_FIELD = {"files": {"x": ("a", JPEG)}, "data": {"image": "http://127.0.0.1:9/x.jpg"}}
+BAD_IN_BATCH = {"files": [("images", ("a", JPEG)), ("images", ("b", b"no"))]}
+# name → (path, request, HTTP status)
+REQUESTS = {
+    "missing image field": ("/classify", upload(field="x", top_k="1"), 422),
+    "misspelt field": ("/classify", upload(field="imgae"), 422),
+    "two images on /classify": ("/classify", TWO_IMAGES, 422),
+    "url instead of file": ("/classify", URL_IN_FIELD, 422),
+    "top_k 0": ("/classify", upload(top_k="0"), 422),
+    "top_k -1": ("/classify", upload(top_k="-1"), 422),
+    "top_k text": ("/classify", upload(top_k="three"), 422),
+    "top_k huge (clamped)": ("/classify", upload(top_k="99999"), 200),
+    "json body": ("/classify", {"json": {"image": "aGVsbG8="}}, 415),
+    "url-encoded form": ("/classify", {"data": {"image": "x"}}, 415),
+    "no content type": ("/classify", {"content": b"abc"}, 415),
+    "empty multipart": ("/classify", raw(b"--x--\r\n"), 422),
+    "garbage multipart": ("/classify", raw(b"--x\r\n\r\n"), 400),
+    "multipart without boundary": ("/classify", raw(b"abc", "multipart/form-data"), 400),
+    "oversized body": ("/classify", upload(data=b"\0" * (21 << 20)), 413),
+    "empty batch": ("/classify_batch", upload(field="x"), 422),
+    "too many images": ("/classify_batch", {"files": [("images", ("a", JPEG))] * 65}, 413),
+    "batch with one bad image": ("/classify_batch", BAD_IN_BATCH, 400),
+    "path traversal filename": ("/classify", upload(filename="../../../tmp/x.jpg"), 200),
+    "unicode filename": ("/classify", upload(filename="図 画像 😀.jpg"), 200),
+    "255-character filename": ("/classify", upload(filename="a" * 251 + ".jpg"), 200),
+    "5000-character filename": ("/classify", upload(filename="a" * 5000 + ".jpg"), 400),
+}
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_odd_requests_over_http(server: Server, name: str) -> None:
+    path, kwargs, status = REQUESTS[name]
+    response = httpx.post(f"{server.url}{path}", timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert response.json()["error"]
+    assert_still_serving(server)
+
+
+def test_filenames_are_never_used_as_paths(server: Server, tmp_path: Path) -> None:
+    target = tmp_path / f"pwned-{uuid.uuid4().hex}.jpg"
+    hostile = "../" * 12 + str(target).lstrip("/")
+    response = httpx.post(f"{server.url}/classify", files={"image": (hostile, JPEG)})
+    assert response.status_code == 200 and not target.exists()
+
+
+def test_no_cors_and_no_internals_by_default(server: Server) -> None:
+    headers = {"Origin": "http://evil.example"}
+    response = httpx.post(f"{server.url}/classify", files={"image": JPEG}, headers=headers)
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
+    error = httpx.post(f"{server.url}/classify", files={"image": b"x"}).json()["error"]
+    assert "Traceback" not in error and "/" not in error  # no stack traces, no server paths
+
+
+def test_wrong_method_and_unknown_path(server: Server) -> None:
+    assert httpx.get(f"{server.url}/classify").status_code == 405
+    assert httpx.post(f"{server.url}/no-such-endpoint").status_code == 404
+
+
+@pytest.mark.parametrize("top_k", [-1, -100])
+def test_bad_top_k_over_grpc(server: Server, top_k: int) -> None:
+    with Client(server.grpc_url) as client:
+        with pytest.raises(ClientError) as err:
+            client.classify(JPEG, top_k=top_k)
+        assert err.value.status == "INVALID_ARGUMENT" and "top_k" in err.value.message
+
+
+def test_oversized_grpc_message_is_refused(server: Server) -> None:
+    with Client(server.grpc_url) as client:
+        with pytest.raises(ClientError) as err:
+            client.classify(b"\0" * (21 << 20))
+        assert err.value.status == "RESOURCE_EXHAUSTED"
+        assert len(client.classify(JPEG)) == 1
