@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", default=d.save_dir)
     p.add_argument("--name", default=d.name, help="model name in the BentoML store")
     p.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pdckpt")
+    p.add_argument(
+        "--procs",
+        default="auto",
+        help="data-parallel processes on this machine: N, or auto (one per core while "
+        "each gets >= 8 images a step)",
+    )
 
     p = sub.add_parser("evaluate", help="accuracy of a stored or exported model on a split")
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
@@ -136,11 +143,29 @@ def run(args: argparse.Namespace) -> None:
         if result.skipped:
             print(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
     elif args.command == "fit":
+        from . import distributed
         from .fit import FitConfig, fit
 
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "dataset")}
+        procs = distributed.auto_procs(args.batch_size) if args.procs == "auto" else int(args.procs)
+        if procs > 1 and "PADDLE_TRAINERS_NUM" not in os.environ:
+            cores = len(os.sched_getaffinity(0))
+            threads = args.threads or max(1, cores // procs)
+            fit_args = args.argv[args.argv.index("fit") + 1 :]  # later --procs/--threads win
+            print(
+                f"training with {procs} data-parallel processes x {threads} threads "
+                f"(logs of every rank in {args.save_dir}/logs)",
+                file=sys.stderr,
+            )
+            code = distributed.launch(fit_args, procs, Path(args.save_dir) / "logs", threads)
+            if code:
+                raise SystemExit(code)
+            return
+        skip = ("command", "dataset", "procs", "argv")
+        options = {k: v for k, v in vars(args).items() if k not in skip}
         options["save_dir"] = str(options["save_dir"])
         summary = fit(args.dataset, FitConfig(**options))
+        if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
+            return
         print(f"saved {summary['tag']} to the BentoML store")
         print(json.dumps(summary))
     elif args.command == "evaluate":
@@ -169,6 +194,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
     except USER_ERRORS as err:

@@ -7,6 +7,7 @@ A checkpoint is a plain dict holding everything needed to resume.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from lcnet_runner.preprocess import PreprocessConfig, normalize
 
-from . import pretrained
+from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
 from .evaluate import classification_metrics
 from .export import export_inference, save_to_store
@@ -95,7 +96,9 @@ def learning_rate(config: FitConfig, epoch: float) -> float:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress on stderr; in a data-parallel run only rank 0 talks."""
+    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -105,8 +108,11 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_splits(dataset: Path, config: FitConfig) -> tuple[list[str], dict[str, DecodedSplit]]:
-    """Read (or first create) the split lists and decode each non-empty split once."""
+def load_splits(
+    dataset: Path, config: FitConfig, rank: distributed.Rank
+) -> tuple[list[str], dict[str, DecodedSplit]]:
+    """Read (or first create) the split lists and decode each non-empty split once: each rank
+    its shard of the train split; val and test only on rank 0, which evaluates."""
     if not (dataset / "train_list.txt").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
@@ -115,8 +121,13 @@ def load_splits(dataset: Path, config: FitConfig) -> tuple[list[str], dict[str, 
     labels = read_labels(dataset)
     workers = config.workers or os.cpu_count() or 1
     splits = {}
-    for name in SPLITS:
+    for name in SPLITS if rank.main else ["train"]:
         samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
+        if name == "train" and rank.world > 1:
+            samples = distributed.shard(samples, rank)
+            print(
+                f"rank {rank.index}/{rank.world}: {len(samples)} training images", file=sys.stderr
+            )
         if samples:
             splits[name] = decode_split(samples, config.preprocess, workers=workers, desc=name)
             if splits[name].skipped:
@@ -175,12 +186,19 @@ def train_one_epoch(
     config: FitConfig,
     epoch: int,
     rng: np.random.Generator,
+    rank: distributed.Rank = distributed.SINGLE,
 ) -> dict[str, float]:
+    """One pass over this rank's data; loss, top-1 and images/s are summed over all ranks."""
     model.train()
-    steps = math.ceil(len(split) / config.batch_size)
-    batches = train_batches(split, config.augment, "bilinear", config.batch_size, rng)
+    batch_size = max(1, config.batch_size // rank.world)  # the global batch stays the same
+    # Every rank must take the same number of steps (each one all-reduces gradients).
+    steps = int(distributed.all_reduce([math.ceil(len(split) / batch_size)], rank, "min")[0])
+    batches = train_batches(split, config.augment, "bilinear", batch_size, rng)
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    progress = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", disable=None, leave=False)
+    progress = tqdm(
+        itertools.islice(batches, steps), total=steps, desc=f"epoch {epoch + 1}",
+        disable=None if rank.main else True, leave=False,
+    )  # fmt: skip
     for step, (crops, targets) in enumerate(progress):
         optimizer.set_lr(learning_rate(config, epoch + step / steps))
         logits = model(paddle.to_tensor(normalize(crops, config.preprocess)))
@@ -193,6 +211,7 @@ def train_one_epoch(
         seen += len(targets)
         progress.set_postfix(loss=f"{loss_sum / seen:.3f}")
     elapsed = time.perf_counter() - start
+    loss_sum, correct, seen = distributed.all_reduce([loss_sum, correct, seen], rank)
     return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
 
 
@@ -235,18 +254,23 @@ def model_info(
 
 
 def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON."""
+    """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON.
+
+    Started by ``paddle.distributed.launch`` it trains data-parallel; only rank 0 evaluates,
+    checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
+    """
     config = dataclasses.replace(config or FitConfig(), **overrides)
     dataset, save_dir = Path(dataset), Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    paddle.seed(config.seed)
+    rank = distributed.init()
+    paddle.seed(config.seed)  # the same initial weights on every rank
     paddle.base.core.set_num_threads(config.threads or os.cpu_count() or 1)
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng([config.seed, rank.index])
 
     # Weights first: a failed download should not wait for the whole dataset to decode.
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
-    labels, splits = load_splits(dataset, config)
+    labels, splits = load_splits(dataset, config, rank)
     model = build_model(config.model, num_classes=len(labels))
     optimizer = paddle.optimizer.Momentum(
         learning_rate=config.lr,
@@ -264,62 +288,39 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         model.set_state_dict(state["model"])
         optimizer.set_state_dict(state["optimizer"])
         first_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        rng = np.random.default_rng([config.seed, first_epoch])
+        rng = np.random.default_rng([config.seed, rank.index, first_epoch])
         log(f"resuming from epoch {first_epoch} of {save_dir / CHECKPOINT}")
     elif weights is not None:
         report = pretrained.load_weights(model, weights)
         skipped = ", ".join(report.skipped) or "none"
         log(f"loaded {report.loaded} tensors from {weights}; re-initialised: {skipped}")
+    network = paddle.DataParallel(model) if rank.world > 1 else model
 
     for epoch in range(first_epoch, config.epochs):
-        stats = train_one_epoch(model, optimizer, splits["train"], config, epoch, rng)
-        val = split_metrics(model, splits.get("val"), labels, config)
-        row = {
-            "epoch": epoch + 1,
-            "lr": learning_rate(config, epoch),
-            "train_loss": stats["loss"],
-            "train_top1": stats["top1"],
-            "val_top1": val.get("top1"),
-            "val_top5": val.get("top5"),
-            "images_per_s": stats["images_per_s"],
-        }
-        history.append(row)
-        score = val["top1"] if val else epoch
-        if score > best["score"]:
-            best = {"score": score, "epoch": epoch}
-            save_atomic(model.state_dict(), save_dir / BEST_WEIGHTS)
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "best": best,
-            "history": history,
-            "labels": labels,
-            "config": dataclasses.asdict(config),
-        }
-        save_atomic(checkpoint, save_dir / CHECKPOINT)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
-            f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
-            f"val_top5 {row['val_top5']}  {stats['images_per_s']:.0f} img/s"
-        )
-        if config.early_stop_patience and epoch - best["epoch"] >= config.early_stop_patience:
-            log(f"early stop: no better val top-1 for {config.early_stop_patience} epochs")
+        stats = train_one_epoch(network, optimizer, splits["train"], config, epoch, rng, rank)
+        stop = False
+        if rank.main:
+            row = end_of_epoch(
+                model, optimizer, splits, labels, config, epoch, stats, best, history
+            )
+            best = row.pop("best")
+            history.append(row)
+            stop = bool(config.early_stop_patience) and (
+                epoch - best["epoch"] >= config.early_stop_patience
+            )
+            if stop:
+                log(f"early stop: no better val top-1 for {config.early_stop_patience} epochs")
+        if distributed.broadcast_flag(stop, rank):
             break
+    if not rank.main:
+        return {"rank": rank.index}
     (save_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
 
     model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
     test = split_metrics(model, splits.get("test"), labels, config)
-    info = model_info(
-        config,
-        dataset,
-        labels,
-        len(splits["train"]),
-        history,
-        best["epoch"],
-        test,
-        time.time() - started,
-    )
+    train_images = int(len(splits["train"]) * rank.world)
+    seconds = time.time() - started
+    info = model_info(config, dataset, labels, train_images, history, best["epoch"], test, seconds)
     folder = export_inference(
         model,
         save_dir / EXPORT_DIR,
@@ -329,11 +330,54 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         info=info,
     )
     # Curves, confusion matrix and history travel with the model version.
-    for path in [
-        *write_plots(model, splits, labels, history, config, save_dir),
-        save_dir / HISTORY,
-    ]:
+    plots = write_plots(model, splits, labels, history, config, save_dir)
+    for path in [*plots, save_dir / HISTORY]:
         shutil.copy(path, folder / path.name)
     tag = save_to_store(folder, config.name, info)
     summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
     return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}
+
+
+def end_of_epoch(
+    model: paddle.nn.Layer,
+    optimizer: paddle.optimizer.Optimizer,
+    splits: dict[str, DecodedSplit],
+    labels: list[str],
+    config: FitConfig,
+    epoch: int,
+    stats: dict[str, float],
+    best: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Rank 0: validate, keep the best weights, checkpoint, log; the history row (+ best)."""
+    save_dir = Path(config.save_dir)
+    val = split_metrics(model, splits.get("val"), labels, config)
+    row = {
+        "epoch": epoch + 1,
+        "lr": learning_rate(config, epoch),
+        "train_loss": stats["loss"],
+        "train_top1": stats["top1"],
+        "val_top1": val.get("top1"),
+        "val_top5": val.get("top5"),
+        "images_per_s": stats["images_per_s"],
+    }
+    score = val["top1"] if val else epoch
+    if score > best["score"]:
+        best = {"score": score, "epoch": epoch}
+        save_atomic(model.state_dict(), save_dir / BEST_WEIGHTS)
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "history": [*history, row],
+        "labels": labels,
+        "config": dataclasses.asdict(config),
+    }
+    save_atomic(checkpoint, save_dir / CHECKPOINT)
+    log(
+        f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
+        f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
+        f"val_top5 {row['val_top5']}  {stats['images_per_s']:.0f} img/s"
+    )
+    return {**row, "best": best}

@@ -1,0 +1,39 @@
+"""Kubernetes manifests: valid against the API schemas (offline) and consistent with the service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from lcnet_runner.settings import ServingSettings
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy" / "kubernetes" / name).read_text())
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=[p.name for p in MANIFESTS])
+def test_manifest_is_valid_kubernetes(path: Path) -> None:
+    for document in yaml.safe_load_all(path.read_text()):
+        kubernetes_validate.validate(document, "1.37.0", strict=True)
+
+
+def test_deployment_matches_the_service_settings() -> None:
+    (container,) = load("deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    settings = ServingSettings.from_env(env)
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": 3000, "grpc": settings.grpc_port}
+    # CPU request = workers × threads, so the pod never oversubscribes its cores.
+    assert int(container["resources"]["requests"]["cpu"]) == settings.workers * settings.threads
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    service_ports = {p["name"]: p["targetPort"] for p in load("service.yaml")["spec"]["ports"]}
+    assert service_ports == {"http": "http", "grpc": "grpc"}
+    assert load("hpa.yaml")["spec"]["scaleTargetRef"]["name"] == "lcnet"
