@@ -51,12 +51,11 @@ def predict(args: argparse.Namespace) -> None:
     if args.annotate:
         write_annotated(args.images, results, args.annotate)
     timings = predictor.timings
-    if args.benchmark:
+    if args.benchmark:  # report the repeated runs only: the first one includes warm-up
         timings = Timings()
         for _ in range(args.benchmark):
             predictor.predict(images, top_k=args.top_k)
-            for field in ("images", "batches", "preprocess_s", "inference_s", "postprocess_s"):
-                setattr(timings, field, getattr(timings, field) + getattr(predictor.timings, field))
+            timings += predictor.timings
     print(timings.report(args.batch_size))
 
 

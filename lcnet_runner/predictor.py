@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,9 @@ class Timings:
     preprocess_s: float = 0.0
     inference_s: float = 0.0
     postprocess_s: float = 0.0
+
+    def __add__(self, other: Timings) -> Timings:
+        return Timings(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     @property
     def total_s(self) -> float:
