@@ -74,6 +74,7 @@ def model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]
         "input_size": artifact.preprocess.crop_size,
         "preprocess": artifact.preprocess.to_dict(),
         "engine": runner.config.engine,
+        "precision": runner.config.precision,
         "threads": runner.config.threads,
         "max_batch_size": runner.config.max_batch_size,
         "val_top1": info.get("val_top1"),

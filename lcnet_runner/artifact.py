@@ -4,6 +4,7 @@ A folder (exported by ``train``, or by PaddleClas / PaddleX) holds::
 
     inference.json        the Paddle inference program (inference.pdmodel from Paddle 2)
     inference.pdiparams   the weights
+    inference.onnx        the same network in ONNX (opset 17), when the onnx extra is installed
     inference.yml         preprocessing + labels, in the format paddlex.create_model reads
     labels.txt            one class name a line (optional when inference.yml has them)
     model_info.json       architecture, metrics, training facts (ours only)
@@ -25,6 +26,7 @@ from .preprocess import PreprocessConfig
 
 PROGRAM_FILES = ("inference.json", "inference.pdmodel")  # Paddle 3 (PIR) first, then Paddle 2
 PARAMS_FILE = "inference.pdiparams"
+ONNX_FILE = "inference.onnx"  # the same network for ONNX Runtime / OpenVINO (optional)
 INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"

@@ -21,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    p.add_argument("--engine", default="paddle", help="paddle | onnxruntime | openvino")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 (openvino)")
     p.add_argument(
         "--benchmark",
         type=int,
@@ -44,7 +46,10 @@ def predict(args: argparse.Namespace) -> None:
     if missing:  # before the slow model load
         raise FileNotFoundError(f"no such image: {', '.join(missing)}")
     images = list(args.images)
-    predictor = Predictor(args.model, threads=args.threads, batch_size=args.batch_size)
+    predictor = Predictor(
+        args.model, engine=args.engine, precision=args.precision, threads=args.threads,
+        batch_size=args.batch_size,
+    )  # fmt: skip
     results = predictor.predict(images, top_k=args.top_k)
     for path, result in zip(args.images, results, strict=True):
         print(json.dumps({"image": str(path), "predictions": result}, ensure_ascii=False))

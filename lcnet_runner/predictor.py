@@ -63,8 +63,9 @@ def top_k_predictions(
 class Predictor:
     """Classify images with an exported PP-LCNet.
 
-    ``model`` is a BentoML store tag (``pplcnet:latest``) or an exported folder. ``threads`` are the
-    engine's CPU threads (default: all cores).
+    ``model`` is a BentoML store tag (``pplcnet:latest``) or an exported folder; ``engine`` one of
+    ``paddle``, ``onnxruntime``, ``openvino`` with ``precision`` fp32 or bf16 (openvino);
+    ``threads`` are the engine's CPU threads (default: all cores).
     """
 
     def __init__(
@@ -72,13 +73,14 @@ class Predictor:
         model: str | Path | ModelArtifact = DEFAULT_MODEL,
         *,
         engine: str = "paddle",
+        precision: str = "fp32",
         threads: int | None = None,
         batch_size: int = 16,
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
         self.config = self.artifact.preprocess
-        self.engine = create_engine(engine, self.artifact, threads)
+        self.engine = create_engine(engine, self.artifact, threads, precision)
         self.batch_size = batch_size
         self.timings = Timings()
         self._check_output_width()

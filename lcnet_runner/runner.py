@@ -34,6 +34,7 @@ class RunnerObserver(Protocol):
 @dataclass(frozen=True)
 class RunnerConfig:
     engine: str = "paddle"
+    precision: str = "fp32"
     threads: int = 1  # engine threads; workers × threads should not exceed the cores
     max_batch_size: int = 16
     max_delay_ms: float = 10.0  # how long a busy event loop may hold back a batch; 0: never
@@ -48,7 +49,9 @@ class LCNetRunner:
         observer: RunnerObserver | None = None,
     ):
         self.config = config
-        self.predictor = Predictor(model, engine=config.engine, threads=config.threads)
+        self.predictor = Predictor(
+            model, engine=config.engine, precision=config.precision, threads=config.threads
+        )
         self.labels = self.predictor.labels
         self._observer = observer
         self._warm_up()

@@ -16,7 +16,8 @@ class ServingSettings:
     """Each field ``name`` is read from ``LCNET_<NAME>``; defaults are safe and fast on 2 cores."""
 
     model: str = DEFAULT_MODEL  # store tag (or exported folder) to serve
-    engine: str = "paddle"
+    engine: str = "paddle"  # paddle | onnxruntime | openvino
+    precision: str = "fp32"  # fp32 | bf16 (openvino)
     threads: int = 1  # engine threads per worker
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_batch_size: int = 16  # 1 turns batching off
@@ -31,6 +32,7 @@ class ServingSettings:
     def runner_config(self) -> RunnerConfig:
         return RunnerConfig(
             engine=self.engine,
+            precision=self.precision,
             threads=self.threads,
             max_batch_size=self.max_batch_size,
             max_delay_ms=self.max_delay_ms,

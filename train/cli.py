@@ -100,12 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--engine", default="paddle", help="paddle | onnxruntime | openvino")
+    p.add_argument("--precision", default="fp32", help="fp32 | bf16 (openvino)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--confusion-matrix",
         default="confusion_matrix.png",
         metavar="PNG",
         help="where to write the confusion matrix (default: ./confusion_matrix.png)",
+    )
+
+    p = sub.add_parser("export", help="add another inference format to a stored or exported model")
+    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
+    p.add_argument(
+        "--format",
+        choices=("onnx",),
+        default="onnx",
+        help="onnx: inference.onnx for the onnxruntime and openvino engines",
     )
 
     p = sub.add_parser("report", help="summary of a stored or exported model")
@@ -171,9 +182,14 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         from .evaluate import evaluate
 
-        report = evaluate(args.model, args.dataset, args.split, threads=args.threads,
+        report = evaluate(args.model, args.dataset, args.split, engine=args.engine,
+                          precision=args.precision, threads=args.threads,
                           confusion_png=args.confusion_matrix)  # fmt: skip
         print(json.dumps(report, ensure_ascii=False))
+    elif args.command == "export":
+        from .export import add_onnx
+
+        print(f"onnx: {add_onnx(args.model)}")
     elif args.command == "report":
         from .report import report
 

@@ -45,13 +45,14 @@ def evaluate(
     split: str = "test",
     *,
     engine: str = "paddle",
+    precision: str = "fp32",
     threads: int | None = None,
     batch_size: int = 32,
     confusion_png: str | Path | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a stored model (tag) or exported folder on one split of a dataset;
     ``confusion_png`` also writes its confusion matrix there."""
-    predictor = Predictor(model, engine=engine, threads=threads)
+    predictor = Predictor(model, engine=engine, precision=precision, threads=threads)
     dataset_labels = read_labels(dataset)
     if list(dataset_labels) != list(predictor.labels):
         raise ValueError(
@@ -68,7 +69,8 @@ def evaluate(
         ]
     )
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
-    report = {"model": predictor.artifact.name, "split": split, **metrics}
+    report = {"model": predictor.artifact.name, "engine": engine, "precision": precision,
+              "split": split, **metrics}  # fmt: skip
     if confusion_png:
         counts = confusion_matrix(decoded.labels, probs.argmax(axis=1), len(predictor.labels))
         title = f"{predictor.artifact.name}: {split} split"

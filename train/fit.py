@@ -28,7 +28,7 @@ from lcnet_runner.preprocess import PreprocessConfig, normalize
 from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
 from .evaluate import classification_metrics
-from .export import export_inference, save_to_store
+from .export import export_inference, export_onnx, save_to_store
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .split import SPLITS, read_labels, read_split, split_dataset
@@ -333,6 +333,8 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     plots = write_plots(model, splits, labels, history, config, save_dir)
     for path in [*plots, save_dir / HISTORY]:
         shutil.copy(path, folder / path.name)
+    if export_onnx(folder):  # stored with the version, so serving never converts
+        log(f"wrote {folder / 'inference.onnx'} for the onnxruntime and openvino engines")
     tag = save_to_store(folder, config.name, info)
     summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
     return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}

@@ -17,7 +17,7 @@ import paddle
 from lcnet_runner.artifact import INFO_FILE, LABELS_FILE, load_folder, write_text_atomic
 from lcnet_runner.preprocess import PreprocessConfig
 
-from .export import export_inference, save_to_store
+from .export import export_inference, export_onnx, save_to_store
 from .model import SCALES, build_model
 from .pretrained import load_weights
 
@@ -106,4 +106,5 @@ def import_model(
             )
         else:
             raise ValueError(f"{source}: expected an exported model folder or a .pdparams file")
+        export_onnx(folder)
         return save_to_store(folder, name, info)

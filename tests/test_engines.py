@@ -1,0 +1,106 @@
+"""ONNX Runtime and OpenVINO give Paddle fp32's answers on a real exported model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from lcnet_runner import Predictor
+from lcnet_runner.engines import cpu_supports_bf16
+from lcnet_runner.preprocess import preprocess
+from train.split import read_split
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("paddle2onnx")
+
+
+@pytest.fixture(scope="module")
+def crops(trained: dict) -> np.ndarray:
+    config = Predictor(trained["export_dir"], threads=1).config
+    return np.stack([preprocess(p, config) for p, _ in read_split(trained["dataset"], "test")])
+
+
+@pytest.fixture(scope="module")
+def reference(trained: dict, crops: np.ndarray) -> np.ndarray:
+    return Predictor(trained["export_dir"], threads=1).infer(crops)
+
+
+ENGINES = [
+    ("onnxruntime", "fp32", 1e-5),
+    ("openvino", "fp32", 1e-5),
+    pytest.param("openvino", "bf16", 0.05, marks=pytest.mark.skipif(
+        not cpu_supports_bf16(), reason="CPU without bf16")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("engine, precision, tolerance", ENGINES)
+def test_engine_equals_paddle_fp32(trained, crops, reference, engine, precision, tolerance):
+    assert (Path(trained["export_dir"]) / "inference.onnx").is_file()  # written by fit
+    predictor = Predictor(trained["tag"], engine=engine, precision=precision, threads=1)
+    probs = predictor.infer(crops)
+    np.testing.assert_allclose(probs, reference, atol=tolerance)
+    agreement = (probs.argmax(1) == reference.argmax(1)).mean()
+    assert agreement >= (1.0 if precision == "fp32" else 0.9)
+
+
+def test_engine_errors_are_clear(trained: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown engine 'tensorrt'; choose one of: paddle"):
+        Predictor(trained["export_dir"], engine="tensorrt")
+    with pytest.raises(ValueError, match="paddle engine runs fp32 only"):
+        Predictor(trained["export_dir"], precision="bf16")
+    without_onnx = tmp_path / "no-onnx"
+    shutil.copytree(trained["export_dir"], without_onnx)
+    (without_onnx / "inference.onnx").unlink()
+    with pytest.raises(ValueError, match="--format onnx"):
+        Predictor(without_onnx, engine="onnxruntime")
+
+
+def test_export_command_adds_onnx(trained: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "folder"
+    shutil.copytree(trained["export_dir"], folder)
+    (folder / "inference.onnx").unlink()
+    run_cli("train", "export", str(folder), "--format", "onnx")
+    assert Predictor(folder, engine="onnxruntime").infer(
+        np.zeros((1, 32, 32, 3), np.uint8)
+    ).shape == (1, 3)
+    result = run_cli("train", "export", trained["tag"], "--format", "onnx")
+    new_tag = result.stdout.strip().split()[-1]
+    assert new_tag != trained["tag"] and new_tag.startswith("pplcnet:")
+    report = run_cli(
+        "train",
+        "evaluate",
+        new_tag,
+        "--dataset",
+        str(trained["dataset"]),
+        "--engine",
+        "openvino",
+        "--confusion-matrix",
+        str(tmp_path / "cm.png"),
+    )
+    assert (
+        '"engine": "openvino"' in report.stdout
+        and f'"top1": {trained["test_top1"]}' in report.stdout
+    )
+
+
+def test_served_with_openvino(trained: dict) -> None:
+    from serverproc import Server
+
+    from lcnet_runner.client import Client
+
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_ENGINE": "openvino", "LCNET_WORKERS": "1"}
+    server = Server(".", env).wait_ready()
+    try:
+        image = (trained["dataset"] / "green" / "2.jpg").read_bytes()
+        expected = Predictor(trained["tag"], engine="openvino", threads=1).predict(image, top_k=3)
+        with Client(server.url) as client:
+            assert client.model_info()["engine"] == "openvino"
+            got = client.classify(image, top_k=3)
+        assert [p["category"] for p in got] == [p["category"] for p in expected]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected], abs=1e-5)
+    finally:
+        server.stop()
