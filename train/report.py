@@ -5,13 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lcnet_runner.artifact import load_artifact
+from lcnet_runner.artifact import ONNX_FILE, load_artifact
 
 _SHOWN_CLASSES = 12
 
 
 def _percent(value: Any) -> str:
     return "—" if value is None else f"{100 * float(value):.1f} %"
+
+
+def engines_line(folder: Path) -> str:
+    """Which engines can run this version (agreement with Paddle fp32 is tested to 1e-5 for
+    the fp32 engines; check bf16 with `evaluate --engine openvino --precision bf16`)."""
+    if (folder / ONNX_FILE).is_file():
+        return "paddle fp32 (reference), onnxruntime fp32, openvino fp32/bf16 (inference.onnx)"
+    return "paddle fp32 only (add inference.onnx: python -m train export MODEL --format onnx)"
 
 
 def report(model: str | Path) -> str:
@@ -45,7 +53,7 @@ def report(model: str | Path) -> str:
          f"crop scale {info['crop_scale']}, flip {'on' if info.get('hflip') else 'off'}"),
         ("training time", info.get("training_time_s") and f"{info['training_time_s']} s"),
         ("paddle", info.get("paddle_version")),
-        ("engines", "paddle fp32 (oneDNN): the reference, agreement 100 %"),
+        ("engines", engines_line(artifact.path)),
         ("plots", ", ".join(p.name for p in sorted(artifact.path.glob("*.png"))) or None),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
