@@ -56,7 +56,7 @@ def make_store(model: str) -> str:
     """A 1000-class model in a temporary store; returns its tag."""
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
     from lcnet_runner.preprocess import PreprocessConfig
-    from train.export import export_inference, save_to_store
+    from train.export import export_inference, export_onnx, save_to_store
     from train.model import build_model
 
     labels = [f"class_{i}" for i in range(1000)]
@@ -66,13 +66,15 @@ def make_store(model: str) -> str:
         build_model(model, 1000), folder, architecture=model, labels=labels,
         preprocess=PreprocessConfig(), info=info,
     )  # fmt: skip
+    export_onnx(folder)  # for --engine onnxruntime / openvino
     return save_to_store(folder, "bench", info)
 
 
-def in_process(tag: str, image: bytes, seconds: float) -> float:
+def in_process(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
     from lcnet_runner import Predictor
 
-    predictor = Predictor(tag, batch_size=16)  # all cores' threads
+    # all cores' threads, same engine as the server
+    predictor = Predictor(tag, engine=engine, precision=precision, batch_size=16)
     batch = [image] * 16
     predictor.predict(batch)
     done, start = 0, time.perf_counter()
@@ -218,6 +220,8 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--requests-per-connection", type=int, default=5)
+    parser.add_argument("--engine", default="paddle")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -226,12 +230,20 @@ def main() -> None:
     tag = make_store(args.model)
     image = photo_jpeg()
     print(f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {os.cpu_count()} cores")
-    baseline = [in_process(tag, image, args.seconds)]
+    baseline = [in_process(tag, image, args.seconds, args.engine, args.precision)]
     print(f"in-process (1 process, {os.cpu_count()} threads, batch 16): {baseline[0]:.1f} img/s")
 
     results: dict[tuple[str, str, int], dict] = {}
     for mode, env in (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"})):
-        server = Server(".", {"LCNET_MODEL": tag, **env}).wait_ready()
+        server = Server(
+            ".",
+            {
+                "LCNET_MODEL": tag,
+                "LCNET_ENGINE": args.engine,
+                "LCNET_PRECISION": args.precision,
+                **env,
+            },
+        ).wait_ready()
         try:
             for protocol in ("http", "grpc"):
                 for clients in levels if mode == "batching" else [32]:
@@ -249,7 +261,7 @@ def main() -> None:
             print(f"{mode}: mean batch size formed {mean_batch_size(server):.2f}")
         finally:
             server.stop()
-        baseline.append(in_process(tag, image, args.seconds))
+        baseline.append(in_process(tag, image, args.seconds, args.engine, args.precision))
     base = statistics.median(baseline)
     print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s")
     for protocol in ("http", "grpc"):
