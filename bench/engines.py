@@ -12,42 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import export_random_model, throughput  # noqa: E402  (also sets sys.path)
 
 VARIANTS = [("paddle", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")]
-
-
-def export(model: str, folder: Path) -> None:
-    import paddle
-
-    from lcnet_runner.preprocess import PreprocessConfig
-    from train.export import export_inference, export_onnx
-    from train.model import build_model
-
-    paddle.seed(0)
-    network = build_model(model, 1000)
-    network.eval()
-    labels = [f"class_{i}" for i in range(1000)]
-    export_inference(network, folder, architecture=model, labels=labels,
-                     preprocess=PreprocessConfig(), info={})  # fmt: skip
-    export_onnx(folder, required=True)
-
-
-def images_per_s(predictor, batch: np.ndarray, seconds: float) -> float:
-    predictor.infer(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        predictor.infer(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -71,7 +42,7 @@ def main() -> None:
     )
     for model in args.models.split(","):
         folder = Path(tempfile.mkdtemp()) / model
-        export(model, folder)
+        export_random_model(model, folder)
         predictors = {v: Predictor(folder, engine=v[0], precision=v[1], threads=args.threads)
                       for v in variants}  # fmt: skip
         # Smooth random images: natural-image-like statistics for the agreement check.
@@ -82,7 +53,8 @@ def main() -> None:
             for b in batches:
                 batch = probe[:b] if b <= len(probe) else np.resize(probe, (b, *probe.shape[1:]))
                 for v in variants:
-                    speed[(v, b)].append(images_per_s(predictors[v], batch, args.seconds))
+                    run = lambda infer=predictors[v].infer, batch=batch: infer(batch)  # noqa: E731
+                    speed[(v, b)].append(throughput(run, b, args.seconds))
         print(f"\n{model}")
         for v in variants:
             agreement = (predictors[v].infer(probe).argmax(1) == reference).mean()

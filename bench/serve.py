@@ -8,7 +8,7 @@ depend on them) and a 500×375 JPEG, then measures:
                decode + preprocess + infer (the baseline)
   served       `bentoml serve` (defaults: 2 workers × 1 thread, greedy batching) under a closed-loop
                load of N concurrent clients, over HTTP and gRPC
-  no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients
+  no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients (or the most given)
 Every load level is bounded in time (--seconds) and count (--max-requests).
 The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
 channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
@@ -21,16 +21,13 @@ import asyncio
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import export_random_model, throughput  # noqa: E402  (also sets sys.path)
 from PIL import Image, ImageDraw
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
@@ -55,19 +52,10 @@ def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
 def make_store(model: str) -> str:
     """A 1000-class model in a temporary store; returns its tag."""
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
-    from lcnet_runner.preprocess import PreprocessConfig
-    from train.export import export_inference, export_onnx, save_to_store
-    from train.model import build_model
+    from train.export import save_to_store
 
-    labels = [f"class_{i}" for i in range(1000)]
     folder = Path(tempfile.mkdtemp()) / "model"
-    info = {"architecture": model, "classes": labels}
-    export_inference(
-        build_model(model, 1000), folder, architecture=model, labels=labels,
-        preprocess=PreprocessConfig(), info=info,
-    )  # fmt: skip
-    export_onnx(folder)  # for --engine onnxruntime / openvino
-    return save_to_store(folder, "bench", info)
+    return save_to_store(folder, "bench", export_random_model(model, folder))
 
 
 def in_process(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
@@ -76,12 +64,7 @@ def in_process(tag: str, image: bytes, seconds: float, engine: str, precision: s
     # all cores' threads, same engine as the server
     predictor = Predictor(tag, engine=engine, precision=precision, batch_size=16)
     batch = [image] * 16
-    predictor.predict(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        predictor.predict(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
+    return throughput(lambda: predictor.predict(batch), len(batch), seconds)
 
 
 def multipart(images: list[bytes], port: int, path: str = "/classify", field: str = "image"):
@@ -224,6 +207,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
 
     from serverproc import Server
 
@@ -246,7 +230,7 @@ def main() -> None:
         ).wait_ready()
         try:
             for protocol in ("http", "grpc"):
-                for clients in levels if mode == "batching" else [32]:
+                for clients in levels if mode == "batching" else [compared]:
                     load(server, protocol, image, clients, 1.0, 200)  # warm-up
                     r = load(
                         server, protocol, image, clients, args.seconds, args.max_requests,
@@ -265,10 +249,12 @@ def main() -> None:
     base = statistics.median(baseline)
     print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s")
     for protocol in ("http", "grpc"):
-        on, off = results[("batching", protocol, 32)], results[("no batching", protocol, 32)]
+        on = results[("batching", protocol, compared)]
+        off = results[("no batching", protocol, compared)]
         print(
-            f"{protocol}: served@32 / in-process = {on['rps'] / base:.2f} (target >= 0.85); "
-            f"batching on / off @32 = {on['rps'] / off['rps']:.2f} (target >= 1.5)"
+            f"{protocol}: served@{compared} / in-process = {on['rps'] / base:.2f} "
+            f"(target >= 0.85); batching on / off @{compared} = {on['rps'] / off['rps']:.2f} "
+            "(target >= 1.5)"
         )
     top = max(levels)
     errors = sum(results[("batching", p, top)]["errors"] for p in ("http", "grpc"))
