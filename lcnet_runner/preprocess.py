@@ -11,6 +11,7 @@ Crops stay uint8 until the last step because they are 4× smaller to queue, batc
 from __future__ import annotations
 
 import io
+import math
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,13 +98,19 @@ def _from_array(array: np.ndarray, bgr: bool) -> Image.Image:
 
 
 def load_image(
-    source: ImageSource, *, bgr: bool = False, max_pixels: int | None = None
+    source: ImageSource,
+    *,
+    bgr: bool = False,
+    max_pixels: int | None = None,
+    short_side: int | None = None,
 ) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or an HxWx3 uint8 array to an RGB PIL image.
 
     ``bgr=True`` marks arrays in OpenCV's channel order. EXIF orientation is applied so a phone
     photo is classified the way it is displayed. ``max_pixels`` is checked from the header,
-    before anything is decoded.
+    before anything is decoded. ``short_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale
+    (DCT scaling) while keeping its short side >= ``short_side``: a 4000×3000 photo headed for
+    256 px decodes ~8× faster.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source, bgr)
@@ -122,6 +129,9 @@ def load_image(
                 raise ImageTooLargeError(
                     f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
                 )
+            if short_side is not None and opened.format == "JPEG":
+                scale = short_side / min(width, height)
+                opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             opened.load()
             return _to_rgb(ImageOps.exif_transpose(opened))
     except (InvalidImageError, FileNotFoundError):
@@ -174,7 +184,8 @@ def preprocess(
     max_pixels: int | None = None,
 ) -> np.ndarray:
     """Decode and crop one image: the uint8 HWC input a batch is stacked from."""
-    return eval_crop(load_image(source, bgr=bgr, max_pixels=max_pixels), config)
+    image = load_image(source, bgr=bgr, max_pixels=max_pixels, short_side=config.resize_short)
+    return eval_crop(image, config)
 
 
 def normalize(batch: np.ndarray, config: PreprocessConfig) -> np.ndarray:

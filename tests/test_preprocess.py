@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from lcnet_runner.preprocess import (
     InvalidImageError,
     PreprocessConfig,
     center_crop_box,
+    eval_crop,
     load_image,
     normalize,
     preprocess,
@@ -120,3 +121,15 @@ def test_training_evaluation_crops_equal_serving_crops(tmp_path: Path) -> None:
     assert labels.tolist() == [0, 1, 2]
     for crop, (path, _) in zip(crops, paths, strict=True):
         np.testing.assert_array_equal(crop, preprocess(path, CONFIG))
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_nearly_the_same_crop() -> None:
+    photo = Image.fromarray(gradient(2000, 1500)).filter(ImageFilter.GaussianBlur(3))
+    data = encode(photo, "JPEG", quality=90)
+    config = PreprocessConfig(crop_size=224, resize_short=256)
+    assert load_image(data, short_side=256).size == (500, 375)  # 1/4 scale, short side >= 256
+    assert load_image(encode(Image.fromarray(gradient()), "JPEG"), short_side=256).size == (50, 40)
+    full = eval_crop(load_image(data), config).astype(np.int16)
+    drafted = preprocess(data, config).astype(np.int16)
+    assert drafted.shape == full.shape == (224, 224, 3)
+    assert np.abs(drafted - full).mean() < 3

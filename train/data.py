@@ -64,9 +64,9 @@ def decode_split(
 
     def decode(path: Path) -> np.ndarray | None:
         try:
-            return np.asarray(
-                resize_short(load_image(path), config.resize_short, config.interpolation)
-            )
+            # The same decode as serving's preprocess(), draft scaling included.
+            image = load_image(path, short_side=config.resize_short)
+            return np.asarray(resize_short(image, config.resize_short, config.interpolation))
         except (InvalidImageError, OSError):
             return None
 

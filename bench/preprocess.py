@@ -1,0 +1,62 @@
+"""Preprocessing cost per image: decode + resize-short + center-crop (+ normalize), side by side.
+
+    python bench/preprocess.py [--seconds 2]
+
+For a 500×375 and a 4000×3000 JPEG: ms/img with draft-mode JPEG decoding (what the Predictor, the
+server and training use) and without it (a full-size decode), and the share of preprocessing in
+one image's end-to-end time with PP-LCNet x1.0 on Paddle at batch 1, 1 thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from common import export_random_model, throughput  # also sets sys.path
+from PIL import Image, ImageFilter
+
+from lcnet_runner import Predictor
+from lcnet_runner.preprocess import PreprocessConfig, eval_crop, load_image, normalize, preprocess
+
+
+def jpeg(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.filter(ImageFilter.GaussianBlur(2)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    config = PreprocessConfig()
+    folder = Path(tempfile.mkdtemp()) / "model"
+    export_random_model("PPLCNet_x1_0", folder)
+    predictor = Predictor(folder, threads=1)
+    crop = preprocess(jpeg(500, 375), config)[None]
+    infer_ms = 1000 / throughput(lambda: predictor.infer(crop), 1, args.seconds)
+    print(f"inference, x1.0 paddle batch 1, 1 thread: {infer_ms:.2f} ms/img")
+    for width, height in ((500, 375), (4000, 3000)):
+        data = jpeg(width, height)
+
+        def with_draft(data: bytes = data) -> np.ndarray:
+            return normalize(preprocess(data, config)[None], config)
+
+        def without_draft(data: bytes = data) -> np.ndarray:
+            return normalize(eval_crop(load_image(data), config)[None], config)
+
+        drafted = 1000 / throughput(with_draft, 1, args.seconds)
+        full = 1000 / throughput(without_draft, 1, args.seconds)
+        share = drafted / (drafted + infer_ms)
+        print(f"{width}x{height} JPEG ({len(data) // 1024} KiB): {drafted:.2f} ms/img with draft "
+              f"decoding, {full:.2f} without ({full / drafted:.1f}x); preprocessing is "
+              f"{100 * share:.0f} % of end-to-end")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
