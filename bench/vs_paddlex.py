@@ -1,0 +1,56 @@
+"""Our Predictor vs PaddleX 3's `paddlex.create_model` on the same exported folder and image.
+
+    python bench/vs_paddlex.py [--seconds 3] [--rounds 3]
+
+PP-LCNet x1.0 (seeded random weights, 1000 classes), one 500×375 JPEG file given as a path to
+both (each decodes it), batch 1, 2 threads for every engine (PaddleX would otherwise start 10).
+Prints images/s, interleaved medians, and ours ÷ PaddleX (target >= 1.5 for the best engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import export_random_model, throughput  # also sets sys.path
+from serve import photo_jpeg
+
+from lcnet_runner import Predictor
+from lcnet_runner.engines import cpu_supports_bf16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    import paddlex
+    from paddlex.inference import PaddlePredictorOption
+
+    folder = Path(tempfile.mkdtemp()) / "model"
+    export_random_model("PPLCNet_x1_0", folder)
+    image = folder.parent / "photo.jpg"
+    image.write_bytes(photo_jpeg())
+    option = PaddlePredictorOption(run_mode="mkldnn", cpu_threads=2)
+    theirs = paddlex.create_model("PP-LCNet_x1_0", model_dir=str(folder), pp_option=option)
+    variants = {"paddlex.create_model (paddle mkldnn)": lambda: list(theirs.predict(str(image)))}
+    engines = [("paddle", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
+    engines += [("openvino", "bf16")] if cpu_supports_bf16() else []
+    for engine, precision in engines:
+        ours = Predictor(folder, engine=engine, precision=precision, threads=2, batch_size=1)
+        variants[f"Predictor {engine} {precision}"] = lambda p=ours: p.predict(image)
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, call in variants.items():
+            speeds[name].append(throughput(call, 1, args.seconds))
+    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    baseline = medians["paddlex.create_model (paddle mkldnn)"]
+    print(f"500x375 JPEG path, batch 1, 2 threads, median of {args.rounds} interleaved rounds")
+    for name, value in medians.items():
+        print(f"  {name:38s} {value:7.1f} img/s   {value / baseline:.2f}x PaddleX")
+
+
+if __name__ == "__main__":
+    main()
