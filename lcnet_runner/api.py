@@ -45,10 +45,7 @@ def parse_top_k(value: Any) -> int:
 
 
 async def classify(runner: LCNetRunner, image: bytes, top_k: Any) -> list[Prediction]:
-    top_k = parse_top_k(top_k)
-    if not image:
-        raise RequestError(400, "empty image")
-    return await runner.aclassify(image, top_k)
+    return await runner.aclassify(image, parse_top_k(top_k))  # decoding rejects empty bytes
 
 
 async def classify_batch(
@@ -59,8 +56,6 @@ async def classify_batch(
         raise RequestError(422, "no images")
     if len(images) > settings.max_batch_images:
         raise RequestError(413, f"at most {settings.max_batch_images} images per request")
-    if not all(images):
-        raise RequestError(400, "empty image")
     return await runner.aclassify_batch(images, top_k)
 
 

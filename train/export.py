@@ -79,6 +79,24 @@ def export_onnx(folder: str | Path, *, required: bool = False) -> Path | None:
     return target
 
 
+def base_info(
+    architecture: str | None, labels: list[str], preprocess: PreprocessConfig
+) -> dict[str, Any]:
+    """The facts every stored model carries (``fit`` and ``import`` add their own)."""
+    return {
+        "architecture": architecture,
+        "task": "image-classification",
+        "framework": "paddle",
+        "classes": labels,
+        "num_classes": len(labels),
+        "input_size": preprocess.crop_size,
+        "resize_short": preprocess.resize_short,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "paddle_version": paddle.__version__,
+    }
+
+
 def store_labels(info: dict[str, Any]) -> dict[str, str]:
     """The few facts worth filtering ``bentoml models list`` by."""
     keys = ("architecture", "dataset", "framework", "task")

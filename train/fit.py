@@ -28,7 +28,7 @@ from lcnet_runner.preprocess import PreprocessConfig, normalize
 from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
 from .evaluate import classification_metrics
-from .export import export_inference, export_onnx, save_to_store
+from .export import base_info, export_inference, export_onnx, save_to_store
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .split import SPLITS, read_labels, read_split, split_dataset
@@ -228,16 +228,8 @@ def model_info(
     """What is stored with the model: store labels, metadata, model_info.json."""
     best = history[best_epoch]  # history holds every epoch, resumed runs included
     return {
-        "architecture": config.model,
-        "task": "image-classification",
-        "framework": "paddle",
+        **base_info(config.model, labels, config.preprocess),
         "dataset": dataset.resolve().name,
-        "classes": labels,
-        "num_classes": len(labels),
-        "input_size": config.input_size,
-        "resize_short": config.resize_short,
-        "mean": list(config.preprocess.mean),
-        "std": list(config.preprocess.std),
         "val_top1": best["val_top1"],
         "val_top5": best["val_top5"],
         "test_top1": test.get("top1"),
@@ -248,7 +240,6 @@ def model_info(
         "pretrained": config.pretrained,
         "crop_scale": list(config.crop_scale),
         "hflip": config.hflip,
-        "paddle_version": paddle.__version__,
         "training_time_s": round(seconds, 1),
     }
 

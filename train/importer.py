@@ -10,14 +10,11 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import paddle
 
 from lcnet_runner.artifact import INFO_FILE, LABELS_FILE, load_folder, write_text_atomic
 from lcnet_runner.preprocess import PreprocessConfig
 
-from .export import export_inference, export_onnx, save_to_store
+from .export import base_info, export_inference, export_onnx, save_to_store
 from .model import SCALES, build_model
 from .pretrained import load_weights
 
@@ -36,24 +33,6 @@ def _architecture_from_yml(folder: Path) -> str | None:
     config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8")) or {}
     name = str(config.get("Global", {}).get("model_name", "")).replace("PP-LCNet", "PPLCNet")
     return name or None
-
-
-def _base_info(
-    architecture: str | None, labels: list[str], preprocess: PreprocessConfig, source: Path
-) -> dict[str, Any]:
-    return {
-        "architecture": architecture,
-        "task": "image-classification",
-        "framework": "paddle",
-        "classes": labels,
-        "num_classes": len(labels),
-        "input_size": preprocess.crop_size,
-        "resize_short": preprocess.resize_short,
-        "mean": list(preprocess.mean),
-        "std": list(preprocess.std),
-        "imported_from": source.name,
-        "paddle_version": paddle.__version__,
-    }
 
 
 def import_model(
@@ -79,12 +58,11 @@ def import_model(
             if label_list:
                 write_text_atomic(folder / LABELS_FILE, "".join(f"{x}\n" for x in label_list))
             artifact = load_folder(folder)
-            info = artifact.info or _base_info(
-                model or _architecture_from_yml(folder),
-                list(artifact.labels),
-                artifact.preprocess,
-                source,
-            )
+            architecture = model or _architecture_from_yml(folder)
+            info = artifact.info or {
+                **base_info(architecture, list(artifact.labels), artifact.preprocess),
+                "imported_from": source.name,
+            }
             write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2) + "\n")
         elif source.suffix == ".pdparams" and source.is_file():
             if model not in SCALES or not label_list:
@@ -95,7 +73,7 @@ def import_model(
             network = build_model(model, num_classes=len(label_list))
             load_weights(network, source, strict=True)
             preprocess = PreprocessConfig(crop_size=input_size, resize_short=resize_short)
-            info = _base_info(model, label_list, preprocess, source)
+            info = {**base_info(model, label_list, preprocess), "imported_from": source.name}
             export_inference(
                 network,
                 folder,

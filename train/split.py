@@ -8,7 +8,6 @@ out and reported instead of breaking training later.
 
 from __future__ import annotations
 
-import os
 import random
 import struct
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
+
+from lcnet_runner.artifact import write_text_atomic
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
@@ -97,8 +98,8 @@ def split_dataset(
         lists["train"] += [(f, index) for f in files[n_val + n_test :]]
 
     for split, entries in lists.items():
-        _write_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
-    _write_atomic(root / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+        write_text_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
+    write_text_atomic(root / LABELS_FILE, "".join(f"{label}\n" for label in labels))
 
     counts = {split: len(entries) for split, entries in lists.items()}
     return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped))
@@ -181,15 +182,3 @@ def _split_sizes(n: int, val_ratio: float, test_ratio: float) -> tuple[int, int]
     # Test is the least important split for a tiny class, so it gives way first.
     from_test = min(excess, n_test)
     return n_val - (excess - from_test), n_test - from_test
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + ``os.replace`` so readers never see a half-written list."""
-    # A plain open() (rather than mkstemp) keeps the usual umask-based permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
