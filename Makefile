@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[paddlex,onnx,openvino,dev]'
+	$(PY) -m pip install -q -e '.[paddlex,onnx,openvino,int8,dev]'
 	touch $@
 
 demo-train: install

@@ -5,9 +5,11 @@ A folder (exported by ``train``, or by PaddleClas / PaddleX) holds::
     inference.json        the Paddle inference program (inference.pdmodel from Paddle 2)
     inference.pdiparams   the weights
     inference.onnx        the same network in ONNX (opset 17), when the onnx extra is installed
+    inference.xml/.bin    OpenVINO IR (optional: `python -m train export --format openvino`)
+    inference_int8.xml/.bin  INT8 OpenVINO IR (optional: `python -m train quantize`)
     inference.yml         preprocessing + labels, in the format paddlex.create_model reads
     labels.txt            one class name a line (optional when inference.yml has them)
-    model_info.json       architecture, metrics, training facts (ours only)
+    model_info.json       architecture, metrics, training facts, accuracy guard figures (ours)
 
 A model in the BentoML store is such a folder, with the same facts as store labels and metadata.
 """
@@ -27,6 +29,8 @@ from .preprocess import PreprocessConfig
 PROGRAM_FILES = ("inference.json", "inference.pdmodel")  # Paddle 3 (PIR) first, then Paddle 2
 PARAMS_FILE = "inference.pdiparams"
 ONNX_FILE = "inference.onnx"  # the same network for ONNX Runtime / OpenVINO (optional)
+OPENVINO_FILE = "inference.xml"  # + inference.bin: OpenVINO IR, fp32 (optional)
+INT8_FILE = "inference_int8.xml"  # + inference_int8.bin: OpenVINO IR quantized by NNCF (optional)
 INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"
@@ -77,6 +81,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_info(folder: Path, info: dict[str, Any]) -> None:
+    write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+
+
 def write_metadata(
     folder: Path,
     *,
@@ -117,7 +125,7 @@ def write_metadata(
         folder / INFERENCE_YML, yaml.safe_dump(inference_yml, sort_keys=False, allow_unicode=True)
     )
     write_text_atomic(folder / LABELS_FILE, "".join(f"{label}\n" for label in labels))
-    write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    write_info(folder, info)
 
 
 def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:

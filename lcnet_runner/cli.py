@@ -12,6 +12,22 @@ from .artifact import DEFAULT_MODEL, ModelNotFoundError
 from .preprocess import InvalidImageError
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """--engine, --precision and --skip-guard, shared with ``python -m train evaluate``."""
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        help="auto | paddle | onnxruntime | openvino (auto: the fastest that passed the "
+        "accuracy guard on this model)",
+    )
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
+    parser.add_argument(
+        "--skip-guard",
+        action="store_true",
+        help="use the engine/precision even without passing accuracy-guard figures",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lcnet_runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
-    p.add_argument("--engine", default="paddle", help="paddle | onnxruntime | openvino")
-    p.add_argument("--precision", default="fp32", help="fp32 | bf16 (openvino)")
+    add_engine_arguments(p)
     p.add_argument(
         "--benchmark",
         type=int,
@@ -48,7 +63,7 @@ def predict(args: argparse.Namespace) -> None:
     images = list(args.images)
     predictor = Predictor(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, skip_guard=args.skip_guard,
     )  # fmt: skip
     results = predictor.predict(images, top_k=args.top_k)
     for path, result in zip(args.images, results, strict=True):

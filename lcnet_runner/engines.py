@@ -5,9 +5,10 @@ An engine takes a float32 NCHW batch and returns what the program outputs: class
 
 - ``paddle``: Paddle Inference with oneDNN, fp32 — the reference.
 - ``onnxruntime``: the stored ``inference.onnx``, fp32 (extra ``onnx``).
-- ``openvino``: the stored ``inference.onnx``, fp32 or bf16 (extra ``openvino``; bf16 needs a
-  CPU with avx512_bf16 or AMX). OpenVINO picks bf16 by itself on such CPUs, so the precision is
-  always set explicitly.
+- ``openvino``: fp32 or bf16 from the stored ``inference.xml`` (OpenVINO IR) or else
+  ``inference.onnx``; int8 from ``inference_int8.xml`` (``python -m train quantize``). Extra
+  ``openvino``; bf16 needs a CPU with avx512_bf16 or AMX. OpenVINO picks bf16 by itself on such
+  CPUs, so the precision is always set explicitly.
 Unlike Paddle, ONNX Runtime and OpenVINO release the GIL while they run.
 """
 
@@ -22,9 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .artifact import ONNX_FILE, ModelArtifact
+from .artifact import INT8_FILE, ONNX_FILE, OPENVINO_FILE, ModelArtifact
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class Engine(Protocol):
@@ -66,6 +67,18 @@ def _onnx_file(artifact: ModelArtifact) -> Path:
     return path
 
 
+def _openvino_file(artifact: ModelArtifact, precision: str) -> Path:
+    if precision == "int8":
+        if not (artifact.path / INT8_FILE).is_file():
+            raise ValueError(
+                f"{artifact.name} has no INT8 variant; make one with "
+                f"`python -m train quantize {artifact.name} --dataset DIR` (needs the int8 extra)"
+            )
+        return artifact.path / INT8_FILE
+    ir = artifact.path / OPENVINO_FILE
+    return ir if ir.is_file() else _onnx_file(artifact)
+
+
 def _import_paddle_inference():
     """``paddle.inference``, without Paddle's signal handlers.
 
@@ -92,7 +105,9 @@ class PaddleEngine:
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         if precision != "fp32":
-            raise ValueError("the paddle engine runs fp32 only; use --engine openvino for bf16")
+            raise ValueError(
+                "the paddle engine runs fp32 only; use --engine openvino for bf16 or int8"
+            )
         self.precision = precision
         inference = _import_paddle_inference()
         config = inference.Config(str(artifact.program_file), str(artifact.params_file))
@@ -119,7 +134,7 @@ class OnnxRuntimeEngine:
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         if precision != "fp32":
             raise ValueError(
-                "the onnxruntime engine runs fp32 only; use --engine openvino for bf16"
+                "the onnxruntime engine runs fp32 only; use --engine openvino for bf16 or int8"
             )
         self.precision = precision
         ort = _require("onnxruntime", "onnx")
@@ -149,11 +164,13 @@ class OpenVinoEngine:
         ov = _require("openvino", "openvino")
         core = ov.Core()
         config = {
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
+            # int8: the quantized convolutions run int8 whatever the hint; the rest stays f32.
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads or default_threads(),
             "PERFORMANCE_HINT": "LATENCY",
         }
-        compiled = core.compile_model(core.read_model(str(_onnx_file(artifact))), "CPU", config)
+        compiled = core.compile_model(core.read_model(str(_openvino_file(artifact, precision))),
+                                      "CPU", config)  # fmt: skip
         self._request = compiled.create_infer_request()
 
     def predict(self, batch: np.ndarray) -> np.ndarray:

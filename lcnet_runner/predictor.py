@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
-from .engines import create_engine
+from .engines import Engine, create_engine
+from .guard import AUTO, AccuracyGuardError, Variant, candidates, check
 from .preprocess import ImageSource, normalize, preprocess
 
 Prediction = dict  # {"category_id": int, "category": str, "score": float}
@@ -64,7 +65,10 @@ class Predictor:
     """Classify images with an exported PP-LCNet.
 
     ``model`` is a BentoML store tag (``pplcnet:latest``) or an exported folder; ``engine`` one of
-    ``paddle``, ``onnxruntime``, ``openvino`` with ``precision`` fp32 or bf16 (openvino);
+    ``paddle``, ``onnxruntime``, ``openvino`` and ``precision`` fp32, bf16 or int8 (openvino).
+    ``auto`` (the default) picks the fastest variant that is installed, runs on this CPU and
+    passed the accuracy guard on this model (``lcnet_runner.guard``), else Paddle fp32. An
+    explicitly named variant without passing guard figures is refused unless ``skip_guard``.
     ``threads`` are the engine's CPU threads (default: all cores).
     """
 
@@ -72,18 +76,39 @@ class Predictor:
         self,
         model: str | Path | ModelArtifact = DEFAULT_MODEL,
         *,
-        engine: str = "paddle",
-        precision: str = "fp32",
+        engine: str = AUTO,
+        precision: str = AUTO,
         threads: int | None = None,
         batch_size: int = 16,
+        skip_guard: bool = False,
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
         self.config = self.artifact.preprocess
-        self.engine = create_engine(engine, self.artifact, threads, precision)
+        self.variant, self.engine = self._first_usable(engine, precision, threads, skip_guard)
         self.batch_size = batch_size
         self.timings = Timings()
         self._check_output_width()
+
+    def _first_usable(
+        self, engine: str, precision: str, threads: int | None, skip_guard: bool
+    ) -> tuple[Variant, Engine]:
+        """The fastest requested variant that passes the guard and loads; with one candidate
+        (or none usable) its own error explains why."""
+        tried = candidates(engine, precision)
+        reasons = []
+        for variant in tried:
+            try:
+                if not skip_guard:
+                    check(self.artifact, variant)
+                return variant, create_engine(
+                    variant.engine, self.artifact, threads, variant.precision
+                )
+            except ValueError as err:
+                if len(tried) == 1:
+                    raise
+                reasons.append(f"{variant}: {err}")
+        raise AccuracyGuardError(f"no usable {engine}/{precision} variant: " + "; ".join(reasons))
 
     def _check_output_width(self) -> None:
         """Fail at load time, not at the first request, when labels and classifier disagree

@@ -33,8 +33,9 @@ class RunnerObserver(Protocol):
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    engine: str = "paddle"
-    precision: str = "fp32"
+    engine: str = "auto"  # auto: the fastest variant that passed the accuracy guard
+    precision: str = "auto"
+    skip_guard: bool = False  # serve a variant without passing accuracy figures
     threads: int = 1  # engine threads; workers × threads should not exceed the cores
     max_batch_size: int = 16
     max_delay_ms: float = 10.0  # how long a busy event loop may hold back a batch; 0: never
@@ -50,7 +51,11 @@ class LCNetRunner:
     ):
         self.config = config
         self.predictor = Predictor(
-            model, engine=config.engine, precision=config.precision, threads=config.threads
+            model,
+            engine=config.engine,
+            precision=config.precision,
+            threads=config.threads,
+            skip_guard=config.skip_guard,
         )
         self.labels = self.predictor.labels
         self._observer = observer

@@ -16,8 +16,9 @@ class ServingSettings:
     """Each field ``name`` is read from ``LCNET_<NAME>``; defaults are safe and fast on 2 cores."""
 
     model: str = DEFAULT_MODEL  # store tag (or exported folder) to serve
-    engine: str = "paddle"  # paddle | onnxruntime | openvino
-    precision: str = "fp32"  # fp32 | bf16 (openvino)
+    engine: str = "auto"  # auto | paddle | onnxruntime | openvino
+    precision: str = "auto"  # auto | fp32 | bf16 | int8 (bf16, int8: openvino)
+    skip_guard: bool = False  # serve a variant that lacks passing accuracy-guard figures
     threads: int = 1  # engine threads per worker
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_batch_size: int = 16  # 1 turns batching off
@@ -33,6 +34,7 @@ class ServingSettings:
         return RunnerConfig(
             engine=self.engine,
             precision=self.precision,
+            skip_guard=self.skip_guard,
             threads=self.threads,
             max_batch_size=self.max_batch_size,
             max_delay_ms=self.max_delay_ms,
@@ -52,8 +54,13 @@ class ServingSettings:
             if raw is None or raw == "":
                 continue
             kind = type(getattr(cls, field.name))
-            if field.name == "grpc_port" and raw.strip().lower() in ("off", "false", "no"):
+            word = raw.strip().lower()
+            if field.name == "grpc_port" and word in _FALSE:
                 values[field.name] = 0
+            elif kind is bool:
+                if word not in _TRUE | _FALSE:
+                    raise ValueError(f"LCNET_{field.name.upper()}={raw!r} is not 1 or 0")
+                values[field.name] = word in _TRUE
             else:
                 try:
                     values[field.name] = kind(raw)
@@ -62,3 +69,7 @@ class ServingSettings:
                         f"LCNET_{field.name.upper()}={raw!r} is not a {kind.__name__}"
                     ) from None
         return cls(**values)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,9 +66,13 @@ def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(colour_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`python -m train fit` on the colour set; its final JSON line plus where it saved."""
+    """`python -m train fit` on the colour set (with its INT8 variant when the int8 extra is
+    installed); its final JSON line plus where it saved."""
     save_dir = tmp_path_factory.mktemp("run")
-    result = run_cli("train", "fit", str(colour_dataset), *tiny_fit(), "--save-dir", str(save_dir))
+    int8 = ["--int8"] if importlib.util.find_spec("nncf") else []
+    result = run_cli(
+        "train", "fit", str(colour_dataset), *tiny_fit(), *int8, "--save-dir", str(save_dir)
+    )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     return {**summary, "save_dir": save_dir, "dataset": colour_dataset, "stderr": result.stderr}
 

@@ -50,7 +50,10 @@ def test_model_info_endpoint(server: Server, trained: dict) -> None:
     assert info["tag"] == trained["tag"]
     assert info["architecture"] == "PPLCNet_x0_25"
     assert info["labels"] == ["blue sky", "green", "红"]
-    assert info["input_size"] == 32 and info["engine"] == "paddle" and info["threads"] == 1
+    # the engine auto picks: the fastest variant that passed the accuracy guard at fit time
+    chosen = Predictor(trained["tag"], threads=1).variant
+    assert (info["engine"], info["precision"]) == (chosen.engine, chosen.precision)
+    assert info["input_size"] == 32 and info["threads"] == 1
     assert info["val_top1"] == trained["val_top1"] and info["test_top1"] == trained["test_top1"]
 
 

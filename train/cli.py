@@ -1,4 +1,4 @@
-"""``python -m train``: demo-data, split, fit, evaluate, report, import.
+"""``python -m train``: demo-data, split, fit, evaluate, export, verify, quantize, report, import.
 
 Parsing only; each subcommand calls one function of the Python API."""
 
@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=d.name, help="model name in the BentoML store")
     p.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pdckpt")
     p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also store an INT8 OpenVINO variant calibrated on training images (int8 extra)",
+    )
+    p.add_argument(
         "--procs",
         default="auto",
         help="data-parallel processes on this machine: N, or auto (one per core while "
@@ -100,8 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--engine", default="paddle", help="paddle | onnxruntime | openvino")
-    p.add_argument("--precision", default="fp32", help="fp32 | bf16 (openvino)")
+    p.add_argument(
+        "--engine",
+        default="auto",
+        help="auto | paddle | onnxruntime | openvino (auto: what serving would pick); any "
+        "variant but paddle fp32 is also compared with paddle fp32 (the accuracy guard)",
+    )
+    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--confusion-matrix",
@@ -114,10 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument(
         "--format",
-        choices=("onnx",),
+        choices=("onnx", "openvino"),
         default="onnx",
-        help="onnx: inference.onnx for the onnxruntime and openvino engines",
+        help="onnx: inference.onnx (onnxruntime, openvino engines); openvino: inference.xml",
     )
+
+    p = sub.add_parser(
+        "verify", help="measure every engine/precision against paddle fp32 (the accuracy guard)"
+    )
+    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--threads", type=int, default=None)
+
+    p = sub.add_parser("quantize", help="add an INT8 OpenVINO variant, then verify (int8 extra)")
+    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
+    p.add_argument("--dataset", type=Path, required=True, help="calibrates on its train split")
+    p.add_argument("--calibration-images", type=int, default=300)
+    p.add_argument("--split", default="val", choices=("train", "val", "test"),
+                   help="where the accuracy guard is measured")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("report", help="summary of a stored or exported model")
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
@@ -187,9 +213,21 @@ def run(args: argparse.Namespace) -> None:
                           confusion_png=args.confusion_matrix)  # fmt: skip
         print(json.dumps(report, ensure_ascii=False))
     elif args.command == "export":
-        from .export import add_onnx
+        from .export import add_format
 
-        print(f"onnx: {add_onnx(args.model)}")
+        print(f"{args.format}: {add_format(args.model, args.format)}")
+    elif args.command in ("verify", "quantize"):
+        from .guard import describe, verify
+        from .quantize import quantize
+
+        if args.command == "verify":
+            result, figures = verify(args.model, args.dataset, args.split, args.threads)
+        else:
+            result, figures = quantize(args.model, args.dataset, split=args.split,
+                                       calibration_images=args.calibration_images,
+                                       threads=args.threads)  # fmt: skip
+        print(describe(figures))
+        print(f"saved as {result}")
     elif args.command == "report":
         from .report import report
 

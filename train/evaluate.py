@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from lcnet_runner import Predictor
+from lcnet_runner.guard import AUTO, REFERENCE, compare
 
-from .data import decode_split, eval_batches
+from .data import DecodedSplit, decode_split, eval_batches
 from .plots import confusion_matrix, plot_confusion_matrix
 from .split import read_labels, read_split
 
@@ -39,38 +40,55 @@ def classification_metrics(
     }
 
 
+def check_dataset_labels(dataset: str | Path, labels: Sequence[str]) -> None:
+    dataset_labels = read_labels(dataset)
+    if list(dataset_labels) != list(labels):
+        raise ValueError(
+            f"the dataset's labels.txt ({len(dataset_labels)} classes) differs from the model's "
+            f"labels ({len(labels)} classes); use the dataset it was trained for"
+        )
+
+
+def split_scores(predictor: Predictor, split: DecodedSplit, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities of every image of a decoded split, center-cropped as in serving."""
+    crop = predictor.config.crop_size
+    return np.concatenate(
+        [predictor.infer(crops) for crops, _ in eval_batches(split, crop, batch_size)]
+    )
+
+
 def evaluate(
     model: str | Path,
     dataset: str | Path,
     split: str = "test",
     *,
-    engine: str = "paddle",
-    precision: str = "fp32",
+    engine: str = AUTO,
+    precision: str = AUTO,
     threads: int | None = None,
-    batch_size: int = 32,
     confusion_png: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a stored model (tag) or exported folder on one split of a dataset;
-    ``confusion_png`` also writes its confusion matrix there."""
-    predictor = Predictor(model, engine=engine, precision=precision, threads=threads)
-    dataset_labels = read_labels(dataset)
-    if list(dataset_labels) != list(predictor.labels):
-        raise ValueError(
-            f"the dataset's labels.txt ({len(dataset_labels)} classes) differs from the model's "
-            f"labels ({len(predictor.labels)} classes); evaluate on the dataset it was trained for"
-        )
+    """Accuracy of a stored model (tag) or exported folder on one split of a dataset, with the
+    engine/precision serving would use (``auto``) or the one named; any variant other than
+    Paddle fp32 is also compared with Paddle fp32 on the same images (the accuracy guard).
+    ``confusion_png`` also writes the confusion matrix there."""
+    # A variant named outright is measured whatever its guard figures say: this is how to see them.
+    named = engine != AUTO and precision != AUTO
+    predictor = Predictor(model, engine=engine, precision=precision, threads=threads,
+                          skip_guard=named)  # fmt: skip
+    check_dataset_labels(dataset, predictor.labels)
     decoded = decode_split(read_split(dataset, split), predictor.config, desc=split)
     if not len(decoded):
         raise ValueError(f"the {split} split of {dataset} has no readable images")
-    probs = np.concatenate(
-        [
-            predictor.infer(crops)
-            for crops, _ in eval_batches(decoded, predictor.config.crop_size, batch_size)
-        ]
-    )
+    probs = split_scores(predictor, decoded)
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
-    report = {"model": predictor.artifact.name, "engine": engine, "precision": precision,
-              "split": split, **metrics}  # fmt: skip
+    report = {"model": predictor.artifact.name, "engine": predictor.variant.engine,
+              "precision": predictor.variant.precision, "split": split, **metrics}  # fmt: skip
+    if predictor.variant != REFERENCE:
+        paddle_fp32 = Predictor(predictor.artifact, engine="paddle", precision="fp32",
+                                threads=threads)  # fmt: skip
+        report["vs_paddle_fp32"] = compare(
+            split_scores(paddle_fp32, decoded), probs, decoded.labels
+        )
     if confusion_png:
         counts = confusion_matrix(decoded.labels, probs.argmax(axis=1), len(predictor.labels))
         title = f"{predictor.artifact.name}: {split} split"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import paddle
 
-from lcnet_runner.artifact import ONNX_FILE, load_folder, write_metadata
+from lcnet_runner.artifact import ONNX_FILE, OPENVINO_FILE, load_folder, write_metadata
 from lcnet_runner.preprocess import PreprocessConfig
 
 
@@ -132,17 +134,48 @@ def save_to_store(folder: str | Path, name: str, info: dict[str, Any]) -> str:
     return str(stored.tag)
 
 
-def add_onnx(model: str | Path) -> str:
-    """``python -m train export MODEL --format onnx``: an exported folder gets its
-    ``inference.onnx`` in place; a store version is immutable, so it is stored again, with the
-    ONNX file, as a new version of the same name. Returns the folder or the new tag."""
+def export_openvino(folder: str | Path) -> Path:
+    """Convert ``inference.onnx`` (made first if missing) to OpenVINO IR, ``inference.xml/.bin``.
+
+    ``ov.convert_model`` folds batch norms and the depthwise weights into constants (reading the
+    ONNX directly keeps them as a computed subgraph): the engine loads it without converting,
+    and NNCF can quantize the depthwise convolutions of this graph.
+    """
+    folder = Path(folder)
+    onnx = folder / ONNX_FILE
+    if not onnx.is_file():
+        export_onnx(folder, required=True)
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ValueError(
+            "OpenVINO export needs the openvino extra: pip install 'lcnet-bento[openvino]'"
+        ) from None
+    target = folder / OPENVINO_FILE
+    ov.save_model(ov.convert_model(str(onnx)), str(target), compress_to_fp16=False)
+    return target
+
+
+EXPORT_FORMATS = {"onnx": partial(export_onnx, required=True), "openvino": export_openvino}
+
+
+def revise(model: str | Path, change: Callable[[Path], object]) -> str:
+    """Apply ``change`` to a model's folder. An exported folder changes in place; a store
+    version is immutable, so it is copied, changed and stored as a new version of the same name
+    (metadata from the changed model_info.json). Returns the folder or the new tag."""
     if Path(model).is_dir():
-        return str(export_onnx(model, required=True))
+        change(Path(model))
+        return str(model)
     from lcnet_runner.artifact import load_artifact
 
     artifact = load_artifact(model)
-    with tempfile.TemporaryDirectory(prefix="lcnet-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lcnet-revise-") as tmp:
         folder = Path(tmp) / "model"
         shutil.copytree(artifact.path, folder)
-        export_onnx(folder, required=True)
-        return save_to_store(folder, str(artifact.tag).split(":")[0], artifact.info)
+        change(folder)
+        return save_to_store(folder, str(artifact.tag).split(":")[0], load_folder(folder).info)
+
+
+def add_format(model: str | Path, fmt: str) -> str:
+    """``python -m train export MODEL --format onnx|openvino``; returns the folder or new tag."""
+    return revise(model, EXPORT_FORMATS[fmt])

@@ -29,8 +29,10 @@ from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
 from .evaluate import classification_metrics
 from .export import base_info, export_inference, export_onnx, save_to_store
+from .guard import describe, guard_figures, record_guard
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
+from .quantize import CALIBRATION_IMAGES, calibration_crops, quantize_openvino
 from .split import SPLITS, read_labels, read_split, split_dataset
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
@@ -66,6 +68,7 @@ class FitConfig:
     save_dir: str = "output/pplcnet"
     name: str = "pplcnet"  # BentoML store model name
     resume: bool = False
+    int8: bool = False  # also store an INT8 OpenVINO variant (needs the int8 extra)
 
     def __post_init__(self) -> None:
         if self.schedule not in ("piecewise", "cosine"):
@@ -326,6 +329,13 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
         shutil.copy(path, folder / path.name)
     if export_onnx(folder):  # stored with the version, so serving never converts
         log(f"wrote {folder / 'inference.onnx'} for the onnxruntime and openvino engines")
+    if config.int8:
+        crops = calibration_crops(splits["train"], CALIBRATION_IMAGES, config.input_size)
+        log(f"wrote {quantize_openvino(folder, crops)} (calibrated on {len(crops)} images)")
+    if "val" in splits:  # which engines/precisions may serve it (lcnet_runner.guard)
+        figures = guard_figures(folder, splits["val"], "val", config.threads or None)
+        info = record_guard(folder, figures)
+        log(describe(figures))
     tag = save_to_store(folder, config.name, info)
     summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
     return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}

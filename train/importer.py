@@ -6,12 +6,11 @@ from a source you trust.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
-from lcnet_runner.artifact import INFO_FILE, LABELS_FILE, load_folder, write_text_atomic
+from lcnet_runner.artifact import LABELS_FILE, load_folder, write_info, write_text_atomic
 from lcnet_runner.preprocess import PreprocessConfig
 
 from .export import base_info, export_inference, export_onnx, save_to_store
@@ -63,7 +62,7 @@ def import_model(
                 **base_info(architecture, list(artifact.labels), artifact.preprocess),
                 "imported_from": source.name,
             }
-            write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2) + "\n")
+            write_info(folder, info)
         elif source.suffix == ".pdparams" and source.is_file():
             if model not in SCALES or not label_list:
                 raise ValueError(

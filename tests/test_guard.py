@@ -1,0 +1,150 @@
+"""The accuracy guard: figures measured at fit/verify/quantize time, stored with the model, and
+enforced when a Predictor, runner or server picks its engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from lcnet_runner import Predictor
+from lcnet_runner.artifact import INT8_FILE, load_folder, write_info
+from lcnet_runner.guard import (
+    GUARD_KEY,
+    REFERENCE,
+    SPEED_ORDER,
+    AccuracyGuardError,
+    candidates,
+    compare,
+)
+from lcnet_runner.runner import LCNetRunner, RunnerConfig
+from lcnet_runner.settings import ServingSettings
+from train.split import read_split
+
+needs_int8 = pytest.mark.skipif(importlib.util.find_spec("nncf") is None, reason="no int8 extra")
+
+
+def test_compare_applies_the_bar() -> None:
+    targets = np.arange(200) % 2
+    reference = np.eye(2)[targets]  # 100 % top-1
+    one_off, two_off = reference.copy(), reference.copy()
+    one_off[[0, 1]] = one_off[[0, 1], ::-1]  # 2 of 200 wrong: -1 point, 99 % agreement
+    two_off[[0]] = two_off[[0], ::-1]  # 1 of 200 wrong: -0.5 point, 99.5 % agreement
+    assert compare(reference, reference, targets)["passed"]
+    assert compare(reference, two_off, targets) == {
+        "top1": 0.995, "top1_drop_pt": 0.5, "agreement": 0.995, "max_score_diff": 1.0,
+        "passed": True,
+    }  # fmt: skip
+    failed = compare(reference, one_off, targets)
+    assert (failed["top1_drop_pt"], failed["agreement"], failed["passed"]) == (1.0, 0.99, False)
+
+
+def test_candidates_fastest_first() -> None:
+    assert candidates() == list(SPEED_ORDER) and SPEED_ORDER[-1] == REFERENCE
+    assert [str(v) for v in candidates("openvino")] == [
+        "openvino/int8", "openvino/bf16", "openvino/fp32",
+    ]  # fmt: skip
+    assert [str(v) for v in candidates(precision="fp32")] == [
+        "openvino/fp32", "onnxruntime/fp32", "paddle/fp32",
+    ]  # fmt: skip
+
+
+def test_fit_records_the_guard_and_auto_uses_it(trained: dict) -> None:
+    figures = bentoml.models.get(trained["tag"]).info.metadata[GUARD_KEY]
+    val_images = len(read_split(trained["dataset"], "val"))
+    assert (figures["split"], figures["images"]) == ("val", val_images)
+    assert figures["reference"] == "paddle/fp32"
+    measured = figures["variants"]
+    assert {"onnxruntime/fp32", "openvino/fp32"} <= set(measured)
+    if importlib.util.find_spec("nncf"):
+        assert "openvino/int8" in measured
+    for name in ("onnxruntime/fp32", "openvino/fp32"):
+        assert measured[name]["agreement"] == 1.0 and measured[name]["passed"], name
+    # auto = the first variant, fastest first, whose figures passed
+    fastest_passing = next(v for v in SPEED_ORDER if measured.get(str(v), {}).get("passed"))
+    assert Predictor(trained["tag"], threads=1).variant == fastest_passing
+    assert "accuracy guard on" in trained["stderr"]
+
+
+@pytest.fixture
+def folder(trained: dict, tmp_path: Path) -> Path:
+    """A copy of the trained export whose guard figures the test rewrites."""
+    copy = tmp_path / "model"
+    shutil.copytree(trained["export_dir"], copy)
+    return copy
+
+
+def set_figures(folder: Path, **variants: dict) -> None:
+    info = load_folder(folder).info
+    guard = {**info[GUARD_KEY], "variants": {k.replace("_", "/"): v for k, v in variants.items()}}
+    write_info(folder, {**info, GUARD_KEY: guard})
+
+
+PASS = {"top1": 0.9, "top1_drop_pt": 0.0, "agreement": 1.0, "max_score_diff": 0.01, "passed": True}
+FAIL = {"top1": 0.8, "top1_drop_pt": 10.0, "agreement": 0.9, "max_score_diff": 0.5, "passed": False}
+
+
+def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
+    set_figures(folder, openvino_bf16=FAIL, openvino_fp32=PASS)
+    with pytest.raises(
+        AccuracyGuardError, match=r"openvino/bf16 fails the accuracy guard.*-10\.00"
+    ):
+        Predictor(folder, engine="openvino", precision="bf16")
+    with pytest.raises(AccuracyGuardError, match="fails the accuracy guard"):
+        LCNetRunner(folder, RunnerConfig(engine="openvino", precision="bf16"))
+    assert str(Predictor(folder, engine="openvino", threads=1).variant) == "openvino/fp32"
+    assert str(Predictor(folder, threads=1).variant) == "openvino/fp32"  # int8/bf16 skipped
+    forced = Predictor(folder, engine="openvino", precision="bf16", skip_guard=True, threads=1)
+    assert str(forced.variant) == "openvino/bf16"
+    assert ServingSettings.from_env({"LCNET_SKIP_GUARD": "1"}).runner_config().skip_guard
+    with pytest.raises(ValueError, match="LCNET_SKIP_GUARD='maybe' is not 1 or 0"):
+        ServingSettings.from_env({"LCNET_SKIP_GUARD": "maybe"})
+
+
+def test_an_unchecked_variant_is_refused_and_auto_falls_back(folder: Path) -> None:
+    info = load_folder(folder).info
+    write_info(folder, {k: v for k, v in info.items() if k != GUARD_KEY})
+    with pytest.raises(AccuracyGuardError, match=r"not been checked.*python -m train verify"):
+        Predictor(folder, engine="onnxruntime", precision="fp32")
+    assert Predictor(folder, threads=1).variant == REFERENCE
+    result = run_cli("lcnet_runner", "predict", "--model", str(folder), "--engine", "openvino",
+                     "--precision", "fp32", str(folder / "curves.png"), check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: openvino/fp32 has not been")
+
+
+def test_verify_measures_in_place(trained: dict, folder: Path) -> None:
+    set_figures(folder)  # none
+    result = run_cli("train", "verify", str(folder), "--dataset", str(trained["dataset"]),
+                     "--split", "test")  # fmt: skip
+    figures = load_folder(folder).info[GUARD_KEY]
+    assert figures["split"] == "test" and "openvino/fp32" in figures["variants"]
+    assert "accuracy guard on" in result.stdout and f"saved as {folder}" in result.stdout
+    mismatch = run_cli("train", "verify", str(folder), "--dataset", str(folder), check=False)
+    assert mismatch.returncode == 2
+    assert mismatch.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@needs_int8
+def test_quantize_stores_a_new_version_with_int8(trained: dict, tmp_path: Path) -> None:
+    result = run_cli("train", "quantize", trained["tag"], "--dataset", str(trained["dataset"]),
+                     "--calibration-images", "40")  # fmt: skip
+    tag = result.stdout.strip().split()[-1]
+    assert tag != trained["tag"] and tag.startswith("pplcnet:")
+    stored = bentoml.models.get(tag)
+    assert (Path(stored.path) / INT8_FILE).is_file()
+    int8 = stored.info.metadata[GUARD_KEY]["variants"]["openvino/int8"]
+    assert 0.0 <= int8["agreement"] <= 1.0 and "openvino/int8" in result.stdout
+    report = run_cli("train", "evaluate", tag, "--dataset", str(trained["dataset"]), "--engine",
+                     "openvino", "--precision", "int8", "--split", "val",
+                     "--confusion-matrix", str(tmp_path / "cm.png"))  # fmt: skip
+    evaluated = json.loads(report.stdout)
+    assert evaluated["precision"] == "int8"
+    # evaluate shows the same comparison the guard recorded (same images, same engines)
+    assert evaluated["vs_paddle_fp32"]["agreement"] == int8["agreement"]

@@ -1,0 +1,108 @@
+"""The accuracy guard's figures: every inference variant of an exported model against Paddle fp32
+on labelled images (``lcnet_runner.guard`` holds the bar and enforces it at load time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lcnet_runner import Predictor
+from lcnet_runner.artifact import load_folder, write_info
+from lcnet_runner.guard import (
+    GUARD_KEY,
+    MAX_TOP1_DROP_PT,
+    MIN_AGREEMENT,
+    REFERENCE,
+    SPEED_ORDER,
+    compare,
+)
+
+from .data import DecodedSplit, decode_split
+from .evaluate import check_dataset_labels, split_scores
+from .export import revise
+from .split import read_split
+
+
+def guard_figures(
+    folder: str | Path, split: DecodedSplit, split_name: str, threads: int | None = None
+) -> dict[str, Any]:
+    """Top-1 loss and agreement of each variant that runs here (engine installed, its file
+    present, the CPU able), against Paddle fp32 on the same images."""
+    artifact = load_folder(folder)
+    paddle_fp32 = Predictor(artifact, engine="paddle", precision="fp32", threads=threads)
+    reference = split_scores(paddle_fp32, split)
+    variants = {}
+    for variant in SPEED_ORDER:
+        if variant == REFERENCE:
+            continue
+        try:
+            predictor = Predictor(artifact, engine=variant.engine, precision=variant.precision,
+                                  threads=threads, skip_guard=True)  # fmt: skip
+        except ValueError:  # not installed, no ONNX/INT8 file, no bf16 on this CPU
+            continue
+        variants[str(variant)] = compare(reference, split_scores(predictor, split), split.labels)
+    return {
+        "split": split_name,
+        "images": len(split),
+        "reference": str(REFERENCE),
+        "reference_top1": round(float((reference.argmax(1) == split.labels).mean()), 4),
+        "max_top1_drop_pt": MAX_TOP1_DROP_PT,
+        "min_agreement": MIN_AGREEMENT,
+        "variants": variants,
+    }
+
+
+def record_guard(folder: str | Path, figures: dict[str, Any]) -> dict[str, Any]:
+    """Store the figures in the folder's model_info.json; returns the updated info."""
+    info = {**load_folder(folder).info, GUARD_KEY: figures}
+    write_info(Path(folder), info)
+    return info
+
+
+def describe(figures: dict[str, Any]) -> str:
+    """One line per variant, for logs and the CLI."""
+    head = (
+        f"accuracy guard on {figures['images']} {figures['split']} images "
+        f"(paddle/fp32 top-1 {100 * figures['reference_top1']:.1f} %):"
+    )
+    rows = [
+        f"  {name:18s} {'passed' if f['passed'] else 'FAILED':6s}  top-1 {100 * f['top1']:.1f} % "
+        f"({0.0 - f['top1_drop_pt']:+.2f} pt), agreement {100 * f['agreement']:.1f} %"
+        for name, f in figures["variants"].items()
+    ]
+    return "\n".join([head, *rows] if rows else [head, "  no other engine installed"])
+
+
+def decode_for(
+    folder: Path, dataset: Path, split: str, limit: int | None = None, seed: int = 0
+) -> DecodedSplit:
+    """A split of ``dataset`` (``limit``: a random sample of it) decoded for the model in
+    ``folder``, after checking the dataset has the model's labels."""
+    artifact = load_folder(folder)
+    check_dataset_labels(dataset, artifact.labels)
+    samples = read_split(dataset, split)
+    if limit is not None and len(samples) > limit:
+        ids = np.random.default_rng(seed).permutation(len(samples))[:limit]
+        samples = [samples[i] for i in sorted(ids)]
+    decoded = decode_split(samples, artifact.preprocess, desc=split)
+    if not len(decoded):
+        raise ValueError(f"the {split} split of {dataset} has no readable images")
+    return decoded
+
+
+def verify(
+    model: str | Path, dataset: str | Path, split: str = "val", threads: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``python -m train verify``: measure and record the guard figures of every variant on a
+    split. A folder is updated in place, a store tag saved as a new version; returns that and
+    the figures."""
+    figures: dict[str, Any] = {}
+
+    def measure(folder: Path) -> None:
+        decoded = decode_for(folder, Path(dataset), split)
+        figures.update(guard_figures(folder, decoded, split, threads))
+        record_guard(folder, figures)
+
+    return revise(model, measure), figures
