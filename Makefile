@@ -4,10 +4,11 @@ PY        := $(VENV)/bin/python
 DEMO_DIR  ?= data/demo
 DEMO_OUT  ?= output/demo
 # The demo recipe: 4 drawn shapes x 200 images; PP-LCNet x0.25 from scratch at 64 px,
-# data-parallel on 2 cores (batch 32: --procs auto starts 2 processes), >= 0.9 test top-1.
+# data-parallel on 2 cores (batch 32: --procs auto starts 2 processes), >= 0.9 test top-1,
+# with an INT8 variant; the accuracy guard then picks the engine `make serve` uses.
 DEMO_FIT  ?= --model PPLCNet_x0_25 --pretrained none --input-size 64 --resize-short 72 \
              --epochs 40 --batch-size 32 --lr 0.05 --schedule cosine --warmup-epochs 2 \
-             --crop-scale 0.6,1 --save-dir $(DEMO_OUT) --name pplcnet
+             --crop-scale 0.6,1 --int8 --save-dir $(DEMO_OUT) --name pplcnet
 
 export PYTHONUNBUFFERED := 1
 
@@ -51,10 +52,16 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 	    lcnet_runner/protos/lcnet.proto
 
+# Every benchmark in docs/benchmarks.md (~30 min); each prints ratios measured side by side.
 bench: install
 	$(PY) bench/train_speed.py
 	$(PY) bench/train_scaling.py
+	$(PY) bench/engines.py
+	$(PY) bench/preprocess.py
+	$(PY) bench/seed_print.py
+	$(PY) bench/vs_paddlex.py
 	$(PY) bench/serve.py
+	$(PY) bench/serve.py --engine paddle --precision fp32
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .pytest_cache

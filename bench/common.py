@@ -12,9 +12,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def export_random_model(model: str, folder: Path) -> dict[str, Any]:
+def smooth_images(count: int, size: int = 224, seed: int = 0):
+    """Smooth random uint8 images (NHWC): natural-image-like statistics, no dataset needed."""
+    import numpy as np
+
+    cells = (np.random.default_rng(seed).random((count, 7, 7, 3)) * 255).astype(np.uint8)
+    return cells.repeat(-(-size // 7), 1).repeat(-(-size // 7), 2)[:, :size, :size]
+
+
+def export_random_model(model: str, folder: Path, int8: bool = False) -> dict[str, Any]:
     """A seeded, randomly initialised 1000-class model exported with its ONNX file (speed does
-    not depend on the weights); returns its info."""
+    not depend on the weights) and, with ``int8``, an INT8 variant calibrated on smooth random
+    images (fine for timing, meaningless for accuracy); returns its info."""
+    import importlib.util
+
     import paddle
 
     from lcnet_runner.preprocess import PreprocessConfig
@@ -27,7 +38,28 @@ def export_random_model(model: str, folder: Path) -> dict[str, Any]:
     export_inference(build_model(model, 1000), folder, architecture=model, labels=labels,
                      preprocess=PreprocessConfig(), info=info)  # fmt: skip
     export_onnx(folder)  # for the onnxruntime / openvino engines, when installed
+    if int8 and importlib.util.find_spec("nncf"):
+        from train.quantize import quantize_openvino
+
+        quantize_openvino(folder, smooth_images(100))
     return info
+
+
+def every_variant(folder: Path, threads: int, batch_size: int = 16) -> dict:
+    """A Predictor per engine × precision that runs here, Paddle fp32 first; the guard is
+    skipped (random weights: timing only). Prints what it skips and why."""
+    from lcnet_runner import Predictor
+    from lcnet_runner.guard import SPEED_ORDER
+
+    predictors = {}
+    for variant in reversed(SPEED_ORDER):
+        try:
+            predictors[variant] = Predictor(folder, engine=variant.engine,
+                                            precision=variant.precision, threads=threads,
+                                            batch_size=batch_size, skip_guard=True)  # fmt: skip
+        except ValueError as err:  # extra not installed, CPU without bf16
+            print(f"  skipped {variant}: {err}")
+    return predictors
 
 
 def throughput(call: Callable[[], object], items_per_call: int, seconds: float) -> float:

@@ -9,6 +9,10 @@ depend on them) and a 500×375 JPEG, then measures:
   served       `bentoml serve` (defaults: 2 workers × 1 thread, greedy batching) under a closed-loop
                load of N concurrent clients, over HTTP and gRPC
   no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients (or the most given)
+  overhead     served p50 at 1 client minus the in-process latency of one image (1 thread, as
+               a serving worker has), decode + preprocess + infer
+The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1): pick the
+engine with --engine/--precision (int8 is quantized on smooth random images for timing only).
 Every load level is bounded in time (--seconds) and count (--max-requests).
 The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
 channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
@@ -49,22 +53,37 @@ def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
     return buffer.getvalue()
 
 
-def make_store(model: str) -> str:
+def make_store(model: str, int8: bool) -> str:
     """A 1000-class model in a temporary store; returns its tag."""
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
     from train.export import save_to_store
 
     folder = Path(tempfile.mkdtemp()) / "model"
-    return save_to_store(folder, "bench", export_random_model(model, folder))
+    return save_to_store(folder, "bench", export_random_model(model, folder, int8=int8))
 
 
 def in_process(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
     from lcnet_runner import Predictor
 
     # all cores' threads, same engine as the server
-    predictor = Predictor(tag, engine=engine, precision=precision, batch_size=16)
+    predictor = Predictor(tag, engine=engine, precision=precision, batch_size=16, skip_guard=True)
     batch = [image] * 16
     return throughput(lambda: predictor.predict(batch), len(batch), seconds)
+
+
+def single_image_ms(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
+    """Median in-process latency of one image with one thread, like one serving worker."""
+    from lcnet_runner import Predictor
+
+    predictor = Predictor(tag, engine=engine, precision=precision, threads=1, batch_size=1,
+                          skip_guard=True)  # fmt: skip
+    predictor.predict(image)
+    latencies, until = [], time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        start = time.perf_counter()
+        predictor.predict(image)
+        latencies.append(time.perf_counter() - start)
+    return 1000 * statistics.median(latencies)
 
 
 def multipart(images: list[bytes], port: int, path: str = "/classify", field: str = "image"):
@@ -203,19 +222,21 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--requests-per-connection", type=int, default=5)
-    parser.add_argument("--engine", default="paddle")
-    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--engine", default="openvino", help="paddle | onnxruntime | openvino")
+    parser.add_argument("--precision", default="bf16", help="fp32 | bf16 | int8")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
 
     from serverproc import Server
 
-    tag = make_store(args.model)
+    tag = make_store(args.model, int8=args.precision == "int8")
     image = photo_jpeg()
     print(f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {os.cpu_count()} cores")
     baseline = [in_process(tag, image, args.seconds, args.engine, args.precision)]
     print(f"in-process (1 process, {os.cpu_count()} threads, batch 16): {baseline[0]:.1f} img/s")
+    single = [single_image_ms(tag, image, args.seconds / 2, args.engine, args.precision)]
+    print(f"in-process single image (1 thread, batch 1): {single[0]:.2f} ms")
 
     results: dict[tuple[str, str, int], dict] = {}
     for mode, env in (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"})):
@@ -225,6 +246,7 @@ def main() -> None:
                 "LCNET_MODEL": tag,
                 "LCNET_ENGINE": args.engine,
                 "LCNET_PRECISION": args.precision,
+                "LCNET_SKIP_GUARD": "1",
                 **env,
             },
         ).wait_ready()
@@ -246,8 +268,10 @@ def main() -> None:
         finally:
             server.stop()
         baseline.append(in_process(tag, image, args.seconds, args.engine, args.precision))
-    base = statistics.median(baseline)
-    print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s")
+        single.append(single_image_ms(tag, image, args.seconds / 2, args.engine, args.precision))
+    base, one = statistics.median(baseline), statistics.median(single)
+    print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s, "
+          f"single image {one:.2f} ms")  # fmt: skip
     for protocol in ("http", "grpc"):
         on = results[("batching", protocol, compared)]
         off = results[("no batching", protocol, compared)]
@@ -256,6 +280,10 @@ def main() -> None:
             f"(target >= 0.85); batching on / off @{compared} = {on['rps'] / off['rps']:.2f} "
             "(target >= 1.5)"
         )
+        if ("batching", protocol, 1) in results:
+            overhead = results[("batching", protocol, 1)]["p50_ms"] - one
+            print(f"{protocol}: served p50 @1 client - in-process single image = {overhead:.2f} ms "
+                  "(target <= 3)")  # fmt: skip
     top = max(levels)
     errors = sum(results[("batching", p, top)]["errors"] for p in ("http", "grpc"))
     print(f"errors or 503s at {top} clients: {errors}")

@@ -14,11 +14,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import export_random_model, throughput  # also sets sys.path
+from common import every_variant, export_random_model, throughput  # also sets sys.path
 from serve import photo_jpeg
-
-from lcnet_runner import Predictor
-from lcnet_runner.engines import cpu_supports_bf16
 
 
 def main() -> None:
@@ -30,17 +27,14 @@ def main() -> None:
     from paddlex.inference import PaddlePredictorOption
 
     folder = Path(tempfile.mkdtemp()) / "model"
-    export_random_model("PPLCNet_x1_0", folder)
+    export_random_model("PPLCNet_x1_0", folder, int8=True)
     image = folder.parent / "photo.jpg"
     image.write_bytes(photo_jpeg())
     option = PaddlePredictorOption(run_mode="mkldnn", cpu_threads=2)
     theirs = paddlex.create_model("PP-LCNet_x1_0", model_dir=str(folder), pp_option=option)
     variants = {"paddlex.create_model (paddle mkldnn)": lambda: list(theirs.predict(str(image)))}
-    engines = [("paddle", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")]
-    engines += [("openvino", "bf16")] if cpu_supports_bf16() else []
-    for engine, precision in engines:
-        ours = Predictor(folder, engine=engine, precision=precision, threads=2, batch_size=1)
-        variants[f"Predictor {engine} {precision}"] = lambda p=ours: p.predict(image)
+    for variant, ours in every_variant(folder, threads=2, batch_size=1).items():
+        variants[f"Predictor {variant}"] = lambda p=ours: p.predict(image)
     speeds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, call in variants.items():

@@ -31,6 +31,10 @@ PARAMS_FILE = "inference.pdiparams"
 ONNX_FILE = "inference.onnx"  # the same network for ONNX Runtime / OpenVINO (optional)
 OPENVINO_FILE = "inference.xml"  # + inference.bin: OpenVINO IR, fp32 (optional)
 INT8_FILE = "inference_int8.xml"  # + inference_int8.bin: OpenVINO IR quantized by NNCF (optional)
+# Converted from the Paddle program, so stale as soon as it is exported again.
+DERIVED_FILES = tuple(
+    name for xml in (OPENVINO_FILE, INT8_FILE) for name in (xml, xml.replace(".xml", ".bin"))
+) + (ONNX_FILE,)
 INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"

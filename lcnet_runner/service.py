@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import bentoml
@@ -12,6 +13,7 @@ from .http_api import create_app
 from .settings import ServingSettings
 
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SETTINGS = ServingSettings.from_env()
 http_app = create_app(SETTINGS.cors_origins)
 
@@ -46,6 +48,11 @@ class LCNetService:
         artifact = load_folder(self.model.path, tag=str(self.model.tag))
         observer = PrometheusObserver(SETTINGS.max_batch_size)
         self.runner = LCNetRunner(artifact, SETTINGS.runner_config(), observer)
+        logger.info(
+            "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
+            artifact.name, self.runner.predictor.variant, SETTINGS.engine, SETTINGS.precision,
+            SETTINGS.threads,
+        )  # fmt: skip
         http_app.state.runner = self.runner
         http_app.state.settings = SETTINGS
         self.grpc_server = None

@@ -48,7 +48,7 @@ def test_compare_applies_the_bar() -> None:
 def test_candidates_fastest_first() -> None:
     assert candidates() == list(SPEED_ORDER) and SPEED_ORDER[-1] == REFERENCE
     assert [str(v) for v in candidates("openvino")] == [
-        "openvino/int8", "openvino/bf16", "openvino/fp32",
+        "openvino/bf16", "openvino/int8", "openvino/fp32",
     ]  # fmt: skip
     assert [str(v) for v in candidates(precision="fp32")] == [
         "openvino/fp32", "onnxruntime/fp32", "paddle/fp32",
@@ -148,3 +148,20 @@ def test_quantize_stores_a_new_version_with_int8(trained: dict, tmp_path: Path) 
     assert evaluated["precision"] == "int8"
     # evaluate shows the same comparison the guard recorded (same images, same engines)
     assert evaluated["vs_paddle_fp32"]["agreement"] == int8["agreement"]
+
+
+def test_reexport_drops_files_converted_from_the_old_program(folder: Path) -> None:
+    """A second fit into the same save dir (or a resumed one) must not leave the previous
+    model's ONNX/OpenVINO/INT8 files beside the new program: engines would serve stale weights
+    (seen: openvino fp32 'agreeing' 95 % with paddle fp32 after a resume)."""
+    from lcnet_runner.artifact import DERIVED_FILES
+    from train.export import export_inference
+    from train.model import build_model
+
+    artifact = load_folder(folder)
+    for name in DERIVED_FILES:
+        (folder / name).write_text("stale")
+    export_inference(build_model("PPLCNet_x0_25", 3), folder, architecture="PPLCNet_x0_25",
+                     labels=list(artifact.labels), preprocess=artifact.preprocess,
+                     info=artifact.info)  # fmt: skip
+    assert not any((folder / name).exists() for name in DERIVED_FILES)

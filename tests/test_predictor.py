@@ -119,7 +119,9 @@ def test_predict_cli_prints_results_and_latency_block(trained: dict, test_images
 
 def test_evaluate_cli_reports_accuracy(trained: dict, tmp_path: Path) -> None:
     png = tmp_path / "cm.png"
-    args = ["--dataset", str(trained["dataset"]), "--confusion-matrix", str(png)]
+    # Paddle fp32: the engine training evaluated with, so the accuracies must match exactly
+    args = ["--dataset", str(trained["dataset"]), "--confusion-matrix", str(png),
+            "--engine", "paddle", "--precision", "fp32"]  # fmt: skip
     result = run_cli("train", "evaluate", trained["tag"], *args)
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["confusion_matrix"] == str(png) and Image.open(png).format == "PNG"

@@ -11,7 +11,13 @@ from typing import Any
 
 import paddle
 
-from lcnet_runner.artifact import ONNX_FILE, OPENVINO_FILE, load_folder, write_metadata
+from lcnet_runner.artifact import (
+    DERIVED_FILES,
+    ONNX_FILE,
+    OPENVINO_FILE,
+    load_folder,
+    write_metadata,
+)
 from lcnet_runner.preprocess import PreprocessConfig
 
 
@@ -40,6 +46,8 @@ def export_inference(
     self-describing (``paddlex.create_model`` and our Predictor both read it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in DERIVED_FILES:  # a re-export into the same folder (fit --resume, a second fit)
+        (out_dir / name).unlink(missing_ok=True)
     was_training = model.training
     model.eval()
     size = preprocess.crop_size

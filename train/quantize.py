@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lcnet_runner.artifact import INT8_FILE, OPENVINO_FILE, load_folder
+from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
 from .data import DecodedSplit, eval_batches
@@ -42,9 +42,7 @@ def quantize_openvino(folder: str | Path, crops: np.ndarray) -> Path:
         raise ValueError("INT8 needs the int8 extra: pip install 'lcnet-bento[int8]'") from None
     folder = Path(folder)
     artifact = load_folder(folder)
-    ir = folder / OPENVINO_FILE
-    if not ir.is_file():
-        export_openvino(folder)
+    ir = export_openvino(folder)  # always from the current ONNX file, never a stale IR
     samples = nncf.Dataset(list(crops[:, None]), lambda x: normalize(x, artifact.preprocess))
     quantized = nncf.quantize(ov.Core().read_model(str(ir)), samples, subset_size=len(crops))
     target = folder / INT8_FILE

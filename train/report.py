@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lcnet_runner.artifact import ONNX_FILE, load_artifact
+from lcnet_runner.artifact import INT8_FILE, ONNX_FILE, load_artifact
+from lcnet_runner.guard import GUARD_KEY
 
 _SHOWN_CLASSES = 12
 
@@ -15,11 +16,26 @@ def _percent(value: Any) -> str:
 
 
 def engines_line(folder: Path) -> str:
-    """Which engines can run this version (agreement with Paddle fp32 is tested to 1e-5 for
-    the fp32 engines; check bf16 with `evaluate --engine openvino --precision bf16`)."""
-    if (folder / ONNX_FILE).is_file():
-        return "paddle fp32 (reference), onnxruntime fp32, openvino fp32/bf16 (inference.onnx)"
-    return "paddle fp32 only (add inference.onnx: python -m train export MODEL --format onnx)"
+    """Which engine files this version carries."""
+    if not (folder / ONNX_FILE).is_file():
+        return "paddle fp32 only (add inference.onnx: python -m train export MODEL --format onnx)"
+    int8 = ", openvino int8" if (folder / INT8_FILE).is_file() else ""
+    return f"paddle fp32 (reference), onnxruntime fp32, openvino fp32/bf16{int8}"
+
+
+def guard_line(info: dict[str, Any]) -> str:
+    """Which variants passed the accuracy guard (what ``auto`` may pick)."""
+    guard = info.get(GUARD_KEY)
+    if not guard:
+        return "not measured: auto serves paddle fp32 (python -m train verify MODEL --dataset DIR)"
+    verdicts = {True: [], False: []}
+    for name, figures in guard["variants"].items():
+        verdicts[figures["passed"]].append(f"{name} {100 * figures['agreement']:.1f} %")
+    passed, failed = (", ".join(verdicts[key]) or "none" for key in (True, False))
+    return (
+        f"on {guard['images']} {guard['split']} images, top-1 agreement with paddle fp32: "
+        f"passed {passed}; failed {failed}"
+    )
 
 
 def report(model: str | Path) -> str:
@@ -54,6 +70,7 @@ def report(model: str | Path) -> str:
         ("training time", info.get("training_time_s") and f"{info['training_time_s']} s"),
         ("paddle", info.get("paddle_version")),
         ("engines", engines_line(artifact.path)),
+        ("accuracy guard", guard_line(info)),
         ("plots", ", ".join(p.name for p in sorted(artifact.path.glob("*.png"))) or None),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
