@@ -12,8 +12,8 @@ from .artifact import DEFAULT_MODEL, ModelNotFoundError
 from .preprocess import InvalidImageError
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """--engine, --precision and --skip-guard, shared with ``python -m train evaluate``."""
+def add_engine_arguments(parser: argparse.ArgumentParser, skip_guard: bool = True) -> None:
+    """--engine, --precision (and --skip-guard), shared with ``python -m train evaluate``."""
     parser.add_argument(
         "--engine",
         default="auto",
@@ -21,11 +21,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "accuracy guard on this model)",
     )
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
-    parser.add_argument(
-        "--skip-guard",
-        action="store_true",
-        help="use the engine/precision even without passing accuracy-guard figures",
-    )
+    if skip_guard:
+        parser.add_argument(
+            "--skip-guard",
+            action="store_true",
+            help="use the engine/precision even without passing accuracy-guard figures",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

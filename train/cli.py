@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
+from lcnet_runner.cli import add_engine_arguments
 from lcnet_runner.preprocess import InvalidImageError
 
 from .pretrained import PretrainedError
@@ -105,13 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument(
-        "--engine",
-        default="auto",
-        help="auto | paddle | onnxruntime | openvino (auto: what serving would pick); any "
-        "variant but paddle fp32 is also compared with paddle fp32 (the accuracy guard)",
-    )
-    p.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
+    # A named variant is measured whatever its guard figures say, next to paddle fp32.
+    add_engine_arguments(p, skip_guard=False)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--confusion-matrix",
