@@ -9,6 +9,7 @@ import warnings
 import bentoml
 
 from .artifact import ModelNotFoundError, bentoml_home, load_folder
+from .guard import candidates, check
 from .http_api import create_app
 from .settings import ServingSettings
 
@@ -31,6 +32,15 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
     return bentoml.models.BentoModel(tag)
 
 
+def _refuse_unusable_variant(tag: str) -> None:
+    """Check a named engine/precision against the model's accuracy guard before any worker
+    starts: BentoML restarts a worker that fails to initialise forever, so the same error would
+    otherwise scroll by and the server never become ready."""
+    variants = candidates(SETTINGS.engine, SETTINGS.precision)  # also validates the names
+    if len(variants) == 1 and not SETTINGS.skip_guard:
+        check(load_folder(bentoml.models.get(tag).path, tag=tag), variants[0])
+
+
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
     name="lcnet",
@@ -40,6 +50,7 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
 )
 class LCNetService:
     model = _model_reference(SETTINGS.model)
+    _refuse_unusable_variant(SETTINGS.model)
 
     def __init__(self) -> None:
         from .metrics import PrometheusObserver

@@ -107,6 +107,20 @@ def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
         ServingSettings.from_env({"LCNET_SKIP_GUARD": "maybe"})
 
 
+def test_serve_refuses_a_failing_variant_before_starting_workers(folder: Path) -> None:
+    """A worker whose runner fails to initialise would be restarted by BentoML forever."""
+    from test_bento import bentoml_cli
+
+    from train.export import save_to_store
+
+    set_figures(folder, openvino_bf16=FAIL)
+    tag = save_to_store(folder, "guarded", load_folder(folder).info)
+    env = {"LCNET_MODEL": tag, "LCNET_ENGINE": "openvino", "LCNET_PRECISION": "bf16"}
+    result = bentoml_cli("serve", ".", "--port", "1", env=env)
+    assert result.returncode != 0
+    assert "openvino/bf16 fails the accuracy guard" in result.stderr.strip().splitlines()[-1]
+
+
 def test_an_unchecked_variant_is_refused_and_auto_falls_back(folder: Path) -> None:
     info = load_folder(folder).info
     write_info(folder, {k: v for k, v in info.items() if k != GUARD_KEY})
