@@ -179,3 +179,20 @@ def test_reexport_drops_files_converted_from_the_old_program(folder: Path) -> No
                      labels=list(artifact.labels), preprocess=artifact.preprocess,
                      info=artifact.info)  # fmt: skip
     assert not any((folder / name).exists() for name in DERIVED_FILES)
+
+
+def test_fit_int8_without_the_extra_fails_before_training(
+    colour_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The missing extra is the edge we fake: nncf 'not installed'."""
+    from train.fit import FitConfig, fit
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "nncf" else find_spec(name, *a),
+    )
+    with pytest.raises(ValueError, match=r"pip install 'lcnet-bento\[int8\]'"):
+        fit(colour_dataset, FitConfig(int8=True, pretrained="none", save_dir=str(tmp_path)))
+    assert not list(tmp_path.glob("*.pd*"))  # nothing trained or checkpointed

@@ -32,7 +32,12 @@ from .export import base_info, export_inference, export_onnx, save_to_store
 from .guard import describe, guard_figures, record_guard
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
-from .quantize import CALIBRATION_IMAGES, calibration_crops, quantize_openvino
+from .quantize import (
+    CALIBRATION_IMAGES,
+    calibration_crops,
+    quantize_openvino,
+    require_int8_extra,
+)
 from .split import SPLITS, read_labels, read_split, split_dataset
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
@@ -262,6 +267,8 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     paddle.base.core.set_num_threads(config.threads or os.cpu_count() or 1)
     rng = np.random.default_rng([config.seed, rank.index])
 
+    if config.int8:  # a missing extra must not surface after the whole training
+        require_int8_extra()
     # Weights first: a failed download should not wait for the whole dataset to decode.
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
     labels, splits = load_splits(dataset, config, rank)

@@ -8,6 +8,7 @@ dropped top-1 to 31 % on a real set, its own training images kept it.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +33,19 @@ def calibration_crops(split: DecodedSplit, count: int, crop_size: int, seed: int
     return np.concatenate([crops for crops, _ in eval_batches(subset, crop_size, 64)])
 
 
+def require_int8_extra() -> None:
+    """Fail before any work (fit checks it before training) when NNCF or OpenVINO is missing."""
+    if not all(importlib.util.find_spec(module) for module in ("nncf", "openvino", "paddle2onnx")):
+        raise ValueError("INT8 needs the int8 extra: pip install 'lcnet-bento[int8]'")
+
+
 def quantize_openvino(folder: str | Path, crops: np.ndarray) -> Path:
     """Write ``inference_int8.xml/.bin``: the OpenVINO IR with INT8 convolutions, activation
     ranges calibrated on ``crops`` (uint8 NHWC)."""
-    try:
-        import nncf
-        import openvino as ov
-    except ImportError:
-        raise ValueError("INT8 needs the int8 extra: pip install 'lcnet-bento[int8]'") from None
+    require_int8_extra()
+    import nncf
+    import openvino as ov
+
     folder = Path(folder)
     artifact = load_folder(folder)
     ir = export_openvino(folder)  # always from the current ONNX file, never a stale IR
@@ -76,5 +82,6 @@ def quantize(
         figures.update(guard_figures(folder, decode_for(folder, dataset, split), split, threads))
         record_guard(folder, figures)
 
-    read_split(dataset, "train")  # a missing list fails before anything is copied
+    require_int8_extra()  # both fail before anything is copied
+    read_split(dataset, "train")
     return revise(model, add_int8), figures
