@@ -53,7 +53,7 @@ def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
     return buffer.getvalue()
 
 
-def make_store(model: str, int8: bool) -> str:
+def make_store(model: str, int8: bool = False) -> str:
     """A 1000-class model in a temporary store; returns its tag."""
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
     from train.export import save_to_store

@@ -1,8 +1,10 @@
 """Soak: a fixed number of mixed requests at high concurrency; errors and memory growth.
 
     python bench/soak.py [--requests 5000] [--clients 64] [--model PPLCNet_x1_0]
+                         [--engine openvino --precision bf16]
 
-Starts `bentoml serve .` with the default configuration on a throwaway store, then sends
+Starts `bentoml serve .` with the default configuration (and the engine named, accuracy guard
+skipped: the model has random weights) on a throwaway store, then sends
 --requests requests from --clients concurrent loopback clients, each request drawn at random:
 40 % HTTP /classify, 10 % HTTP /classify_batch (4 images), 40 % gRPC Classify, 10 % gRPC
 ClassifyBatch. Bounded by count and by --max-seconds. Reports errors, 503s, throughput, and the
@@ -121,12 +123,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument("--engine", default="auto", help="auto serves paddle fp32 here")
+    parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
 
     from serverproc import Server
 
-    tag = make_store(args.model)
-    server = Server(".", {"LCNET_MODEL": tag}).wait_ready()
+    tag = make_store(args.model, int8=args.precision == "int8")
+    env = {"LCNET_MODEL": tag, "LCNET_ENGINE": args.engine, "LCNET_PRECISION": args.precision,
+           "LCNET_SKIP_GUARD": "1"}  # fmt: skip
+    server = Server(".", env).wait_ready()
     try:
         result = asyncio.run(
             soak(server, photo_jpeg(), args.requests, args.clients, args.max_seconds)
