@@ -10,6 +10,7 @@ import numpy as np
 
 from lcnet_runner import Predictor
 from lcnet_runner.guard import AUTO, REFERENCE, compare
+from lcnet_runner.preprocess import PreprocessConfig
 
 from .data import DecodedSplit, decode_split, eval_batches
 from .plots import confusion_matrix, plot_confusion_matrix
@@ -40,13 +41,30 @@ def classification_metrics(
     }
 
 
-def check_dataset_labels(dataset: str | Path, labels: Sequence[str]) -> None:
+def decode_labelled_split(
+    dataset: str | Path,
+    split: str,
+    labels: Sequence[str],
+    preprocess: PreprocessConfig,
+    limit: int | None = None,
+    seed: int = 0,
+) -> DecodedSplit:
+    """One split of ``dataset`` (``limit``: a random sample of it) decoded for a model with
+    ``labels``, after checking the dataset has exactly those classes."""
     dataset_labels = read_labels(dataset)
     if list(dataset_labels) != list(labels):
         raise ValueError(
             f"the dataset's labels.txt ({len(dataset_labels)} classes) differs from the model's "
             f"labels ({len(labels)} classes); use the dataset it was trained for"
         )
+    samples = read_split(dataset, split)
+    if limit is not None and len(samples) > limit:
+        ids = np.random.default_rng(seed).permutation(len(samples))[:limit]
+        samples = [samples[i] for i in sorted(ids)]
+    decoded = decode_split(samples, preprocess, desc=split)
+    if not len(decoded):
+        raise ValueError(f"the {split} split of {dataset} has no readable images")
+    return decoded
 
 
 def split_scores(predictor: Predictor, split: DecodedSplit, batch_size: int = 32) -> np.ndarray:
@@ -75,10 +93,7 @@ def evaluate(
     named = engine != AUTO and precision != AUTO
     predictor = Predictor(model, engine=engine, precision=precision, threads=threads,
                           skip_guard=named)  # fmt: skip
-    check_dataset_labels(dataset, predictor.labels)
-    decoded = decode_split(read_split(dataset, split), predictor.config, desc=split)
-    if not len(decoded):
-        raise ValueError(f"the {split} split of {dataset} has no readable images")
+    decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.config)
     probs = split_scores(predictor, decoded)
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
     report = {"model": predictor.artifact.name, "engine": predictor.variant.engine,

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import load_folder, write_info
 from lcnet_runner.guard import (
@@ -19,10 +17,9 @@ from lcnet_runner.guard import (
     compare,
 )
 
-from .data import DecodedSplit, decode_split
-from .evaluate import check_dataset_labels, split_scores
+from .data import DecodedSplit
+from .evaluate import decode_labelled_split, split_scores
 from .export import revise
-from .split import read_split
 
 
 def guard_figures(
@@ -75,23 +72,6 @@ def describe(figures: dict[str, Any]) -> str:
     return "\n".join([head, *rows] if rows else [head, "  no other engine installed"])
 
 
-def decode_for(
-    folder: Path, dataset: Path, split: str, limit: int | None = None, seed: int = 0
-) -> DecodedSplit:
-    """A split of ``dataset`` (``limit``: a random sample of it) decoded for the model in
-    ``folder``, after checking the dataset has the model's labels."""
-    artifact = load_folder(folder)
-    check_dataset_labels(dataset, artifact.labels)
-    samples = read_split(dataset, split)
-    if limit is not None and len(samples) > limit:
-        ids = np.random.default_rng(seed).permutation(len(samples))[:limit]
-        samples = [samples[i] for i in sorted(ids)]
-    decoded = decode_split(samples, artifact.preprocess, desc=split)
-    if not len(decoded):
-        raise ValueError(f"the {split} split of {dataset} has no readable images")
-    return decoded
-
-
 def verify(
     model: str | Path, dataset: str | Path, split: str = "val", threads: int | None = None
 ) -> tuple[str, dict[str, Any]]:
@@ -101,7 +81,8 @@ def verify(
     figures: dict[str, Any] = {}
 
     def measure(folder: Path) -> None:
-        decoded = decode_for(folder, Path(dataset), split)
+        artifact = load_folder(folder)
+        decoded = decode_labelled_split(dataset, split, artifact.labels, artifact.preprocess)
         figures.update(guard_figures(folder, decoded, split, threads))
         record_guard(folder, figures)
 

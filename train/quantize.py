@@ -18,8 +18,9 @@ from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
 from .data import DecodedSplit, eval_batches
+from .evaluate import decode_labelled_split
 from .export import export_openvino, revise
-from .guard import decode_for, guard_figures, record_guard
+from .guard import guard_figures, record_guard
 from .split import read_split
 
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; more barely moves the ranges
@@ -75,11 +76,13 @@ def quantize(
     figures: dict[str, Any] = {}
 
     def add_int8(folder: Path) -> None:
-        preprocess = load_folder(folder).preprocess
-        train = decode_for(folder, dataset, "train", limit=calibration_images, seed=seed)
-        quantize_openvino(folder, calibration_crops(train, calibration_images,
-                                                    preprocess.crop_size, seed))  # fmt: skip
-        figures.update(guard_figures(folder, decode_for(folder, dataset, split), split, threads))
+        artifact = load_folder(folder)
+        labels, preprocess = artifact.labels, artifact.preprocess
+        train = decode_labelled_split(dataset, "train", labels, preprocess,
+                                      limit=calibration_images, seed=seed)  # fmt: skip
+        quantize_openvino(folder, calibration_crops(train, len(train), preprocess.crop_size))
+        evaluation = decode_labelled_split(dataset, split, labels, preprocess)
+        figures.update(guard_figures(folder, evaluation, split, threads))
         record_guard(folder, figures)
 
     require_int8_extra()  # both fail before anything is copied
