@@ -48,18 +48,12 @@ def export_random_model(model: str, folder: Path, int8: bool = False) -> dict[st
 def every_variant(folder: Path, threads: int, batch_size: int = 16) -> dict:
     """A Predictor per engine × precision that runs here, Paddle fp32 first; the guard is
     skipped (random weights: timing only). Prints what it skips and why."""
-    from lcnet_runner import Predictor
-    from lcnet_runner.guard import SPEED_ORDER
+    from lcnet_runner.predictor import each_variant
 
-    predictors = {}
-    for variant in reversed(SPEED_ORDER):
-        try:
-            predictors[variant] = Predictor(folder, engine=variant.engine,
-                                            precision=variant.precision, threads=threads,
-                                            batch_size=batch_size, skip_guard=True)  # fmt: skip
-        except ValueError as err:  # extra not installed, CPU without bf16
-            print(f"  skipped {variant}: {err}")
-    return predictors
+    def skipped(variant, reason: str) -> None:
+        print(f"  skipped {variant}: {reason}")
+
+    return dict(each_variant(folder, threads=threads, batch_size=batch_size, on_skip=skipped))
 
 
 def throughput(call: Callable[[], object], items_per_call: int, seconds: float) -> float:

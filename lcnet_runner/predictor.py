@@ -4,7 +4,7 @@ or an exported folder."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
 from .engines import Engine, create_engine
-from .guard import AUTO, AccuracyGuardError, Variant, candidates, check
+from .guard import AUTO, REFERENCE, SPEED_ORDER, AccuracyGuardError, Variant, candidates, check
 from .preprocess import ImageSource, normalize, preprocess
 
 Prediction = dict  # {"category_id": int, "category": str, "score": float}
@@ -152,3 +152,33 @@ class Predictor:
             timings.postprocess_s += t3 - t2
         self.timings = timings
         return results[0] if single else results
+
+
+def each_variant(
+    model: str | Path | ModelArtifact,
+    *,
+    threads: int | None = None,
+    batch_size: int = 16,
+    on_skip: Callable[[Variant, str], None] | None = None,
+) -> Iterator[tuple[Variant, Predictor]]:
+    """A Predictor for every engine × precision that loads here (engine installed, its file
+    present, the CPU able), Paddle fp32 — the reference — first, one at a time, guard not
+    applied: for measuring the variants (the guard's figures, the benchmarks)."""
+    artifact = load_artifact(model)
+    for variant in reversed(SPEED_ORDER):
+        try:
+            predictor = Predictor(
+                artifact,
+                engine=variant.engine,
+                precision=variant.precision,
+                threads=threads,
+                batch_size=batch_size,
+                skip_guard=True,
+            )
+        except ValueError as err:
+            if variant == REFERENCE:  # the reference always runs: its failure is the model's
+                raise
+            if on_skip:
+                on_skip(variant, str(err))
+            continue
+        yield variant, predictor

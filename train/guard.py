@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lcnet_runner import Predictor
 from lcnet_runner.artifact import load_folder, write_info
 from lcnet_runner.guard import (
     GUARD_KEY,
     MAX_TOP1_DROP_PT,
     MIN_AGREEMENT,
     REFERENCE,
-    SPEED_ORDER,
     compare,
 )
+from lcnet_runner.predictor import each_variant
 
 from .data import DecodedSplit
 from .evaluate import decode_labelled_split, split_scores
@@ -27,19 +26,14 @@ def guard_figures(
 ) -> dict[str, Any]:
     """Top-1 loss and agreement of each variant that runs here (engine installed, its file
     present, the CPU able), against Paddle fp32 on the same images."""
-    artifact = load_folder(folder)
-    paddle_fp32 = Predictor(artifact, engine="paddle", precision="fp32", threads=threads)
-    reference = split_scores(paddle_fp32, split)
-    variants = {}
-    for variant in SPEED_ORDER:
+    reference, variants = None, {}
+    # Paddle fp32 comes first; each other variant is compared with it on the same images.
+    for variant, predictor in each_variant(load_folder(folder), threads=threads):
+        scores = split_scores(predictor, split)
         if variant == REFERENCE:
-            continue
-        try:
-            predictor = Predictor(artifact, engine=variant.engine, precision=variant.precision,
-                                  threads=threads, skip_guard=True)  # fmt: skip
-        except ValueError:  # not installed, no ONNX/INT8 file, no bf16 on this CPU
-            continue
-        variants[str(variant)] = compare(reference, split_scores(predictor, split), split.labels)
+            reference = scores
+        else:
+            variants[str(variant)] = compare(reference, scores, split.labels)
     return {
         "split": split_name,
         "images": len(split),
