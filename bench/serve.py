@@ -11,8 +11,10 @@ depend on them) and a 500×375 JPEG, then measures:
   no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients (or the most given)
   overhead     served p50 at 1 client minus the in-process latency of one image (1 thread, as
                a serving worker has), decode + preprocess + infer
-The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1): pick the
-engine with --engine/--precision (int8 is quantized on smooth random images for timing only).
+The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1). By default
+the engine is `auto`, as a user's server has it: the fastest variant on this CPU at the workers'
+thread count (int8 is quantized on smooth random images for timing only); the in-process figures
+use the variant it chose. Name one with --engine/--precision.
 Every load level is bounded in time (--seconds) and count (--max-requests).
 The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
 channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
@@ -222,16 +224,23 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
     parser.add_argument("--clients", default="1,8,32,64")
     parser.add_argument("--requests-per-connection", type=int, default=5)
-    parser.add_argument("--engine", default="openvino", help="paddle | onnxruntime | openvino")
-    parser.add_argument("--precision", default="bf16", help="fp32 | bf16 | int8")
+    parser.add_argument("--engine", default="auto", help="auto | paddle | onnxruntime | openvino")
+    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
 
     from serverproc import Server
 
-    tag = make_store(args.model, int8=args.precision == "int8")
+    tag = make_store(args.model, int8=args.precision in ("int8", "auto"))
     image = photo_jpeg()
+    from lcnet_runner import Predictor
+
+    # What the workers (1 thread each) will serve: the same cached race they read.
+    choice = Predictor(tag, engine=args.engine, precision=args.precision, threads=1,
+                       skip_guard=True).choice  # fmt: skip
+    print(f"serving {choice.describe()}")
+    args.engine, args.precision = choice.variant.engine, choice.variant.precision
     print(f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {os.cpu_count()} cores")
     baseline = [in_process(tag, image, args.seconds, args.engine, args.precision)]
     print(f"in-process (1 process, {os.cpu_count()} threads, batch 16): {baseline[0]:.1f} img/s")

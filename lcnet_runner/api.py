@@ -70,6 +70,7 @@ def model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]
         "preprocess": artifact.preprocess.to_dict(),
         "engine": runner.predictor.variant.engine,
         "precision": runner.predictor.variant.precision,
+        "engine_choice": runner.predictor.choice.summary(),
         "threads": runner.config.threads,
         "max_batch_size": runner.config.max_batch_size,
         "val_top1": info.get("val_top1"),

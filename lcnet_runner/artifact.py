@@ -10,6 +10,7 @@ A folder (exported by ``train``, or by PaddleClas / PaddleX) holds::
     inference.yml         preprocessing + labels, in the format paddlex.create_model reads
     labels.txt            one class name a line (optional when inference.yml has them)
     model_info.json       architecture, metrics, training facts, accuracy guard figures (ours)
+    self_check.npz        64 val crops + Paddle fp32's scores: the guard re-run at load (ours)
 
 A model in the BentoML store is such a folder, with the same facts as store labels and metadata.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ INT8_FILE = "inference_int8.xml"  # + inference_int8.bin: OpenVINO IR quantized 
 DERIVED_FILES = tuple(
     name for xml in (OPENVINO_FILE, INT8_FILE) for name in (xml, xml.replace(".xml", ".bin"))
 ) + (ONNX_FILE,)
+SELF_CHECK_FILE = "self_check.npz"  # a sample + Paddle fp32's scores, re-checked where it serves
 INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"
@@ -85,6 +88,31 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines exactly as written. Not ``str.splitlines()``: it also breaks on
+    characters such as U+2028 that are legal in folder and file names. ``utf-8-sig`` and the
+    ``"\r"`` strip tolerate files edited on Windows."""
+    text = path.read_text(encoding="utf-8-sig")
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def read_labels_file(path: Path) -> tuple[str, ...]:
+    """Class names, one a line, in class-index order; edge spaces are part of a name (class
+    folders may have them), empty lines are not names."""
+    labels = tuple(line for line in read_lines(path) if line)
+    if not labels:
+        raise ModelNotFoundError(f"{path}: no class names (expected one per line)")
+    return labels
+
+
+def write_labels_file(path: Path, labels: Sequence[str]) -> None:
+    """The one writer of ``labels.txt``, for datasets and models alike (read_labels_file)."""
+    unwritable = [label for label in labels if not label or "\n" in label or "\r" in label]
+    if unwritable:
+        raise ValueError(f"class names must be non-empty single lines, got {unwritable!r}")
+    write_text_atomic(path, "".join(f"{label}\n" for label in labels))
+
+
 def write_info(folder: Path, info: dict[str, Any]) -> None:
     write_text_atomic(folder / INFO_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
@@ -128,7 +156,7 @@ def write_metadata(
     write_text_atomic(
         folder / INFERENCE_YML, yaml.safe_dump(inference_yml, sort_keys=False, allow_unicode=True)
     )
-    write_text_atomic(folder / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    write_labels_file(folder / LABELS_FILE, labels)
     write_info(folder, info)
 
 
@@ -160,8 +188,7 @@ def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
 
 def _read_labels(folder: Path, config: dict[str, Any]) -> tuple[str, ...]:
     if (folder / LABELS_FILE).is_file():
-        lines = (folder / LABELS_FILE).read_text(encoding="utf-8").splitlines()
-        return tuple(line.strip() for line in lines if line.strip())
+        return read_labels_file(folder / LABELS_FILE)
     label_list = config.get("PostProcess", {}).get("Topk", {}).get("label_list")
     if not label_list:
         raise ModelNotFoundError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
@@ -220,6 +247,11 @@ def load_artifact(model: str | Path | ModelArtifact = DEFAULT_MODEL) -> ModelArt
     except BentoMLException as err:
         raise ModelNotFoundError(f"invalid model tag {model!r}: {err}") from None
     return load_folder(stored.path, tag=str(stored.tag))
+
+
+def cache_dir() -> Path:
+    """``LCNET_CACHE``, else ~/.cache/lcnet-bento: pretrained weights, engine choices."""
+    return Path(os.environ.get("LCNET_CACHE") or Path.home() / ".cache" / "lcnet-bento")
 
 
 def bentoml_home() -> str:

@@ -12,6 +12,14 @@ from .artifact import DEFAULT_MODEL, ModelNotFoundError
 from .preprocess import InvalidImageError
 
 
+def json_line(value: object) -> str:
+    """JSON on exactly one line, readable (non-ASCII kept) yet safe for line-based readers:
+    U+2028/U+2029, legal inside JSON strings and in class names, are line breaks to
+    ``str.splitlines()`` and JavaScript, so they are escaped."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser, skip_guard: bool = True) -> None:
     """--engine, --precision (and --skip-guard), shared with ``python -m train evaluate``."""
     parser.add_argument(
@@ -68,11 +76,12 @@ def predict(args: argparse.Namespace) -> None:
     )  # fmt: skip
     results = predictor.predict(images, top_k=args.top_k)
     for path, result in zip(args.images, results, strict=True):
-        print(json.dumps({"image": str(path), "predictions": result}, ensure_ascii=False))
+        print(json_line({"image": str(path), "predictions": result}))
     if args.annotate:
         write_annotated(args.images, results, args.annotate)
     timings = predictor.timings
     if args.benchmark:  # report the repeated runs only: the first one includes warm-up
+        print(f"engine: {predictor.choice.describe()}")
         timings = Timings()
         for _ in range(args.benchmark):
             predictor.predict(images, top_k=args.top_k)

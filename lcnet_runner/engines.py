@@ -17,20 +17,41 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 
 from .artifact import INT8_FILE, ONNX_FILE, OPENVINO_FILE, ModelArtifact
 
-PRECISIONS = ("fp32", "bf16", "int8")
+AUTO = "auto"  # any engine / any precision: the Predictor chooses (lcnet_runner.choice)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run a model: an engine at a precision."""
+
+    engine: str
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.engine}/{self.precision}"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        engine, _, precision = text.partition("/")
+        return cls(engine, precision)
+
+
+REFERENCE = Variant("paddle", "fp32")  # what every other variant is measured against
 
 
 class Engine(Protocol):
-    name: str
-    precision: str
+    name: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]  # what it can run, the one place that says so
+
+    def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str): ...
 
     def predict(self, batch: np.ndarray) -> np.ndarray: ...  # float32 NCHW → N×classes
 
@@ -102,13 +123,9 @@ class PaddleEngine:
     """Paddle Inference on CPU with oneDNN (MKLDNN), the engine PP-LCNet was designed for."""
 
     name = "paddle"
+    precisions = ("fp32",)
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
-        if precision != "fp32":
-            raise ValueError(
-                "the paddle engine runs fp32 only; use --engine openvino for bf16 or int8"
-            )
-        self.precision = precision
         inference = _import_paddle_inference()
         config = inference.Config(str(artifact.program_file), str(artifact.params_file))
         config.disable_gpu()
@@ -130,13 +147,9 @@ class PaddleEngine:
 
 class OnnxRuntimeEngine:
     name = "onnxruntime"
+    precisions = ("fp32",)
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
-        if precision != "fp32":
-            raise ValueError(
-                "the onnxruntime engine runs fp32 only; use --engine openvino for bf16 or int8"
-            )
-        self.precision = precision
         ort = _require("onnxruntime", "onnx")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or default_threads()
@@ -156,11 +169,11 @@ class OnnxRuntimeEngine:
 
 class OpenVinoEngine:
     name = "openvino"
+    precisions = ("fp32", "bf16", "int8")
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         if precision == "bf16" and not cpu_supports_bf16():
             raise ValueError("bf16 needs a CPU with avx512_bf16 or AMX; this one has neither")
-        self.precision = precision
         ov = _require("openvino", "openvino")
         core = ov.Core()
         config = {
@@ -178,18 +191,40 @@ class OpenVinoEngine:
         return self._request.get_output_tensor(0).data.copy()
 
 
-ENGINES: dict[str, Callable[[ModelArtifact, int | None, str], Engine]] = {
-    "paddle": PaddleEngine,
-    "onnxruntime": OnnxRuntimeEngine,
-    "openvino": OpenVinoEngine,
+# The registry: every engine, reference first. What runs where is derived from it.
+ENGINES: dict[str, type[Engine]] = {
+    engine.name: engine for engine in (PaddleEngine, OnnxRuntimeEngine, OpenVinoEngine)
 }
 
 
-def create_engine(
-    name: str, artifact: ModelArtifact, threads: int | None = None, precision: str = "fp32"
-) -> Engine:
-    if name not in ENGINES:
-        raise ValueError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    return ENGINES[name](artifact, threads, precision)
+def all_variants() -> list[Variant]:
+    """Every engine × precision the registry knows, the reference first."""
+    return [Variant(name, p) for name, engine in ENGINES.items() for p in engine.precisions]
+
+
+def matching_variants(engine: str = AUTO, precision: str = AUTO) -> list[Variant]:
+    """The variants a request names (``auto`` matches any); unknown or impossible names raise
+    ValueError saying what exists."""
+    if engine not in (AUTO, *ENGINES):
+        raise ValueError(f"unknown engine {engine!r}; choose one of: {AUTO}, {', '.join(ENGINES)}")
+    precisions = list(dict.fromkeys(v.precision for v in all_variants()))
+    if precision not in (AUTO, *precisions):
+        raise ValueError(
+            f"unknown precision {precision!r}; choose one of: {AUTO}, {', '.join(precisions)}"
+        )
+    found = [
+        v for v in all_variants()
+        if engine in (AUTO, v.engine) and precision in (AUTO, v.precision)
+    ]  # fmt: skip
+    if not found:
+        elsewhere = [v.engine for v in all_variants() if v.precision == precision]
+        raise ValueError(
+            f"the {engine} engine runs {'/'.join(ENGINES[engine].precisions)} only; "
+            f"{precision} runs on {', '.join(elsewhere)}"
+        )
+    return found
+
+
+def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None = None) -> Engine:
+    (checked,) = matching_variants(variant.engine, variant.precision)
+    return ENGINES[checked.engine](artifact, threads, checked.precision)

@@ -1,4 +1,4 @@
-"""The accuracy guard: which engine × precision variants may serve a model, and which is fastest.
+"""The accuracy guard: which engine × precision variants may serve a model.
 
 Paddle fp32 is the reference. Any other variant (another engine, bf16, INT8) must have been
 measured on the model's own evaluation images — ``python -m train fit`` does it on the val split,
@@ -6,46 +6,37 @@ measured on the model's own evaluation images — ``python -m train fit`` does i
 ``MAX_TOP1_DROP_PT`` points of top-1 accuracy and must agree with the reference's top-1 on at
 least ``MIN_AGREEMENT`` of the images. The figures live in ``model_info.json`` (and the store
 version's metadata) under ``"accuracy_guard"``; the Predictor refuses a variant without passing
-figures unless told ``skip_guard=True``.
+figures unless told ``skip_guard=True``, and re-checks the one it chose on the machine that
+serves (the self-check below).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .artifact import ModelArtifact
-from .engines import ENGINES, PRECISIONS
+from .artifact import SELF_CHECK_FILE, ModelArtifact
+from .engines import REFERENCE, Variant
 
 MAX_TOP1_DROP_PT = 0.5
 MIN_AGREEMENT = 0.99
 GUARD_KEY = "accuracy_guard"  # in model_info.json and the store metadata
-AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class Variant:
-    engine: str
-    precision: str
-
-    def __str__(self) -> str:
-        return f"{self.engine}/{self.precision}"
-
-
-REFERENCE = Variant("paddle", "fp32")
-# Fastest first: PP-LCNet x1.0 at 224 px on 2 cores, batch 1 and 16 (bench/engines.py,
-# docs/benchmarks.md). On this AMX CPU bf16 and INT8 run within noise of each other (~1.9× fp32
-# on 1 thread), so bf16, which loses less accuracy, comes first; on a CPU without bf16 INT8 is
-# the fast one. OpenVINO fp32 edges out ONNX Runtime fp32.
-SPEED_ORDER = (
-    Variant("openvino", "bf16"),
-    Variant("openvino", "int8"),
-    Variant("openvino", "fp32"),
-    Variant("onnxruntime", "fp32"),
-    REFERENCE,
-)
+# The self-check: a sample of the guard's images, with Paddle fp32's scores on the CPU that
+# measured the guard, stored with the model and re-run through the chosen variant where it
+# serves (8-bit kernels differ between CPU kinds: an INT8 model that passed on a VNNI CPU can
+# answer wrong on an AVX2-only one). Its own bar: near-ties flip legitimately between CPUs, so
+# top-1 agreement counts only images whose reference margin is clear, and the scores of the
+# reference's top class must stay close on average.
+SELF_CHECK_IMAGES = 64
+SELF_CHECK_CLEAR_MARGIN = 0.2  # reference top-1 minus top-2 probability
+SELF_CHECK_MIN_AGREEMENT = 0.95  # on the clear images
+SELF_CHECK_MAX_SCORE_DIFF = 0.05  # mean |Δ probability| of the reference's top class
+# CPU features that decide which kernels (and so which answers) a variant gets.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                "amx_int8")  # fmt: skip
 
 
 class AccuracyGuardError(ValueError):
@@ -71,23 +62,6 @@ def passes(top1_drop_pt: float, agreement: float) -> bool:
     return top1_drop_pt <= MAX_TOP1_DROP_PT + 1e-9 and agreement >= MIN_AGREEMENT - 1e-9
 
 
-def candidates(engine: str = AUTO, precision: str = AUTO) -> list[Variant]:
-    """Variants matching the request, fastest first (``auto`` matches any)."""
-    if engine not in (AUTO, *ENGINES):
-        raise ValueError(f"unknown engine {engine!r}; choose one of: {AUTO}, {', '.join(ENGINES)}")
-    if precision not in (AUTO, *PRECISIONS):
-        raise ValueError(
-            f"unknown precision {precision!r}; choose one of: {AUTO}, {', '.join(PRECISIONS)}"
-        )
-    found = [
-        v for v in SPEED_ORDER if engine in (AUTO, v.engine) and precision in (AUTO, v.precision)
-    ]
-    if not found:
-        runs = "/".join(v.precision for v in SPEED_ORDER if v.engine == engine)
-        raise ValueError(f"the {engine} engine runs {runs} only; bf16 and int8 run on openvino")
-    return found
-
-
 def check(artifact: ModelArtifact, variant: Variant) -> None:
     """Raise AccuracyGuardError unless ``variant`` is the reference or passed on this model."""
     if variant == REFERENCE:
@@ -109,3 +83,70 @@ def check(artifact: ModelArtifact, variant: Variant) -> None:
             f"on {guard.get('images')} {guard.get('split')} images; use another engine/precision "
             "or accept it with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
+
+
+def cpu_features() -> dict[str, Any]:
+    """This CPU's model name and the flags that matter to the engines (recorded with figures)."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in CPU_FEATURES if f in flags]}
+
+
+def write_self_check(folder: Path, crops: np.ndarray, reference_probs: np.ndarray) -> None:
+    """Store the sample (uint8 NHWC center crops) with Paddle fp32's probabilities on it."""
+    np.savez_compressed(folder / SELF_CHECK_FILE, crops=crops, probs=reference_probs)
+
+
+def self_check_figures(reference: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """A variant's probabilities on the sample against the stored reference's, and the bar."""
+    ranked = np.sort(reference, axis=1)
+    clear = ranked[:, -1] - ranked[:, -2] >= SELF_CHECK_CLEAR_MARGIN
+    top = reference.argmax(1)
+    agree = probs.argmax(1) == top
+    agreement = float(agree[clear].mean()) if clear.any() else 1.0
+    rows = np.arange(len(top))
+    score_diff = float(np.abs(probs[rows, top] - reference[rows, top]).mean())
+    return {
+        "images": len(top),
+        "clear": int(clear.sum()),
+        "agreement": round(agreement, 4),
+        "mean_score_diff": round(score_diff, 4),
+        "passed": agreement >= SELF_CHECK_MIN_AGREEMENT - 1e-9
+        and score_diff <= SELF_CHECK_MAX_SCORE_DIFF + 1e-9,
+    }
+
+
+def self_check(
+    artifact: ModelArtifact, variant: Variant, infer: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, Any] | None:
+    """Run the stored sample through ``infer`` (uint8 crops → probabilities) on this machine;
+    its figures, or None when the model carries no sample (imported, or stored before
+    self-checks). Raises AccuracyGuardError when the variant disagrees with the reference."""
+    path = artifact.path / SELF_CHECK_FILE
+    if variant == REFERENCE or not path.is_file():
+        return None
+    with np.load(path) as sample:
+        crops, reference = sample["crops"], sample["probs"]
+    probs = np.concatenate([infer(crops[i : i + 16]) for i in range(0, len(crops), 16)])
+    figures = self_check_figures(reference, probs)
+    if not figures["passed"]:
+        raise AccuracyGuardError(
+            f"{variant} fails its self-check on this CPU ({cpu_features()['model']}) for "
+            f"{artifact.name}: top-1 agreement {100 * figures['agreement']:.1f} % on "
+            f"{figures['clear']} clear sample images "
+            f"(bar: {100 * SELF_CHECK_MIN_AGREEMENT:.0f} %), "
+            f"mean score change {figures['mean_score_diff']:.3f} "
+            f"(bar: {SELF_CHECK_MAX_SCORE_DIFF}); its stored guard figures were measured on "
+            "another CPU: run `python -m train verify` here, use another engine/precision, or "
+            "accept it with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
+        )
+    return figures

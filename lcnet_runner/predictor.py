@@ -7,15 +7,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
-from .engines import Engine, create_engine
-from .guard import AUTO, REFERENCE, SPEED_ORDER, AccuracyGuardError, Variant, candidates, check
+from .choice import Choice, choose
+from .engines import AUTO, REFERENCE, Variant, all_variants
 from .preprocess import ImageSource, normalize, preprocess
 
-Prediction = dict  # {"category_id": int, "category": str, "score": float}
+
+class Prediction(TypedDict):
+    """One class of an answer (the seed's PaddleX ``Predictor`` format)."""
+
+    category_id: int
+    category: str
+    score: float
 
 
 @dataclass
@@ -66,10 +73,11 @@ class Predictor:
 
     ``model`` is a BentoML store tag (``pplcnet:latest``) or an exported folder; ``engine`` one of
     ``paddle``, ``onnxruntime``, ``openvino`` and ``precision`` fp32, bf16 or int8 (openvino).
-    ``auto`` (the default) picks the fastest variant that is installed, runs on this CPU and
-    passed the accuracy guard on this model (``lcnet_runner.guard``), else Paddle fp32. An
-    explicitly named variant without passing guard figures is refused unless ``skip_guard``.
-    ``threads`` are the engine's CPU threads (default: all cores).
+    ``auto`` (the default) picks the variant that is fastest on this machine among those that are
+    installed, run on this CPU and passed the accuracy guard and its self-check on this model
+    (``lcnet_runner.choice``); Paddle fp32 is always among them. An explicitly named variant
+    without passing guard figures, or failing its self-check here, is refused unless
+    ``skip_guard``. ``threads`` are the engine's CPU threads (default: all cores).
     """
 
     def __init__(
@@ -84,36 +92,18 @@ class Predictor:
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
-        self.config = self.artifact.preprocess
-        self.variant, self.engine = self._first_usable(engine, precision, threads, skip_guard)
+        self.preprocess_config = self.artifact.preprocess
+        self.choice: Choice = choose(self.artifact, engine, precision, threads, skip_guard)
+        self.variant: Variant = self.choice.variant
+        self.engine = self.choice.engine
         self.batch_size = batch_size
         self.timings = Timings()
         self._check_output_width()
 
-    def _first_usable(
-        self, engine: str, precision: str, threads: int | None, skip_guard: bool
-    ) -> tuple[Variant, Engine]:
-        """The fastest requested variant that passes the guard and loads; with one candidate
-        (or none usable) its own error explains why."""
-        tried = candidates(engine, precision)
-        reasons = []
-        for variant in tried:
-            try:
-                if not skip_guard:
-                    check(self.artifact, variant)
-                return variant, create_engine(
-                    variant.engine, self.artifact, threads, variant.precision
-                )
-            except ValueError as err:
-                if len(tried) == 1:
-                    raise
-                reasons.append(f"{variant}: {err}")
-        raise AccuracyGuardError(f"no usable {engine}/{precision} variant: " + "; ".join(reasons))
-
     def _check_output_width(self) -> None:
         """Fail at load time, not at the first request, when labels and classifier disagree
         (this also warms oneDNN up)."""
-        size = self.config.crop_size
+        size = self.preprocess_config.crop_size
         width = self.infer(np.zeros((1, size, size, 3), np.uint8)).shape[-1]
         if width != len(self.labels):
             raise ModelNotFoundError(
@@ -123,7 +113,7 @@ class Predictor:
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         """uint8 NHWC crops → class probabilities (N×C); the batch path the runner uses."""
-        return self.engine.predict(normalize(crops, self.config))
+        return self.engine.predict(normalize(crops, self.preprocess_config))
 
     def predict(
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 1, *, bgr: bool = False
@@ -137,7 +127,7 @@ class Predictor:
             t0 = time.perf_counter()
             crops = np.stack(
                 [
-                    preprocess(img, self.config, bgr=bgr)
+                    preprocess(img, self.preprocess_config, bgr=bgr)
                     for img in batch[start : start + self.batch_size]
                 ]
             )
@@ -165,7 +155,7 @@ def each_variant(
     present, the CPU able), Paddle fp32 — the reference — first, one at a time, guard not
     applied: for measuring the variants (the guard's figures, the benchmarks)."""
     artifact = load_artifact(model)
-    for variant in reversed(SPEED_ORDER):
+    for variant in all_variants():  # the registry lists the reference first
         try:
             predictor = Predictor(
                 artifact,

@@ -72,7 +72,7 @@ class LCNetRunner:
         """Run every batch size once before serving: oneDNN builds (and caches) its kernels per
         input shape, so the first batch of each size is slow and grows memory. Measured: without
         this a worker's memory rose ~100 MiB over its first few thousand requests, then stayed."""
-        size = self.predictor.config.crop_size
+        size = self.predictor.preprocess_config.crop_size
         for batch in range(1, self.config.max_batch_size + 1):
             self.predictor.infer(np.zeros((batch, size, size, 3), np.uint8))
 
@@ -82,7 +82,9 @@ class LCNetRunner:
     def decode(self, image: ImageSource) -> np.ndarray:
         """Decode + crop in the caller's thread; raises InvalidImageError for bad input."""
         start = time.perf_counter()
-        crop = preprocess(image, self.predictor.config, max_pixels=self.config.max_pixels)
+        crop = preprocess(
+            image, self.predictor.preprocess_config, max_pixels=self.config.max_pixels
+        )
         if self._observer:
             self._observer.decoded(time.perf_counter() - start)
         return crop

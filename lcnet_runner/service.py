@@ -9,7 +9,7 @@ import warnings
 import bentoml
 
 from .artifact import ModelNotFoundError, bentoml_home, load_folder
-from .guard import candidates, check
+from .choice import refuse_unusable
 from .http_api import create_app
 from .settings import ServingSettings
 
@@ -33,12 +33,11 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
 
 
 def _refuse_unusable_variant(tag: str) -> None:
-    """Check a named engine/precision against the model's accuracy guard before any worker
+    """Check a named engine/precision (accuracy guard, self-check on this CPU) before any worker
     starts: BentoML restarts a worker that fails to initialise forever, so the same error would
     otherwise scroll by and the server never become ready."""
-    variants = candidates(SETTINGS.engine, SETTINGS.precision)  # also validates the names
-    if len(variants) == 1 and not SETTINGS.skip_guard:
-        check(load_folder(bentoml.models.get(tag).path, tag=tag), variants[0])
+    artifact = load_folder(bentoml.models.get(tag).path, tag=tag)
+    refuse_unusable(artifact, SETTINGS.engine, SETTINGS.precision, SETTINGS.skip_guard)
 
 
 @bentoml.asgi_app(http_app, path="/")
@@ -61,8 +60,8 @@ class LCNetService:
         self.runner = LCNetRunner(artifact, SETTINGS.runner_config(), observer)
         logger.info(
             "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
-            artifact.name, self.runner.predictor.variant, SETTINGS.engine, SETTINGS.precision,
-            SETTINGS.threads,
+            artifact.name, self.runner.predictor.choice.describe(), SETTINGS.engine,
+            SETTINGS.precision, SETTINGS.threads,
         )  # fmt: skip
         http_app.state.runner = self.runner
         http_app.state.settings = SETTINGS

@@ -21,9 +21,46 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ["LCNET_CACHE"] = tempfile.mkdtemp(prefix="lcnet-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-# Class names with a space and a non-ASCII name, so both survive every file format on the way.
-COLOUR_CLASSES = {"blue sky": (40, 90, 220), "green": (40, 180, 60), "红": (220, 40, 40)}
+FIXTURES = ROOT / "tests" / "fixtures"  # the repository carries every file its tests read
+
+# A user's clone has nothing beside it (this workspace's ../shared is not theirs), so a test
+# that opens or lists a file next to the repository passes here and fails there. Every such
+# access in the test process is recorded; it fails collection or the test that made it.
+OUTSIDE_REPOSITORY: list[str] = []
+_NEIGHBOURS, _INSIDE = str(ROOT.parent) + os.sep, str(ROOT) + os.sep
+
+
+def _record_outside_access(event: str, args: tuple) -> None:
+    if event not in ("open", "os.listdir", "os.scandir") or not args:
+        return
+    if not isinstance(args[0], (str, bytes, os.PathLike)):
+        return  # a file descriptor
+    path = os.path.abspath(os.fsdecode(args[0]))
+    if path.startswith(_NEIGHBOURS) and not (path + os.sep).startswith(_INSIDE):
+        OUTSIDE_REPOSITORY.append(path)
+
+
+if ROOT.parent != Path(ROOT.anchor):  # a clone at the top of the file system has no neighbours
+    sys.addaudithook(_record_outside_access)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if OUTSIDE_REPOSITORY:
+        raise pytest.UsageError(f"test modules read outside the repository: {OUTSIDE_REPOSITORY}")
+
+
+@pytest.fixture(autouse=True)
+def _stays_inside_the_repository():
+    seen = len(OUTSIDE_REPOSITORY)
+    yield
+    assert OUTSIDE_REPOSITORY[seen:] == [], "the test reached outside the repository"
+
+
+# Class names with an inner and an edge space and a non-ASCII name ending in U+2028 (a line
+# separator to str.splitlines(), legal in a folder name): each must survive every file format on
+# the way from split to a served answer, unchanged.
+COLOUR_CLASSES = {" blue sky": (40, 90, 220), "green": (40, 180, 60), "红\u2028": (220, 40, 40)}
+CLASS_NAMES = sorted(COLOUR_CLASSES)  # label-index order
 TINY_EPOCHS = 8
 
 

@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import json
+import re
+from itertools import groupby
 from pathlib import Path
 
 import bentoml
 import pytest
 from conftest import run_cli, tiny_fit
 
-from train.distributed import Rank, auto_procs, shard
+from train.distributed import LAUNCHER_LOG, Rank, auto_procs, run_data_parallel, shard
 
 pytestmark = pytest.mark.slow
 # 8 images per rank and step; more epochs because a global batch of 16 takes half the steps.
 DIST_FIT = [*tiny_fit(epochs=16), "--batch-size", "16", "--lr", "0.02", "--procs", "2"]
+# What Paddle's launcher and its ranks print on their own: it belongs in SAVE_DIR/logs.
+LAUNCHER_CHATTER = ("LAUNCH INFO", "FLAGS(", "Modified FLAGS", "tcp_store", "tcp_utils")
 
 
 def summary(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def line_kinds(text: str) -> list[str]:
+    """Each line's first word with its digits blanked, runs of one kind counted once (8 epochs
+    or 16 read the same); indented lines (a warning's source, the guard's rows) are left out."""
+    kinds = (re.sub(r"\d+", "#", line.split()[0]) for line in text.splitlines() if line[:1].strip())
+    return [kind for kind, _ in groupby(kinds)]
+
+
+@pytest.fixture(scope="module")
+def two_processes(colour_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """`fit --procs 2` on the colour set: the finished process and its save dir."""
+    save_dir = tmp_path_factory.mktemp("dist") / "run"
+    args = [*DIST_FIT, "--save-dir", str(save_dir), "--name", "dist"]
+    return run_cli("train", "fit", str(colour_dataset), *args), save_dir
 
 
 def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder() -> None:
@@ -29,23 +48,46 @@ def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder() -> None:
     assert auto_procs(batch_size=32, cores=2) == 2
 
 
-def test_two_processes_train_to_the_bar_and_store_one_version(
-    colour_dataset: Path, tmp_path: Path
-) -> None:
-    save_dir = tmp_path / "dist"
-    args = [*DIST_FIT, "--save-dir", str(save_dir), "--name", "dist"]
-    result = run_cli("train", "fit", str(colour_dataset), *args)
+def test_one_process_or_a_rank_trains_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert not run_data_parallel([], "1", 64, 0, "unused")
+    assert not run_data_parallel([], "auto", 4, 0, "unused")  # < 8 images a rank: one process
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")  # already started by the launcher
+    assert not run_data_parallel([], "2", 64, 0, "unused")
+
+
+def test_two_processes_train_to_the_bar_and_store_one_version(two_processes: tuple) -> None:
+    result, save_dir = two_processes
     assert "training with 2 data-parallel processes" in result.stderr
     report = summary(result.stdout)
     assert report["val_top1"] >= 0.85 and report["test_top1"] >= 0.85
     assert [str(m.tag) for m in bentoml.models.list("dist")] == [report["tag"]]
-    # Each rank trained on its own half of the 126 training images.
+    assert bentoml.models.get(report["tag"]).info.metadata["train_images"] == 126
+    # Each rank trained on its own half of the 126 training images; rank 0 says so on the
+    # console only as a single process would, the others in their logs.
     logs = sorted((save_dir / "logs").glob("workerlog.*"))
     assert [log.name for log in logs] == ["workerlog.0", "workerlog.1"]
-    for index, log in enumerate(logs):
-        assert f"rank {index}/2: 63 training images" in log.read_text()
+    assert "rank 1/2: 63 training images" in logs[1].read_text()
     history = json.loads((save_dir / "history.json").read_text())
     assert len(history) == 16
+
+
+def test_two_processes_print_what_one_process_prints(
+    two_processes: tuple, colour_dataset: Path, tmp_path: Path
+) -> None:
+    """Rank 0 writes to fit's own console; the launcher's chatter goes to SAVE_DIR/logs."""
+    two, save_dir = two_processes
+    one_epoch = [*DIST_FIT, "--epochs", "1", "--procs", "1", "--save-dir", str(tmp_path)]
+    one = run_cli("train", "fit", str(colour_dataset), *one_epoch, "--name", "one")
+    for result in (one, two):
+        json.loads(result.stdout.splitlines()[-1])  # the summary comes last
+        assert "epoch 1/" in result.stderr
+        for chatter in LAUNCHER_CHATTER:
+            assert chatter not in result.stdout + result.stderr, chatter
+    assert line_kinds(two.stdout) == line_kinds(one.stdout)
+    extra, *rest = two.stderr.splitlines()  # the one line naming the process count
+    assert extra.startswith("training with 2 data-parallel processes")
+    assert line_kinds("\n".join(rest)) == line_kinds(one.stderr)
+    assert "LAUNCH INFO" in (save_dir / "logs" / LAUNCHER_LOG).read_text()
 
 
 def test_resume_works_distributed(colour_dataset: Path, tmp_path: Path) -> None:
@@ -54,7 +96,7 @@ def test_resume_works_distributed(colour_dataset: Path, tmp_path: Path) -> None:
     run_cli("train", "fit", str(colour_dataset), *base, "--name", "dist-resume")
     more = [*base, "--epochs", "3", "--resume", "--name", "dist-resume"]
     result = run_cli("train", "fit", str(colour_dataset), *more)
-    assert "resuming from epoch 2" in result.stdout + result.stderr
+    assert "resuming from epoch 2" in result.stderr  # rank 0's console is fit's own
     assert [row["epoch"] for row in json.loads((save_dir / "history.json").read_text())] == [
         1,
         2,

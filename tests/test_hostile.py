@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import CLASS_NAMES
 from PIL import Image
 from serverproc import Server
 
@@ -104,7 +105,7 @@ def test_images_over_http(server: Server, name: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     if status == 200:
-        assert len(body) == 1 and body[0]["category"] in ("blue sky", "green", "红")
+        assert len(body) == 1 and body[0]["category"] in CLASS_NAMES
     else:
         assert body["error"] and "Traceback" not in body["error"]
     assert_still_serving(server)

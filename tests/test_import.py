@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import CLASS_NAMES, run_cli
 
 from lcnet_runner import Predictor
 from train.split import read_split
@@ -49,7 +49,7 @@ def test_import_paddleclas_style_folder(trained: dict, tmp_path: Path) -> None:
     result = run_cli("train", "import", str(folder), "--name", "imported-folder")
     tag = result.stdout.strip().split()[-1]
     predictor = Predictor(tag)
-    assert predictor.labels == ("blue sky", "green", "红")
+    assert predictor.labels == tuple(CLASS_NAMES)
     assert predictor.artifact.info["architecture"] == "PPLCNet_x0_25"
     np.testing.assert_allclose(
         _probs(tag, trained), _probs(trained["export_dir"], trained), atol=1e-5

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import CLASS_NAMES
 from PIL import Image
 from serverproc import Server
 
@@ -43,16 +44,24 @@ def test_answers_equal_the_in_process_predictor(server: Server, scheme, images, 
     assert len(batch) == len(images)
     for got, want in zip(batch, expected, strict=True):
         assert_same(got, want)
+        # top 3 of 3 classes: every class name served exactly as the dataset's folder spells it
+        assert sorted(p["category"] for p in got) == CLASS_NAMES
 
 
 def test_model_info_endpoint(server: Server, trained: dict) -> None:
     info = httpx.get(f"{server.url}/model").json()
     assert info["tag"] == trained["tag"]
     assert info["architecture"] == "PPLCNet_x0_25"
-    assert info["labels"] == ["blue sky", "green", "红"]
-    # the engine auto picks: the fastest variant that passed the accuracy guard at fit time
-    chosen = Predictor(trained["tag"], threads=1).variant
-    assert (info["engine"], info["precision"]) == (chosen.engine, chosen.precision)
+    assert info["labels"] == CLASS_NAMES
+    # auto: the fastest here of the variants that passed the guard; the workers raced once and
+    # this process (1 thread, like a worker) reads the same cached answer
+    choice = Predictor(trained["tag"], threads=1).choice
+    assert choice.race["cached"] and (info["engine"], info["precision"]) == (
+        choice.variant.engine, choice.variant.precision,
+    )  # fmt: skip
+    served = info["engine_choice"]
+    assert served["variant"] == str(choice.variant)
+    assert served["race"]["images_per_s"] == choice.race["images_per_s"]
     assert info["input_size"] == 32 and info["threads"] == 1
     assert info["val_top1"] == trained["val_top1"] and info["test_top1"] == trained["test_top1"]
 

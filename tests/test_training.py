@@ -13,7 +13,7 @@ import bentoml
 import numpy as np
 import paddle
 import pytest
-from conftest import COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
+from conftest import CLASS_NAMES, COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
 from PIL import Image
 
 from train.data import decode_split
@@ -49,9 +49,9 @@ def test_fit_writes_checkpoints_history_plots_and_export(trained: dict) -> None:
     export = save_dir / "inference"
     for name in ("inference.json", "inference.pdiparams", "inference.yml", "labels.txt"):
         assert (export / name).is_file(), name
-    assert (export / "labels.txt").read_text(encoding="utf-8").splitlines() == sorted(
-        COLOUR_CLASSES
-    )
+    # Written exactly: one name a line, edge spaces and U+2028 kept.
+    labels_txt = (export / "labels.txt").read_text(encoding="utf-8")
+    assert labels_txt == "".join(f"{name}\n" for name in CLASS_NAMES)
 
 
 def test_fit_saves_a_store_version_with_labels_and_metadata(trained: dict) -> None:
@@ -114,7 +114,7 @@ def test_learning_rate_schedules() -> None:
 
 def test_report_answers_what_is_this_model(trained: dict) -> None:
     text = report(trained["tag"])
-    for expected in (trained["tag"], "PPLCNet_x0_25", "3: blue sky, green, 红", "colours",
+    for expected in (trained["tag"], "PPLCNet_x0_25", f"3: {', '.join(CLASS_NAMES)}", "colours",
                      f"{100 * trained['test_top1']:.1f} %", "curves.png",
                      "top-1 agreement with paddle fp32: passed"):  # fmt: skip
         assert expected in text, expected

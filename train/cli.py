@@ -1,18 +1,18 @@
 """``python -m train``: demo-data, split, fit, evaluate, export, verify, quantize, report, import.
 
-Parsing only; each subcommand calls one function of the Python API."""
+``build_parser`` parses; each subcommand is a ``run_*`` function (``set_defaults(func=...)``)
+that calls one function of the Python API and prints its result; ``main`` maps user errors to
+one line and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
-from lcnet_runner.cli import add_engine_arguments
+from lcnet_runner.cli import add_engine_arguments, json_line
 from lcnet_runner.preprocess import InvalidImageError
 
 from .pretrained import PretrainedError
@@ -48,16 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .fit import FitConfig
     from .model import SCALES
 
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    description = __doc__.splitlines()[0]  # the rest is for readers of this file
+    parser = argparse.ArgumentParser(prog="python -m train", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo-data", help="write a synthetic shapes dataset (ImageNet layout)")
+    p.set_defaults(func=run_demo_data)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--images-per-class", type=int, default=100)
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("split", help="split DATASET/<class>/<images> into train/val/test lists")
+    p.set_defaults(func=run_split)
     p.add_argument("dataset", type=Path)
     p.add_argument("--val-ratio", "--val_value", type=float, default=0.2)
     p.add_argument("--test-ratio", "--test_value", type=float, default=0.1)
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = FitConfig()
     p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store")
+    p.set_defaults(func=run_fit)
     p.add_argument("dataset", type=Path)
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(SCALES)}")
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("evaluate", help="accuracy of a stored or exported model on a split")
+    p.set_defaults(func=run_evaluate)
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -117,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("export", help="add another inference format to a stored or exported model")
+    p.set_defaults(func=run_export)
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument(
         "--format",
@@ -128,12 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "verify", help="measure every engine/precision against paddle fp32 (the accuracy guard)"
     )
+    p.set_defaults(func=run_verify)
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("quantize", help="add an INT8 OpenVINO variant, then verify (int8 extra)")
+    p.set_defaults(func=run_quantize)
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True, help="calibrates on its train split")
     p.add_argument("--calibration-images", type=int, default=300)
@@ -142,9 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
 
     p = sub.add_parser("report", help="summary of a stored or exported model")
+    p.set_defaults(func=run_report)
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
 
     p = sub.add_parser("import", help="store a PaddleClas .pdparams or an exported folder")
+    p.set_defaults(func=run_import)
     p.add_argument("source", type=Path)
     p.add_argument("--name", default="pplcnet")
     p.add_argument("--model", help="architecture, e.g. PPLCNet_x1_0 (needed for .pdparams)")
@@ -154,99 +164,105 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.command == "demo-data":
-        from .demo_data import write_demo_dataset
+def run_demo_data(args: argparse.Namespace) -> None:
+    from .demo_data import write_demo_dataset
 
-        classes = write_demo_dataset(
-            args.out_dir, args.images_per_class, args.image_size, args.seed
-        )
-        print(
-            f"wrote {args.images_per_class} images for each of {', '.join(classes)} "
-            f"to {args.out_dir}"
-        )
-    elif args.command == "split":
-        from .split import split_dataset
+    classes = write_demo_dataset(args.out_dir, args.images_per_class, args.image_size, args.seed)
+    print(
+        f"wrote {args.images_per_class} images for each of {', '.join(classes)} to {args.out_dir}"
+    )
 
-        result = split_dataset(args.dataset, args.val_ratio, args.test_ratio, args.seed)
-        print(
-            f"{len(result.labels)} classes; train {result.counts['train']}, "
-            f"val {result.counts['val']}, test {result.counts['test']} images"
-        )
-        if result.skipped:
-            print(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
-    elif args.command == "fit":
-        from . import distributed
-        from .fit import FitConfig, fit
 
-        procs = distributed.auto_procs(args.batch_size) if args.procs == "auto" else int(args.procs)
-        if procs > 1 and "PADDLE_TRAINERS_NUM" not in os.environ:
-            cores = len(os.sched_getaffinity(0))
-            threads = args.threads or max(1, cores // procs)
-            fit_args = args.argv[args.argv.index("fit") + 1 :]  # later --procs/--threads win
-            print(
-                f"training with {procs} data-parallel processes x {threads} threads "
-                f"(logs of every rank in {args.save_dir}/logs)",
-                file=sys.stderr,
-            )
-            code = distributed.launch(fit_args, procs, Path(args.save_dir) / "logs", threads)
-            if code:
-                raise SystemExit(code)
-            return
-        skip = ("command", "dataset", "procs", "argv")
-        options = {k: v for k, v in vars(args).items() if k not in skip}
-        options["save_dir"] = str(options["save_dir"])
-        summary = fit(args.dataset, FitConfig(**options))
-        if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
-            return
-        print(f"saved {summary['tag']} to the BentoML store")
-        print(json.dumps(summary))
-    elif args.command == "evaluate":
-        from .evaluate import evaluate
+def run_split(args: argparse.Namespace) -> None:
+    from .split import split_dataset
 
-        report = evaluate(args.model, args.dataset, args.split, engine=args.engine,
-                          precision=args.precision, threads=args.threads,
-                          confusion_png=args.confusion_matrix)  # fmt: skip
-        print(json.dumps(report, ensure_ascii=False))
-    elif args.command == "export":
-        from .export import add_format
+    result = split_dataset(args.dataset, args.val_ratio, args.test_ratio, args.seed)
+    print(
+        f"{len(result.labels)} classes; train {result.counts['train']}, "
+        f"val {result.counts['val']}, test {result.counts['test']} images"
+    )
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
 
-        print(f"{args.format}: {add_format(args.model, args.format)}")
-    elif args.command in ("verify", "quantize"):
-        from .guard import describe, verify
-        from .quantize import quantize
 
-        if args.command == "verify":
-            result, figures = verify(args.model, args.dataset, args.split, args.threads)
-        else:
-            result, figures = quantize(args.model, args.dataset, split=args.split,
-                                       calibration_images=args.calibration_images,
-                                       threads=args.threads)  # fmt: skip
-        print(describe(figures))
-        print(f"saved as {result}")
-    elif args.command == "report":
-        from .report import report
+def run_fit(args: argparse.Namespace) -> None:
+    from . import distributed
+    from .fit import FitConfig, fit
 
-        print(report(args.model))
-    elif args.command == "import":
-        from .importer import import_model
+    fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
+    if distributed.run_data_parallel(
+        fit_args, args.procs, args.batch_size, args.threads, args.save_dir
+    ):
+        return
+    skip = ("command", "dataset", "procs", "argv", "func")
+    options = {k: v for k, v in vars(args).items() if k not in skip}
+    options["save_dir"] = str(options["save_dir"])
+    summary = fit(args.dataset, FitConfig(**options))
+    if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
+        return
+    print(f"saved {summary['tag']} to the BentoML store")
+    print(json_line(summary))
 
-        tag = import_model(
-            args.source,
-            name=args.name,
-            model=args.model,
-            labels=args.labels,
-            input_size=args.input_size,
-            resize_short=args.resize_short,
-        )
-        print(f"imported {args.source} as {tag}")
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+
+    report = evaluate(args.model, args.dataset, args.split, engine=args.engine,
+                      precision=args.precision, threads=args.threads,
+                      confusion_png=args.confusion_matrix)  # fmt: skip
+    print(json_line(report))
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from .export import add_format
+
+    print(f"{args.format}: {add_format(args.model, args.format)}")
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    from .guard import describe, verify
+
+    result, figures = verify(args.model, args.dataset, args.split, args.threads)
+    print(describe(figures))
+    print(f"saved as {result}")
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from .guard import describe
+    from .quantize import quantize
+
+    result, figures = quantize(args.model, args.dataset, split=args.split,
+                               calibration_images=args.calibration_images,
+                               threads=args.threads)  # fmt: skip
+    print(describe(figures))
+    print(f"saved as {result}")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    from .report import report
+
+    print(report(args.model))
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from .importer import import_model
+
+    tag = import_model(
+        args.source,
+        name=args.name,
+        model=args.model,
+        labels=args.labels,
+        input_size=args.input_size,
+        resize_short=args.resize_short,
+    )
+    print(f"imported {args.source} as {tag}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run(args)
+        args.func(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

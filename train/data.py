@@ -133,6 +133,14 @@ def train_batches(
         yield crops, split.labels[ids]
 
 
+def sample_crops(split: DecodedSplit, count: int, crop_size: int, seed: int = 0) -> np.ndarray:
+    """Center crops (what serving feeds the model) of ``count`` random images of a split, in
+    split order: INT8 calibration, the self-check sample."""
+    ids = np.sort(np.random.default_rng(seed).permutation(len(split))[:count])
+    subset = DecodedSplit([split.images[i] for i in ids], split.labels[ids], [])
+    return np.concatenate([crops for crops, _ in eval_batches(subset, crop_size, 64)])
+
+
 def eval_batches(
     split: DecodedSplit, crop_size: int, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -4,7 +4,9 @@
 ranks (``--ips`` for several hosts); ``fit --procs N`` does that for you. Each rank trains on a
 disjoint shard of the train split, gradients are averaged by ``paddle.DataParallel``, and only
 rank 0 evaluates, writes checkpoints, exports and stores the model (batch-norm running statistics
-are not synchronised across ranks, so rank 0's are the ones saved).
+are not synchronised across ranks, so rank 0's are the ones saved). Started by ``fit --procs N``,
+rank 0 writes to ``fit``'s own console, so it reads as a single process; the launcher's output
+and the other ranks' go to SAVE_DIR/logs.
 
 Measured on 2 cores: 2 processes × 1 thread train PP-LCNet 1.6–1.9× faster than 1 process ×
 2 threads (its small convolutions gain little from intra-op threads).
@@ -13,8 +15,10 @@ Measured on 2 cores: 2 processes × 1 thread train PP-LCNet 1.6–1.9× faster t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,9 @@ import paddle.distributed as dist
 T = TypeVar("T")
 # Below this many images per rank and step, batch-norm statistics get too noisy to split a batch.
 MIN_BATCH_PER_RANK = 8
+LAUNCHER_LOG = "launcher.log"  # in --log_dir, next to the ranks' workerlog.N
+# Where rank 0 collects the console of the `fit` that started the launcher (see take_console).
+CONSOLE_ENV = "LCNET_CONSOLE_SOCKET"
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,10 @@ def init() -> Rank:
     if world <= 1:
         return SINGLE
     dist.init_parallel_env()
-    return Rank(dist.get_rank(), dist.get_world_size())
+    rank = Rank(dist.get_rank(), dist.get_world_size())
+    if rank.main:  # after init_parallel_env: its FLAGS dump and tcp_store lines stay in the log
+        take_console()
+    return rank
 
 
 def shard(items: Sequence[T], rank: Rank) -> list[T]:
@@ -80,9 +90,36 @@ def auto_procs(batch_size: int, cores: int | None = None) -> int:
     return max(1, min(cores, batch_size // MIN_BATCH_PER_RANK))
 
 
+def run_data_parallel(
+    fit_args: Sequence[str], procs: str, batch_size: int, threads: int, save_dir: str | Path
+) -> bool:
+    """``fit --procs N|auto``: re-run ``fit`` with several ranks when that means more than one
+    process and this is not a rank already; True when it did. A failed run exits with its code."""
+    count = auto_procs(batch_size) if procs == "auto" else int(procs)
+    if count <= 1 or "PADDLE_TRAINERS_NUM" in os.environ:
+        return False
+    threads = threads or max(1, len(os.sched_getaffinity(0)) // count)
+    log_dir = Path(save_dir) / "logs"
+    print(
+        f"training with {count} data-parallel processes x {threads} threads "
+        f"(logs of every rank in {log_dir})",
+        file=sys.stderr,
+    )
+    code = launch(fit_args, count, log_dir, threads)
+    if code:
+        print(f"data-parallel training failed (exit code {code}); see {log_dir}", file=sys.stderr)
+        raise SystemExit(code)
+    return True
+
+
 def launch(fit_args: Sequence[str], procs: int, log_dir: Path, threads: int) -> int:
-    """Re-run ``fit`` under ``paddle.distributed.launch`` with ``procs`` ranks; its exit code."""
+    """Re-run ``fit`` under ``paddle.distributed.launch`` with ``procs`` ranks; its exit code.
+
+    The launcher's own output (its config dump, status lines and a copy of rank 0's log) goes to
+    LOG_DIR/launcher.log; rank 0 writes to this process's stdout and stderr (``take_console``)."""
     entry = Path(__file__).with_name("__main__.py")
+    # The user's --procs/--threads come first: argparse keeps the last, so each rank is one
+    # process with its share of the threads.
     command = [
         sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(procs),
         "--log_dir", str(log_dir), str(entry), "fit", *fit_args,
@@ -94,4 +131,48 @@ def launch(fit_args: Sequence[str], procs: int, log_dir: Path, threads: int) -> 
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     }
-    return subprocess.run(command, env=env).returncode
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        # A private (0700) folder: no other user may connect and be handed this terminal.
+        tempfile.TemporaryDirectory(prefix="lcnet-") as private,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server,
+        open(log_dir / LAUNCHER_LOG, "w") as chatter,
+    ):
+        env[CONSOLE_ENV] = address = os.path.join(private, "console")
+        server.bind(address)
+        server.listen()
+        with subprocess.Popen(command, env=env, stdout=chatter, stderr=subprocess.STDOUT) as proc:
+            return lend_console(server, proc)
+
+
+def lend_console(server: socket.socket, launcher: subprocess.Popen) -> int:
+    """Until the launcher exits, pass this process's stdout and stderr to whoever connects
+    (rank 0). Descriptors, not paths: the launcher closes inherited ones, and re-opening a file
+    by path would start at its beginning; sent over a Unix socket they are the very same files."""
+    server.settimeout(0.2)
+    while launcher.poll() is None:
+        try:
+            connection, _ = server.accept()
+        except TimeoutError:
+            continue
+        with connection:  # fds 1 and 2 themselves, whatever sys.stdout/stderr were replaced by
+            socket.send_fds(connection, [b"console"], [1, 2])
+    return launcher.returncode
+
+
+def take_console() -> None:
+    """In rank 0 of ``fit --procs N``: write to the console ``fit`` was started from, as a single
+    process does (rank 0's log file, which the launcher copies with its own chatter, is left)."""
+    address = os.environ.get(CONSOLE_ENV)
+    if not address:  # started by the launcher directly (e.g. several hosts): keep the log file
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(address)
+        _, fds, _, _ = socket.recv_fds(client, 16, 2)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, target in zip(fds, (1, 2), strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    # Python chose block buffering for the log file; a terminal wants each line as it comes.
+    sys.stdout.reconfigure(line_buffering=os.isatty(1))

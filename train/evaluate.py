@@ -1,4 +1,5 @@
-"""Accuracy: metrics from class scores, and ``evaluate`` of a stored or exported model."""
+"""Accuracy: metrics from class scores, of the model being trained (dygraph) or of a stored or
+exported one (``evaluate``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paddle
 
 from lcnet_runner import Predictor
-from lcnet_runner.guard import AUTO, REFERENCE, compare
-from lcnet_runner.preprocess import PreprocessConfig
+from lcnet_runner.engines import AUTO, REFERENCE
+from lcnet_runner.guard import compare
+from lcnet_runner.preprocess import PreprocessConfig, normalize
 
 from .data import DecodedSplit, decode_split, eval_batches
 from .plots import confusion_matrix, plot_confusion_matrix
@@ -41,6 +44,30 @@ def classification_metrics(
     }
 
 
+def dygraph_scores(
+    model: paddle.nn.Layer, split: DecodedSplit, preprocess: PreprocessConfig
+) -> np.ndarray:
+    """Logits of the model being trained on a decoded split, with the serving crops."""
+    model.eval()
+    outputs = []
+    with paddle.no_grad():
+        for crops, _ in eval_batches(split, preprocess.crop_size, batch_size=64):
+            outputs.append(model(paddle.to_tensor(normalize(crops, preprocess))).numpy())
+    return np.concatenate(outputs)
+
+
+def dygraph_metrics(
+    model: paddle.nn.Layer,
+    split: DecodedSplit | None,
+    labels: Sequence[str],
+    preprocess: PreprocessConfig,
+) -> dict[str, Any]:
+    """``classification_metrics`` of the model being trained on a decoded split ({} without one)."""
+    if split is None:
+        return {}
+    return classification_metrics(dygraph_scores(model, split, preprocess), split.labels, labels)
+
+
 def decode_labelled_split(
     dataset: str | Path,
     split: str,
@@ -69,7 +96,7 @@ def decode_labelled_split(
 
 def split_scores(predictor: Predictor, split: DecodedSplit, batch_size: int = 32) -> np.ndarray:
     """Class probabilities of every image of a decoded split, center-cropped as in serving."""
-    crop = predictor.config.crop_size
+    crop = predictor.preprocess_config.crop_size
     return np.concatenate(
         [predictor.infer(crops) for crops, _ in eval_batches(split, crop, batch_size)]
     )
@@ -93,7 +120,7 @@ def evaluate(
     named = engine != AUTO and precision != AUTO
     predictor = Predictor(model, engine=engine, precision=precision, threads=threads,
                           skip_guard=named)  # fmt: skip
-    decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.config)
+    decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.preprocess_config)
     probs = split_scores(predictor, decoded)
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
     report = {"model": predictor.artifact.name, "engine": predictor.variant.engine,

@@ -1,7 +1,8 @@
 """``fit``: the seed's PaddleX 2 training recipe, reading top to bottom.
 
-split lists → decode once → epochs of (train, validate, checkpoint) → test → export → store.
-A checkpoint is a plain dict holding everything needed to resume.
+split lists → decode once → epochs of (train, validate, checkpoint) → pick the best epoch and
+test it → package (export, faster variants, accuracy guard, store). A checkpoint is a plain dict
+holding everything needed to resume.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,13 @@ from tqdm import tqdm
 from lcnet_runner.preprocess import PreprocessConfig, normalize
 
 from . import distributed, pretrained
-from .data import AugmentConfig, DecodedSplit, decode_split, eval_batches, train_batches
-from .evaluate import classification_metrics
+from .data import AugmentConfig, DecodedSplit, decode_split, sample_crops, train_batches
+from .evaluate import dygraph_metrics, dygraph_scores
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .guard import describe, guard_figures, record_guard
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
-from .quantize import (
-    CALIBRATION_IMAGES,
-    calibration_crops,
-    quantize_openvino,
-    require_int8_extra,
-)
+from .quantize import CALIBRATION_IMAGES, quantize_openvino, require_int8_extra
 from .split import SPLITS, read_labels, read_split, split_dataset
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
@@ -103,6 +99,11 @@ def learning_rate(config: FitConfig, epoch: float) -> float:
     return config.lr * 0.1 ** sum(int(epoch) >= boundary for boundary in config.lr_decay_epochs)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. under taskset or a container)."""
+    return len(os.sched_getaffinity(0))
+
+
 def log(message: str) -> None:
     """Progress on stderr; in a data-parallel run only rank 0 talks."""
     if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
@@ -127,15 +128,15 @@ def load_splits(
         if result.skipped:
             log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
     labels = read_labels(dataset)
-    workers = config.workers or os.cpu_count() or 1
+    workers = config.workers or available_cores()
     splits = {}
     for name in SPLITS if rank.main else ["train"]:
         samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
         if name == "train" and rank.world > 1:
             samples = distributed.shard(samples, rank)
-            print(
-                f"rank {rank.index}/{rank.world}: {len(samples)} training images", file=sys.stderr
-            )
+            if not rank.main:  # rank 0's console shows what one process would, no more
+                note = f"rank {rank.index}/{rank.world}: {len(samples)} training images"
+                print(note, file=sys.stderr)
         if samples:
             splits[name] = decode_split(samples, config.preprocess, workers=workers, desc=name)
             if splits[name].skipped:
@@ -148,43 +149,59 @@ def load_splits(
     return labels, splits
 
 
-def predict_scores(model: paddle.nn.Layer, split: DecodedSplit, config: FitConfig) -> np.ndarray:
-    """Logits of the dygraph model on a decoded split, with the serving crops."""
-    model.eval()
-    outputs = []
-    with paddle.no_grad():
-        for crops, _ in eval_batches(split, config.input_size, batch_size=64):
-            outputs.append(model(paddle.to_tensor(normalize(crops, config.preprocess))).numpy())
-    return np.concatenate(outputs)
+@dataclass
+class TrainingState:
+    """What the epochs change. ``checkpoint``/``restore`` map it to the plain dict saved as
+    last.pdckpt, whose keys stay those of the first release so that old checkpoints resume."""
+
+    model: paddle.nn.Layer
+    optimizer: paddle.optimizer.Optimizer
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per finished epoch
+    epochs_done: int = 0
+    best_epoch: int = -1  # 0-based, as in checkpoints
+    best_score: float = -math.inf  # val top-1, or the epoch index when there is no val split
+
+    def checkpoint(self, labels: list[str], config: FitConfig) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epochs_done - 1,
+            "best": {"score": self.best_score, "epoch": self.best_epoch},
+            "history": self.history,
+            "labels": labels,
+            "config": dataclasses.asdict(config),
+        }
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.set_state_dict(checkpoint["model"])
+        self.optimizer.set_state_dict(checkpoint["optimizer"])
+        self.history = checkpoint["history"]
+        self.epochs_done = checkpoint["epoch"] + 1
+        self.best_score = checkpoint["best"]["score"]
+        self.best_epoch = checkpoint["best"]["epoch"]
 
 
-def split_metrics(
-    model: paddle.nn.Layer, split: DecodedSplit | None, labels: list[str], config: FitConfig
-) -> dict[str, Any]:
-    """top-1/top-5/per-class on a decoded split ({} when there is none)."""
-    if split is None:
-        return {}
-    return classification_metrics(predict_scores(model, split, config), split.labels, labels)
-
-
-def write_plots(
-    model: paddle.nn.Layer,
-    splits: dict[str, DecodedSplit],
-    labels: list[str],
-    history: list[dict[str, Any]],
-    config: FitConfig,
-    out_dir: Path,
-) -> list[Path]:
-    """curves.png, and confusion_matrix.png on the test split (val when there is no test)."""
-    files = [plot_curves(history, out_dir / CURVES)]
-    name = "test" if "test" in splits else "val" if "val" in splits else None
-    if name:
-        split = splits[name]
-        predicted = predict_scores(model, split, config).argmax(axis=1)
-        counts = confusion_matrix(split.labels, predicted, len(labels))
-        title = f"{config.name}: {name} split"
-        files.append(plot_confusion_matrix(counts, labels, out_dir / CONFUSION, title=title))
-    return files
+def initial_state(config: FitConfig, labels: list[str], weights: Path | None) -> TrainingState:
+    """A new model (with ``weights`` when given), or with --resume the last checkpoint's state."""
+    model = build_model(config.model, num_classes=len(labels))
+    optimizer = paddle.optimizer.Momentum(
+        learning_rate=config.lr,
+        momentum=config.momentum,
+        parameters=model.parameters(),
+        weight_decay=paddle.regularizer.L2Decay(config.weight_decay),
+    )
+    state = TrainingState(model, optimizer)
+    path = Path(config.save_dir) / CHECKPOINT
+    if config.resume:
+        if not path.is_file():
+            raise ValueError(f"--resume: no checkpoint at {path}")
+        state.restore(paddle.load(str(path)))
+        log(f"resuming from epoch {state.epochs_done} of {path}")
+    elif weights is not None:
+        report = pretrained.load_weights(model, weights)
+        skipped = ", ".join(report.skipped) or "none"
+        log(f"loaded {report.loaded} tensors from {weights}; re-initialised: {skipped}")
+    return state
 
 
 def train_one_epoch(
@@ -223,145 +240,38 @@ def train_one_epoch(
     return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
 
 
-def model_info(
-    config: FitConfig,
-    dataset: Path,
-    labels: list[str],
-    train_images: int,
-    history: list[dict[str, Any]],
-    best_epoch: int,
-    test: dict[str, Any],
-    seconds: float,
-) -> dict[str, Any]:
-    """What is stored with the model: store labels, metadata, model_info.json."""
-    best = history[best_epoch]  # history holds every epoch, resumed runs included
-    return {
-        **base_info(config.model, labels, config.preprocess),
-        "dataset": dataset.resolve().name,
-        "val_top1": best["val_top1"],
-        "val_top5": best["val_top5"],
-        "test_top1": test.get("top1"),
-        "test_top5": test.get("top5"),
-        "epochs": history[-1]["epoch"],
-        "best_epoch": best_epoch + 1,
-        "train_images": train_images,
-        "pretrained": config.pretrained,
-        "crop_scale": list(config.crop_scale),
-        "hflip": config.hflip,
-        "training_time_s": round(seconds, 1),
-    }
-
-
-def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON.
-
-    Started by ``paddle.distributed.launch`` it trains data-parallel; only rank 0 evaluates,
-    checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
-    """
-    config = dataclasses.replace(config or FitConfig(), **overrides)
-    dataset, save_dir = Path(dataset), Path(config.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    rank = distributed.init()
-    paddle.seed(config.seed)  # the same initial weights on every rank
-    paddle.base.core.set_num_threads(config.threads or os.cpu_count() or 1)
-    rng = np.random.default_rng([config.seed, rank.index])
-
-    if config.int8:  # a missing extra must not surface after the whole training
-        require_int8_extra()
-    # Weights first: a failed download should not wait for the whole dataset to decode.
-    weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
-    labels, splits = load_splits(dataset, config, rank)
-    model = build_model(config.model, num_classes=len(labels))
-    optimizer = paddle.optimizer.Momentum(
-        learning_rate=config.lr,
-        momentum=config.momentum,
-        parameters=model.parameters(),
-        weight_decay=paddle.regularizer.L2Decay(config.weight_decay),
-    )
-    # Without a validation split every epoch "improves", so the last one is kept.
-    history: list[dict[str, Any]] = []
-    first_epoch, best = 0, {"score": -math.inf, "epoch": -1}
-    if config.resume:
-        if not (save_dir / CHECKPOINT).is_file():
-            raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
-        state = paddle.load(str(save_dir / CHECKPOINT))
-        model.set_state_dict(state["model"])
-        optimizer.set_state_dict(state["optimizer"])
-        first_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
-        rng = np.random.default_rng([config.seed, rank.index, first_epoch])
-        log(f"resuming from epoch {first_epoch} of {save_dir / CHECKPOINT}")
-    elif weights is not None:
-        report = pretrained.load_weights(model, weights)
-        skipped = ", ".join(report.skipped) or "none"
-        log(f"loaded {report.loaded} tensors from {weights}; re-initialised: {skipped}")
-    network = paddle.DataParallel(model) if rank.world > 1 else model
-
-    for epoch in range(first_epoch, config.epochs):
-        stats = train_one_epoch(network, optimizer, splits["train"], config, epoch, rng, rank)
-        stop = False
-        if rank.main:
-            row = end_of_epoch(
-                model, optimizer, splits, labels, config, epoch, stats, best, history
-            )
-            best = row.pop("best")
-            history.append(row)
-            stop = bool(config.early_stop_patience) and (
-                epoch - best["epoch"] >= config.early_stop_patience
-            )
-            if stop:
-                log(f"early stop: no better val top-1 for {config.early_stop_patience} epochs")
-        if distributed.broadcast_flag(stop, rank):
-            break
-    if not rank.main:
-        return {"rank": rank.index}
-    (save_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
-
-    model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
-    test = split_metrics(model, splits.get("test"), labels, config)
-    train_images = int(len(splits["train"]) * rank.world)
-    seconds = time.time() - started
-    info = model_info(config, dataset, labels, train_images, history, best["epoch"], test, seconds)
-    folder = export_inference(
-        model,
-        save_dir / EXPORT_DIR,
-        architecture=config.model,
-        labels=labels,
-        preprocess=config.preprocess,
-        info=info,
-    )
-    # Curves, confusion matrix and history travel with the model version.
-    plots = write_plots(model, splits, labels, history, config, save_dir)
-    for path in [*plots, save_dir / HISTORY]:
-        shutil.copy(path, folder / path.name)
-    if export_onnx(folder):  # stored with the version, so serving never converts
-        log(f"wrote {folder / 'inference.onnx'} for the onnxruntime and openvino engines")
-    if config.int8:
-        crops = calibration_crops(splits["train"], CALIBRATION_IMAGES, config.input_size)
-        log(f"wrote {quantize_openvino(folder, crops)} (calibrated on {len(crops)} images)")
-    if "val" in splits:  # which engines/precisions may serve it (lcnet_runner.guard)
-        figures = guard_figures(folder, splits["val"], "val", config.threads or None)
-        info = record_guard(folder, figures)
-        log(describe(figures))
-    tag = save_to_store(folder, config.name, info)
-    summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
-    return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}
-
-
-def end_of_epoch(
-    model: paddle.nn.Layer,
-    optimizer: paddle.optimizer.Optimizer,
+def train(
+    state: TrainingState,
     splits: dict[str, DecodedSplit],
     labels: list[str],
     config: FitConfig,
+    rank: distributed.Rank,
+) -> None:
+    """Epochs of (train on every rank, then on rank 0 validate, checkpoint and log) until the
+    last one or an early stop."""
+    network = paddle.DataParallel(state.model) if rank.world > 1 else state.model
+    # A resumed run draws new augmentations instead of replaying the first epochs'.
+    resumed = [state.epochs_done] if state.epochs_done else []
+    rng = np.random.default_rng([config.seed, rank.index, *resumed])
+    for epoch in range(state.epochs_done, config.epochs):
+        stats = train_one_epoch(network, state.optimizer, splits["train"], config, epoch, rng, rank)
+        # Rank 0 alone validates and checkpoints; its early-stop decision reaches every rank.
+        stop = rank.main and end_of_epoch(state, epoch, stats, splits.get("val"), labels, config)
+        if distributed.broadcast_flag(stop, rank):
+            break
+
+
+def end_of_epoch(
+    state: TrainingState,
     epoch: int,
     stats: dict[str, float],
-    best: dict[str, Any],
-    history: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Rank 0: validate, keep the best weights, checkpoint, log; the history row (+ best)."""
+    val_split: DecodedSplit | None,
+    labels: list[str],
+    config: FitConfig,
+) -> bool:
+    """Rank 0: validate, keep the best weights, checkpoint, log; True to stop early."""
     save_dir = Path(config.save_dir)
-    val = split_metrics(model, splits.get("val"), labels, config)
+    val = dygraph_metrics(state.model, val_split, labels, config.preprocess)
     row = {
         "epoch": epoch + 1,
         "lr": learning_rate(config, epoch),
@@ -371,23 +281,164 @@ def end_of_epoch(
         "val_top5": val.get("top5"),
         "images_per_s": stats["images_per_s"],
     }
+    state.history.append(row)
+    state.epochs_done = epoch + 1
+    # Without a validation split every epoch "improves", so the last one is kept.
     score = val["top1"] if val else epoch
-    if score > best["score"]:
-        best = {"score": score, "epoch": epoch}
-        save_atomic(model.state_dict(), save_dir / BEST_WEIGHTS)
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "best": best,
-        "history": [*history, row],
-        "labels": labels,
-        "config": dataclasses.asdict(config),
-    }
-    save_atomic(checkpoint, save_dir / CHECKPOINT)
+    if score > state.best_score:
+        state.best_score, state.best_epoch = score, epoch
+        save_atomic(state.model.state_dict(), save_dir / BEST_WEIGHTS)
+    save_atomic(state.checkpoint(labels, config), save_dir / CHECKPOINT)
     log(
         f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
         f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
         f"val_top5 {row['val_top5']}  {stats['images_per_s']:.0f} img/s"
     )
-    return {**row, "best": best}
+    patience = config.early_stop_patience
+    if patience and epoch - state.best_epoch >= patience:
+        log(f"early stop: no better val top-1 for {patience} epochs")
+        return True
+    return False
+
+
+def pick_best(
+    state: TrainingState, splits: dict[str, DecodedSplit], labels: list[str], config: FitConfig
+) -> dict[str, Any]:
+    """Rank 0 after the epochs: write history.json, bring back the best epoch's weights and
+    measure them on the test split (the metrics; {} without a test split)."""
+    save_dir = Path(config.save_dir)
+    (save_dir / HISTORY).write_text(json.dumps(state.history, indent=2) + "\n")
+    state.model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
+    return dygraph_metrics(state.model, splits.get("test"), labels, config.preprocess)
+
+
+def model_info(
+    config: FitConfig,
+    dataset: Path,
+    labels: list[str],
+    state: TrainingState,
+    train_images: int,
+    test: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """What is stored with the model: store labels, metadata, model_info.json."""
+    history = state.history  # every epoch, resumed runs included
+    best = history[state.best_epoch]
+    return {
+        **base_info(config.model, labels, config.preprocess),
+        "dataset": dataset.resolve().name,
+        "val_top1": best["val_top1"],
+        "val_top5": best["val_top5"],
+        "test_top1": test.get("top1"),
+        "test_top5": test.get("top5"),
+        "epochs": history[-1]["epoch"],
+        "best_epoch": state.best_epoch + 1,
+        "train_images": train_images,
+        "pretrained": config.pretrained,
+        "crop_scale": list(config.crop_scale),
+        "hflip": config.hflip,
+        "training_time_s": round(seconds, 1),
+    }
+
+
+def write_plots(
+    model: paddle.nn.Layer,
+    splits: dict[str, DecodedSplit],
+    labels: list[str],
+    history: list[dict[str, Any]],
+    config: FitConfig,
+    out_dir: Path,
+) -> list[Path]:
+    """curves.png, and confusion_matrix.png on the test split (val when there is no test)."""
+    files = [plot_curves(history, out_dir / CURVES)]
+    name = "test" if "test" in splits else "val" if "val" in splits else None
+    if name:
+        split = splits[name]
+        predicted = dygraph_scores(model, split, config.preprocess).argmax(axis=1)
+        counts = confusion_matrix(split.labels, predicted, len(labels))
+        title = f"{config.name}: {name} split"
+        files.append(plot_confusion_matrix(counts, labels, out_dir / CONFUSION, title=title))
+    return files
+
+
+def export(
+    state: TrainingState,
+    splits: dict[str, DecodedSplit],
+    labels: list[str],
+    config: FitConfig,
+    info: dict[str, Any],
+) -> Path:
+    """The inference folder of the best weights, with the plots and history.json."""
+    save_dir = Path(config.save_dir)
+    folder = export_inference(
+        state.model,
+        save_dir / EXPORT_DIR,
+        architecture=config.model,
+        labels=labels,
+        preprocess=config.preprocess,
+        info=info,
+    )
+    # Curves, confusion matrix and history travel with the model version.
+    plots = write_plots(state.model, splits, labels, state.history, config, save_dir)
+    for path in [*plots, save_dir / HISTORY]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def add_variants(folder: Path, train_split: DecodedSplit, config: FitConfig) -> None:
+    """ONNX (and with --int8 an INT8 OpenVINO model) next to the Paddle one, stored with the
+    version so serving never converts."""
+    if export_onnx(folder):
+        log(f"wrote {folder / 'inference.onnx'} for the onnxruntime and openvino engines")
+    if config.int8:
+        crops = sample_crops(train_split, CALIBRATION_IMAGES, config.input_size)
+        log(f"wrote {quantize_openvino(folder, crops)} (calibrated on {len(crops)} images)")
+
+
+def package(
+    state: TrainingState,
+    splits: dict[str, DecodedSplit],
+    labels: list[str],
+    config: FitConfig,
+    info: dict[str, Any],
+) -> dict[str, Any]:
+    """Export, add the variants, measure them against Paddle fp32 and store the version; the
+    summary ``fit`` returns."""
+    folder = export(state, splits, labels, config, info)
+    add_variants(folder, splits["train"], config)
+    if "val" in splits:  # which engines/precisions may serve it (lcnet_runner.guard)
+        figures = guard_figures(folder, splits["val"], "val", config.threads or None)
+        info = record_guard(folder, figures)
+        log(describe(figures))
+    tag = save_to_store(folder, config.name, info)
+    summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
+    return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}
+
+
+def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON.
+
+    Started by ``paddle.distributed.launch`` it trains data-parallel; only rank 0 evaluates,
+    checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
+    """
+    config = dataclasses.replace(config or FitConfig(), **overrides)
+    dataset = Path(dataset)
+    Path(config.save_dir).mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rank = distributed.init()
+    paddle.seed(config.seed)  # the same initial weights on every rank
+    paddle.base.core.set_num_threads(config.threads or available_cores())
+    if config.int8:  # a missing extra must not surface after the whole training
+        require_int8_extra()
+    # Weights first: a failed download should not wait for the whole dataset to decode.
+    weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
+    labels, splits = load_splits(dataset, config, rank)
+    state = initial_state(config, labels, weights)
+
+    train(state, splits, labels, config, rank)
+    if not rank.main:
+        return {"rank": rank.index}
+    test = pick_best(state, splits, labels, config)
+    train_images = len(splits["train"]) * rank.world
+    info = model_info(config, dataset, labels, state, train_images, test, time.time() - started)
+    return package(state, splits, labels, config, info)

@@ -7,17 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from lcnet_runner.artifact import load_folder, write_info
+from lcnet_runner.engines import REFERENCE
 from lcnet_runner.guard import (
     GUARD_KEY,
     MAX_TOP1_DROP_PT,
     MIN_AGREEMENT,
-    REFERENCE,
-    SPEED_ORDER,
+    SELF_CHECK_IMAGES,
     compare,
+    cpu_features,
+    write_self_check,
 )
 from lcnet_runner.predictor import each_variant
 
-from .data import DecodedSplit
+from .data import DecodedSplit, sample_crops
 from .evaluate import decode_labelled_split, split_scores
 from .export import revise
 
@@ -26,13 +28,17 @@ def guard_figures(
     folder: str | Path, split: DecodedSplit, split_name: str, threads: int | None = None
 ) -> dict[str, Any]:
     """Top-1 loss and agreement of each variant that runs here (engine installed, its file
-    present, the CPU able), against Paddle fp32 on the same images."""
+    present, the CPU able), against Paddle fp32 on the same images. Also writes the self-check
+    sample into ``folder``: some of these images with Paddle fp32's scores, which the chosen
+    variant must reproduce on the machine that serves (lcnet_runner.guard.self_check)."""
     reference, variants = None, {}
     # Paddle fp32 comes first; each other variant is compared with it on the same images.
     for variant, predictor in each_variant(load_folder(folder), threads=threads):
         scores = split_scores(predictor, split)
         if variant == REFERENCE:
             reference = scores
+            sample = sample_crops(split, SELF_CHECK_IMAGES, predictor.preprocess_config.crop_size)
+            write_self_check(Path(folder), sample, predictor.infer(sample))
         else:
             variants[str(variant)] = compare(reference, scores, split.labels)
     return {
@@ -42,8 +48,8 @@ def guard_figures(
         "reference_top1": round(float((reference.argmax(1) == split.labels).mean()), 4),
         "max_top1_drop_pt": MAX_TOP1_DROP_PT,
         "min_agreement": MIN_AGREEMENT,
-        # fastest first, the order auto tries them in
-        "variants": {str(v): variants[str(v)] for v in SPEED_ORDER if str(v) in variants},
+        "cpu": cpu_features(),  # the kernels that gave these figures; self-checks cover others
+        "variants": variants,
     }
 
 

@@ -10,20 +10,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lcnet_runner.artifact import LABELS_FILE, load_folder, write_info, write_text_atomic
+from lcnet_runner.artifact import (
+    LABELS_FILE,
+    load_folder,
+    read_labels_file,
+    write_info,
+    write_labels_file,
+)
 from lcnet_runner.preprocess import PreprocessConfig
 
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .model import SCALES, build_model
 from .pretrained import load_weights
-
-
-def read_label_file(path: str | Path) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    labels = [line.strip() for line in lines if line.strip()]
-    if not labels:
-        raise ValueError(f"{path}: no class names (expected one per line)")
-    return labels
 
 
 def _architecture_from_yml(folder: Path) -> str | None:
@@ -49,13 +47,13 @@ def import_model(
     or a ``.pdparams`` checkpoint, which needs ``model`` (e.g. ``PPLCNet_x1_0``) and ``labels``.
     """
     source = Path(source)
-    label_list = read_label_file(labels) if labels else None
+    label_list = list(read_labels_file(Path(labels))) if labels else None
     with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
         folder = Path(tmp) / "model"
         if source.is_dir():
             shutil.copytree(source, folder)
             if label_list:
-                write_text_atomic(folder / LABELS_FILE, "".join(f"{x}\n" for x in label_list))
+                write_labels_file(folder / LABELS_FILE, label_list)
             artifact = load_folder(folder)
             architecture = model or _architecture_from_yml(folder)
             info = artifact.info or {

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import paddle
 
+from lcnet_runner.artifact import cache_dir
+
 from .model import SCALES
 
 _BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/legendary_models"
@@ -31,10 +33,6 @@ class LoadReport:
     source: str
     loaded: int  # parameters copied
     skipped: tuple[str, ...]  # keys left at their fresh initialisation (e.g. a resized classifier)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LCNET_CACHE", Path.home() / ".cache" / "lcnet-bento"))
 
 
 def weights_url(architecture: str, variant: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
-from .data import DecodedSplit, eval_batches
+from .data import sample_crops
 from .evaluate import decode_labelled_split
 from .export import export_openvino, revise
 from .guard import guard_figures, record_guard
@@ -26,23 +26,16 @@ from .split import read_split
 CALIBRATION_IMAGES = 300  # NNCF's default subset size; more barely moves the ranges
 
 
-def calibration_crops(split: DecodedSplit, count: int, crop_size: int, seed: int = 0) -> np.ndarray:
-    """Center crops (what serving feeds the model) of ``count`` random images of a split."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.permutation(len(split))[:count])
-    subset = DecodedSplit([split.images[i] for i in ids], split.labels[ids], [])
-    return np.concatenate([crops for crops, _ in eval_batches(subset, crop_size, 64)])
-
-
 def require_int8_extra() -> None:
     """Fail before any work (fit checks it before training) when NNCF or OpenVINO is missing."""
     if not all(importlib.util.find_spec(module) for module in ("nncf", "openvino", "paddle2onnx")):
         raise ValueError("INT8 needs the int8 extra: pip install 'lcnet-bento[int8]'")
 
 
-def quantize_openvino(folder: str | Path, crops: np.ndarray) -> Path:
+def quantize_openvino(folder: str | Path, crops: np.ndarray, overflow_fix: bool = True) -> Path:
     """Write ``inference_int8.xml/.bin``: the OpenVINO IR with INT8 convolutions, activation
-    ranges calibrated on ``crops`` (uint8 NHWC)."""
+    ranges calibrated on ``crops`` (uint8 NHWC). ``overflow_fix=False`` (NNCF's default, which
+    fixes the first layer only) exists for bench/int8_overflow.py."""
     require_int8_extra()
     import nncf
     import openvino as ov
@@ -51,7 +44,14 @@ def quantize_openvino(folder: str | Path, crops: np.ndarray) -> Path:
     artifact = load_folder(folder)
     ir = export_openvino(folder)  # always from the current ONNX file, never a stale IR
     samples = nncf.Dataset(list(crops[:, None]), lambda x: normalize(x, artifact.preprocess))
-    quantized = nncf.quantize(ov.Core().read_model(str(ir)), samples, subset_size=len(crops))
+    # 7-bit weights: without VNNI (AVX2, AVX-512 without VNNI) the CPU's 8-bit dot products
+    # saturate an intermediate sum, which broke PP-LCNet (hardswish) on an AVX2-only EPYC:
+    # 36.9 % agreement with the default, 100 % with the fix (docs/benchmarks.md has its cost).
+    # One IR then answers right on every x86 CPU kind.
+    fix = nncf.OverflowFix.ENABLE if overflow_fix else nncf.OverflowFix.FIRST_LAYER
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=fix)
+    quantized = nncf.quantize(ov.Core().read_model(str(ir)), samples, subset_size=len(crops),
+                              advanced_parameters=advanced)  # fmt: skip
     target = folder / INT8_FILE
     ov.save_model(quantized, str(target), compress_to_fp16=False)
     return target
@@ -80,7 +80,7 @@ def quantize(
         labels, preprocess = artifact.labels, artifact.preprocess
         train = decode_labelled_split(dataset, "train", labels, preprocess,
                                       limit=calibration_images, seed=seed)  # fmt: skip
-        quantize_openvino(folder, calibration_crops(train, len(train), preprocess.crop_size))
+        quantize_openvino(folder, sample_crops(train, len(train), preprocess.crop_size))
         evaluation = decode_labelled_split(dataset, split, labels, preprocess)
         figures.update(guard_figures(folder, evaluation, split, threads))
         record_guard(folder, figures)

@@ -17,11 +17,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from lcnet_runner.artifact import write_text_atomic
+from lcnet_runner.artifact import (
+    LABELS_FILE,
+    read_labels_file,
+    read_lines,
+    write_labels_file,
+    write_text_atomic,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
-LABELS_FILE = "labels.txt"
 
 # Image.open/load raise these for corrupt files; EOFError and struct.error still leak
 # from a few Pillow plugins, and a bad file must never abort the whole split.
@@ -99,7 +104,7 @@ def split_dataset(
 
     for split, entries in lists.items():
         write_text_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
-    write_text_atomic(root / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    write_labels_file(root / LABELS_FILE, labels)
 
     counts = {split: len(entries) for split, entries in lists.items()}
     return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped))
@@ -110,7 +115,7 @@ def read_labels(dataset_dir: str | Path) -> list[str]:
     path = Path(dataset_dir) / LABELS_FILE
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
-    return [line for line in _read_lines(path) if line]
+    return list(read_labels_file(path))
 
 
 def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
@@ -120,7 +125,7 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
     samples = []
-    for lineno, line in enumerate(_read_lines(path), 1):
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         # rsplit: file names may contain spaces, the label index never does.
@@ -129,13 +134,6 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
             raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
         samples.append((root / rel, int(index)))
     return samples
-
-
-def _read_lines(path: Path) -> list[str]:
-    # Not str.splitlines(): it also breaks on characters such as U+2028 that are legal
-    # in file names. utf-8-sig and the "\r" strip tolerate lists edited on Windows.
-    text = path.read_text(encoding="utf-8-sig")
-    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _check_ratios(val_ratio: float, test_ratio: float) -> None:

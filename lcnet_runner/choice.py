@@ -1,0 +1,229 @@
+"""Which variant serves a model: the one named, or under ``auto`` the fastest on this machine.
+
+``auto`` considers every variant that is installed, runs on this CPU, passed the accuracy guard
+(the figures stored with the model) and its self-check here, then races them: a short, bounded
+timing of batch-16 throughput at the serving thread count. Batch 16 because serving is
+throughput-bound under load (the batcher forms full batches then); a lone request is fast on any
+variant. Rankings differ between CPU kinds (bf16 needs avx512_bf16/AMX, INT8 gains most with
+VNNI, ONNX Runtime beat OpenVINO fp32 on an AVX2-only EPYC), so no order is written down here.
+
+The result is cached on disk, keyed by the model's files, the CPU, the thread count and the
+engines' versions, and the race runs under a file lock: the first process races, every other —
+the other serving workers, a worker BentoML restarts, a service embedding the runner, the CLIs —
+waits and reads the same answer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifact import (
+    DERIVED_FILES,
+    INFO_FILE,
+    SELF_CHECK_FILE,
+    ModelArtifact,
+    cache_dir,
+    write_text_atomic,
+)
+from .engines import (
+    AUTO,
+    ENGINES,
+    Engine,
+    Variant,
+    create_engine,
+    default_threads,
+    matching_variants,
+)
+from .guard import AccuracyGuardError, check, cpu_features, self_check
+from .preprocess import normalize
+
+logger = logging.getLogger("lcnet_runner")
+RACE_BATCH = 16
+RACE_SECONDS = 0.4  # per variant, after one warm-up batch; at least RACE_MIN_BATCHES
+RACE_MIN_BATCHES = 3
+
+
+@dataclass
+class Choice:
+    """The variant chosen, its loaded engine, and why."""
+
+    variant: Variant
+    engine: Engine
+    self_check: dict[str, Any] | None = None  # None: skipped (no sample, reference, skip_guard)
+    race: dict[str, Any] | None = None  # auto among several: img/s per variant, where cached
+    skipped: dict[str, str] = field(default_factory=dict)  # variant → why it could not serve
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        text = f"{self.variant}"
+        if self.race:
+            speeds = ", ".join(f"{v} {s:.0f}" for v, s in self.race["images_per_s"].items())
+            text += (
+                f" (fastest here at batch {self.race['batch']}, {self.race['threads']} "
+                f"thread(s), img/s: {speeds}; {'cached' if self.race['cached'] else 'raced now'})"
+            )
+        if self.self_check:
+            text += f"; self-check passed ({self.self_check['agreement']:.0%} agreement)"
+        elif self.self_check is None and self.variant.engine != "paddle":
+            text += "; self-check skipped (the model carries no sample)"
+        return text
+
+    def summary(self) -> dict[str, Any]:
+        return {"variant": str(self.variant), "self_check": self.self_check, "race": self.race,
+                "not_usable": self.skipped}  # fmt: skip
+
+
+def choose(
+    artifact: ModelArtifact,
+    engine: str = AUTO,
+    precision: str = AUTO,
+    threads: int | None = None,
+    skip_guard: bool = False,
+) -> Choice:
+    """Load the requested variant; with several (``auto``), the fastest usable one here. A single
+    requested variant that cannot serve raises its own error (ValueError)."""
+    requested = matching_variants(engine, precision)
+    if len(requested) == 1:
+        return load(artifact, requested[0], threads, skip_guard)
+    key = race_key(artifact, requested, threads, skip_guard)
+    with locked_cache(key) as cache:
+        ranking = cache.get("ranking") or []
+        for name in ranking:  # another process raced: take the first of its ranking that loads
+            chosen = _try_load(artifact, Variant.parse(name), threads, skip_guard, {})
+            if chosen is not None:
+                chosen.race = {**cache["race"], "cached": True}
+                return chosen
+        return _race(artifact, requested, threads, skip_guard, cache)
+
+
+def refuse_unusable(
+    artifact: ModelArtifact, engine: str, precision: str, skip_guard: bool = False
+) -> None:
+    """Raise the one-line error a named variant would raise at load (guard figures, then its
+    self-check on this CPU) without keeping anything loaded; ``auto`` always finds a variant."""
+    requested = matching_variants(engine, precision)
+    if len(requested) == 1 and not skip_guard:
+        check(artifact, requested[0])
+        if (artifact.path / SELF_CHECK_FILE).is_file():
+            load(artifact, requested[0], 1, skip_guard)
+
+
+def load(
+    artifact: ModelArtifact, variant: Variant, threads: int | None, skip_guard: bool
+) -> Choice:
+    """One variant: its stored guard figures, then the engine, then the self-check here."""
+    if not skip_guard:
+        check(artifact, variant)
+    engine = create_engine(variant, artifact, threads)
+    if skip_guard:
+        return Choice(variant, engine)
+    infer = lambda crops: engine.predict(normalize(crops, artifact.preprocess))  # noqa: E731
+    return Choice(variant, engine, self_check=self_check(artifact, variant, infer))
+
+
+def _try_load(artifact, variant, threads, skip_guard, skipped: dict[str, str]) -> Choice | None:
+    try:
+        return load(artifact, variant, threads, skip_guard)
+    except ValueError as err:  # not installed, not on this CPU, guard or self-check failed
+        skipped[str(variant)] = str(err)
+        return None
+
+
+def _race(artifact, requested, threads, skip_guard, cache: dict[str, Any]) -> Choice:
+    skipped: dict[str, str] = {}
+    loaded = [c for v in requested if (c := _try_load(artifact, v, threads, skip_guard, skipped))]
+    if not loaded:
+        reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
+        raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
+    crop = artifact.preprocess.crop_size
+    speeds = {str(c.variant): images_per_second(c.engine, crop) for c in loaded}
+    ranking = sorted(speeds, key=speeds.get, reverse=True)
+    race = {
+        "batch": RACE_BATCH,
+        "threads": threads or default_threads(),
+        "images_per_s": {v: round(speeds[v], 1) for v in ranking},
+        "cpu": cpu_features(),
+    }
+    cache.update(ranking=ranking, race=race, not_usable=skipped)
+    winner = next(c for c in loaded if str(c.variant) == ranking[0])
+    winner.race, winner.skipped = {**race, "cached": False}, skipped
+    return winner  # the losers' engines are released with ``loaded``
+
+
+def images_per_second(engine: Engine, crop_size: int) -> float:
+    """Batch-16 throughput of an engine alone, bounded in time (~RACE_SECONDS)."""
+    batch = np.random.default_rng(0).standard_normal((RACE_BATCH, 3, crop_size, crop_size))
+    batch = batch.astype(np.float32)
+    engine.predict(batch)  # warm-up: kernels are built for the first batch of a shape
+    runs, start = 0, time.perf_counter()
+    while runs < RACE_MIN_BATCHES or time.perf_counter() - start < RACE_SECONDS:
+        engine.predict(batch)
+        runs += 1
+    return RACE_BATCH * runs / (time.perf_counter() - start)
+
+
+def race_key(
+    artifact: ModelArtifact, requested: list[Variant], threads: int | None, skip_guard: bool
+) -> str:
+    """What the race's answer depends on: the model's files, the CPU, threads, engine versions."""
+    files = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *DERIVED_FILES]
+    stats = []
+    for name in files:
+        path = artifact.path / name
+        if path.is_file():
+            stat = path.stat()
+            stats.append((name, stat.st_size, stat.st_mtime_ns))
+    versions = {}
+    for package in ("paddlepaddle", "onnxruntime", "openvino"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    material = [str(artifact.path.resolve()), stats, cpu_features(), default_threads(),
+                threads or default_threads(), [str(v) for v in requested], sorted(ENGINES),
+                versions, skip_guard]  # fmt: skip
+    return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:24]
+
+
+@contextmanager
+def locked_cache(key: str) -> Iterator[dict[str, Any]]:
+    """The cached race for ``key`` (empty when none), held under an exclusive file lock; what
+    the caller puts in it is written back atomically."""
+    folder = _writable(cache_dir() / "engine-choice")
+    path = folder / f"{key}.json"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+        before = dict(cache)
+        yield cache
+        if cache != before:
+            write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
+
+
+def _writable(folder: Path) -> Path:
+    """``folder``, or a per-user temporary one when it cannot be created (a read-only home in a
+    container): the processes of one machine still share it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"lcnet-bento-{os.getuid()}" / "engine-choice"
+    fallback.mkdir(parents=True, exist_ok=True)
+    logger.warning("cannot write %s; caching engine choices in %s", folder, fallback)
+    return fallback

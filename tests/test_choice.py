@@ -1,0 +1,125 @@
+"""Which variant serves, decided on the machine that serves: the self-check refuses a variant
+that answers wrong on this CPU, and ``auto`` races what is left, once for every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcnet_runner import Predictor
+from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
+from lcnet_runner.engines import ENGINES, REFERENCE, OnnxRuntimeEngine, OpenVinoEngine
+from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, self_check_figures
+
+PASS = {"top1": 0.9, "top1_drop_pt": 0.0, "agreement": 1.0, "max_score_diff": 0.0, "passed": True}
+
+
+@pytest.fixture
+def folder(trained: dict, tmp_path: Path) -> Path:
+    """A copy of the trained export where onnxruntime and openvino fp32 passed the guard."""
+    copy = tmp_path / "model"
+    shutil.copytree(trained["export_dir"], copy)
+    info = load_folder(copy).info
+    guard = {**info[GUARD_KEY], "variants": {"onnxruntime/fp32": PASS, "openvino/fp32": PASS}}
+    write_info(copy, {**info, GUARD_KEY: guard})
+    return copy
+
+
+class WrongOnThisCpu(OnnxRuntimeEngine):
+    """The seam a CPU's kernels sit behind: answers shifted by one class, as a saturating INT8
+    kernel on a CPU without VNNI would scramble them."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        return np.roll(super().predict(batch), 1, axis=1)
+
+
+class Slow(OpenVinoEngine):
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(0.05)
+        return super().predict(batch)
+
+
+def test_fit_stores_a_self_check_sample(trained: dict) -> None:
+    with np.load(Path(trained["export_dir"]) / SELF_CHECK_FILE) as sample:
+        crops, probs = sample["crops"], sample["probs"]
+    assert crops.dtype == np.uint8 and crops.shape[1:] == (32, 32, 3) and len(crops) == len(probs)
+    reference = Predictor(trained["export_dir"], engine="paddle", precision="fp32", threads=1)
+    np.testing.assert_allclose(reference.infer(crops), probs, atol=1e-5)
+
+
+def test_self_check_bar_ignores_near_ties_but_not_flips() -> None:
+    reference = np.array([[0.9, 0.1], [0.8, 0.2], [0.52, 0.48], [0.1, 0.9]])
+    near_tie_flipped = np.array([[0.9, 0.1], [0.8, 0.2], [0.47, 0.53], [0.1, 0.9]])
+    figures = self_check_figures(reference, near_tie_flipped)
+    assert (figures["clear"], figures["agreement"], figures["passed"]) == (3, 1.0, True)
+    clear_flipped = reference[:, ::-1]
+    assert self_check_figures(reference, clear_flipped)["agreement"] == 0.0
+    assert not self_check_figures(reference, clear_flipped)["passed"]
+    drifted = reference + np.array([[-0.1, 0.1]])  # same top-1, scores 0.1 off
+    assert not self_check_figures(reference, drifted)["passed"]
+
+
+def test_a_variant_wrong_on_this_cpu_is_refused_and_auto_falls_back(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(ENGINES, "onnxruntime", WrongOnThisCpu)
+    # stored figures say passed, yet the sample disagrees here
+    with pytest.raises(AccuracyGuardError, match="onnxruntime/fp32 fails its self-check"):
+        Predictor(folder, engine="onnxruntime", precision="fp32", threads=1)
+    auto = Predictor(folder, threads=1)
+    assert str(auto.variant) != "onnxruntime/fp32"
+    assert "fails its self-check" in auto.choice.skipped["onnxruntime/fp32"]
+    assert set(auto.choice.race["images_per_s"]) == {"paddle/fp32", "openvino/fp32"}
+    assert auto.choice.self_check is None or auto.choice.self_check["passed"]
+    # accepted on purpose: skip_guard skips both checks
+    forced = Predictor(folder, engine="onnxruntime", precision="fp32", threads=1, skip_guard=True)
+    assert forced.choice.self_check is None
+
+
+def test_the_slowest_variant_is_never_chosen(folder: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(ENGINES, "openvino", Slow)
+    choice = Predictor(folder, threads=1).choice
+    speeds = choice.race["images_per_s"]
+    assert set(speeds) == {"paddle/fp32", "onnxruntime/fp32", "openvino/fp32"}
+    assert str(choice.variant) == max(speeds, key=speeds.get) != "openvino/fp32"
+    assert choice.race["cached"] is False and choice.race["threads"] == 1
+
+
+def test_a_model_without_a_sample_skips_its_self_check(folder: Path) -> None:
+    (folder / SELF_CHECK_FILE).unlink()
+    predictor = Predictor(folder, engine="openvino", precision="fp32", threads=1)
+    assert predictor.choice.self_check is None
+    assert "self-check skipped" in predictor.choice.describe()
+
+
+CHOOSE = """
+import sys
+from lcnet_runner import Predictor
+print(Predictor(sys.argv[1], threads=1).choice.describe())
+"""
+
+
+def test_every_process_serves_the_same_choice(folder: Path, tmp_path: Path) -> None:
+    """Two processes starting at once (two workers): one races, the other reads its answer."""
+    env = {**os.environ, "LCNET_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CHOOSE, str(folder)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    lines = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs), lines
+    chosen = {line.split(" ")[0] for line in lines}
+    assert len(chosen) == 1, lines
+    assert sorted("raced now" in line for line in lines) == [False, True], lines
+    (cached,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
+    ranking = json.loads(cached.read_text())["ranking"]
+    assert ranking[0] == chosen.pop() and str(REFERENCE) in ranking
