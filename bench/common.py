@@ -1,21 +1,25 @@
-"""Pieces the benchmarks share: a model to measure, and a bounded timing loop."""
+"""Pieces the benchmarks share: a model to measure, a photo, a bounded timing loop, and the
+cheapest HTTP client (benchmarks never import each other or the tests)."""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import io
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import numpy as np
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]  # the project folder `bentoml serve` is started in
 
 
 def smooth_images(count: int, size: int = 224, seed: int = 0):
     """Smooth random uint8 images (NHWC): natural-image-like statistics, no dataset needed."""
-    import numpy as np
-
     cells = (np.random.default_rng(seed).random((count, 7, 7, 3)) * 255).astype(np.uint8)
     return cells.repeat(-(-size // 7), 1).repeat(-(-size // 7), 2)[:, :size, :size]
 
@@ -64,3 +68,64 @@ def throughput(call: Callable[[], object], items_per_call: int, seconds: float) 
         call()
         done += items_per_call
     return done / (time.perf_counter() - start)
+
+
+def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
+    """A photo-sized JPEG with texture, so decoding costs what a real photo costs."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 0.4, y * 0.6, (x + y) * 0.2], axis=-1) + rng.normal(
+        0, 20, (height, width, 3)
+    )
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(20):
+        x0, y0 = rng.integers(0, width - 50), rng.integers(0, height - 50)
+        draw.ellipse(
+            (x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_store(model: str, int8: bool = False) -> str:
+    """A 1000-class model in a temporary store; returns its tag."""
+    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
+    from train.export import save_to_store
+
+    folder = Path(tempfile.mkdtemp()) / "model"
+    return save_to_store(folder, "bench", export_random_model(model, folder, int8=int8))
+
+
+def multipart(images: list[bytes], port: int, path: str = "/classify", field: str = "image"):
+    """A complete HTTP/1.1 request, built once and replayed (the cheapest possible client)."""
+    boundary = "lcnetbench"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.jpg"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+        for i, image in enumerate(images)
+    ]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def send_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
+    """Send one prepared request on a keep-alive connection; returns the status code."""
+    writer.write(request)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionResetError("the server closed the connection")
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    return int(status_line.split()[1])

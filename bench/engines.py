@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import every_variant, export_random_model, smooth_images, throughput  # noqa: E402
+from common import every_variant, export_random_model, smooth_images, throughput
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import export_random_model, smooth_images, throughput  # noqa: E402
+from common import export_random_model, smooth_images, throughput
 
 from lcnet_runner.guard import cpu_features
 from lcnet_runner.predictor import Predictor

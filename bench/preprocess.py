@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import export_random_model, throughput  # also sets sys.path
+from common import export_random_model, throughput
 from PIL import Image, ImageFilter
 
 from lcnet_runner import Predictor

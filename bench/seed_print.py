@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import every_variant, export_random_model  # noqa: E402  (also sets sys.path)
+from common import every_variant, export_random_model, photo_jpeg
 from PIL import Image
-from serve import photo_jpeg
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
             predictor.predict(bgr, bgr=True)
             timings += predictor.timings
         print(f"\n{variant}, {args.threads} threads, {args.runs} runs of one 500x375 BGR array")
-        print(timings.report(batch_size=1))
+        print(timings.latency_block(batch_size=1))
 
 
 if __name__ == "__main__":

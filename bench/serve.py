@@ -24,44 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
-from common import export_random_model, throughput  # noqa: E402  (also sets sys.path)
-from PIL import Image, ImageDraw
+from common import ROOT, make_store, multipart, photo_jpeg, send_http, throughput
 
-
-def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
-    """A photo-sized JPEG with texture, so decoding costs what a real photo costs."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 0.4, y * 0.6, (x + y) * 0.2], axis=-1) + rng.normal(
-        0, 20, (height, width, 3)
-    )
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(20):
-        x0, y0 = rng.integers(0, width - 50), rng.integers(0, height - 50)
-        draw.ellipse(
-            (x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
-        )
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_store(model: str, int8: bool = False) -> str:
-    """A 1000-class model in a temporary store; returns its tag."""
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-bench-")
-    from train.export import save_to_store
-
-    folder = Path(tempfile.mkdtemp()) / "model"
-    return save_to_store(folder, "bench", export_random_model(model, folder, int8=int8))
+from lcnet_runner.engines import default_threads
 
 
 def in_process(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
@@ -86,39 +54,6 @@ def single_image_ms(tag: str, image: bytes, seconds: float, engine: str, precisi
         predictor.predict(image)
         latencies.append(time.perf_counter() - start)
     return 1000 * statistics.median(latencies)
-
-
-def multipart(images: list[bytes], port: int, path: str = "/classify", field: str = "image"):
-    """A complete HTTP/1.1 request, built once and replayed (the cheapest possible client)."""
-    boundary = "lcnetbench"
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.jpg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode()
-        + image
-        + b"\r\n"
-        for i, image in enumerate(images)
-    ]
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    return head + body
-
-
-async def send_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
-    """Send one prepared request on a keep-alive connection; returns the status code."""
-    writer.write(request)
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionResetError("the server closed the connection")
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    await reader.readexactly(length)
-    return int(status_line.split()[1])
 
 
 async def http_client(
@@ -230,7 +165,7 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
 
-    from serverproc import Server
+    from lcnet_runner.testing import Server
 
     tag = make_store(args.model, int8=args.precision in ("int8", "auto"))
     image = photo_jpeg()
@@ -241,16 +176,18 @@ def main() -> None:
                        skip_guard=True).choice  # fmt: skip
     print(f"serving {choice.describe()}")
     args.engine, args.precision = choice.variant.engine, choice.variant.precision
-    print(f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {os.cpu_count()} cores")
+    print(
+        f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {default_threads()} cores"
+    )
     baseline = [in_process(tag, image, args.seconds, args.engine, args.precision)]
-    print(f"in-process (1 process, {os.cpu_count()} threads, batch 16): {baseline[0]:.1f} img/s")
+    print(f"in-process (1 process, {default_threads()} threads, batch 16): {baseline[0]:.1f} img/s")
     single = [single_image_ms(tag, image, args.seconds / 2, args.engine, args.precision)]
     print(f"in-process single image (1 thread, batch 1): {single[0]:.2f} ms")
 
     results: dict[tuple[str, str, int], dict] = {}
     for mode, env in (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"})):
         server = Server(
-            ".",
+            str(ROOT),
             {
                 "LCNET_MODEL": tag,
                 "LCNET_ENGINE": args.engine,

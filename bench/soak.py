@@ -18,16 +18,9 @@ import asyncio
 import random
 import sys
 import time
-from pathlib import Path
 
 import psutil
-
-sys.path[:0] = [
-    str(Path(__file__).resolve().parent),
-    str(Path(__file__).resolve().parents[1] / "tests"),
-]
-
-from serve import make_store, multipart, photo_jpeg, send_http  # noqa: E402
+from common import ROOT, make_store, multipart, photo_jpeg, send_http
 
 
 def rss_mib(server) -> dict[int, float]:
@@ -127,12 +120,12 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
 
-    from serverproc import Server
+    from lcnet_runner.testing import Server
 
     tag = make_store(args.model, int8=args.precision == "int8")
     env = {"LCNET_MODEL": tag, "LCNET_ENGINE": args.engine, "LCNET_PRECISION": args.precision,
            "LCNET_SKIP_GUARD": "1"}  # fmt: skip
-    server = Server(".", env).wait_ready()
+    server = Server(str(ROOT), env).wait_ready()
     try:
         result = asyncio.run(
             soak(server, photo_jpeg(), args.requests, args.clients, args.max_seconds)

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def fit_images_per_s(dataset: Path, model: str, size: int, batch: int, procs: int) -> float:

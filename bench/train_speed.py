@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,14 +23,12 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lcnet_runner.preprocess import load_image, normalize, resize_short  # noqa: E402
-from train.data import DecodedSplit, decode_split  # noqa: E402
-from train.demo_data import write_demo_dataset  # noqa: E402
-from train.fit import FitConfig, train_one_epoch  # noqa: E402
-from train.model import build_model  # noqa: E402
-from train.split import read_split, split_dataset  # noqa: E402
+from lcnet_runner.preprocess import load_image, normalize, resize_short
+from train.data import DecodedSplit, decode_split
+from train.demo_data import write_demo_dataset
+from train.fit import FitConfig, train_one_epoch
+from train.model import build_model
+from train.split import read_split, split_dataset
 
 
 def step(model, optimizer, x: paddle.Tensor, y: paddle.Tensor) -> None:

@@ -14,8 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import every_variant, export_random_model, throughput  # also sets sys.path
-from serve import photo_jpeg
+from common import every_variant, export_random_model, photo_jpeg, throughput
 
 
 def main() -> None:

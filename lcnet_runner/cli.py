@@ -86,7 +86,7 @@ def predict(args: argparse.Namespace) -> None:
         for _ in range(args.benchmark):
             predictor.predict(images, top_k=args.top_k)
             timings += predictor.timings
-    print(timings.report(args.batch_size))
+    print(timings.latency_block(args.batch_size))
 
 
 def write_annotated(images: list[Path], results: list, out: Path) -> None:

@@ -57,7 +57,8 @@ class Engine(Protocol):
 
 
 def default_threads() -> int:
-    """All cores this process may use."""
+    """All cores this process may use: its CPU affinity (taskset, a container's cpuset), which
+    ``os.cpu_count()`` ignores."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

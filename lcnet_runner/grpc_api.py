@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import api
+from . import handlers
 from .protos import lcnet_pb2, lcnet_pb2_grpc
 from .runner import LCNetRunner
 from .settings import ServingSettings
@@ -34,21 +34,23 @@ class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
         try:
             return await work
         except Exception as err:
-            if api.client_error_status(err) is None:
+            if handlers.client_error_status(err) is None:
                 logger.exception("gRPC request failed")
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         predictions = await self._call(
-            context, api.classify(self.runner, request.image, request.top_k)
+            context, handlers.classify(self.runner, request.image, request.top_k)
         )
         return _response(predictions)
 
     async def ClassifyBatch(self, request, context):  # noqa: N802
         results = await self._call(
             context,
-            api.classify_batch(self.runner, self.settings, list(request.images), request.top_k),
+            handlers.classify_batch(
+                self.runner, self.settings, list(request.images), request.top_k
+            ),
         )
         return lcnet_pb2.ClassifyBatchResponse(results=[_response(r) for r in results])
 

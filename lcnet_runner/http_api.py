@@ -24,8 +24,8 @@ from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from . import api
-from .api import RequestError, client_error_status
+from . import handlers
+from .handlers import RequestError, client_error_status
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -101,16 +101,16 @@ async def _classify(request: Request, runner: LCNetRunner, settings: ServingSett
     images, top_k = await read_upload(request, settings, "image")
     if len(images) != 1:
         raise RequestError(422, "send exactly one file in 'image' (use /classify_batch for more)")
-    return await api.classify(runner, images[0], top_k)
+    return await handlers.classify(runner, images[0], top_k)
 
 
 async def _classify_batch(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     images, top_k = await read_upload(request, settings, "images")
-    return await api.classify_batch(runner, settings, images, top_k)
+    return await handlers.classify_batch(runner, settings, images, top_k)
 
 
 async def _model(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
-    return api.model_info(runner, settings)
+    return handlers.served_model_info(runner, settings)
 
 
 async def _ui(request: Request) -> FileResponse:

@@ -42,7 +42,7 @@ class Timings:
     def total_s(self) -> float:
         return self.preprocess_s + self.inference_s + self.postprocess_s
 
-    def report(self, batch_size: int) -> str:
+    def latency_block(self, batch_size: int) -> str:
         """The seed's "Inference Time Info" block."""
         total_ms, n = self.total_s * 1000, max(self.images, 1)
         qps = self.images / self.total_s if self.total_s else 0.0

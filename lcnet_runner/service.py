@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 
 import bentoml
 
@@ -13,7 +12,6 @@ from .choice import refuse_unusable
 from .http_api import create_app
 from .settings import ServingSettings
 
-warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SETTINGS = ServingSettings.from_env()
 http_app = create_app(SETTINGS.cors_origins)

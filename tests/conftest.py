@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serverproc import Server
+
+from lcnet_runner.testing import Server
 
 # Before anything imports bentoml: every test (and every subprocess) uses a throwaway store.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-test-bentoml-")
@@ -42,6 +43,17 @@ def _record_outside_access(event: str, args: tuple) -> None:
 
 if ROOT.parent != Path(ROOT.anchor):  # a clone at the top of the file system has no neighbours
     sys.addaudithook(_record_outside_access)
+
+
+# A test is slow (seconds to a minute) when it trains or serves: it needs one of these fixtures,
+# or (training on data of its own) says so with @pytest.mark.slow.
+SLOW_FIXTURES = {"colour_dataset", "trained", "server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -92,6 +104,14 @@ def run_cli(module: str, *args: str, check: bool = True) -> subprocess.Completed
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {args} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def bentoml_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The venv's `bentoml` command, run in the project folder."""
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "bentoml"), *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

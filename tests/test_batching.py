@@ -40,16 +40,16 @@ def test_each_caller_gets_its_own_result_and_batches_form() -> None:
 
 
 def test_a_lone_request_is_not_delayed() -> None:
-    async def main() -> float:
-        batcher = AdaptiveBatcher(doubler())
-        await batcher(1)
-        start = time.perf_counter()
-        assert await batcher(21) == 42
-        elapsed = time.perf_counter() - start
-        await batcher.close()
-        return elapsed
+    """On an idle loop nothing else can join the batch, so the batcher never waits for company,
+    however long it may: a minute-long max delay must not show."""
 
-    assert run(main()) < 0.05
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(), max_delay_ms=60_000)
+        await batcher(1)
+        assert await asyncio.wait_for(batcher(21), timeout=10) == 42
+        await batcher.close()
+
+    run(main())
 
 
 def handler(batcher: AdaptiveBatcher, x: int, work_steps: int):
@@ -86,23 +86,28 @@ def test_items_of_a_busy_loop_join_the_batch_within_max_delay(max_delay_ms) -> N
 
 
 def test_max_delay_bounds_the_wait_on_a_busy_loop() -> None:
-    async def main() -> float:
+    """A loop kept busy by other work (1 s of it, in 1 ms turns) holds the batch back at most
+    max_delay (5 ms): the request is answered long before the noise ends, not after it."""
+    turns = 1000
+    done: list[int] = []
+
+    async def main() -> int:
         batcher = AdaptiveBatcher(doubler(), max_delay_ms=5)
 
         async def busy() -> None:
-            for _ in range(100):
+            for _ in range(turns):
                 time.sleep(0.001)
+                done.append(1)
                 await asyncio.sleep(0)
 
         noise = asyncio.ensure_future(busy())
-        start = time.perf_counter()
         await batcher(1)
-        elapsed = time.perf_counter() - start
+        turns_when_answered = len(done)
         await noise
         await batcher.close()
-        return elapsed
+        return turns_when_answered
 
-    assert run(main()) < 0.03
+    assert run(main()) < turns // 2
 
 
 def test_call_many_keeps_order_and_respects_max_batch_size() -> None:

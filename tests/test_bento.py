@@ -8,22 +8,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from serverproc import Server
+from conftest import ROOT, bentoml_cli
 
 from lcnet_runner.client import Client
-
-pytestmark = pytest.mark.slow
-BENTOML = str(Path(sys.executable).parent / "bentoml")
-
-
-def bentoml_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [BENTOML, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, **(env or {})},
-    )  # fmt: skip
+from lcnet_runner.testing import Server
 
 
 @pytest.fixture(scope="module")

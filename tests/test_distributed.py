@@ -13,7 +13,6 @@ from conftest import run_cli, tiny_fit
 
 from train.distributed import LAUNCHER_LOG, Rank, auto_procs, run_data_parallel, shard
 
-pytestmark = pytest.mark.slow
 # 8 images per rank and step; more epochs because a global batch of 16 takes half the steps.
 DIST_FIT = [*tiny_fit(epochs=16), "--batch-size", "16", "--lr", "0.02", "--procs", "2"]
 # What Paddle's launcher and its ranks print on their own: it belongs in SAVE_DIR/logs.

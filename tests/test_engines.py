@@ -16,7 +16,6 @@ from lcnet_runner.engines import cpu_supports_bf16
 from lcnet_runner.preprocess import preprocess
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
 pytest.importorskip("paddle2onnx")
 
 
@@ -113,9 +112,8 @@ def test_export_command_adds_onnx(trained: dict, tmp_path: Path) -> None:
 
 
 def test_served_with_openvino(trained: dict) -> None:
-    from serverproc import Server
-
     from lcnet_runner.client import Client
+    from lcnet_runner.testing import Server
 
     env = {"LCNET_MODEL": trained["tag"], "LCNET_ENGINE": "openvino",
            "LCNET_PRECISION": "fp32", "LCNET_WORKERS": "1"}  # fmt: skip

@@ -12,11 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import psutil
-import pytest
 from PIL import Image
-from serverproc import Server
 
-pytestmark = pytest.mark.slow
+from lcnet_runner.testing import Server
 
 
 def jpeg(side: int) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import bentoml
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import bentoml_cli, run_cli
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import INT8_FILE, load_folder, write_info
@@ -115,8 +115,6 @@ def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
 
 def test_serve_refuses_a_failing_variant_before_starting_workers(folder: Path) -> None:
     """A worker whose runner fails to initialise would be restarted by BentoML forever."""
-    from test_bento import bentoml_cli
-
     from train.export import save_to_store
 
     set_figures(folder, openvino_bf16=FAIL)

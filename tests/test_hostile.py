@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 from conftest import CLASS_NAMES
 from PIL import Image
-from serverproc import Server
 
 from lcnet_runner.client import Client, ClientError
-
-pytestmark = pytest.mark.slow
+from lcnet_runner.testing import Server
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -172,11 +170,22 @@ def test_odd_requests_over_http(server: Server, name: str) -> None:
     assert_still_serving(server)
 
 
-def test_filenames_are_never_used_as_paths(server: Server, tmp_path: Path) -> None:
-    target = tmp_path / f"pwned-{uuid.uuid4().hex}.jpg"
+def test_filenames_are_never_used_as_paths(server: Server, tmp_path: Path, trained: dict) -> None:
+    """The uploaded name points at an existing image of another class: the server must classify
+    the uploaded bytes, and neither read nor overwrite the file the name points at."""
+    target = tmp_path / f"decoy-{uuid.uuid4().hex}.jpg"
+    target.write_bytes((trained["dataset"] / "green" / "0.jpg").read_bytes())
+    before = target.read_bytes()
+    uploaded = (trained["dataset"] / CLASS_NAMES[0] / "0.jpg").read_bytes()
     hostile = "../" * 12 + str(target).lstrip("/")
-    response = httpx.post(f"{server.url}/classify", files={"image": (hostile, JPEG)})
-    assert response.status_code == 200 and not target.exists()
+    answers = {}
+    for name in ("plain.jpg", hostile, str(target)):
+        response = httpx.post(f"{server.url}/classify", files={"image": (name, uploaded)},
+                              data={"top_k": "3"}, timeout=30)  # fmt: skip
+        assert response.status_code == 200, response.text
+        answers[name] = response.json()
+    assert answers[hostile] == answers[str(target)] == answers["plain.jpg"]
+    assert target.read_bytes() == before
 
 
 def test_no_cors_and_no_internals_by_default(server: Server) -> None:

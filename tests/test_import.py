@@ -13,8 +13,6 @@ from conftest import CLASS_NAMES, run_cli
 from lcnet_runner import Predictor
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
-
 
 def _probs(model: str | Path, trained: dict) -> np.ndarray:
     paths = [path for path, _ in read_split(trained["dataset"], "test")]

@@ -9,7 +9,6 @@ from PIL import Image
 from lcnet_runner import Predictor
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
 paddlex = pytest.importorskip("paddlex")
 
 

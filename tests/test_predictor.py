@@ -17,8 +17,6 @@ from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def predictor(trained: dict) -> Predictor:
@@ -26,36 +24,36 @@ def predictor(trained: dict) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def test_images(trained: dict) -> list[tuple[Path, int]]:
+def split_images(trained: dict) -> list[tuple[Path, int]]:
     return read_split(trained["dataset"], "test")
 
 
-def test_exported_model_equals_dygraph(trained: dict, predictor: Predictor, test_images) -> None:
+def test_exported_model_equals_dygraph(trained: dict, predictor: Predictor, split_images) -> None:
     network = build_model("PPLCNet_x0_25", num_classes=len(predictor.labels))
     network.set_state_dict(paddle.load(str(trained["save_dir"] / "best.pdparams")))
     network.eval()
-    crops = np.stack([preprocess(path, predictor.preprocess_config) for path, _ in test_images])
+    crops = np.stack([preprocess(path, predictor.preprocess_config) for path, _ in split_images])
     with paddle.no_grad():
         logits = network(paddle.to_tensor(normalize(crops, predictor.preprocess_config)))
     expected = paddle.nn.functional.softmax(logits, axis=-1).numpy()
     np.testing.assert_allclose(predictor.infer(crops), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_predictions_are_accurate_sorted_probabilities(predictor: Predictor, test_images) -> None:
-    results = predictor.predict([path for path, _ in test_images], top_k=3)
-    assert len(results) == len(test_images)
+def test_predictions_are_accurate_sorted_probabilities(predictor: Predictor, split_images) -> None:
+    results = predictor.predict([path for path, _ in split_images], top_k=3)
+    assert len(results) == len(split_images)
     correct = 0
-    for result, (_, label) in zip(results, test_images, strict=True):
+    for result, (_, label) in zip(results, split_images, strict=True):
         assert [set(p) for p in result] == [{"category_id", "category", "score"}] * 3
         scores = [p["score"] for p in result]
         assert scores == sorted(scores, reverse=True) and 0.99 < sum(scores) < 1.01
         assert all(predictor.labels[p["category_id"]] == p["category"] for p in result)
         correct += result[0]["category_id"] == label
-    assert correct / len(test_images) >= 0.85
+    assert correct / len(split_images) >= 0.85
 
 
-def test_every_input_kind_gives_the_same_answer(predictor: Predictor, test_images) -> None:
-    path = test_images[0][0]
+def test_every_input_kind_gives_the_same_answer(predictor: Predictor, split_images) -> None:
+    path = split_images[0][0]
     rgb = np.asarray(Image.open(path).convert("RGB"))
     expected = predictor.predict(path)
     assert len(expected) == 1
@@ -67,8 +65,8 @@ def test_every_input_kind_gives_the_same_answer(predictor: Predictor, test_image
     assert pair == [predictor.predict(path, top_k=2)] * 2
 
 
-def test_store_tag_and_folder_give_the_same_answer(trained: dict, test_images) -> None:
-    paths = [path for path, _ in test_images[:4]]
+def test_store_tag_and_folder_give_the_same_answer(trained: dict, split_images) -> None:
+    paths = [path for path, _ in split_images[:4]]
     # one variant for both: under auto each could win its own race (threads, path differ)
     reference = {"engine": "paddle", "precision": "fp32"}
     by_tag = Predictor(trained["tag"], threads=1, **reference)
@@ -93,8 +91,8 @@ def test_unknown_tag_and_broken_folders_fail_at_load(trained: dict, tmp_path: Pa
         Predictor(mismatched)
 
 
-def test_predict_cli_annotates(trained: dict, test_images, tmp_path: Path) -> None:
-    path = test_images[0][0]
+def test_predict_cli_annotates(trained: dict, split_images, tmp_path: Path) -> None:
+    path = split_images[0][0]
     out = tmp_path / "annotated.jpg"
     run_cli("lcnet_runner", "predict", str(path), "--model", trained["tag"], "--annotate", str(out))
     original = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
@@ -104,8 +102,8 @@ def test_predict_cli_annotates(trained: dict, test_images, tmp_path: Path) -> No
     assert band > 20 and np.abs(drawn[-8:] - original[-8:]).mean() < 5
 
 
-def test_predict_cli_prints_results_and_latency_block(trained: dict, test_images) -> None:
-    path = str(test_images[0][0])
+def test_predict_cli_prints_results_and_latency_block(trained: dict, split_images) -> None:
+    path = str(split_images[0][0])
     result = run_cli(
         "lcnet_runner", "predict", path, path, "--model", trained["tag"], "--top-k", "2",
         "--benchmark", "3",

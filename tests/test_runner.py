@@ -11,8 +11,6 @@ from lcnet_runner.batching import BatchStats
 from lcnet_runner.runner import LCNetRunner, RunnerConfig
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
-
 
 class Recorder:
     def __init__(self) -> None:

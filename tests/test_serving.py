@@ -10,13 +10,11 @@ import httpx
 import pytest
 from conftest import CLASS_NAMES
 from PIL import Image
-from serverproc import Server
 
 from lcnet_runner import Predictor
 from lcnet_runner.client import Client, ClientError
+from lcnet_runner.testing import Server
 from train.split import read_split
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +65,12 @@ def test_model_info_endpoint(server: Server, trained: dict) -> None:
 
 
 def test_bentoml_endpoints_keep_working(server: Server) -> None:
-    for path in ("/readyz", "/livez", "/metrics", "/", "/docs.json"):
+    for path in ("/readyz", "/livez"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    assert "lcnet_runner_batch_size" in httpx.get(f"{server.url}/metrics").text
+    assert "swagger" in httpx.get(f"{server.url}/").text.lower()
+    spec = httpx.get(f"{server.url}/docs.json").json()
+    assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
 
 
 def _batch_histogram(server: Server) -> tuple[float, float]:

@@ -22,8 +22,6 @@ from train.plots import confusion_matrix
 from train.report import report
 from train.split import read_split
 
-pytestmark = pytest.mark.slow
-
 
 def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
     # Chance is 0.33; the split holds 36 val and 18 test images.
@@ -132,6 +130,7 @@ def versions(name: str) -> list:
         return []
 
 
+@pytest.mark.slow  # trains (not through the shared fixtures)
 def test_odd_and_broken_images_never_stop_training(tmp_path: Path) -> None:
     """Split skips what cannot be read; fit converts odd modes and skips files broken later."""
     root = tmp_path / "odd"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import Server
 
-pytestmark = pytest.mark.slow
+from lcnet_runner.testing import Server
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):  # CI installs it: there a missing browser fails
     pytest.skip("needs Debian's chromium (apt-get install chromium)", allow_module_level=True)

@@ -207,10 +207,10 @@ def run_fit(args: argparse.Namespace) -> None:
 def run_evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
-    report = evaluate(args.model, args.dataset, args.split, engine=args.engine,
+    metrics = evaluate(args.model, args.dataset, args.split, engine=args.engine,
                       precision=args.precision, threads=args.threads,
                       confusion_png=args.confusion_matrix)  # fmt: skip
-    print(json_line(report))
+    print(json_line(metrics))
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -27,6 +27,8 @@ from typing import TypeVar
 import paddle
 import paddle.distributed as dist
 
+from lcnet_runner.engines import default_threads
+
 T = TypeVar("T")
 # Below this many images per rank and step, batch-norm statistics get too noisy to split a batch.
 MIN_BATCH_PER_RANK = 8
@@ -86,7 +88,7 @@ def broadcast_flag(flag: bool, rank: Rank) -> bool:
 
 def auto_procs(batch_size: int, cores: int | None = None) -> int:
     """One process per core, as long as each still gets MIN_BATCH_PER_RANK images a step."""
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or default_threads()
     return max(1, min(cores, batch_size // MIN_BATCH_PER_RANK))
 
 
@@ -98,7 +100,7 @@ def run_data_parallel(
     count = auto_procs(batch_size) if procs == "auto" else int(procs)
     if count <= 1 or "PADDLE_TRAINERS_NUM" in os.environ:
         return False
-    threads = threads or max(1, len(os.sched_getaffinity(0)) // count)
+    threads = threads or max(1, default_threads() // count)
     log_dir = Path(save_dir) / "logs"
     print(
         f"training with {count} data-parallel processes x {threads} threads "

@@ -123,18 +123,18 @@ def evaluate(
     decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.preprocess_config)
     probs = split_scores(predictor, decoded)
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
-    report = {"model": predictor.artifact.name, "engine": predictor.variant.engine,
+    result = {"model": predictor.artifact.name, "engine": predictor.variant.engine,
               "precision": predictor.variant.precision, "split": split, **metrics}  # fmt: skip
     if predictor.variant != REFERENCE:
         paddle_fp32 = Predictor(predictor.artifact, engine="paddle", precision="fp32",
                                 threads=threads)  # fmt: skip
-        report["vs_paddle_fp32"] = compare(
+        result["vs_paddle_fp32"] = compare(
             split_scores(paddle_fp32, decoded), probs, decoded.labels
         )
     if confusion_png:
         counts = confusion_matrix(decoded.labels, probs.argmax(axis=1), len(predictor.labels))
         title = f"{predictor.artifact.name}: {split} split"
-        report["confusion_matrix"] = str(
+        result["confusion_matrix"] = str(
             plot_confusion_matrix(counts, predictor.labels, confusion_png, title=title)
         )
-    return {**report, "skipped": decoded.skipped}
+    return {**result, "skipped": decoded.skipped}

@@ -24,6 +24,7 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
+from lcnet_runner.engines import default_threads
 from lcnet_runner.preprocess import PreprocessConfig, normalize
 
 from . import distributed, pretrained
@@ -99,11 +100,6 @@ def learning_rate(config: FitConfig, epoch: float) -> float:
     return config.lr * 0.1 ** sum(int(epoch) >= boundary for boundary in config.lr_decay_epochs)
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, e.g. under taskset or a container)."""
-    return len(os.sched_getaffinity(0))
-
-
 def log(message: str) -> None:
     """Progress on stderr; in a data-parallel run only rank 0 talks."""
     if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
@@ -128,7 +124,7 @@ def load_splits(
         if result.skipped:
             log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
     labels = read_labels(dataset)
-    workers = config.workers or available_cores()
+    workers = config.workers or default_threads()
     splits = {}
     for name in SPLITS if rank.main else ["train"]:
         samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
@@ -427,7 +423,7 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     started = time.time()
     rank = distributed.init()
     paddle.seed(config.seed)  # the same initial weights on every rank
-    paddle.base.core.set_num_threads(config.threads or available_cores())
+    paddle.base.core.set_num_threads(config.threads or default_threads())
     if config.int8:  # a missing extra must not surface after the whole training
         require_int8_extra()
     # Weights first: a failed download should not wait for the whole dataset to decode.

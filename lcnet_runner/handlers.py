@@ -1,4 +1,5 @@
-"""What a request means, independent of transport: HTTP and gRPC both call these functions."""
+"""Request handling shared by the transports: what a request means, its limits and its errors,
+and what `/model` says. HTTP (http_api) and gRPC (grpc_api) both call these functions."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ async def classify_batch(
     return await runner.aclassify_batch(images, top_k)
 
 
-def model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]:
+def served_model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]:
     artifact = runner.predictor.artifact
     info = artifact.info
     return {

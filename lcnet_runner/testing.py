@@ -1,4 +1,5 @@
-"""Start and stop a real `bentoml serve` for tests and benchmarks (no side effects on import)."""
+"""A real `bentoml serve` on free loopback ports, for tests, benchmarks and users' own tests of a
+service that embeds the runner (no side effects on import)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,7 +24,9 @@ def free_port() -> int:
 class Server:
     """A real `bentoml serve` process group on loopback ports, ended by its own PID."""
 
-    def __init__(self, target: str, env: dict[str, str], cwd: Path = ROOT):
+    def __init__(self, target: str, env: dict[str, str], cwd: Path | None = None):
+        """``target``: a project folder or Bento tag, as for ``bentoml serve``; ``cwd``: where to
+        run it (default: here)."""
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"

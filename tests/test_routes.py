@@ -1,0 +1,108 @@
+"""The routes' contracts through the service's own ASGI app (`LCNetService.to_asgi()`), with a
+small real model and runner but no server process: BentoML's routes, `/docs.json` and
+middleware are covered too. Fast; the end-to-end tests keep what only a real server shows."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+
+import numpy as np
+import pytest
+from conftest import CLASS_NAMES
+from PIL import Image
+from starlette.testclient import TestClient
+
+from lcnet_runner import Predictor
+
+JSON_ERROR = {"error"}
+
+
+def png(size: tuple[int, int] = (40, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), (40, 180, 60), np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def client(trained: dict):
+    """The service class defined for the trained model (what BentoML reads at definition time
+    comes from the environment), its ASGI app started with its lifespan: one worker's runner."""
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_GRPC_PORT": "0", "LCNET_MAX_BATCH_IMAGES": "4",
+           "LCNET_MAX_BODY_BYTES": str(1 << 20)}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import lcnet_runner.service as service
+
+        service = importlib.reload(service)  # defined for this model and these settings
+        with TestClient(service.LCNetService.to_asgi(), raise_server_exceptions=False) as client:
+            yield client
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_classify_answers_like_the_predictor(client: TestClient, trained: dict) -> None:
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    response = client.post("/classify", files={"image": ("a.jpg", image)}, data={"top_k": "3"})
+    assert response.status_code == 200, response.text
+    want = Predictor(trained["tag"], threads=1).predict(image, top_k=3)
+    got = response.json()
+    assert [p["category"] for p in got] == [p["category"] for p in want]
+    assert sorted(p["category"] for p in got) == CLASS_NAMES
+    assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+
+
+def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
+    names = ["green/1.jpg", f"{CLASS_NAMES[0]}/1.jpg", "green/2.jpg"]
+    files = [("images", (n, (trained["dataset"] / n).read_bytes())) for n in names]
+    response = client.post("/classify_batch", files=files)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    assert len(answers) == 3 and all(len(a) == 1 for a in answers)
+    singles = [
+        client.post("/classify", files={"image": f}).json() for _, f in files
+    ]  # fmt: skip
+    assert answers == singles
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status",
+    [
+        ("/classify", {"files": {"image": ("a.jpg", b"not an image")}}, 400),
+        ("/classify", {"files": {"image": ("a.jpg", b"")}}, 400),
+        ("/classify", {"data": {"image": "http://127.0.0.1/x.jpg"}}, 415),
+        ("/classify", {"files": {"image": ("a.png", png())}, "data": {"top_k": "0"}}, 422),
+        ("/classify", {"files": {"image": ("a.png", png())}, "data": {"top_k": "many"}}, 422),
+        ("/classify", {"files": {"picture": ("a.png", png())}}, 422),
+        ("/classify", {"json": {"image": "abc"}}, 415),
+        ("/classify", {"files": {"image": ("a.png", b"\0" * (2 << 20))}}, 413),
+        ("/classify_batch", {"files": [("images", ("a.png", png()))] * 5}, 413),
+        ("/classify_batch", {"files": {"other": ("a.png", png())}}, 422),
+    ],
+    ids=["undecodable", "empty", "text-url", "top_k-0", "top_k-text", "misnamed", "json",
+         "too-large", "too-many", "batch-misnamed"],  # fmt: skip
+)
+def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -> None:
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert set(response.json()) == JSON_ERROR and response.json()["error"]
+
+
+def test_model_route_describes_the_served_model(client: TestClient, trained: dict) -> None:
+    info = client.get("/model").json()
+    assert info["tag"] == trained["tag"] and info["labels"] == CLASS_NAMES
+    assert info["limits"]["max_batch_images"] == 4  # the instance's settings
+    assert info["engine_choice"]["variant"] == f"{info['engine']}/{info['precision']}"
+
+
+def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/docs.json").json()["openapi"].startswith("3.")
+    assert "<title>" in client.get("/ui").text
+    assert client.get("/classify").status_code == 405
