@@ -78,7 +78,7 @@ def served_model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[st
         "test_top1": info.get("test_top1"),
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
-            "max_pixels": settings.max_pixels,
+            "max_pixels": settings.runner.max_pixels,
             "max_batch_images": settings.max_batch_images,
         },
     }

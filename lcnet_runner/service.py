@@ -1,20 +1,29 @@
-"""``LCNetService``: the BentoML service. Glue only: each worker holds one runner, and HTTP
-(a mounted Starlette app) and gRPC (a server started in the worker) both feed it."""
+"""``LCNetService``: the BentoML service. Glue only: each worker's instance holds one runner and
+its settings; the HTTP routes (methods of the instance, on a mounted FastAPI app) and gRPC (a
+server the instance starts) both feed that runner.
+
+What BentoML reads when the class is defined comes from the environment once, at import: the
+model reference (``LCNET_MODEL``, so ``bentoml build`` packs it), the worker count
+(``LCNET_WORKERS``/``LCNET_THREADS``) and the CORS origins of the mounted app. Everything else —
+the runner, its engine choice, the limits — belongs to the instance (``self.settings``).
+"""
 
 from __future__ import annotations
 
 import logging
 
 import bentoml
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
+from . import handlers, http_api
 from .artifact import ModelNotFoundError, bentoml_home, load_folder
 from .choice import refuse_unusable
-from .http_api import create_app
 from .settings import ServingSettings
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
-SETTINGS = ServingSettings.from_env()
-http_app = create_app(SETTINGS.cors_origins)
+AT_DEFINITION = ServingSettings.from_env()
+http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 
 
 def _model_reference(tag: str) -> bentoml.models.BentoModel:
@@ -30,47 +39,60 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
     return bentoml.models.BentoModel(tag)
 
 
-def _refuse_unusable_variant(tag: str) -> None:
+def _refuse_unusable_variant(settings: ServingSettings) -> None:
     """Check a named engine/precision (accuracy guard, self-check on this CPU) before any worker
     starts: BentoML restarts a worker that fails to initialise forever, so the same error would
     otherwise scroll by and the server never become ready."""
-    artifact = load_folder(bentoml.models.get(tag).path, tag=tag)
-    refuse_unusable(artifact, SETTINGS.engine, SETTINGS.precision, SETTINGS.skip_guard)
+    artifact = load_folder(bentoml.models.get(settings.model).path, tag=settings.model)
+    runner = settings.runner
+    refuse_unusable(artifact, runner.engine, runner.precision, runner.skip_guard)
 
 
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
     name="lcnet",
-    workers=SETTINGS.worker_count,
+    workers=AT_DEFINITION.worker_count,
     traffic={"timeout": 60},
     metrics={"enabled": True},
 )
 class LCNetService:
-    model = _model_reference(SETTINGS.model)
-    _refuse_unusable_variant(SETTINGS.model)
+    model = _model_reference(AT_DEFINITION.model)
+    _refuse_unusable_variant(AT_DEFINITION)
 
     def __init__(self) -> None:
         from .metrics import PrometheusObserver
         from .runner import LCNetRunner
 
+        self.settings = ServingSettings.from_env()
         artifact = load_folder(self.model.path, tag=str(self.model.tag))
-        observer = PrometheusObserver(SETTINGS.max_batch_size)
-        self.runner = LCNetRunner(artifact, SETTINGS.runner_config(), observer)
+        config = self.settings.runner
+        observer = PrometheusObserver(config.max_batch_size)
+        self.runner = LCNetRunner(artifact, config, observer)
         logger.info(
             "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
-            artifact.name, self.runner.predictor.choice.describe(), SETTINGS.engine,
-            SETTINGS.precision, SETTINGS.threads,
+            artifact.name, self.runner.predictor.choice.describe(), config.engine,
+            config.precision, config.threads,
         )  # fmt: skip
-        http_app.state.runner = self.runner
-        http_app.state.settings = SETTINGS
         self.grpc_server = None
+
+    @http_app.post("/classify", **http_api.CLASSIFY_DOC)
+    async def classify(self, request: Request) -> JSONResponse:
+        return await http_api.answer(http_api.classify(request, self.runner, self.settings))
+
+    @http_app.post("/classify_batch", **http_api.CLASSIFY_BATCH_DOC)
+    async def classify_batch(self, request: Request) -> JSONResponse:
+        return await http_api.answer(http_api.classify_batch(request, self.runner, self.settings))
+
+    @http_app.get("/model", **http_api.MODEL_DOC)
+    async def model_info(self) -> JSONResponse:
+        return JSONResponse(handlers.served_model_info(self.runner, self.settings))
 
     @bentoml.on_startup
     async def start_grpc(self) -> None:
-        if SETTINGS.grpc_port:
+        if self.settings.grpc_port:
             from .grpc_api import start_grpc_server
 
-            self.grpc_server = await start_grpc_server(self.runner, SETTINGS)
+            self.grpc_server = await start_grpc_server(self.runner, self.settings)
 
     @bentoml.on_shutdown
     async def stop(self) -> None:

@@ -31,7 +31,9 @@ def test_deployment_matches_the_service_settings() -> None:
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": 3000, "grpc": settings.grpc_port}
     # CPU request = workers × threads, so the pod never oversubscribes its cores.
-    assert int(container["resources"]["requests"]["cpu"]) == settings.workers * settings.threads
+    assert (
+        int(container["resources"]["requests"]["cpu"]) == settings.workers * settings.runner.threads
+    )
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     service_ports = {p["name"]: p["targetPort"] for p in load("service.yaml")["spec"]["ports"]}

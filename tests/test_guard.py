@@ -108,7 +108,7 @@ def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
     else:  # skip_guard skips the guard, not what the CPU can do
         with pytest.raises(ValueError, match="bf16 needs a CPU with avx512_bf16 or AMX"):
             Predictor(folder, engine="openvino", precision="bf16", skip_guard=True, threads=1)
-    assert ServingSettings.from_env({"LCNET_SKIP_GUARD": "1"}).runner_config().skip_guard
+    assert ServingSettings.from_env({"LCNET_SKIP_GUARD": "1"}).runner.skip_guard
     with pytest.raises(ValueError, match="LCNET_SKIP_GUARD='maybe' is not 1 or 0"):
         ServingSettings.from_env({"LCNET_SKIP_GUARD": "maybe"})
 

@@ -106,3 +106,19 @@ def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:
     assert client.get("/docs.json").json()["openapi"].startswith("3.")
     assert "<title>" in client.get("/ui").text
     assert client.get("/classify").status_code == 405
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    """Swagger at / reads /docs.json: the fast routes are there with their bodies and answers."""
+    spec = client.get("/docs.json").json()
+    paths = spec["paths"]
+    for path, field in (("/classify", "image"), ("/classify_batch", "images")):
+        post = paths[path]["post"]
+        body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["required"] == [field] and set(body["properties"]) == {field, "top_k"}
+        assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
+    assert "get" in paths["/model"]
+    assert not any(path.startswith("/ui") for path in paths)
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["PredictionOut"]["properties"]) == {"category_id", "category", "score"}
+    assert set(schemas["ErrorOut"]["properties"]) == {"error"}
