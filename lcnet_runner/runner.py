@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -67,6 +67,21 @@ class LCNetRunner:
             on_batch=observer.batch if observer else None,
             name="lcnet-runner",
         )
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | Path | ModelArtifact = DEFAULT_MODEL,
+        *,
+        observer: RunnerObserver | None = None,
+        **config: Any,
+    ) -> LCNetRunner:
+        """A runner for a store tag or exported folder, e.g. in one's own ``@bentoml.service``:
+        ``LCNetRunner.from_model("pplcnet:latest", engine="auto", threads=1)``; keywords are
+        RunnerConfig's fields. Call ``await runner.aclassify(image, top_k)`` from an async API
+        method (image: bytes, a path, a PIL image or an RGB array) and ``await runner.close()``
+        at shutdown."""
+        return cls(model, RunnerConfig(**config), observer)
 
     def _warm_up(self) -> None:
         """Run every batch size once before serving: oneDNN builds (and caches) its kernels per

@@ -1,0 +1,39 @@
+"""Two PP-LCNet models in one's own BentoML service: an A/B pair answering side by side.
+
+    LCNET_MODEL_A=pplcnet:latest LCNET_MODEL_B=other:latest bentoml serve service:ABPair
+
+Each worker holds one runner per model (in-process, batching on its own); the service's own
+``@bentoml.api`` calls them. The ``BentoModel`` references make ``bentoml build`` pack both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import bentoml
+
+from lcnet_runner.runner import LCNetRunner
+
+
+@bentoml.service(workers=1)
+class ABPair:
+    model_a = bentoml.models.BentoModel(os.environ.get("LCNET_MODEL_A", "pplcnet:latest"))
+    model_b = bentoml.models.BentoModel(os.environ.get("LCNET_MODEL_B", "pplcnet:latest"))
+
+    def __init__(self) -> None:
+        # 2 cores, 1 worker: each runner's engine gets one thread.
+        self.a = LCNetRunner.from_model(str(self.model_a.tag), engine="auto", threads=1)
+        self.b = LCNetRunner.from_model(str(self.model_b.tag), engine="auto", threads=1)
+
+    @bentoml.api
+    async def compare(self, image: Path, top_k: int = 1) -> dict:
+        """Both models' top-k for one uploaded image, and whether their top-1 agree."""
+        data = image.read_bytes()
+        a, b = await asyncio.gather(self.a.aclassify(data, top_k), self.b.aclassify(data, top_k))
+        return {"a": a, "b": b, "agree": a[0]["category"] == b[0]["category"]}
+
+    @bentoml.on_shutdown
+    async def close(self) -> None:
+        await asyncio.gather(self.a.close(), self.b.close())

@@ -1,0 +1,39 @@
+"""lcnet-bento as a BentoML plugin: runners embedded in a user's own service (two models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bentoml
+import pytest
+from conftest import CLASS_NAMES, ROOT, run_cli
+
+from lcnet_runner import Predictor
+from lcnet_runner.testing import Server
+
+
+@pytest.fixture(scope="module")
+def second_model(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Another store model: the trained network under other class names."""
+    labels = tmp_path_factory.mktemp("labels") / "labels.txt"
+    labels.write_text("".join(f"other {i}\n" for i in range(len(CLASS_NAMES))), encoding="utf-8")
+    result = run_cli("train", "import", trained["export_dir"], "--name", "other",
+                     "--labels", str(labels))  # fmt: skip
+    return result.stdout.strip().split()[-1]
+
+
+def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> None:
+    env = {"LCNET_MODEL_A": trained["tag"], "LCNET_MODEL_B": second_model}
+    server = Server("service:ABPair", env, cwd=ROOT / "examples" / "ab_pair").wait_ready()
+    try:
+        image = trained["dataset"] / "green" / "3.jpg"
+        with bentoml.SyncHTTPClient(server.url) as client:
+            answer = client.compare(image=Path(image), top_k=2)
+    finally:
+        server.stop()
+    for got, model in ((answer["a"], trained["tag"]), (answer["b"], second_model)):
+        want = Predictor(model, threads=1).predict(image, top_k=2)
+        assert [p["category"] for p in got] == [p["category"] for p in want]
+        assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+    assert answer["b"][0]["category"].startswith("other ")
+    assert answer["agree"] is False  # same network, other names
