@@ -93,6 +93,18 @@ async def answer(work: Awaitable[Any]) -> JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=status)
 
 
+async def typed_answer(work: Awaitable[Any]) -> Any:
+    """The typed routes' answer: the result, or (BentoML passes a Response through) the same
+    4xx ``{"error"}`` as the fast routes for a client's mistake, e.g. an undecodable image."""
+    try:
+        return await work
+    except Exception as err:
+        status = client_error_status(err)
+        if status is None:
+            raise
+        return JSONResponse({"error": str(err)}, status_code=status)
+
+
 async def classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     images, top_k = await read_upload(request, settings, "image")
     if len(images) != 1:
@@ -135,14 +147,18 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 CLASSIFY_DOC = {
     "summary": "Classify one image (multipart file field `image`)",
     "openapi_extra": _multipart("image", many=False),
-    "responses": {200: {"model": list[PredictionOut], "description": "top-k classes, best first"},
-                  **_errors(400, 413, 415, 422, 500)},  # fmt: skip
+    "responses": {
+        200: {"model": list[PredictionOut], "description": "top-k classes, best first"},
+        **_errors(400, 413, 415, 422, 500),
+    },  # fmt: skip
 }
 CLASSIFY_BATCH_DOC = {
     "summary": "Classify several images (repeated multipart file field `images`)",
     "openapi_extra": _multipart("images", many=True),
-    "responses": {200: {"model": list[list[PredictionOut]], "description": "one list per image"},
-                  **_errors(400, 413, 415, 422, 500)},  # fmt: skip
+    "responses": {
+        200: {"model": list[list[PredictionOut]], "description": "one list per image"},
+        **_errors(400, 413, 415, 422, 500),
+    },  # fmt: skip
 }
 MODEL_DOC = {"summary": "The served model: tag, labels, preprocessing, engine choice, limits"}
 
@@ -162,3 +178,58 @@ def create_app(cors_origins: str = "") -> FastAPI:
     app.add_api_route("/ui", _ui, methods=["GET"], include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui")
     return app
+
+
+# The typed routes (`@bentoml.api` methods, for BentoML's clients) and their file field.
+TYPED_ROUTES = {"/predict": "image", "/predict_batch": "images"}
+
+
+class TypedApiGuard:
+    """ASGI middleware in front of BentoML's own request handling on the typed routes.
+
+    BentoML 1.4.40's IO answers 500 to several malformed multipart bodies, fetches a URL sent as
+    text where a file belongs (server-side request forgery) and names its temporary files after
+    the uploaded file name. So the body is parsed here first, with the fast routes' parser and
+    limits: anything malformed gets the usual 4xx ``{"error"}``; what passes is re-encoded with
+    only the file field(s) — plain names, no text values — and ``top_k``, and handed on."""
+
+    def __init__(self, app, settings: ServingSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send) -> None:
+        field = TYPED_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if field is None or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            images, top_k = await read_upload(Request(scope, receive), self.settings, field)
+            if field == "image" and len(images) != 1:
+                raise RequestError(422, "send exactly one file in 'image'")
+            body, content_type = _multipart_body(field, images, handlers.parse_top_k(top_k))
+        except RequestError as err:
+            response = JSONResponse({"error": str(err)}, status_code=err.status)
+            return await response(scope, receive, send)
+        headers = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
+        ]
+        headers += [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, replay, send)
+
+
+def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:
+    boundary = "lcnet-typed-api"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="upload"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n".encode()
+        + image
+        + b"\r\n"
+        for image in images
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'.encode()
+    )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}".encode()

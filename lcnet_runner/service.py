@@ -11,6 +11,7 @@ the runner, its engine choice, the limits — belongs to the instance (``self.se
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import bentoml
 from starlette.requests import Request
@@ -87,6 +88,21 @@ class LCNetService:
     async def model_info(self) -> JSONResponse:
         return JSONResponse(handlers.served_model_info(self.runner, self.settings))
 
+    # Typed API for BentoML's clients: `client.predict(image=Path("cat.jpg"), top_k=3)`. The
+    # same runner and batches; the body was checked and re-encoded by TypedApiGuard first.
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Path, top_k: int = 1) -> list[http_api.PredictionOut]:
+        """Classify one image (the same answer as /classify)."""
+        return await http_api.typed_answer(self.runner.aclassify(image.read_bytes(), top_k))
+
+    @bentoml.api(route="/predict_batch")
+    async def predict_batch(
+        self, images: list[Path], top_k: int = 1
+    ) -> list[list[http_api.PredictionOut]]:
+        """Classify several images (the same answer as /classify_batch)."""
+        data = [image.read_bytes() for image in images]
+        return await http_api.typed_answer(self.runner.aclassify_batch(data, top_k))
+
     @bentoml.on_startup
     async def start_grpc(self) -> None:
         if self.settings.grpc_port:
@@ -99,3 +115,7 @@ class LCNetService:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
         await self.runner.close()
+
+
+# Before BentoML's own IO on the typed routes (limits: the definition-time settings).
+LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)

@@ -85,8 +85,18 @@ def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
         ("/classify_batch", {"files": [("images", ("a.png", png()))] * 5}, 413),
         ("/classify_batch", {"files": {"other": ("a.png", png())}}, 422),
     ],
-    ids=["undecodable", "empty", "text-url", "top_k-0", "top_k-text", "misnamed", "json",
-         "too-large", "too-many", "batch-misnamed"],  # fmt: skip
+    ids=[
+        "undecodable",
+        "empty",
+        "text-url",
+        "top_k-0",
+        "top_k-text",
+        "misnamed",
+        "json",
+        "too-large",
+        "too-many",
+        "batch-misnamed",
+    ],  # fmt: skip
 )
 def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -> None:
     response = client.post(path, **kwargs)
@@ -122,3 +132,60 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     assert set(schemas["PredictionOut"]["properties"]) == {"category_id", "category", "score"}
     assert set(schemas["ErrorOut"]["properties"]) == {"error"}
+
+
+def test_typed_routes_answer_like_the_fast_ones(client: TestClient, trained: dict) -> None:
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    fast = client.post("/classify", files={"image": ("a.jpg", image)}, data={"top_k": "2"})
+    typed = client.post("/predict", files={"image": ("a.jpg", image)}, data={"top_k": "2"})
+    assert typed.status_code == 200, typed.text
+    assert typed.json() == fast.json()
+    files = [("images", ("a.jpg", image)), ("images", ("b.png", png()))]
+    batch = client.post("/predict_batch", files=files)
+    assert batch.status_code == 200 and len(batch.json()) == 2
+    assert batch.json()[0] == client.post("/classify", files={"image": image}).json()
+
+
+@pytest.mark.parametrize(
+    "path, kwargs, status",
+    [
+        ("/predict", {"files": {"image": ("a.jpg", b"not an image")}}, 400),
+        ("/predict", {"data": {"image": "http://127.0.0.1:1/x.jpg"}, "files": {"x": b""}}, 422),
+        ("/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415),
+        (
+            "/predict",
+            {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
+            400,
+        ),
+        ("/predict", {"files": {"image": ("a.png", png())}, "data": {"top_k": "x"}}, 422),
+        ("/predict", {"files": {"picture": ("a.png", png())}}, 422),
+        ("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422),
+        ("/predict", {"files": {"image": ("../" * 40 + "x" * 300, png())}}, 200),
+        ("/predict_batch", {"files": [("images", ("a.png", png()))] * 5}, 413),
+        ("/predict_batch", {"data": {"images": "/etc/passwd"}, "files": {"x": b""}}, 422),
+        ("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415),
+    ],
+    ids=[
+        "undecodable",
+        "url-as-text",
+        "json-url",
+        "garbage",
+        "top_k-text",
+        "misnamed",
+        "two",
+        "hostile-name",
+        "too-many",
+        "path-as-text",
+        "urlencoded",
+    ],  # fmt: skip
+)
+def test_typed_routes_keep_the_error_contract(client: TestClient, path, kwargs, status) -> None:
+    response = client.post(path, **kwargs)
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert set(response.json()) == JSON_ERROR and response.json()["error"]
+
+
+def test_openapi_documents_the_typed_routes(client: TestClient) -> None:
+    paths = client.get("/docs.json").json()["paths"]
+    assert {"/predict", "/predict_batch"} <= set(paths)

@@ -182,3 +182,22 @@ def test_grpc_health_and_reflection(server: Server) -> None:
         (response,) = list(stub.ServerReflectionInfo(iter([request])))
         names = {s.name for s in response.list_services_response.service}
         assert "lcnet.v1.Classifier" in names and "grpc.health.v1.Health" in names
+
+
+def test_bentoml_clients_call_the_typed_api(server: Server, trained: dict) -> None:
+    import asyncio
+
+    import bentoml
+
+    image = trained["dataset"] / "green" / "1.jpg"
+    files = {"image": ("a.jpg", image.read_bytes())}
+    want = httpx.post(f"{server.url}/classify", files=files, data={"top_k": "3"}).json()
+    with bentoml.SyncHTTPClient(server.url) as client:
+        assert client.predict(image=image, top_k=3) == want
+        assert client.predict_batch(images=[image, image], top_k=3) == [want, want]
+
+    async def call_async() -> list:
+        async with bentoml.AsyncHTTPClient(server.url) as client:
+            return await client.predict(image=image, top_k=3)
+
+    assert asyncio.run(call_async()) == want
