@@ -12,13 +12,16 @@ OpenAPI document by hand (``openapi_extra``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import uuid
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
@@ -198,7 +201,7 @@ class TypedApiGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         field = TYPED_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if field is None or scope["method"] != "POST":
+        if field is None or scope["method"] != "POST" or _internal(scope):
             return await self.app(scope, receive, send)
         try:
             images, top_k = await read_upload(Request(scope, receive), self.settings, field)
@@ -219,6 +222,13 @@ class TypedApiGuard:
         await self.app({**scope, "headers": headers}, replay, send)
 
 
+def _internal(scope) -> bool:
+    """A call from another service of the same deployment (``bentoml.depends``): BentoML sends
+    pickles between its own processes and refuses them itself on the public (main) server."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    return content_type.startswith(b"application/vnd.bentoml+pickle")
+
+
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:
     boundary = "lcnet-typed-api"
     parts = [
@@ -233,3 +243,82 @@ def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes,
     )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}".encode()
+
+
+# PaddleX 3 basic serving's image-classification protocol, so its clients switch by host only:
+# POST /image-classification {"image": "<base64>", "topk": N} → {"logId", "errorCode": 0,
+# "errorMsg": "Success", "result": {"categories": [{"id", "name", "score"}]}}; errors are
+# {"logId", "errorCode", "errorMsg"} with errorCode = the HTTP status, as PaddleX does.
+class PaddleXRequest(BaseModel):
+    image: str  # base64; PaddleX also fetches URLs, which a server here never does
+    topk: int | None = None
+    visualize: bool | None = None  # accepted, not drawn: "image" in the result stays null
+
+
+async def paddlex_classify(request: Request, runner: LCNetRunner, settings: ServingSettings):
+    log_id = uuid.uuid4().hex
+    try:
+        body = b"".join([chunk async for chunk in _limited(request, settings.max_body_bytes)])
+        try:
+            asked = PaddleXRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise RequestError(422, f"invalid request: {err.errors()[0]['msg']}") from None
+        if asked.topk is not None and asked.topk < 1:
+            raise RequestError(422, "topk must be > 0")
+        image = _base64_image(asked.image)
+        top_k = asked.topk or min(5, len(runner.labels))  # PaddleX's Topk default
+        predictions = await runner.aclassify(image, top_k)
+    except Exception as err:
+        status = client_error_status(err)
+        if status is None:
+            logger.exception("request failed")
+            status, err = 500, "internal error"
+        return JSONResponse({"logId": log_id, "errorCode": status, "errorMsg": str(err)}, status)
+    categories = [{"id": p["category_id"], "name": p["category"], "score": p["score"]}
+                  for p in predictions]  # fmt: skip
+    result = {"categories": categories, "image": None}
+    return JSONResponse({"logId": log_id, "errorCode": 0, "errorMsg": "Success", "result": result})
+
+
+def _base64_image(text: str) -> bytes:
+    if text.strip().lower().startswith(("http://", "https://", "ftp://", "file:")):
+        raise RequestError(422, "image URLs are not fetched; send the image as base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "image is not valid base64") from None
+
+
+class PaddleXCategory(BaseModel):
+    id: int
+    name: str
+    score: float
+
+
+class PaddleXResult(BaseModel):
+    categories: list[PaddleXCategory]
+    image: str | None = None
+
+
+class PaddleXResponse(BaseModel):
+    logId: str
+    errorCode: int
+    errorMsg: str
+    result: PaddleXResult | None = None
+
+
+PADDLEX_DOC = {
+    "summary": "PaddleX 3 serving compatible: base64 image in JSON (URLs are refused)",
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": PaddleXRequest.model_json_schema()}},
+        }
+    },  # fmt: skip
+    "responses": {
+        200: {"model": PaddleXResponse},
+        400: {"model": PaddleXResponse},
+        413: {"model": PaddleXResponse},
+        422: {"model": PaddleXResponse},
+    },  # fmt: skip
+}

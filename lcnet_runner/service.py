@@ -84,6 +84,10 @@ class LCNetService:
     async def classify_batch(self, request: Request) -> JSONResponse:
         return await http_api.answer(http_api.classify_batch(request, self.runner, self.settings))
 
+    @http_app.post("/image-classification", **http_api.PADDLEX_DOC)
+    async def paddlex_classify(self, request: Request) -> JSONResponse:
+        return await http_api.paddlex_classify(request, self.runner, self.settings)
+
     @http_app.get("/model", **http_api.MODEL_DOC)
     async def model_info(self) -> JSONResponse:
         return JSONResponse(handlers.served_model_info(self.runner, self.settings))

@@ -37,3 +37,16 @@ def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> 
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
     assert answer["b"][0]["category"].startswith("other ")
     assert answer["agree"] is False  # same network, other names
+
+
+def test_another_service_composes_ours_with_depends(trained: dict) -> None:
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1"}
+    server = Server("service:Shop", env, cwd=ROOT / "examples" / "compose").wait_ready()
+    try:
+        photo = trained["dataset"] / "green" / "4.jpg"
+        with bentoml.SyncHTTPClient(server.url) as client:
+            answer = client.tag_product(photo=photo)
+    finally:
+        server.stop()
+    (best,) = Predictor(trained["tag"], threads=1).predict(photo, top_k=1)
+    assert answer == {"tag": best["category"], "confident": best["score"] >= 0.5}

@@ -189,3 +189,44 @@ def test_typed_routes_keep_the_error_contract(client: TestClient, path, kwargs, 
 def test_openapi_documents_the_typed_routes(client: TestClient) -> None:
     paths = client.get("/docs.json").json()["paths"]
     assert {"/predict", "/predict_batch"} <= set(paths)
+
+
+def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained: dict) -> None:
+    """Requests built and answers read with the installed PaddleX's own serving schemas."""
+    import base64
+
+    from paddlex.inference.serving.infra.models import (
+        AIStudioNoResultResponse,
+        AIStudioResultResponse,
+    )
+    from paddlex.inference.serving.schemas.image_classification import (
+        INFER_ENDPOINT,
+        InferRequest,
+        InferResult,
+    )
+
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    request = InferRequest(image=base64.b64encode(image).decode(), topk=2)
+    response = client.post(INFER_ENDPOINT, json=request.model_dump(exclude_none=True))
+    assert response.status_code == 200, response.text
+    answer = AIStudioResultResponse[InferResult].model_validate(response.json())
+    fast = client.post("/classify", files={"image": image}, data={"top_k": "2"}).json()
+    assert [(c.id, c.name) for c in answer.result.categories] == [
+        (p["category_id"], p["category"]) for p in fast
+    ]
+    assert [c.score for c in answer.result.categories] == pytest.approx([p["score"] for p in fast])
+    default = client.post(INFER_ENDPOINT, json={"image": request.image}).json()
+    assert len(default["result"]["categories"]) == len(CLASS_NAMES)  # min(5, classes)
+
+    for body, status in (
+        ({"image": "http://127.0.0.1:1/cat.jpg"}, 422),  # never fetched
+        ({"image": "not base64!"}, 422),
+        ({"image": base64.b64encode(b"not an image").decode()}, 400),
+        ({"image": request.image, "topk": 0}, 422),
+        ({"topk": 1}, 422),
+    ):
+        error = client.post(INFER_ENDPOINT, json=body)
+        assert error.status_code == status, (body, error.text)
+        parsed = AIStudioNoResultResponse.model_validate(error.json())
+        assert parsed.errorCode == status and parsed.errorMsg and parsed.logId
+    assert client.post(INFER_ENDPOINT, content=b"{").status_code == 422
