@@ -99,6 +99,10 @@ async def grpc_client(port: int, image: bytes, until: float, budget: list[int], 
             out.append((status, time.perf_counter() - start))
 
 
+# HTTP load targets: the fast route, and the typed @bentoml.api route BentoML's clients call.
+ROUTES = {"http": "/classify", "typed": "/predict"}
+
+
 def load(
     server, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
     per_connection: int = 20,
@@ -113,8 +117,8 @@ def load(
 
     async def run() -> float:
         until = time.perf_counter() + seconds
-        if protocol == "http":
-            request = multipart([image], server.http_port)
+        if protocol in ROUTES:
+            request = multipart([image], server.http_port, path=ROUTES[protocol])
             tasks = [
                 http_client(server.http_port, request, until, budget, out, per_connection)
                 for _ in range(clients)
@@ -150,6 +154,16 @@ def mean_batch_size(server) -> float:
         float(v) for v in re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
     )
     return total / count if count else float("nan")
+
+
+def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
+    """(protocol, clients) to measure: every level on the fast routes; the typed route (what
+    BentoML's clients call) at 1 client and at the compared level; without batching, only the
+    compared level."""
+    if mode != "batching":
+        return [(protocol, compared) for protocol in ("http", "grpc")]
+    typed = [("typed", c) for c in dict.fromkeys([1, compared]) if c in levels]
+    return [(protocol, c) for protocol in ("http", "grpc") for c in levels] + typed
 
 
 def main() -> None:
@@ -197,19 +211,18 @@ def main() -> None:
             },
         ).wait_ready()
         try:
-            for protocol in ("http", "grpc"):
-                for clients in levels if mode == "batching" else [compared]:
-                    load(server, protocol, image, clients, 1.0, 200)  # warm-up
-                    r = load(
-                        server, protocol, image, clients, args.seconds, args.max_requests,
-                        args.requests_per_connection,
-                    )  # fmt: skip
-                    results[(mode, protocol, clients)] = r
-                    print(
-                        f"{mode:11s} {protocol:4s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
-                        f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-                        f"errors {r['errors']}  503s {r['503']}"
-                    )
+            for protocol, clients in plan(mode, levels, compared):
+                load(server, protocol, image, clients, 1.0, 200)  # warm-up
+                r = load(
+                    server, protocol, image, clients, args.seconds, args.max_requests,
+                    args.requests_per_connection,
+                )  # fmt: skip
+                results[(mode, protocol, clients)] = r
+                print(
+                    f"{mode:11s} {protocol:4s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
+                    f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+                    f"errors {r['errors']}  503s {r['503']}"
+                )
             print(f"{mode}: mean batch size formed {mean_batch_size(server):.2f}")
         finally:
             server.stop()
@@ -230,6 +243,17 @@ def main() -> None:
             overhead = results[("batching", protocol, 1)]["p50_ms"] - one
             print(f"{protocol}: served p50 @1 client - in-process single image = {overhead:.2f} ms "
                   "(target <= 3)")  # fmt: skip
+    typed, fast = (
+        results.get(("batching", "typed", compared)),
+        results[("batching", "http", compared)],
+    )
+    if typed:
+        print(f"typed /predict ÷ fast /classify @{compared} = {typed['rps'] / fast['rps']:.2f}")
+    if ("batching", "typed", 1) in results and ("batching", "http", 1) in results:
+        extra = (
+            results[("batching", "typed", 1)]["p50_ms"] - results[("batching", "http", 1)]["p50_ms"]
+        )
+        print(f"typed /predict p50 @1 client - fast /classify p50 @1 client = {extra:.2f} ms")
     top = max(levels)
     errors = sum(results[("batching", p, top)]["errors"] for p in ("http", "grpc"))
     print(f"errors or 503s at {top} clients: {errors}")

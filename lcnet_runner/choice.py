@@ -44,6 +44,7 @@ from .engines import (
     ENGINES,
     Engine,
     Variant,
+    cpu_lacks,
     create_engine,
     default_threads,
     matching_variants,
@@ -125,7 +126,10 @@ def refuse_unusable(
 def load(
     artifact: ModelArtifact, variant: Variant, threads: int | None, skip_guard: bool
 ) -> Choice:
-    """One variant: its stored guard figures, then the engine, then the self-check here."""
+    """One variant: what this CPU can do, its stored guard figures, the engine, then the
+    self-check here."""
+    if reason := cpu_lacks(variant):
+        raise ValueError(reason)
     if not skip_guard:
         check(artifact, variant)
     engine = create_engine(variant, artifact, threads)

@@ -56,6 +56,13 @@ class Engine(Protocol):
     def predict(self, batch: np.ndarray) -> np.ndarray: ...  # float32 NCHW → N×classes
 
 
+def cpu_lacks(variant: Variant) -> str | None:
+    """Why this CPU cannot run ``variant`` at all (checked before anything is loaded)."""
+    if variant.precision == "bf16" and not cpu_supports_bf16():
+        return "bf16 needs a CPU with avx512_bf16 or AMX; this one has neither"
+    return None
+
+
 def default_threads() -> int:
     """All cores this process may use: its CPU affinity (taskset, a container's cpuset), which
     ``os.cpu_count()`` ignores."""
@@ -173,8 +180,6 @@ class OpenVinoEngine:
     precisions = ("fp32", "bf16", "int8")
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
-        if precision == "bf16" and not cpu_supports_bf16():
-            raise ValueError("bf16 needs a CPU with avx512_bf16 or AMX; this one has neither")
         ov = _require("openvino", "openvino")
         core = ov.Core()
         config = {
@@ -228,4 +233,6 @@ def matching_variants(engine: str = AUTO, precision: str = AUTO) -> list[Variant
 
 def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None = None) -> Engine:
     (checked,) = matching_variants(variant.engine, variant.precision)
+    if reason := cpu_lacks(checked):
+        raise ValueError(reason)
     return ENGINES[checked.engine](artifact, threads, checked.precision)

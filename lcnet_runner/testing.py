@@ -21,6 +21,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _own_home(home: str | None) -> str:
+    """A BentoML home of this server's own that shares the store's models and Bentos: every
+    `bentoml serve` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` at start, which would wipe
+    the metrics of any other server already running on the same home."""
+    shared = Path(home or Path.home() / "bentoml")
+    own = Path(tempfile.mkdtemp(prefix="lcnet-serve-home-"))
+    for name in ("models", "bentos"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (own / name).symlink_to((shared / name).resolve(), target_is_directory=True)
+    return str(own)
+
+
 class Server:
     """A real `bentoml serve` process group on loopback ports, ended by its own PID."""
 
@@ -37,6 +49,7 @@ class Server:
             "LCNET_GRPC_HOST": "127.0.0.1",
             **env,
         }
+        full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "bentoml"), "serve", target,
              "--host", "127.0.0.1", "--port", str(self.http_port)],

@@ -71,37 +71,84 @@ def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
     assert answers == singles
 
 
-@pytest.mark.parametrize(
-    "path, kwargs, status",
-    [
-        ("/classify", {"files": {"image": ("a.jpg", b"not an image")}}, 400),
-        ("/classify", {"files": {"image": ("a.jpg", b"")}}, 400),
-        ("/classify", {"data": {"image": "http://127.0.0.1/x.jpg"}}, 415),
-        ("/classify", {"files": {"image": ("a.png", png())}, "data": {"top_k": "0"}}, 422),
-        ("/classify", {"files": {"image": ("a.png", png())}, "data": {"top_k": "many"}}, 422),
-        ("/classify", {"files": {"picture": ("a.png", png())}}, 422),
-        ("/classify", {"json": {"image": "abc"}}, 415),
-        ("/classify", {"files": {"image": ("a.png", b"\0" * (2 << 20))}}, 413),
-        ("/classify_batch", {"files": [("images", ("a.png", png()))] * 5}, 413),
-        ("/classify_batch", {"files": {"other": ("a.png", png())}}, 422),
-    ],
-    ids=[
-        "undecodable",
-        "empty",
-        "text-url",
-        "top_k-0",
-        "top_k-text",
-        "misnamed",
-        "json",
-        "too-large",
-        "too-many",
-        "batch-misnamed",
-    ],  # fmt: skip
-)
+MULTIPART = "multipart/form-data"
+# Bad requests and their status: the fast routes, then the typed ones (BentoML's IO behind
+# a guard) under the same contract, where an odd file name is no reason to refuse.
+BAD_REQUESTS = [
+    pytest.param(
+        "/classify", {"files": {"image": ("a.jpg", b"not an image")}}, 400, id="undecodable"
+    ),
+    pytest.param("/classify", {"files": {"image": ("a.jpg", b"")}}, 400, id="empty"),
+    pytest.param("/classify", {"data": {"image": "http://127.0.0.1/x.jpg"}}, 415, id="text-url"),
+    pytest.param(
+        "/classify",
+        {"files": {"image": ("a.png", png())}, "data": {"top_k": "0"}},
+        422,
+        id="top_k-0",
+    ),
+    pytest.param(
+        "/classify",
+        {"files": {"image": ("a.png", png())}, "data": {"top_k": "many"}},
+        422,
+        id="top_k-text",
+    ),
+    pytest.param("/classify", {"files": {"picture": ("a.png", png())}}, 422, id="misnamed"),
+    pytest.param("/classify", {"json": {"image": "abc"}}, 415, id="json"),
+    pytest.param(
+        "/classify", {"files": {"image": ("a.png", b"\0" * (2 << 20))}}, 413, id="too-large"
+    ),
+    pytest.param(
+        "/classify_batch", {"files": [("images", ("a.png", png()))] * 5}, 413, id="too-many"
+    ),
+    pytest.param(
+        "/classify_batch", {"files": {"other": ("a.png", png())}}, 422, id="batch-misnamed"
+    ),
+    pytest.param(
+        "/predict", {"files": {"image": ("a.jpg", b"not an image")}}, 400, id="undecodable"
+    ),
+    pytest.param(
+        "/predict",
+        {"data": {"image": "http://127.0.0.1:1/x.jpg"}, "files": {"x": b""}},
+        422,
+        id="url-as-text",
+    ),
+    pytest.param("/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, id="json-url"),
+    pytest.param(
+        "/predict",
+        {"content": b"garbage", "headers": {"content-type": MULTIPART}},
+        400,
+        id="garbage",
+    ),
+    pytest.param(
+        "/predict",
+        {"files": {"image": ("a.png", png())}, "data": {"top_k": "x"}},
+        422,
+        id="top_k-text",
+    ),
+    pytest.param("/predict", {"files": {"picture": ("a.png", png())}}, 422, id="misnamed"),
+    pytest.param("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422, id="two"),
+    pytest.param(
+        "/predict", {"files": {"image": ("../" * 40 + "x" * 300, png())}}, 200, id="hostile-name"
+    ),
+    pytest.param(
+        "/predict_batch", {"files": [("images", ("a.png", png()))] * 5}, 413, id="too-many"
+    ),
+    pytest.param(
+        "/predict_batch",
+        {"data": {"images": "/etc/passwd"}, "files": {"x": b""}},
+        422,
+        id="path-as-text",
+    ),
+    pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="urlencoded"),
+]
+
+
+@pytest.mark.parametrize("path, kwargs, status", BAD_REQUESTS)
 def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -> None:
     response = client.post(path, **kwargs)
     assert response.status_code == status, response.text
-    assert set(response.json()) == JSON_ERROR and response.json()["error"]
+    if status != 200:
+        assert set(response.json()) == JSON_ERROR and response.json()["error"]
 
 
 def test_model_route_describes_the_served_model(client: TestClient, trained: dict) -> None:
@@ -128,6 +175,8 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         assert body["required"] == [field] and set(body["properties"]) == {field, "top_k"}
         assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
     assert "get" in paths["/model"]
+    for path in ("/predict", "/predict_batch", "/image-classification"):  # typed, PaddleX
+        assert "post" in paths[path], path
     assert not any(path.startswith("/ui") for path in paths)
     schemas = spec["components"]["schemas"]
     assert set(schemas["PredictionOut"]["properties"]) == {"category_id", "category", "score"}
@@ -144,51 +193,6 @@ def test_typed_routes_answer_like_the_fast_ones(client: TestClient, trained: dic
     batch = client.post("/predict_batch", files=files)
     assert batch.status_code == 200 and len(batch.json()) == 2
     assert batch.json()[0] == client.post("/classify", files={"image": image}).json()
-
-
-@pytest.mark.parametrize(
-    "path, kwargs, status",
-    [
-        ("/predict", {"files": {"image": ("a.jpg", b"not an image")}}, 400),
-        ("/predict", {"data": {"image": "http://127.0.0.1:1/x.jpg"}, "files": {"x": b""}}, 422),
-        ("/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415),
-        (
-            "/predict",
-            {"content": b"garbage", "headers": {"content-type": "multipart/form-data"}},
-            400,
-        ),
-        ("/predict", {"files": {"image": ("a.png", png())}, "data": {"top_k": "x"}}, 422),
-        ("/predict", {"files": {"picture": ("a.png", png())}}, 422),
-        ("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422),
-        ("/predict", {"files": {"image": ("../" * 40 + "x" * 300, png())}}, 200),
-        ("/predict_batch", {"files": [("images", ("a.png", png()))] * 5}, 413),
-        ("/predict_batch", {"data": {"images": "/etc/passwd"}, "files": {"x": b""}}, 422),
-        ("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415),
-    ],
-    ids=[
-        "undecodable",
-        "url-as-text",
-        "json-url",
-        "garbage",
-        "top_k-text",
-        "misnamed",
-        "two",
-        "hostile-name",
-        "too-many",
-        "path-as-text",
-        "urlencoded",
-    ],  # fmt: skip
-)
-def test_typed_routes_keep_the_error_contract(client: TestClient, path, kwargs, status) -> None:
-    response = client.post(path, **kwargs)
-    assert response.status_code == status, response.text
-    if status != 200:
-        assert set(response.json()) == JSON_ERROR and response.json()["error"]
-
-
-def test_openapi_documents_the_typed_routes(client: TestClient) -> None:
-    paths = client.get("/docs.json").json()["paths"]
-    assert {"/predict", "/predict_batch"} <= set(paths)
 
 
 def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -54,3 +55,21 @@ def test_upload_shows_the_api_answer_and_readable_errors(
     # The screenshot is kept with the test's files (CI artifact); docs/ui.png is one of them.
     page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
     assert (tmp_path / "ui.png").stat().st_size > 10_000
+
+
+def test_swagger_try_it_out_uploads_a_file(server: Server, trained: dict, page) -> None:
+    """BentoML's Swagger UI at / (fed by /docs.json): "Try it out" on /classify with a file."""
+    image = trained["dataset"] / "green" / "1.jpg"
+    expected = httpx.post(f"{server.url}/classify", files={"image": image.open("rb")}).json()
+
+    page.goto(f"{server.url}/")
+    operation = page.locator(".opblock-post", has=page.locator('[data-path="/classify"]')).first
+    operation.locator(".opblock-summary").click()
+    operation.locator(".try-out__btn").click()
+    operation.locator("input[type=file]").set_input_files(str(image))
+    operation.locator(".execute").click()
+    response = operation.locator(".live-responses-table .response")
+    response.wait_for()
+    assert response.locator(".response-col_status").first.inner_text().strip() == "200"
+    body = response.locator(".response-col_description pre").first.inner_text()
+    assert json.loads(body) == expected
