@@ -91,23 +91,23 @@ FAIL = {"top1": 0.8, "top1_drop_pt": 10.0, "agreement": 0.9, "max_score_diff": 0
 
 
 def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
-    set_figures(folder, openvino_bf16=FAIL, openvino_fp32=PASS)
+    set_figures(folder, onnxruntime_fp32=FAIL, openvino_fp32=PASS)  # variants every CPU runs
     with pytest.raises(
-        AccuracyGuardError, match=r"openvino/bf16 fails the accuracy guard.*-10\.00"
+        AccuracyGuardError, match=r"onnxruntime/fp32 fails the accuracy guard.*-10\.00"
     ):
-        Predictor(folder, engine="openvino", precision="bf16")
+        Predictor(folder, engine="onnxruntime", precision="fp32")
     with pytest.raises(AccuracyGuardError, match="fails the accuracy guard"):
-        LCNetRunner(folder, RunnerConfig(engine="openvino", precision="bf16"))
-    assert str(Predictor(folder, engine="openvino", threads=1).variant) == "openvino/fp32"
+        LCNetRunner(folder, RunnerConfig(engine="onnxruntime", precision="fp32"))
+    assert str(Predictor(folder, precision="fp32", threads=1).variant) != "onnxruntime/fp32"
     auto = Predictor(folder, threads=1).choice  # races only what passed (or is the reference)
     assert set(auto.race["images_per_s"]) == {"openvino/fp32", "paddle/fp32"}
-    assert "fails the accuracy guard" in auto.skipped["openvino/bf16"]
-    if cpu_supports_bf16():
-        forced = Predictor(folder, engine="openvino", precision="bf16", skip_guard=True, threads=1)
-        assert str(forced.variant) == "openvino/bf16"
-    else:  # skip_guard skips the guard, not what the CPU can do
+    assert "fails the accuracy guard" in auto.skipped["onnxruntime/fp32"]
+    forced = Predictor(folder, engine="onnxruntime", precision="fp32", skip_guard=True, threads=1)
+    assert str(forced.variant) == "onnxruntime/fp32"
+    if not cpu_supports_bf16():  # skip_guard skips the guard, not what the CPU can do
         with pytest.raises(ValueError, match="bf16 needs a CPU with avx512_bf16 or AMX"):
             Predictor(folder, engine="openvino", precision="bf16", skip_guard=True, threads=1)
+        assert "bf16 needs a CPU" in auto.skipped["openvino/bf16"]
     assert ServingSettings.from_env({"LCNET_SKIP_GUARD": "1"}).runner.skip_guard
     with pytest.raises(ValueError, match="LCNET_SKIP_GUARD='maybe' is not 1 or 0"):
         ServingSettings.from_env({"LCNET_SKIP_GUARD": "maybe"})
