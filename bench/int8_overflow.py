@@ -39,7 +39,9 @@ def main() -> None:
     shutil.copytree(folders["default"], folders["overflow fix"])
     calibration = smooth_images(100)
     for name, folder in folders.items():
-        quantize_openvino(folder, calibration, overflow_fix=name == "overflow fix")
+        quantize_openvino(
+            folder, calibration, overflow_fix=name == "overflow fix", accuracy_control=False
+        )
     cpu = cpu_features()
     print(f"{args.model}, {cpu['model']} ({', '.join(cpu['flags'])}); img/s, median of "
           f"{args.rounds} interleaved rounds")  # fmt: skip
