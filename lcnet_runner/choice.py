@@ -42,6 +42,7 @@ from .artifact import (
 from .engines import (
     AUTO,
     ENGINES,
+    REFERENCE,
     Engine,
     Variant,
     cpu_lacks,
@@ -67,6 +68,7 @@ class Choice:
     self_check: dict[str, Any] | None = None  # None: skipped (no sample, reference, skip_guard)
     race: dict[str, Any] | None = None  # auto among several: img/s per variant, where cached
     skipped: dict[str, str] = field(default_factory=dict)  # variant → why it could not serve
+    unchecked: bool = False  # skip_guard: neither the guard nor the self-check applied
 
     def describe(self) -> str:
         """One line for logs and the CLI."""
@@ -79,7 +81,9 @@ class Choice:
             )
         if self.self_check:
             text += f"; self-check passed ({self.self_check['agreement']:.0%} agreement)"
-        elif self.self_check is None and self.variant.engine != "paddle":
+        elif self.unchecked:
+            text += "; accuracy guard and self-check skipped (skip_guard)"
+        elif self.self_check is None and self.variant != REFERENCE:
             text += "; self-check skipped (the model carries no sample)"
         return text
 
@@ -134,7 +138,7 @@ def load(
         check(artifact, variant)
     engine = create_engine(variant, artifact, threads)
     if skip_guard:
-        return Choice(variant, engine)
+        return Choice(variant, engine, unchecked=True)
     infer = lambda crops: engine.predict(normalize(crops, artifact.preprocess))  # noqa: E731
     return Choice(variant, engine, self_check=self_check(artifact, variant, infer))
 

@@ -103,6 +103,26 @@ def test_read_split_round_trips_spaces_and_unicode(dataset: Path) -> None:
     assert "dog house/dog 0.jpg 1\n" in written
 
 
+def test_class_names_are_kept_exactly_from_folder_to_model(tmp_path: Path) -> None:
+    """One labels.txt format for datasets and models: edge spaces and U+2028 (a line break to
+    str.splitlines()) are part of a name; Windows line ends and a BOM are not."""
+    from lcnet_runner.artifact import read_labels_file, write_labels_file
+
+    names = [" edge", "line\u2028sep", "tab\tname ", "红"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    split_dataset(tmp_path)
+    assert read_labels(tmp_path) == sorted(names)
+    assert read_labels_file(tmp_path / "labels.txt") == tuple(sorted(names))
+    edited = tmp_path / "edited.txt"
+    edited.write_bytes("\ufeffa b\r\n c\r\n\r\n".encode())
+    assert read_labels_file(edited) == ("a b", " c")
+    with pytest.raises(ValueError, match="single lines"):
+        write_labels_file(tmp_path / "bad.txt", ["two\nlines"])
+
+
 def test_split_is_deterministic_per_seed(dataset: Path) -> None:
     def snapshot(seed: int) -> dict[str, str]:
         split_dataset(dataset, seed=seed)
