@@ -50,6 +50,7 @@ REFERENCE = Variant("paddle", "fp32")  # what every other variant is measured ag
 class Engine(Protocol):
     name: ClassVar[str]
     precisions: ClassVar[tuple[str, ...]]  # what it can run, the one place that says so
+    releases_gil: ClassVar[bool]  # while it runs: other threads (decoding, HTTP) go on
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str): ...
 
@@ -132,6 +133,7 @@ class PaddleEngine:
 
     name = "paddle"
     precisions = ("fp32",)
+    releases_gil = False
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         inference = _import_paddle_inference()
@@ -156,6 +158,7 @@ class PaddleEngine:
 class OnnxRuntimeEngine:
     name = "onnxruntime"
     precisions = ("fp32",)
+    releases_gil = True
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         ort = _require("onnxruntime", "onnx")
@@ -178,6 +181,7 @@ class OnnxRuntimeEngine:
 class OpenVinoEngine:
     name = "openvino"
     precisions = ("fp32", "bf16", "int8")
+    releases_gil = True
 
     def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
         ov = _require("openvino", "openvino")

@@ -73,6 +73,7 @@ def served_model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[st
         "precision": runner.predictor.variant.precision,
         "engine_choice": runner.predictor.choice.summary(),
         "threads": runner.config.threads,
+        "solo_threads": runner.predictor.solo_threads,
         "max_batch_size": runner.config.max_batch_size,
         "val_top1": info.get("val_top1"),
         "test_top1": info.get("test_top1"),

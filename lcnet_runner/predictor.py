@@ -13,7 +13,16 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
 from .choice import Choice, choose
-from .engines import AUTO, REFERENCE, Variant, all_variants
+from .engines import (
+    AUTO,
+    ENGINES,
+    REFERENCE,
+    Engine,
+    Variant,
+    all_variants,
+    create_engine,
+    default_threads,
+)
 from .preprocess import ImageSource, normalize, preprocess
 
 
@@ -89,6 +98,7 @@ class Predictor:
         threads: int | None = None,
         batch_size: int = 16,
         skip_guard: bool = False,
+        solo_threads: int | None = None,
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
@@ -96,9 +106,22 @@ class Predictor:
         self.choice: Choice = choose(self.artifact, engine, precision, threads, skip_guard)
         self.variant: Variant = self.choice.variant
         self.engine = self.choice.engine
+        self.solo_engine = self._solo_engine(threads, solo_threads)
+        # threads a lone image runs on (None: the same as a batch)
+        self.solo_threads = solo_threads if self.solo_engine else None
         self.batch_size = batch_size
         self.timings = Timings()
         self._check_output_width()
+
+    def _solo_engine(self, threads: int | None, solo_threads: int | None) -> Engine | None:
+        """A second instance of the chosen variant with more threads, for a lone image: a
+        serving worker runs 1 thread so that workers decode in parallel under load, yet a lone
+        request should use every core. Only for engines that release the GIL (with Paddle the
+        worker's event loop would stall)."""
+        more = (solo_threads or 0) > (threads or default_threads())
+        if not more or not ENGINES[self.variant.engine].releases_gil:
+            return None
+        return create_engine(self.variant, self.artifact, solo_threads)
 
     def _check_output_width(self) -> None:
         """Fail at load time, not at the first request, when labels and classifier disagree
@@ -113,7 +136,8 @@ class Predictor:
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         """uint8 NHWC crops → class probabilities (N×C); the batch path the runner uses."""
-        return self.engine.predict(normalize(crops, self.preprocess_config))
+        engine = self.solo_engine if len(crops) == 1 and self.solo_engine else self.engine
+        return engine.predict(normalize(crops, self.preprocess_config))
 
     def predict(
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 1, *, bgr: bool = False

@@ -19,6 +19,7 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
+from .engines import default_threads
 from .predictor import Prediction, Predictor, top_k_predictions
 from .preprocess import ImageSource, preprocess
 
@@ -37,6 +38,9 @@ class RunnerConfig:
     precision: str = "auto"
     skip_guard: bool = False  # serve a variant without passing accuracy figures
     threads: int = 1  # engine threads; workers × threads should not exceed the cores
+    # A lone image (a batch of one) runs on this many threads: 0 = every core, 1 = as batches.
+    # Engines that hold the GIL (Paddle) always run it as batches.
+    solo_threads: int = 0
     max_batch_size: int = 16
     max_delay_ms: float = 10.0  # how long a busy event loop may hold back a batch; 0: never
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
@@ -56,6 +60,7 @@ class LCNetRunner:
             precision=config.precision,
             threads=config.threads,
             skip_guard=config.skip_guard,
+            solo_threads=config.solo_threads or default_threads(),
         )
         self.labels = self.predictor.labels
         self._observer = observer

@@ -127,3 +127,20 @@ def test_evaluate_cli_reports_accuracy(trained: dict, tmp_path: Path) -> None:
     assert report["split"] == "test" and report["n"] == 18
     assert report["top1"] == trained["test_top1"]
     assert report["top5"] == 1.0 and list(report["per_class"]) == CLASS_NAMES
+
+
+def test_a_lone_image_runs_on_every_core_when_the_engine_releases_the_gil(trained: dict) -> None:
+    """A serving worker batches on 1 thread; a lone image gets a second instance of the same
+    variant with more threads — not with Paddle, which would stall the worker's event loop."""
+    crops = np.zeros((2, 32, 32, 3), np.uint8)
+    options = {"threads": 1, "solo_threads": 2, "skip_guard": True, "precision": "fp32"}
+    predictor = Predictor(trained["export_dir"], engine="onnxruntime", **options)
+    assert predictor.solo_engine is not None and predictor.solo_threads == 2
+    used = []
+    solo, batch = predictor.solo_engine.predict, predictor.engine.predict
+    predictor.solo_engine.predict = lambda x: used.append("solo") or solo(x)
+    predictor.engine.predict = lambda x: used.append("batch") or batch(x)
+    np.testing.assert_allclose(predictor.infer(crops[:1]), predictor.infer(crops)[:1], atol=1e-6)
+    assert used == ["solo", "batch"]
+    paddle = Predictor(trained["export_dir"], engine="paddle", **options)
+    assert paddle.solo_engine is None and paddle.solo_threads is None

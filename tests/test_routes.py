@@ -15,6 +15,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from lcnet_runner import Predictor
+from lcnet_runner.engines import default_threads
 
 JSON_ERROR = {"error"}
 
@@ -156,6 +157,10 @@ def test_model_route_describes_the_served_model(client: TestClient, trained: dic
     assert info["tag"] == trained["tag"] and info["labels"] == CLASS_NAMES
     assert info["limits"]["max_batch_images"] == 4  # the instance's settings
     assert info["engine_choice"]["variant"] == f"{info['engine']}/{info['precision']}"
+    # a lone image runs on every core unless the engine holds the GIL (paddle)
+    cores = default_threads()
+    solo = cores if info["engine"] != "paddle" and cores > info["threads"] else None
+    assert info["solo_threads"] == solo
 
 
 def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:
