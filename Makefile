@@ -62,6 +62,8 @@ bench: install
 	$(PY) bench/vs_paddlex.py
 	$(PY) bench/serve.py
 	$(PY) bench/serve.py --engine paddle --precision fp32
+	$(PY) bench/int8_overflow.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .pytest_cache

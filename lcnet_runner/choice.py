@@ -20,6 +20,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -98,21 +100,61 @@ def choose(
     precision: str = AUTO,
     threads: int | None = None,
     skip_guard: bool = False,
+    race_in_child: bool = False,
 ) -> Choice:
     """Load the requested variant; with several (``auto``), the fastest usable one here. A single
-    requested variant that cannot serve raises its own error (ValueError)."""
+    requested variant that cannot serve raises its own error (ValueError).
+
+    ``race_in_child`` races in a child process (servers: a worker that loaded every engine to
+    race them would keep ~300 MiB of libraries it never uses, Paddle's above all); by default
+    the race runs here (the CLIs, and test doubles at the engine seam)."""
     requested = matching_variants(engine, precision)
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)
     key = race_key(artifact, requested, threads, skip_guard)
     with locked_cache(key) as cache:
-        ranking = cache.get("ranking") or []
-        for name in ranking:  # another process raced: take the first of its ranking that loads
-            chosen = _try_load(artifact, Variant.parse(name), threads, skip_guard, {})
+        if not cache and race_in_child:
+            cache.update(_race_in_child(artifact, requested, threads, skip_guard))
+            chosen = _first_that_loads(artifact, cache, threads, skip_guard)
             if chosen is not None:
-                chosen.race = {**cache["race"], "cached": True}
+                chosen.race["cached"] = False
                 return chosen
-        return _race(artifact, requested, threads, skip_guard, cache)
+        chosen = _first_that_loads(artifact, cache, threads, skip_guard)
+        return chosen or _race(artifact, requested, threads, skip_guard, cache)
+
+
+def _first_that_loads(artifact, cache: dict[str, Any], threads, skip_guard) -> Choice | None:
+    """The first variant of a recorded race's ranking that loads here (None: none, or no race)."""
+    for name in cache.get("ranking") or []:
+        chosen = _try_load(artifact, Variant.parse(name), threads, skip_guard, {})
+        if chosen is not None:
+            chosen.race = {**cache["race"], "cached": True}
+            chosen.skipped = dict(cache.get("not_usable") or {})
+            return chosen
+    return None
+
+
+def _race_in_child(artifact, requested, threads, skip_guard) -> dict[str, Any]:
+    """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``); its record."""
+    order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
+             "requested": [str(v) for v in requested], "skip_guard": skip_guard}  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "lcnet_runner.choice", json.dumps(order)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit code {result.returncode}"]
+        raise AccuracyGuardError(f"the engine race failed: {lines[-1]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _race_here(order: dict[str, Any]) -> None:
+    """The child's side: race, then print the record on the last stdout line."""
+    from .artifact import load_folder
+
+    record: dict[str, Any] = {}
+    artifact = load_folder(order["path"], tag=order["tag"])
+    requested = [Variant.parse(v) for v in order["requested"]]
+    _race(artifact, requested, order["threads"], order["skip_guard"], record)
+    print(json.dumps(record))
 
 
 def refuse_unusable(
@@ -235,3 +277,11 @@ def _writable(folder: Path) -> Path:
     fallback.mkdir(parents=True, exist_ok=True)
     logger.warning("cannot write %s; caching engine choices in %s", folder, fallback)
     return fallback
+
+
+if __name__ == "__main__":  # the child of choose(race_in_child=True)
+    try:
+        _race_here(json.loads(sys.argv[1]))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

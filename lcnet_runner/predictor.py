@@ -99,11 +99,14 @@ class Predictor:
         batch_size: int = 16,
         skip_guard: bool = False,
         solo_threads: int | None = None,
+        race_in_child: bool = False,
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
         self.preprocess_config = self.artifact.preprocess
-        self.choice: Choice = choose(self.artifact, engine, precision, threads, skip_guard)
+        self.choice: Choice = choose(
+            self.artifact, engine, precision, threads, skip_guard, race_in_child=race_in_child
+        )
         self.variant: Variant = self.choice.variant
         self.engine = self.choice.engine
         self.solo_engine = self._solo_engine(threads, solo_threads)

@@ -61,6 +61,7 @@ class LCNetRunner:
             threads=config.threads,
             skip_guard=config.skip_guard,
             solo_threads=config.solo_threads or default_threads(),
+            race_in_child=True,  # a serving process keeps only the engine it serves
         )
         self.labels = self.predictor.labels
         self._observer = observer

@@ -123,3 +123,28 @@ def test_every_process_serves_the_same_choice(folder: Path, tmp_path: Path) -> N
     (cached,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
     ranking = json.loads(cached.read_text())["ranking"]
     assert ranking[0] == chosen.pop() and str(REFERENCE) in ranking
+
+
+RUNNER = """
+import sys
+from lcnet_runner.runner import LCNetRunner
+runner = LCNetRunner.from_model(sys.argv[1], threads=1)
+print(runner.predictor.variant, "paddle" in sys.modules, runner.predictor.choice.race["cached"])
+"""
+
+
+def test_a_serving_runner_races_in_a_child_and_keeps_only_its_engine(
+    folder: Path, tmp_path: Path
+) -> None:
+    """The race loads every variant (Paddle's libraries: ~300 MiB that never leave a process);
+    a runner races in a child process, so it holds the winner's engine alone."""
+    env = {**os.environ, "LCNET_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(folder)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    variant, paddle_loaded, cached = result.stdout.split()
+    assert paddle_loaded == str(variant == "paddle/fp32") and cached == "False"
+    (record,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
+    ranking = json.loads(record.read_text())["ranking"]
+    assert ranking[0] == variant and set(ranking) == {"paddle/fp32", "onnxruntime/fp32",
+                                                      "openvino/fp32"}  # fmt: skip
