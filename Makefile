@@ -12,7 +12,7 @@ DEMO_FIT  ?= --model PPLCNet_x0_25 --pretrained none --input-size 64 --resize-sh
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-train serve test lint format proto bench clean
+.PHONY: install demo demo-train serve test test-fast lint format proto bench clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ serve: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+# Under a minute: the tests that neither train nor serve.
+test-fast: install
+	$(PY) -m pytest -m "not slow" -q
 
 lint: install
 	$(VENV)/bin/ruff check .
