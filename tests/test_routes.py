@@ -105,42 +105,47 @@ BAD_REQUESTS = [
         "/classify_batch", {"files": {"other": ("a.png", png())}}, 422, id="batch-misnamed"
     ),
     pytest.param(
-        "/predict", {"files": {"image": ("a.jpg", b"not an image")}}, 400, id="undecodable"
+        "/predict", {"files": {"image": ("a.jpg", b"not an image")}}, 400, id="typed-undecodable"
     ),
     pytest.param(
         "/predict",
         {"data": {"image": "http://127.0.0.1:1/x.jpg"}, "files": {"x": b""}},
         422,
-        id="url-as-text",
+        id="typed-url-as-text",
     ),
-    pytest.param("/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, id="json-url"),
+    pytest.param(
+        "/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, id="typed-json-url"
+    ),
     pytest.param(
         "/predict",
         {"content": b"garbage", "headers": {"content-type": MULTIPART}},
         400,
-        id="garbage",
+        id="typed-garbage",
     ),
     pytest.param(
         "/predict",
         {"files": {"image": ("a.png", png())}, "data": {"top_k": "x"}},
         422,
-        id="top_k-text",
+        id="typed-top_k-text",
     ),
-    pytest.param("/predict", {"files": {"picture": ("a.png", png())}}, 422, id="misnamed"),
-    pytest.param("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422, id="two"),
+    pytest.param("/predict", {"files": {"picture": ("a.png", png())}}, 422, id="typed-misnamed"),
+    pytest.param("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422, id="typed-two"),
     pytest.param(
-        "/predict", {"files": {"image": ("../" * 40 + "x" * 300, png())}}, 200, id="hostile-name"
+        "/predict",
+        {"files": {"image": ("../" * 40 + "x" * 300, png())}},
+        200,
+        id="typed-hostile-name",
     ),
     pytest.param(
-        "/predict_batch", {"files": [("images", ("a.png", png()))] * 5}, 413, id="too-many"
+        "/predict_batch", {"files": [("images", ("a.png", png()))] * 5}, 413, id="typed-too-many"
     ),
     pytest.param(
         "/predict_batch",
         {"data": {"images": "/etc/passwd"}, "files": {"x": b""}},
         422,
-        id="path-as-text",
+        id="typed-path-as-text",
     ),
-    pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="urlencoded"),
+    pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="typed-urlencoded"),
 ]
 
 
