@@ -113,14 +113,14 @@ def choose(
         return load(artifact, requested[0], threads, skip_guard)
     key = race_key(artifact, requested, threads, skip_guard)
     with locked_cache(key) as cache:
-        if not cache and race_in_child:
+        raced_now = not cache and race_in_child
+        if raced_now:
             cache.update(_race_in_child(artifact, requested, threads, skip_guard))
-            chosen = _first_that_loads(artifact, cache, threads, skip_guard)
-            if chosen is not None:
-                chosen.race["cached"] = False
-                return chosen
         chosen = _first_that_loads(artifact, cache, threads, skip_guard)
-        return chosen or _race(artifact, requested, threads, skip_guard, cache)
+        if chosen is None:  # no race yet (or none of its ranking loads here): race here
+            return _race(artifact, requested, threads, skip_guard, cache)
+        chosen.race["cached"] = not raced_now
+        return chosen
 
 
 def _first_that_loads(artifact, cache: dict[str, Any], threads, skip_guard) -> Choice | None:

@@ -83,17 +83,23 @@ async def read_upload(
         await form.close()
 
 
+def failure(err: Exception) -> tuple[int, str]:
+    """The status and message a route answers an exception with: a client's mistake keeps its
+    4xx and message; anything else is logged and becomes a 500 without internals."""
+    status = client_error_status(err)
+    if status is None:
+        logger.exception("request failed")
+        return 500, "internal error"
+    return status, str(err)
+
+
 async def answer(work: Awaitable[Any]) -> JSONResponse:
-    """A route's answer: client errors become 4xx JSON; anything else is a logged 500 without
-    internals."""
+    """A route's answer, or ``{"error"}`` with the status of ``failure``."""
     try:
         return JSONResponse(await work)
     except Exception as err:
-        status = client_error_status(err)
-        if status is None:
-            logger.exception("request failed")
-            return JSONResponse({"error": "internal error"}, status_code=500)
-        return JSONResponse({"error": str(err)}, status_code=status)
+        status, message = failure(err)
+        return JSONResponse({"error": message}, status_code=status)
 
 
 async def typed_answer(work: Awaitable[Any]) -> Any:
@@ -269,11 +275,8 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
         top_k = asked.topk or min(5, len(runner.labels))  # PaddleX's Topk default
         predictions = await runner.aclassify(image, top_k)
     except Exception as err:
-        status = client_error_status(err)
-        if status is None:
-            logger.exception("request failed")
-            status, err = 500, "internal error"
-        return JSONResponse({"logId": log_id, "errorCode": status, "errorMsg": str(err)}, status)
+        status, message = failure(err)
+        return JSONResponse({"logId": log_id, "errorCode": status, "errorMsg": message}, status)
     categories = [{"id": p["category_id"], "name": p["category"], "score": p["score"]}
                   for p in predictions]  # fmt: skip
     result = {"categories": categories, "image": None}
