@@ -176,6 +176,15 @@ def eval_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(center_crop(resized, config.crop_size))
 
 
+def decode_resized(
+    source: ImageSource, config: PreprocessConfig, *, max_pixels: int | None = None
+) -> np.ndarray:
+    """Decode one image to RGB uint8 HWC at resize-short size: what training caches per image
+    and what serving center-crops."""
+    image = load_image(source, max_pixels=max_pixels, short_side=config.resize_short)
+    return np.asarray(resize_short(image, config.resize_short, config.interpolation))
+
+
 def preprocess(
     source: ImageSource,
     config: PreprocessConfig,

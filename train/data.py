@@ -23,8 +23,7 @@ from lcnet_runner.preprocess import (
     InvalidImageError,
     PreprocessConfig,
     center_crop,
-    load_image,
-    resize_short,
+    decode_resized,
 )
 
 
@@ -65,8 +64,7 @@ def decode_split(
     def decode(path: Path) -> np.ndarray | None:
         try:
             # The same decode as serving's preprocess(), draft scaling included.
-            image = load_image(path, short_side=config.resize_short)
-            return np.asarray(resize_short(image, config.resize_short, config.interpolation))
+            return decode_resized(path, config)
         except (InvalidImageError, OSError):
             return None
 
