@@ -42,13 +42,23 @@ INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"
 DEFAULT_MODEL = "pplcnet:latest"
-# PaddleX/OpenCV interpolation names → ours (PIL's).
+# Ours → the name PaddleX's ResizeImage takes for each backend (it rejects the other's names).
 _PADDLEX_INTERPOLATION = {
-    "NEAREST": "nearest",
-    "LINEAR": "bilinear",
-    "BILINEAR": "bilinear",
-    "BICUBIC": "bicubic",
-    "LANCZOS4": "lanczos",
+    "cv2": {
+        "nearest": "NEAREST",
+        "bilinear": "LINEAR",
+        "bicubic": "BICUBIC",
+        "lanczos": "LANCZOS4",
+    },
+    "pil": {
+        "nearest": "NEAREST",
+        "bilinear": "BILINEAR",
+        "bicubic": "BICUBIC",
+        "lanczos": "LANCZOS4",
+    },
+}
+_FROM_PADDLEX_INTERPOLATION = {
+    name: ours for names in _PADDLEX_INTERPOLATION.values() for ours, name in names.items()
 }
 
 
@@ -133,9 +143,11 @@ def write_metadata(
                 {
                     "ResizeImage": {
                         "resize_short": preprocess.resize_short,
-                        # PIL here too, so PaddleX resizes exactly as we do.
-                        "backend": "pil",
-                        "interpolation": preprocess.interpolation.upper(),
+                        # PaddleX honours both, so it resizes exactly as we do.
+                        "backend": preprocess.backend,
+                        "interpolation": _PADDLEX_INTERPOLATION[preprocess.backend][
+                            preprocess.interpolation
+                        ],
                     }
                 },
                 {"CropImage": {"size": preprocess.crop_size}},
@@ -177,10 +189,14 @@ def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
     scale = float(norm.get("scale", 1.0 / 255.0))
     if abs(scale - 1.0 / 255.0) > 1e-6:
         raise ModelNotFoundError(f"inference.yml: NormalizeImage scale {scale} is not 1/255")
+    interpolation = str(resize.get("interpolation", "LINEAR")).upper()
+    if interpolation not in _FROM_PADDLEX_INTERPOLATION:
+        raise ModelNotFoundError(f"inference.yml: unsupported interpolation {interpolation}")
     return PreprocessConfig(
         crop_size=crop_size,
         resize_short=int(resize["resize_short"]),
-        interpolation=_PADDLEX_INTERPOLATION[str(resize.get("interpolation", "LINEAR")).upper()],
+        interpolation=_FROM_PADDLEX_INTERPOLATION[interpolation],
+        backend=str(resize.get("backend", "cv2")),  # PaddleX's default
         mean=tuple(norm.get("mean", PreprocessConfig.mean)),
         std=tuple(norm.get("std", PreprocessConfig.std)),
     )

@@ -6,6 +6,11 @@ exactly what it sees in production.
 
 Pipeline: decode → RGB → resize the short side → center crop (uint8 HWC) → normalize (float CHW).
 Crops stay uint8 until the last step because they are 4× smaller to queue, batch or ship.
+
+The resize runs on the backend the model was trained with, recorded in its config: OpenCV
+(PaddleClas/PaddleX's default, and ours for new models: 0.3 ms for 500×375 → 341×256 against
+Pillow's 2.1 ms, because it does not antialias) or Pillow (models saved before the backend was
+recorded). Decoding is Pillow's in both cases, for its header checks and image modes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ RESAMPLE_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
+# Our interpolation names → OpenCV's flag name (cv2 is imported only where a model resizes).
+CV2_FILTERS = {
+    "nearest": "INTER_NEAREST",
+    "bilinear": "INTER_LINEAR",
+    "bicubic": "INTER_CUBIC",
+    "lanczos": "INTER_LANCZOS4",
+}
+RESIZE_BACKENDS = ("cv2", "pil")
+
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
@@ -47,6 +61,7 @@ class PreprocessConfig:
     crop_size: int = 224
     resize_short: int = 256
     interpolation: str = "bilinear"
+    backend: str = "cv2"  # what resizes: "cv2" (OpenCV, PaddleX's default) or "pil"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -58,6 +73,8 @@ class PreprocessConfig:
             )
         if self.interpolation not in RESAMPLE_FILTERS:
             raise ValueError(f"interpolation must be one of {', '.join(RESAMPLE_FILTERS)}")
+        if self.backend not in RESIZE_BACKENDS:
+            raise ValueError(f"resize backend must be one of {', '.join(RESIZE_BACKENDS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
@@ -68,6 +85,8 @@ class PreprocessConfig:
             crop_size=int(data["crop_size"]),
             resize_short=int(data["resize_short"]),
             interpolation=str(data.get("interpolation", "bilinear")),
+            # Configs saved before the backend was recorded were resized with Pillow.
+            backend=str(data.get("backend", "pil")),
             mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
             std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),
         )
@@ -148,14 +167,24 @@ def _where(source: ImageSource) -> str:
     return f"{source}: " if isinstance(source, (str, Path)) else ""
 
 
-def resize_short(image: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
-    """Scale so the short side is ``size`` (rounded like PaddleX's ResizeByShort)."""
-    w, h = image.size
-    scale = size / min(w, h)
-    target = (max(1, round(w * scale)), max(1, round(h * scale)))
+def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side scaled to ``size``, rounded like PaddleX's
+    ResizeByShort."""
+    scale = size / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_short(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The short side scaled to ``config.resize_short`` on the model's backend: uint8 HWC."""
+    target = short_side_size(*image.size, config.resize_short)
     if target == image.size:
-        return image
-    return image.resize(target, RESAMPLE_FILTERS[interpolation])
+        return np.asarray(image)
+    if config.backend == "pil":
+        return np.asarray(image.resize(target, RESAMPLE_FILTERS[config.interpolation]))
+    import cv2
+
+    flag = getattr(cv2, CV2_FILTERS[config.interpolation])
+    return cv2.resize(np.asarray(image), target, interpolation=flag)
 
 
 def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
@@ -172,8 +201,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def eval_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """Resize-short + center-crop an RGB image to a uint8 crop_size×crop_size×3 array."""
-    resized = np.asarray(resize_short(image, config.resize_short, config.interpolation))
-    return np.ascontiguousarray(center_crop(resized, config.crop_size))
+    return np.ascontiguousarray(center_crop(resize_short(image, config), config.crop_size))
 
 
 def decode_resized(
@@ -182,7 +210,7 @@ def decode_resized(
     """Decode one image to RGB uint8 HWC at resize-short size: what training caches per image
     and what serving center-crops."""
     image = load_image(source, max_pixels=max_pixels, short_side=config.resize_short)
-    return np.asarray(resize_short(image, config.resize_short, config.interpolation))
+    return resize_short(image, config)
 
 
 def preprocess(

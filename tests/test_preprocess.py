@@ -18,6 +18,7 @@ from lcnet_runner.preprocess import (
     normalize,
     preprocess,
     resize_short,
+    short_side_size,
 )
 from train.data import decode_split, eval_batches
 
@@ -36,9 +37,29 @@ def gradient(width: int = 50, height: int = 40) -> np.ndarray:
 
 
 def test_resize_short_and_center_crop_follow_paddlex_rounding() -> None:
-    assert resize_short(Image.new("RGB", (500, 375)), 256).size == (341, 256)
-    assert resize_short(Image.new("RGB", (375, 500)), 256).size == (256, 341)
+    assert short_side_size(500, 375, 256) == (341, 256)
+    assert short_side_size(375, 500, 256) == (256, 341)
     assert center_crop_box(341, 256, 224) == (58, 16, 282, 240)
+
+
+@pytest.mark.parametrize("interpolation", ["nearest", "bilinear", "bicubic", "lanczos"])
+def test_each_backend_resizes_as_its_library_does(interpolation: str) -> None:
+    """Pixel-exact with PaddleX's own resize (funcs.resize: cv2.resize or PIL's resize)."""
+    import cv2
+
+    image = Image.fromarray(gradient(500, 375))
+    flags = {"nearest": "INTER_NEAREST", "bilinear": "INTER_LINEAR",
+             "bicubic": "INTER_CUBIC", "lanczos": "INTER_LANCZOS4"}  # fmt: skip
+    cv2_flag = getattr(cv2, flags[interpolation])
+    pil_filter = getattr(Image.Resampling, interpolation.upper())
+    expected = {
+        "cv2": cv2.resize(np.asarray(image), (341, 256), interpolation=cv2_flag),
+        "pil": np.asarray(image.resize((341, 256), pil_filter)),
+    }
+    for backend, pixels in expected.items():
+        config = PreprocessConfig(resize_short=256, interpolation=interpolation, backend=backend)
+        np.testing.assert_array_equal(resize_short(image, config), pixels)
+    assert not np.array_equal(expected["cv2"], expected["pil"]) or interpolation == "nearest"
 
 
 def test_preprocess_output_shape_dtype_and_golden_normalization() -> None:
@@ -103,10 +124,16 @@ def test_arrays_must_be_hwc_uint8() -> None:
         load_image(np.zeros((4, 4, 3), np.float32))
 
 
-def test_config_rejects_crop_larger_than_resize() -> None:
+def test_config_rejects_crop_larger_than_resize_and_unknown_backends() -> None:
     with pytest.raises(ValueError, match="crop_size"):
         PreprocessConfig(crop_size=64, resize_short=32)
-    assert PreprocessConfig.from_dict(CONFIG.to_dict()) == CONFIG
+    with pytest.raises(ValueError, match="backend must be one of cv2, pil"):
+        PreprocessConfig(backend="skimage")
+    for backend in ("cv2", "pil"):
+        config = PreprocessConfig(crop_size=32, resize_short=36, backend=backend)
+        assert PreprocessConfig.from_dict(config.to_dict()) == config
+    legacy = {key: value for key, value in CONFIG.to_dict().items() if key != "backend"}
+    assert PreprocessConfig.from_dict(legacy).backend == "pil"  # saved before backends
 
 
 def test_training_evaluation_crops_equal_serving_crops(tmp_path: Path) -> None:
@@ -133,3 +160,26 @@ def test_large_jpegs_decode_at_reduced_scale_with_nearly_the_same_crop() -> None
     drafted = preprocess(data, config).astype(np.int16)
     assert drafted.shape == full.shape == (224, 224, 3)
     assert np.abs(drafted - full).mean() < 3
+
+
+@pytest.mark.parametrize("backend", ["cv2", "pil"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "lanczos"])
+def test_inference_yml_records_the_backend_in_paddlex_terms(
+    tmp_path: Path, backend: str, interpolation: str
+) -> None:
+    """What we write, PaddleX accepts (it rejects the other backend's names) and we read back."""
+    import yaml
+
+    from lcnet_runner.artifact import preprocess_from_inference_yml, write_metadata
+
+    config = PreprocessConfig(interpolation=interpolation, backend=backend)
+    write_metadata(tmp_path, architecture="PPLCNet_x0_25", labels=["a", "b"], preprocess=config,
+                   info={})  # fmt: skip
+    written = yaml.safe_load((tmp_path / "inference.yml").read_text())
+    resize = written["PreProcess"]["transform_ops"][0]["ResizeImage"]
+    assert resize["backend"] == backend
+    assert preprocess_from_inference_yml(written) == config
+    paddlex = pytest.importorskip("paddlex.inference.models.common.vision.processors")
+    paddlex.ResizeByShort(256, interp=resize["interpolation"], backend=backend)
+    del resize["backend"]  # a PaddleX folder that does not say: PaddleX resizes with OpenCV
+    assert preprocess_from_inference_yml(written).backend == "cv2"
