@@ -109,10 +109,14 @@ def multipart(images: list[bytes], port: int, path: str = "/classify", field: st
         for i, image in enumerate(images)
     ]
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return post(port, path, f"multipart/form-data; boundary={boundary}", body)
+
+
+def post(port: int, path: str, content_type: str, body: bytes) -> bytes:
+    """A complete HTTP/1.1 POST on loopback, built once and replayed."""
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode()
     return head + body
 
@@ -129,3 +133,63 @@ async def send_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
             length = int(line.split(b":")[1])
     await reader.readexactly(length)
     return int(status_line.split()[1])
+
+
+async def http_client(
+    port: int, request: bytes, until: float, budget: list[int], out: list, per_connection: int
+):
+    """Keep-alive, reconnecting every ``per_connection`` requests, like many short client
+    sessions. BentoML's HTTP workers share one listening socket and the first to wake accepts a
+    whole burst, so long-lived connections opened together can all land on one worker (seen here:
+    half the throughput); a front balancer or churn spreads them."""
+    while time.perf_counter() < until and budget[0] > 0:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            for _ in range(per_connection):
+                if time.perf_counter() >= until or budget[0] <= 0:
+                    break
+                budget[0] -= 1
+                start = time.perf_counter()
+                status = await send_http(reader, writer, request)
+                out.append((status, time.perf_counter() - start))
+        finally:
+            writer.close()
+
+
+def summarize(out: list[tuple[int, float]], elapsed: float) -> dict[str, Any]:
+    """Throughput and latency of the 2xx answers; every other status counted as an error."""
+    ok = [latency for status, latency in out if 200 <= status < 300]
+    latencies = sorted(ok) or [float("nan")]
+    statuses: dict[int, int] = {}
+    for status, _ in out:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "rps": len(ok) / elapsed,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "errors": len(out) - len(ok),
+        "503": statuses.get(503, 0),
+        "statuses": statuses,
+    }
+
+
+def closed_loop(
+    port: int, request: bytes, clients: int, seconds: float, max_requests: int,
+    per_connection: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """``clients`` concurrent HTTP clients replaying ``request``, each sending its next request
+    when the previous one answers, for at most ``seconds`` and ``max_requests`` in all."""
+    out: list[tuple[int, float]] = []
+    budget = [max_requests]
+
+    async def staggered(i: int):
+        await asyncio.sleep(0.002 * i)  # clients arrive over time, not in one burst
+        await http_client(port, request, until, budget, out, per_connection)
+
+    async def run() -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(staggered(i) for i in range(clients)))
+        return time.perf_counter() - start
+
+    until = time.perf_counter() + seconds
+    return summarize(out, asyncio.run(run()))

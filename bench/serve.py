@@ -29,7 +29,7 @@ import asyncio
 import statistics
 import time
 
-from common import ROOT, make_store, multipart, photo_jpeg, send_http, throughput
+from common import ROOT, http_client, make_store, multipart, photo_jpeg, summarize, throughput
 
 from lcnet_runner.engines import default_threads
 
@@ -56,27 +56,6 @@ def single_image_ms(tag: str, image: bytes, seconds: float, engine: str, precisi
         predictor.predict(image)
         latencies.append(time.perf_counter() - start)
     return 1000 * statistics.median(latencies)
-
-
-async def http_client(
-    port: int, request: bytes, until: float, budget: list[int], out: list, per_connection: int
-):
-    """Keep-alive, reconnecting every ``per_connection`` requests, like many short client
-    sessions. BentoML's HTTP workers share one listening socket and the first to wake accepts a
-    whole burst, so long-lived connections opened together can all land on one worker (seen here:
-    half the throughput); a front balancer or churn spreads them."""
-    while time.perf_counter() < until and budget[0] > 0:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            for _ in range(per_connection):
-                if time.perf_counter() >= until or budget[0] <= 0:
-                    break
-                budget[0] -= 1
-                start = time.perf_counter()
-                status = await send_http(reader, writer, request)
-                out.append((status, time.perf_counter() - start))
-        finally:
-            writer.close()
 
 
 async def grpc_client(port: int, image: bytes, until: float, budget: list[int], out: list):
@@ -133,16 +112,7 @@ def load(
         await asyncio.gather(*(staggered(i, task) for i, task in enumerate(tasks)))
         return time.perf_counter() - start
 
-    elapsed = asyncio.run(run())
-    ok = [latency for status, latency in out if status == 200]
-    latencies = sorted(ok) or [float("nan")]
-    return {
-        "rps": len(ok) / elapsed,
-        "p50_ms": 1000 * latencies[len(latencies) // 2],
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "errors": len(out) - len(ok),
-        "503": sum(status == 503 for status, _ in out),
-    }
+    return summarize(out, asyncio.run(run()))
 
 
 def mean_batch_size(server) -> float:
