@@ -1,4 +1,5 @@
-"""``python -m train``: demo-data, split, fit, evaluate, export, verify, quantize, report, import.
+"""``python -m train``: demo-data, split, fit, evaluate, export, verify, quantize, report, import,
+cache.
 
 ``build_parser`` parses; each subcommand is a ``run_*`` function (``set_defaults(func=...)``)
 that calls one function of the Python API and prints its result; ``main`` maps user errors to
@@ -42,6 +43,32 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where decoded splits are cached, and which stay in RAM (``train.decoded_cache``)."""
+    from .decoded_cache import RAM_MB
+
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        help="decoded splits are cached in CACHE_DIR/decoded (default: $LCNET_CACHE or "
+        "~/.cache/lcnet-bento)",
+    )
+    parser.add_argument(
+        "--ram-cache-mb",
+        type=float,
+        default=RAM_MB,
+        metavar="MB",
+        help=f"splits decoding to less stay in RAM, larger ones are cached on disk "
+        f"(default {RAM_MB}; 0: every split on disk)",
+    )
+
+
+def cache_config(args: argparse.Namespace):
+    from .decoded_cache import CacheConfig
+
+    return CacheConfig(Path(args.cache_dir) if args.cache_dir else None, args.ram_cache_mb)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=d.workers, help="decoding threads (0: all cores)")
     p.add_argument("--threads", type=int, default=d.threads, help="Paddle threads (0: all cores)")
+    add_cache_arguments(p)
     p.add_argument("--early-stop-patience", type=int, default=d.early_stop_patience)
     p.add_argument("--save-dir", default=d.save_dir)
     p.add_argument("--name", default=d.name, help="model name in the BentoML store")
@@ -120,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PNG",
         help="where to write the confusion matrix (default: ./confusion_matrix.png)",
     )
+    add_cache_arguments(p)
 
     p = sub.add_parser("export", help="add another inference format to a stored or exported model")
     p.set_defaults(func=run_export)
@@ -139,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--threads", type=int, default=None)
+    add_cache_arguments(p)
 
     p = sub.add_parser("quantize", help="add an INT8 OpenVINO variant, then verify (int8 extra)")
     p.set_defaults(func=run_quantize)
@@ -148,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=("train", "val", "test"),
                    help="where the accuracy guard is measured")  # fmt: skip
     p.add_argument("--threads", type=int, default=None)
+    add_cache_arguments(p)
 
     p = sub.add_parser("report", help="summary of a stored or exported model")
     p.set_defaults(func=run_report)
@@ -161,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, help="class names, one per line")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--resize-short", type=int, default=256)
+
+    p = sub.add_parser("cache", help="list or delete decoded caches (never pretrained weights)")
+    p.set_defaults(func=run_cache)
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("--cache-dir", default="", help="default: $LCNET_CACHE or ~/.cache/lcnet-bento")
     return parser
 
 
@@ -209,7 +245,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     metrics = evaluate(args.model, args.dataset, args.split, engine=args.engine,
                       precision=args.precision, threads=args.threads,
-                      confusion_png=args.confusion_matrix)  # fmt: skip
+                      confusion_png=args.confusion_matrix, cache=cache_config(args))  # fmt: skip
     print(json_line(metrics))
 
 
@@ -222,7 +258,8 @@ def run_export(args: argparse.Namespace) -> None:
 def run_verify(args: argparse.Namespace) -> None:
     from .guard import describe, verify
 
-    result, figures = verify(args.model, args.dataset, args.split, args.threads)
+    result, figures = verify(args.model, args.dataset, args.split, args.threads,
+                             cache_config(args))  # fmt: skip
     print(describe(figures))
     print(f"saved as {result}")
 
@@ -233,9 +270,25 @@ def run_quantize(args: argparse.Namespace) -> None:
 
     result, figures = quantize(args.model, args.dataset, split=args.split,
                                calibration_images=args.calibration_images,
-                               threads=args.threads)  # fmt: skip
+                               threads=args.threads, cache=cache_config(args))  # fmt: skip
     print(describe(figures))
     print(f"saved as {result}")
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from .decoded_cache import CacheConfig, clear_caches, list_caches, size_text
+
+    cache = CacheConfig(Path(args.cache_dir) if args.cache_dir else None)
+    if args.action == "list":
+        entries = list_caches(cache)
+        for entry in entries:
+            print(entry.line())
+        total = size_text(sum(entry.bytes for entry in entries))
+        print(f"{len(entries)} decoded caches, {total}, in {cache.folder}")
+    else:
+        count, freed = clear_caches(cache)
+        print(f"removed {count} decoded caches ({size_text(freed)}) from {cache.folder}; "
+              "pretrained weights and engine choices kept")  # fmt: skip
 
 
 def run_report(args: argparse.Namespace) -> None:

@@ -1,15 +1,19 @@
-"""Training data on a CPU: decode every image once, then crop and flip in memory.
+"""Training data on a CPU: decode every image once, then crop and flip arrays.
 
 Decoding JPEGs every step roughly halves training throughput on 2 cores, and DataLoader worker
 processes take cores from the model. So each split is decoded once (in a thread pool — PIL
-releases the GIL) into uint8 arrays at resize-short size; evaluation then takes the center crop
-with ``lcnet_runner``'s own functions, and training takes random resized crops + flips.
+releases the GIL) into uint8 arrays at resize-short size, kept in RAM when small and otherwise
+in a memory-mapped cache on disk (``decoded_cache``); evaluation then takes the center crop with
+``lcnet_runner``'s own functions, and training takes random resized crops + flips.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import os
+import sys
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +46,74 @@ class AugmentConfig:
             raise ValueError(f"crop scale must satisfy 0 < MIN <= MAX <= 1, got {low},{high}")
 
 
+def log(message: str) -> None:
+    """Progress on stderr; in a data-parallel run only rank 0 talks."""
+    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
 @dataclass
 class DecodedSplit:
-    images: list[np.ndarray]  # uint8 HxWx3, short side = resize_short
+    """A split's decoded images: a list in RAM, or views of a memory-mapped cache
+    (``decoded_cache.MappedImages``); everything downstream only indexes ``images``."""
+
+    images: Sequence[np.ndarray]  # uint8 HxWx3, short side = resize_short
     labels: np.ndarray  # int64 class index per image
     skipped: list[str]  # files that could not be decoded
+    decoded: int = 0  # images decoded to make it: 0 when a disk cache was reused
+    # > 0: train in quasi-random order, shuffled blocks of this many images consecutive on disk
+    # (a cache larger than RAM is then read sequentially); 0: a plain permutation.
+    block_images: int = 0
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def subset(self, ids: Sequence[int]) -> DecodedSplit:
+        """These images (e.g. a data-parallel rank's shard), still views of the same backing."""
+        ids = np.asarray(ids, dtype=np.int64)
+        take = getattr(self.images, "take", None)  # a mapped cache keeps its disk positions
+        images = take(ids) if take else [self.images[i] for i in ids]
+        return DecodedSplit(images, self.labels[ids], [], self.decoded, self.block_images)
+
+    def training_order(self, rng: np.random.Generator) -> np.ndarray:
+        """A new order each epoch; the same draws from ``rng`` whatever backs the images when
+        ``block_images`` is 0, so a seed gives identical batches from RAM and from disk."""
+        if not self.block_images:
+            return rng.permutation(len(self))
+        return block_shuffled(self.images.positions, self.block_images, rng)
+
+
+def block_shuffled(positions: np.ndarray, block: int, rng: np.random.Generator) -> np.ndarray:
+    """FFCV's quasi-random order: images sorted by where they sit on disk, cut into blocks of
+    ``block``, the blocks shuffled, then the images within each block."""
+    by_position = np.argsort(positions, kind="stable")
+    blocks = [by_position[i : i + block] for i in range(0, len(by_position), block)]
+    return np.concatenate(
+        [rng.permutation(blocks[b]) for b in rng.permutation(len(blocks))] or [by_position]
+    )
+
+
+def decode_or_none(path: Path, config: PreprocessConfig) -> np.ndarray | None:
+    """The same decode as serving's preprocess(), draft scaling included; None if unreadable."""
+    try:
+        return decode_resized(path, config)
+    except (InvalidImageError, OSError):
+        return None
+
+
+def decode_stream(
+    paths: Iterable[Path], config: PreprocessConfig, workers: int
+) -> Iterator[np.ndarray | None]:
+    """Decoded images in the order of ``paths`` (None for unreadable ones), decoded ahead by
+    ``workers`` threads but never more than a few per thread: memory stays flat however many."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()
+        for path in paths:
+            pending.append(pool.submit(decode_or_none, path, config))
+            if len(pending) >= 4 * max(1, workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def decode_split(
@@ -59,31 +123,19 @@ def decode_split(
     workers: int = 2,
     desc: str = "decode",
 ) -> DecodedSplit:
-    """Decode and resize every image once; unreadable files are skipped and listed, never fatal."""
-
-    def decode(path: Path) -> np.ndarray | None:
-        try:
-            # The same decode as serving's preprocess(), draft scaling included.
-            return decode_resized(path, config)
-        except (InvalidImageError, OSError):
-            return None
-
+    """Decode and resize every image once into RAM; unreadable files are skipped and listed,
+    never fatal."""
     images, labels, skipped = [], [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        decoded = pool.map(decode, [path for path, _ in samples])
-        for (path, label), image in tqdm(
-            zip(samples, decoded, strict=True),
-            total=len(samples),
-            desc=desc,
-            disable=None,
-            leave=False,
-        ):
-            if image is None:
-                skipped.append(str(path))
-            else:
-                images.append(image)
-                labels.append(label)
-    return DecodedSplit(images, np.asarray(labels, dtype=np.int64), skipped)
+    decoded = decode_stream([path for path, _ in samples], config, workers)
+    progress = tqdm(zip(samples, decoded, strict=True), total=len(samples), desc=desc,
+                    disable=None, leave=False)  # fmt: skip
+    for (path, label), image in progress:
+        if image is None:
+            skipped.append(str(path))
+        else:
+            images.append(image)
+            labels.append(label)
+    return DecodedSplit(images, np.asarray(labels, dtype=np.int64), skipped, len(samples))
 
 
 def random_resized_crop(
@@ -119,7 +171,7 @@ def train_batches(
     rng: np.random.Generator,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled uint8 NHWC batches with augmentation; the last partial batch is kept."""
-    order = rng.permutation(len(split))
+    order = split.training_order(rng)
     for start in range(0, len(order), batch_size):
         ids = order[start : start + batch_size]
         crops = np.stack(
@@ -135,8 +187,7 @@ def sample_crops(split: DecodedSplit, count: int, crop_size: int, seed: int = 0)
     """Center crops (what serving feeds the model) of ``count`` random images of a split, in
     split order: INT8 calibration, the self-check sample."""
     ids = np.sort(np.random.default_rng(seed).permutation(len(split))[:count])
-    subset = DecodedSplit([split.images[i] for i in ids], split.labels[ids], [])
-    return np.concatenate([crops for crops, _ in eval_batches(subset, crop_size, 64)])
+    return np.concatenate([crops for crops, _ in eval_batches(split.subset(ids), crop_size, 64)])
 
 
 def eval_batches(

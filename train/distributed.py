@@ -62,6 +62,12 @@ def init() -> Rank:
     return rank
 
 
+def local_main(rank: Rank) -> bool:
+    """The first rank on this machine: it builds what the ranks here share (decoded caches)
+    while they wait. The launcher numbers the ranks of each machine from 0."""
+    return os.environ.get("PADDLE_LOCAL_RANK", str(rank.index)) == "0"
+
+
 def shard(items: Sequence[T], rank: Rank) -> list[T]:
     """Disjoint, equal-size shards (the remainder, < world items, is left out) so every rank runs
     the same number of steps — a rank with one batch more would wait forever in all-reduce."""

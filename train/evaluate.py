@@ -15,7 +15,8 @@ from lcnet_runner.engines import AUTO, REFERENCE
 from lcnet_runner.guard import compare
 from lcnet_runner.preprocess import PreprocessConfig, normalize
 
-from .data import DecodedSplit, decode_split, eval_batches
+from .data import DecodedSplit, eval_batches
+from .decoded_cache import CacheConfig, load_split
 from .plots import confusion_matrix, plot_confusion_matrix
 from .split import read_labels, read_split
 
@@ -75,9 +76,11 @@ def decode_labelled_split(
     preprocess: PreprocessConfig,
     limit: int | None = None,
     seed: int = 0,
+    cache: CacheConfig | None = None,
 ) -> DecodedSplit:
     """One split of ``dataset`` (``limit``: a random sample of it) decoded for a model with
-    ``labels``, after checking the dataset has exactly those classes."""
+    ``labels``, after checking the dataset has exactly those classes; the split's disk cache
+    (``fit`` built it) is reused when there is one."""
     dataset_labels = read_labels(dataset)
     if list(dataset_labels) != list(labels):
         raise ValueError(
@@ -85,10 +88,11 @@ def decode_labelled_split(
             f"labels ({len(labels)} classes); use the dataset it was trained for"
         )
     samples = read_split(dataset, split)
+    select = None
     if limit is not None and len(samples) > limit:
-        ids = np.random.default_rng(seed).permutation(len(samples))[:limit]
-        samples = [samples[i] for i in sorted(ids)]
-    decoded = decode_split(samples, preprocess, desc=split)
+        select = sorted(np.random.default_rng(seed).permutation(len(samples))[:limit])
+    decoded = load_split(samples, preprocess, cache or CacheConfig(), name=split,
+                         dataset=Path(dataset), select=select)  # fmt: skip
     if not len(decoded):
         raise ValueError(f"the {split} split of {dataset} has no readable images")
     return decoded
@@ -111,16 +115,19 @@ def evaluate(
     precision: str = AUTO,
     threads: int | None = None,
     confusion_png: str | Path | None = None,
+    cache: CacheConfig | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a stored model (tag) or exported folder on one split of a dataset, with the
     engine/precision serving would use (``auto``) or the one named; any variant other than
     Paddle fp32 is also compared with Paddle fp32 on the same images (the accuracy guard).
-    ``confusion_png`` also writes the confusion matrix there."""
+    ``confusion_png`` also writes the confusion matrix there; ``cache``: where decoded splits
+    are cached (default: LCNET_CACHE)."""
     # A variant named outright is measured whatever its guard figures say: this is how to see them.
     named = engine != AUTO and precision != AUTO
     predictor = Predictor(model, engine=engine, precision=precision, threads=threads,
                           skip_guard=named)  # fmt: skip
-    decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.preprocess_config)
+    decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.preprocess_config,
+                                    cache=cache)  # fmt: skip
     probs = split_scores(predictor, decoded)
     metrics = classification_metrics(probs, decoded.labels, predictor.labels)
     result = {"model": predictor.artifact.name, "engine": predictor.variant.engine,

@@ -1,8 +1,8 @@
 """``fit``: the seed's PaddleX 2 training recipe, reading top to bottom.
 
-split lists → decode once → epochs of (train, validate, checkpoint) → pick the best epoch and
-test it → package (export, faster variants, accuracy guard, store). A checkpoint is a plain dict
-holding everything needed to resume.
+split lists → decode once (into RAM, or a disk cache built once and reused) → epochs of (train,
+validate, checkpoint) → pick the best epoch and test it → package (export, faster variants,
+accuracy guard, store). A checkpoint is a plain dict holding everything needed to resume.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from lcnet_runner.engines import default_threads
 from lcnet_runner.preprocess import PreprocessConfig, normalize
 
 from . import distributed, pretrained
-from .data import AugmentConfig, DecodedSplit, decode_split, sample_crops, train_batches
+from .data import AugmentConfig, DecodedSplit, log, sample_crops, train_batches
+from .decoded_cache import RAM_MB, CacheConfig, load_split
 from .evaluate import dygraph_metrics, dygraph_scores
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .guard import describe, guard_figures, record_guard
@@ -65,6 +66,8 @@ class FitConfig:
     pretrained: str = "imagenet"  # imagenet | imagenet-ssld | none | PATH.pdparams
     seed: int = 0
     workers: int = 0  # decoding threads; 0 = one per core
+    cache_dir: str = ""  # decoded caches go in CACHE_DIR/decoded; "" = LCNET_CACHE
+    ram_cache_mb: float = RAM_MB  # splits decoding to less stay in RAM; 0 = all on disk
     threads: int = 0  # Paddle compute threads; 0 = one per core
     early_stop_patience: int = 0  # epochs without a better val top-1 before stopping; 0 = off
     save_dir: str = "output/pplcnet"
@@ -78,10 +81,15 @@ class FitConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         scale_of(self.model)  # unknown names fail before any data is read
+        CacheConfig(ram_mb=self.ram_cache_mb)  # so does a negative --ram-cache-mb
 
     @property
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(crop_size=self.input_size, resize_short=self.resize_short)
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(Path(self.cache_dir) if self.cache_dir else None, self.ram_cache_mb)
 
     @property
     def augment(self) -> AugmentConfig:
@@ -100,12 +108,6 @@ def learning_rate(config: FitConfig, epoch: float) -> float:
     return config.lr * 0.1 ** sum(int(epoch) >= boundary for boundary in config.lr_decay_epochs)
 
 
-def log(message: str) -> None:
-    """Progress on stderr; in a data-parallel run only rank 0 talks."""
-    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
     """A run killed mid-save leaves the previous file intact."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -116,8 +118,9 @@ def save_atomic(obj: Any, path: Path) -> None:
 def load_splits(
     dataset: Path, config: FitConfig, rank: distributed.Rank
 ) -> tuple[list[str], dict[str, DecodedSplit]]:
-    """Read (or first create) the split lists and decode each non-empty split once: each rank
-    its shard of the train split; val and test only on rank 0, which evaluates."""
+    """Read (or first create) the split lists and load each non-empty split decoded once (a
+    disk cache is built by the first rank on this machine, the others wait and reuse it): each
+    rank its shard of the train split; val and test only on rank 0, which evaluates."""
     if not (dataset / "train_list.txt").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
@@ -128,18 +131,20 @@ def load_splits(
     splits = {}
     for name in SPLITS if rank.main else ["train"]:
         samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
+        if not samples:
+            continue
+        split = load_split(samples, config.preprocess, config.cache, name=name, dataset=dataset,
+                           workers=workers, builder=distributed.local_main(rank))  # fmt: skip
+        if split.skipped:
+            log(f"{name}: skipped {len(split.skipped)} unreadable images: "
+                + ", ".join(split.skipped))  # fmt: skip
         if name == "train" and rank.world > 1:
-            samples = distributed.shard(samples, rank)
+            split = split.subset(distributed.shard(range(len(split)), rank))
             if not rank.main:  # rank 0's console shows what one process would, no more
-                note = f"rank {rank.index}/{rank.world}: {len(samples)} training images"
+                note = (f"rank {rank.index}/{rank.world}: {len(split)} training images, "
+                        f"{split.decoded} decoded by this rank")  # fmt: skip
                 print(note, file=sys.stderr)
-        if samples:
-            splits[name] = decode_split(samples, config.preprocess, workers=workers, desc=name)
-            if splits[name].skipped:
-                log(
-                    f"{name}: skipped {len(splits[name].skipped)} unreadable images: "
-                    + ", ".join(splits[name].skipped)
-                )
+        splits[name] = split
     if not splits.get("train"):
         raise ValueError(f"{dataset}: the train split has no readable images")
     return labels, splits

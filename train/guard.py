@@ -20,6 +20,7 @@ from lcnet_runner.guard import (
 from lcnet_runner.predictor import each_variant
 
 from .data import DecodedSplit, sample_crops
+from .decoded_cache import CacheConfig
 from .evaluate import decode_labelled_split, split_scores
 from .export import revise
 
@@ -75,7 +76,11 @@ def describe(figures: dict[str, Any]) -> str:
 
 
 def verify(
-    model: str | Path, dataset: str | Path, split: str = "val", threads: int | None = None
+    model: str | Path,
+    dataset: str | Path,
+    split: str = "val",
+    threads: int | None = None,
+    cache: CacheConfig | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """``python -m train verify``: measure and record the guard figures of every variant on a
     split. A folder is updated in place, a store tag saved as a new version; returns that and
@@ -84,7 +89,8 @@ def verify(
 
     def measure(folder: Path) -> None:
         artifact = load_folder(folder)
-        decoded = decode_labelled_split(dataset, split, artifact.labels, artifact.preprocess)
+        decoded = decode_labelled_split(dataset, split, artifact.labels, artifact.preprocess,
+                                        cache=cache)  # fmt: skip
         figures.update(guard_figures(folder, decoded, split, threads))
         record_guard(folder, figures)
 

@@ -19,6 +19,7 @@ from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
 from .data import sample_crops
+from .decoded_cache import CacheConfig
 from .evaluate import decode_labelled_split
 from .export import export_openvino, revise
 from .guard import guard_figures, record_guard
@@ -110,6 +111,7 @@ def quantize(
     split: str = "val",
     threads: int | None = None,
     seed: int = 0,
+    cache: CacheConfig | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """``python -m train quantize``: calibrate on ``calibration_images`` training images of
     ``dataset``, write the INT8 variant, and record every variant's guard figures on ``split``.
@@ -124,9 +126,9 @@ def quantize(
         artifact = load_folder(folder)
         labels, preprocess = artifact.labels, artifact.preprocess
         train = decode_labelled_split(dataset, "train", labels, preprocess,
-                                      limit=calibration_images, seed=seed)  # fmt: skip
+                                      limit=calibration_images, seed=seed, cache=cache)  # fmt: skip
         quantize_openvino(folder, sample_crops(train, len(train), preprocess.crop_size))
-        evaluation = decode_labelled_split(dataset, split, labels, preprocess)
+        evaluation = decode_labelled_split(dataset, split, labels, preprocess, cache=cache)
         figures.update(guard_figures(folder, evaluation, split, threads))
         record_guard(folder, figures)
 

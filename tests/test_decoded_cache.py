@@ -1,0 +1,186 @@
+"""Decoded splits on disk (``train.decoded_cache``): the same batches and metrics as in RAM, built
+once and reused, never used half-built, invalidated by a changed file, shared by ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli, tiny_fit, write_colour_dataset
+from PIL import Image
+
+from lcnet_runner.preprocess import PreprocessConfig
+from train.cli import main
+from train.data import AugmentConfig, block_shuffled, decode_split, train_batches
+from train.decoded_cache import BUILDING, CacheConfig, MappedImages, list_caches, load_split
+from train.split import read_split, split_dataset
+
+TINY = PreprocessConfig(crop_size=32, resize_short=36)  # tiny_fit's
+
+
+def small_dataset(root: Path, per_class: int = 8) -> list[tuple[Path, int]]:
+    split_dataset(write_colour_dataset(root, per_class=per_class), val_ratio=0, test_ratio=0)
+    return read_split(root, "train")
+
+
+def history(save_dir: Path) -> list[dict]:
+    rows = json.loads((save_dir / "history.json").read_text())
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+
+
+def test_memory_mapped_split_gives_the_same_images_and_batches(tmp_path: Path) -> None:
+    samples = small_dataset(tmp_path / "data")
+    broken = tmp_path / "data" / "green" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    samples.append((broken, 1))
+    ram = decode_split(samples, TINY)
+    disk = CacheConfig(tmp_path / "cache", ram_mb=0)
+    built = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    reused = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert isinstance(reused.images, MappedImages)
+    assert (built.decoded, reused.decoded) == (len(samples), 0)  # the second load decodes nothing
+    assert ram.skipped == built.skipped == reused.skipped == [str(broken)]  # kept in the index
+    assert len(ram) == len(reused) == len(samples) - 1
+    assert all(np.array_equal(a, b) for a, b in zip(ram.images, reused.images, strict=True))
+    assert np.array_equal(ram.labels, reused.labels)
+    aug = AugmentConfig(input_size=32)
+    for (x, y), (u, v) in zip(
+        train_batches(ram, aug, "bilinear", 5, np.random.default_rng(3)),
+        train_batches(reused, aug, "bilinear", 5, np.random.default_rng(3)),
+        strict=True,
+    ):
+        assert np.array_equal(x, u) and np.array_equal(y, v)
+    [entry] = list_caches(disk)
+    assert (entry.split, entry.images) == ("train", len(samples) - 1)
+
+
+def test_a_changed_file_invalidates_the_cache(tmp_path: Path) -> None:
+    samples = small_dataset(tmp_path / "data")
+    disk = CacheConfig(tmp_path / "cache", ram_mb=0)
+    first = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    old_pixels = np.array(first.images[0])
+    path = samples[0][0]
+    Image.new("RGB", (48, 48), (255, 255, 0)).save(path)
+    second = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert second.decoded == len(samples)  # rebuilt, not reused
+    assert not np.array_equal(second.images[0], old_pixels)
+    assert np.array_equal(second.images[0], decode_split([samples[0]], TINY).images[0])
+    # The stale cache of this split is gone; a touch alone (same bytes, new mtime) also rebuilds.
+    assert len(list_caches(disk)) == 1
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data").decoded > 0
+
+
+def test_block_shuffled_order_reads_blocks_sequentially() -> None:
+    positions = np.random.default_rng(0).permutation(100) * 1000  # where each image sits on disk
+    order = block_shuffled(positions, 8, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(100))
+    # Block b holds the images at the 8 consecutive positions 8b..8b+7 (the last one 4): the
+    # order visits 13 blocks one after the other, each as one run.
+    blocks = positions[order] // 1000 // 8
+    assert np.count_nonzero(np.diff(blocks)) == 12 and len(set(blocks.tolist())) == 13
+    assert not np.array_equal(blocks, np.sort(blocks))  # the blocks themselves are shuffled
+    assert not np.array_equal(order, block_shuffled(positions, 8, np.random.default_rng(2)))
+
+
+@pytest.mark.slow  # starts a real fit (killed while it builds)
+def test_a_killed_build_is_never_used(tmp_path: Path) -> None:
+    root = tmp_path / "big"
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(300):
+            pixels = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.jpg", quality=90)
+    split_dataset(root, val_ratio=0, test_ratio=0)
+    cache = tmp_path / "cache"
+    args = ["--input-size", "32", "--resize-short", "256", "--pretrained", "none",
+            "--cache-dir", str(cache), "--ram-cache-mb", "0",
+            "--save-dir", str(tmp_path)]  # fmt: skip
+    command = [sys.executable, "-m", "train", "fit", str(root), *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        pixels = None
+        while time.monotonic() < deadline and process.poll() is None:
+            pixels = next((cache / "decoded").glob(f"*{BUILDING}/pixels.u8"), None)
+            if pixels and pixels.stat().st_size > 0:
+                break
+            time.sleep(0.005)
+        process.kill()  # SIGKILL mid-build: no cleanup runs
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -9 and pixels is not None, process.stderr.read().decode()
+    assert list_caches(CacheConfig(cache)) == []  # the half-written cache is not a cache
+    samples = read_split(root, "train")
+    split = load_split(samples, PreprocessConfig(32, 256), CacheConfig(cache, ram_mb=0),
+                       name="train", dataset=root)  # fmt: skip
+    assert split.decoded == len(split) == 600
+    assert not list((cache / "decoded").glob(f"*{BUILDING}"))
+
+
+def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) -> None:
+    samples = small_dataset(tmp_path / "data")
+    cache = tmp_path / "cache"
+    load_split(samples, TINY, CacheConfig(cache, ram_mb=0), name="train", dataset=tmp_path / "data")
+    weights = cache / "PPLCNet_x0_25_pretrained.pdparams"
+    weights.write_bytes(b"weights")
+    (cache / "engine-choice").mkdir()
+    capsys.readouterr()
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == 2 and f"{tmp_path / 'data'}  train" in listed[0]
+    assert f"{len(samples)} images" in listed[0] and listed[1].startswith("1 decoded caches")
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 decoded caches")
+    assert list_caches(CacheConfig(cache)) == [] and weights.is_file()
+    assert (cache / "engine-choice").is_dir()
+    assert main(["fit", str(tmp_path / "data"), "--ram-cache-mb", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --ram-cache-mb must be >= 0, got -1.0\n"
+
+
+def test_disk_path_trains_like_ram_and_is_reused(colour_dataset: Path, tmp_path: Path) -> None:
+    """Same seed ⇒ the same metrics in RAM and from disk; then a second fit with other
+    hyper-parameters and `evaluate` reuse the caches without decoding."""
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    base = [*tiny_fit(epochs=2), *cache]
+    ram = run_cli("train", "fit", str(colour_dataset), *base, "--save-dir", str(tmp_path / "a"))
+    disk = run_cli("train", "fit", str(colour_dataset), *base, "--ram-cache-mb", "0",
+                   "--save-dir", str(tmp_path / "b"))  # fmt: skip
+    for name in ("train", "val", "test"):
+        assert f"{name}: " in ram.stderr and "→ kept in RAM" in ram.stderr
+        assert f"{name}: " in disk.stderr
+    assert disk.stderr.count("(built in") == 3 and "kept in RAM" not in disk.stderr
+    assert history(tmp_path / "a") == history(tmp_path / "b")
+    one, two = (json.loads(r.stdout.splitlines()[-1]) for r in (ram, disk))
+    assert (one["val_top1"], one["test_top1"]) == (two["val_top1"], two["test_top1"])
+
+    other = [*tiny_fit(epochs=1), *cache, "--ram-cache-mb", "0", "--lr", "0.02", "--seed", "1"]
+    again = run_cli("train", "fit", str(colour_dataset), *other, "--save-dir", str(tmp_path / "c"))
+    assert again.stderr.count("(reused)") == 3 and "building" not in again.stderr
+    evaluated = run_cli("train", "evaluate", str(tmp_path / "b" / "inference"), "--dataset",
+                        str(colour_dataset), *cache, "--ram-cache-mb", "0", "--confusion-matrix",
+                        str(tmp_path / "cm.png"))  # fmt: skip
+    assert "test: 18 images" in evaluated.stderr and "(reused)" in evaluated.stderr
+
+
+def test_two_ranks_share_one_cache(colour_dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = [*tiny_fit(epochs=1), "--batch-size", "16", "--procs", "2", "--cache-dir", str(cache),
+            "--ram-cache-mb", "0", "--save-dir", str(tmp_path / "run")]  # fmt: skip
+    result = run_cli("train", "fit", str(colour_dataset), *args)
+    assert result.stderr.count("(built in") == 3  # rank 0 built train, val and test once
+    assert sorted(entry.split for entry in list_caches(CacheConfig(cache))) == [
+        "test", "train", "val"
+    ]  # fmt: skip
+    # Rank 1 waited for rank 0's train cache and read its own half of it.
+    rank1 = (tmp_path / "run" / "logs" / "workerlog.1").read_text()
+    assert "rank 1/2: 63 training images, 0 decoded by this rank" in rank1

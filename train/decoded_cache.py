@@ -1,0 +1,425 @@
+"""Decoded splits on disk: decode once, memory-map, reuse — memory flat however many images.
+
+A split small enough (``CacheConfig.ram_mb``) is decoded into RAM, as it always was. A larger
+one is decoded once, streaming, into ``<cache root>/decoded/<key>/``::
+
+    pixels.u8    every image's uint8 HxWx3 pixels back to back (in a fixed shuffled order)
+    index.npz    per split entry: byte offset, height and width (0 × 0: unreadable), label
+    meta.json    dataset, split, image count, size, preprocessing, the unreadable files
+
+and memory-mapped: its pages are the kernel's page cache, reclaimable, not the process's memory.
+The key hashes every file's (path, size, mtime_ns, label) and the preprocessing fields that shape
+the decode, so a changed file or resize makes a new cache (the stale one of that split is
+removed). A cache is built in a hidden folder beside its final name and renamed when complete
+(a killed build is never used; the next run starts it over), under a file lock so two processes
+never build the same one: ``fit``, ``--resume``, ``evaluate``, ``verify``, ``quantize`` and every
+data-parallel rank reuse it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from lcnet_runner.artifact import cache_dir
+from lcnet_runner.preprocess import PreprocessConfig
+
+from .data import DecodedSplit, decode_split, decode_stream, log
+
+FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
+DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
+PIXELS, INDEX, META = "pixels.u8", "index.npz", "meta.json"
+BUILDING = ".building"  # suffix of a cache being written; renamed to the key when complete
+RAM_MB = 64  # default: splits decoding to less stay in RAM (see CacheConfig.ram_mb)
+# Fields of PreprocessConfig that act after the decode (crop, normalisation): a new crop size
+# reuses the cache. Every other field — including any added later — is part of the key.
+AFTER_DECODE = ("crop_size", "mean", "std")
+HEADER_SAMPLE = 256  # files whose headers estimate a split's decoded size
+DISK_MARGIN = 512 << 20  # bytes left free on the cache's disk
+BLOCK_BYTES = 8 << 20  # a block of the quasi-random order: one sequential read of ~8 MiB
+
+
+class CacheSpaceError(ValueError):
+    """The cache's disk lacks room; the message is one line saying what to do."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where decoded caches live and which splits stay in RAM instead.
+
+    ``ram_mb``: a split whose decoded pixels take less stays in RAM (decoding a few hundred
+    images costs about as much as writing and syncing their cache, and leaves nothing on disk);
+    0 sends every split to disk."""
+
+    root: Path | None = None  # None: lcnet_runner.artifact.cache_dir() (LCNET_CACHE)
+    ram_mb: float = RAM_MB
+
+    def __post_init__(self) -> None:
+        if self.ram_mb < 0:
+            raise ValueError(f"--ram-cache-mb must be >= 0, got {self.ram_mb}")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.root or cache_dir()) / DECODED_DIR
+
+
+class MappedImages(Sequence[np.ndarray]):
+    """The images of a cache, each a read-only view of the memory-mapped pixels (no copy)."""
+
+    def __init__(self, pixels: mmap.mmap | None, positions: np.ndarray, shapes: np.ndarray):
+        self.pixels, self.positions, self.shapes = pixels, positions, shapes
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        height, width = self.shapes[i]
+        count = int(height) * int(width) * 3
+        flat = np.frombuffer(self.pixels, np.uint8, count, int(self.positions[i]))
+        return flat.reshape(int(height), int(width), 3)
+
+    def take(self, ids: np.ndarray) -> MappedImages:
+        return MappedImages(self.pixels, self.positions[ids], self.shapes[ids])
+
+
+def cache_key(samples: Sequence[tuple[Path, int]], preprocess: PreprocessConfig) -> str:
+    """What the decoded pixels depend on: each file's path, size, mtime and label, and the
+    preprocessing fields that shape the decode."""
+    digest = hashlib.sha256()
+    shaping = {k: v for k, v in preprocess.to_dict().items() if k not in AFTER_DECODE}
+    digest.update(json.dumps({"format": FORMAT, "preprocess": shaping}, sort_keys=True).encode())
+    for path, label in samples:
+        try:
+            stat = os.stat(path)
+            size, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:  # missing now: decoded as unreadable, and a new file makes a new key
+            size = mtime = -1
+        digest.update(f"{os.fsdecode(path)}\0{size}\0{mtime}\0{label}\n".encode("utf-8", "replace"))
+    return digest.hexdigest()[:24]
+
+
+def estimate_bytes(samples: Sequence[tuple[Path, int]], resize_short: int) -> int:
+    """Decoded size of a split from the headers of up to HEADER_SAMPLE evenly spread files."""
+    if not samples:
+        return 0
+    step = max(1, len(samples) // HEADER_SAMPLE)
+    sizes = []
+    for path, _ in samples[::step][:HEADER_SAMPLE]:
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, ValueError, SyntaxError):
+            continue
+        scale = resize_short / min(width, height)
+        sizes.append(3 * max(1, round(width * scale)) * max(1, round(height * scale)))
+    return round(np.mean(sizes) * len(samples)) if sizes else 0
+
+
+def load_split(
+    samples: Sequence[tuple[Path, int]],
+    preprocess: PreprocessConfig,
+    cache: CacheConfig,
+    *,
+    name: str,
+    dataset: Path,
+    workers: int = 2,
+    builder: bool = True,
+    select: Sequence[int] | None = None,
+) -> DecodedSplit:
+    """A split decoded once: reused from its disk cache when there is one, else decoded into RAM
+    when small, else cached on disk first (by ``builder``; other processes wait for it).
+    ``select``: only these entries of ``samples`` (a sample of the split never builds a cache).
+    Says on stderr which it chose."""
+    folder = cache.folder / cache_key(samples, preprocess)
+    if folder.is_dir():
+        return _reused(folder, name, select)
+    if select is not None:
+        return decode_split([samples[i] for i in select], preprocess, workers=workers, desc=name)
+    estimate = estimate_bytes(samples, preprocess.resize_short)
+    if estimate < cache.ram_mb * 1e6:
+        split = decode_split(samples, preprocess, workers=workers, desc=name)
+        size = sum(image.nbytes for image in split.images)
+        log(f"{name}: {len(split)} images, {size_text(size)} decoded → kept in RAM "
+            f"(under --ram-cache-mb {cache.ram_mb:g})")  # fmt: skip
+        return split
+    if builder:
+        return _build(folder, samples, preprocess, estimate, name, dataset, workers)
+    return _waited(folder, name)
+
+
+def _reused(folder: Path, name: str, select: Sequence[int] | None = None) -> DecodedSplit:
+    split, size = open_cache(folder, select)
+    log(f"{name}: {len(split)} images, {size_text(size)} decoded → disk cache {folder} (reused)"
+        + _order_note(split))  # fmt: skip
+    return split
+
+
+def _waited(folder: Path, name: str) -> DecodedSplit:
+    """A data-parallel rank other than the builder: wait until the cache is complete. The lock
+    is held by the builder for the whole build; polling covers a builder that has not taken it
+    yet (if it dies, the launcher stops every rank)."""
+    while True:
+        with _locked(folder):
+            if folder.is_dir():
+                return _reused(folder, name)
+        time.sleep(0.5)
+
+
+def _build(
+    folder: Path,
+    samples: Sequence[tuple[Path, int]],
+    preprocess: PreprocessConfig,
+    estimate: int,
+    name: str,
+    dataset: Path,
+    workers: int,
+) -> DecodedSplit:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        if folder.is_dir():  # another process built it while this one waited for the lock
+            return _reused(folder, name)
+        free = shutil.disk_usage(folder.parent).free
+        if estimate + DISK_MARGIN > free:
+            raise CacheSpaceError(_no_room(name, estimate, folder.parent, free))
+        log(f"{name}: {len(samples)} images, ≈{size_text(estimate)} decoded → disk cache {folder} "
+            f"(building; {size_text(free)} free)")  # fmt: skip
+        started = time.perf_counter()
+        temp = folder.with_name(folder.name + BUILDING)
+        shutil.rmtree(temp, ignore_errors=True)  # a killed build's leftovers: start over
+        try:
+            temp.mkdir()
+            _write(temp, samples, preprocess, workers, name, dataset)
+            os.replace(temp, folder)
+            _fsync_dir(folder.parent)
+        except OSError as err:
+            shutil.rmtree(temp, ignore_errors=True)
+            if err.errno == errno.ENOSPC:
+                free = shutil.disk_usage(folder.parent).free
+                raise CacheSpaceError(_no_room(name, estimate, folder.parent, free)) from None
+            raise
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+    split, size = open_cache(folder)
+    split.decoded = len(samples)
+    seconds = time.perf_counter() - started
+    log(f"{name}: {len(split)} images, {size_text(size)} decoded → disk cache {folder} "
+        f"(built in {seconds:.1f} s)" + _order_note(split))  # fmt: skip
+    for stale in _stale_caches(folder):
+        shutil.rmtree(stale, ignore_errors=True)
+        log(f"{name}: removed {stale.name}, the cache of this split before the dataset changed")
+    return split
+
+
+def _write(
+    temp: Path,
+    samples: Sequence[tuple[Path, int]],
+    preprocess: PreprocessConfig,
+    workers: int,
+    name: str,
+    dataset: Path,
+) -> None:
+    """Decode into ``temp``, streaming, and sync it to disk. Images are written in a fixed
+    shuffled order so that consecutive ones — a block of the quasi-random order — mix classes
+    (split lists go class by class)."""
+    count = len(samples)
+    order = np.random.default_rng(0).permutation(count)
+    positions = np.zeros(count, np.int64)
+    shapes = np.zeros((count, 2), np.int32)  # 0 × 0: unreadable
+    decoded = decode_stream((samples[i][0] for i in order), preprocess, workers)
+    with open(temp / PIXELS, "wb") as out:
+        position = 0
+        pairs = zip(order, decoded, strict=True)
+        for i, image in tqdm(pairs, total=count, desc=name, disable=None, leave=False):
+            if image is not None:
+                out.write(np.ascontiguousarray(image).data)
+                positions[i], shapes[i] = position, image.shape[:2]
+                position += image.nbytes
+        out.flush()
+        os.fsync(out.fileno())
+    labels = np.asarray([label for _, label in samples], np.int64)
+    with open(temp / INDEX, "wb") as out:
+        np.savez(out, positions=positions, shapes=shapes, labels=labels)
+        out.flush()
+        os.fsync(out.fileno())
+    skipped = [os.fsdecode(samples[i][0]) for i in np.flatnonzero(shapes[:, 0] == 0)]
+    meta = {
+        "format": FORMAT,
+        "dataset": os.fsdecode(Path(dataset).absolute()),
+        "split": name,
+        "images": count - len(skipped),
+        "bytes": position,
+        "preprocess": preprocess.to_dict(),
+        "skipped": skipped,
+    }
+    with open(temp / META, "w", encoding="utf-8") as out:
+        json.dump(meta, out, indent=1, ensure_ascii=False)
+        out.flush()
+        os.fsync(out.fileno())
+    _fsync_dir(temp)
+
+
+def open_cache(folder: Path, select: Sequence[int] | None = None) -> tuple[DecodedSplit, int]:
+    """A complete cache as a DecodedSplit of memory-mapped images (``select``: only these
+    entries of its split list), and the cache's size in bytes."""
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    with np.load(folder / INDEX) as index:
+        positions, shapes, labels = index["positions"], index["shapes"], index["labels"]
+    entries = np.arange(len(labels)) if select is None else np.asarray(select, np.int64)
+    kept = entries[shapes[entries, 0] > 0]
+    pixels = None
+    if meta["bytes"]:
+        with open(folder / PIXELS, "rb") as file:
+            pixels = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    images = MappedImages(pixels, positions[kept], shapes[kept])
+    skipped = meta["skipped"] if select is None else _unreadable(meta, entries, shapes)
+    split = DecodedSplit(images, labels[kept], skipped, decoded=0)
+    if meta["bytes"] > _physical_memory() // 2:
+        mean = meta["bytes"] / max(1, meta["images"])
+        split.block_images = max(1, round(BLOCK_BYTES / mean))
+    # "last used" for `cache list`; a read-only cache is still usable.
+    with contextlib.suppress(OSError):
+        os.utime(folder / META)
+    return split, meta["bytes"]
+
+
+def _unreadable(meta: dict[str, Any], entries: np.ndarray, shapes: np.ndarray) -> list[str]:
+    """The unreadable files among ``entries`` (meta.json lists them in split order)."""
+    unreadable = np.flatnonzero(shapes[:, 0] == 0)
+    path_of = dict(zip(unreadable.tolist(), meta["skipped"], strict=True))
+    return [path_of[i] for i in entries.tolist() if i in path_of]
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One decoded cache, as ``python -m train cache list`` shows it."""
+
+    folder: Path
+    dataset: str
+    split: str
+    images: int
+    bytes: int
+    last_used: float  # seconds since the epoch
+
+    def line(self) -> str:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.last_used))
+        return (f"{self.folder.name}  {self.dataset}  {self.split:5s}  {self.images:>9,d} images"
+                f"  {size_text(self.bytes):>9s}  last used {used}")  # fmt: skip
+
+
+def list_caches(cache: CacheConfig) -> list[CacheEntry]:
+    """The complete decoded caches under ``cache``'s folder, most recently used first."""
+    entries = []
+    for folder in sorted(cache.folder.glob("*")) if cache.folder.is_dir() else []:
+        if not folder.is_dir() or folder.name.endswith(BUILDING):
+            continue
+        try:
+            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            used = (folder / META).stat().st_mtime
+        except (OSError, ValueError):
+            continue  # not one of ours
+        entries.append(CacheEntry(folder, meta["dataset"], meta["split"], meta["images"],
+                                  meta["bytes"], used))  # fmt: skip
+    return sorted(entries, key=lambda entry: -entry.last_used)
+
+
+def clear_caches(cache: CacheConfig) -> tuple[int, int]:
+    """Delete every decoded cache (complete, or left by a killed build) that no process is
+    building; the pretrained weights and engine choices beside them stay. (count, bytes)."""
+    count = freed = 0
+    for entry in list_caches(cache):
+        with _locked(entry.folder, wait=False) as mine:
+            if mine:
+                shutil.rmtree(entry.folder, ignore_errors=True)
+                count, freed = count + 1, freed + entry.bytes
+    for temp in cache.folder.glob(f"*{BUILDING}") if cache.folder.is_dir() else []:
+        with _locked(temp.with_name(temp.name[: -len(BUILDING)]), wait=False) as mine:
+            if mine:  # not being built right now: a killed build's leftovers
+                freed += sum(f.stat().st_size for f in temp.iterdir())
+                shutil.rmtree(temp, ignore_errors=True)
+    # The empty <key>.lock files stay: deleting one a waiting process has open would let a
+    # second process lock a new file of the same name and build the same cache.
+    return count, freed
+
+
+def _stale_caches(folder: Path) -> Iterator[Path]:
+    """Other caches of the same dataset, split and decode: made before the files changed."""
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    same = ("dataset", "split", "preprocess")
+    for entry in list_caches(CacheConfig(root=folder.parent.parent)):
+        if entry.folder == folder:
+            continue
+        other = json.loads((entry.folder / META).read_text(encoding="utf-8"))
+        if all(other.get(k) == meta[k] for k in same):
+            yield entry.folder
+
+
+@contextmanager
+def _locked(folder: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``<folder>.lock`` for building or deleting that cache; yields
+    whether it was taken (``wait=False`` gives up at once when another process holds it)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (a crash cannot undo it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _order_note(split: DecodedSplit) -> str:
+    if not split.block_images:
+        return ""
+    return (f"; larger than half the RAM: read in shuffled blocks of {split.block_images} "
+            "consecutive images")  # fmt: skip
+
+
+def _no_room(name: str, estimate: int, where: Path, free: int) -> str:
+    need = size_text(estimate + DISK_MARGIN)
+    return (f"the decoded {name} split needs ≈{need} on {where} (with {size_text(DISK_MARGIN)} "
+            f"to spare) but it has {size_text(free)} free: free space, pass --cache-dir on a "
+            "larger disk, or lower --resize-short")  # fmt: skip
+
+
+def size_text(count: float) -> str:
+    """1.2 GB, 9.1 MB, 512 B: decimal units, as disk sizes are sold."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
