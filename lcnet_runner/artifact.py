@@ -11,12 +11,14 @@ A folder (exported by ``train``, or by PaddleClas / PaddleX) holds::
     labels.txt            one class name a line (optional when inference.yml has them)
     model_info.json       architecture, metrics, training facts, accuracy guard figures (ours)
     self_check.npz        64 val crops + Paddle fp32's scores: the guard re-run at load (ours)
+    files.sha256          every file's SHA-256 when it was stored (``sha256sum -c`` reads it)
 
 A model in the BentoML store is such a folder, with the same facts as store labels and metadata.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -41,6 +43,7 @@ SELF_CHECK_FILE = "self_check.npz"  # a sample + Paddle fp32's scores, re-checke
 INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"
+CHECKSUM_FILE = "files.sha256"
 DEFAULT_MODEL = "pplcnet:latest"
 # Ours → the name PaddleX's ResizeImage takes for each backend (it rejects the other's names).
 _PADDLEX_INTERPOLATION = {
@@ -272,3 +275,36 @@ def cache_dir() -> Path:
 
 def bentoml_home() -> str:
     return os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Record every file's SHA-256 (as ``sha256sum`` writes them) when a version is stored."""
+    names = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != CHECKSUM_FILE
+    )
+    lines = "".join(f"{_sha256(folder / name)}  {name}\n" for name in names)
+    write_text_atomic(folder / CHECKSUM_FILE, lines)
+
+
+def verify_checksums(folder: Path) -> bool:
+    """Raise if a file changed since the version was stored (a truncated weights file can abort
+    a process inside native code instead of raising); False when nothing was recorded."""
+    recorded = folder / CHECKSUM_FILE
+    if not recorded.is_file():
+        return False
+    for line in filter(None, read_lines(recorded)):
+        digest, _, name = line.partition("  ")
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise ModelNotFoundError(
+                f"{folder.name}/{name} is missing, truncated or changed since it was stored "
+                f"(checked against {CHECKSUM_FILE})"
+            )
+    return True

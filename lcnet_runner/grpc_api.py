@@ -7,7 +7,9 @@ feed the same runner (and batches) as HTTP ones. The servicer only translates me
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,61 +17,106 @@ from grpc_reflection.v1alpha import reflection
 
 from . import handlers
 from .protos import lcnet_pb2, lcnet_pb2_grpc
-from .runner import LCNetRunner
 from .settings import ServingSettings
+
+if TYPE_CHECKING:
+    from .reload import Reloader, ServedModel
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
+# What a client's mistake is called in gRPC; anything else a route raises is INVALID_ARGUMENT.
+_STATUS_CODES = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+}
 
 
 def _response(predictions: list[dict]) -> lcnet_pb2.ClassifyResponse:
     return lcnet_pb2.ClassifyResponse(predictions=[lcnet_pb2.Prediction(**p) for p in predictions])
 
 
-class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
-    def __init__(self, runner: LCNetRunner, settings: ServingSettings):
-        self.runner, self.settings = runner, settings
+async def _call(context: grpc.aio.ServicerContext, work):
+    try:
+        return await work
+    except Exception as err:
+        status = handlers.client_error_status(err)
+        if status is None:
+            logger.exception("gRPC request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        code = _STATUS_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT)
+        await context.abort(code, str(err))
 
-    async def _call(self, context: grpc.aio.ServicerContext, work):
-        try:
-            return await work
-        except Exception as err:
-            if handlers.client_error_status(err) is None:
-                logger.exception("gRPC request failed")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
+    def __init__(self, served: ServedModel, settings: ServingSettings, reloader: Reloader | None):
+        self.served, self.settings, self.reloader = served, settings, reloader
 
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
-        predictions = await self._call(
-            context, handlers.classify(self.runner, request.image, request.top_k)
-        )
-        return _response(predictions)
+        with self.served.pinned() as runner:
+            await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+            work = handlers.classify(runner, request.image, request.top_k)
+            return _response(await _call(context, work))
 
     async def ClassifyBatch(self, request, context):  # noqa: N802
-        results = await self._call(
-            context,
-            handlers.classify_batch(
-                self.runner, self.settings, list(request.images), request.top_k
-            ),
-        )
-        return lcnet_pb2.ClassifyBatchResponse(results=[_response(r) for r in results])
+        with self.served.pinned() as runner:
+            await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+            images = list(request.images)
+            work = handlers.classify_batch(runner, self.settings, images, request.top_k)
+            results = await _call(context, work)
+            return lcnet_pb2.ClassifyBatchResponse(results=[_response(r) for r in results])
+
+    async def ModelInfo(self, request, context):  # noqa: N802
+        runner = self.served.runner
+        await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+        info = handlers.served_model_info(runner, self.settings, self.reloader)
+        reload = {key: value or "" for key, value in info["reload"].items()}
+        return lcnet_pb2.ModelInfoResponse(
+            tag=info["tag"] or "", labels=info["labels"], engine=info["engine"],
+            precision=info["precision"], reload=lcnet_pb2.ReloadStatus(**reload),
+            details_json=json.dumps(info, ensure_ascii=False),
+        )  # fmt: skip
 
 
-async def start_grpc_server(runner: LCNetRunner, settings: ServingSettings) -> grpc.aio.Server:
+class AdminServicer(lcnet_pb2_grpc.AdminServicer):
+    """Registered only when LCNET_ADMIN_TOKEN is set (then it is in reflection too)."""
+
+    def __init__(self, settings: ServingSettings, reloader: Reloader | None):
+        self.settings, self.reloader = settings, reloader
+
+    async def Reload(self, request, context):  # noqa: N802
+        async def reload() -> dict[str, str]:
+            authorization = dict(context.invocation_metadata()).get("authorization")
+            handlers.check_admin(self.settings, authorization)
+            return handlers.request_reload(self.reloader, request.tag or None)
+
+        return lcnet_pb2.ReloadResponse(**await _call(context, reload()))
+
+
+async def start_grpc_server(
+    served: ServedModel, settings: ServingSettings, reloader: Reloader | None = None
+) -> grpc.aio.Server:
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 1),  # every worker binds the same port
             ("grpc.max_receive_message_length", settings.max_body_bytes),
         ]
     )
-    lcnet_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(runner, settings), server)
+    servicer = ClassifierServicer(served, settings, reloader)
+    lcnet_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if settings.admin_token:
+        admin = AdminServicer(settings, reloader)
+        lcnet_pb2_grpc.add_AdminServicer_to_server(admin, server)
+        services.append(ADMIN_SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(services, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     server.add_insecure_port(address)
     await server.start()

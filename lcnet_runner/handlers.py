@@ -3,13 +3,19 @@ and what `/model` says. HTTP (http_api) and gRPC (grpc_api) both call these func
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .predictor import Prediction
 from .preprocess import ImageTooLargeError, InvalidImageError
 from .runner import LCNetRunner
 from .settings import ServingSettings
+
+if TYPE_CHECKING:
+    from .reload import Reloader
+
+VERSION_HEADER = "X-Model-Version"  # on every answer: the model version that produced it
 
 
 class RequestError(Exception):
@@ -60,7 +66,9 @@ async def classify_batch(
     return await runner.aclassify_batch(images, top_k)
 
 
-def served_model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[str, Any]:
+def served_model_info(
+    runner: LCNetRunner, settings: ServingSettings, reloader: Reloader | None = None
+) -> dict[str, Any]:
     artifact = runner.predictor.artifact
     info = artifact.info
     return {
@@ -82,4 +90,33 @@ def served_model_info(runner: LCNetRunner, settings: ServingSettings) -> dict[st
             "max_pixels": settings.runner.max_pixels,
             "max_batch_images": settings.max_batch_images,
         },
+        "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
     }
+
+
+def check_admin(settings: ServingSettings, authorization: str | None) -> None:
+    """The admin routes exist only with LCNET_ADMIN_TOKEN; then they need it as a bearer token
+    (compared in constant time)."""
+    if not settings.admin_token:
+        raise RequestError(404, "not found")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise RequestError(401, "send the admin token as 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+        raise RequestError(403, "wrong admin token")
+
+
+def request_reload(reloader: Reloader | None, tag: Any) -> dict[str, str]:
+    """Record which version every worker should load (``None``: the newest of the served name);
+    the workers load it in the background and swap when it passed its checks."""
+    if reloader is None:
+        raise RequestError(409, "reloading is off: start the server with LCNET_RELOAD=request")
+    if tag is not None and (not isinstance(tag, str) or not tag.strip()):
+        raise RequestError(422, "tag must be a store tag such as 'pplcnet:<version>'")
+    try:
+        resolved = reloader.request(tag or None)
+    except ValueError as err:
+        raise RequestError(422, str(err)) from None
+    except LookupError:
+        raise RequestError(404, f"model {tag!r} is not in the BentoML store") from None
+    return {"tag": resolved, "state": "requested", "serving": reloader.served.tag}

@@ -18,8 +18,9 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import bentoml
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -33,6 +34,9 @@ from . import handlers
 from .handlers import RequestError, client_error_status
 from .runner import LCNetRunner
 from .settings import ServingSettings
+
+if TYPE_CHECKING:
+    from .reload import Reloader
 
 logger = logging.getLogger(__name__)
 UI_DIR = Path(__file__).parent / "ui"
@@ -93,24 +97,29 @@ def failure(err: Exception) -> tuple[int, str]:
     return status, str(err)
 
 
-async def answer(work: Awaitable[Any]) -> JSONResponse:
-    """A route's answer, or ``{"error"}`` with the status of ``failure``."""
+async def answer(work: Awaitable[Any], version: str) -> JSONResponse:
+    """A route's answer, or ``{"error"}`` with the status of ``failure``; either way with the
+    model version that answered."""
+    headers = {handlers.VERSION_HEADER: version}
     try:
-        return JSONResponse(await work)
+        return JSONResponse(await work, headers=headers)
     except Exception as err:
         status, message = failure(err)
-        return JSONResponse({"error": message}, status_code=status)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def typed_answer(work: Awaitable[Any]) -> Any:
-    """The typed routes' answer: the result, or (BentoML passes a Response through) the same
-    4xx ``{"error"}`` as the fast routes for a client's mistake, e.g. an undecodable image."""
+async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context) -> Any:
+    """The typed routes' answer: the result, or (BentoML passes a Response through, with the
+    context's status) the same 4xx ``{"error"}`` as the fast routes for a client's mistake,
+    e.g. an undecodable image. Both with the model version that answered."""
+    ctx.response.headers[handlers.VERSION_HEADER] = version
     try:
         return await work
     except Exception as err:
         status = client_error_status(err)
         if status is None:
             raise
+        ctx.response.status_code = status
         return JSONResponse({"error": str(err)}, status_code=status)
 
 
@@ -169,7 +178,58 @@ CLASSIFY_BATCH_DOC = {
         **_errors(400, 413, 415, 422, 500),
     },  # fmt: skip
 }
-MODEL_DOC = {"summary": "The served model: tag, labels, preprocessing, engine choice, limits"}
+MODEL_DOC = {
+    "summary": "The served model: tag, labels, preprocessing, engine choice, limits, reload state"
+}
+
+
+class ReloadIn(BaseModel):
+    tag: str | None = None  # a version of the served name; absent: its newest version
+
+
+class ReloadOut(BaseModel):
+    tag: str  # the version every worker will load
+    state: str  # "requested"
+    serving: str  # the version this worker serves now
+
+
+RELOAD_DOC = {
+    "summary": "Load a new model version in every worker, swap when it passed its checks",
+    "description": "Needs `Authorization: Bearer <LCNET_ADMIN_TOKEN>`. Answers 202 at once; "
+    "`GET /model` shows `reload.state` (loading, idle, failed) and the `X-Model-Version` header "
+    "of every answer the version that produced it.",
+    "status_code": 202,
+    "openapi_extra": {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": ReloadIn.model_json_schema()}},
+        }
+    },
+    "responses": {
+        202: {"model": ReloadOut},
+        **{s: {"model": ErrorOut} for s in (401, 403, 404, 409, 422)},
+    },  # fmt: skip
+}
+
+
+async def admin_reload(
+    request: Request,
+    authorization: str | None,
+    settings: ServingSettings,
+    reloader: Reloader | None,
+) -> JSONResponse:
+    try:
+        handlers.check_admin(settings, authorization)
+        body = b"".join([chunk async for chunk in _limited(request, 4096)])
+        try:
+            asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
+        except ValidationError as err:
+            raise RequestError(422, f"invalid request: {err.errors()[0]['msg']}") from None
+        accepted = handlers.request_reload(reloader, asked.tag)
+    except Exception as err:
+        status, message = failure(err)
+        return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse(accepted, status_code=202)
 
 
 async def _ui(request: Request) -> FileResponse:
@@ -263,6 +323,7 @@ class PaddleXRequest(BaseModel):
 
 async def paddlex_classify(request: Request, runner: LCNetRunner, settings: ServingSettings):
     log_id = uuid.uuid4().hex
+    headers = {handlers.VERSION_HEADER: runner.tag}
     try:
         body = b"".join([chunk async for chunk in _limited(request, settings.max_body_bytes)])
         try:
@@ -276,11 +337,13 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
         predictions = await runner.aclassify(image, top_k)
     except Exception as err:
         status, message = failure(err)
-        return JSONResponse({"logId": log_id, "errorCode": status, "errorMsg": message}, status)
+        error = {"logId": log_id, "errorCode": status, "errorMsg": message}
+        return JSONResponse(error, status, headers=headers)
     categories = [{"id": p["category_id"], "name": p["category"], "score": p["score"]}
                   for p in predictions]  # fmt: skip
     result = {"categories": categories, "image": None}
-    return JSONResponse({"logId": log_id, "errorCode": 0, "errorMsg": "Success", "result": result})
+    answer = {"logId": log_id, "errorCode": 0, "errorMsg": "Success", "result": result}
+    return JSONResponse(answer, headers=headers)
 
 
 def _base64_image(text: str) -> bytes:

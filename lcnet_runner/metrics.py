@@ -34,3 +34,17 @@ class PrometheusObserver:
         for seconds in stats.queue_wait_s:
             wait.observe(seconds)
         self.stage_seconds.labels(stage="inference").observe(stats.run_s)
+
+
+class ReloadCounter:
+    def __init__(self) -> None:
+        import bentoml
+
+        self.reloads = bentoml.metrics.Counter(
+            name="lcnet_model_reloads",
+            documentation="Model version reloads by result: ok (swapped) or failed (old kept)",
+            labelnames=["result"],
+        )
+
+    def count(self, result: str) -> None:
+        self.reloads.labels(result=result).inc()

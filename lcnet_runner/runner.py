@@ -64,6 +64,8 @@ class LCNetRunner:
             race_in_child=True,  # a serving process keeps only the engine it serves
         )
         self.labels = self.predictor.labels
+        artifact = self.predictor.artifact
+        self.tag = artifact.tag or str(artifact.path)  # the version, shown with every answer
         self._observer = observer
         self._warm_up()
         self._batcher: AdaptiveBatcher[np.ndarray, np.ndarray] = AdaptiveBatcher(

@@ -1,6 +1,7 @@
-"""``LCNetService``: the BentoML service. Glue only: each worker's instance holds one runner and
-its settings; the HTTP routes (methods of the instance, on a mounted FastAPI app) and gRPC (a
-server the instance starts) both feed that runner.
+"""``LCNetService``: the BentoML service. Glue only: each worker's instance holds the model it
+serves (``ServedModel``: one runner, swapped for a new version by ``Reloader`` when
+``LCNET_RELOAD`` says so) and its settings; the HTTP routes (methods of the instance, on a mounted
+FastAPI app) and gRPC (a server the instance starts) pin the current runner per request.
 
 What BentoML reads when the class is defined comes from the environment once, at import: the
 model reference (``LCNET_MODEL``, so ``bentoml build`` packs it), the worker count
@@ -14,11 +15,12 @@ import logging
 from pathlib import Path
 
 import bentoml
+from fastapi import Header
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import handlers, http_api
-from .artifact import ModelNotFoundError, bentoml_home, load_folder
+from .artifact import ModelArtifact, ModelNotFoundError, bentoml_home, load_folder
 from .choice import refuse_unusable
 from .settings import ServingSettings
 
@@ -61,64 +63,105 @@ class LCNetService:
     _refuse_unusable_variant(AT_DEFINITION)
 
     def __init__(self) -> None:
-        from .metrics import PrometheusObserver
-        from .runner import LCNetRunner
+        from .metrics import PrometheusObserver, ReloadCounter
+        from .reload import Reloader, ServedModel
 
         self.settings = ServingSettings.from_env()
-        artifact = load_folder(self.model.path, tag=str(self.model.tag))
+        self.observer = PrometheusObserver(self.settings.runner.max_batch_size)
+        self.served = ServedModel(
+            self._runner(load_folder(self.model.path, tag=str(self.model.tag)))
+        )
+        self.reloader = None
+        if self.settings.reload != "off":
+            self.reloader = Reloader(
+                self.served,
+                str(self.model.tag.name),
+                watch=self.settings.reload == "watch",
+                interval_s=self.settings.reload_interval_s,
+                make_runner=self._runner,
+                on_result=ReloadCounter().count,
+            )
+        self.grpc_server = None
+
+    def _runner(self, artifact: ModelArtifact):
+        from .runner import LCNetRunner
+
         config = self.settings.runner
-        observer = PrometheusObserver(config.max_batch_size)
-        self.runner = LCNetRunner(artifact, config, observer)
+        runner = LCNetRunner(artifact, config, self.observer)
         logger.info(
             "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
-            artifact.name, self.runner.predictor.choice.describe(), config.engine,
-            config.precision, config.threads,
+            runner.tag, runner.predictor.choice.describe(), config.engine, config.precision,
+            config.threads,
         )  # fmt: skip
-        self.grpc_server = None
+        return runner
 
     @http_app.post("/classify", **http_api.CLASSIFY_DOC)
     async def classify(self, request: Request) -> JSONResponse:
-        return await http_api.answer(http_api.classify(request, self.runner, self.settings))
+        with self.served.pinned() as runner:
+            work = http_api.classify(request, runner, self.settings)
+            return await http_api.answer(work, runner.tag)
 
     @http_app.post("/classify_batch", **http_api.CLASSIFY_BATCH_DOC)
     async def classify_batch(self, request: Request) -> JSONResponse:
-        return await http_api.answer(http_api.classify_batch(request, self.runner, self.settings))
+        with self.served.pinned() as runner:
+            work = http_api.classify_batch(request, runner, self.settings)
+            return await http_api.answer(work, runner.tag)
 
     @http_app.post("/image-classification", **http_api.PADDLEX_DOC)
     async def paddlex_classify(self, request: Request) -> JSONResponse:
-        return await http_api.paddlex_classify(request, self.runner, self.settings)
+        with self.served.pinned() as runner:
+            return await http_api.paddlex_classify(request, runner, self.settings)
 
     @http_app.get("/model", **http_api.MODEL_DOC)
     async def model_info(self) -> JSONResponse:
-        return JSONResponse(handlers.served_model_info(self.runner, self.settings))
+        runner = self.served.runner
+        info = handlers.served_model_info(runner, self.settings, self.reloader)
+        return JSONResponse(info, headers={handlers.VERSION_HEADER: runner.tag})
+
+    # Absent from /docs.json (and 404) unless LCNET_ADMIN_TOKEN is set.
+    @http_app.post("/admin/reload", include_in_schema=bool(AT_DEFINITION.admin_token),
+                   **http_api.RELOAD_DOC)  # fmt: skip
+    async def admin_reload(
+        self, request: Request, authorization: str | None = Header(None, include_in_schema=False)
+    ) -> JSONResponse:
+        return await http_api.admin_reload(request, authorization, self.settings, self.reloader)
 
     # Typed API for BentoML's clients: `client.predict(image=Path("cat.jpg"), top_k=3)`. The
     # same runner and batches; the body was checked and re-encoded by TypedApiGuard first.
     @bentoml.api(route="/predict")
-    async def predict(self, image: Path, top_k: int = 1) -> list[http_api.PredictionOut]:
+    async def predict(
+        self, image: Path, ctx: bentoml.Context, top_k: int = 1
+    ) -> list[http_api.PredictionOut]:
         """Classify one image (the same answer as /classify)."""
-        return await http_api.typed_answer(self.runner.aclassify(image.read_bytes(), top_k))
+        with self.served.pinned() as runner:
+            work = runner.aclassify(image.read_bytes(), top_k)
+            return await http_api.typed_answer(work, runner.tag, ctx)
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(
-        self, images: list[Path], top_k: int = 1
+        self, images: list[Path], ctx: bentoml.Context, top_k: int = 1
     ) -> list[list[http_api.PredictionOut]]:
         """Classify several images (the same answer as /classify_batch)."""
-        data = [image.read_bytes() for image in images]
-        return await http_api.typed_answer(self.runner.aclassify_batch(data, top_k))
+        with self.served.pinned() as runner:
+            work = runner.aclassify_batch([image.read_bytes() for image in images], top_k)
+            return await http_api.typed_answer(work, runner.tag, ctx)
 
     @bentoml.on_startup
-    async def start_grpc(self) -> None:
+    async def start(self) -> None:
         if self.settings.grpc_port:
             from .grpc_api import start_grpc_server
 
-            self.grpc_server = await start_grpc_server(self.runner, self.settings)
+            self.grpc_server = await start_grpc_server(self.served, self.settings, self.reloader)
+        if self.reloader is not None:
+            self.reloader.start()
 
     @bentoml.on_shutdown
     async def stop(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
-        await self.runner.close()
+        await self.served.close()
 
 
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).

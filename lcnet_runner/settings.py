@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .artifact import DEFAULT_MODEL
 from .engines import default_threads
 from .runner import RunnerConfig
+
+RELOAD_MODES = ("off", "watch", "request")
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,38 @@ class ServingSettings:
     grpc_port: int = 50051  # 0 disables gRPC
     grpc_host: str = "0.0.0.0"
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
+    # New versions without a restart (lcnet_runner.reload): "off"; "watch" the store for a newer
+    # version of the served name every reload_interval_s; "request" only on POST /admin/reload.
+    reload: str = "off"
+    reload_interval_s: float = 10.0
+    # Enables the admin routes (POST /admin/reload, gRPC lcnet.v1.Admin); empty: they are 404.
+    admin_token: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if self.reload not in RELOAD_MODES:
+            raise ValueError(f"LCNET_RELOAD={self.reload!r}: use one of {', '.join(RELOAD_MODES)}")
+        if self.reload == "watch" and not self.model_name:
+            raise ValueError(
+                f"LCNET_RELOAD=watch follows the newest version of a store name, and "
+                f"LCNET_MODEL={self.model} pins one: set LCNET_MODEL to the name alone"
+            )
+        if self.reload == "request" and not self.admin_token:
+            raise ValueError("LCNET_RELOAD=request needs LCNET_ADMIN_TOKEN for POST /admin/reload")
+        if self.reload_interval_s <= 0:
+            raise ValueError("LCNET_RELOAD_INTERVAL_S must be > 0")
 
     @property
     def worker_count(self) -> int:
         return self.workers or max(1, default_threads() // max(1, self.runner.threads))
+
+    @property
+    def model_name(self) -> str | None:
+        """The store name whose newest version ``model`` follows (``name`` or ``name:latest``);
+        None for a pinned version or a folder."""
+        name, _, version = self.model.partition(":")
+        if os.sep in self.model or version not in ("", "latest"):
+            return None
+        return name
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -41,11 +71,11 @@ class ServingSettings:
 def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()) -> dict:
     """The fields of ``config`` set in ``environ`` as ``LCNET_<FIELD>``, parsed to their type."""
     values = {}
-    for field in fields(config):
-        raw = environ.get(f"LCNET_{field.name.upper()}")
-        if field.name in skip or raw is None or raw == "":
+    for spec in fields(config):
+        raw = environ.get(f"LCNET_{spec.name.upper()}")
+        if spec.name in skip or raw is None or raw == "":
             continue
-        values[field.name] = _parse(field.name, raw, type(getattr(config, field.name)))
+        values[spec.name] = _parse(spec.name, raw, type(getattr(config, spec.name)))
     return values
 
 

@@ -4,6 +4,7 @@ middleware are covered too. Fast; the end-to-end tests keep what only a real ser
 
 from __future__ import annotations
 
+import base64
 import importlib
 import io
 import os
@@ -244,3 +245,28 @@ def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained
         parsed = AIStudioNoResultResponse.model_validate(error.json())
         assert parsed.errorCode == status and parsed.errorMsg and parsed.logId
     assert client.post(INFER_ENDPOINT, content=b"{").status_code == 422
+
+
+def test_every_answer_names_the_model_version_that_produced_it(
+    client: TestClient, trained: dict
+) -> None:
+    image = ("a.jpg", (trained["dataset"] / "green" / "1.jpg").read_bytes())
+    answers = [
+        client.post("/classify", files={"image": image}),
+        client.post("/classify_batch", files=[("images", image)]),
+        client.post("/predict", files={"image": image}),
+        client.post("/predict_batch", files=[("images", image)]),
+        client.post("/image-classification", json={"image": base64.b64encode(image[1]).decode()}),
+        client.get("/model"),
+        client.post("/classify", files={"image": ("a.jpg", b"not an image")}),  # a 400
+        client.post("/predict", files={"image": ("a.jpg", b"not an image")}),
+    ]
+    assert [a.status_code for a in answers] == [200] * 6 + [400] * 2
+    assert {a.headers["x-model-version"] for a in answers} == {trained["tag"]}
+
+
+def test_admin_routes_do_not_exist_without_a_token(client: TestClient) -> None:
+    response = client.post("/admin/reload", json={})
+    assert response.status_code == 404 and response.json() == {"error": "not found"}
+    assert "/admin/reload" not in client.get("/docs.json").json()["paths"]
+    assert client.get("/model").json()["reload"] == {"mode": "off"}

@@ -16,6 +16,7 @@ from lcnet_runner.artifact import (
     ONNX_FILE,
     OPENVINO_FILE,
     load_folder,
+    write_checksums,
     write_metadata,
 )
 from lcnet_runner.preprocess import PreprocessConfig
@@ -137,6 +138,7 @@ def save_to_store(folder: str | Path, name: str, info: dict[str, Any]) -> str:
             context=context,
         ) as stored:
             shutil.copytree(artifact.path, stored.path, dirs_exist_ok=True)
+            write_checksums(Path(stored.path))  # what a reload checks before loading
     except BentoMLException as err:
         raise ValueError(f"cannot save model {name!r} to the BentoML store: {err}") from None
     return str(stored.tag)

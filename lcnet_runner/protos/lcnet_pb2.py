@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flcnet_runner/protos/lcnet.proto\x12\x08lcnet.v1\"/\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"=\n\x10\x43lassifyResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.lcnet.v1.Prediction\"5\n\x14\x43lassifyBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"D\n\x15\x43lassifyBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.lcnet.v1.ClassifyResponse\"B\n\nPrediction\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x32\xa1\x01\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.lcnet.v1.ClassifyRequest\x1a\x1a.lcnet.v1.ClassifyResponse\x12P\n\rClassifyBatch\x12\x1e.lcnet.v1.ClassifyBatchRequest\x1a\x1f.lcnet.v1.ClassifyBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flcnet_runner/protos/lcnet.proto\x12\x08lcnet.v1\"/\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"=\n\x10\x43lassifyResponse\x12)\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x14.lcnet.v1.Prediction\"5\n\x14\x43lassifyBatchRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\"D\n\x15\x43lassifyBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.lcnet.v1.ClassifyResponse\"B\n\nPrediction\x12\x13\n\x0b\x63\x61tegory_id\x18\x01 \x01(\x05\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"\x12\n\x10ModelInfoRequest\"\x91\x01\n\x11ModelInfoResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12&\n\x06reload\x18\x05 \x01(\x0b\x32\x16.lcnet.v1.ReloadStatus\x12\x14\n\x0c\x64\x65tails_json\x18\x06 \x01(\t\"G\n\x0cReloadStatus\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03tag\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x1c\n\rReloadRequest\x12\x0b\n\x03tag\x18\x01 \x01(\t\"=\n\x0eReloadResponse\x12\x0b\n\x03tag\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07serving\x18\x03 \x01(\t2\xe7\x01\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x19.lcnet.v1.ClassifyRequest\x1a\x1a.lcnet.v1.ClassifyResponse\x12P\n\rClassifyBatch\x12\x1e.lcnet.v1.ClassifyBatchRequest\x1a\x1f.lcnet.v1.ClassifyBatchResponse\x12\x44\n\tModelInfo\x12\x1a.lcnet.v1.ModelInfoRequest\x1a\x1b.lcnet.v1.ModelInfoResponse2D\n\x05\x41\x64min\x12;\n\x06Reload\x12\x17.lcnet.v1.ReloadRequest\x1a\x18.lcnet.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=280
   _globals['_PREDICTION']._serialized_start=282
   _globals['_PREDICTION']._serialized_end=348
-  _globals['_CLASSIFIER']._serialized_start=351
-  _globals['_CLASSIFIER']._serialized_end=512
+  _globals['_MODELINFOREQUEST']._serialized_start=350
+  _globals['_MODELINFOREQUEST']._serialized_end=368
+  _globals['_MODELINFORESPONSE']._serialized_start=371
+  _globals['_MODELINFORESPONSE']._serialized_end=516
+  _globals['_RELOADSTATUS']._serialized_start=518
+  _globals['_RELOADSTATUS']._serialized_end=589
+  _globals['_RELOADREQUEST']._serialized_start=591
+  _globals['_RELOADREQUEST']._serialized_end=619
+  _globals['_RELOADRESPONSE']._serialized_start=621
+  _globals['_RELOADRESPONSE']._serialized_end=682
+  _globals['_CLASSIFIER']._serialized_start=685
+  _globals['_CLASSIFIER']._serialized_end=916
+  _globals['_ADMIN']._serialized_start=918
+  _globals['_ADMIN']._serialized_end=986
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class ClassifierStub:
                 request_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchRequest.SerializeToString,
                 response_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
+        self.ModelInfo = channel.unary_unary(
+                '/lcnet.v1.Classifier/ModelInfo',
+                request_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -63,6 +68,14 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelInfo(self, request, context):
+        """The served model version (as GET /model). Every answer also carries the version that
+        produced it in the initial metadata key "x-model-version".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.ClassifyBatch,
                     request_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchRequest.FromString,
                     response_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchResponse.SerializeToString,
+            ),
+            'ModelInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelInfo,
+                    request_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoRequest.FromString,
+                    response_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,109 @@ class Classifier:
             '/lcnet.v1.Classifier/ClassifyBatch',
             lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchRequest.SerializeToString,
             lcnet__runner_dot_protos_dot_lcnet__pb2.ClassifyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcnet.v1.Classifier/ModelInfo',
+            lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoRequest.SerializeToString,
+            lcnet__runner_dot_protos_dot_lcnet__pb2.ModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """Served only when the server has LCNET_ADMIN_TOKEN (metadata "authorization: Bearer <token>").
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Reload = channel.unary_unary(
+                '/lcnet.v1.Admin/Reload',
+                request_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """Served only when the server has LCNET_ADMIN_TOKEN (metadata "authorization: Bearer <token>").
+    """
+
+    def Reload(self, request, context):
+        """Load a version in every worker (empty tag: the newest of the served name); answers at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadRequest.FromString,
+                    response_serializer=lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lcnet.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lcnet.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """Served only when the server has LCNET_ADMIN_TOKEN (metadata "authorization: Bearer <token>").
+    """
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lcnet.v1.Admin/Reload',
+            lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadRequest.SerializeToString,
+            lcnet__runner_dot_protos_dot_lcnet__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

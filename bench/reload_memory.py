@@ -1,0 +1,88 @@
+"""Worker memory over repeated model reloads: a swapped-out version must be released.
+
+    python bench/reload_memory.py [--model PPLCNet_x1_0] [--swaps 10]
+
+Serves an exported model (random weights, INT8 included; the guard is skipped) at defaults with
+LCNET_RELOAD=request, then saves a new version and asks for it (POST /admin/reload) --swaps
+times, waiting each time until answers come from the new version on every worker. Prints each
+worker's RSS after start and after every swap; the goal is no growth beyond one model's worth
+between the first swap and the last (the first swap may still settle allocator pools).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from common import ROOT, make_store, photo_jpeg
+
+from lcnet_runner.artifact import load_folder
+from lcnet_runner.testing import Server
+
+TOKEN = "bench-token"
+
+
+def workers_rss_mib(server: Server) -> list[float]:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    return sorted(p.memory_info().rss / 2**20 for p in children)
+
+
+def wait_for_version(server: Server, image: bytes, tag: str, timeout: float = 180) -> None:
+    """Until 20 answers in a row (new connections, so every worker) come from ``tag``."""
+    until, streak = time.monotonic() + timeout, 0
+    while streak < 20:
+        if time.monotonic() > until:
+            raise SystemExit(f"workers did not switch to {tag}: {server.output()[-2000:]}")
+        response = httpx.post(f"{server.url}/classify", files={"image": image})
+        streak = streak + 1 if response.headers.get("x-model-version") == tag else 0
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--swaps", type=int, default=10)
+    args = parser.parse_args()
+    first = make_store(args.model, int8=True)
+    import bentoml
+
+    from train.export import save_to_store
+
+    folder = Path(bentoml.models.get(first).path)
+    env = {"LCNET_MODEL": "bench", "LCNET_SKIP_GUARD": "1", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    server = Server(str(ROOT), env).wait_ready()
+    image = photo_jpeg()
+    try:
+        wait_for_version(server, image, first)
+        rows = [("start", workers_rss_mib(server))]
+        for swap in range(1, args.swaps + 1):
+            with tempfile.TemporaryDirectory() as tmp:  # the same model, a new version
+                copy = Path(tmp) / "model"
+                shutil.copytree(folder, copy)
+                tag = save_to_store(copy, "bench", load_folder(copy).info)
+            started = time.perf_counter()
+            response = httpx.post(f"{server.url}/admin/reload", json={"tag": tag},
+                                  headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+            assert response.status_code == 202, response.text
+            wait_for_version(server, image, tag)
+            seconds = time.perf_counter() - started
+            time.sleep(1)  # the old version closes once its last request answered
+            rows.append((f"swap {swap} ({seconds:.1f} s)", workers_rss_mib(server)))
+        for name, rss in rows:
+            print(f"{name:18s} worker RSS MiB: {', '.join(f'{r:.0f}' for r in rss)}")
+        after_first = sum(rows[1][1])
+        growth = sum(rows[-1][1]) - after_first
+        print(f"growth from swap 1 to swap {args.swaps}, all workers: {growth:+.0f} MiB "
+              f"(start → swap 1: {after_first - sum(rows[0][1]):+.0f} MiB)")  # fmt: skip
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

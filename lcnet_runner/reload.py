@@ -1,0 +1,242 @@
+"""New model versions served without a restart: each worker loads, checks and warms a version in
+the background while the current one serves, then swaps between requests.
+
+How the workers of one server converge: workers share no channel, so each one runs a
+``Reloader`` that looks for what it should serve — the store's newest version of the served name
+(``LCNET_RELOAD=watch``), and a request file that ``POST /admin/reload`` writes (the request
+reaches one worker; every worker reads the file). A worker that restarts reads the same file, so
+it comes back on the requested version.
+
+A request pins the version it entered with (``ServedModel.pinned``): its preprocessing, batches
+and labels all come from that version, and the old version is closed and released only once its
+last request has answered. A version that fails its checks, its accuracy guard or its warm-up
+is never swapped in: the old one keeps serving and ``/model`` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .artifact import ModelArtifact, bentoml_home, load_folder, verify_checksums, write_text_atomic
+from .runner import LCNetRunner
+
+logger = logging.getLogger("bentoml.lcnet")
+REQUEST_POLL_S = 0.5  # how often a worker looks at the request file (a stat call)
+
+
+@dataclass
+class ReloadStatus:
+    """What ``/model`` says of the last reload: idle | loading | failed (the old one serves)."""
+
+    state: str = "idle"
+    tag: str | None = None
+    error: str | None = None
+
+
+class _Version:
+    def __init__(self, runner: LCNetRunner):
+        self.runner = runner
+        self.in_flight = 0
+        self.drained = asyncio.Event()
+
+
+class ServedModel:
+    """The runner a worker serves now. Used from the worker's event loop only."""
+
+    def __init__(self, runner: LCNetRunner):
+        self._current = _Version(runner)
+
+    @property
+    def runner(self) -> LCNetRunner:
+        return self._current.runner
+
+    @property
+    def tag(self) -> str:
+        return self._current.runner.tag
+
+    @contextmanager
+    def pinned(self) -> Iterator[LCNetRunner]:
+        """The current runner, kept open until the request using it has answered."""
+        version = self._current
+        version.in_flight += 1
+        try:
+            yield version.runner
+        finally:
+            version.in_flight -= 1
+            if version.in_flight == 0:
+                version.drained.set()
+
+    async def swap(self, runner: LCNetRunner) -> None:
+        """Serve ``runner`` from the next request on; close the old one once it is unused."""
+        old, self._current = self._current, _Version(runner)
+        if old.in_flight:
+            old.drained.clear()
+            await old.drained.wait()
+        await old.runner.close()
+        del old
+        release_memory()
+
+    async def close(self) -> None:
+        await self._current.runner.close()
+
+
+def release_memory() -> None:
+    """Hand a dropped model's memory back to the system: glibc keeps freed blocks in its arenas
+    otherwise, and each swap would look like a leak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def request_file(model_name: str) -> Path:
+    """Where ``POST /admin/reload`` records the wanted version for this server's workers: next to
+    the store, one file per server (its arbiter's pid and start time) and model name."""
+    import psutil
+
+    arbiter = psutil.Process(os.getppid())
+    server = f"{arbiter.pid}-{int(arbiter.create_time())}"
+    return Path(bentoml_home()) / "lcnet-reload" / f"{model_name}-{server}.json"
+
+
+def write_request(path: Path, tag: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"id": uuid.uuid4().hex, "tag": tag, "at": time.time()}))
+
+
+def resolve(tag: str) -> str:
+    """A store tag with its version (``name`` and ``name:latest`` → the newest version)."""
+    import bentoml
+
+    try:
+        return str(bentoml.models.get(tag).tag)
+    except bentoml.exceptions.NotFound:
+        raise LookupError(f"{tag} is not in the BentoML store") from None
+
+
+class Reloader:
+    """Watches for the version this worker should serve and swaps it in (one at a time)."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        model_name: str,
+        *,
+        watch: bool,
+        interval_s: float,
+        make_runner: Callable[[ModelArtifact], LCNetRunner],
+        on_result: Callable[[str], None] | None = None,
+    ):
+        self.served, self.model_name = served, model_name
+        self.watch, self.interval_s = watch, interval_s
+        self.make_runner, self.on_result = make_runner, on_result
+        self.status = ReloadStatus(tag=served.tag)
+        self.requests = request_file(model_name)
+        self._request_id: str | None = None
+        self._latest_seen = served.tag if watch else None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="lcnet-reloader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def request(self, tag: str | None) -> str:
+        """Record a reload request every worker will act on; returns the resolved tag."""
+        tag = resolve(tag or f"{self.model_name}:latest")
+        if tag.split(":")[0] != self.model_name:
+            raise ValueError(f"this server serves {self.model_name!r}, not {tag!r}")
+        write_request(self.requests, tag)
+        return tag
+
+    async def _run(self) -> None:
+        next_watch = time.monotonic() + self.interval_s
+        while True:
+            wanted = self._requested()
+            if wanted is None and self.watch and time.monotonic() >= next_watch:
+                next_watch = time.monotonic() + self.interval_s
+                wanted = await asyncio.to_thread(self._newest)
+            if wanted is not None and wanted != self.served.tag:
+                await self.reload(wanted)
+            await asyncio.sleep(REQUEST_POLL_S)
+
+    def _requested(self) -> str | None:
+        """The tag of a request not acted on yet (every request is acted on once)."""
+        try:
+            request = json.loads(self.requests.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if request.get("id") == self._request_id:
+            return None
+        self._request_id = request.get("id")
+        return request.get("tag")
+
+    def _newest(self) -> str | None:
+        """The store's newest version, when it changed since the last look."""
+        try:
+            newest = resolve(f"{self.model_name}:latest")
+        except Exception as err:  # a store being written to; look again next time
+            logger.warning("reload: cannot read the store: %s", err)
+            return None
+        if newest == self._latest_seen:
+            return None
+        self._latest_seen = newest
+        return newest
+
+    async def reload(self, tag: str) -> None:
+        self.status = ReloadStatus("loading", tag)
+        logger.info("reload: loading %s while %s serves", tag, self.served.tag)
+        try:
+            runner = await asyncio.to_thread(self._load, tag)
+        except Exception as err:
+            self.status = ReloadStatus("failed", tag, f"{type(err).__name__}: {err}")
+            logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
+            self._count("failed")
+            return
+        await self.served.swap(runner)
+        self.status = ReloadStatus("idle", tag)
+        logger.info("reload: now serving %s (%s)", tag, runner.predictor.choice.describe())
+        self._count("ok")
+
+    def _load(self, tag: str) -> LCNetRunner:
+        import bentoml
+
+        artifact = load_folder(bentoml.models.get(tag).path, tag=tag)
+        if not verify_checksums(artifact.path):
+            try_load_in_child(artifact.path)  # stored before checksums were recorded
+        return self.make_runner(artifact)
+
+    def _count(self, result: str) -> None:
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def describe(self) -> dict:
+        return asdict(self.status)
+
+
+def try_load_in_child(folder: Path) -> None:
+    """Load a model in a throwaway process first: if its files crash native code, the child dies
+    and this worker does not."""
+    code = "import sys; from lcnet_runner import Predictor; Predictor(sys.argv[1], skip_guard=True)"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"loading {folder.name} in a child process failed: {last}")

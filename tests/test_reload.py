@@ -1,0 +1,256 @@
+"""New versions reach a running server without a restart (LCNET_RELOAD), under steady load.
+
+One server watches the store (and takes reload requests); each new version renames the classes,
+so every answer shows which version produced it. Another, with reloading off, serves the same
+name and must never swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from conftest import CLASS_NAMES
+
+from lcnet_runner.artifact import PARAMS_FILE, load_folder, write_checksums, write_labels_file
+from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+from lcnet_runner.settings import ServingSettings
+from lcnet_runner.testing import Server
+from train.export import save_to_store
+
+NAME = "reloaded"
+TOKEN = "s3cret-token"
+CLIENTS = 16  # per protocol
+
+
+def save_version(trained: dict, tmp_path: Path, labels: list[str]) -> str:
+    """The trained model under NAME, with its classes renamed."""
+    folder = tmp_path / f"v-{labels[0]}"
+    shutil.copytree(trained["export_dir"], folder)
+    write_labels_file(folder / "labels.txt", labels)
+    return save_to_store(folder, NAME, load_folder(folder).info)
+
+
+def save_corrupt_version(trained: dict) -> str:
+    """A version whose weights were truncated after they were checksummed (a disk fault, a
+    partial copy): it appears in the store already broken."""
+    import bentoml
+
+    with bentoml.models.create(NAME) as stored:
+        shutil.copytree(trained["export_dir"], stored.path, dirs_exist_ok=True)
+        write_checksums(Path(stored.path))
+        params = Path(stored.path) / PARAMS_FILE
+        params.write_bytes(params.read_bytes()[: params.stat().st_size // 2])
+    return str(stored.tag)
+
+
+class SteadyLoad:
+    """16 HTTP + 16 gRPC closed-loop clients in a thread of their own, until stopped; every
+    answer is kept as (time, protocol, ok, version, category, seconds)."""
+
+    def __init__(self, server: Server, image: bytes):
+        self.server, self.image = server, image
+        self.answers: list[tuple[float, str, bool, str, str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    async def _run(self) -> None:
+        clients = [self._http() for _ in range(CLIENTS)] + [self._grpc() for _ in range(CLIENTS)]
+        await asyncio.gather(*clients)
+
+    def _record(self, protocol: str, ok: bool, version: str, category: str, start: float):
+        self.answers.append((start, protocol, ok, version, category, time.monotonic() - start))
+
+    async def _http(self) -> None:
+        async with httpx.AsyncClient(base_url=self.server.url, timeout=30) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    response = await client.post("/classify", files={"image": self.image})
+                    ok, answer = response.status_code == 200, response.json()
+                    category = answer[0]["category"] if ok else str(answer)
+                    self._record("http", ok, response.headers["x-model-version"], category, start)
+                except (httpx.HTTPError, KeyError, ValueError) as err:
+                    self._record("http", False, "", repr(err), start)
+
+    async def _grpc(self) -> None:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # spread over both workers
+        address = f"127.0.0.1:{self.server.grpc_port}"
+        async with grpc.aio.insecure_channel(address, options=options) as channel:
+            stub = lcnet_pb2_grpc.ClassifierStub(channel)
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    call = stub.Classify(lcnet_pb2.ClassifyRequest(image=self.image), timeout=30)
+                    version = dict(await call.initial_metadata())["x-model-version"]
+                    category = (await call).predictions[0].category
+                    self._record("grpc", True, version, category, start)
+                except (grpc.aio.AioRpcError, KeyError) as err:
+                    self._record("grpc", False, "", repr(err), start)
+
+    def wait_for(self, tag: str, timeout: float = 120) -> None:
+        """Until the last 64 answers (both protocols, so both workers) all came from ``tag``."""
+        until = time.monotonic() + timeout
+        while time.monotonic() < until:
+            recent = self.answers[-64:]
+            if len(recent) == 64 and all(answer[3] == tag for answer in recent):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"answers did not switch to {tag}: {self.answers[-5:]}")
+
+
+def model_info(server: Server) -> dict:
+    return httpx.get(f"{server.url}/model").json()
+
+
+def admin_reload(server: Server, token: str | None, body: dict | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{server.url}/admin/reload", json=body, headers=headers)
+
+
+def grpc_services(server: Server) -> set[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (response,) = list(stub.ServerReflectionInfo(iter([request])))
+    return {service.name for service in response.list_services_response.service}
+
+
+@pytest.fixture(scope="module")
+def servers(trained: dict, tmp_path_factory: pytest.TempPathFactory):
+    first = save_version(trained, tmp_path_factory.mktemp("v1"), CLASS_NAMES)
+    reload = {"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0.5", "LCNET_ADMIN_TOKEN": TOKEN}
+    watching = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "2", **reload})
+    still = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "1", "LCNET_ENGINE": "paddle"})
+    try:
+        yield first, watching.wait_ready(), still.wait_ready()
+    finally:
+        watching.stop()
+        still.stop()
+
+
+def test_new_versions_swap_in_under_load_without_a_failed_request(
+    servers, trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    first, server, still = servers
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    labels = {first: CLASS_NAMES}
+    with SteadyLoad(server, image) as load:
+        load.wait_for(first)
+        swaps_began = time.monotonic()
+        for n in (2, 3, 4):  # the watcher finds each new version in the store
+            names = [f"v{n} {name}" for name in CLASS_NAMES]
+            tag = save_version(trained, tmp_path, names)
+            labels[tag] = names
+            load.wait_for(tag)
+        swaps_ended = time.monotonic()
+        # A corrupt version (its weights truncated in the store) never replaces the good one.
+        bad = save_corrupt_version(trained)
+        until = time.monotonic() + 60
+        while model_info(server)["reload"]["state"] != "failed" and time.monotonic() < until:
+            time.sleep(0.2)
+        failed = model_info(server)["reload"]
+        assert failed["state"] == "failed" and failed["tag"] == bad, failed
+        assert PARAMS_FILE in failed["error"] and "truncated" in failed["error"]
+        time.sleep(1)
+        # On request, back to an older version (the watcher does not undo it: nothing newer).
+        assert admin_reload(server, TOKEN, {"tag": first}).status_code == 202
+        load.wait_for(first)
+    answers = load.answers
+    failures = [answer for answer in answers if not answer[2]]
+    assert failures == [], failures[:5]
+    # Each answer's class name comes from the version its header names: pinned per request.
+    assert all(category in labels[version] for _, _, _, version, category, _ in answers)
+    during = [answer[5] for answer in answers if swaps_began <= answer[0] <= swaps_ended]
+    with capsys.disabled():
+        print(f"\nreload under load: {len(answers)} answers, 0 failed; during 3 swaps p50 "
+              f"{1000 * statistics.median(during):.1f} ms, p99 "
+              f"{1000 * statistics.quantiles(during, n=100)[98]:.1f} ms")  # fmt: skip
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'lcnet_model_reloads_total{result="failed"}' in metrics
+    # reloading off: the other server still serves what it started with
+    assert model_info(still)["tag"] == first
+    response = httpx.post(f"{still.url}/classify", files={"image": image})
+    assert response.headers["x-model-version"] == first
+
+
+def test_admin_routes_need_the_token(servers) -> None:
+    first, server, still = servers
+    assert admin_reload(server, None).status_code == 401
+    refused = admin_reload(server, "not-the-token")
+    assert refused.status_code == 403 and refused.json() == {"error": "wrong admin token"}
+    assert admin_reload(server, TOKEN, {"tag": "other:abc"}).status_code in (404, 422)
+    assert admin_reload(server, TOKEN, {"tag": 5}).status_code == 422
+    assert "/admin/reload" in httpx.get(f"{server.url}/docs.json").json()["paths"]
+    assert "lcnet.v1.Admin" in grpc_services(server)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = lcnet_pb2_grpc.AdminStub(channel)
+        wrong = (("authorization", "Bearer nope"),)
+        for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
+                               (wrong, grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Reload(lcnet_pb2.ReloadRequest(), metadata=metadata)
+            assert err.value.code() == code
+        authorized = (("authorization", f"Bearer {TOKEN}"),)
+        info = lcnet_pb2_grpc.ClassifierStub(channel).ModelInfo(lcnet_pb2.ModelInfoRequest())
+        accepted = stub.Reload(lcnet_pb2.ReloadRequest(tag=info.tag), metadata=authorized)
+        assert (accepted.tag, accepted.state) == (info.tag, "requested")
+        assert info.reload.mode == "watch" and info.labels
+
+
+def test_without_a_token_there_are_no_admin_routes(servers) -> None:
+    first, server, still = servers
+    response = admin_reload(still, TOKEN)
+    assert response.status_code == 404 and response.json() == {"error": "not found"}
+    assert "/admin/reload" not in httpx.get(f"{still.url}/docs.json").json()["paths"]
+    assert "lcnet.v1.Admin" not in grpc_services(still)
+    assert model_info(still)["reload"] == {"mode": "off"}
+
+
+def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
+    trained: dict, tmp_path: Path
+) -> None:
+    """A weights file truncated in a version from before checksums: the throwaway process fails
+    (or dies inside native code), never the serving one."""
+    from lcnet_runner.reload import try_load_in_child
+
+    folder = tmp_path / "legacy"
+    shutil.copytree(trained["export_dir"], folder)
+    try_load_in_child(folder)  # intact: loads
+    params = folder / PARAMS_FILE
+    params.write_bytes(params.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="in a child process failed"):
+        try_load_in_child(folder)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"LCNET_RELOAD": "sometimes"}, "use one of off, watch, request"),
+        ({"LCNET_RELOAD": "watch", "LCNET_MODEL": "pplcnet:v1"}, "pins one"),
+        ({"LCNET_RELOAD": "request"}, "needs LCNET_ADMIN_TOKEN"),
+        ({"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0"}, "must be > 0"),
+    ],
+)
+def test_reload_settings_are_checked_at_start(env: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServingSettings.from_env(env)
+    watch = ServingSettings.from_env({"LCNET_RELOAD": "watch", "LCNET_ADMIN_TOKEN": "xyzzy"})
+    assert watch.model_name == "pplcnet" and "xyzzy" not in repr(watch)
