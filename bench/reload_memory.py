@@ -49,7 +49,11 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=10)
     args = parser.parse_args()
     first = make_store(args.model, int8=True)
+    import logging
+
     import bentoml
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     from train.export import save_to_store
 

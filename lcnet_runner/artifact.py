@@ -44,6 +44,7 @@ INFERENCE_YML = "inference.yml"
 LABELS_FILE = "labels.txt"
 INFO_FILE = "model_info.json"
 CHECKSUM_FILE = "files.sha256"
+STORE_FILE = "model.yaml"  # BentoML's own record of a store version, written after ours
 DEFAULT_MODEL = "pplcnet:latest"
 # Ours → the name PaddleX's ResizeImage takes for each backend (it rejects the other's names).
 _PADDLEX_INTERPOLATION = {
@@ -287,7 +288,7 @@ def write_checksums(folder: Path) -> None:
     names = sorted(
         path.relative_to(folder).as_posix()
         for path in folder.rglob("*")
-        if path.is_file() and path.name != CHECKSUM_FILE
+        if path.is_file() and path.name not in (CHECKSUM_FILE, STORE_FILE)
     )
     lines = "".join(f"{_sha256(folder / name)}  {name}\n" for name in names)
     write_text_atomic(folder / CHECKSUM_FILE, lines)

@@ -19,23 +19,28 @@ import httpx
 import pytest
 from conftest import CLASS_NAMES
 
-from lcnet_runner.artifact import PARAMS_FILE, load_folder, write_checksums, write_labels_file
+from lcnet_runner.artifact import (
+    PARAMS_FILE,
+    ModelNotFoundError,
+    load_folder,
+    verify_checksums,
+    write_checksums,
+    write_labels_file,
+)
 from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
 from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
-from train.export import save_to_store
+from train.export import revise, save_to_store
 
 NAME = "reloaded"
 TOKEN = "s3cret-token"
 CLIENTS = 16  # per protocol
 
 
-def save_version(trained: dict, tmp_path: Path, labels: list[str]) -> str:
-    """The trained model under NAME, with its classes renamed."""
-    folder = tmp_path / f"v-{labels[0]}"
-    shutil.copytree(trained["export_dir"], folder)
-    write_labels_file(folder / "labels.txt", labels)
-    return save_to_store(folder, NAME, load_folder(folder).info)
+def save_version(base: str, labels: list[str]) -> str:
+    """A new version of ``base``'s name with its classes renamed, made the way `python -m train
+    export/quantize` make theirs (a copy of the stored folder, changed, stored again)."""
+    return revise(base, lambda folder: write_labels_file(folder / "labels.txt", labels))
 
 
 def save_corrupt_version(trained: dict) -> str:
@@ -134,8 +139,8 @@ def grpc_services(server: Server) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def servers(trained: dict, tmp_path_factory: pytest.TempPathFactory):
-    first = save_version(trained, tmp_path_factory.mktemp("v1"), CLASS_NAMES)
+def servers(trained: dict):
+    first = save_to_store(trained["export_dir"], NAME, load_folder(trained["export_dir"]).info)
     reload = {"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0.5", "LCNET_ADMIN_TOKEN": TOKEN}
     watching = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "2", **reload})
     still = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "1", "LCNET_ENGINE": "paddle"})
@@ -147,7 +152,7 @@ def servers(trained: dict, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_new_versions_swap_in_under_load_without_a_failed_request(
-    servers, trained: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+    servers, trained: dict, capsys: pytest.CaptureFixture
 ) -> None:
     first, server, still = servers
     image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
@@ -157,7 +162,7 @@ def test_new_versions_swap_in_under_load_without_a_failed_request(
         swaps_began = time.monotonic()
         for n in (2, 3, 4):  # the watcher finds each new version in the store
             names = [f"v{n} {name}" for name in CLASS_NAMES]
-            tag = save_version(trained, tmp_path, names)
+            tag = save_version(first, names)
             labels[tag] = names
             load.wait_for(tag)
         swaps_ended = time.monotonic()
@@ -254,3 +259,17 @@ def test_reload_settings_are_checked_at_start(env: dict, message: str) -> None:
         ServingSettings.from_env(env)
     watch = ServingSettings.from_env({"LCNET_RELOAD": "watch", "LCNET_ADMIN_TOKEN": "xyzzy"})
     assert watch.model_name == "pplcnet" and "xyzzy" not in repr(watch)
+
+
+def test_checksums_catch_a_changed_file_and_ignore_bentomls_own(tmp_path: Path) -> None:
+    (tmp_path / "inference.pdiparams").write_bytes(b"weights" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "labels.txt").write_text("a\n")
+    assert not verify_checksums(tmp_path)  # nothing recorded
+    (tmp_path / "model.yaml").write_text("BentoML rewrites this one when it stores a version")
+    write_checksums(tmp_path)
+    (tmp_path / "model.yaml").write_text("rewritten")
+    assert verify_checksums(tmp_path)
+    (tmp_path / "inference.pdiparams").write_bytes(b"weights" * 50)
+    with pytest.raises(ModelNotFoundError, match="inference.pdiparams is missing, truncated"):
+        verify_checksums(tmp_path)
