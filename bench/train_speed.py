@@ -2,18 +2,22 @@
 
     python bench/train_speed.py [--model PPLCNet_x0_25] [--input-size 128] [--batch-size 16]
 
-Three loops on the same model, batch and input size, interleaved over several rounds (machines
+Five loops on the same model, batch and input size, interleaved over several rounds (machines
 here are noisy; medians are compared):
   bare     forward/backward/step on one pre-made tensor batch: the ceiling
   fit      train.fit.train_one_epoch on the decoded in-memory cache (random resized crop, flip,
-           normalize): what `python -m train fit` runs
+           normalize): what `python -m train fit` runs on a small split
+  disk     the same on the memory-mapped disk cache (train.decoded_cache), in the page cache
+  cold     the same, the cache evicted from the page cache first: read from disk as it trains
   decode   the same, but decoding each JPEG from disk every step (the naive pipeline)
-Prints images/s and the ratios fit/bare (target >= 0.9) and decode/bare.
+Prints images/s and the ratios fit/bare (target >= 0.9), disk/fit (target >= 0.95), cold/fit
+and decode/bare.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -25,6 +29,7 @@ import paddle.nn.functional as F
 
 from lcnet_runner.preprocess import load_image, normalize, resize_short
 from train.data import DecodedSplit, decode_split
+from train.decoded_cache import PIXELS, CacheConfig, load_split
 from train.demo_data import write_demo_dataset
 from train.fit import FitConfig, train_one_epoch
 from train.model import build_model
@@ -52,6 +57,13 @@ def bare_loop(model, optimizer, n_images: int, config: FitConfig) -> float:
 def fit_loop(model, optimizer, split: DecodedSplit, config: FitConfig) -> float:
     rng = np.random.default_rng(0)
     return train_one_epoch(model, optimizer, split, config, epoch=0, rng=rng)["images_per_s"]
+
+
+def cold_loop(model, optimizer, split: DecodedSplit, pixels: Path, config: FitConfig) -> float:
+    """``fit_loop`` on the disk cache right after evicting it from the page cache."""
+    with open(pixels, "rb") as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return fit_loop(model, optimizer, split, config)
 
 
 def decode_loop(model, optimizer, samples, config: FitConfig) -> float:
@@ -92,13 +104,19 @@ def main() -> None:
         split_dataset(root, val_ratio=0.0, test_ratio=0.0)
         samples = read_split(root, "train")
         split = decode_split(samples, config.preprocess, workers=2)
+        cache = CacheConfig(Path(tmp) / "cache", ram_mb=0)
+        mapped = load_split(samples, config.preprocess, cache, name="train", dataset=root)
+        pixels = next(cache.folder.glob(f"*/{PIXELS}"))
         model = build_model(config.model, num_classes=4)
         optimizer = paddle.optimizer.Momentum(0.01, parameters=model.parameters())
         bare_loop(model, optimizer, 4 * config.batch_size, config)  # warm-up
-        results: dict[str, list[float]] = {"bare": [], "fit": [], "decode": []}
+        results: dict[str, list[float]] = {"bare": [], "fit": [], "disk": [], "cold": [],
+                                           "decode": []}  # fmt: skip
         for _ in range(args.rounds):
             results["bare"].append(bare_loop(model, optimizer, len(samples), config))
             results["fit"].append(fit_loop(model, optimizer, split, config))
+            results["disk"].append(fit_loop(model, optimizer, mapped, config))
+            results["cold"].append(cold_loop(model, optimizer, mapped, pixels, config))
             results["decode"].append(decode_loop(model, optimizer, samples, config))
     median = {name: statistics.median(values) for name, values in results.items()}
     print(
@@ -108,6 +126,8 @@ def main() -> None:
     for name, value in median.items():
         print(f"  {name:7s} {value:7.1f} img/s   ({', '.join(f'{v:.1f}' for v in results[name])})")
     print(f"fit / bare    = {median['fit'] / median['bare']:.2f}   (target >= 0.90)")
+    print(f"disk / fit    = {median['disk'] / median['fit']:.2f}   (target >= 0.95)")
+    print(f"cold / fit    = {median['cold'] / median['fit']:.2f}")
     print(f"decode / bare = {median['decode'] / median['bare']:.2f}")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,14 @@ from PIL import Image
 from lcnet_runner.preprocess import PreprocessConfig
 from train.cli import main
 from train.data import AugmentConfig, block_shuffled, decode_split, train_batches
-from train.decoded_cache import BUILDING, CacheConfig, MappedImages, list_caches, load_split
+from train.decoded_cache import (
+    BUILDING,
+    CacheConfig,
+    CacheSpaceError,
+    MappedImages,
+    list_caches,
+    load_split,
+)
 from train.split import read_split, split_dataset
 
 TINY = PreprocessConfig(crop_size=32, resize_short=36)  # tiny_fit's
@@ -75,6 +84,24 @@ def test_a_changed_file_invalidates_the_cache(tmp_path: Path) -> None:
     assert len(list_caches(disk)) == 1
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data").decoded > 0
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(tmp_path: Path) -> None:
+    """A PNG announcing an 8·10^7 × 1 image (under Pillow's bomb limit): resized to a short side
+    of 36 it would take ~3·10^11 bytes, which no test disk has; nothing is decoded or written."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    png = tmp_path / "wide.png"
+    header = struct.pack(">IIBBBBB", 8 * 10**7, 1, 8, 2, 0, 0, 0)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"")
+                    + chunk(b"IEND", b""))  # fmt: skip
+    cache = CacheConfig(tmp_path / "cache", ram_mb=0)
+    with pytest.raises(CacheSpaceError, match="free space, pass --cache-dir on a larger disk"):
+        load_split([(png, 0)], TINY, cache, name="train", dataset=tmp_path)
+    assert [p.suffix for p in cache.folder.iterdir()] == [".lock"]
 
 
 def test_block_shuffled_order_reads_blocks_sequentially() -> None:

@@ -126,8 +126,8 @@ def estimate_bytes(samples: Sequence[tuple[Path, int]], resize_short: int) -> in
         try:
             with Image.open(path) as image:
                 width, height = image.size
-        except (OSError, ValueError, SyntaxError):
-            continue
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # skipped by the decode too
         scale = resize_short / min(width, height)
         sizes.append(3 * max(1, round(width * scale)) * max(1, round(height * scale)))
     return round(np.mean(sizes) * len(samples)) if sizes else 0
@@ -192,7 +192,7 @@ def _build(
     dataset: Path,
     workers: int,
 ) -> DecodedSplit:
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(folder.parent)
     with _locked(folder):
         if folder.is_dir():  # another process built it while this one waited for the lock
             return _reused(folder, name)
@@ -387,6 +387,17 @@ def _locked(folder: Path, wait: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the decoded cache folder {folder}: {err.strerror}; "
+                         "pass --cache-dir on a writable disk") from None  # fmt: skip
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"the decoded cache folder {folder} is not writable; "
+                         "pass --cache-dir on a writable disk")  # fmt: skip
 
 
 def _fsync_dir(folder: Path) -> None:

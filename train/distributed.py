@@ -4,9 +4,11 @@
 ranks (``--ips`` for several hosts); ``fit --procs N`` does that for you. Each rank trains on a
 disjoint shard of the train split, gradients are averaged by ``paddle.DataParallel``, and only
 rank 0 evaluates, writes checkpoints, exports and stores the model (batch-norm running statistics
-are not synchronised across ranks, so rank 0's are the ones saved). Started by ``fit --procs N``,
-rank 0 writes to ``fit``'s own console, so it reads as a single process; the launcher's output
-and the other ranks' go to SAVE_DIR/logs.
+are not synchronised across ranks, so rank 0's are the ones saved). A split cached on disk
+(``decoded_cache``) is built by the first rank on each machine while the others wait for it; each
+rank then reads its shard of it. Started by ``fit --procs N``, rank 0 writes to ``fit``'s own
+console, so it reads as a single process; the launcher's output and the other ranks' go to
+SAVE_DIR/logs.
 
 Measured on 2 cores: 2 processes × 1 thread train PP-LCNet 1.6–1.9× faster than 1 process ×
 2 threads (its small convolutions gain little from intra-op threads).
