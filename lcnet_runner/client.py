@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -71,7 +72,10 @@ class Client:
         return self._post("/classify_batch", files, top_k)
 
     def model_info(self) -> dict:
-        """Only over HTTP: GET /model."""
+        """What the server says of its model (GET /model; gRPC Classifier/ModelInfo)."""
+        if self._stub is not None:
+            reply = self._rpc(self._stub.ModelInfo, self._pb2.ModelInfoRequest())
+            return json.loads(reply.details_json)
         response = self._http.get("/model")
         response.raise_for_status()
         return response.json()

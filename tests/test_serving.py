@@ -48,6 +48,10 @@ def test_answers_equal_the_in_process_predictor(server: Server, scheme, images, 
 
 def test_model_info_endpoint(server: Server, trained: dict) -> None:
     info = httpx.get(f"{server.url}/model").json()
+    with Client(server.grpc_url) as client:
+        over_grpc = client.model_info()
+    for key in ("tag", "labels", "engine", "precision", "preprocess", "limits", "reload"):
+        assert over_grpc[key] == info[key], key
     assert info["tag"] == trained["tag"]
     assert info["architecture"] == "PPLCNet_x0_25"
     assert info["labels"] == CLASS_NAMES
