@@ -154,6 +154,7 @@ def run_sampled(command: list[str], env: dict[str, str]) -> tuple[dict, dict]:
                 rank = "train/__main__.py" in name and "distributed.launch" not in name
                 kind = "rank" if rank else name.split(" -m ")[-1][:40]
                 row = peaks["processes"].setdefault(pid, {"kind": kind, "anon": 0})
+                row["kind"] = kind if name else row["kind"]  # a fork shows its parent's until exec
                 row["anon"] = max(row["anon"], figures.get("RssAnon", 0))
             peaks["tree_anon"] = max(peaks["tree_anon"], total["RssAnon"])
             peaks["tree_file"] = max(peaks["tree_file"], total["RssFile"])

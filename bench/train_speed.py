@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from lcnet_runner.preprocess import load_image, normalize, resize_short
+from lcnet_runner.preprocess import decode_resized, normalize
 from train.data import DecodedSplit, decode_split
 from train.decoded_cache import PIXELS, CacheConfig, load_split
 from train.demo_data import write_demo_dataset
@@ -74,8 +74,8 @@ def decode_loop(model, optimizer, samples, config: FitConfig) -> float:
         batch = samples[i : i + config.batch_size]
         crops = []
         for path, _ in batch:
-            image = resize_short(load_image(path), config.resize_short)
-            crops.append(np.asarray(image)[: config.input_size, : config.input_size])
+            image = decode_resized(path, config.preprocess)
+            crops.append(np.ascontiguousarray(image[: config.input_size, : config.input_size]))
         x = paddle.to_tensor(normalize(np.stack(crops), config.preprocess))
         step(model, optimizer, x, paddle.to_tensor(np.asarray([label for _, label in batch])))
         seen += len(batch)

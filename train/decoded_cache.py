@@ -429,8 +429,8 @@ def _no_room(name: str, estimate: int, where: Path, free: int) -> str:
 
 def size_text(count: float) -> str:
     """1.2 GB, 9.1 MB, 512 B: decimal units, as disk sizes are sold."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return ""
