@@ -1,7 +1,7 @@
 """Our server against its peers, side by side in one run: PaddleX 3 basic serving and the
 BentoML service a user would write around our Predictor.
 
-    python bench/vs_peers.py [--seconds 8] [--clients 1,8,32] [--rounds 2] [--paddlex-python PATH]
+    python bench/vs_peers.py [--seconds 8] [--clients 1,8,32] [--rounds 3] [--paddlex-python PATH]
 
 One exported PP-LCNet x1.0 (seeded random weights, 1000 classes: speed does not depend on them),
 one 500×375 JPEG, and one load generator for every server: a single asyncio process of N
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per load level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--rounds", type=int, default=2, help="medians over rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="medians over rounds")
     parser.add_argument("--requests-per-connection", type=int, default=5)
     parser.add_argument(
         "--paddlex-python",
