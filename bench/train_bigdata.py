@@ -240,12 +240,12 @@ def child_disk(args: argparse.Namespace) -> dict:
     open_s = time.perf_counter() - start
     aug = AugmentConfig(input_size=args.input_size)
     rng = np.random.default_rng(0)
-    warm = timed_steps(step, train_batches(split, aug, "bilinear", args.batch_size, rng),
+    warm = timed_steps(step, train_batches(split, aug, preprocess, args.batch_size, rng),
                        args.steps, args.batch_size)  # fmt: skip
     pixels = next(args.cache.glob(f"decoded/*/{PIXELS}"))
     with open(pixels, "rb") as file:  # out of the page cache: the next reads come from disk
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    cold = timed_steps(step, train_batches(split, aug, "bilinear", args.batch_size, rng),
+    cold = timed_steps(step, train_batches(split, aug, preprocess, args.batch_size, rng),
                        args.steps, args.batch_size)  # fmt: skip
     start = time.perf_counter()
     for _ in eval_batches(split, args.input_size, 256):  # touch every image once
@@ -277,7 +277,7 @@ def child_ram(args: argparse.Namespace) -> dict:
         pairs = [("ram", ram), ("disk", disk)]
         for name, split in pairs if r % 2 == 0 else pairs[::-1]:  # ABBA: drift cancels out
             for suffix, train_step in (("", step), ("_data", no_step)):  # the model; data alone
-                batches = train_batches(split, aug, "bilinear", args.batch_size,
+                batches = train_batches(split, aug, preprocess, args.batch_size,
                                         np.random.default_rng(r))  # fmt: skip
                 speed = timed_steps(train_step, batches, args.steps, args.batch_size)
                 rounds[name + suffix].append(speed)
@@ -298,7 +298,7 @@ def child_decode(args: argparse.Namespace) -> dict:
         for start in range(0, len(order), args.batch_size):
             ids = order[start : start + args.batch_size]
             images = decode_stream([samples[i][0] for i in ids], preprocess, workers=2)
-            crops = np.stack([random_resized_crop(im, rng, aug, "bilinear") for im in images])
+            crops = np.stack([random_resized_crop(im, rng, aug, preprocess) for im in images])
             yield crops, np.asarray([samples[i][1] for i in ids])
 
     return {"decode": timed_steps(step, batches(), args.steps, args.batch_size)}

@@ -174,17 +174,30 @@ def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resize_short(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """The short side scaled to ``config.resize_short`` on the model's backend: uint8 HWC."""
-    target = short_side_size(*image.size, config.resize_short)
-    if target == image.size:
-        return np.asarray(image)
+def resize(
+    image: Image.Image | np.ndarray,
+    size: tuple[int, int],
+    config: PreprocessConfig,
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
+    """``image`` (or its ``box``: left, top, right, bottom) resized to ``size`` (width, height)
+    with the config's backend and interpolation: uint8 HWC."""
     if config.backend == "pil":
-        return np.asarray(image.resize(target, RESAMPLE_FILTERS[config.interpolation]))
+        image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+        return np.asarray(image.resize(size, RESAMPLE_FILTERS[config.interpolation], box=box))
     import cv2
 
-    flag = getattr(cv2, CV2_FILTERS[config.interpolation])
-    return cv2.resize(np.asarray(image), target, interpolation=flag)
+    pixels = np.asarray(image)
+    if box is not None:
+        left, top, right, bottom = box
+        pixels = pixels[top:bottom, left:right]
+    return cv2.resize(pixels, size, interpolation=getattr(cv2, CV2_FILTERS[config.interpolation]))
+
+
+def resize_short(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """The short side scaled to ``config.resize_short``: uint8 HWC."""
+    target = short_side_size(*image.size, config.resize_short)
+    return np.asarray(image) if target == image.size else resize(image, target, config)
 
 
 def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:

@@ -60,8 +60,8 @@ def test_memory_mapped_split_gives_the_same_images_and_batches(tmp_path: Path) -
     assert np.array_equal(ram.labels, reused.labels)
     aug = AugmentConfig(input_size=32)
     for (x, y), (u, v) in zip(
-        train_batches(ram, aug, "bilinear", 5, np.random.default_rng(3)),
-        train_batches(reused, aug, "bilinear", 5, np.random.default_rng(3)),
+        train_batches(ram, aug, TINY, 5, np.random.default_rng(3)),
+        train_batches(reused, aug, TINY, 5, np.random.default_rng(3)),
         strict=True,
     ):
         assert np.array_equal(x, u) and np.array_equal(y, v)

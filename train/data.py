@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from lcnet_runner.preprocess import (
-    RESAMPLE_FILTERS,
     InvalidImageError,
     PreprocessConfig,
     center_crop,
     decode_resized,
+    resize,
 )
 
 
@@ -139,7 +138,7 @@ def decode_split(
 
 
 def random_resized_crop(
-    image: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, interpolation: str
+    image: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, preprocess: PreprocessConfig
 ) -> np.ndarray:
     """torchvision/PaddleX RandomResizedCrop on a uint8 HWC array (10 tries, then center crop)."""
     height, width = image.shape[:2]
@@ -158,15 +157,15 @@ def random_resized_crop(
         side = min(width, height)
         w = h = side
         left, top = (width - side) // 2, (height - side) // 2
-    size = (aug.input_size, aug.input_size)
+    # Resized like evaluation and serving resize (the model's backend and interpolation).
     box = (left, top, left + w, top + h)
-    return np.asarray(Image.fromarray(image).resize(size, RESAMPLE_FILTERS[interpolation], box=box))
+    return resize(image, (aug.input_size, aug.input_size), preprocess, box)
 
 
 def train_batches(
     split: DecodedSplit,
     aug: AugmentConfig,
-    interpolation: str,
+    preprocess: PreprocessConfig,
     batch_size: int,
     rng: np.random.Generator,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -174,9 +173,7 @@ def train_batches(
     order = split.training_order(rng)
     for start in range(0, len(order), batch_size):
         ids = order[start : start + batch_size]
-        crops = np.stack(
-            [random_resized_crop(split.images[i], rng, aug, interpolation) for i in ids]
-        )
+        crops = np.stack([random_resized_crop(split.images[i], rng, aug, preprocess) for i in ids])
         if aug.hflip:
             flip = rng.random(len(ids)) < 0.5
             crops[flip] = crops[flip, :, ::-1]

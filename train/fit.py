@@ -219,7 +219,7 @@ def train_one_epoch(
     batch_size = max(1, config.batch_size // rank.world)  # the global batch stays the same
     # Every rank must take the same number of steps (each one all-reduces gradients).
     steps = int(distributed.all_reduce([math.ceil(len(split) / batch_size)], rank, "min")[0])
-    batches = train_batches(split, config.augment, "bilinear", batch_size, rng)
+    batches = train_batches(split, config.augment, config.preprocess, batch_size, rng)
     loss_sum, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     progress = tqdm(
         itertools.islice(batches, steps), total=steps, desc=f"epoch {epoch + 1}",
