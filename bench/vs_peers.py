@@ -85,7 +85,7 @@ def start(peer: Peer, tag: str, paddlex: tuple[Path, Path] | None):
 
     if peer.kind == "paddlex":
         python, config = paddlex
-        return PaddleXServer(python, config, free_port(), peer.env).wait_ready()
+        return PaddleXServer(python, config, free_port(), peer.env).wait_ready(timeout=180)
     if peer.kind == "ours":
         target, cwd = str(ROOT), None
     else:

@@ -33,43 +33,35 @@ def _own_home(home: str | None) -> str:
     return str(own)
 
 
-class Server:
-    """A real `bentoml serve` process group on loopback ports, ended by its own PID."""
+class ServerProcess:
+    """A server's process group on loopback, logging to a temporary file, ready when
+    ``ready_path`` answers 200, ended by its own PID (never by name)."""
 
-    def __init__(self, target: str, env: dict[str, str], cwd: Path | None = None):
-        """``target``: a project folder or Bento tag, as for ``bentoml serve``; ``cwd``: where to
-        run it (default: here)."""
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log")
-        full_env = {
-            **os.environ,
-            "LCNET_GRPC_PORT": str(self.grpc_port),
-            "LCNET_GRPC_HOST": "127.0.0.1",
-            **env,
-        }
-        full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
+    ready_path = "/readyz"
+    url: str
+
+    def _start(self, command: list[str], env: dict[str, str], cwd: Path | None = None) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"{Path(command[0]).name}-",
+                                               suffix=".log")  # fmt: skip
         self.process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", target,
-             "--host", "127.0.0.1", "--port", str(self.http_port)],
-            cwd=cwd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+            command, cwd=cwd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,  # workers share the group: stop them all by our PID
         )  # fmt: skip
 
-    def wait_ready(self, timeout: float = 90.0) -> Server:
+    def wait_ready(self, timeout: float = 90.0):
+        name = f"{Path(self.process.args[0]).name} {self.process.args[1]}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"bentoml serve exited early:\n{self.output()}")
+                raise AssertionError(f"{name} exited early:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise AssertionError(f"bentoml serve not ready after {timeout}s:\n{self.output()}")
+        raise AssertionError(f"{name} not ready after {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()
@@ -84,3 +76,24 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+class Server(ServerProcess):
+    """A real `bentoml serve` on free loopback ports (HTTP and gRPC)."""
+
+    def __init__(self, target: str, env: dict[str, str], cwd: Path | None = None):
+        """``target``: a project folder or Bento tag, as for ``bentoml serve``; ``cwd``: where to
+        run it (default: here)."""
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
+        full_env = {
+            **os.environ,
+            "LCNET_GRPC_PORT": str(self.grpc_port),
+            "LCNET_GRPC_HOST": "127.0.0.1",
+            **env,
+        }
+        full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
+        bentoml = str(Path(sys.executable).parent / "bentoml")
+        command = [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(self.http_port)]
+        self._start(command, full_env, cwd)

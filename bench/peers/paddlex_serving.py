@@ -10,15 +10,12 @@ the project's): ``[int(i) for i in numpy.ravel(result["class_ids"])]``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 
-import httpx
+from lcnet_runner.testing import ServerProcess
 
 PADDLEX = "paddlex[cv,serving]==3.7.2"
 APP = "inference/serving/basic_serving/_pipeline_apps/image_classification.py"
@@ -94,12 +91,13 @@ def pipeline_config(model_dir: Path, model_name: str, folder: Path) -> Path:
     return path
 
 
-class PaddleXServer:
-    """`paddlex --serve` on a free loopback port, its process group ended by its own PID."""
+class PaddleXServer(ServerProcess):
+    """`paddlex --serve` on a loopback port, ready when its /health answers."""
+
+    ready_path = "/health"
 
     def __init__(self, python: Path, config: Path, port: int, env: dict[str, str] | None = None):
         self.http_port, self.url = port, f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="paddlex-serve-", suffix=".log")
         full_env = {
             **os.environ,
             # its model-hoster connectivity check at start (no internet here; timing unaffected)
@@ -108,36 +106,5 @@ class PaddleXServer:
         }
         full_env.pop("VIRTUAL_ENV", None)
         full_env["PATH"] = f"{python.parent}{os.pathsep}{full_env.get('PATH', '')}"
-        self.process = subprocess.Popen(
-            [str(python.parent / "paddlex"), "--serve", "--pipeline", str(config),
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 180.0) -> PaddleXServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"paddlex --serve exited early:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"paddlex --serve not ready after {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self._start([str(python.parent / "paddlex"), "--serve", "--pipeline", str(config),
+                     "--host", "127.0.0.1", "--port", str(port)], full_env)  # fmt: skip
