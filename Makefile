@@ -56,7 +56,7 @@ proto: install
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. \
 	    lcnet_runner/protos/lcnet.proto
 
-# Every benchmark in docs/benchmarks.md (~30 min); each prints ratios measured side by side.
+# Every benchmark in docs/benchmarks.md (~1.5 h); each prints ratios measured side by side.
 bench: install
 	$(PY) bench/train_speed.py
 	$(PY) bench/train_scaling.py
@@ -68,6 +68,9 @@ bench: install
 	$(PY) bench/serve.py --engine paddle --precision fp32
 	$(PY) bench/int8_overflow.py
 	$(PY) bench/memory.py
+	$(PY) bench/reload_memory.py
+	$(PY) bench/vs_peers.py
+	$(PY) bench/train_bigdata.py --images 25000
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .pytest_cache
