@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
 from lcnet_runner.cli import add_engine_arguments, json_line
-from lcnet_runner.preprocess import InvalidImageError
+from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
 from .pretrained import PretrainedError
 from .split import DatasetError
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--input-size", type=int, default=d.input_size)
     p.add_argument("--resize-short", type=int, default=d.resize_short)
+    p.add_argument("--resize-backend", choices=RESIZE_BACKENDS, default=d.resize_backend,
+                   help="what resizes, in training and wherever the model serves")  # fmt: skip
     p.add_argument("--crop-scale", type=_pair, default=d.crop_scale, metavar="MIN,MAX")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip)
     p.add_argument(

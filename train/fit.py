@@ -61,6 +61,7 @@ class FitConfig:
     weight_decay: float = 1e-4  # L2, not applied to batch-norm parameters
     input_size: int = 224
     resize_short: int = 256
+    resize_backend: str = "cv2"  # OpenCV (PaddleX's default) or "pil"; saved with the model
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
     pretrained: str = "imagenet"  # imagenet | imagenet-ssld | none | PATH.pdparams
@@ -85,7 +86,8 @@ class FitConfig:
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(crop_size=self.input_size, resize_short=self.resize_short)
+        return PreprocessConfig(crop_size=self.input_size, resize_short=self.resize_short,
+                                backend=self.resize_backend)  # fmt: skip
 
     @property
     def cache(self) -> CacheConfig:
