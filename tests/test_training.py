@@ -16,6 +16,7 @@ import pytest
 from conftest import CLASS_NAMES, COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
 from PIL import Image
 
+from lcnet_runner.artifact import load_folder
 from train.data import decode_split
 from train.fit import FitConfig, learning_rate
 from train.plots import confusion_matrix
@@ -108,6 +109,14 @@ def test_learning_rate_schedules() -> None:
     assert learning_rate(cosine, 10.0) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="schedule"):
         FitConfig(schedule="step")
+
+
+def test_the_resize_backend_is_a_training_choice_saved_with_the_model(trained: dict) -> None:
+    assert FitConfig().preprocess.backend == "cv2"  # PaddleX's default
+    assert FitConfig(resize_backend="pil").preprocess.backend == "pil"
+    with pytest.raises(ValueError, match="backend"):
+        FitConfig(resize_backend="skimage").preprocess  # noqa: B018
+    assert load_folder(trained["export_dir"]).preprocess.backend == "cv2"
 
 
 def test_report_answers_what_is_this_model(trained: dict) -> None:
