@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,11 +54,12 @@ RESIZE_SHORT = 256
 
 
 def cpu_kind() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    model = next(line.split(":", 1)[1].strip() for line in lines if "model name" in line)
-    flags = next(line for line in lines if line.startswith("flags")).split()
+    from lcnet_runner.guard import cpu_features
+
+    cpu = cpu_features()
+    flags = cpu["flags"]
     simd = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{model}, {simd}, {os.cpu_count()} cores"
+    return f"{cpu['model']}, {simd}, {os.cpu_count()} cores"
 
 
 def synthetic_jpeg(index: int, rng_seed: int = 0) -> bytes:
@@ -97,7 +99,10 @@ def write_dataset(root: Path, count: int) -> None:
 
 def check_disk(folder: Path, count: int) -> None:
     jpeg = len(synthetic_jpeg(0))
-    decoded = 3 * RESIZE_SHORT * round(WIDTH * RESIZE_SHORT / HEIGHT)
+    from lcnet_runner.preprocess import short_side_size
+
+    decoded_width, decoded_height = short_side_size(WIDTH, HEIGHT, RESIZE_SHORT)
+    decoded = 3 * decoded_width * decoded_height
     need = count * (jpeg + decoded) + (2 << 30)
     free = shutil.disk_usage(folder).free
     print(f"{count:,} JPEGs of ~{jpeg / 1e3:.0f} kB + their cache of {decoded / 1e3:.0f} kB each: "
@@ -107,15 +112,11 @@ def check_disk(folder: Path, count: int) -> None:
 
 
 def tree(pid: int) -> list[int]:
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            pids += tree(int(child))
-    return pids
+    """``pid`` and every process below it (none once it has exited)."""
+    try:
+        return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def memory(pid: int) -> dict[str, int]:

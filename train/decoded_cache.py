@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lcnet_runner.artifact import cache_dir
-from lcnet_runner.preprocess import PreprocessConfig
+from lcnet_runner.preprocess import PreprocessConfig, short_side_size
 
 from .data import DecodedSplit, decode_split, decode_stream, log
 
@@ -128,8 +128,8 @@ def estimate_bytes(samples: Sequence[tuple[Path, int]], resize_short: int) -> in
                 width, height = image.size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue  # skipped by the decode too
-        scale = resize_short / min(width, height)
-        sizes.append(3 * max(1, round(width * scale)) * max(1, round(height * scale)))
+        decoded_width, decoded_height = short_side_size(width, height, resize_short)
+        sizes.append(3 * decoded_width * decoded_height)
     return round(np.mean(sizes) * len(samples)) if sizes else 0
 
 
