@@ -19,7 +19,8 @@ VERSION_HEADER = "X-Model-Version"  # on every answer: the model version that pr
 
 
 class RequestError(Exception):
-    """A client error: an HTTP status (gRPC uses INVALID_ARGUMENT) and a message safe to return."""
+    """A client error: an HTTP status (gRPC maps it to a status code, INVALID_ARGUMENT for most)
+    and a message safe to return."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -106,12 +107,12 @@ def check_admin(settings: ServingSettings, authorization: str | None) -> None:
         raise RequestError(403, "wrong admin token")
 
 
-def request_reload(reloader: Reloader | None, tag: Any) -> dict[str, str]:
+def request_reload(reloader: Reloader | None, tag: str | None) -> dict[str, str]:
     """Record which version every worker should load (``None``: the newest of the served name);
     the workers load it in the background and swap when it passed its checks."""
     if reloader is None:
         raise RequestError(409, "reloading is off: start the server with LCNET_RELOAD=request")
-    if tag is not None and (not isinstance(tag, str) or not tag.strip()):
+    if tag is not None and not tag.strip():
         raise RequestError(422, "tag must be a store tag such as 'pplcnet:<version>'")
     try:
         resolved = reloader.request(tag or None)

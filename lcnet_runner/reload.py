@@ -147,6 +147,7 @@ class Reloader:
         self.status = ReloadStatus(tag=served.tag)
         self.requests = request_file(model_name)
         self._request_id: str | None = None
+        self._request_file: tuple[int, int] | None = None  # (inode, mtime) last read
         self._latest_seen = served.tag if watch else None
         self._task: asyncio.Task[None] | None = None
 
@@ -177,11 +178,16 @@ class Reloader:
             await asyncio.sleep(REQUEST_POLL_S)
 
     def _requested(self) -> str | None:
-        """The tag of a request not acted on yet (every request is acted on once)."""
+        """The tag of a request not acted on yet (every request is acted on once). The file is
+        read only when it was replaced: each request is written to a new inode."""
         try:
+            stat = self.requests.stat()
+            if (stat.st_ino, stat.st_mtime_ns) == self._request_file:
+                return None
             request = json.loads(self.requests.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        self._request_file = (stat.st_ino, stat.st_mtime_ns)
         if request.get("id") == self._request_id:
             return None
         self._request_id = request.get("id")
