@@ -217,7 +217,7 @@ class Reloader:
             return
         await self.served.swap(runner)
         self.status = ReloadStatus("idle", tag)
-        logger.info("reload: now serving %s (%s)", tag, runner.predictor.choice.describe())
+        logger.info("reload: now serving %s", tag)  # make_runner logged its engine choice
         self._count("ok")
 
     def _load(self, tag: str) -> LCNetRunner:
