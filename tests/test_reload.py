@@ -203,6 +203,10 @@ def test_admin_routes_need_the_token(servers) -> None:
     assert refused.status_code == 403 and refused.json() == {"error": "wrong admin token"}
     assert admin_reload(server, TOKEN, {"tag": "other:abc"}).status_code in (404, 422)
     assert admin_reload(server, TOKEN, {"tag": 5}).status_code == 422
+    authorized = {"Authorization": f"Bearer {TOKEN}"}
+    for body, status in ((b"{", 422), (b"x" * 5000, 413)):  # malformed, over the 4 kB limit
+        response = httpx.post(f"{server.url}/admin/reload", content=body, headers=authorized)
+        assert response.status_code == status and set(response.json()) == {"error"}
     assert "/admin/reload" in httpx.get(f"{server.url}/docs.json").json()["paths"]
     assert "lcnet.v1.Admin" in grpc_services(server)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
