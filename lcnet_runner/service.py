@@ -166,3 +166,9 @@ class LCNetService:
 
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
 LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)
+# The fast routes' requests go straight to their methods.
+LCNetService.add_asgi_middleware(
+    http_api.DirectRoutes,
+    routes={"/classify": "classify", "/classify_batch": "classify_batch",
+            "/image-classification": "paddlex_classify"},
+)  # fmt: skip

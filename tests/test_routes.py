@@ -270,3 +270,41 @@ def test_admin_routes_do_not_exist_without_a_token(client: TestClient) -> None:
     assert response.status_code == 404 and response.json() == {"error": "not found"}
     assert "/admin/reload" not in client.get("/docs.json").json()["paths"]
     assert client.get("/model").json()["reload"] == {"mode": "off"}
+
+
+def test_fast_routes_skip_fastapi_and_answer_as_through_it(
+    client: TestClient, trained: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POSTs to the fast routes go straight to their methods (FastAPI never binds ``self``);
+    a cross-origin call takes FastAPI's path, and both answer alike, errors included."""
+    import bentoml
+
+    from lcnet_runner.service import http_app
+
+    bound = []
+
+    async def counting_binder():
+        bound.append(1)
+        return bentoml.get_current_service()
+
+    monkeypatch.setitem(http_app.dependency_overrides, bentoml.get_current_service, counting_binder)
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    base64_image = base64.b64encode(image).decode()
+    requests = [
+        ("/classify", {"files": {"image": ("a.jpg", image)}, "data": {"top_k": "2"}}),
+        ("/classify", {"files": {"image": ("a.jpg", b"not an image")}}),
+        ("/classify_batch", {"files": [("images", ("a.jpg", image))] * 2}),
+        ("/image-classification", {"json": {"image": base64_image, "topk": 2}}),
+    ]
+    for path, kwargs in requests:
+        direct = client.post(path, **kwargs)
+        assert not bound, f"{path} went through FastAPI's routing"
+        via_fastapi = client.post(path, headers={"Origin": "http://127.0.0.1"}, **kwargs)
+        assert bound, f"{path} with an Origin header skipped FastAPI (and so CORS)"
+        bound.clear()
+        assert direct.status_code == via_fastapi.status_code
+        assert direct.headers["content-type"] == via_fastapi.headers["content-type"]
+        answer, expected = direct.json(), via_fastapi.json()
+        if path == "/image-classification":
+            assert answer.pop("logId") != expected.pop("logId")
+        assert answer == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -43,3 +44,13 @@ def test_concurrent_calls_are_batched_and_correct(trained: dict) -> None:
             assert [p["score"] for p in result] == pytest.approx([p["score"] for p in want])
     sizes = [stats.size for stats in recorder.batches]
     assert sum(sizes) == 2 * len(images) and max(sizes) == 8 and len(recorder.decodes) == 36
+
+
+def test_only_engines_that_hold_the_gil_wait_for_a_busy_loop(trained: dict) -> None:
+    """Greedy batching holds a batch back while the event loop reads more requests: worth it
+    for Paddle, which blocks the loop while it runs; the others run at once and overlap."""
+    config = RunnerConfig(max_delay_ms=7.0)
+    for engine, wait_ms in (("paddle", 7.0), ("onnxruntime", 0.0)):
+        runner = LCNetRunner(trained["export_dir"], replace(config, engine=engine, precision="fp32"))
+        assert runner.max_delay_ms == wait_ms, engine
+        asyncio.run(runner.close())
