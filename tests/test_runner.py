@@ -51,6 +51,8 @@ def test_only_engines_that_hold_the_gil_wait_for_a_busy_loop(trained: dict) -> N
     for Paddle, which blocks the loop while it runs; the others run at once and overlap."""
     config = RunnerConfig(max_delay_ms=7.0)
     for engine, wait_ms in (("paddle", 7.0), ("onnxruntime", 0.0)):
-        runner = LCNetRunner(trained["export_dir"], replace(config, engine=engine, precision="fp32"))
+        runner = LCNetRunner(
+            trained["export_dir"], replace(config, engine=engine, precision="fp32")
+        )
         assert runner.max_delay_ms == wait_ms, engine
         asyncio.run(runner.close())
