@@ -70,7 +70,10 @@ def top_k_predictions(
 ) -> list[list[Prediction]]:
     """Class probabilities (N×C) → per image, the ``top_k`` classes, best first."""
     k = max(1, min(top_k, probs.shape[1]))
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    if k == 1:  # most requests; argmax takes the first of equal scores, as the stable sort does
+        order = probs.argmax(axis=1)[:, None]
+    else:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     return [
         [{"category_id": int(i), "category": labels[i], "score": float(row[i])} for i in ids]
         for row, ids in zip(probs, order, strict=True)

@@ -152,7 +152,8 @@ def load_image(
                 scale = short_side / min(width, height)
                 opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             opened.load()
-            return _to_rgb(ImageOps.exif_transpose(opened))
+            ImageOps.exif_transpose(opened, in_place=True)  # no copy of an upright image
+            return _to_rgb(opened)
     except (InvalidImageError, FileNotFoundError):
         raise
     except Image.DecompressionBombError as err:
