@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
-import psutil
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
 from .choice import Choice, choose
@@ -81,34 +80,19 @@ def top_k_predictions(
     ]
 
 
-class OtherCoresIdle:
-    """Whether the machine's other cores were idle lately: its busy CPU time minus this
-    process's own over the last window of at least 0.1 s (psutil reads ``/proc/stat`` in 10 ms
-    ticks, so shorter windows would be noise). A lone image runs on every core only then: while
-    another worker is busy, the lone image's second thread waits for a core, and the spinning
-    of both engines' threads lengthens everyone's tail (docs/benchmarks.md)."""
-
-    window_s = 0.1
-    busy_above_cores = 0.5
-
-    def __init__(self, sample: Callable[[], tuple[float, float, float]] | None = None) -> None:
-        self._sample = sample or _cpu_sample  # (monotonic s, machine busy s, own CPU s)
-        self._mark = self._sample()
-        self._idle = True
-
-    def __call__(self) -> bool:
-        if time.monotonic() - self._mark[0] >= self.window_s:
-            now = self._sample()
-            others = (now[1] - self._mark[1]) - (now[2] - self._mark[2])
-            self._idle = others / (now[0] - self._mark[0]) < self.busy_above_cores
-            self._mark = now
-        return self._idle
-
-
-def _cpu_sample() -> tuple[float, float, float]:
-    times = psutil.cpu_times()
-    busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
-    return time.monotonic(), busy, time.process_time()
+def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:
+    """Whether no more threads are runnable on the machine right now than it has ``cores``, the
+    caller included (``/proc/loadavg``'s run queue, a snapshot). A lone image takes every core
+    only then: once another worker is busy its second thread would wait for a core, and both
+    engines' threads spin — measured, p99 at 8 clients halved (docs/benchmarks.md). An average
+    over a window cannot tell: at 1 client the two workers take turns and each looks half busy.
+    Without ``/proc`` (not Linux): True, every lone image on every core."""
+    try:
+        with open(loadavg) as file:
+            running = int(file.read().split()[3].partition("/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running <= cores
 
 
 class Predictor:
@@ -144,7 +128,7 @@ class Predictor:
         self.variant: Variant = self.choice.variant
         self.engine = self.choice.engine
         self.solo_engine = self._solo_engine(threads, solo_threads)
-        self._other_cores_idle = OtherCoresIdle()
+        self._cores = default_threads()
         # threads a lone image runs on (None: the same as a batch)
         self.solo_threads = solo_threads if self.solo_engine else None
         self.batch_size = batch_size
@@ -174,7 +158,7 @@ class Predictor:
 
     def infer(self, crops: np.ndarray) -> np.ndarray:
         """uint8 NHWC crops → class probabilities (N×C); the batch path the runner uses."""
-        solo = self.solo_engine and len(crops) == 1 and self._other_cores_idle()
+        solo = self.solo_engine and len(crops) == 1 and cores_free(self._cores)
         engine = self.solo_engine if solo else self.engine
         return engine.predict(normalize(crops, self.preprocess_config))
 

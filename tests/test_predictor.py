@@ -16,7 +16,7 @@ from conftest import CLASS_NAMES, run_cli
 from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
-from lcnet_runner.predictor import OtherCoresIdle
+from lcnet_runner.predictor import cores_free
 from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
 from train.split import read_split
@@ -144,29 +144,29 @@ def test_a_lone_image_runs_on_every_core_when_the_engine_releases_the_gil(traine
     solo, batch = predictor.solo_engine.predict, predictor.engine.predict
     predictor.solo_engine.predict = lambda x: used.append("solo") or solo(x)
     predictor.engine.predict = lambda x: used.append("batch") or batch(x)
-    predictor._other_cores_idle = lambda: True
+    predictor._cores = 10**6  # every thread runnable now still fits
     np.testing.assert_allclose(predictor.infer(crops[:1]), predictor.infer(crops)[:1], atol=1e-6)
-    predictor._other_cores_idle = lambda: False  # e.g. the other worker is busy: 1 thread
+    predictor._cores = 0  # e.g. the other worker is busy: 1 thread
     predictor.infer(crops[:1])
     assert used == ["solo", "batch", "batch"]
     paddle = Predictor(trained["export_dir"], engine="paddle", **options)
     assert paddle.solo_engine is None and paddle.solo_threads is None
 
 
-def test_other_cores_count_as_busy_from_what_other_processes_use() -> None:
-    """Machine busy time minus this process's own, over windows of at least 0.1 s."""
-    now = time.monotonic()
-    samples = [(now - 2, 0.0, 0.0), (now - 1, 0.5, 0.45), (now, 1.5, 0.55)]
-    idle = OtherCoresIdle(sample=lambda: samples.pop(0))
-    assert idle()  # 0.05 cores used by other processes over the last second
-    assert not idle()  # 0.9 cores over the next
-    assert not idle() and len(samples) == 0  # within 0.1 s: the same answer, nothing sampled
+def test_cores_are_free_while_no_more_threads_are_runnable_than_cores(tmp_path: Path) -> None:
+    loadavg = tmp_path / "loadavg"
+    for running, free in ((1, True), (2, True), (3, False)):
+        loadavg.write_text(f"0.52 0.58 0.59 {running}/115 4242\n")
+        assert cores_free(2, str(loadavg)) is free
+    assert cores_free(2, str(tmp_path / "absent"))  # not Linux: every core
 
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    if not Path("/proc/loadavg").exists():
+        return
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
-        real = OtherCoresIdle()
         time.sleep(0.3)
-        assert not real()  # another process keeps a core busy
+        assert not cores_free(2)  # three spinning processes (and this one) on 2 cores
     finally:
-        busy.kill()
-        busy.wait()
+        for process in busy:
+            process.kill()
+            process.wait()
