@@ -83,9 +83,9 @@ def top_k_predictions(
 def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:
     """Whether no more threads are runnable on the machine right now than it has ``cores``, the
     caller included (``/proc/loadavg``'s run queue, a snapshot). A lone image takes every core
-    only then: once another worker is busy its second thread would wait for a core, and both
-    engines' threads spin — measured, p99 at 8 clients halved (docs/benchmarks.md). An average
-    over a window cannot tell: at 1 client the two workers take turns and each looks half busy.
+    only then: once another worker is busy its second thread would wait for a core while both
+    engines' threads spin, and a few requests wait 3–5× the median (docs/benchmarks.md). A CPU
+    average over a window cannot tell: at 1 client the two workers take turns, each half busy.
     Without ``/proc`` (not Linux): True, every lone image on every core."""
     try:
         with open(loadavg) as file:
