@@ -66,6 +66,7 @@ bench: install
 	$(PY) bench/vs_paddlex.py
 	$(PY) bench/serve.py
 	$(PY) bench/serve.py --engine paddle --precision fp32
+	$(PY) bench/serve_cpu.py
 	$(PY) bench/int8_overflow.py
 	$(PY) bench/memory.py
 	$(PY) bench/reload_memory.py
