@@ -193,3 +193,16 @@ def closed_loop(
 
     until = time.perf_counter() + seconds
     return summarize(out, asyncio.run(run()))
+
+
+def mean_batch_size(url: str) -> float:
+    """The mean size of the batches a server formed so far (its /metrics, all workers)."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics").text
+    sums = re.findall(r"^lcnet_runner_batch_size_sum\S* (\S+)", text, re.M)
+    counts = re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
+    total = sum(float(count) for count in counts)
+    return sum(float(value) for value in sums) / total if total else float("nan")

@@ -32,7 +32,16 @@ import statistics
 import time
 
 import numpy as np
-from common import ROOT, http_client, make_store, multipart, photo_jpeg, summarize, throughput
+from common import (
+    ROOT,
+    http_client,
+    make_store,
+    mean_batch_size,
+    multipart,
+    photo_jpeg,
+    summarize,
+    throughput,
+)
 
 from lcnet_runner.engines import default_threads
 
@@ -124,19 +133,6 @@ def load(
     return summarize(out, asyncio.run(run()))
 
 
-def mean_batch_size(server) -> float:
-    import re
-
-    import httpx
-
-    text = httpx.get(f"{server.url}/metrics").text
-    total = sum(float(v) for v in re.findall(r"^lcnet_runner_batch_size_sum\S* (\S+)", text, re.M))
-    count = sum(
-        float(v) for v in re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
-    )
-    return total / count if count else float("nan")
-
-
 def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
     """(protocol, clients) to measure: every level on the fast routes; the typed route (what
     BentoML's clients call) at 1 client and at the compared level; without batching, only the
@@ -209,7 +205,7 @@ def main() -> None:
                     f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
                     f"errors {r['errors']}  503s {r['503']}"
                 )
-            print(f"{mode}: mean batch size formed {mean_batch_size(server):.2f}")
+            print(f"{mode}: mean batch size formed {mean_batch_size(server.url):.2f}")
         finally:
             server.stop()
         baseline.append(in_process(tag, image, args.seconds, args.engine, args.precision))

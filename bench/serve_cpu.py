@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import time
 from collections import Counter
 
-import httpx
 import psutil
-from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
+from common import ROOT, closed_loop, make_store, mean_batch_size, multipart, photo_jpeg
 
 from lcnet_runner.testing import Server
 
@@ -37,14 +35,6 @@ def thread_cpu(root_pid: int) -> Counter:
         except psutil.Error:
             continue
     return seconds
-
-
-def mean_batch(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    sums = re.findall(r"^lcnet_runner_batch_size_sum\S* (\S+)", text, re.M)
-    counts = re.findall(r"^lcnet_runner_batch_size_count\S* (\S+)", text, re.M)
-    total = sum(float(c) for c in counts)
-    return sum(float(s) for s in sums) / total if total else float("nan")
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
         requests = result["rps"] * elapsed
         print(f"{args.clients} clients: {result['rps']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, "
               f"p99 {result['p99_ms']:.1f} ms, errors {result['errors']}; mean batch "
-              f"{mean_batch(server.url):.2f}")  # fmt: skip
+              f"{mean_batch_size(server.url):.2f}")  # fmt: skip
         total = 0.0
         for (pid, kind), after in sorted(threads_after.items()):
             used = after - threads_before.get((pid, kind), 0.0)
