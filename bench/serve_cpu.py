@@ -64,12 +64,12 @@ def main() -> None:
         print(f"{args.clients} clients: {result['rps']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, "
               f"p99 {result['p99_ms']:.1f} ms, errors {result['errors']}; mean batch "
               f"{mean_batch_size(server.url):.2f}")  # fmt: skip
+        # Per request a worker answered, assuming the workers split the requests evenly.
+        share = requests / max(1, len({pid for pid, _ in threads_after}))
         total = 0.0
         for (pid, kind), after in sorted(threads_after.items()):
             used = after - threads_before.get((pid, kind), 0.0)
             total += used
-            # Each worker answered about half of the requests: per request it answered.
-            share = requests / max(1, len({p for p, _ in threads_after}))
             print(f"  worker {pid} {kind:13s} {used:6.2f} s CPU, {1000 * used / share:5.2f} ms "
                   "per request it answered")  # fmt: skip
         unused = {

@@ -70,6 +70,21 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:
+    """Whether no more threads are runnable on the machine right now than it has ``cores``, the
+    caller included (``/proc/loadavg``'s run queue, a snapshot). A lone image takes every core
+    only then: once another worker is busy its second thread would wait for a core while both
+    engines' threads spin, and a few requests wait 3–5× the median (docs/benchmarks.md). A CPU
+    average over a window cannot tell: at 1 client the two workers take turns, each half busy.
+    Without ``/proc`` (not Linux): True, every lone image on every core."""
+    try:
+        with open(loadavg) as file:
+            running = int(file.read().split()[3].partition("/")[0])
+    except (OSError, ValueError, IndexError):
+        return True
+    return running <= cores
+
+
 def cpu_supports_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -16,7 +16,7 @@ from conftest import CLASS_NAMES, run_cli
 from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
-from lcnet_runner.predictor import cores_free
+from lcnet_runner.engines import cores_free
 from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
 from train.split import read_split
