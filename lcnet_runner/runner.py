@@ -9,6 +9,7 @@ CPU per request). Works without BentoML: tests and scripts can drive it directly
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,7 +130,13 @@ class LCNetRunner:
         self, images: Sequence[ImageSource], top_k: int = 1
     ) -> list[list[Prediction]]:
         """All images are decoded first, so one bad image fails the request before any work."""
-        crops = [self.decode(image) for image in images]
+        crops = []
+        for image in images:
+            crops.append(self.decode(image))
+            # Decoding holds the worker's event loop: between images, let it read the other
+            # connections' requests (64 large images would otherwise stall them for seconds,
+            # and a SIGTERM meanwhile would drop them as not yet started).
+            await asyncio.sleep(0)
         return self._format(await self._batcher.call_many(crops), top_k)
 
     async def close(self) -> None:
