@@ -206,6 +206,10 @@ class OpenVinoEngine:
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
             "INFERENCE_NUM_THREADS": threads or default_threads(),
             "PERFORMANCE_HINT": "LATENCY",
+            # OpenVINO pins its threads to cores as if it had the machine to itself, and every
+            # process picks the same ones: both serving workers' 1-thread engines ran on core 0
+            # while core 1 idled 10 % of the time (docs/benchmarks.md). The OS places them.
+            "ENABLE_CPU_PINNING": False,
         }
         compiled = core.compile_model(core.read_model(str(_openvino_file(artifact, precision))),
                                       "CPU", config)  # fmt: skip

@@ -4,7 +4,9 @@ precision within a tolerance: whether that is good enough is the accuracy guard'
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,23 @@ def test_served_with_openvino(trained: dict) -> None:
         assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected], abs=1e-5)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("engine", ["paddle", "onnxruntime", "openvino"])
+def test_engines_leave_threads_free_to_move_between_cores(trained, crops, engine) -> None:
+    """A serving worker holds a 1-thread engine and an all-core one for lone images: an engine
+    that pins its threads to cores (OpenVINO's default) pins them to the same cores in every
+    worker, and two workers' engines then share one core while the other idles."""
+    pytest.importorskip(engine)
+    every_core = os.sched_getaffinity(0)
+    predictor = Predictor(trained["tag"], engine=engine, precision="fp32", threads=1,
+                          solo_threads=len(every_core), skip_guard=True)  # fmt: skip
+    # as in a worker: the engines run in the batcher's thread, a batch and a lone image
+    thread = threading.Thread(target=lambda: [predictor.infer(crops[:n]) for n in (4, 1)])
+    thread.start()
+    thread.join()
+    pinned = {
+        tid: os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")
+        if os.sched_getaffinity(int(tid)) != every_core
+    }  # fmt: skip
+    assert not pinned
