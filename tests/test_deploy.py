@@ -35,6 +35,15 @@ def test_deployment_matches_the_service_settings() -> None:
         int(container["resources"]["requests"]["cpu"]) == settings.workers * settings.runner.threads
     )
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # A rollout never lowers capacity, and a pod leaves the Service before it stops listening.
+    deployment = load("deployment.yaml")["spec"]
+    assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = deployment["template"]["spec"]
+    assert (
+        0
+        < container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        < pod["terminationGracePeriodSeconds"]
+    )
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     service_ports = {p["name"]: p["targetPort"] for p in load("service.yaml")["spec"]["ports"]}
     assert service_ports == {"http": "http", "grpc": "grpc"}
