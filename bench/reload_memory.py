@@ -1,12 +1,14 @@
 """Worker memory over repeated model reloads: a swapped-out version must be released.
 
-    python bench/reload_memory.py [--model PPLCNet_x1_0] [--swaps 10]
+    python bench/reload_memory.py [--model PPLCNet_x1_0] [--swaps 10] [--race-every-other]
 
 Serves an exported model (random weights, INT8 included; the guard is skipped) at defaults with
 LCNET_RELOAD=request, then saves a new version and asks for it (POST /admin/reload) --swaps
 times, waiting each time until answers come from the new version on every worker. Prints each
 worker's RSS after start and after every swap; the goal is no growth beyond one model's worth
-between the first swap and the last (the first swap may still settle allocator pools).
+between the first swap and the last (the first swap may still settle allocator pools), and how
+long each swap took. With --race-every-other, the engine race is forgotten before every other
+swap, so those versions race again as every version did before a model's versions shared it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--race-every-other", action="store_true")
     args = parser.parse_args()
     first = make_store(args.model, int8=True)
     import logging
@@ -58,8 +61,9 @@ def main() -> None:
     from train.export import save_to_store
 
     folder = Path(bentoml.models.get(first).path)
+    races = Path(tempfile.mkdtemp(prefix="lcnet-bench-cache-"))  # forgotten without harm
     env = {"LCNET_MODEL": "bench", "LCNET_SKIP_GUARD": "1", "LCNET_RELOAD": "request",
-           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+           "LCNET_ADMIN_TOKEN": TOKEN, "LCNET_CACHE": str(races)}  # fmt: skip
     server = Server(str(ROOT), env).wait_ready()
     image = photo_jpeg()
     try:
@@ -70,6 +74,9 @@ def main() -> None:
                 copy = Path(tmp) / "model"
                 shutil.copytree(folder, copy)
                 tag = save_to_store(copy, "bench", load_folder(copy).info)
+            race = args.race_every_other and swap % 2 == 1
+            if race:
+                shutil.rmtree(races / "engine-choice")
             started = time.perf_counter()
             response = httpx.post(f"{server.url}/admin/reload", json={"tag": tag},
                                   headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
@@ -77,9 +84,10 @@ def main() -> None:
             wait_for_version(server, image, tag)
             seconds = time.perf_counter() - started
             time.sleep(1)  # the old version closes once its last request answered
-            rows.append((f"swap {swap} ({seconds:.1f} s)", workers_rss_mib(server)))
+            label = f"swap {swap} ({seconds:.1f} s{', raced again' if race else ''})"
+            rows.append((label, workers_rss_mib(server)))
         for name, rss in rows:
-            print(f"{name:18s} worker RSS MiB: {', '.join(f'{r:.0f}' for r in rss)}")
+            print(f"{name:30s} worker RSS MiB: {', '.join(f'{r:.0f}' for r in rss)}")
         after_first = sum(rows[1][1])
         growth = sum(rows[-1][1]) - after_first
         print(f"growth from swap 1 to swap {args.swaps}, all workers: {growth:+.0f} MiB "

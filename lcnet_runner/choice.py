@@ -1,16 +1,20 @@
 """Which variant serves a model: the one named, or under ``auto`` the fastest on this machine.
 
-``auto`` considers every variant that is installed, runs on this CPU, passed the accuracy guard
-(the figures stored with the model) and its self-check here, then races them: a short, bounded
-timing of batch-16 throughput at the serving thread count. Batch 16 because serving is
+``auto`` races every variant that is installed, runs on this CPU and has its file: a short,
+bounded timing of batch-16 throughput at the serving thread count. Batch 16 because serving is
 throughput-bound under load (the batcher forms full batches then); a lone request is fast on any
 variant. Rankings differ between CPU kinds (bf16 needs avx512_bf16/AMX, INT8 gains most with
 VNNI, ONNX Runtime beat OpenVINO fp32 on an AVX2-only EPYC), so no order is written down here.
+The model then serves the first variant of the ranking that passed the accuracy guard (the
+figures stored with it) and its self-check here; Paddle fp32, the reference, always does.
 
-The result is cached on disk, keyed by the model's files, the CPU, the thread count and the
-engines' versions, and the race runs under a file lock: the first process races, every other —
-the other serving workers, a worker BentoML restarts, a service embedding the runner, the CLIs —
-waits and reads the same answer.
+Speed depends on the network, not on its weights, so the race is cached on disk keyed by what
+shapes the work — architecture, input size, classes, the variant files present — with the CPU,
+the thread count and the engines' versions: a new version of the same model (a reload, a
+retraining) reuses it and only checks its own accuracy. A model without a recorded architecture
+(an imported folder) is keyed by its files. The race runs under a file lock: the first process
+races, every other — the other serving workers, a worker BentoML restarts, a service embedding
+the runner, the CLIs — waits and reads the same answer.
 """
 
 from __future__ import annotations
@@ -111,33 +115,42 @@ def choose(
     requested = matching_variants(engine, precision)
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)
-    key = race_key(artifact, requested, threads, skip_guard)
-    with locked_cache(key) as cache:
-        raced_now = not cache and race_in_child
-        if raced_now:
-            cache.update(_race_in_child(artifact, requested, threads, skip_guard))
-        chosen = _first_that_loads(artifact, cache, threads, skip_guard)
-        if chosen is None:  # no race yet (or none of its ranking loads here): race here
-            return _race(artifact, requested, threads, skip_guard, cache)
-        chosen.race["cached"] = not raced_now
-        return chosen
+    with locked_cache(race_key(artifact, requested, threads)) as record:
+        raced_now, loaded = not record, {}
+        if raced_now and race_in_child:
+            record.update(_race_in_child(artifact, requested, threads))
+        elif raced_now:
+            loaded = _race(artifact, requested, threads, record)
+    chosen = _fastest_usable(artifact, record, threads, skip_guard, loaded)
+    chosen.race["cached"] = not raced_now
+    return chosen
 
 
-def _first_that_loads(artifact, cache: dict[str, Any], threads, skip_guard) -> Choice | None:
-    """The first variant of a recorded race's ranking that loads here (None: none, or no race)."""
-    for name in cache.get("ranking") or []:
-        chosen = _try_load(artifact, Variant.parse(name), threads, skip_guard, {})
-        if chosen is not None:
-            chosen.race = {**cache["race"], "cached": True}
-            chosen.skipped = dict(cache.get("not_usable") or {})
-            return chosen
-    return None
+def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loaded) -> Choice:
+    """The first variant of a race's ranking that passes this model's guard and self-check,
+    with why every other could not serve (``loaded``: engines the race left, to reuse)."""
+    skipped = dict(record["not_runnable"])
+    chosen = None
+    for name in record["ranking"]:
+        variant = Variant.parse(name)
+        try:
+            if chosen is None:
+                chosen = load(artifact, variant, threads, skip_guard, loaded.get(name))
+            elif not skip_guard:
+                check(artifact, variant)  # slower anyway: the stored figures say enough
+        except ValueError as err:  # guard or self-check failed
+            skipped[name] = str(err)
+    if chosen is None:
+        reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
+        raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
+    chosen.race, chosen.skipped = dict(record["race"]), skipped
+    return chosen
 
 
-def _race_in_child(artifact, requested, threads, skip_guard) -> dict[str, Any]:
+def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
     """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``); its record."""
     order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
-             "requested": [str(v) for v in requested], "skip_guard": skip_guard}  # fmt: skip
+             "requested": [str(v) for v in requested]}  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "lcnet_runner.choice", json.dumps(order)],
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     if result.returncode != 0:
@@ -153,7 +166,7 @@ def _race_here(order: dict[str, Any]) -> None:
     record: dict[str, Any] = {}
     artifact = load_folder(order["path"], tag=order["tag"])
     requested = [Variant.parse(v) for v in order["requested"]]
-    _race(artifact, requested, order["threads"], order["skip_guard"], record)
+    _race(artifact, requested, order["threads"], record)
     print(json.dumps(record))
 
 
@@ -170,37 +183,41 @@ def refuse_unusable(
 
 
 def load(
-    artifact: ModelArtifact, variant: Variant, threads: int | None, skip_guard: bool
+    artifact: ModelArtifact,
+    variant: Variant,
+    threads: int | None,
+    skip_guard: bool,
+    engine: Engine | None = None,
 ) -> Choice:
-    """One variant: what this CPU can do, its stored guard figures, the engine, then the
-    self-check here."""
+    """One variant: what this CPU can do, its stored guard figures, the engine (``engine``: one
+    already loaded), then the self-check here."""
     if reason := cpu_lacks(variant):
         raise ValueError(reason)
     if not skip_guard:
         check(artifact, variant)
-    engine = create_engine(variant, artifact, threads)
+    engine = engine or create_engine(variant, artifact, threads)
     if skip_guard:
         return Choice(variant, engine, unchecked=True)
     infer = lambda crops: engine.predict(normalize(crops, artifact.preprocess))  # noqa: E731
     return Choice(variant, engine, self_check=self_check(artifact, variant, infer))
 
 
-def _try_load(artifact, variant, threads, skip_guard, skipped: dict[str, str]) -> Choice | None:
-    try:
-        return load(artifact, variant, threads, skip_guard)
-    except ValueError as err:  # not installed, not on this CPU, guard or self-check failed
-        skipped[str(variant)] = str(err)
-        return None
-
-
-def _race(artifact, requested, threads, skip_guard, cache: dict[str, Any]) -> Choice:
-    skipped: dict[str, str] = {}
-    loaded = [c for v in requested if (c := _try_load(artifact, v, threads, skip_guard, skipped))]
-    if not loaded:
-        reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
-        raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
+def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Engine]:
+    """Time every requested variant that loads here, whatever its guard figures (speed is not
+    accuracy), into ``record``; returns the loaded engines."""
+    loaded, not_runnable = {}, {}
+    for variant in requested:
+        try:
+            if reason := cpu_lacks(variant):
+                raise ValueError(reason)
+            loaded[str(variant)] = create_engine(variant, artifact, threads)
+        except ValueError as err:  # not installed, no such file, not on this CPU
+            not_runnable[str(variant)] = str(err)
+    if not loaded:  # nothing recorded: the next process tries again
+        reasons = "; ".join(f"{v}: {why}" for v, why in not_runnable.items())
+        raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
     crop = artifact.preprocess.crop_size
-    speeds = {str(c.variant): images_per_second(c.engine, crop) for c in loaded}
+    speeds = {name: images_per_second(engine, crop) for name, engine in loaded.items()}
     ranking = sorted(speeds, key=speeds.get, reverse=True)
     race = {
         "batch": RACE_BATCH,
@@ -208,10 +225,8 @@ def _race(artifact, requested, threads, skip_guard, cache: dict[str, Any]) -> Ch
         "images_per_s": {v: round(speeds[v], 1) for v in ranking},
         "cpu": cpu_features(),
     }
-    cache.update(ranking=ranking, race=race, not_usable=skipped)
-    winner = next(c for c in loaded if str(c.variant) == ranking[0])
-    winner.race, winner.skipped = {**race, "cached": False}, skipped
-    return winner  # the losers' engines are released with ``loaded``
+    record.update(ranking=ranking, race=race, not_runnable=not_runnable)
+    return loaded
 
 
 def images_per_second(engine: Engine, crop_size: int) -> float:
@@ -226,26 +241,28 @@ def images_per_second(engine: Engine, crop_size: int) -> float:
     return RACE_BATCH * runs / (time.perf_counter() - start)
 
 
-def race_key(
-    artifact: ModelArtifact, requested: list[Variant], threads: int | None, skip_guard: bool
-) -> str:
-    """What the race's answer depends on: the model's files, the CPU, threads, engine versions."""
-    files = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *DERIVED_FILES]
-    stats = []
-    for name in files:
-        path = artifact.path / name
-        if path.is_file():
-            stat = path.stat()
-            stats.append((name, stat.st_size, stat.st_mtime_ns))
+def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | None) -> str:
+    """What the race's answer depends on: the work per image (architecture, input size, classes
+    and the variant files present — or, without a recorded architecture, the model's files), the
+    CPU, threads and the engines' versions. Not the weights: every version of a model shares it."""
+    present = [name for name in DERIVED_FILES if (artifact.path / name).is_file()]
+    architecture = artifact.info.get("architecture")
+    if architecture:
+        work = [architecture, artifact.preprocess.crop_size, len(artifact.labels), present]
+    else:
+        files = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]
+        work = [str(artifact.path.resolve())]
+        work += [(name, (artifact.path / name).stat().st_size,
+                  (artifact.path / name).stat().st_mtime_ns) for name in files
+                 if (artifact.path / name).is_file()]  # fmt: skip
     versions = {}
     for package in ("paddlepaddle", "onnxruntime", "openvino"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    material = [str(artifact.path.resolve()), stats, cpu_features(), default_threads(),
-                threads or default_threads(), [str(v) for v in requested], sorted(ENGINES),
-                versions, skip_guard]  # fmt: skip
+    material = [work, cpu_features(), default_threads(), threads or default_threads(),
+                [str(v) for v in requested], sorted(ENGINES), versions]  # fmt: skip
     return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:24]
 
 

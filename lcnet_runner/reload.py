@@ -237,9 +237,13 @@ class Reloader:
 
 
 def try_load_in_child(folder: Path) -> None:
-    """Load a model in a throwaway process first: if its files crash native code, the child dies
-    and this worker does not."""
-    code = "import sys; from lcnet_runner import Predictor; Predictor(sys.argv[1], skip_guard=True)"
+    """Load every variant of a model in a throwaway process first — whichever one this worker
+    then serves, its file was read: if a file crashes native code, the child dies and this
+    worker does not."""
+    code = (
+        "import sys; from lcnet_runner.predictor import each_variant\n"
+        "for _ in each_variant(sys.argv[1], threads=1): pass"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300
     )
