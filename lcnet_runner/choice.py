@@ -129,7 +129,7 @@ def choose(
 def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loaded) -> Choice:
     """The first variant of a race's ranking that passes this model's guard and self-check,
     with why every other could not serve (``loaded``: engines the race left, to reuse)."""
-    skipped = dict(record["not_runnable"])
+    skipped = dict(record.get("not_runnable") or {})
     chosen = None
     for name in record["ranking"]:
         variant = Variant.parse(name)
@@ -249,12 +249,13 @@ def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | N
     architecture = artifact.info.get("architecture")
     if architecture:
         work = [architecture, artifact.preprocess.crop_size, len(artifact.labels), present]
-    else:
+    else:  # e.g. an imported folder: its own files
         files = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]
-        work = [str(artifact.path.resolve())]
-        work += [(name, (artifact.path / name).stat().st_size,
-                  (artifact.path / name).stat().st_mtime_ns) for name in files
-                 if (artifact.path / name).is_file()]  # fmt: skip
+        work = [str(artifact.path.resolve())] + [
+            (name, path.stat().st_size, path.stat().st_mtime_ns)
+            for name in files
+            if (path := artifact.path / name).is_file()
+        ]
     versions = {}
     for package in ("paddlepaddle", "onnxruntime", "openvino"):
         try:

@@ -16,12 +16,14 @@ import pytest
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
+from lcnet_runner.choice import race_key
 from lcnet_runner.engines import (
     ENGINES,
     REFERENCE,
     OnnxRuntimeEngine,
     OpenVinoEngine,
     PaddleEngine,
+    matching_variants,
 )
 from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, self_check_figures
 
@@ -193,3 +195,18 @@ def test_a_new_version_reuses_the_race_and_checks_its_own_accuracy(
     assert second.race["images_per_s"] == first.race["images_per_s"]
     assert str(second.variant) != winner
     assert "fails the accuracy guard" in second.skipped[winner]
+
+
+def test_the_race_is_keyed_by_the_network_not_by_its_files(folder: Path, tmp_path: Path) -> None:
+    requested = matching_variants()
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(folder, copy)
+
+    def key(path: Path) -> str:
+        return race_key(load_folder(path), requested, 1)
+
+    assert key(folder) == key(copy)
+    for path in (folder, copy):  # a bare folder, no recorded architecture: keyed by its files
+        info = load_folder(path).info
+        write_info(path, {k: v for k, v in info.items() if k != "architecture"})
+    assert key(folder) != key(copy)
