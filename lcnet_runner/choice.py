@@ -82,7 +82,7 @@ class Choice:
         if self.race:
             speeds = ", ".join(f"{v} {s:.0f}" for v, s in self.race["images_per_s"].items())
             text += (
-                f" (fastest here at batch {self.race['batch']}, {self.race['threads']} "
+                f" (fastest usable here at batch {self.race['batch']}, {self.race['threads']} "
                 f"thread(s), img/s: {speeds}; {'cached' if self.race['cached'] else 'raced now'})"
             )
         if self.self_check:
