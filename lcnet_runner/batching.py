@@ -46,7 +46,12 @@ class BatcherClosedError(RuntimeError):
 
 
 class AdaptiveBatcher(Generic[T, R]):
-    """``await batcher(item)`` → ``process([... item ...])[i]``, batching concurrent callers."""
+    """``await batcher(item)`` → ``process([... item ...])[i]``, batching concurrent callers.
+
+    ``process`` runs in the batcher's one engine thread. ``process_here``, if given, is offered
+    each batch first, on the event loop's thread: it returns the results when it ran the batch
+    there, or None to leave it to ``process``.
+    """
 
     def __init__(
         self,
@@ -55,6 +60,7 @@ class AdaptiveBatcher(Generic[T, R]):
         max_batch_size: int = 16,
         max_delay_ms: float = 10.0,
         on_batch: Callable[[BatchStats], None] | None = None,
+        process_here: Callable[[list[T]], Sequence[R] | None] | None = None,
         name: str = "batcher",
     ) -> None:
         if max_batch_size < 1:
@@ -65,6 +71,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._max_batch_size = max_batch_size
         self._max_delay_s = max_delay_ms / 1000.0
         self._on_batch = on_batch
+        self._process_here = process_here
         self._name = name
         self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
         self._wakeup = asyncio.Event()
@@ -137,7 +144,10 @@ class AdaptiveBatcher(Generic[T, R]):
             items = [entry[0] for entry in batch]
             start = time.perf_counter()
             try:
-                results = list(await loop.run_in_executor(self._executor, self._process, items))
+                here = self._process_here(items) if self._process_here else None
+                if here is None:
+                    here = await loop.run_in_executor(self._executor, self._process, items)
+                results = list(here)
                 if len(results) != len(items):
                     raise RuntimeError(
                         f"{self._name}: process returned {len(results)} results "

@@ -142,9 +142,15 @@ class Predictor:
                 f"{len(self.labels)} labels"
             )
 
-    def infer(self, crops: np.ndarray) -> np.ndarray:
-        """uint8 NHWC crops → class probabilities (N×C); the batch path the runner uses."""
-        solo = self.solo_engine and len(crops) == 1 and cores_free(self._cores)
+    def takes_every_core(self, images: int) -> bool:
+        """Whether a batch of ``images`` runs on the solo engine now: a lone image while no more
+        threads are runnable than there are cores (``engines.cores_free``)."""
+        return self.solo_engine is not None and images == 1 and cores_free(self._cores)
+
+    def infer(self, crops: np.ndarray, *, solo: bool | None = None) -> np.ndarray:
+        """uint8 NHWC crops → class probabilities (N×C); the batch path the runner uses. ``solo``:
+        on the solo engine (default: ``takes_every_core``)."""
+        solo = self.takes_every_core(len(crops)) if solo is None else solo
         engine = self.solo_engine if solo else self.engine
         return engine.predict(normalize(crops, self.preprocess_config))
 

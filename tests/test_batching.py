@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -137,6 +138,36 @@ def test_a_failing_batch_fails_its_callers_and_the_batcher_goes_on() -> None:
         await batcher.close()
 
     run(main())
+
+
+def test_process_here_runs_what_it_takes_on_the_loop_and_leaves_the_rest_to_the_engine() -> None:
+    """``process_here`` is offered each batch on the event loop's thread; None sends the batch
+    to the engine thread; what it raises fails that batch's callers only."""
+    threads: dict[str, set[str]] = {"here": set(), "engine": set()}
+
+    def here(items: list[int]) -> list[int] | None:
+        if 13 in items:
+            raise ValueError("unlucky")
+        if len(items) > 1 or items[0] % 2:
+            return None
+        threads["here"].add(threading.current_thread().name)
+        return [x * 10 for x in items]
+
+    def engine(items: list[int]) -> list[int]:
+        threads["engine"].add(threading.current_thread().name)
+        return [x * 2 for x in items]
+
+    async def main() -> tuple[list[int], list[int]]:
+        batcher = AdaptiveBatcher(engine, process_here=here, name="b")
+        lone = [await batcher(x) for x in (2, 3)]
+        with pytest.raises(ValueError, match="unlucky"):
+            await batcher(13)
+        together = await batcher.call_many([4, 5])
+        await batcher.close()
+        return lone, together
+
+    assert run(main()) == ([20, 6], [8, 10])
+    assert threads == {"here": {threading.main_thread().name}, "engine": {"b_0"}}
 
 
 def test_wrong_result_count_is_an_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import replace
 
 import pytest
@@ -56,3 +57,32 @@ def test_only_engines_that_hold_the_gil_wait_for_a_busy_loop(trained: dict) -> N
         )
         assert runner.max_delay_ms == wait_ms, engine
         asyncio.run(runner.close())
+
+
+def test_a_lone_image_on_every_core_runs_on_the_event_loops_thread(trained: dict) -> None:
+    """While the cores are free a lone image runs right where it was decoded (no wake-up of the
+    engine thread); otherwise, and for batches, the engine thread runs it."""
+    image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+    config = RunnerConfig(engine="onnxruntime", precision="fp32", threads=1, solo_threads=2,
+                          skip_guard=True)  # fmt: skip
+    runner = LCNetRunner(trained["export_dir"], config)
+    predictor, ran = runner.predictor, []
+    for kind in ("solo_engine", "engine"):
+        engine = getattr(predictor, kind)
+        engine.predict = lambda x, predict=engine.predict, kind=kind: (
+            ran.append((kind, threading.current_thread() is threading.main_thread())) or predict(x)
+        )
+
+    async def main() -> list:
+        predictor._cores = 10**6  # every runnable thread has a core
+        answers = [await runner.aclassify(image), await runner.aclassify_batch([image] * 2)]
+        predictor._cores = 0  # e.g. the other worker is busy
+        answers.append(await runner.aclassify(image))
+        await runner.close()
+        return answers
+
+    lone, pair, busy = asyncio.run(main())
+    assert ran == [("solo_engine", True), ("engine", False), ("engine", False)]
+    for answer in (pair[0], pair[1], busy):  # 1 thread or 2, the same answer
+        assert answer[0]["category_id"] == lone[0]["category_id"]
+        assert answer[0]["score"] == pytest.approx(lone[0]["score"], abs=1e-5)
