@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from .artifact import (
     cache_dir,
     write_text_atomic,
 )
+from .child import run_python
 from .engines import (
     AUTO,
     ENGINES,
@@ -151,12 +151,11 @@ def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
     """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``); its record."""
     order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
              "requested": [str(v) for v in requested]}  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "lcnet_runner.choice", json.dumps(order)],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
-    if result.returncode != 0:
-        lines = result.stderr.strip().splitlines() or [f"exit code {result.returncode}"]
-        raise AccuracyGuardError(f"the engine race failed: {lines[-1]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
+    except ChildProcessError as err:
+        raise AccuracyGuardError(f"the engine race failed: {err}") from None
+    return json.loads(printed.strip().splitlines()[-1])
 
 
 def _race_here(order: dict[str, Any]) -> None:

@@ -21,8 +21,6 @@ import gc
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .artifact import ModelArtifact, bentoml_home, load_folder, verify_checksums, write_text_atomic
+from .child import run_python
 from .runner import LCNetRunner
 
 logger = logging.getLogger("bentoml.lcnet")
@@ -244,9 +243,7 @@ def try_load_in_child(folder: Path) -> None:
         "import sys; from lcnet_runner.predictor import each_variant\n"
         "for _ in each_variant(sys.argv[1], threads=1): pass"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300
-    )
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise RuntimeError(f"loading {folder.name} in a child process failed: {last}")
+    try:
+        run_python(["-c", code, str(folder)], timeout_s=300)
+    except ChildProcessError as err:
+        raise RuntimeError(f"loading {folder.name} in a child process failed: {err}") from None
