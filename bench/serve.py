@@ -15,6 +15,9 @@ depend on them) and a 500×375 JPEG, then measures:
                (what the machine can do for a lone request), decode + preprocess + infer
   solo off     the server with LCNET_SOLO_THREADS=1 (a lone image on the worker's 1 thread),
                HTTP at 1 client and at 32: what running lone images on every core buys and costs
+Each in-process figure is measured just before the served level it is compared with, while the
+server idles: this machine's speed drifts by tens of percent within minutes, so only neighbours
+compare like with like.
 The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1). By default
 the engine is `auto`, as a user's server has it: the fastest variant on this CPU at the workers'
 thread count (int8 is quantized on smooth random images for timing only); the in-process figures
@@ -46,34 +49,54 @@ from common import (
 from lcnet_runner.engines import default_threads
 
 
-def in_process(
-    tag: str, image: bytes, seconds: float, engine: str, precision: str
-) -> tuple[float, float]:
-    """img/s of the whole pipeline and of the engine alone, batches of 16 on all cores' threads
-    with the server's engine."""
-    from lcnet_runner import Predictor
-    from lcnet_runner.preprocess import preprocess
+class InProcess:
+    """The in-process references, held for the whole run and measured next to each served figure
+    they are compared with, while the server idles (the machine's speed drifts by tens of
+    percent within minutes: pairs measured minutes apart compare two machines)."""
 
-    predictor = Predictor(tag, engine=engine, precision=precision, batch_size=16, skip_guard=True)
-    batch = [image] * 16
-    crops = np.stack([preprocess(image, predictor.preprocess_config)] * 16)
-    pipeline = throughput(lambda: predictor.predict(batch), len(batch), seconds)
-    return pipeline, throughput(lambda: predictor.infer(crops), len(crops), seconds / 2)
+    def __init__(self, tag: str, image: bytes, engine: str, precision: str):
+        from lcnet_runner import Predictor
+        from lcnet_runner.preprocess import preprocess
+
+        options = {"engine": engine, "precision": precision, "skip_guard": True}
+        self.batched = Predictor(tag, batch_size=16, **options)
+        self.single = Predictor(tag, batch_size=1, **options)
+        self.image = image
+        self.crops = np.stack([preprocess(image, self.batched.preprocess_config)] * 16)
+
+    def pipeline(self, seconds: float) -> float:
+        """img/s of the whole pipeline, batches of 16 on all cores' threads."""
+        return throughput(lambda: self.batched.predict([self.image] * 16), 16, seconds)
+
+    def engine_limit(self, seconds: float) -> float:
+        """img/s of the engine alone on pre-decoded crops, batches of 16, all cores."""
+        return throughput(lambda: self.batched.infer(self.crops), 16, seconds)
+
+    def single_image_ms(self, seconds: float) -> float:
+        """Median latency of one image on all cores: the best a lone request can get."""
+        self.single.predict(self.image)
+        latencies, until = [], time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            start = time.perf_counter()
+            self.single.predict(self.image)
+            latencies.append(time.perf_counter() - start)
+        return 1000 * statistics.median(latencies)
 
 
-def single_image_ms(tag: str, image: bytes, seconds: float, engine: str, precision: str) -> float:
-    """Median in-process latency of one image on all cores: the best a lone request can get."""
-    from lcnet_runner import Predictor
-
-    predictor = Predictor(tag, engine=engine, precision=precision, batch_size=1,
-                          skip_guard=True)  # fmt: skip
-    predictor.predict(image)
-    latencies, until = [], time.perf_counter() + seconds
-    while time.perf_counter() < until:
-        start = time.perf_counter()
-        predictor.predict(image)
-        latencies.append(time.perf_counter() - start)
-    return 1000 * statistics.median(latencies)
+def measure_beside(reference: InProcess, clients: int, seconds: float) -> dict[str, float]:
+    """The in-process figures a served level is compared with, measured just before it: a lone
+    image's latency for 1 client, else the pipeline's and the engine's throughput."""
+    if clients == 1:
+        figures = {"ms": reference.single_image_ms(seconds / 2)}
+        print(f"  in-process single image (all cores, batch 1): {figures['ms']:.2f} ms")
+    else:
+        figures = {
+            "pipeline": reference.pipeline(seconds),
+            "limit": reference.engine_limit(seconds / 2),
+        }
+        print(f"  in-process (1 process, {default_threads()} threads, batch 16): "
+              f"{figures['pipeline']:.1f} img/s; engine {figures['limit']:.1f} img/s")  # fmt: skip
+    return figures
 
 
 async def grpc_client(port: int, image: bytes, until: float, budget: list[int], out: list):
@@ -172,11 +195,8 @@ def main() -> None:
     print(
         f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {default_threads()} cores"
     )
-    baseline = [in_process(tag, image, args.seconds, args.engine, args.precision)]
-    print(f"in-process (1 process, {default_threads()} threads, batch 16): {baseline[0][0]:.1f} "
-          f"img/s; engine alone {baseline[0][1]:.1f} img/s")  # fmt: skip
-    single = [single_image_ms(tag, image, args.seconds / 2, args.engine, args.precision)]
-    print(f"in-process single image (all cores, batch 1): {single[0]:.2f} ms")
+    reference = InProcess(tag, image, args.engine, args.precision)
+    beside: dict[tuple[str, int], dict[str, float]] = {}  # the in-process figures of each goal
 
     results: dict[tuple[str, str, int], dict] = {}
     modes = (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"}),
@@ -194,6 +214,8 @@ def main() -> None:
         ).wait_ready()
         try:
             for protocol, clients in plan(mode, levels, compared):
+                if mode == "batching" and protocol != "typed" and clients in (1, compared):
+                    beside[(protocol, clients)] = measure_beside(reference, clients, args.seconds)
                 load(server, protocol, image, clients, 1.0, 200)  # warm-up
                 r = load(
                     server, protocol, image, clients, args.seconds, args.max_requests,
@@ -208,25 +230,19 @@ def main() -> None:
             print(f"{mode}: mean batch size formed {mean_batch_size(server.url):.2f}")
         finally:
             server.stop()
-        baseline.append(in_process(tag, image, args.seconds, args.engine, args.precision))
-        single.append(single_image_ms(tag, image, args.seconds / 2, args.engine, args.precision))
-    base = statistics.median(pipeline for pipeline, _ in baseline)
-    limit = statistics.median(engine for _, engine in baseline)
-    one = statistics.median(single)
-    print(f"in-process baseline, median of {len(baseline)} interleaved runs: {base:.1f} img/s, "
-          f"engine limit {limit:.1f} img/s, single image {one:.2f} ms")  # fmt: skip
     for protocol in ("http", "grpc"):
         on = results[("batching", protocol, compared)]
         off = results[("no batching", protocol, compared)]
+        near = beside[(protocol, compared)]
         print(
-            f"{protocol}: served@{compared} / in-process = {on['rps'] / base:.2f} "
+            f"{protocol}: served@{compared} / in-process = {on['rps'] / near['pipeline']:.2f} "
             f"(target >= 1.0); batching on / off @{compared} = {on['rps'] / off['rps']:.2f} "
             "(reported, no target)"
         )
-        print(f"{protocol}: served@{compared} / engine limit = {on['rps'] / limit:.2f} "
+        print(f"{protocol}: served@{compared} / engine limit = {on['rps'] / near['limit']:.2f} "
               "(target >= 0.6 on AVX2, >= 0.45 with AMX bf16)")  # fmt: skip
-        if ("batching", protocol, 1) in results:
-            overhead = results[("batching", protocol, 1)]["p50_ms"] - one
+        if (protocol, 1) in beside:
+            overhead = results[("batching", protocol, 1)]["p50_ms"] - beside[(protocol, 1)]["ms"]
             print(f"{protocol}: served p50 @1 client - in-process single image = {overhead:.2f} ms "
                   "(target <= 3)")  # fmt: skip
     typed, fast = (
