@@ -143,7 +143,9 @@ def servers(trained: dict):
     first = save_to_store(trained["export_dir"], NAME, load_folder(trained["export_dir"]).info)
     reload = {"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0.5", "LCNET_ADMIN_TOKEN": TOKEN}
     watching = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "2", **reload})
-    still = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "1", "LCNET_ENGINE": "paddle"})
+    # Reloading off, but with a token: the admin routes exist and say how to turn it on.
+    still = Server(".", {"LCNET_MODEL": NAME, "LCNET_WORKERS": "1", "LCNET_ENGINE": "paddle",
+                         "LCNET_ADMIN_TOKEN": TOKEN})  # fmt: skip
     try:
         yield first, watching.wait_ready(), still.wait_ready()
     finally:
@@ -224,13 +226,24 @@ def test_admin_routes_need_the_token(servers) -> None:
         assert info.reload.mode == "watch" and info.labels
 
 
-def test_without_a_token_there_are_no_admin_routes(servers) -> None:
+def test_with_reloading_off_a_reload_request_is_refused(servers) -> None:
+    """Without a token there are no admin routes (tests/test_routes.py, test_serving.py); with one
+    and LCNET_RELOAD off, a reload is refused with how to turn it on: 409, FAILED_PRECONDITION."""
     first, server, still = servers
+    assert admin_reload(still, "wrong").status_code == 403
     response = admin_reload(still, TOKEN)
-    assert response.status_code == 404 and response.json() == {"error": "not found"}
-    assert "/admin/reload" not in httpx.get(f"{still.url}/docs.json").json()["paths"]
-    assert "lcnet.v1.Admin" not in grpc_services(still)
-    assert model_info(still)["reload"] == {"mode": "off"}
+    assert response.status_code == 409
+    refused = "reloading is off: start the server with LCNET_RELOAD=request"
+    assert response.json() == {"error": refused}
+    assert "/admin/reload" in httpx.get(f"{still.url}/docs.json").json()["paths"]
+    with grpc.insecure_channel(f"127.0.0.1:{still.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            lcnet_pb2_grpc.AdminStub(channel).Reload(
+                lcnet_pb2.ReloadRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),)
+            )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.value.details() == refused
+    assert model_info(still)["reload"] == {"mode": "off"} and model_info(still)["tag"] == first
 
 
 def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(

@@ -186,6 +186,7 @@ def test_grpc_health_and_reflection(server: Server) -> None:
         (response,) = list(stub.ServerReflectionInfo(iter([request])))
         names = {s.name for s in response.list_services_response.service}
         assert "lcnet.v1.Classifier" in names and "grpc.health.v1.Health" in names
+        assert "lcnet.v1.Admin" not in names  # no LCNET_ADMIN_TOKEN: no admin service
 
 
 def test_bentoml_clients_call_the_typed_api(server: Server, trained: dict) -> None:
