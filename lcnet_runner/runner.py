@@ -2,9 +2,10 @@
 
 HTTP and gRPC handlers on the worker's event loop call ``aclassify`` / ``aclassify_batch``;
 decoding happens in the handler, the uint8 crops queue, and whatever is queued when the engine
-is free runs as one batch. Measured on 2 cores, keeping the model in the worker that
-received the request beat a separate runner process by ~2× (every process hop costs 2–3.5 ms of
-CPU per request). Works without BentoML: tests and scripts can drive it directly.
+is free runs as one batch (a lone image on an idle machine runs right there, on every core).
+Measured on 2 cores, keeping the model in the worker that received the request beat a separate
+runner process by ~2× (every process hop costs 2–3.5 ms of CPU per request). Works without
+BentoML: tests and scripts can drive it directly.
 """
 
 from __future__ import annotations
