@@ -10,10 +10,11 @@ one is decoded once, streaming, into ``<cache root>/decoded/<key>/``::
 and memory-mapped: its pages are the kernel's page cache, reclaimable, not the process's memory.
 The key hashes every file's (path, size, mtime_ns, label) and the preprocessing fields that shape
 the decode, so a changed file or resize makes a new cache (the stale one of that split is
-removed). A cache is built in a hidden folder beside its final name and renamed when complete
-(a killed build is never used; the next run starts it over), under a file lock so two processes
-never build the same one: ``fit``, ``--resume``, ``evaluate``, ``verify``, ``quantize`` and every
-data-parallel rank reuse it.
+removed). A cache is built in a hidden folder beside its final name and renamed when complete (a
+killed build is never used), under a file lock so two processes never build the same one:
+``fit``, ``--resume``, ``evaluate``, ``verify``, ``quantize`` and every data-parallel rank reuse
+it. A build syncs what it wrote every ``CHECKPOINT_BYTES``; the next run after a kill or Ctrl+C
+goes on from the last such checkpoint instead of decoding everything again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lcnet_runner.artifact import cache_dir
+from lcnet_runner.artifact import cache_dir, write_text_atomic
 from lcnet_runner.preprocess import PreprocessConfig, short_side_size
 
 from .data import DecodedSplit, decode_split, decode_stream, log
@@ -46,6 +47,10 @@ FORMAT = 1  # bump when the files change meaning: old caches are then simply not
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
 PIXELS, INDEX, META = "pixels.u8", "index.npz", "meta.json"
 BUILDING = ".building"  # suffix of a cache being written; renamed to the key when complete
+# While building: each image's height and width as written (int32 pairs, 0 × 0: unreadable), and
+# how much of both files is durable — where a killed build goes on from.
+SHAPES_WRITTEN, PROGRESS = "shapes.i32", "progress.json"
+CHECKPOINT_BYTES = 64 << 20  # pixels written between two syncs of a build
 RAM_MB = 64  # default: splits decoding to less stay in RAM (see CacheConfig.ram_mb)
 # Fields of PreprocessConfig that act after the decode (crop, normalisation): a new crop size
 # reuses the cache. Every other field — including any added later — is part of the key.
@@ -203,10 +208,9 @@ def _build(
             f"(building; {size_text(free)} free)")  # fmt: skip
         started = time.perf_counter()
         temp = folder.with_name(folder.name + BUILDING)
-        shutil.rmtree(temp, ignore_errors=True)  # a killed build's leftovers: start over
         try:
-            temp.mkdir()
-            _write(temp, samples, preprocess, workers, name, dataset)
+            temp.mkdir(exist_ok=True)  # may hold a killed build's checkpoint
+            decoded = _write(temp, samples, preprocess, workers, name, dataset)
             os.replace(temp, folder)
             _fsync_dir(folder.parent)
         except OSError as err:
@@ -215,11 +219,12 @@ def _build(
                 free = shutil.disk_usage(folder.parent).free
                 raise CacheSpaceError(_no_room(name, estimate, folder.parent, free)) from None
             raise
-        except BaseException:
+        except Exception:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+        # Ctrl+C (KeyboardInterrupt) leaves the build, like a kill, for the next run to go on.
     split, size = open_cache(folder)
-    split.decoded = len(samples)
+    split.decoded = decoded
     seconds = time.perf_counter() - started
     log(f"{name}: {len(split)} images, {size_text(size)} decoded → disk cache {folder} "
         f"(built in {seconds:.1f} s)" + _order_note(split))  # fmt: skip
@@ -236,25 +241,76 @@ def _write(
     workers: int,
     name: str,
     dataset: Path,
-) -> None:
-    """Decode into ``temp``, streaming, and sync it to disk. Images are written in a fixed
-    shuffled order so that consecutive ones — a block of the quasi-random order — mix classes
-    (split lists go class by class)."""
+) -> int:
+    """Decode into ``temp``, streaming, and sync it to disk; returns how many images this call
+    decoded (a killed build's checkpoint is gone on from). Images are written in a fixed shuffled
+    order so that consecutive ones — a block of the quasi-random order — mix classes (split lists
+    go class by class)."""
     count = len(samples)
     order = np.random.default_rng(0).permutation(count)
-    positions = np.zeros(count, np.int64)
-    shapes = np.zeros((count, 2), np.int32)  # 0 × 0: unreadable
-    decoded = decode_stream((samples[i][0] for i in order), preprocess, workers)
-    with open(temp / PIXELS, "wb") as out:
-        position = 0
-        pairs = zip(order, decoded, strict=True)
-        for i, image in tqdm(pairs, total=count, desc=name, disable=None, leave=False):
+    done, position = _resume_point(temp)
+    if done:
+        log(f"{name}: going on from a killed build's checkpoint: {done:,} of {count:,} images, "
+            f"{size_text(position)} already decoded")  # fmt: skip
+    decoded = decode_stream((samples[i][0] for i in order[done:]), preprocess, workers)
+    with open(temp / PIXELS, "ab") as pixels, open(temp / SHAPES_WRITTEN, "ab") as shapes_out:
+        synced = position
+        bar = tqdm(decoded, initial=done, total=count, desc=name, disable=None, leave=False)
+        for written, image in enumerate(bar, start=done + 1):
+            shape = (0, 0) if image is None else image.shape[:2]
             if image is not None:
-                out.write(np.ascontiguousarray(image).data)
-                positions[i], shapes[i] = position, image.shape[:2]
+                pixels.write(np.ascontiguousarray(image).data)
                 position += image.nbytes
-        out.flush()
-        os.fsync(out.fileno())
+            shapes_out.write(np.asarray(shape, np.int32).tobytes())
+            if position - synced >= CHECKPOINT_BYTES or written == count:
+                _checkpoint(temp, (pixels, shapes_out), written, position)
+                synced = position
+    _write_index(temp, samples, order, position, name, dataset, preprocess)
+    return count - done
+
+
+def _checkpoint(temp: Path, files, images: int, position: int) -> None:
+    """Make the first ``images`` of the build durable, then say so (atomically)."""
+    for file in files:
+        file.flush()
+        os.fsync(file.fileno())
+    write_text_atomic(temp / PROGRESS, json.dumps({"images": images, "bytes": position}))
+
+
+def _resume_point(temp: Path) -> tuple[int, int]:
+    """(images, bytes) of ``temp`` a killed build made durable, both files cut back to it; (0, 0)
+    and empty files when there is nothing to go on from."""
+    done = position = 0
+    try:
+        progress = json.loads((temp / PROGRESS).read_text(encoding="utf-8"))
+        done, position = int(progress["images"]), int(progress["bytes"])
+        shapes = np.fromfile(temp / SHAPES_WRITTEN, np.int32, count=2 * done).reshape(-1, 2)
+        whole = len(shapes) == done and (temp / PIXELS).stat().st_size >= position
+        if not whole or 3 * int(shapes.astype(np.int64).prod(axis=1).sum()) != position:
+            done = position = 0
+    except (OSError, ValueError, KeyError, TypeError):
+        done = position = 0
+    for file, length in ((PIXELS, position), (SHAPES_WRITTEN, 8 * done)):
+        with open(temp / file, "ab") as out:
+            out.truncate(length)
+    return done, position
+
+
+def _write_index(
+    temp: Path,
+    samples: Sequence[tuple[Path, int]],
+    order: np.ndarray,
+    position: int,
+    name: str,
+    dataset: Path,
+    preprocess: PreprocessConfig,
+) -> None:
+    """index.npz and meta.json from the shapes written in ``order``; the build's own files go."""
+    in_order = np.fromfile(temp / SHAPES_WRITTEN, np.int32).reshape(-1, 2)
+    sizes = 3 * in_order.astype(np.int64).prod(axis=1)
+    positions, shapes = np.zeros(len(samples), np.int64), np.zeros((len(samples), 2), np.int32)
+    positions[order], shapes[order] = np.cumsum(sizes) - sizes, in_order
+    positions[shapes[:, 0] == 0] = 0  # unreadable: no pixels
     labels = np.asarray([label for _, label in samples], np.int64)
     with open(temp / INDEX, "wb") as out:
         np.savez(out, positions=positions, shapes=shapes, labels=labels)
@@ -265,7 +321,7 @@ def _write(
         "format": FORMAT,
         "dataset": os.fsdecode(Path(dataset).absolute()),
         "split": name,
-        "images": count - len(skipped),
+        "images": len(samples) - len(skipped),
         "bytes": position,
         "preprocess": preprocess.to_dict(),
         "skipped": skipped,
@@ -274,6 +330,8 @@ def _write(
         json.dump(meta, out, indent=1, ensure_ascii=False)
         out.flush()
         os.fsync(out.fileno())
+    for leftover in (SHAPES_WRITTEN, PROGRESS):
+        (temp / leftover).unlink(missing_ok=True)
     _fsync_dir(temp)
 
 
