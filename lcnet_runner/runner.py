@@ -109,7 +109,8 @@ class LCNetRunner:
             self.predictor.infer(np.zeros((batch, size, size, 3), np.uint8))
 
     def _infer(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        return list(self.predictor.infer(np.stack(crops)))
+        # The engine thread's batches: ``_infer_lone_image_here`` already declined a lone image.
+        return list(self.predictor.infer(np.stack(crops), solo=False))
 
     def _infer_lone_image_here(self, crops: list[np.ndarray]) -> list[np.ndarray] | None:
         """A lone image on every core runs on the event loop's own thread, which just decoded
