@@ -19,6 +19,7 @@ the runner, the CLIs — waits and reads the same answer.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -247,12 +248,11 @@ def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | N
     if architecture:
         work = [architecture, artifact.preprocess.crop_size, len(artifact.labels), present]
     else:  # e.g. an imported folder: its own files
-        files = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]
-        work = [str(artifact.path.resolve())] + [
-            (name, path.stat().st_size, path.stat().st_mtime_ns)
-            for name in files
-            if (path := artifact.path / name).is_file()
-        ]
+        work = [str(artifact.path.resolve())]
+        for name in [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]:
+            with contextlib.suppress(FileNotFoundError):
+                stat = (artifact.path / name).stat()
+                work.append((name, stat.st_size, stat.st_mtime_ns))
     versions = {}
     for package in ("paddlepaddle", "onnxruntime", "openvino"):
         try:
