@@ -265,7 +265,7 @@ def _write(
             if position - synced >= CHECKPOINT_BYTES or written == count:
                 _checkpoint(temp, (pixels, shapes_out), written, position)
                 synced = position
-    _write_index(temp, samples, order, position, name, dataset, preprocess)
+    _write_index(temp, samples, order, name, dataset, preprocess)
     return count - done
 
 
@@ -284,9 +284,9 @@ def _resume_point(temp: Path) -> tuple[int, int]:
     try:
         progress = json.loads((temp / PROGRESS).read_text(encoding="utf-8"))
         done, position = int(progress["images"]), int(progress["bytes"])
-        shapes = np.fromfile(temp / SHAPES_WRITTEN, np.int32, count=2 * done).reshape(-1, 2)
+        shapes = _shapes_written(temp, done)
         whole = len(shapes) == done and (temp / PIXELS).stat().st_size >= position
-        if not whole or 3 * int(shapes.astype(np.int64).prod(axis=1).sum()) != position:
+        if not whole or int(_image_bytes(shapes).sum()) != position:
             done = position = 0
     except (OSError, ValueError, KeyError, TypeError):
         done = position = 0
@@ -296,18 +296,28 @@ def _resume_point(temp: Path) -> tuple[int, int]:
     return done, position
 
 
+def _shapes_written(temp: Path, images: int = -1) -> np.ndarray:
+    """The (height, width) of the first ``images`` written (-1: all), in the order written."""
+    count = 2 * images if images >= 0 else -1
+    return np.fromfile(temp / SHAPES_WRITTEN, np.int32, count=count).reshape(-1, 2)
+
+
+def _image_bytes(shapes: np.ndarray) -> np.ndarray:
+    """Bytes of the HxWx3 uint8 image of each (height, width)."""
+    return 3 * shapes.astype(np.int64).prod(axis=1)
+
+
 def _write_index(
     temp: Path,
     samples: Sequence[tuple[Path, int]],
     order: np.ndarray,
-    position: int,
     name: str,
     dataset: Path,
     preprocess: PreprocessConfig,
 ) -> None:
     """index.npz and meta.json from the shapes written in ``order``; the build's own files go."""
-    in_order = np.fromfile(temp / SHAPES_WRITTEN, np.int32).reshape(-1, 2)
-    sizes = 3 * in_order.astype(np.int64).prod(axis=1)
+    in_order = _shapes_written(temp)
+    sizes = _image_bytes(in_order)
     positions, shapes = np.zeros(len(samples), np.int64), np.zeros((len(samples), 2), np.int32)
     positions[order], shapes[order] = np.cumsum(sizes) - sizes, in_order
     positions[shapes[:, 0] == 0] = 0  # unreadable: no pixels
@@ -322,7 +332,7 @@ def _write_index(
         "dataset": os.fsdecode(Path(dataset).absolute()),
         "split": name,
         "images": len(samples) - len(skipped),
-        "bytes": position,
+        "bytes": int(sizes.sum()),
         "preprocess": preprocess.to_dict(),
         "skipped": skipped,
     }
