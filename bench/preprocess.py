@@ -4,7 +4,9 @@
 
 For a 500×375 and a 4000×3000 JPEG: ms/img with draft-mode JPEG decoding (what the Predictor, the
 server and training use) and without it (a full-size decode), and the share of preprocessing in
-one image's end-to-end time with PP-LCNet x1.0 on Paddle at batch 1, 1 thread.
+one image's end-to-end time with PP-LCNet x1.0 on Paddle at batch 1, 1 thread. Then the decode
+itself, the two ways alternated call by call (machines drift): libjpeg-turbo straight into numpy
+(what preprocess does) against Pillow's decode of the same pixels.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,14 @@ from common import export_random_model, throughput
 from PIL import Image, ImageFilter
 
 from lcnet_runner import Predictor
-from lcnet_runner.preprocess import PreprocessConfig, eval_crop, load_image, normalize, preprocess
+from lcnet_runner.preprocess import (
+    PreprocessConfig,
+    eval_crop,
+    load_image,
+    load_pixels,
+    normalize,
+    preprocess,
+)
 
 
 def jpeg(width: int, height: int) -> bytes:
@@ -28,6 +39,18 @@ def jpeg(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     noise.filter(ImageFilter.GaussianBlur(2)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def alternated_ms(first: Callable[[], object], second: Callable[[], object], seconds: float):
+    """Mean ms per call of each, called in turn so both see the same machine."""
+    spent, calls, start = [0.0, 0.0], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for i, call in enumerate((first, second)):
+            began = time.perf_counter()
+            call()
+            spent[i] += time.perf_counter() - began
+        calls += 1
+    return [1000 * total / calls for total in spent]
 
 
 def main() -> None:
@@ -48,7 +71,7 @@ def main() -> None:
             return normalize(preprocess(data, config)[None], config)
 
         def without_draft(data: bytes = data) -> np.ndarray:
-            return normalize(eval_crop(load_image(data), config)[None], config)
+            return normalize(eval_crop(load_pixels(data), config)[None], config)
 
         drafted = 1000 / throughput(with_draft, 1, args.seconds)
         full = 1000 / throughput(without_draft, 1, args.seconds)
@@ -56,6 +79,13 @@ def main() -> None:
         print(f"{width}x{height} JPEG ({len(data) // 1024} KiB): {drafted:.2f} ms/img with draft "
               f"decoding, {full:.2f} without ({full / drafted:.1f}x); preprocessing is "
               f"{100 * share:.0f} % of end-to-end")  # fmt: skip
+        libjpeg, pillow = alternated_ms(
+            lambda data=data: preprocess(data, config),
+            lambda data=data: eval_crop(load_image(data, short_side=config.resize_short), config),
+            args.seconds,
+        )
+        print(f"  decode + crop: {libjpeg:.2f} ms libjpeg-turbo straight to numpy, {pillow:.2f} "
+              f"ms Pillow's decode ({libjpeg / pillow:.2f}x), same pixels")  # fmt: skip
 
 
 if __name__ == "__main__":

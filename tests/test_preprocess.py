@@ -15,6 +15,7 @@ from lcnet_runner.preprocess import (
     center_crop_box,
     eval_crop,
     load_image,
+    load_pixels,
     normalize,
     preprocess,
     resize_short,
@@ -107,6 +108,82 @@ def test_exif_orientation_is_applied() -> None:
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     decoded = load_image(encode(image, "JPEG", exif=exif))
     assert decoded.size == (30, 60)
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Texture and edges, so every DCT coefficient and chroma sample matters."""
+    noise = np.random.default_rng(width).integers(0, 60, (height, width, 3))
+    return Image.fromarray((gradient(width, height) // 2 + noise).astype(np.uint8))
+
+
+def orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
+JPEGS = {
+    "4:2:0": (photo(451, 300), {}),
+    "4:4:4 q95": (photo(451, 300), {"subsampling": 0, "quality": 95}),
+    "4:2:2 q50": (photo(333, 257), {"subsampling": 1, "quality": 50}),
+    "progressive": (photo(300, 451), {"progressive": True}),
+    "greyscale": (photo(300, 200).convert("L"), {}),
+    "drafted to 1/4": (photo(1100, 1030), {}),
+    **{f"orientation {v}": (photo(61, 37), {"exif": orientation(v)}) for v in range(1, 9)},
+}
+
+
+@pytest.fixture
+def libjpeg_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What each of preprocess's simplejpeg.decode_jpeg calls ended in: "pixels" or "raised"."""
+    import simplejpeg
+
+    calls, decode = [], simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        try:
+            pixels = decode(*args, **kwargs)
+        except ValueError:
+            calls.append("raised")
+            raise
+        calls.append("pixels")
+        return pixels
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", JPEGS)
+def test_jpegs_decode_straight_to_pillows_pixels(
+    name: str, libjpeg_calls: list[str], tmp_path: Path
+) -> None:
+    """libjpeg-turbo's direct decode gives Pillow's pixels: chroma subsampling, progressive,
+    greyscale, DCT-scaled drafts and every EXIF orientation, from bytes or a file."""
+    image, options = JPEGS[name]
+    data = encode(image, "JPEG", **options)
+    (tmp_path / "a.jpg").write_bytes(data)
+    expected = np.asarray(load_image(data, short_side=256))
+    pixels = load_pixels(data, short_side=256)
+    np.testing.assert_array_equal(load_pixels(tmp_path / "a.jpg", short_side=256), expected)
+    assert libjpeg_calls == ["pixels", "pixels"]
+    assert pixels.flags.c_contiguous and pixels.shape[2] == 3
+    np.testing.assert_array_equal(pixels, expected)
+    if name == "drafted to 1/4":
+        assert pixels.shape == (258, 275, 3)
+
+
+def test_jpegs_libjpeg_warns_about_are_pillows_to_judge(libjpeg_calls: list[str]) -> None:
+    """Where libjpeg only warns, Pillow decides, as it always has: bytes after the last scan
+    are accepted with Pillow's pixels, a cut-off file is refused, CMYK is Pillow's alone."""
+    data = encode(photo(64, 48), "JPEG")
+    padded = data[:-2] + b"\x00" * 7 + data[-2:]  # "extraneous bytes before marker 0xd9"
+    np.testing.assert_array_equal(load_pixels(padded), np.asarray(load_image(padded)))
+    with pytest.raises(InvalidImageError, match="truncated"):
+        load_pixels(data[: len(data) // 2])
+    assert libjpeg_calls == ["raised", "raised"]
+    cmyk = encode(photo(64, 48).convert("CMYK"), "JPEG")
+    np.testing.assert_array_equal(load_pixels(cmyk), np.asarray(load_image(cmyk)))
+    assert libjpeg_calls == ["raised", "raised"]
 
 
 @pytest.mark.parametrize(
