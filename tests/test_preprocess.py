@@ -37,6 +37,18 @@ def gradient(width: int = 50, height: int = 40) -> np.ndarray:
     return np.stack([x * 5 % 256, y * 6 % 256, (x + y) * 3 % 256], axis=-1).astype(np.uint8)
 
 
+def photo(width: int, height: int) -> Image.Image:
+    """Texture and edges, so every DCT coefficient and chroma sample matters."""
+    noise = np.random.default_rng(width).integers(0, 60, (height, width, 3))
+    return Image.fromarray((gradient(width, height) // 2 + noise).astype(np.uint8))
+
+
+def orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
+
+
 def test_resize_short_and_center_crop_follow_paddlex_rounding() -> None:
     assert short_side_size(500, 375, 256) == (341, 256)
     assert short_side_size(375, 500, 256) == (256, 341)
@@ -104,22 +116,8 @@ def test_transparency_is_composited_on_white() -> None:
 
 def test_exif_orientation_is_applied() -> None:
     image = Image.fromarray(gradient(60, 30))
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90° clockwise to display"
-    decoded = load_image(encode(image, "JPEG", exif=exif))
+    decoded = load_image(encode(image, "JPEG", exif=orientation(6)))  # "rotate 90° clockwise"
     assert decoded.size == (30, 60)
-
-
-def photo(width: int, height: int) -> Image.Image:
-    """Texture and edges, so every DCT coefficient and chroma sample matters."""
-    noise = np.random.default_rng(width).integers(0, 60, (height, width, 3))
-    return Image.fromarray((gradient(width, height) // 2 + noise).astype(np.uint8))
-
-
-def orientation(value: int) -> Image.Exif:
-    exif = Image.Exif()
-    exif[0x0112] = value
-    return exif
 
 
 JPEGS = {
