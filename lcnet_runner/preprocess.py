@@ -144,7 +144,8 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _from_array(source, bgr)
     if isinstance(source, Image.Image):
-        return _to_rgb(ImageOps.exif_transpose(source))
+        with _decode_errors(source):  # an image opened lazily decodes only now
+            return _to_rgb(ImageOps.exif_transpose(source))
     with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
         return _decoded_by_pillow(opened)
 
@@ -155,14 +156,18 @@ def load_pixels(
     """``load_image`` as an RGB uint8 HxWx3 array; an array comes back as it is, once checked.
 
     The same pixels, sooner for a JPEG: Pillow reads its header (format, mode, size, EXIF), and
-    libjpeg-turbo decodes it straight into the array.
+    libjpeg-turbo decodes it straight into the array. That includes a PIL image opened but not
+    yet decoded (``Image.open``, or what BentoML hands an API for a ``PIL.Image`` argument).
     """
     if isinstance(source, np.ndarray):
         return _checked(source)
     if isinstance(source, Image.Image):
-        return np.asarray(load_image(source))
+        with _decode_errors(source):
+            pixels = _decoded_by_libjpeg(source)
+        return np.asarray(load_image(source)) if pixels is None else pixels
     with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
-        pixels = _decoded_by_libjpeg(opened, source)
+        data = source if isinstance(source, (bytes, bytearray, memoryview)) else None
+        pixels = _decoded_by_libjpeg(opened, data)
         return np.asarray(_decoded_by_pillow(opened)) if pixels is None else pixels
 
 
@@ -220,19 +225,28 @@ _ORIENTED = {
 }
 
 
-def _decoded_by_libjpeg(opened: Image.Image, source: ImageSource) -> np.ndarray | None:
-    """The RGB pixels of a JPEG Pillow has opened (and drafted), decoded by libjpeg-turbo with
-    Pillow's settings (accurate DCT, smooth chroma upsampling, the draft's scale), so they equal
-    Pillow's. None where Pillow decodes: another format, CMYK, or data libjpeg warns about —
-    whether such a file is an image stays Pillow's decision."""
-    if opened.format != "JPEG" or opened.mode not in ("RGB", "L"):
+def _plain_jpeg(image: Image.Image) -> bool:
+    """A JPEG not decoded yet whose pixels Pillow takes from libjpeg as they come: RGB, or
+    greyscale from a greyscale file (not CMYK, not drafted to another mode)."""
+    if image.format != "JPEG" or len(image.tile) != 1 or getattr(image, "fp", None) is None:
+        return False
+    args = image.tile[0][3]
+    rawmode = args[0] if isinstance(args, tuple) else args
+    return (image.mode, rawmode, getattr(image, "layers", 0)) in {("RGB", "RGB", 3), ("L", "L", 1)}
+
+
+def _decoded_by_libjpeg(image: Image.Image, data: ImageSource | None = None) -> np.ndarray | None:
+    """The RGB pixels of a JPEG Pillow has opened (and maybe drafted), decoded by libjpeg-turbo
+    with Pillow's settings (accurate DCT, smooth chroma upsampling, the draft's scale), so they
+    equal Pillow's. ``data``: the file's bytes, if the caller has them. None where Pillow
+    decodes: another format or mode, or data libjpeg warns about — whether such a file is an
+    image stays Pillow's decision."""
+    if not _plain_jpeg(image):
         return None
-    width, height = opened.size  # after the draft: the size Pillow would decode to
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = source
-    else:  # a path, whose file Pillow holds open
-        opened.fp.seek(0)
-        data = opened.fp.read()
+    width, height = image.size  # after a draft: the size Pillow would decode to
+    if data is None:  # Pillow, too, reads a JPEG from the start of its file
+        image.fp.seek(0)
+        data = image.fp.read()
     try:
         pixels = simplejpeg.decode_jpeg(
             data, colorspace="RGB", min_width=width, min_height=height, strict=True
@@ -241,7 +255,7 @@ def _decoded_by_libjpeg(opened: Image.Image, source: ImageSource) -> np.ndarray 
         return None
     if pixels.shape[:2] != (height, width):  # a DCT scale Pillow's draft would not take
         return None
-    orient = _ORIENTED.get(opened.getexif().get(ExifTags.Base.Orientation, 1))
+    orient = _ORIENTED.get(image.getexif().get(ExifTags.Base.Orientation, 1))
     return pixels if orient is None else np.ascontiguousarray(orient(pixels))
 
 

@@ -184,6 +184,28 @@ def test_jpegs_libjpeg_warns_about_are_pillows_to_judge(libjpeg_calls: list[str]
     assert libjpeg_calls == ["raised", "raised"]
 
 
+def test_pil_images_not_yet_decoded_take_the_same_route(libjpeg_calls: list[str]) -> None:
+    """A JPEG opened but not decoded (``Image.open``; what BentoML hands a ``PIL.Image``
+    argument) decodes straight to Pillow's pixels too; a decoded one, or one drafted to
+    greyscale, is Pillow's to decode; a cut-off one is an InvalidImageError, not an OSError."""
+    data = encode(photo(451, 300), "JPEG", exif=orientation(6))
+    expected = np.asarray(load_image(data))
+    np.testing.assert_array_equal(load_pixels(Image.open(io.BytesIO(data))), expected)
+    assert libjpeg_calls == ["pixels"]
+    decoded = Image.open(io.BytesIO(data))
+    decoded.load()
+    np.testing.assert_array_equal(load_pixels(decoded), expected)
+    drafted = [Image.open(io.BytesIO(data)) for _ in range(2)]
+    for image in drafted:
+        image.draft("L", image.size)
+    grey = load_pixels(drafted[0])
+    assert (grey[..., 0] == grey[..., 2]).all()
+    np.testing.assert_array_equal(grey, np.asarray(load_image(drafted[1])))
+    assert libjpeg_calls == ["pixels"]
+    with pytest.raises(InvalidImageError, match="cannot decode image"):
+        load_pixels(Image.open(io.BytesIO(data[: len(data) // 2])))
+
+
 @pytest.mark.parametrize(
     "data", [b"", b"not an image", encode(Image.new("RGB", (64, 64)), "JPEG")[:100]]
 )
