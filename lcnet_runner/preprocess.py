@@ -144,6 +144,7 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _from_array(source, bgr)
     if isinstance(source, Image.Image):
+        _check_pixels(source, max_pixels)
         with _decode_errors(source):  # an image opened lazily decodes only now
             return _to_rgb(ImageOps.exif_transpose(source))
     with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
@@ -162,6 +163,7 @@ def load_pixels(
     if isinstance(source, np.ndarray):
         return _checked(source)
     if isinstance(source, Image.Image):
+        _check_pixels(source, max_pixels)
         with _decode_errors(source):
             pixels = _decoded_by_libjpeg(source)
         return np.asarray(load_image(source)) if pixels is None else pixels
@@ -195,16 +197,25 @@ def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -
         opened = Image.open(io.BytesIO(source))
     else:
         opened = Image.open(source)
-    width, height = opened.size
-    if max_pixels is not None and width * height > max_pixels:
+    try:
+        _check_pixels(opened, max_pixels)
+    except ImageTooLargeError:
         opened.close()
-        raise ImageTooLargeError(
-            f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
-        )
+        raise
+    width, height = opened.size
     if short_side is not None and opened.format == "JPEG":
         scale = short_side / min(width, height)
         opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     return opened
+
+
+def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    """ImageTooLargeError if ``image`` (its header's size: nothing is decoded) is over the limit."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
+        )
 
 
 def _decoded_by_pillow(opened: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from lcnet_runner.preprocess import (
+    ImageTooLargeError,
     InvalidImageError,
     PreprocessConfig,
     center_crop_box,
@@ -212,6 +213,14 @@ def test_pil_images_not_yet_decoded_take_the_same_route(libjpeg_calls: list[str]
 def test_undecodable_bytes_raise_invalid_image(data: bytes) -> None:
     with pytest.raises(InvalidImageError):
         load_image(data)
+
+
+def test_the_pixel_limit_is_checked_from_the_header_for_files_and_pil_images() -> None:
+    data = encode(photo(100, 60), "JPEG")
+    for source in (data, Image.open(io.BytesIO(data))):
+        with pytest.raises(ImageTooLargeError, match="100x60 pixels, more than the limit of 5999"):
+            preprocess(source, CONFIG, max_pixels=5999)
+        assert preprocess(source, CONFIG, max_pixels=6000).shape == (32, 32, 3)
 
 
 def test_arrays_must_be_hwc_uint8() -> None:
