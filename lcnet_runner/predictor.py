@@ -132,10 +132,11 @@ class Predictor:
         return create_engine(self.variant, self.artifact, solo_threads)
 
     def _check_output_width(self) -> None:
-        """Fail at load time, not at the first request, when labels and classifier disagree
-        (this also warms oneDNN up)."""
-        size = self.preprocess_config.crop_size
-        width = self.infer(np.zeros((1, size, size, 3), np.uint8)).shape[-1]
+        """Fail at load time, not at the first request, when labels and classifier disagree.
+        A tiny image through the whole pipeline also warms oneDNN up and imports the resize
+        backend (OpenCV: ~50 ms), so the first image's timings are its own."""
+        crop = preprocess(np.zeros((8, 8, 3), np.uint8), self.preprocess_config)
+        width = self.infer(crop[None]).shape[-1]
         if width != len(self.labels):
             raise ModelNotFoundError(
                 f"{self.artifact.name}: the model outputs {width} classes but has "
