@@ -168,6 +168,12 @@ def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
     return [(protocol, c) for protocol in ("http", "grpc") for c in levels] + typed
 
 
+Results = dict[tuple[str, str, int], dict]  # (mode, protocol, clients) → load figures
+Beside = dict[tuple[str, int], dict[str, float]]  # (protocol, clients) → in-process neighbours
+MODES = (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"}),
+         ("solo off", {"LCNET_SOLO_THREADS": "1"}))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
@@ -181,8 +187,6 @@ def main() -> None:
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
 
-    from lcnet_runner.testing import Server
-
     tag = make_store(args.model, int8=args.precision in ("int8", "auto"))
     image = photo_jpeg()
     from lcnet_runner import Predictor
@@ -195,13 +199,21 @@ def main() -> None:
     print(
         f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {default_threads()} cores"
     )
-    reference = InProcess(tag, image, args.engine, args.precision)
-    beside: dict[tuple[str, int], dict[str, float]] = {}  # the in-process figures of each goal
+    results, beside = measure(tag, image, args, levels, compared)
+    report(results, beside, levels, compared)
 
-    results: dict[tuple[str, str, int], dict] = {}
-    modes = (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"}),
-             ("solo off", {"LCNET_SOLO_THREADS": "1"}))  # fmt: skip
-    for mode, env in modes:
+
+def measure(
+    tag: str, image: bytes, args: argparse.Namespace, levels: list[int], compared: int
+) -> tuple[Results, Beside]:
+    """Every mode's server under every planned load, each goal's in-process neighbour measured
+    just before it."""
+    from lcnet_runner.testing import Server
+
+    reference = InProcess(tag, image, args.engine, args.precision)
+    results: Results = {}
+    beside: Beside = {}
+    for mode, env in MODES:
         server = Server(
             str(ROOT),
             {
@@ -230,10 +242,16 @@ def main() -> None:
             print(f"{mode}: mean batch size formed {mean_batch_size(server.url):.2f}")
         finally:
             server.stop()
+    return results, beside
+
+
+def report(results: Results, beside: Beside, levels: list[int], compared: int) -> None:
+    """The goals' ratios, each served figure against its in-process neighbour."""
+    batching = {(protocol, clients): r for (mode, protocol, clients), r in results.items()
+                if mode == "batching"}  # fmt: skip
     for protocol in ("http", "grpc"):
-        on = results[("batching", protocol, compared)]
+        on, near = batching[(protocol, compared)], beside[(protocol, compared)]
         off = results[("no batching", protocol, compared)]
-        near = beside[(protocol, compared)]
         print(
             f"{protocol}: served@{compared} / in-process = {on['rps'] / near['pipeline']:.2f} "
             f"(target >= 1.0); batching on / off @{compared} = {on['rps'] / off['rps']:.2f} "
@@ -242,31 +260,23 @@ def main() -> None:
         print(f"{protocol}: served@{compared} / engine limit = {on['rps'] / near['limit']:.2f} "
               "(target >= 0.6 on AVX2, >= 0.45 with AMX bf16)")  # fmt: skip
         if (protocol, 1) in beside:
-            overhead = results[("batching", protocol, 1)]["p50_ms"] - beside[(protocol, 1)]["ms"]
+            overhead = batching[(protocol, 1)]["p50_ms"] - beside[(protocol, 1)]["ms"]
             print(f"{protocol}: served p50 @1 client - in-process single image = {overhead:.2f} ms "
                   "(target <= 3)")  # fmt: skip
-    typed, fast = (
-        results.get(("batching", "typed", compared)),
-        results[("batching", "http", compared)],
-    )
-    if typed:
-        print(f"typed /predict ÷ fast /classify @{compared} = {typed['rps'] / fast['rps']:.2f}")
-    if ("batching", "typed", 1) in results and ("batching", "http", 1) in results:
-        extra = (
-            results[("batching", "typed", 1)]["p50_ms"] - results[("batching", "http", 1)]["p50_ms"]
-        )
+    if ("typed", compared) in batching:
+        ratio = batching[("typed", compared)]["rps"] / batching[("http", compared)]["rps"]
+        print(f"typed /predict ÷ fast /classify @{compared} = {ratio:.2f}")
+    if ("typed", 1) in batching and ("http", 1) in batching:
+        extra = batching[("typed", 1)]["p50_ms"] - batching[("http", 1)]["p50_ms"]
         print(f"typed /predict p50 @1 client - fast /classify p50 @1 client = {extra:.2f} ms")
     for clients in dict.fromkeys([1, compared]):
-        on, off = (
-            results.get(("batching", "http", clients)),
-            results.get(("solo off", "http", clients)),
-        )
+        on, off = batching.get(("http", clients)), results.get(("solo off", "http", clients))
         if on and off:
             ratio = on["rps"] / off["rps"]
             print(f"http @{clients}: lone images on every core ÷ on 1 thread: req/s {ratio:.2f}, "
                   f"p50 {on['p50_ms']:.1f} vs {off['p50_ms']:.1f} ms")  # fmt: skip
     top = max(levels)
-    errors = sum(results[("batching", p, top)]["errors"] for p in ("http", "grpc"))
+    errors = sum(batching[(p, top)]["errors"] for p in ("http", "grpc"))
     print(f"errors or 503s at {top} clients: {errors}")
 
 
