@@ -41,7 +41,9 @@ def jpeg(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def alternated_ms(first: Callable[[], object], second: Callable[[], object], seconds: float):
+def alternated_ms(
+    first: Callable[[], object], second: Callable[[], object], seconds: float
+) -> list[float]:
     """Mean ms per call of each, called in turn so both see the same machine."""
     spent, calls, start = [0.0, 0.0], 0, time.perf_counter()
     while time.perf_counter() - start < seconds:

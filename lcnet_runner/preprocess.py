@@ -49,6 +49,7 @@ CV2_FILTERS = {
 RESIZE_BACKENDS = ("cv2", "pil")
 
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
+_ENCODED = (bytes, bytearray, memoryview)  # an encoded image (a file's content) in memory
 
 
 class InvalidImageError(ValueError):
@@ -168,7 +169,7 @@ def load_pixels(
             pixels = _decoded_by_libjpeg(source)
         return np.asarray(load_image(source)) if pixels is None else pixels
     with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
-        data = source if isinstance(source, (bytes, bytearray, memoryview)) else None
+        data = source if isinstance(source, _ENCODED) else None
         pixels = _decoded_by_libjpeg(opened, data)
         return np.asarray(_decoded_by_pillow(opened)) if pixels is None else pixels
 
@@ -191,7 +192,7 @@ def _decode_errors(source: ImageSource) -> Iterator[None]:
 def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -> Image.Image:
     """The image opened (header read, nothing decoded), its size checked, a large JPEG drafted
     to decode at the smallest DCT scale that keeps its short side >= ``short_side``."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if isinstance(source, _ENCODED):
         if not source:
             raise InvalidImageError("empty image data")
         opened = Image.open(io.BytesIO(source))
@@ -246,7 +247,9 @@ def _plain_jpeg(image: Image.Image) -> bool:
     return (image.mode, rawmode, getattr(image, "layers", 0)) in {("RGB", "RGB", 3), ("L", "L", 1)}
 
 
-def _decoded_by_libjpeg(image: Image.Image, data: ImageSource | None = None) -> np.ndarray | None:
+def _decoded_by_libjpeg(
+    image: Image.Image, data: bytes | bytearray | memoryview | None = None
+) -> np.ndarray | None:
     """The RGB pixels of a JPEG Pillow has opened (and maybe drafted), decoded by libjpeg-turbo
     with Pillow's settings (accurate DCT, smooth chroma upsampling, the draft's scale), so they
     equal Pillow's. ``data``: the file's bytes, if the caller has them. None where Pillow
