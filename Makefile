@@ -64,8 +64,7 @@ bench: install
 	$(PY) bench/preprocess.py
 	$(PY) bench/seed_print.py
 	$(PY) bench/vs_paddlex.py
-	$(PY) bench/serve.py
-	$(PY) bench/serve.py --engine paddle --precision fp32
+	$(PY) bench/serve.py --variants auto,openvino/fp32,onnxruntime/fp32,paddle/fp32
 	$(PY) bench/serve_cpu.py
 	$(PY) bench/int8_overflow.py
 	$(PY) bench/memory.py

@@ -1,6 +1,7 @@
 """Serving throughput and latency on loopback, with ratios measured side by side in one run.
 
     python bench/serve.py [--model PPLCNet_x1_0] [--seconds 6] [--clients 1,8,32,64]
+    python bench/serve.py --variants auto,openvino/fp32,onnxruntime/fp32,paddle/fp32
 
 Sets up a throwaway BentoML store with an exported PP-LCNet (random weights: speed does not
 depend on them) and a 500×375 JPEG, then measures:
@@ -21,7 +22,8 @@ compare like with like.
 The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1). By default
 the engine is `auto`, as a user's server has it: the fastest variant on this CPU at the workers'
 thread count (int8 is quantized on smooth random images for timing only); the in-process figures
-use the variant it chose. Name one with --engine/--precision.
+use the variant it chose. Name one with --engine/--precision, or several with --variants: each
+is measured in turn and a table of the goals per variant ends the run.
 Every load level is bounded in time (--seconds) and count (--max-requests).
 The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
 channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
@@ -183,24 +185,43 @@ def main() -> None:
     parser.add_argument("--requests-per-connection", type=int, default=5)
     parser.add_argument("--engine", default="auto", help="auto | paddle | onnxruntime | openvino")
     parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | int8")
+    parser.add_argument(
+        "--variants", default="", help="engine[/precision],... in turn, e.g. auto,paddle/fp32"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
+    variants = [parse_variant(v) for v in args.variants.split(",") if v]
+    variants = variants or [(args.engine, args.precision)]
 
-    tag = make_store(args.model, int8=args.precision in ("int8", "auto"))
+    tag = make_store(args.model, int8=any(p in ("int8", "auto") for _, p in variants))
     image = photo_jpeg()
-    from lcnet_runner import Predictor
-
-    # What the workers (1 thread each) will serve: the same cached race they read.
-    choice = Predictor(tag, engine=args.engine, precision=args.precision, threads=1,
-                       skip_guard=True).choice  # fmt: skip
-    print(f"serving {choice.describe()}")
-    args.engine, args.precision = choice.variant.engine, choice.variant.precision
     print(
         f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {default_threads()} cores"
     )
-    results, beside = measure(tag, image, args, levels, compared)
-    report(results, beside, levels, compared)
+    table = {}
+    for engine, precision in variants:
+        args.engine, args.precision = served_variant(tag, engine, precision)
+        results, beside = measure(tag, image, args, levels, compared)
+        table[f"{args.engine}/{args.precision}"] = report(results, beside, levels, compared)
+    if len(table) > 1:
+        print_goals(table, compared)
+
+
+def parse_variant(text: str) -> tuple[str, str]:
+    """``engine[/precision]`` → (engine, precision); the precision defaults to auto."""
+    engine, _, precision = text.partition("/")
+    return engine, precision or "auto"
+
+
+def served_variant(tag: str, engine: str, precision: str) -> tuple[str, str]:
+    """What the workers (1 thread each) will serve for ``engine``/``precision``: the same cached
+    race they read."""
+    from lcnet_runner import Predictor
+
+    choice = Predictor(tag, engine=engine, precision=precision, threads=1, skip_guard=True).choice
+    print(f"serving {choice.describe()}")
+    return choice.variant.engine, choice.variant.precision
 
 
 def measure(
@@ -245,24 +266,38 @@ def measure(
     return results, beside
 
 
-def report(results: Results, beside: Beside, levels: list[int], compared: int) -> None:
-    """The goals' ratios, each served figure against its in-process neighbour."""
+def goals(results: Results, beside: Beside, compared: int) -> dict[str, float]:
+    """The goals' figures per protocol, each served figure against its in-process neighbour."""
+    figures = {}
+    for protocol in ("http", "grpc"):
+        served, near = results[("batching", protocol, compared)], beside[(protocol, compared)]
+        figures[f"{protocol} ÷ in-process"] = served["rps"] / near["pipeline"]
+        figures[f"{protocol} ÷ engine limit"] = served["rps"] / near["limit"]
+        if (protocol, 1) in beside:
+            lone = results[("batching", protocol, 1)]["p50_ms"] - beside[(protocol, 1)]["ms"]
+            figures[f"{protocol} overhead ms"] = lone
+    return figures
+
+
+def report(results: Results, beside: Beside, levels: list[int], compared: int) -> dict[str, float]:
+    """Print the goals' figures and what else the run shows; return the goals' figures."""
     batching = {(protocol, clients): r for (mode, protocol, clients), r in results.items()
                 if mode == "batching"}  # fmt: skip
+    figures = goals(results, beside, compared)
     for protocol in ("http", "grpc"):
-        on, near = batching[(protocol, compared)], beside[(protocol, compared)]
         off = results[("no batching", protocol, compared)]
         print(
-            f"{protocol}: served@{compared} / in-process = {on['rps'] / near['pipeline']:.2f} "
-            f"(target >= 1.0); batching on / off @{compared} = {on['rps'] / off['rps']:.2f} "
+            f"{protocol}: served@{compared} / in-process = "
+            f"{figures[f'{protocol} ÷ in-process']:.2f} (target >= 1.0); batching on / off "
+            f"@{compared} = {batching[(protocol, compared)]['rps'] / off['rps']:.2f} "
             "(reported, no target)"
         )
-        print(f"{protocol}: served@{compared} / engine limit = {on['rps'] / near['limit']:.2f} "
+        print(f"{protocol}: served@{compared} / engine limit = "
+              f"{figures[f'{protocol} ÷ engine limit']:.2f} "
               "(target >= 0.6 on AVX2, >= 0.45 with AMX bf16)")  # fmt: skip
-        if (protocol, 1) in beside:
-            overhead = batching[(protocol, 1)]["p50_ms"] - beside[(protocol, 1)]["ms"]
-            print(f"{protocol}: served p50 @1 client - in-process single image = {overhead:.2f} ms "
-                  "(target <= 3)")  # fmt: skip
+        if f"{protocol} overhead ms" in figures:
+            print(f"{protocol}: served p50 @1 client - in-process single image = "
+                  f"{figures[f'{protocol} overhead ms']:.2f} ms (target <= 3)")  # fmt: skip
     if ("typed", compared) in batching:
         ratio = batching[("typed", compared)]["rps"] / batching[("http", compared)]["rps"]
         print(f"typed /predict ÷ fast /classify @{compared} = {ratio:.2f}")
@@ -278,6 +313,19 @@ def report(results: Results, beside: Beside, levels: list[int], compared: int) -
     top = max(levels)
     errors = sum(batching[(p, top)]["errors"] for p in ("http", "grpc"))
     print(f"errors or 503s at {top} clients: {errors}")
+    return figures
+
+
+def print_goals(table: dict[str, dict[str, float]], compared: int) -> None:
+    """One line per variant: the goals' figures over HTTP / gRPC."""
+    print(f"\n{'variant':18s} {'p50 @1 - in-process ms':>24s} {f'@{compared} ÷ in-process':>18s} "
+          f"{f'@{compared} ÷ engine limit':>20s}   (HTTP / gRPC)")  # fmt: skip
+    for variant, figures in table.items():
+        cells = [
+            " / ".join(f"{figures.get(f'{p} {goal}', float('nan')):.2f}" for p in ("http", "grpc"))
+            for goal in ("overhead ms", "÷ in-process", "÷ engine limit")
+        ]
+        print(f"{variant:18s} {cells[0]:>24s} {cells[1]:>18s} {cells[2]:>20s}")
 
 
 if __name__ == "__main__":
