@@ -1,11 +1,14 @@
-"""Idle memory of a whole `bentoml serve` at defaults: every process (arbiter included), as PSS
-so shared libraries are not counted twice.
+"""Memory of a whole `bentoml serve` at defaults, idle and after a bounded load: every process
+(arbiter included), as PSS so shared libraries are not counted twice.
 
-    python bench/memory.py [--model PPLCNet_x1_0]
+    python bench/memory.py [--model PPLCNet_x1_0] [--seconds 2]
 
 Serves an exported model (random weights, INT8 included; the guard is skipped) from a fresh
 engine-choice cache, so the first start races — the worst case — then with a lone image on one
-thread (LCNET_SOLO_THREADS=1), then with the variant named outright (no race at all).
+thread (LCNET_SOLO_THREADS=1), then with the variant named outright (no race at all), then with
+Paddle fp32. Each server is measured idle (every batch size already warmed), then after closed-loop
+HTTP loads of 1 to 64 clients (--seconds each, at most 2,000 requests each), which form batches of
+every size: the memory it holds once it has served.
 """
 
 from __future__ import annotations
@@ -16,24 +19,35 @@ import tempfile
 import time
 
 import psutil
-from common import ROOT, make_store
+from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
 
 from lcnet_runner.testing import Server
 
+LOADS = (1, 4, 8, 16, 32, 64)  # clients
 
-def idle_pss_mib(env: dict[str, str]) -> tuple[float, list[tuple[str, float]]]:
+
+def pss_mib(server: Server) -> tuple[float, list[tuple[str, float]]]:
+    """The server's PSS in all, and per process."""
+    root = psutil.Process(server.process.pid)
+    rows = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            role = "arbiter" if process is root else f"worker {process.pid}"
+            rows.append((role, process.memory_full_info().pss / 2**20))
+        except psutil.Error:
+            continue
+    return sum(pss for _, pss in rows), rows
+
+
+def idle_and_loaded(env: dict[str, str], seconds: float) -> tuple[tuple, tuple]:
     server = Server(str(ROOT), env).wait_ready()
-    time.sleep(3)  # let start-up allocations settle
     try:
-        root = psutil.Process(server.process.pid)
-        rows = []
-        for process in [root, *root.children(recursive=True)]:
-            try:
-                role = "arbiter" if process is root else f"worker {process.pid}"
-                rows.append((role, process.memory_full_info().pss / 2**20))
-            except psutil.Error:
-                continue
-        return sum(pss for _, pss in rows), rows
+        time.sleep(3)  # let start-up allocations settle
+        idle = pss_mib(server)
+        request = multipart([photo_jpeg()], server.http_port)
+        for clients in LOADS:
+            closed_loop(server.http_port, request, clients, seconds, 2000)
+        return idle, pss_mib(server)
     finally:
         server.stop()
 
@@ -41,6 +55,7 @@ def idle_pss_mib(env: dict[str, str]) -> tuple[float, list[tuple[str, float]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per load level")
     args = parser.parse_args()
     os.environ["LCNET_CACHE"] = tempfile.mkdtemp(prefix="lcnet-bench-cache-")  # a fresh race
     tag = make_store(args.model, int8=True)
@@ -49,10 +64,12 @@ def main() -> None:
         ("defaults (first start: races)", {}),
         ("lone image on 1 thread", {"LCNET_SOLO_THREADS": "1"}),
         ("openvino/int8 named", {"LCNET_ENGINE": "openvino", "LCNET_PRECISION": "int8"}),
+        ("paddle/fp32 named", {"LCNET_ENGINE": "paddle", "LCNET_PRECISION": "fp32"}),
     ):
-        total, rows = idle_pss_mib({**base, **env})
+        (idle, rows), (loaded, _) = idle_and_loaded({**base, **env}, args.seconds)
         parts = ", ".join(f"{role} {pss:.0f}" for role, pss in rows)
-        print(f"{name}: {total:.0f} MiB PSS ({parts})")
+        print(f"{name}: {idle:.0f} MiB PSS idle ({parts}); {loaded:.0f} MiB after serving "
+              f"{'/'.join(map(str, LOADS))} clients")  # fmt: skip
 
 
 if __name__ == "__main__":

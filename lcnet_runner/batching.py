@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -99,6 +99,12 @@ class AdaptiveBatcher(Generic[T, R]):
             if isinstance(result, BaseException):
                 raise result
         return results
+
+    def warm_up(self, batches: Iterable[list[T]]) -> None:
+        """Run ``process`` on each batch in the engine thread and wait; before serving, so that
+        an engine keeping per-thread state builds it in the thread its batches will run in."""
+        for batch in batches:
+            self._executor.submit(self._process, batch).result()
 
     async def close(self) -> None:
         """Stop taking calls, finish what is queued, release the engine thread; idempotent."""

@@ -73,7 +73,6 @@ class LCNetRunner:
         artifact = self.predictor.artifact
         self.tag = artifact.tag or str(artifact.path)  # the version, shown with every answer
         self._observer = observer
-        self._warm_up()
         holds_gil = not ENGINES[self.predictor.variant.engine].releases_gil
         self.max_delay_ms = config.max_delay_ms if holds_gil else 0.0  # see RunnerConfig
         self._batcher: AdaptiveBatcher[np.ndarray, np.ndarray] = AdaptiveBatcher(
@@ -84,6 +83,7 @@ class LCNetRunner:
             process_here=self._infer_lone_image_here,
             name="lcnet-runner",
         )
+        self._warm_up()
 
     @classmethod
     def from_model(
@@ -101,12 +101,16 @@ class LCNetRunner:
         return cls(model, RunnerConfig(**config), observer)
 
     def _warm_up(self) -> None:
-        """Run every batch size once before serving: oneDNN builds (and caches) its kernels per
-        input shape, so the first batch of each size is slow and grows memory. Measured: without
-        this a worker's memory rose ~100 MiB over its first few thousand requests, then stayed."""
+        """Run every batch size once before serving, in the threads that will run them: engines
+        build (and cache) kernels per input shape, so the first batch of each size is slow and
+        grows memory, and Paddle keeps that cache per thread. Measured on x1.0: warmed on the
+        loading thread, Paddle's batches built a second cache (~300 MiB a worker) in the engine
+        thread under load; OpenVINO's and ONNX Runtime's caches are shared between threads."""
         size = self.predictor.preprocess_config.crop_size
-        for batch in range(1, self.config.max_batch_size + 1):
-            self.predictor.infer(np.zeros((batch, size, size, 3), np.uint8))
+        blank = np.zeros((size, size, 3), np.uint8)
+        self._batcher.warm_up([blank] * n for n in range(1, self.config.max_batch_size + 1))
+        if self.predictor.solo_engine is not None:  # lone images: on the event loop's thread
+            self.predictor.infer(blank[None], solo=True)
 
     def _infer(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         # The engine thread's batches: ``_infer_lone_image_here`` already declined a lone image.

@@ -10,6 +10,7 @@ import pytest
 
 from lcnet_runner import Predictor
 from lcnet_runner.batching import BatchStats
+from lcnet_runner.engines import PaddleEngine
 from lcnet_runner.runner import LCNetRunner, RunnerConfig
 from train.split import read_split
 
@@ -86,3 +87,29 @@ def test_a_lone_image_on_every_core_runs_on_the_event_loops_thread(trained: dict
     for answer in (pair[0], pair[1], busy):  # 1 thread or 2, the same answer
         assert answer[0]["category_id"] == lone[0]["category_id"]
         assert answer[0]["score"] == pytest.approx(lone[0]["score"], abs=1e-5)
+
+
+def test_every_batch_size_is_warmed_in_the_thread_that_runs_batches(trained, monkeypatch) -> None:
+    """Paddle keeps its per-shape kernels per thread: warmed on the loading thread, the engine
+    thread would build (and hold) a second set under load (~300 MiB a worker for x1.0)."""
+    ran: list[tuple[int, str]] = []
+    predict = PaddleEngine.predict
+    monkeypatch.setattr(
+        PaddleEngine,
+        "predict",
+        lambda engine, batch: (
+            ran.append((len(batch), threading.current_thread().name)) or predict(engine, batch)
+        ),
+    )
+    config = RunnerConfig(engine="paddle", precision="fp32", max_batch_size=4)
+    runner = LCNetRunner(trained["export_dir"], config)
+    engine_threads = {name for _, name in ran if name.startswith("lcnet-runner")}
+    assert sorted(size for size, name in ran if name in engine_threads) == [1, 2, 3, 4]
+    image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+
+    async def serve() -> None:
+        await runner.aclassify_batch([image] * 3)
+        await runner.close()
+
+    asyncio.run(serve())
+    assert len(engine_threads) == 1 and ran[-1] == (3, engine_threads.pop())
