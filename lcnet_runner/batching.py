@@ -102,9 +102,15 @@ class AdaptiveBatcher(Generic[T, R]):
 
     def warm_up(self, batches: Iterable[list[T]]) -> None:
         """Run ``process`` on each batch in the engine thread and wait; before serving, so that
-        an engine keeping per-thread state builds it in the thread its batches will run in."""
-        for batch in batches:
-            self._executor.submit(self._process, batch).result()
+        an engine keeping per-thread state builds it in the thread its batches will run in. A
+        batch that fails closes the batcher (its thread ends) and raises."""
+        try:
+            for batch in batches:
+                self._executor.submit(self._process, batch).result()
+        except BaseException:
+            self._closed = True
+            self._executor.shutdown(wait=True)  # idle: the failed batch has returned
+            raise
 
     async def close(self) -> None:
         """Stop taking calls, finish what is queued, release the engine thread; idempotent."""

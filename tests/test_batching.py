@@ -224,6 +224,33 @@ def test_close_drains_then_refuses() -> None:
     run(main())
 
 
+def test_warm_up_runs_in_the_engine_thread_and_a_failure_closes_the_batcher() -> None:
+    threads: list[str] = []
+
+    def process(items: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        if items == [0]:
+            raise RuntimeError("engine failed")
+        return items
+
+    async def serve(batcher: AdaptiveBatcher) -> int:
+        result = await batcher(3)
+        await batcher.close()
+        return result
+
+    batcher = AdaptiveBatcher(process, name="warm")
+    batcher.warm_up([[1], [1, 2]])
+    assert run(serve(batcher)) == 3
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0].startswith("warm")
+
+    failing = AdaptiveBatcher(process, name="failing")
+    with pytest.raises(RuntimeError, match="engine failed"):
+        failing.warm_up([[1], [0], [2]])
+    assert not any(t.name.startswith("failing") for t in threading.enumerate())
+    with pytest.raises(BatcherClosedError):
+        run(failing(1))
+
+
 def test_invalid_settings() -> None:
     with pytest.raises(ValueError):
         AdaptiveBatcher(doubler(), max_batch_size=0)
