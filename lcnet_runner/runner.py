@@ -47,7 +47,8 @@ class RunnerConfig:
     # How long a busy event loop may hold back a batch so the requests it is reading join it; 0:
     # never. Only for engines that hold the GIL (Paddle): the others run each batch as soon as
     # they are free, while the loop goes on decoding (measured, x1.0 on 2 cores: greedy waiting
-    # cost OpenVINO ~10 % at 32 clients and bought Paddle ~15 % at 8; docs/benchmarks.md).
+    # bought Paddle ~15 % at 8 clients; for OpenVINO it hardly grew the batches and no gain held
+    # up in alternated A/Bs; docs/benchmarks.md).
     max_delay_ms: float = 10.0
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
 
