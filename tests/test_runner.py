@@ -89,7 +89,9 @@ def test_a_lone_image_on_every_core_runs_on_the_event_loops_thread(trained: dict
         assert answer[0]["score"] == pytest.approx(lone[0]["score"], abs=1e-5)
 
 
-def test_every_batch_size_is_warmed_in_the_thread_that_runs_batches(trained, monkeypatch) -> None:
+def test_every_batch_size_is_warmed_in_the_thread_that_runs_batches(
+    trained: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Paddle keeps its per-shape kernels per thread: warmed on the loading thread, the engine
     thread would build (and hold) a second set under load (~300 MiB a worker for x1.0)."""
     ran: list[tuple[int, str]] = []
