@@ -24,9 +24,10 @@ from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
 from lcnet_runner.testing import Server
 
 LOADS = (1, 4, 8, 16, 32, 64)  # clients
+Reading = tuple[float, list[tuple[str, float]]]  # MiB in all, and (process role, MiB) each
 
 
-def pss_mib(server: Server) -> tuple[float, list[tuple[str, float]]]:
+def pss_mib(server: Server) -> Reading:
     """The server's PSS in all, and per process."""
     root = psutil.Process(server.process.pid)
     rows = []
@@ -39,7 +40,7 @@ def pss_mib(server: Server) -> tuple[float, list[tuple[str, float]]]:
     return sum(pss for _, pss in rows), rows
 
 
-def idle_and_loaded(env: dict[str, str], seconds: float) -> tuple[tuple, tuple]:
+def idle_and_loaded(env: dict[str, str], seconds: float) -> tuple[Reading, Reading]:
     server = Server(str(ROOT), env).wait_ready()
     try:
         time.sleep(3)  # let start-up allocations settle

@@ -200,10 +200,10 @@ def main() -> None:
         f"model {args.model} ({tag}), 500x375 JPEG of {len(image)} bytes, {default_threads()} cores"
     )
     table = {}
-    for engine, precision in variants:
-        args.engine, args.precision = served_variant(tag, engine, precision)
-        results, beside = measure(tag, image, args, levels, compared)
-        table[f"{args.engine}/{args.precision}"] = report(results, beside, levels, compared)
+    for asked in variants:
+        engine, precision = served_variant(tag, *asked)
+        results, beside = measure(tag, image, engine, precision, args, levels, compared)
+        table[f"{engine}/{precision}"] = report(results, beside, levels, compared)
     if len(table) > 1:
         print_goals(table, compared)
 
@@ -225,13 +225,14 @@ def served_variant(tag: str, engine: str, precision: str) -> tuple[str, str]:
 
 
 def measure(
-    tag: str, image: bytes, args: argparse.Namespace, levels: list[int], compared: int
-) -> tuple[Results, Beside]:
-    """Every mode's server under every planned load, each goal's in-process neighbour measured
-    just before it."""
+    tag: str, image: bytes, engine: str, precision: str, args: argparse.Namespace,
+    levels: list[int], compared: int,
+) -> tuple[Results, Beside]:  # fmt: skip
+    """Every mode's server of ``engine``/``precision`` under every planned load, each goal's
+    in-process neighbour measured just before it."""
     from lcnet_runner.testing import Server
 
-    reference = InProcess(tag, image, args.engine, args.precision)
+    reference = InProcess(tag, image, engine, precision)
     results: Results = {}
     beside: Beside = {}
     for mode, env in MODES:
@@ -239,8 +240,8 @@ def measure(
             str(ROOT),
             {
                 "LCNET_MODEL": tag,
-                "LCNET_ENGINE": args.engine,
-                "LCNET_PRECISION": args.precision,
+                "LCNET_ENGINE": engine,
+                "LCNET_PRECISION": precision,
                 "LCNET_SKIP_GUARD": "1",
                 **env,
             },
