@@ -24,7 +24,7 @@ from .engines import (
     create_engine,
     default_threads,
 )
-from .preprocess import ImageSource, normalize, preprocess
+from .preprocess import ImageSource, preprocess
 
 
 class Prediction(TypedDict):
@@ -153,7 +153,7 @@ class Predictor:
         on the solo engine (default: ``takes_every_core``)."""
         solo = self.takes_every_core(len(crops)) if solo is None else solo
         engine = self.solo_engine if solo else self.engine
-        return engine.predict(normalize(crops, self.preprocess_config))
+        return engine.predict(crops)
 
     def predict(
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 1, *, bgr: bool = False

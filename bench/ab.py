@@ -1,0 +1,97 @@
+"""This tree's server against another revision's, both up at once, load alternated in bursts.
+
+    python bench/ab.py REV [--clients 32] [--bursts 10] [--seconds 4] [--env LCNET_X=1 ...]
+
+Checks out REV (a commit, branch or tag) in a temporary git worktree and serves the same model
+(x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
+worker importing its own tree's code. Then it loads them in turn with N closed-loop HTTP clients
+posting the 500×375 JPEG to /classify, in short bursts whose order alternates, and prints each
+pair's throughput ratio (this tree ÷ REV), their median and how many pairs this tree won.
+
+Why bursts: this machine's speed drifts by tens of percent within minutes, and two servers
+measured one after the other compare two machines (in one A/B of whole runs, the same change
+read 0.82–1.06×; in 4 s bursts, 0.91–1.10× around a median of 1.07). An idle server takes no
+CPU, so both wait side by side. Bounded by --seconds and --max-requests per burst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
+
+from lcnet_runner.testing import Server
+
+
+def worktree(revision: str, folder: Path) -> Path:
+    """``revision`` checked out (detached) in ``folder``; the caller removes it."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(folder),
+                    revision], check=True)  # fmt: skip
+    return folder
+
+
+def serve(tree: Path, tag: str, env: dict[str, str]) -> Server:
+    # PYTHONPATH first: the tree's own lcnet_runner, not the installed (editable) one.
+    return Server(str(tree), {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1",
+                              "PYTHONPATH": str(tree), **env}).wait_ready()  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("revision", help="what this tree is compared with, e.g. HEAD or main~3")
+    parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per burst")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="per burst")
+    parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for both servers")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+
+    tag = make_store(args.model, int8=True)
+    image = photo_jpeg()
+    with tempfile.TemporaryDirectory(prefix="lcnet-ab-") as scratch:
+        trees = {"this": ROOT, args.revision: worktree(args.revision, Path(scratch) / "tree")}
+        servers: dict[str, Server] = {}
+        try:
+            for name, tree in trees.items():
+                servers[name] = serve(tree, tag, env)
+            compare(servers, image, args)
+        finally:
+            for server in servers.values():
+                server.stop()
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                            str(trees[args.revision])], check=False)  # fmt: skip
+
+
+def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
+    def burst(name: str, seconds: float) -> dict:
+        request = multipart([image], servers[name].http_port)
+        return closed_loop(servers[name].http_port, request, args.clients, seconds,
+                           args.max_requests)  # fmt: skip
+
+    this, other = servers
+    for name in servers:  # warm-up: the first requests of a server are its slowest
+        burst(name, 1.0)
+    ratios = []
+    for i in range(args.bursts):
+        order = (this, other) if i % 2 == 0 else (other, this)
+        got = {name: burst(name, args.seconds) for name in order}
+        ratios.append(got[this]["rps"] / got[other]["rps"])
+        errors = got[this]["errors"] + got[other]["errors"]
+        print(f"burst {i}: this {got[this]['rps']:6.1f} req/s, p50 {got[this]['p50_ms']:6.1f} ms"
+              f" | {other} {got[other]['rps']:6.1f} req/s, p50 {got[other]['p50_ms']:6.1f} ms"
+              f" | ratio {ratios[-1]:.3f}, errors {errors}", flush=True)  # fmt: skip
+    wins = sum(ratio > 1 for ratio in ratios)
+    print(
+        f"{args.clients} clients: this ÷ {other} = {statistics.median(ratios):.3f} (median of "
+        f"{len(ratios)} pairs, {min(ratios):.2f}–{max(ratios):.2f}); this ahead in {wins}"
+    )
+
+
+if __name__ == "__main__":
+    main()
