@@ -1,12 +1,14 @@
-"""This tree's server against another revision's, both up at once, load alternated in bursts.
+"""Two servers up at once, load alternated in bursts: this tree against a revision, or two settings.
 
     python bench/ab.py REV [--clients 32] [--bursts 10] [--seconds 4] [--env LCNET_X=1 ...]
+    python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1]
 
-Checks out REV (a commit, branch or tag) in a temporary git worktree and serves the same model
-(x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
-worker importing its own tree's code. Then it loads them in turn with N closed-loop HTTP clients
+With REV (a commit, branch or tag), checks it out in a temporary git worktree and serves the same
+model (x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
+worker importing its own tree's code; without, both servers run this tree and the other one adds
+``--other-env``. ``--env`` goes to both. Then it loads them in turn with N closed-loop HTTP clients
 posting the 500×375 JPEG to /classify, in short bursts whose order alternates, and prints each
-pair's throughput ratio (this tree ÷ REV), their median and how many pairs this tree won.
+pair's throughput ratio (this ÷ the other), their median and how many pairs this one won.
 
 Why bursts: this machine's speed drifts by tens of percent within minutes, and two servers
 measured one after the other compare two machines (in one A/B of whole runs, the same change
@@ -42,30 +44,36 @@ def serve(tree: Path, tag: str, env: dict[str, str]) -> Server:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("revision", help="what this tree is compared with, e.g. HEAD or main~3")
+    parser.add_argument("revision", nargs="?", help="what this tree is compared with, e.g. main")
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts")
     parser.add_argument("--seconds", type=float, default=4.0, help="per burst")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per burst")
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for both servers")
+    parser.add_argument("--other-env", nargs="*", default=[], help="KEY=VALUE for the other")
     args = parser.parse_args()
+    if not (args.revision or args.other_env):
+        parser.error("name a revision, or --other-env for a second setting of this tree")
     env = dict(item.split("=", 1) for item in args.env)
+    other_env = {**env, **dict(item.split("=", 1) for item in args.other_env)}
+    other = " ".join(filter(None, [args.revision, *args.other_env]))
 
     tag = make_store(args.model, int8=True)
     image = photo_jpeg()
     with tempfile.TemporaryDirectory(prefix="lcnet-ab-") as scratch:
-        trees = {"this": ROOT, args.revision: worktree(args.revision, Path(scratch) / "tree")}
+        tree = worktree(args.revision, Path(scratch) / "tree") if args.revision else ROOT
         servers: dict[str, Server] = {}
         try:
-            for name, tree in trees.items():
-                servers[name] = serve(tree, tag, env)
+            servers["this"] = serve(ROOT, tag, env)
+            servers[other] = serve(tree, tag, other_env)
             compare(servers, image, args)
         finally:
             for server in servers.values():
                 server.stop()
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                            str(trees[args.revision])], check=False)  # fmt: skip
+            if args.revision:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
+                                str(tree)], check=False)  # fmt: skip
 
 
 def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
