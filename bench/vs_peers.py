@@ -7,7 +7,7 @@ One exported PP-LCNet x1.0 (seeded random weights, 1000 classes: speed does not 
 one 500×375 JPEG, and one load generator for every server: a single asyncio process of N
 closed-loop clients on loopback (raw HTTP/1.1 keep-alive, a new connection every
 --requests-per-connection requests), each level bounded by --seconds and --max-requests, after
-a 1 s warm-up. Each server runs alone, at its own defaults, as a user would start it:
+a 1 s warm-up. Each server runs at its own defaults, as a user would start it:
   ours        `bentoml serve .` (2 workers × 1 thread, `auto`: the fastest variant here; random
               weights, so the accuracy guard is skipped, LCNET_SKIP_GUARD=1); multipart POST
               /classify. Also, unless --no-paddle-row, with LCNET_ENGINE=paddle (Paddle fp32,
@@ -20,9 +20,16 @@ a 1 s warm-up. Each server runs alone, at its own defaults, as a user would star
               the benchmark's own ($LCNET_CACHE/bench/paddlex-venv, created on first run; or
               --paddlex-python) with its class_ids bug fixed (bench/peers/paddlex_serving.py);
               JSON POST /image-classification {"image": <base64>, "topk": 1}.
+Each round starts every server afresh and keeps them all up; only one is loaded at a time (an
+idle server takes no CPU): the client counts in rising order, each for every server in turn, in an
+order rotated by round and level. This machine's speed drifts by tens of percent within minutes:
+servers restarted one after the other put minutes between the figures compared (session 9: ours
+÷ idiomatic 1.07 / 1.25 / 1.26 across rounds), here seconds. Fresh servers each round, because a
+server's history shows: the idiomatic service answered 1 client at a p50 of ~70 ms once it had
+served 32 (BentoML's batching keeps waiting for batches that no longer come; 12 ms fresh).
 Every request body is built once. Non-2xx answers are errors and printed. Prints req/s, p50 and
-p99 per server and client count (medians over --rounds, servers restarted each round in rotated
-order), then ours ÷ PaddleX and ours ÷ idiomatic, and /proc/loadavg before and after each server.
+p99 per server and client count (medians over --rounds), then ours ÷ PaddleX and ours ÷
+idiomatic, the latter also per round, and /proc/loadavg at each round.
 Goals: ≥ 3× PaddleX and ≥ 1.3× idiomatic at 32 clients, a lower p50 than PaddleX at 1 client.
 """
 
@@ -94,32 +101,25 @@ def start(peer: Peer, tag: str, paddlex: tuple[Path, Path] | None):
     return Server(target, env, cwd=cwd).wait_ready(timeout=180)
 
 
-def measure(peer: Peer, tag, paddlex, image: bytes, levels: list[int], args) -> dict[int, dict]:
-    """One server started, checked, loaded at every level, stopped."""
-    before = loadavg()
+def started(peer: Peer, tag: str, paddlex: tuple[Path, Path], image: bytes):
+    """``peer`` started, with the request it gets, checked once."""
     server = start(peer, tag, paddlex)
-    results = {}
-    try:
-        request = request_for(peer.kind, image, server.http_port)
-        print(f"{peer.name}: answers {check(server.http_port, request)[:160]}")
-        for clients in levels:
-            closed_loop(server.http_port, request, clients, 1.0, 200)  # warm-up
-            r = closed_loop(
-                server.http_port, request, clients, args.seconds, args.max_requests,
-                args.requests_per_connection,
-            )  # fmt: skip
-            results[clients] = r
-            bad = {s: n for s, n in r["statuses"].items() if not 200 <= s < 300}
-            print(
-                f"  {peer.name:28s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
-                f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
-                + (f" {bad}" if bad else ""),
-                flush=True,
-            )
-    finally:
-        server.stop()
-    print(f"  loadavg before {before}, after {loadavg()}")
-    return results
+    request = request_for(peer.kind, image, server.http_port)
+    print(f"{peer.name}: answers {check(server.http_port, request)[:160]}")
+    return server, request
+
+
+def measure(name: str, port: int, request: bytes, clients: int, args) -> dict:
+    """One server loaded at one level, after a 1 s warm-up (which also lets the previous
+    server's threads settle)."""
+    closed_loop(port, request, clients, 1.0, 200)
+    r = closed_loop(port, request, clients, args.seconds, args.max_requests,
+                    args.requests_per_connection)  # fmt: skip
+    bad = {s: n for s, n in r["statuses"].items() if not 200 <= s < 300}
+    print(f"  {name:28s} {clients:3d} clients: {r['rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms"
+          f"  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}" + (f" {bad}" if bad else ""),
+          flush=True)  # fmt: skip
+    return r
 
 
 def user_environment(saved: dict[str, str]) -> None:
@@ -180,9 +180,22 @@ def main() -> None:
           f"CPUs, loadavg {loadavg()}")  # fmt: skip
     runs: dict[str, list[dict[int, dict]]] = {peer.name: [] for peer in peers}
     for round_ in range(args.rounds):
-        print(f"round {round_ + 1} of {args.rounds}")
-        for peer in peers[round_ % len(peers) :] + peers[: round_ % len(peers)]:
-            runs[peer.name].append(measure(peer, tag, (python, config), image, levels, args))
+        print(f"round {round_ + 1} of {args.rounds}, loadavg {loadavg()}")
+        servers = {}
+        try:
+            for peer in peers:
+                servers[peer.name] = started(peer, tag, (python, config), image)
+                runs[peer.name].append({})
+            for i, clients in enumerate(levels):
+                turn = (round_ + i) % len(peers)
+                for peer in peers[turn:] + peers[:turn]:
+                    server, request = servers[peer.name]
+                    runs[peer.name][-1][clients] = measure(
+                        peer.name, server.http_port, request, clients, args
+                    )
+        finally:
+            for server, _ in servers.values():
+                server.stop()
     report(runs, peers, levels, args.rounds)
 
 
@@ -198,12 +211,18 @@ def report(runs: dict, peers: list[Peer], levels: list[int], rounds: int) -> Non
             print(f"| {peer.name} | {c} | {median(peer.name, c, 'rps'):.1f} | "
                   f"{median(peer.name, c, 'p50_ms'):.1f} | {median(peer.name, c, 'p99_ms'):.1f} | "
                   f"{errors} |")  # fmt: skip
-    paddlex, idiomatic = peers[0].name, peers[1].name
+
+    def ratio(ours: str, peer: str, c: int) -> str:
+        rounds = " / ".join(f"{a[c]['rps'] / b[c]['rps']:.2f}"
+                            for a, b in zip(runs[ours], runs[peer], strict=True))  # fmt: skip
+        return f"{median(ours, c, 'rps') / median(peer, c, 'rps'):.2f} (by round {rounds})"
+
+    paddlex, idiomatic, auto = peers[0].name, peers[1].name, peers[2].name
     for ours in (p.name for p in peers if p.kind == "ours"):
         for c in levels:
-            rps = median(ours, c, "rps")
-            print(f"{ours} @{c}: ÷ PaddleX {rps / median(paddlex, c, 'rps'):.2f}, "
-                  f"÷ idiomatic {rps / median(idiomatic, c, 'rps'):.2f}")  # fmt: skip
+            # The idiomatic service runs auto's variant: only that row compares like with like.
+            versus = f", ÷ idiomatic {ratio(ours, idiomatic, c)}" if ours == auto else ""
+            print(f"{ours} @{c}: ÷ PaddleX {ratio(ours, paddlex, c)}{versus}")
         if 1 in levels:
             print(f"{ours} p50 @1 client: {median(ours, 1, 'p50_ms'):.1f} ms vs PaddleX "
                   f"{median(paddlex, 1, 'p50_ms'):.1f} ms, idiomatic "
