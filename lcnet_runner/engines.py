@@ -2,10 +2,10 @@
 
 An engine takes uint8 NHWC crops, as preprocessing leaves them, and returns what the program
 outputs: class probabilities (exports end in softmax, as PaddleClas' do). It never decodes or
-crops; normalizing (mean/std, float CHW) is its first step, so that an engine able to fuse it
-into its graph does: OpenVINO does (measured on x1.0 INT8, AVX2, 1 thread: ~10 % less time per
-batch of 16 than numpy's normalize before it, docs/benchmarks.md); the others use
-``preprocess.normalize``.
+crops. Normalizing (mean/std, to float NCHW) is its own first step, so an engine that can fuse it
+into its graph does: OpenVINO (measured on x1.0 INT8, AMD EPYC AVX2, 1 thread: ~10 % less time
+per batch of 16 than numpy's normalize in front of it; docs/benchmarks.md). Paddle and ONNX
+Runtime use ``preprocess.normalize``.
 
 - ``paddle``: Paddle Inference with oneDNN, fp32 — the reference.
 - ``onnxruntime``: the stored ``inference.onnx``, fp32 (extra ``onnx``).
