@@ -22,6 +22,8 @@ import argparse
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
@@ -29,11 +31,21 @@ from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
 from lcnet_runner.testing import Server
 
 
-def worktree(revision: str, folder: Path) -> Path:
-    """``revision`` checked out (detached) in ``folder``; the caller removes it."""
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(folder),
-                    revision], check=True)  # fmt: skip
-    return folder
+@contextmanager
+def checkout(revision: str | None) -> Iterator[Path]:
+    """``revision`` checked out (detached) in a temporary git worktree, removed afterwards;
+    None: this tree."""
+    if revision is None:
+        yield ROOT
+        return
+    with tempfile.TemporaryDirectory(prefix="lcnet-ab-") as scratch:
+        folder = Path(scratch) / "tree"
+        git = ["git", "-C", str(ROOT), "worktree"]
+        subprocess.run([*git, "add", "--detach", "-q", str(folder), revision], check=True)
+        try:
+            yield folder
+        finally:
+            subprocess.run([*git, "remove", "--force", str(folder)], check=False)
 
 
 def serve(tree: Path, tag: str, env: dict[str, str]) -> Server:
@@ -61,8 +73,7 @@ def main() -> None:
 
     tag = make_store(args.model, int8=True)
     image = photo_jpeg()
-    with tempfile.TemporaryDirectory(prefix="lcnet-ab-") as scratch:
-        tree = worktree(args.revision, Path(scratch) / "tree") if args.revision else ROOT
+    with checkout(args.revision) as tree:
         servers: dict[str, Server] = {}
         try:
             servers["this"] = serve(ROOT, tag, env)
@@ -71,15 +82,13 @@ def main() -> None:
         finally:
             for server in servers.values():
                 server.stop()
-            if args.revision:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
-                                str(tree)], check=False)  # fmt: skip
 
 
 def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
+    requests = {name: multipart([image], server.http_port) for name, server in servers.items()}
+
     def burst(name: str, seconds: float) -> dict:
-        request = multipart([image], servers[name].http_port)
-        return closed_loop(servers[name].http_port, request, args.clients, seconds,
+        return closed_loop(servers[name].http_port, requests[name], args.clients, seconds,
                            args.max_requests)  # fmt: skip
 
     this, other = servers
