@@ -16,9 +16,10 @@ depend on them) and a 500×375 JPEG, then measures:
                (what the machine can do for a lone request), decode + preprocess + infer
   solo off     the server with LCNET_SOLO_THREADS=1 (a lone image on the worker's 1 thread),
                HTTP at 1 client and at 32: what running lone images on every core buys and costs
-Each in-process figure is measured just before the served level it is compared with, while the
-server idles: this machine's speed drifts by tens of percent within minutes, so only neighbours
-compare like with like.
+This machine's speed drifts by tens of percent within minutes, so only neighbours compare like
+with like: the three modes' servers are up side by side (an idle server takes no CPU), each load
+level is measured for every mode in turn, in an order rotated from level to level, and each
+in-process figure just before the served figure it is compared with, while the servers idle.
 The model has random weights, so the accuracy guard is skipped (LCNET_SKIP_GUARD=1). By default
 the engine is `auto`, as a user's server has it: the fastest variant on this CPU at the workers'
 thread count (int8 is quantized on smooth random images for timing only); the in-process figures
@@ -35,6 +36,8 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from common import (
@@ -49,6 +52,7 @@ from common import (
 )
 
 from lcnet_runner.engines import default_threads
+from lcnet_runner.testing import Server
 
 
 class InProcess:
@@ -229,42 +233,67 @@ def measure(
     levels: list[int], compared: int,
 ) -> tuple[Results, Beside]:  # fmt: skip
     """Every mode's server of ``engine``/``precision`` under every planned load, each goal's
-    in-process neighbour measured just before it."""
-    from lcnet_runner.testing import Server
-
+    in-process neighbour measured just before it. The modes' servers are up side by side (an
+    idle server takes no CPU) and each load level is measured for every mode in turn, so the
+    figures a ratio divides are seconds apart, not minutes."""
     reference = InProcess(tag, image, engine, precision)
+    env = {"LCNET_MODEL": tag, "LCNET_ENGINE": engine, "LCNET_PRECISION": precision,
+           "LCNET_SKIP_GUARD": "1"}  # fmt: skip
     results: Results = {}
     beside: Beside = {}
-    for mode, env in MODES:
-        server = Server(
-            str(ROOT),
-            {
-                "LCNET_MODEL": tag,
-                "LCNET_ENGINE": engine,
-                "LCNET_PRECISION": precision,
-                "LCNET_SKIP_GUARD": "1",
-                **env,
-            },
-        ).wait_ready()
-        try:
-            for protocol, clients in plan(mode, levels, compared):
+    with serving({mode: {**env, **extra} for mode, extra in MODES}) as servers:
+        for i, (protocol, clients) in enumerate(all_levels(levels, compared)):
+            for mode in modes_at((protocol, clients), levels, compared, rotation=i):
                 if mode == "batching" and protocol != "typed" and clients in (1, compared):
                     beside[(protocol, clients)] = measure_beside(reference, clients, args.seconds)
-                load(server, protocol, image, clients, 1.0, 200)  # warm-up
-                r = load(
-                    server, protocol, image, clients, args.seconds, args.max_requests,
-                    args.requests_per_connection,
-                )  # fmt: skip
+                r = measure_level(servers[mode], protocol, image, clients, args)
                 results[(mode, protocol, clients)] = r
                 print(
-                    f"{mode:11s} {protocol:4s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
+                    f"{mode:11s} {protocol:5s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
                     f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
                     f"errors {r['errors']}  503s {r['503']}"
                 )
+        for mode, server in servers.items():
             print(f"{mode}: mean batch size formed {mean_batch_size(server.url):.2f}")
-        finally:
-            server.stop()
     return results, beside
+
+
+def all_levels(levels: list[int], compared: int) -> list[tuple[str, int]]:
+    """Every (protocol, clients) some mode measures, by client count: the protocols' figures
+    at one count are neighbours too, and a lone client never follows the heaviest load."""
+    planned = [level for mode, _ in MODES for level in plan(mode, levels, compared)]
+    return sorted(dict.fromkeys(planned), key=lambda level: levels.index(level[1]))
+
+
+def modes_at(level: tuple[str, int], levels: list[int], compared: int, rotation: int) -> list[str]:
+    """The modes that measure ``level``, in an order rotated level by level: no mode is always
+    the first (or last) of its level."""
+    modes = [mode for mode, _ in MODES if level in plan(mode, levels, compared)]
+    turn = rotation % len(modes)
+    return modes[turn:] + modes[:turn]
+
+
+@contextmanager
+def serving(envs: dict[str, dict[str, str]]) -> Iterator[dict[str, Server]]:
+    """A server per mode, started together and stopped together."""
+    servers: dict[str, Server] = {}
+    try:
+        for mode, env in envs.items():
+            servers[mode] = Server(str(ROOT), env)
+        for server in servers.values():
+            server.wait_ready(timeout=180)
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def measure_level(server: Server, protocol: str, image: bytes, clients: int, args) -> dict:
+    load(server, protocol, image, clients, 1.0, 200)  # warm-up
+    return load(
+        server, protocol, image, clients, args.seconds, args.max_requests,
+        args.requests_per_connection,
+    )  # fmt: skip
 
 
 def goals(results: Results, beside: Beside, compared: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from .choice import refuse_unusable
 from .settings import ServingSettings
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
+SERVICE_NAME = "lcnet"
 AT_DEFINITION = ServingSettings.from_env()
 http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 
@@ -53,10 +54,11 @@ def _refuse_unusable_variant(settings: ServingSettings) -> None:
 
 @bentoml.asgi_app(http_app, path="/")
 @bentoml.service(
-    name="lcnet",
+    name=SERVICE_NAME,
     workers=AT_DEFINITION.worker_count,
     traffic={"timeout": 60},
     metrics={"enabled": True},
+    tracing=http_api.tracing_config(SERVICE_NAME),
 )
 class LCNetService:
     model = _model_reference(AT_DEFINITION.model)
@@ -167,8 +169,4 @@ class LCNetService:
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
 LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)
 # The fast routes' requests go straight to their methods.
-LCNetService.add_asgi_middleware(
-    http_api.DirectRoutes,
-    routes={"/classify": "classify", "/classify_batch": "classify_batch",
-            "/image-classification": "paddlex_classify"},
-)  # fmt: skip
+LCNetService.add_asgi_middleware(http_api.DirectRoutes, routes=http_api.FAST_ROUTES)
