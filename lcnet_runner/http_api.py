@@ -292,11 +292,13 @@ FAST_ROUTES = {"/classify": "classify", "/classify_batch": "classify_batch",
 
 def tracing_config(service_name: str) -> dict[str, Any]:
     """The service's default ``tracing`` config: the fast routes left out of OpenTelemetry
-    unless BentoML's config (file or overrides, read at import) names an exporter for this
-    service or for all. Without one — BentoML's default — every request's spans are built and
-    dropped: ~7 % of a worker's throughput at 32 clients (docs/benchmarks.md). With one, every
-    route is traced as BentoML does (a user's config overrides these defaults key by key, so a
-    default exclusion would outlive it)."""
+    unless BentoML's config (a file or overrides, loaded when bentoml is imported) names an
+    exporter, for this service or at its top level. Without one — BentoML's default — every
+    request's spans are built and dropped: ~7 % of a worker's throughput at 32 clients
+    (docs/benchmarks.md). With one, every route is traced as BentoML does: nothing is set,
+    since a user's config overrides a service's defaults key by key and an exclusion set here
+    would outlive their exporter."""
+    # BentoML has no public reader of its loaded config.
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     config = BentoMLContainer.config.get()

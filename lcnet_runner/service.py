@@ -5,8 +5,9 @@ FastAPI app) and gRPC (a server the instance starts) pin the current runner per 
 
 What BentoML reads when the class is defined comes from the environment once, at import: the
 model reference (``LCNET_MODEL``, so ``bentoml build`` packs it), the worker count
-(``LCNET_WORKERS``/``LCNET_THREADS``) and the CORS origins of the mounted app. Everything else —
-the runner, its engine choice, the limits — belongs to the instance (``self.settings``).
+(``LCNET_WORKERS``/``LCNET_THREADS``), the CORS origins of the mounted app, and whether the fast
+routes are traced (only when BentoML's own config names an exporter). Everything else — the
+runner, its engine choice, the limits — belongs to the instance (``self.settings``).
 """
 
 from __future__ import annotations
