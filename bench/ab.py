@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
+from common import ROOT, closed_loop, make_store, multipart, photo_jpeg, rotated, servers_up
 
 from lcnet_runner.testing import Server
 
@@ -51,7 +51,7 @@ def checkout(revision: str | None) -> Iterator[Path]:
 def serve(tree: Path, tag: str, env: dict[str, str]) -> Server:
     # PYTHONPATH first: the tree's own lcnet_runner, not the installed (editable) one.
     return Server(str(tree), {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1",
-                              "PYTHONPATH": str(tree), **env}).wait_ready()  # fmt: skip
+                              "PYTHONPATH": str(tree), **env})  # fmt: skip
 
 
 def main() -> None:
@@ -74,14 +74,9 @@ def main() -> None:
     tag = make_store(args.model, int8=True)
     image = photo_jpeg()
     with checkout(args.revision) as tree:
-        servers: dict[str, Server] = {}
-        try:
-            servers["this"] = serve(ROOT, tag, env)
-            servers[other] = serve(tree, tag, other_env)
+        starts = {"this": lambda: serve(ROOT, tag, env), other: lambda: serve(tree, tag, other_env)}
+        with servers_up(starts) as servers:
             compare(servers, image, args)
-        finally:
-            for server in servers.values():
-                server.stop()
 
 
 def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
@@ -96,8 +91,7 @@ def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) 
         burst(name, 1.0)
     ratios = []
     for i in range(args.bursts):
-        order = (this, other) if i % 2 == 0 else (other, this)
-        got = {name: burst(name, args.seconds) for name in order}
+        got = {name: burst(name, args.seconds) for name in rotated((this, other), i)}
         ratios.append(got[this]["rps"] / got[other]["rps"])
         errors = got[this]["errors"] + got[other]["errors"]
         print(f"burst {i}: this {got[this]['rps']:6.1f} req/s, p50 {got[this]['p50_ms']:6.1f} ms"

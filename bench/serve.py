@@ -36,8 +36,6 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 from common import (
@@ -47,6 +45,8 @@ from common import (
     mean_batch_size,
     multipart,
     photo_jpeg,
+    rotated,
+    servers_up,
     summarize,
     throughput,
 )
@@ -241,7 +241,10 @@ def measure(
            "LCNET_SKIP_GUARD": "1"}  # fmt: skip
     results: Results = {}
     beside: Beside = {}
-    with serving({mode: {**env, **extra} for mode, extra in MODES}) as servers:
+    starts = {
+        mode: lambda extra=extra: Server(str(ROOT), {**env, **extra}) for mode, extra in MODES
+    }
+    with servers_up(starts) as servers:
         for i, (protocol, clients) in enumerate(all_levels(levels, compared)):
             for mode in modes_at((protocol, clients), levels, compared, rotation=i):
                 if mode == "batching" and protocol != "typed" and clients in (1, compared):
@@ -266,26 +269,8 @@ def all_levels(levels: list[int], compared: int) -> list[tuple[str, int]]:
 
 
 def modes_at(level: tuple[str, int], levels: list[int], compared: int, rotation: int) -> list[str]:
-    """The modes that measure ``level``, in an order rotated level by level: no mode is always
-    the first (or last) of its level."""
-    modes = [mode for mode, _ in MODES if level in plan(mode, levels, compared)]
-    turn = rotation % len(modes)
-    return modes[turn:] + modes[:turn]
-
-
-@contextmanager
-def serving(envs: dict[str, dict[str, str]]) -> Iterator[dict[str, Server]]:
-    """A server per mode, started together and stopped together."""
-    servers: dict[str, Server] = {}
-    try:
-        for mode, env in envs.items():
-            servers[mode] = Server(str(ROOT), env)
-        for server in servers.values():
-            server.wait_ready(timeout=180)
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
+    """The modes that measure ``level``, in an order rotated level by level."""
+    return rotated([mode for mode, _ in MODES if level in plan(mode, levels, compared)], rotation)
 
 
 def measure_level(server: Server, protocol: str, image: bytes, clients: int, args) -> dict:

@@ -45,7 +45,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ROOT, closed_loop, make_store, multipart, photo_jpeg, post
+from common import (
+    ROOT,
+    closed_loop,
+    make_store,
+    multipart,
+    photo_jpeg,
+    post,
+    rotated,
+    servers_up,
+)
 from peers.paddlex_serving import PaddleXServer, patch, pipeline_config, venv_python
 
 PEERS = Path(__file__).resolve().parent / "peers"
@@ -87,26 +96,25 @@ def check(port: int, request: bytes) -> str:
 
 
 def start(peer: Peer, tag: str, paddlex: tuple[Path, Path] | None):
-    """Start ``peer`` on a free loopback port and wait until it is ready."""
+    """Start ``peer`` on a free loopback port (``servers_up`` waits until it is ready)."""
     from lcnet_runner.testing import Server, free_port
 
     if peer.kind == "paddlex":
         python, config = paddlex
-        return PaddleXServer(python, config, free_port(), peer.env).wait_ready(timeout=180)
+        return PaddleXServer(python, config, free_port(), peer.env)
     if peer.kind == "ours":
         target, cwd = str(ROOT), None
     else:
         target, cwd = "idiomatic_service:Classifier", PEERS
     env = {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1", **peer.env}
-    return Server(target, env, cwd=cwd).wait_ready(timeout=180)
+    return Server(target, env, cwd=cwd)
 
 
-def started(peer: Peer, tag: str, paddlex: tuple[Path, Path], image: bytes):
-    """``peer`` started, with the request it gets, checked once."""
-    server = start(peer, tag, paddlex)
+def checked_request(peer: Peer, server, image: bytes) -> bytes:
+    """The request ``peer`` gets, sent once and its answer shown."""
     request = request_for(peer.kind, image, server.http_port)
     print(f"{peer.name}: answers {check(server.http_port, request)[:160]}")
-    return server, request
+    return request
 
 
 def measure(name: str, port: int, request: bytes, clients: int, args) -> dict:
@@ -181,21 +189,17 @@ def main() -> None:
     runs: dict[str, list[dict[int, dict]]] = {peer.name: [] for peer in peers}
     for round_ in range(args.rounds):
         print(f"round {round_ + 1} of {args.rounds}, loadavg {loadavg()}")
-        servers = {}
-        try:
+        starts = {peer.name: lambda p=peer: start(p, tag, (python, config)) for peer in peers}
+        with servers_up(starts) as servers:
+            requests = {p.name: checked_request(p, servers[p.name], image) for p in peers}
             for peer in peers:
-                servers[peer.name] = started(peer, tag, (python, config), image)
                 runs[peer.name].append({})
             for i, clients in enumerate(levels):
-                turn = (round_ + i) % len(peers)
-                for peer in peers[turn:] + peers[:turn]:
-                    server, request = servers[peer.name]
+                for peer in rotated(peers, round_ + i):
+                    port = servers[peer.name].http_port
                     runs[peer.name][-1][clients] = measure(
-                        peer.name, server.http_port, request, clients, args
+                        peer.name, port, requests[peer.name], clients, args
                     )
-        finally:
-            for server, _ in servers.values():
-                server.stop()
     report(runs, peers, levels, args.rounds)
 
 
