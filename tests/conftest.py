@@ -73,11 +73,17 @@ def _stays_inside_the_repository():
 # the way from split to a served answer, unchanged.
 COLOUR_CLASSES = {" blue sky": (40, 90, 220), "green": (40, 180, 60), "红\u2028": (220, 40, 40)}
 CLASS_NAMES = sorted(COLOUR_CLASSES)  # label-index order
-TINY_EPOCHS = 8
+# 8 epochs were enough on AVX2 EPYC; on an AVX-512 Xeon seed 0 stopped at 0.83 val top-1 (CPU
+# kinds round differently, and a few epochs from scratch amplify it). 12 reached 0.94-1.0 there
+# across seeds 0-3.
+TINY_EPOCHS = 12
+# Tests that compare scores with Paddle itself (dygraph, PaddleX) pin the reference variant:
+# under `auto` a CPU with bf16 serves bf16, whose scores differ in the third decimal.
+PADDLE_FP32 = {"engine": "paddle", "precision": "fp32"}
 
 
 def tiny_fit(epochs: int = TINY_EPOCHS) -> list[str]:
-    """x0.25 from scratch at 32 px: ~6 s, reliably >= 0.9 on the colour set across seeds."""
+    """x0.25 from scratch at 32 px: ~7 s, >= 0.9 on the colour set across seeds and CPU kinds."""
     return [
         "--model", "PPLCNet_x0_25", "--pretrained", "none", "--input-size", "32",
         "--resize-short", "36", "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.01",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import CLASS_NAMES, run_cli
+from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 
 from lcnet_runner import Predictor
 from train.split import read_split
@@ -16,7 +16,7 @@ from train.split import read_split
 
 def _probs(model: str | Path, trained: dict) -> np.ndarray:
     paths = [path for path, _ in read_split(trained["dataset"], "test")]
-    predictor = Predictor(model, threads=1)
+    predictor = Predictor(model, threads=1, **PADDLE_FP32)
     return np.stack([[p["score"] for p in r] for r in predictor.predict(paths, top_k=3)])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import PADDLE_FP32
 from PIL import Image
 
 from lcnet_runner import Predictor
@@ -14,7 +15,7 @@ paddlex = pytest.importorskip("paddlex")
 
 def test_paddlex_create_model_agrees_on_top1(trained: dict) -> None:
     folder = trained["export_dir"]
-    ours = Predictor(folder, threads=1)
+    ours = Predictor(folder, threads=1, **PADDLE_FP32)  # PaddleX runs Paddle Inference fp32
     theirs = paddlex.create_model(model_name="PP-LCNet_x0_25", model_dir=folder)
     images = [
         np.asarray(Image.open(path).convert("RGB"))

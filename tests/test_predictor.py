@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from conftest import CLASS_NAMES, run_cli
+from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
@@ -32,7 +32,8 @@ def split_images(trained: dict) -> list[tuple[Path, int]]:
     return read_split(trained["dataset"], "test")
 
 
-def test_exported_model_equals_dygraph(trained: dict, predictor: Predictor, split_images) -> None:
+def test_exported_model_equals_dygraph(trained: dict, split_images) -> None:
+    predictor = Predictor(trained["export_dir"], threads=1, **PADDLE_FP32)
     network = build_model("PPLCNet_x0_25", num_classes=len(predictor.labels))
     network.set_state_dict(paddle.load(str(trained["save_dir"] / "best.pdparams")))
     network.eval()
@@ -72,10 +73,9 @@ def test_every_input_kind_gives_the_same_answer(predictor: Predictor, split_imag
 def test_store_tag_and_folder_give_the_same_answer(trained: dict, split_images) -> None:
     paths = [path for path, _ in split_images[:4]]
     # one variant for both: under auto each could win its own race (threads, path differ)
-    reference = {"engine": "paddle", "precision": "fp32"}
-    by_tag = Predictor(trained["tag"], threads=1, **reference)
+    by_tag = Predictor(trained["tag"], threads=1, **PADDLE_FP32)
     assert by_tag.artifact.tag == trained["tag"]
-    by_folder = Predictor(trained["export_dir"], **reference)
+    by_folder = Predictor(trained["export_dir"], **PADDLE_FP32)
     assert by_tag.predict(paths, top_k=3) == by_folder.predict(paths, top_k=3)
 
 
