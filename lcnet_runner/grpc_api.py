@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
+# Calls in flight on a connection past its age get as long as BentoML gives an HTTP request.
+GOAWAY_GRACE_MS = 60_000
 # What a client's mistake is called in gRPC; anything else a route raises is INVALID_ARGUMENT.
 _STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -99,12 +101,16 @@ class AdminServicer(lcnet_pb2_grpc.AdminServicer):
 async def start_grpc_server(
     served: ServedModel, settings: ServingSettings, reloader: Reloader | None = None
 ) -> grpc.aio.Server:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.so_reuseport", 1),  # every worker binds the same port
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
+    options = [
+        ("grpc.so_reuseport", 1),  # every worker binds the same port; the kernel picks one
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+    ]
+    if settings.grpc_max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(1000 * settings.grpc_max_connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", GOAWAY_GRACE_MS),
         ]
-    )
+    server = grpc.aio.server(options=options)
     servicer = ClassifierServicer(served, settings, reloader)
     lcnet_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]

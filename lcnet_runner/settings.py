@@ -27,6 +27,11 @@ class ServingSettings:
     max_batch_images: int = 64
     grpc_port: int = 50051  # 0 disables gRPC
     grpc_host: str = "0.0.0.0"
+    # A client's gRPC connection (and every call on its channel) stays with the worker that
+    # accepted it. Ending each connection after this long (the client reconnects by itself,
+    # calls in flight finish) lets the kernel spread it again: without it, channels opened while
+    # one worker was still starting stay on the other for as long as they live. 0: never.
+    grpc_max_connection_age_s: float = 60.0
     cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser
     # New versions without a restart (lcnet_runner.reload): "off"; "watch" the store for a newer
     # version of the served name every reload_interval_s; "request" only on POST /admin/reload.
@@ -47,6 +52,8 @@ class ServingSettings:
             raise ValueError("LCNET_RELOAD=request needs LCNET_ADMIN_TOKEN for POST /admin/reload")
         if self.reload_interval_s <= 0:
             raise ValueError("LCNET_RELOAD_INTERVAL_S must be > 0")
+        if self.grpc_max_connection_age_s < 0:
+            raise ValueError("LCNET_GRPC_MAX_CONNECTION_AGE_S must be >= 0 (0: never)")
 
     @property
     def worker_count(self) -> int:

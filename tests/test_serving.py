@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import psutil
 import pytest
 from conftest import CLASS_NAMES
 from PIL import Image
 
 from lcnet_runner import Predictor
 from lcnet_runner.client import Client, ClientError
+from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
 from train.split import read_split
 
@@ -187,6 +190,37 @@ def test_grpc_health_and_reflection(server: Server) -> None:
         names = {s.name for s in response.list_services_response.service}
         assert "lcnet.v1.Classifier" in names and "grpc.health.v1.Health" in names
         assert "lcnet.v1.Admin" not in names  # no LCNET_ADMIN_TOKEN: no admin service
+
+
+def _cpu_per_worker(server: Server) -> dict[int, float]:
+    workers = psutil.Process(server.process.pid).children(recursive=True)
+    return {worker.pid: sum(worker.cpu_times()[:2]) for worker in workers}
+
+
+def test_a_grpc_channel_is_spread_over_the_workers_by_connection_age(
+    trained: dict, images: list[bytes]
+) -> None:
+    """Every call on a gRPC channel goes to the worker that accepted its connection. With
+    connections ending after LCNET_GRPC_MAX_CONNECTION_AGE_S the client reconnects and the
+    kernel picks a worker anew, so one channel's calls reach both (~20 connections here: all
+    on one worker by chance has odds of ~2e-6)."""
+    with pytest.raises(ValueError, match="LCNET_GRPC_MAX_CONNECTION_AGE_S must be >= 0"):
+        ServingSettings.from_env({"LCNET_GRPC_MAX_CONNECTION_AGE_S": "-1"})
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "2",
+           "LCNET_GRPC_MAX_CONNECTION_AGE_S": "0.4"}  # fmt: skip
+    server = Server(".", env).wait_ready()
+    try:
+        before = _cpu_per_worker(server)
+        with Client(server.grpc_url) as client:
+            deadline, calls = time.monotonic() + 8, 0
+            while time.monotonic() < deadline and calls < 20_000:
+                assert client.classify(images[calls % len(images)])
+                calls += 1
+        used = {pid: cpu - before.get(pid, 0.0) for pid, cpu in _cpu_per_worker(server).items()}
+    finally:
+        server.stop()
+    assert len(used) == 2 and min(used.values()) > 0.05 * sum(used.values()), used
+    assert "Traceback" not in server.output()
 
 
 def test_bentoml_clients_call_the_typed_api(server: Server, trained: dict) -> None:
