@@ -211,6 +211,15 @@ def test_a_grpc_channel_is_spread_over_the_workers_by_connection_age(
     server = Server(".", env).wait_ready()
     try:
         before = _cpu_per_worker(server)
+        # /readyz answers once one worker is up: wait until both idle, so neither's share below
+        # is its model loading.
+        for _ in range(60):
+            time.sleep(0.5)
+            now = _cpu_per_worker(server)
+            idle = len(now) == 2 and all(now[pid] - before.get(pid, 0.0) < 0.05 for pid in now)
+            before = now
+            if idle:
+                break
         with Client(server.grpc_url) as client:
             deadline, calls = time.monotonic() + 8, 0
             while time.monotonic() < deadline and calls < 20_000:
