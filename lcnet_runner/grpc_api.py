@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import handlers
 from .protos import lcnet_pb2, lcnet_pb2_grpc
-from .settings import ServingSettings
+from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
 if TYPE_CHECKING:
     from .reload import Reloader, ServedModel
@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
-# Calls in flight on a connection past its age get as long as BentoML gives an HTTP request.
-GOAWAY_GRACE_MS = 60_000
 # What a client's mistake is called in gRPC; anything else a route raises is INVALID_ARGUMENT.
 _STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
@@ -108,7 +106,7 @@ async def start_grpc_server(
     if settings.grpc_max_connection_age_s:
         options += [
             ("grpc.max_connection_age_ms", int(1000 * settings.grpc_max_connection_age_s)),
-            ("grpc.max_connection_age_grace_ms", GOAWAY_GRACE_MS),
+            ("grpc.max_connection_age_grace_ms", 1000 * REQUEST_TIMEOUT_S),
         ]
     server = grpc.aio.server(options=options)
     servicer = ClassifierServicer(served, settings, reloader)

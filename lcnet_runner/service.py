@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from . import handlers, http_api
 from .artifact import ModelArtifact, ModelNotFoundError, bentoml_home, load_folder
 from .choice import refuse_unusable
-from .settings import ServingSettings
+from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SERVICE_NAME = "lcnet"
@@ -57,7 +57,7 @@ def _refuse_unusable_variant(settings: ServingSettings) -> None:
 @bentoml.service(
     name=SERVICE_NAME,
     workers=AT_DEFINITION.worker_count,
-    traffic={"timeout": 60},
+    traffic={"timeout": REQUEST_TIMEOUT_S},
     metrics={"enabled": True},
     tracing=http_api.tracing_config(SERVICE_NAME),
 )

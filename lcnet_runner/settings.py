@@ -12,6 +12,9 @@ from .engines import default_threads
 from .runner import RunnerConfig
 
 RELOAD_MODES = ("off", "watch", "request")
+# How long BentoML lets an HTTP request run; a gRPC call in flight on a connection past its age
+# gets as long.
+REQUEST_TIMEOUT_S = 60
 
 
 @dataclass(frozen=True)

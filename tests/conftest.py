@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -118,6 +119,20 @@ def bentoml_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProc
         [str(Path(sys.executable).parent / "bentoml"), *args], cwd=ROOT, capture_output=True,
         text=True, timeout=300, env={**os.environ, **(env or {})},
     )  # fmt: skip
+
+
+def workers(server: Server) -> list[int]:
+    """PIDs of the live worker processes (a killed one lingers as a zombie until reaped)."""
+    pids = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "worker.service" in " ".join(
+                child.cmdline()
+            ):
+                pids.append(child.pid)
+        except psutil.Error:
+            pass
+    return pids
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import psutil
+from conftest import workers
 from PIL import Image
 
 from lcnet_runner.testing import Server
@@ -22,20 +22,6 @@ def jpeg(side: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def workers(server: Server) -> list[int]:
-    """PIDs of the live worker processes (a killed one lingers as a zombie until reaped)."""
-    pids = []
-    for child in psutil.Process(server.process.pid).children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and "worker.service" in " ".join(
-                child.cmdline()
-            ):
-                pids.append(child.pid)
-        except psutil.Error:
-            pass
-    return pids
 
 
 def wait_for(predicate, timeout: float) -> float:

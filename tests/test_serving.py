@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import psutil
 import pytest
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, workers
 from PIL import Image
 
 from lcnet_runner import Predictor
@@ -193,8 +193,7 @@ def test_grpc_health_and_reflection(server: Server) -> None:
 
 
 def _cpu_per_worker(server: Server) -> dict[int, float]:
-    workers = psutil.Process(server.process.pid).children(recursive=True)
-    return {worker.pid: sum(worker.cpu_times()[:2]) for worker in workers}
+    return {pid: sum(psutil.Process(pid).cpu_times()[:2]) for pid in workers(server)}
 
 
 def test_a_grpc_channel_is_spread_over_the_workers_by_connection_age(
