@@ -1,14 +1,15 @@
 """Two servers up at once, load alternated in bursts: this tree against a revision, or two settings.
 
     python bench/ab.py REV [--clients 32] [--bursts 10] [--seconds 4] [--env LCNET_X=1 ...]
-    python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1]
+    python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1] [--protocol grpc]
 
 With REV (a commit, branch or tag), checks it out in a temporary git worktree and serves the same
 model (x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
 worker importing its own tree's code; without, both servers run this tree and the other one adds
-``--other-env``. ``--env`` goes to both. Then it loads them in turn with N closed-loop HTTP clients
-posting the 500×375 JPEG to /classify, in short bursts whose order alternates, and prints each
-pair's throughput ratio (this ÷ the other), their median and how many pairs this one won.
+``--other-env``. ``--env`` goes to both. Then it loads them in turn with N closed-loop clients
+sending the 500×375 JPEG (HTTP: to /classify; gRPC: Classify, a channel each), in short bursts
+whose order alternates, and prints each pair's throughput ratio (this ÷ the other), their median
+and how many pairs this one won.
 
 Why bursts: this machine's speed drifts by tens of percent within minutes, and two servers
 measured one after the other compare two machines (in one A/B of whole runs, the same change
@@ -26,7 +27,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import ROOT, closed_loop, make_store, multipart, photo_jpeg, rotated, servers_up
+from common import (
+    ROOT,
+    closed_loop,
+    grpc_loop,
+    make_store,
+    multipart,
+    photo_jpeg,
+    rotated,
+    servers_up,
+)
 
 from lcnet_runner.testing import Server
 
@@ -58,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision", nargs="?", help="what this tree is compared with, e.g. main")
     parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts")
     parser.add_argument("--seconds", type=float, default=4.0, help="per burst")
@@ -83,6 +94,9 @@ def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) 
     requests = {name: multipart([image], server.http_port) for name, server in servers.items()}
 
     def burst(name: str, seconds: float) -> dict:
+        if args.protocol == "grpc":
+            return grpc_loop(servers[name].grpc_port, image, args.clients, seconds,
+                             args.max_requests)  # fmt: skip
         return closed_loop(servers[name].http_port, requests[name], args.clients, seconds,
                            args.max_requests)  # fmt: skip
 
@@ -99,8 +113,9 @@ def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) 
               f" | ratio {ratios[-1]:.3f}, errors {errors}", flush=True)  # fmt: skip
     wins = sum(ratio > 1 for ratio in ratios)
     print(
-        f"{args.clients} clients: this ÷ {other} = {statistics.median(ratios):.3f} (median of "
-        f"{len(ratios)} pairs, {min(ratios):.2f}–{max(ratios):.2f}); this ahead in {wins}"
+        f"{args.clients} {args.protocol} clients: this ÷ {other} = "
+        f"{statistics.median(ratios):.3f} (median of {len(ratios)} pairs, "
+        f"{min(ratios):.2f}–{max(ratios):.2f}); this ahead in {wins}"
     )
 
 

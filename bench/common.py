@@ -9,7 +9,7 @@ import io
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,30 @@ async def http_client(
             writer.close()
 
 
+async def grpc_client(port: int, image: bytes, until: float, budget: list[int], out: list):
+    """One gRPC channel (so one connection) sending ``Classify`` calls one after another; a
+    failed call is counted as 503 (UNAVAILABLE) or 500."""
+    import grpc
+
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+
+    # A private subchannel pool: otherwise every channel of this process shares one TCP
+    # connection, and so one server worker.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = lcnet_pb2_grpc.ClassifierStub(channel)
+        request = lcnet_pb2.ClassifyRequest(image=image, top_k=1)
+        while time.perf_counter() < until and budget[0] > 0:
+            budget[0] -= 1
+            start = time.perf_counter()
+            try:
+                await stub.Classify(request, timeout=30)
+                status = 200
+            except grpc.aio.AioRpcError as err:
+                status = 503 if err.code() == grpc.StatusCode.UNAVAILABLE else 500
+            out.append((status, time.perf_counter() - start))
+
+
 def summarize(out: list[tuple[int, float]], elapsed: float) -> dict[str, Any]:
     """Throughput and latency of the 2xx answers; every other status counted as an error."""
     ok = [latency for status, latency in out if 200 <= status < 300]
@@ -200,18 +224,18 @@ def summarize(out: list[tuple[int, float]], elapsed: float) -> dict[str, Any]:
     }
 
 
-def closed_loop(
-    port: int, request: bytes, clients: int, seconds: float, max_requests: int,
-    per_connection: int = 5,
-) -> dict[str, Any]:  # fmt: skip
-    """``clients`` concurrent HTTP clients replaying ``request``, each sending its next request
-    when the previous one answers, for at most ``seconds`` and ``max_requests`` in all."""
+Client = Callable[[float, list[int], list], Awaitable[None]]  # (until, budget, out) → one client
+
+
+def run_clients(client: Client, clients: int, seconds: float, max_requests: int) -> dict[str, Any]:
+    """``clients`` concurrent copies of ``client``, each sending its next request when the
+    previous one answers, for at most ``seconds`` and ``max_requests`` in all."""
     out: list[tuple[int, float]] = []
     budget = [max_requests]
 
     async def staggered(i: int):
         await asyncio.sleep(0.002 * i)  # clients arrive over time, not in one burst
-        await http_client(port, request, until, budget, out, per_connection)
+        await client(until, budget, out)
 
     async def run() -> float:
         start = time.perf_counter()
@@ -220,6 +244,29 @@ def closed_loop(
 
     until = time.perf_counter() + seconds
     return summarize(out, asyncio.run(run()))
+
+
+def closed_loop(
+    port: int, request: bytes, clients: int, seconds: float, max_requests: int,
+    per_connection: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """``clients`` HTTP clients replaying ``request`` (``run_clients``)."""
+
+    def client(until: float, budget: list[int], out: list):
+        return http_client(port, request, until, budget, out, per_connection)
+
+    return run_clients(client, clients, seconds, max_requests)
+
+
+def grpc_loop(
+    port: int, image: bytes, clients: int, seconds: float, max_requests: int
+) -> dict[str, Any]:
+    """``clients`` gRPC channels calling ``Classify`` with ``image`` (``run_clients``)."""
+
+    def client(until: float, budget: list[int], out: list):
+        return grpc_client(port, image, until, budget, out)
+
+    return run_clients(client, clients, seconds, max_requests)
 
 
 def mean_batch_size(url: str) -> float:

@@ -33,21 +33,20 @@ channels) so it takes as little CPU from the server as possible — it still sha
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import time
 
 import numpy as np
 from common import (
     ROOT,
-    http_client,
+    closed_loop,
+    grpc_loop,
     make_store,
     mean_batch_size,
     multipart,
     photo_jpeg,
     rotated,
     servers_up,
-    summarize,
     throughput,
 )
 
@@ -105,28 +104,6 @@ def measure_beside(reference: InProcess, clients: int, seconds: float) -> dict[s
     return figures
 
 
-async def grpc_client(port: int, image: bytes, until: float, budget: list[int], out: list):
-    import grpc
-
-    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
-
-    # A private subchannel pool: otherwise every channel of this process shares one TCP
-    # connection, and so one server worker.
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        stub = lcnet_pb2_grpc.ClassifierStub(channel)
-        request = lcnet_pb2.ClassifyRequest(image=image, top_k=1)
-        while time.perf_counter() < until and budget[0] > 0:
-            budget[0] -= 1
-            start = time.perf_counter()
-            try:
-                await stub.Classify(request, timeout=30)
-                status = 200
-            except grpc.aio.AioRpcError as err:
-                status = 503 if err.code() == grpc.StatusCode.UNAVAILABLE else 500
-            out.append((status, time.perf_counter() - start))
-
-
 # HTTP load targets: the fast route, and the typed @bentoml.api route BentoML's clients call.
 ROUTES = {"http": "/classify", "typed": "/predict"}
 
@@ -136,30 +113,10 @@ def load(
     per_connection: int = 20,
 ):  # fmt: skip
     """Closed loop: each client sends its next request when the previous one answers."""
-    out: list[tuple[int, float]] = []
-    budget = [max_requests]
-
-    async def staggered(i: int, client):
-        await asyncio.sleep(0.002 * i)  # clients arrive over time, not in one burst
-        await client
-
-    async def run() -> float:
-        until = time.perf_counter() + seconds
-        if protocol in ROUTES:
-            request = multipart([image], server.http_port, path=ROUTES[protocol])
-            tasks = [
-                http_client(server.http_port, request, until, budget, out, per_connection)
-                for _ in range(clients)
-            ]
-        else:
-            tasks = [
-                grpc_client(server.grpc_port, image, until, budget, out) for _ in range(clients)
-            ]
-        start = time.perf_counter()
-        await asyncio.gather(*(staggered(i, task) for i, task in enumerate(tasks)))
-        return time.perf_counter() - start
-
-    return summarize(out, asyncio.run(run()))
+    if protocol not in ROUTES:
+        return grpc_loop(server.grpc_port, image, clients, seconds, max_requests)
+    request = multipart([image], server.http_port, path=ROUTES[protocol])
+    return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
 
 
 def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:

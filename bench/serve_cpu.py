@@ -1,9 +1,10 @@
 """Where a served request's CPU goes: per worker, its event loop against its other threads.
 
-    python bench/serve_cpu.py [--clients 32] [--seconds 12] [--env LCNET_SOLO_THREADS=1 ...]
+    python bench/serve_cpu.py [--protocol grpc] [--clients 32] [--seconds 12] [--env ...]
 
 Starts `bentoml serve` at its defaults (x1.0 with random weights and INT8, guard skipped), loads
-it with N closed-loop HTTP clients posting the 500×375 JPEG to /classify, and reads every thread's
+it with N closed-loop clients sending the 500×375 JPEG (HTTP: /classify; gRPC: Classify, one
+channel each), and reads every thread's
 CPU time from /proc before and after: the worker's main thread is its event loop (HTTP, multipart,
 decoding, answers), the rest is mostly the engine. Prints CPU ms per request of each, the
 machine's idle and steal cores (what the load left unused) and the mean batch. Bounded by
@@ -18,7 +19,15 @@ import time
 from collections import Counter
 
 import psutil
-from common import ROOT, closed_loop, make_store, mean_batch_size, multipart, photo_jpeg
+from common import (
+    ROOT,
+    closed_loop,
+    grpc_loop,
+    make_store,
+    mean_batch_size,
+    multipart,
+    photo_jpeg,
+)
 
 from lcnet_runner.testing import Server
 
@@ -40,6 +49,7 @@ def thread_cpu(root_pid: int) -> Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--max-requests", type=int, default=20_000)
@@ -50,20 +60,26 @@ def main() -> None:
     env.update(item.split("=", 1) for item in args.env)
     server = Server(str(ROOT), env).wait_ready(timeout=180)
     try:
-        request = multipart([photo_jpeg()], server.http_port)
-        closed_loop(server.http_port, request, args.clients, 2.0, 2_000)  # warm-up
+        image = photo_jpeg()
+        request = multipart([image], server.http_port)
+
+        def load(seconds: float, max_requests: int) -> dict:
+            if args.protocol == "grpc":
+                return grpc_loop(server.grpc_port, image, args.clients, seconds, max_requests)
+            return closed_loop(server.http_port, request, args.clients, seconds, max_requests)
+
+        load(2.0, 2_000)  # warm-up
         cores_before, threads_before = psutil.cpu_times(), thread_cpu(server.process.pid)
         start, own_before = time.perf_counter(), sum(os.times()[:2])
-        result = closed_loop(
-            server.http_port, request, args.clients, args.seconds, args.max_requests
-        )
+        result = load(args.seconds, args.max_requests)
         elapsed = time.perf_counter() - start
         cores_after, threads_after = psutil.cpu_times(), thread_cpu(server.process.pid)
         generator = (sum(os.times()[:2]) - own_before) / elapsed
         requests = result["rps"] * elapsed
-        print(f"{args.clients} clients: {result['rps']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, "
-              f"p99 {result['p99_ms']:.1f} ms, errors {result['errors']}; mean batch "
-              f"{mean_batch_size(server.url):.2f}")  # fmt: skip
+        print(f"{args.clients} {args.protocol} clients: {result['rps']:.1f} req/s, "
+              f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, "
+              f"errors {result['errors']}; "
+              f"mean batch {mean_batch_size(server.url):.2f}")  # fmt: skip
         # Per request a worker answered, assuming the workers split the requests evenly.
         share = requests / max(1, len({pid for pid, _ in threads_after}))
         total = 0.0
