@@ -11,8 +11,9 @@ Why asyncio and not a free-running engine thread: Paddle Inference holds the GIL
 grabs each item the moment it is queued then alternates with the event loop one image at a time,
 and batches never form (mean size 1.02 at 32 clients). Taking the queue from the event loop
 lets every request that arrived during the previous batch be decoded first, so under load each
-batch holds what accumulated. Engines that release the GIL overlap with decoding anyway: the
-runner gives them ``max_delay_ms=0`` (take what is queued the moment the engine is free).
+batch holds what accumulated. The same wait helps engines that release the GIL wherever
+requests reach the loop one at a time (gRPC: each call takes several turns of the loop), so the
+batcher's task would otherwise find one or two decoded when the engine frees.
 """
 
 from __future__ import annotations

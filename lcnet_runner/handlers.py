@@ -84,7 +84,7 @@ def served_model_info(
         "threads": runner.config.threads,
         "solo_threads": runner.predictor.solo_threads,
         "max_batch_size": runner.config.max_batch_size,
-        "max_delay_ms": runner.max_delay_ms,
+        "max_delay_ms": runner.config.max_delay_ms,
         "val_top1": info.get("val_top1"),
         "test_top1": info.get("test_top1"),
         "limits": {

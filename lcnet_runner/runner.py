@@ -21,7 +21,7 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
-from .engines import ENGINES, default_threads
+from .engines import default_threads
 from .predictor import Prediction, Predictor, top_k_predictions
 from .preprocess import ImageSource, preprocess
 
@@ -45,10 +45,9 @@ class RunnerConfig:
     solo_threads: int = 0
     max_batch_size: int = 16
     # How long a busy event loop may hold back a batch so the requests it is reading join it; 0:
-    # never. Only for engines that hold the GIL (Paddle): the others run each batch as soon as
-    # they are free, while the loop goes on decoding (measured, x1.0 on 2 cores: greedy waiting
-    # bought Paddle ~15 % at 8 clients; for OpenVINO it hardly grew the batches and no gain held
-    # up in alternated A/Bs; docs/benchmarks.md).
+    # never (an idle loop never waits). Measured, x1.0 on 2 cores (docs/benchmarks.md): Paddle,
+    # which blocks the loop while it runs, +15 % at 8 clients; OpenVINO INT8 over gRPC, whose
+    # requests reach the loop one at a time, batches 2.4 → 5.3 and +7 % at 32 clients.
     max_delay_ms: float = 10.0
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
 
@@ -74,12 +73,10 @@ class LCNetRunner:
         artifact = self.predictor.artifact
         self.tag = artifact.tag or str(artifact.path)  # the version, shown with every answer
         self._observer = observer
-        holds_gil = not ENGINES[self.predictor.variant.engine].releases_gil
-        self.max_delay_ms = config.max_delay_ms if holds_gil else 0.0  # see RunnerConfig
         self._batcher: AdaptiveBatcher[np.ndarray, np.ndarray] = AdaptiveBatcher(
             self._infer,
             max_batch_size=config.max_batch_size,
-            max_delay_ms=self.max_delay_ms,
+            max_delay_ms=config.max_delay_ms,
             on_batch=observer.batch if observer else None,
             process_here=self._infer_lone_image_here,
             name="lcnet-runner",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import replace
+import time
 
 import pytest
 
@@ -48,16 +48,33 @@ def test_concurrent_calls_are_batched_and_correct(trained: dict) -> None:
     assert sum(sizes) == 2 * len(images) and max(sizes) == 8 and len(recorder.decodes) == 36
 
 
-def test_only_engines_that_hold_the_gil_wait_for_a_busy_loop(trained: dict) -> None:
-    """Greedy batching holds a batch back while the event loop reads more requests: worth it
-    for Paddle, which blocks the loop while it runs; the others run at once and overlap."""
-    config = RunnerConfig(max_delay_ms=7.0)
-    for engine, wait_ms in (("paddle", 7.0), ("onnxruntime", 0.0)):
-        runner = LCNetRunner(
-            trained["export_dir"], replace(config, engine=engine, precision="fp32")
-        )
-        assert runner.max_delay_ms == wait_ms, engine
-        asyncio.run(runner.close())
+@pytest.mark.parametrize("max_delay_ms", [60_000, 0])
+def test_requests_the_loop_is_still_reading_join_the_batch(trained: dict, max_delay_ms) -> None:
+    """Requests reaching the event loop one turn at a time (as gRPC calls do) join the batch
+    while the loop is busy reading them, up to max_delay, with an engine that releases the GIL
+    too; with 0 the engine takes what is queued the moment it is free."""
+    image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+    config = RunnerConfig(engine="onnxruntime", precision="fp32", solo_threads=1,
+                          max_delay_ms=max_delay_ms, skip_guard=True)  # fmt: skip
+    recorder = Recorder()
+    runner = LCNetRunner(trained["export_dir"], config, recorder)
+
+    async def request(turn: int):
+        for _ in range(turn):
+            await asyncio.sleep(0)
+        time.sleep(0.002)  # the loop reading this request
+        return await runner.aclassify(image)
+
+    async def main() -> None:
+        await asyncio.gather(*(request(turn) for turn in range(6)))
+        await runner.close()
+
+    asyncio.run(main())
+    sizes = [stats.size for stats in recorder.batches]
+    if max_delay_ms:
+        assert sizes == [6]
+    else:
+        assert sizes[0] == 1 and sum(sizes) == 6, sizes
 
 
 def test_a_lone_image_on_every_core_runs_on_the_event_loops_thread(trained: dict) -> None:
