@@ -47,7 +47,7 @@ class RunnerConfig:
     # How long a busy event loop may hold back a batch so the requests it is reading join it; 0:
     # never (an idle loop never waits). Measured, x1.0 on 2 cores (docs/benchmarks.md): Paddle,
     # which blocks the loop while it runs, +15 % at 8 clients; OpenVINO INT8 over gRPC, whose
-    # requests reach the loop one at a time, batches 2.4 → 5.3 and +7 % at 32 clients.
+    # requests reach the loop one at a time, batches 2.4 → 5.3 and +7–10 % at 32 clients.
     max_delay_ms: float = 10.0
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
 
