@@ -27,7 +27,8 @@ use the variant it chose. Name one with --engine/--precision, or several with --
 is measured in turn and a table of the goals per variant ends the run.
 Every load level is bounded in time (--seconds) and count (--max-requests).
 The load generator is a single asyncio process (raw HTTP/1.1 keep-alive connections, grpc.aio
-channels) so it takes as little CPU from the server as possible — it still shares the 2 cores.
+channels) so it takes as little CPU from the server as possible — it still shares the 2 cores, and
+each level prints the cores it took (gRPC's client costs ~3× HTTP's).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def measure(
                 print(
                     f"{mode:11s} {protocol:5s} {clients:3d} clients: {r['rps']:7.1f} req/s  "
                     f"p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
-                    f"errors {r['errors']}  503s {r['503']}"
+                    f"errors {r['errors']}  503s {r['503']}  client {r['client_cores']:.2f} cores"
                 )
         for mode, server in servers.items():
             print(f"{mode}: mean batch size formed {mean_batch_size(server.url):.2f}")
