@@ -123,6 +123,24 @@ def model_info(server: Server) -> dict:
     return httpx.get(f"{server.url}/model").json()
 
 
+def settled_reload_state(server: Server, state: str, timeout: float = 60) -> dict:
+    """``/model``'s reload status once every answer has said ``state`` for 2 s. One answer
+    speaks for the worker that sent it, and each worker polls the store on its own clock (every
+    LCNET_RELOAD_INTERVAL_S, 0.5 s here): the first "failed" can come while the other worker has
+    not looked yet."""
+    until, since, reload = time.monotonic() + timeout, None, {}
+    while time.monotonic() < until:
+        reload = model_info(server)["reload"]
+        if reload["state"] != state:
+            since = None
+        elif since is None:
+            since = time.monotonic()
+        elif time.monotonic() - since >= 2:
+            return reload
+        time.sleep(0.1)
+    raise AssertionError(f"/model did not settle on reload state {state!r}: {reload}")
+
+
 def admin_reload(server: Server, token: str | None, body: dict | None = None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.post(f"{server.url}/admin/reload", json=body, headers=headers)
@@ -170,11 +188,8 @@ def test_new_versions_swap_in_under_load_without_a_failed_request(
         swaps_ended = time.monotonic()
         # A corrupt version (its weights truncated in the store) never replaces the good one.
         bad = save_corrupt_version(trained)
-        until = time.monotonic() + 60
-        while model_info(server)["reload"]["state"] != "failed" and time.monotonic() < until:
-            time.sleep(0.2)
-        failed = model_info(server)["reload"]
-        assert failed["state"] == "failed" and failed["tag"] == bad, failed
+        failed = settled_reload_state(server, "failed")
+        assert failed["tag"] == bad, failed
         assert PARAMS_FILE in failed["error"] and "truncated" in failed["error"]
         time.sleep(1)
         # On request, back to an older version (the watcher does not undo it: nothing newer).
