@@ -27,16 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import (
-    ROOT,
-    closed_loop,
-    grpc_loop,
-    make_store,
-    multipart,
-    photo_jpeg,
-    rotated,
-    servers_up,
-)
+from common import ROOT, load, make_store, photo_jpeg, rotated, servers_up
 
 from lcnet_runner.testing import Server
 
@@ -91,14 +82,8 @@ def main() -> None:
 
 
 def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
-    requests = {name: multipart([image], server.http_port) for name, server in servers.items()}
-
     def burst(name: str, seconds: float) -> dict:
-        if args.protocol == "grpc":
-            return grpc_loop(servers[name].grpc_port, image, args.clients, seconds,
-                             args.max_requests)  # fmt: skip
-        return closed_loop(servers[name].http_port, requests[name], args.clients, seconds,
-                           args.max_requests)  # fmt: skip
+        return load(servers[name], args.protocol, image, args.clients, seconds, args.max_requests)
 
     this, other = servers
     for name in servers:  # warm-up: the first requests of a server are its slowest

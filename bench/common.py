@@ -271,6 +271,19 @@ def grpc_loop(
     return run_clients(client, clients, seconds, max_requests)
 
 
+def load(
+    server: Any, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
+    *, path: str = "/classify", per_connection: int = 5,
+) -> dict[str, Any]:  # fmt: skip
+    """``clients`` closed-loop clients sending ``image`` to ``server`` (a
+    ``lcnet_runner.testing.Server``): over "grpc" (``Classify``, a channel each) or "http" (a
+    multipart POST to ``path``)."""
+    if protocol == "grpc":
+        return grpc_loop(server.grpc_port, image, clients, seconds, max_requests)
+    request = multipart([image], server.http_port, path=path)
+    return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
+
+
 def mean_batch_size(url: str) -> float:
     """The mean size of the batches a server formed so far (its /metrics, all workers)."""
     import re

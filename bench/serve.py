@@ -40,11 +40,9 @@ import time
 import numpy as np
 from common import (
     ROOT,
-    closed_loop,
-    grpc_loop,
+    load,
     make_store,
     mean_batch_size,
-    multipart,
     photo_jpeg,
     rotated,
     servers_up,
@@ -109,15 +107,14 @@ def measure_beside(reference: InProcess, clients: int, seconds: float) -> dict[s
 ROUTES = {"http": "/classify", "typed": "/predict"}
 
 
-def load(
-    server, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
+def load_level(
+    server: Server, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
     per_connection: int = 20,
-):  # fmt: skip
+) -> dict:  # fmt: skip
     """Closed loop: each client sends its next request when the previous one answers."""
-    if protocol not in ROUTES:
-        return grpc_loop(server.grpc_port, image, clients, seconds, max_requests)
-    request = multipart([image], server.http_port, path=ROUTES[protocol])
-    return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
+    transport = "http" if protocol in ROUTES else "grpc"
+    return load(server, transport, image, clients, seconds, max_requests,
+                path=ROUTES.get(protocol, ""), per_connection=per_connection)  # fmt: skip
 
 
 def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
@@ -232,8 +229,8 @@ def modes_at(level: tuple[str, int], levels: list[int], compared: int, rotation:
 
 
 def measure_level(server: Server, protocol: str, image: bytes, clients: int, args) -> dict:
-    load(server, protocol, image, clients, 1.0, 200)  # warm-up
-    return load(
+    load_level(server, protocol, image, clients, 1.0, 200)  # warm-up
+    return load_level(
         server, protocol, image, clients, args.seconds, args.max_requests,
         args.requests_per_connection,
     )  # fmt: skip

@@ -18,15 +18,7 @@ import time
 from collections import Counter
 
 import psutil
-from common import (
-    ROOT,
-    closed_loop,
-    grpc_loop,
-    make_store,
-    mean_batch_size,
-    multipart,
-    photo_jpeg,
-)
+from common import ROOT, load, make_store, mean_batch_size, photo_jpeg
 
 from lcnet_runner.testing import Server
 
@@ -60,17 +52,10 @@ def main() -> None:
     server = Server(str(ROOT), env).wait_ready(timeout=180)
     try:
         image = photo_jpeg()
-        request = multipart([image], server.http_port)
-
-        def load(seconds: float, max_requests: int) -> dict:
-            if args.protocol == "grpc":
-                return grpc_loop(server.grpc_port, image, args.clients, seconds, max_requests)
-            return closed_loop(server.http_port, request, args.clients, seconds, max_requests)
-
-        load(2.0, 2_000)  # warm-up
+        load(server, args.protocol, image, args.clients, 2.0, 2_000)  # warm-up
         cores_before, threads_before = psutil.cpu_times(), thread_cpu(server.process.pid)
         start = time.perf_counter()
-        result = load(args.seconds, args.max_requests)
+        result = load(server, args.protocol, image, args.clients, args.seconds, args.max_requests)
         elapsed = time.perf_counter() - start
         cores_after, threads_after = psutil.cpu_times(), thread_cpu(server.process.pid)
         requests = result["rps"] * elapsed
