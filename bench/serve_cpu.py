@@ -4,9 +4,9 @@
 
 Starts `bentoml serve` at its defaults (x1.0 with random weights and INT8, guard skipped), loads
 it with N closed-loop clients sending the 500×375 JPEG (HTTP: /classify; gRPC: Classify, one
-channel each), and reads every thread's
-CPU time from /proc before and after: the worker's main thread is its event loop (HTTP, multipart,
-decoding, answers), the rest is mostly the engine. Prints CPU ms per request of each, the
+channel each), and reads every thread's CPU time from /proc before and after: the worker's main
+thread is its event loop (HTTP or gRPC handling, decoding, answers), the rest is mostly the
+engine (and, over gRPC, grpc's own threads). Prints CPU ms per request of each, the
 machine's idle and steal cores (what the load left unused) and the mean batch. Bounded by
 --seconds and --max-requests. Linux only (per-thread times from /proc, through psutil).
 """
