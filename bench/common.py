@@ -5,6 +5,7 @@ tests)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import tempfile
@@ -253,21 +254,7 @@ def closed_loop(
     per_connection: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     """``clients`` HTTP clients replaying ``request`` (``run_clients``)."""
-
-    def client(until: float, budget: list[int], out: list):
-        return http_client(port, request, until, budget, out, per_connection)
-
-    return run_clients(client, clients, seconds, max_requests)
-
-
-def grpc_loop(
-    port: int, image: bytes, clients: int, seconds: float, max_requests: int
-) -> dict[str, Any]:
-    """``clients`` gRPC channels calling ``Classify`` with ``image`` (``run_clients``)."""
-
-    def client(until: float, budget: list[int], out: list):
-        return grpc_client(port, image, until, budget, out)
-
+    client = functools.partial(http_client, port, request, per_connection=per_connection)
     return run_clients(client, clients, seconds, max_requests)
 
 
@@ -279,7 +266,8 @@ def load(
     ``lcnet_runner.testing.Server``): over "grpc" (``Classify``, a channel each) or "http" (a
     multipart POST to ``path``)."""
     if protocol == "grpc":
-        return grpc_loop(server.grpc_port, image, clients, seconds, max_requests)
+        client = functools.partial(grpc_client, server.grpc_port, image)
+        return run_clients(client, clients, seconds, max_requests)
     request = multipart([image], server.http_port, path=path)
     return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
 
