@@ -2,11 +2,13 @@
 
     python bench/ab.py REV [--clients 32] [--bursts 10] [--seconds 4] [--env LCNET_X=1 ...]
     python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1] [--protocol grpc]
+    python bench/ab.py --other-protocol body          # one server, two ways to send the JPEG
 
 With REV (a commit, branch or tag), checks it out in a temporary git worktree and serves the same
 model (x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
 worker importing its own tree's code; without, both servers run this tree and the other one adds
-``--other-env``. ``--env`` goes to both. Then it loads them in turn with N closed-loop clients
+``--other-env``; with only ``--other-protocol``, one server is both sides, loaded the two ways.
+``--env`` goes to both. Then it loads them in turn with N closed-loop clients
 sending the 500×375 JPEG (HTTP: to /classify; gRPC: Classify, a channel each), in short bursts
 whose order alternates, and prints each pair's throughput ratio (this ÷ the other), their median
 and how many pairs this one won.
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import ROOT, load, make_store, photo_jpeg, rotated, servers_up
+from common import PROTOCOLS, ROOT, cpu_kind, load, make_store, photo_jpeg, rotated, servers_up
 
 from lcnet_runner.testing import Server
 
@@ -59,34 +61,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revision", nargs="?", help="what this tree is compared with, e.g. main")
     parser.add_argument("--model", default="PPLCNet_x1_0")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts")
     parser.add_argument("--seconds", type=float, default=4.0, help="per burst")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per burst")
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for both servers")
     parser.add_argument("--other-env", nargs="*", default=[], help="KEY=VALUE for the other")
+    parser.add_argument("--other-protocol", choices=PROTOCOLS, help="how the other is loaded")
     args = parser.parse_args()
-    if not (args.revision or args.other_env):
-        parser.error("name a revision, or --other-env for a second setting of this tree")
+    print(cpu_kind())
+    if not (args.revision or args.other_env or args.other_protocol):
+        parser.error("name a revision, --other-env or --other-protocol to compare with")
     env = dict(item.split("=", 1) for item in args.env)
     other_env = {**env, **dict(item.split("=", 1) for item in args.other_env)}
-    other = " ".join(filter(None, [args.revision, *args.other_env]))
+    other = " ".join(filter(None, [args.revision, *args.other_env, args.other_protocol]))
 
     tag = make_store(args.model, int8=True)
     image = photo_jpeg()
     with checkout(args.revision) as tree:
-        starts = {"this": lambda: serve(ROOT, tag, env), other: lambda: serve(tree, tag, other_env)}
+        starts = {"this": lambda: serve(ROOT, tag, env)}
+        if args.revision or args.other_env:
+            starts[other] = lambda: serve(tree, tag, other_env)
         with servers_up(starts) as servers:
-            compare(servers, image, args)
+            other_server = servers.get(other, servers["this"])  # only a protocol: one server
+            sides = {"this": (servers["this"], args.protocol),
+                     other: (other_server, args.other_protocol or args.protocol)}  # fmt: skip
+            compare(sides, image, args)
 
 
-def compare(servers: dict[str, Server], image: bytes, args: argparse.Namespace) -> None:
+def compare(sides: dict[str, tuple[Server, str]], image: bytes, args: argparse.Namespace) -> None:
+    """``sides``: name → (server, protocol), two of them, loaded in alternated bursts."""
+
     def burst(name: str, seconds: float) -> dict:
-        return load(servers[name], args.protocol, image, args.clients, seconds, args.max_requests)
+        server, protocol = sides[name]
+        return load(server, protocol, image, args.clients, seconds, args.max_requests)
 
-    this, other = servers
-    for name in servers:  # warm-up: the first requests of a server are its slowest
+    this, other = sides
+    for name in sides:  # warm-up: the first requests of a server are its slowest
         burst(name, 1.0)
     ratios = []
     for i in range(args.bursts):

@@ -39,6 +39,16 @@ def servers_up(starts: dict[str, Callable[[], Any]]) -> Iterator[dict[str, Any]]
             server.stop()
 
 
+def cpu_kind() -> str:
+    """This machine as every benchmark's first line names it (docs/benchmarks.md writes it next to
+    each figure: engine rankings differ between CPU kinds): the CPU model, the flags the engines'
+    speed depends on, and the cores."""
+    from lcnet_runner.guard import cpu_features
+
+    cpu = cpu_features()
+    return f"CPU: {cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
 def rotated(items: Sequence, turn: int) -> list:
     """``items`` starting at ``turn`` (modulo their count): what is measured first changes from
     one round or level to the next, so that no server always meets the machine first."""
@@ -258,17 +268,23 @@ def closed_loop(
     return run_clients(client, clients, seconds, max_requests)
 
 
+PROTOCOLS = ("http", "grpc", "body")  # what ``load`` sends: see there
+
+
 def load(
     server: Any, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
     *, path: str = "/classify", per_connection: int = 5,
 ) -> dict[str, Any]:  # fmt: skip
     """``clients`` closed-loop clients sending ``image`` to ``server`` (a
-    ``lcnet_runner.testing.Server``): over "grpc" (``Classify``, a channel each) or "http" (a
-    multipart POST to ``path``)."""
+    ``lcnet_runner.testing.Server``): over "grpc" (``Classify``, a channel each), "http" (a
+    multipart POST to ``path``) or "body" (the JPEG as the whole body of a POST to ``path``)."""
     if protocol == "grpc":
         client = functools.partial(grpc_client, server.grpc_port, image)
         return run_clients(client, clients, seconds, max_requests)
-    request = multipart([image], server.http_port, path=path)
+    if protocol == "body":
+        request = post(server.http_port, path, "image/jpeg", image)
+    else:
+        request = multipart([image], server.http_port, path=path)
     return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
 
 

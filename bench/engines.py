@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import every_variant, export_random_model, smooth_images, throughput
+from common import cpu_kind, every_variant, export_random_model, smooth_images, throughput
 
 
 def main() -> None:
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    print(cpu_kind())
 
     batches = [int(b) for b in args.batches.split(",")]
     print(

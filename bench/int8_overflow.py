@@ -17,9 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import export_random_model, smooth_images, throughput
+from common import cpu_kind, export_random_model, smooth_images, throughput
 
-from lcnet_runner.guard import cpu_features
 from lcnet_runner.predictor import Predictor
 from train.quantize import quantize_openvino
 
@@ -32,6 +31,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(cpu_kind())
 
     root = Path(tempfile.mkdtemp())
     folders = {"default": root / "default", "overflow fix": root / "fix"}
@@ -42,9 +42,7 @@ def main() -> None:
         quantize_openvino(
             folder, calibration, overflow_fix=name == "overflow fix", accuracy_control=False
         )
-    cpu = cpu_features()
-    print(f"{args.model}, {cpu['model']} ({', '.join(cpu['flags'])}); img/s, median of "
-          f"{args.rounds} interleaved rounds")  # fmt: skip
+    print(f"{args.model}; img/s, median of {args.rounds} interleaved rounds")
     probe = smooth_images(64, seed=1)
     for threads in (int(t) for t in args.threads.split(",")):
         engines = {

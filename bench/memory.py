@@ -19,7 +19,7 @@ import tempfile
 import time
 
 import psutil
-from common import ROOT, closed_loop, make_store, multipart, photo_jpeg
+from common import ROOT, closed_loop, cpu_kind, make_store, multipart, photo_jpeg
 
 from lcnet_runner.testing import Server
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--seconds", type=float, default=2.0, help="per load level")
     args = parser.parse_args()
+    print(cpu_kind())
     os.environ["LCNET_CACHE"] = tempfile.mkdtemp(prefix="lcnet-bench-cache-")  # a fresh race
     tag = make_store(args.model, int8=True)
     base = {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1"}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from common import export_random_model, throughput
+from common import cpu_kind, export_random_model, throughput
 from PIL import Image, ImageFilter
 
 from lcnet_runner import Predictor
@@ -59,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
+    print(cpu_kind())
     config = PreprocessConfig()
     folder = Path(tempfile.mkdtemp()) / "model"
     export_random_model("PPLCNet_x1_0", folder)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import ROOT, make_store, photo_jpeg
+from common import ROOT, cpu_kind, make_store, photo_jpeg
 
 from lcnet_runner.artifact import load_folder
 from lcnet_runner.testing import Server
@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--race-every-other", action="store_true")
     args = parser.parse_args()
+    print(cpu_kind())
     first = make_store(args.model, int8=True)
     import logging
 

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import every_variant, export_random_model, photo_jpeg
+from common import cpu_kind, every_variant, export_random_model, photo_jpeg
 from PIL import Image
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    print(cpu_kind())
 
     from lcnet_runner.predictor import Timings
 

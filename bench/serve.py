@@ -11,6 +11,8 @@ depend on them) and a 500×375 JPEG, then measures:
                what serving could reach if requests cost nothing outside the engine
   served       `bentoml serve` (defaults: 2 workers × 1 thread, greedy batching) under a closed-loop
                load of N concurrent clients, over HTTP and gRPC
+  body, typed  the same server's /classify with the JPEG as the whole body (no multipart), and
+               its typed /predict (BentoML's clients), at 1 client and at 32
   no batching  the same server with LCNET_MAX_BATCH_SIZE=1, at 32 clients (or the most given)
   overhead     served p50 at 1 client minus the in-process latency of one image on all cores
                (what the machine can do for a lone request), decode + preprocess + infer
@@ -40,6 +42,7 @@ import time
 import numpy as np
 from common import (
     ROOT,
+    cpu_kind,
     load,
     make_store,
     mean_batch_size,
@@ -103,8 +106,11 @@ def measure_beside(reference: InProcess, clients: int, seconds: float) -> dict[s
     return figures
 
 
-# HTTP load targets: the fast route, and the typed @bentoml.api route BentoML's clients call.
-ROUTES = {"http": "/classify", "typed": "/predict"}
+# HTTP load targets: the fast route with a multipart upload ("http") and with the JPEG as the
+# whole body ("body"), and the typed @bentoml.api route BentoML's clients call (multipart).
+ROUTES = {"http": "/classify", "body": "/classify", "typed": "/predict"}
+# Beside the fast route's multipart upload: each is measured at 1 client and the compared level.
+OTHER_HTTP = {"typed": "typed /predict", "body": "/classify, the JPEG as the body"}
 
 
 def load_level(
@@ -112,21 +118,21 @@ def load_level(
     per_connection: int = 20,
 ) -> dict:  # fmt: skip
     """Closed loop: each client sends its next request when the previous one answers."""
-    transport = "http" if protocol in ROUTES else "grpc"
-    return load(server, transport, image, clients, seconds, max_requests,
+    sent = "http" if protocol == "typed" else protocol  # what common.load sends
+    return load(server, sent, image, clients, seconds, max_requests,
                 path=ROUTES.get(protocol, ""), per_connection=per_connection)  # fmt: skip
 
 
 def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
     """(protocol, clients) to measure: every level on the fast routes; the typed route (what
-    BentoML's clients call) at 1 client and at the compared level; without batching, only the
-    compared level."""
+    BentoML's clients call) and the fast route with the image as the body at 1 client and at the
+    compared level; without batching, only the compared level."""
     if mode == "solo off":
         return [("http", c) for c in dict.fromkeys([1, compared]) if c in levels]
     if mode != "batching":
         return [(protocol, compared) for protocol in ("http", "grpc")]
-    typed = [("typed", c) for c in dict.fromkeys([1, compared]) if c in levels]
-    return [(protocol, c) for protocol in ("http", "grpc") for c in levels] + typed
+    others = [(p, c) for p in OTHER_HTTP for c in dict.fromkeys([1, compared]) if c in levels]
+    return [(protocol, c) for protocol in ("http", "grpc") for c in levels] + others
 
 
 Results = dict[tuple[str, str, int], dict]  # (mode, protocol, clients) → load figures
@@ -148,6 +154,7 @@ def main() -> None:
         "--variants", default="", help="engine[/precision],... in turn, e.g. auto,paddle/fp32"
     )
     args = parser.parse_args()
+    print(cpu_kind())
     levels = [int(c) for c in args.clients.split(",")]
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
@@ -202,7 +209,7 @@ def measure(
     with servers_up(starts) as servers:
         for i, (protocol, clients) in enumerate(all_levels(levels, compared)):
             for mode in modes_at((protocol, clients), levels, compared, rotation=i):
-                if mode == "batching" and protocol != "typed" and clients in (1, compared):
+                if mode == "batching" and protocol in ("http", "grpc") and clients in (1, compared):
                     beside[(protocol, clients)] = measure_beside(reference, clients, args.seconds)
                 r = measure_level(servers[mode], protocol, image, clients, args)
                 results[(mode, protocol, clients)] = r
@@ -268,12 +275,13 @@ def report(results: Results, beside: Beside, levels: list[int], compared: int) -
         if f"{protocol} overhead ms" in figures:
             print(f"{protocol}: served p50 @1 client - in-process single image = "
                   f"{figures[f'{protocol} overhead ms']:.2f} ms (target <= 3)")  # fmt: skip
-    if ("typed", compared) in batching:
-        ratio = batching[("typed", compared)]["rps"] / batching[("http", compared)]["rps"]
-        print(f"typed /predict ÷ fast /classify @{compared} = {ratio:.2f}")
-    if ("typed", 1) in batching and ("http", 1) in batching:
-        extra = batching[("typed", 1)]["p50_ms"] - batching[("http", 1)]["p50_ms"]
-        print(f"typed /predict p50 @1 client - fast /classify p50 @1 client = {extra:.2f} ms")
+    for protocol, name in OTHER_HTTP.items():
+        if (protocol, compared) in batching:
+            ratio = batching[(protocol, compared)]["rps"] / batching[("http", compared)]["rps"]
+            print(f"{name} ÷ fast /classify (multipart) @{compared} = {ratio:.2f}")
+        if (protocol, 1) in batching and ("http", 1) in batching:
+            extra = batching[(protocol, 1)]["p50_ms"] - batching[("http", 1)]["p50_ms"]
+            print(f"{name} p50 @1 client - fast /classify p50 @1 client = {extra:.2f} ms")
     for clients in dict.fromkeys([1, compared]):
         on, off = batching.get(("http", clients)), results.get(("solo off", "http", clients))
         if on and off:

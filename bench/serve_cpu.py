@@ -1,14 +1,15 @@
 """Where a served request's CPU goes: per worker, its event loop against its other threads.
 
-    python bench/serve_cpu.py [--protocol grpc] [--clients 32] [--seconds 12] [--env ...]
+    python bench/serve_cpu.py [--protocol grpc|body] [--clients 32] [--seconds 12] [--env ...]
 
 Starts `bentoml serve` at its defaults (x1.0 with random weights and INT8, guard skipped), loads
-it with N closed-loop clients sending the 500×375 JPEG (HTTP: /classify; gRPC: Classify, one
-channel each), and reads every thread's CPU time from /proc before and after: the worker's main
-thread is its event loop (HTTP or gRPC handling, decoding, answers), the rest is mostly the
-engine (and, over gRPC, grpc's own threads). Prints CPU ms per request of each, the
-machine's idle and steal cores (what the load left unused) and the mean batch. Bounded by
---seconds and --max-requests. Linux only (per-thread times from /proc, through psutil).
+it with N closed-loop clients sending the 500×375 JPEG (HTTP: /classify, multipart or with
+``--protocol body`` the JPEG as the body; gRPC: Classify, one channel each), and reads every
+thread's CPU time from /proc before and after: the worker's main thread is its event loop (HTTP
+or gRPC handling, decoding, answers), the rest is mostly the engine (and, over gRPC, grpc's own
+threads). Prints CPU ms per request of each, the machine's idle and steal cores (what the load
+left unused) and the mean batch. Bounded by --seconds and --max-requests. Linux only (per-thread
+times from /proc, through psutil).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections import Counter
 
 import psutil
-from common import ROOT, load, make_store, mean_batch_size, photo_jpeg
+from common import PROTOCOLS, ROOT, cpu_kind, load, make_store, mean_batch_size, photo_jpeg
 
 from lcnet_runner.testing import Server
 
@@ -40,12 +41,13 @@ def thread_cpu(root_pid: int) -> Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--max-requests", type=int, default=20_000)
     parser.add_argument("--env", nargs="*", default=[], help="LCNET_X=value for the server")
     args = parser.parse_args()
+    print(cpu_kind())
     tag = make_store(args.model, int8=True)
     env = {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1"}
     env.update(item.split("=", 1) for item in args.env)

@@ -20,7 +20,7 @@ import sys
 import time
 
 import psutil
-from common import ROOT, make_store, multipart, photo_jpeg, send_http
+from common import ROOT, cpu_kind, make_store, multipart, photo_jpeg, send_http
 
 
 def rss_mib(server) -> dict[int, float]:
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--engine", default="auto", help="auto serves paddle fp32 here")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
+    print(cpu_kind())
 
     from lcnet_runner.testing import Server
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from common import cpu_kind
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,15 +52,6 @@ RESIZE_SHORT = 256
 
 
 # ---- the parent: data, disk check, memory sampling ------------------------------------------
-
-
-def cpu_kind() -> str:
-    from lcnet_runner.guard import cpu_features
-
-    cpu = cpu_features()
-    flags = cpu["flags"]
-    simd = "AVX-512" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
-    return f"{cpu['model']}, {simd}, {os.cpu_count()} cores"
 
 
 def synthetic_jpeg(index: int, rng_seed: int = 0) -> bytes:
@@ -342,7 +334,7 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
-    print(f"CPU: {cpu_kind()}; {args.model}, batch {args.batch_size}, {args.input_size} px "
+    print(f"{cpu_kind()}; {args.model}, batch {args.batch_size}, {args.input_size} px "
           f"crops from {RESIZE_SHORT} px, 2 threads")  # fmt: skip
     check_disk(args.workdir, args.images)
     work = Path(tempfile.mkdtemp(prefix="lcnet-bigdata-", dir=args.workdir))

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import cpu_kind
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    print(cpu_kind())
     os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-scaling-")
 
     from train.demo_data import write_demo_dataset

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+from common import cpu_kind
 
 from lcnet_runner.preprocess import decode_resized, normalize
 from train.data import DecodedSplit, decode_split
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320, help="training images per round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(cpu_kind())
     config = FitConfig(
         model=args.model,
         input_size=args.input_size,

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import every_variant, export_random_model, photo_jpeg, throughput
+from common import cpu_kind, every_variant, export_random_model, photo_jpeg, throughput
 
 
 def main() -> None:
@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    print(cpu_kind())
     import paddlex
     from paddlex.inference import PaddlePredictorOption
 

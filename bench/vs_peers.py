@@ -48,6 +48,7 @@ from pathlib import Path
 from common import (
     ROOT,
     closed_loop,
+    cpu_kind,
     make_store,
     multipart,
     photo_jpeg,
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--no-paddle-row", action="store_true",
                         help="skip ours with --engine paddle")  # fmt: skip
     args = parser.parse_args()
+    print(cpu_kind())
     levels = [int(c) for c in args.clients.split(",")]
     saved = dict(os.environ)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls, logged at INFO

@@ -53,6 +53,25 @@ async def _limited(request: Request, limit: int):
         yield chunk
 
 
+def _refuse_declared_excess(request: Request, limit: int) -> None:
+    """413 at once when Content-Length already says the body is over ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole request body, refused (413) past ``limit`` bytes, declared or streamed."""
+    _refuse_declared_excess(request, limit)
+    return b"".join([chunk async for chunk in _limited(request, limit)])
+
+
+# What a body that is the image itself is sent as (``curl --data-binary @cat.jpg -H
+# 'Content-Type: image/jpeg'``): one image, no multipart envelope to parse.
+RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+RAW_IMAGE_NOTE = "Content-Type image/* or application/octet-stream"
+
+
 async def read_upload(
     request: Request, settings: ServingSettings, field: str
 ) -> tuple[list[bytes], str | None]:
@@ -61,9 +80,7 @@ async def read_upload(
     if not content_type.startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
+    _refuse_declared_excess(request, limit)
     parser = MultiPartParser(
         request.headers,
         _limited(request, limit),
@@ -125,6 +142,14 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
 
 
 async def classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
+    """One image: the body itself (``top_k`` in the query string) or a multipart file field."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(RAW_IMAGE_TYPES):
+        image = await read_body(request, settings.max_body_bytes)
+        return await handlers.classify(runner, image, request.query_params.get("top_k"))
+    if not content_type.startswith("multipart/form-data"):
+        raise RequestError(415, f"send the image as the body ({RAW_IMAGE_NOTE}) or as the file "
+                                "field 'image' of multipart/form-data")  # fmt: skip
     images, top_k = await read_upload(request, settings, "image")
     if len(images) != 1:
         raise RequestError(422, "send exactly one file in 'image' (use /classify_batch for more)")
@@ -147,25 +172,37 @@ class ErrorOut(BaseModel):
     error: str
 
 
+_FILE = {"type": "string", "format": "binary"}
+_TOP_K = {"type": "integer", "minimum": 1, "default": 1, "description": "classes per image"}
+
+
 def _multipart(field: str, many: bool) -> dict[str, Any]:
-    file = {"type": "string", "format": "binary"}
-    image = {"type": "array", "items": file} if many else file
-    top_k = {"type": "integer", "minimum": 1, "default": 1, "description": "classes per image"}
-    schema = {"type": "object", "required": [field], "properties": {field: image, "top_k": top_k}}
+    image = {"type": "array", "items": _FILE} if many else _FILE
+    schema = {"type": "object", "required": [field], "properties": {field: image, "top_k": _TOP_K}}
     content = {"multipart/form-data": {"schema": schema}}
     return {"requestBody": {"required": True, "content": content}}
 
 
+def _multipart_or_raw(field: str) -> dict[str, Any]:
+    """One image, as a multipart file field or as the whole body (``top_k`` in the query)."""
+    doc = _multipart(field, many=False)
+    raw = {"schema": _FILE}
+    doc["requestBody"]["content"].update({"image/*": raw, "application/octet-stream": raw})
+    top_k = {**_TOP_K, "description": "classes per image, for an image sent as the body"}
+    doc["parameters"] = [{"name": "top_k", "in": "query", "required": False, "schema": top_k}]
+    return doc
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     meaning = {400: "undecodable image or malformed body", 413: "too large (body, pixels, images)",
-               415: "not multipart/form-data", 422: "missing or invalid field",
+               415: "another content type", 422: "missing or invalid field",
                500: "server fault (no internals)"}  # fmt: skip
     return {s: {"model": ErrorOut, "description": meaning[s]} for s in statuses}
 
 
 CLASSIFY_DOC = {
-    "summary": "Classify one image (multipart file field `image`)",
-    "openapi_extra": _multipart("image", many=False),
+    "summary": "Classify one image (multipart file field `image`, or the body itself)",
+    "openapi_extra": _multipart_or_raw("image"),
     "responses": {
         200: {"model": list[PredictionOut], "description": "top-k classes, best first"},
         **_errors(400, 413, 415, 422, 500),
@@ -221,7 +258,7 @@ async def admin_reload(
 ) -> JSONResponse:
     try:
         handlers.check_admin(settings, authorization)
-        body = b"".join([chunk async for chunk in _limited(request, 4096)])
+        body = await read_body(request, 4096)
         try:
             asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
         except ValidationError as err:
@@ -386,7 +423,7 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
     log_id = uuid.uuid4().hex
     headers = {handlers.VERSION_HEADER: runner.tag}
     try:
-        body = b"".join([chunk async for chunk in _limited(request, settings.max_body_bytes)])
+        body = await read_body(request, settings.max_body_bytes)
         try:
             asked = PaddleXRequest.model_validate_json(body)
         except ValidationError as err:

@@ -94,12 +94,15 @@ def assert_still_serving(server: Server) -> None:
     assert httpx.get(f"{server.url}/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("sent_as", ["multipart", "body"])
 @pytest.mark.parametrize("name", list(IMAGES))
-def test_images_over_http(server: Server, name: str) -> None:
+def test_images_over_http(server: Server, name: str, sent_as: str) -> None:
     data, status, _ = IMAGES[name]
-    response = httpx.post(
-        f"{server.url}/classify", files={"image": ("upload.jpg", data)}, timeout=30
-    )
+    if sent_as == "body":  # whatever the bytes are, they claim to be an image
+        upload = {"content": data, "headers": {"content-type": "application/octet-stream"}}
+    else:
+        upload = {"files": {"image": ("upload.jpg", data)}}
+    response = httpx.post(f"{server.url}/classify", timeout=30, **upload)
     assert response.status_code == status, response.text
     body = response.json()
     if status == 200:
@@ -126,7 +129,7 @@ def upload(field: str = "image", data: bytes = JPEG, filename: str = "a.jpg", **
     return {"files": {field: (filename, data)}, "data": form}
 
 
-def raw(body: bytes, content_type: str = "multipart/form-data; boundary=x") -> dict:
+def raw(body: bytes | list[bytes], content_type: str = "multipart/form-data; boundary=x") -> dict:
     return {"content": body, "headers": {"content-type": content_type}}
 
 
@@ -150,6 +153,14 @@ REQUESTS = {
     "garbage multipart": ("/classify", raw(b"--x\r\n\r\n"), 400),
     "multipart without boundary": ("/classify", raw(b"abc", "multipart/form-data"), 400),
     "oversized body": ("/classify", upload(data=b"\0" * (21 << 20)), 413),
+    "oversized image body": ("/classify", raw(b"\0" * (21 << 20), "image/jpeg"), 413),
+    "image body streamed past the limit": (
+        "/classify",
+        raw([b"\0" * (1 << 20)] * 21, "image/jpeg"),
+        413,
+    ),  # chunked: no Content-Length to refuse early
+    "image body, top_k text": ("/classify?top_k=three", raw(JPEG, "image/jpeg"), 422),
+    "image body on the batch route": ("/classify_batch", raw(JPEG, "image/jpeg"), 415),
     "empty batch": ("/classify_batch", upload(field="x"), 422),
     "too many images": ("/classify_batch", {"files": [("images", ("a", JPEG))] * 65}, 413),
     "batch with one bad image": ("/classify_batch", BAD_IN_BATCH, 400),

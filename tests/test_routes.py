@@ -73,7 +73,23 @@ def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
     assert answers == singles
 
 
-MULTIPART = "multipart/form-data"
+def test_classify_takes_the_image_as_the_body(client: TestClient, trained: dict) -> None:
+    """``curl --data-binary @a.jpg -H 'Content-Type: image/jpeg' .../classify?top_k=3``: the
+    same answer as the multipart upload."""
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    multipart = client.post("/classify", files={"image": ("a.jpg", image)}, data={"top_k": "3"})
+    for content_type in ("image/jpeg", "application/octet-stream"):
+        raw = client.post(
+            "/classify?top_k=3", content=image, headers={"content-type": content_type}
+        )
+        assert raw.status_code == 200, raw.text
+        assert raw.json() == multipart.json()
+        assert raw.headers["x-model-version"] == trained["tag"]
+    default = client.post("/classify", content=png(), headers={"content-type": "image/png"})
+    assert default.status_code == 200 and len(default.json()) == 1  # top_k defaults to 1
+
+
+MULTIPART, JPEG, PNG = "multipart/form-data", "image/jpeg", "image/png"
 # Bad requests and their status: the fast routes, then the typed ones (BentoML's IO behind
 # a guard) under the same contract, where an odd file name is no reason to refuse.
 BAD_REQUESTS = [
@@ -96,6 +112,36 @@ BAD_REQUESTS = [
     ),
     pytest.param("/classify", {"files": {"picture": ("a.png", png())}}, 422, id="misnamed"),
     pytest.param("/classify", {"json": {"image": "abc"}}, 415, id="json"),
+    pytest.param(
+        "/classify", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, id="text"
+    ),
+    pytest.param(
+        "/classify",
+        {"content": b"not an image", "headers": {"content-type": JPEG}},
+        400,
+        id="body-undecodable",
+    ),
+    pytest.param(
+        "/classify", {"content": b"", "headers": {"content-type": JPEG}}, 400, id="body-empty"
+    ),
+    pytest.param(
+        "/classify?top_k=0",
+        {"content": png(), "headers": {"content-type": PNG}},
+        422,
+        id="body-top_k-0",
+    ),
+    pytest.param(
+        "/classify?top_k=many",
+        {"content": png(), "headers": {"content-type": PNG}},
+        422,
+        id="body-top_k-text",
+    ),
+    pytest.param(
+        "/classify",
+        {"content": b"\0" * (2 << 20), "headers": {"content-type": PNG}},
+        413,
+        id="body-too-large",
+    ),
     pytest.param(
         "/classify", {"files": {"image": ("a.png", b"\0" * (2 << 20))}}, 413, id="too-large"
     ),
@@ -185,6 +231,9 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["required"] == [field] and set(body["properties"]) == {field, "top_k"}
         assert {"200", "400", "413", "415", "422"} <= set(post["responses"])
+    classify = paths["/classify"]["post"]  # one image may also be the whole body
+    assert {"image/*", "application/octet-stream"} <= set(classify["requestBody"]["content"])
+    assert [(p["name"], p["in"]) for p in classify["parameters"]] == [("top_k", "query")]
     assert "get" in paths["/model"]
     for path in ("/predict", "/predict_batch", "/image-classification"):  # typed, PaddleX
         assert "post" in paths[path], path
