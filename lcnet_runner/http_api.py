@@ -69,7 +69,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 # What a body that is the image itself is sent as (``curl --data-binary @cat.jpg -H
 # 'Content-Type: image/jpeg'``): one image, no multipart envelope to parse.
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
-RAW_IMAGE_NOTE = "Content-Type image/* or application/octet-stream"
 
 
 async def read_upload(
@@ -148,8 +147,9 @@ async def classify(request: Request, runner: LCNetRunner, settings: ServingSetti
         image = await read_body(request, settings.max_body_bytes)
         return await handlers.classify(runner, image, request.query_params.get("top_k"))
     if not content_type.startswith("multipart/form-data"):
-        raise RequestError(415, f"send the image as the body ({RAW_IMAGE_NOTE}) or as the file "
-                                "field 'image' of multipart/form-data")  # fmt: skip
+        raise RequestError(415, "send the image as the body (Content-Type image/* or "
+                                "application/octet-stream) or as the file field 'image' of "
+                                "multipart/form-data")  # fmt: skip
     images, top_k = await read_upload(request, settings, "image")
     if len(images) != 1:
         raise RequestError(422, "send exactly one file in 'image' (use /classify_batch for more)")
