@@ -79,17 +79,22 @@ def test_classify_takes_the_image_as_the_body(client: TestClient, trained: dict)
     image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
     multipart = client.post("/classify", files={"image": ("a.jpg", image)}, data={"top_k": "3"})
     for content_type in ("image/jpeg", "application/octet-stream"):
-        raw = client.post(
-            "/classify?top_k=3", content=image, headers={"content-type": content_type}
-        )
+        raw = client.post("/classify?top_k=3", **body(image, content_type))
         assert raw.status_code == 200, raw.text
         assert raw.json() == multipart.json()
         assert raw.headers["x-model-version"] == trained["tag"]
-    default = client.post("/classify", content=png(), headers={"content-type": "image/png"})
+    default = client.post("/classify", **body(png(), PNG))
     assert default.status_code == 200 and len(default.json()) == 1  # top_k defaults to 1
 
 
 MULTIPART, JPEG, PNG = "multipart/form-data", "image/jpeg", "image/png"
+
+
+def body(data: bytes, content_type: str) -> dict:
+    """A request whose whole body is ``data``."""
+    return {"content": data, "headers": {"content-type": content_type}}
+
+
 # Bad requests and their status: the fast routes, then the typed ones (BentoML's IO behind
 # a guard) under the same contract, where an odd file name is no reason to refuse.
 BAD_REQUESTS = [
@@ -112,36 +117,12 @@ BAD_REQUESTS = [
     ),
     pytest.param("/classify", {"files": {"picture": ("a.png", png())}}, 422, id="misnamed"),
     pytest.param("/classify", {"json": {"image": "abc"}}, 415, id="json"),
-    pytest.param(
-        "/classify", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, id="text"
-    ),
-    pytest.param(
-        "/classify",
-        {"content": b"not an image", "headers": {"content-type": JPEG}},
-        400,
-        id="body-undecodable",
-    ),
-    pytest.param(
-        "/classify", {"content": b"", "headers": {"content-type": JPEG}}, 400, id="body-empty"
-    ),
-    pytest.param(
-        "/classify?top_k=0",
-        {"content": png(), "headers": {"content-type": PNG}},
-        422,
-        id="body-top_k-0",
-    ),
-    pytest.param(
-        "/classify?top_k=many",
-        {"content": png(), "headers": {"content-type": PNG}},
-        422,
-        id="body-top_k-text",
-    ),
-    pytest.param(
-        "/classify",
-        {"content": b"\0" * (2 << 20), "headers": {"content-type": PNG}},
-        413,
-        id="body-too-large",
-    ),
+    pytest.param("/classify", body(b"abc", "text/plain"), 415, id="text"),
+    pytest.param("/classify", body(b"not an image", JPEG), 400, id="body-undecodable"),
+    pytest.param("/classify", body(b"", JPEG), 400, id="body-empty"),
+    pytest.param("/classify?top_k=0", body(png(), PNG), 422, id="body-top_k-0"),
+    pytest.param("/classify?top_k=many", body(png(), PNG), 422, id="body-top_k-text"),
+    pytest.param("/classify", body(b"\0" * (2 << 20), PNG), 413, id="body-too-large"),
     pytest.param(
         "/classify", {"files": {"image": ("a.png", b"\0" * (2 << 20))}}, 413, id="too-large"
     ),
@@ -163,12 +144,7 @@ BAD_REQUESTS = [
     pytest.param(
         "/predict", {"json": {"image": "http://127.0.0.1:1/x.jpg"}}, 415, id="typed-json-url"
     ),
-    pytest.param(
-        "/predict",
-        {"content": b"garbage", "headers": {"content-type": MULTIPART}},
-        400,
-        id="typed-garbage",
-    ),
+    pytest.param("/predict", body(b"garbage", MULTIPART), 400, id="typed-garbage"),
     pytest.param(
         "/predict",
         {"files": {"image": ("a.png", png())}, "data": {"top_k": "x"}},
