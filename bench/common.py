@@ -24,15 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]  # the project folder `bentoml serve`
 @contextmanager
 def servers_up(starts: dict[str, Callable[[], Any]]) -> Iterator[dict[str, Any]]:
     """Servers side by side: each started (``starts``: name → a call returning a
-    ``lcnet_runner.testing.ServerProcess``), then all waited for, so they load together; all
-    stopped at the end, whatever happened. An idle server takes no CPU (measured: ≤ 0.02 CPU s
-    per second), so the ones not under load do not disturb the one that is."""
+    ``lcnet_runner.testing.ServerProcess``), then all waited for, so they load together, until
+    every one idles (all its workers loaded); all stopped at the end, whatever happened. An idle
+    server takes no CPU (measured: ≤ 0.02 CPU s per second), so the ones not under load do not
+    disturb the one that is."""
     servers: dict[str, Any] = {}
     try:
         for name, start in starts.items():
             servers[name] = start()
         for server in servers.values():
             server.wait_ready(timeout=180)
+        for server in servers.values():
+            server.wait_settled()
         yield servers
     finally:
         for server in servers.values():

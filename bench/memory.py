@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import psutil
 from common import ROOT, closed_loop, cpu_kind, make_store, multipart, photo_jpeg
@@ -41,9 +40,8 @@ def pss_mib(server: Server) -> Reading:
 
 
 def idle_and_loaded(env: dict[str, str], seconds: float) -> tuple[Reading, Reading]:
-    server = Server(str(ROOT), env).wait_ready()
+    server = Server(str(ROOT), env).wait_ready().wait_settled()  # every worker loaded
     try:
-        time.sleep(3)  # let start-up allocations settle
         idle = pss_mib(server)
         request = multipart([photo_jpeg()], server.http_port)
         for clients in LOADS:

@@ -51,7 +51,7 @@ def main() -> None:
     tag = make_store(args.model, int8=True)
     env = {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1"}
     env.update(item.split("=", 1) for item in args.env)
-    server = Server(str(ROOT), env).wait_ready(timeout=180)
+    server = Server(str(ROOT), env).wait_ready(timeout=180).wait_settled()
     try:
         image = photo_jpeg()
         load(server, args.protocol, image, args.clients, 2.0, 2_000)  # warm-up

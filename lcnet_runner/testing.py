@@ -63,6 +63,32 @@ class ServerProcess:
         self.stop()
         raise AssertionError(f"{name} not ready after {timeout}s:\n{self.output()}")
 
+    def wait_settled(self, timeout: float = 90.0, window_s: float = 0.5):
+        """Wait until the whole server idles (its processes used < 0.05 CPU s in ``window_s``):
+        ``/readyz`` answers once one worker is up, while the others may still be loading and
+        warming up their models, taking CPU from whatever is measured next."""
+        deadline, before = time.monotonic() + timeout, self._cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(window_s)
+            now = self._cpu_seconds()
+            if now - before < 0.05:
+                return self
+            before = now
+        raise AssertionError(f"server still busy {timeout}s after it was ready:\n{self.output()}")
+
+    def _cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server's live processes."""
+        import psutil  # BentoML's dependency
+
+        root = psutil.Process(self.process.pid)
+        total = 0.0
+        for process in [root, *root.children(recursive=True)]:
+            try:
+                total += sum(process.cpu_times()[:2])
+            except psutil.Error:
+                continue
+        return total
+
     def output(self) -> str:
         self.log.flush()
         self.log.seek(0)

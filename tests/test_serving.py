@@ -209,16 +209,8 @@ def test_a_grpc_channel_is_spread_over_the_workers_by_connection_age(
            "LCNET_GRPC_MAX_CONNECTION_AGE_S": "0.4"}  # fmt: skip
     server = Server(".", env).wait_ready()
     try:
+        server.wait_settled()  # both workers loaded: neither's share below is its model loading
         before = _cpu_per_worker(server)
-        # /readyz answers once one worker is up: wait until both idle, so neither's share below
-        # is its model loading.
-        for _ in range(60):
-            time.sleep(0.5)
-            now = _cpu_per_worker(server)
-            idle = len(now) == 2 and all(now[pid] - before.get(pid, 0.0) < 0.05 for pid in now)
-            before = now
-            if idle:
-                break
         with Client(server.grpc_url) as client:
             deadline, calls = time.monotonic() + 8, 0
             while time.monotonic() < deadline and calls < 20_000:
