@@ -98,11 +98,9 @@ def assert_still_serving(server: Server) -> None:
 @pytest.mark.parametrize("name", list(IMAGES))
 def test_images_over_http(server: Server, name: str, sent_as: str) -> None:
     data, status, _ = IMAGES[name]
-    if sent_as == "body":  # whatever the bytes are, they claim to be an image
-        upload = {"content": data, "headers": {"content-type": "application/octet-stream"}}
-    else:
-        upload = {"files": {"image": ("upload.jpg", data)}}
-    response = httpx.post(f"{server.url}/classify", timeout=30, **upload)
+    # As a body, whatever the bytes are, they claim to be an image.
+    sent = raw(data, "application/octet-stream") if sent_as == "body" else upload(data=data)
+    response = httpx.post(f"{server.url}/classify", timeout=30, **sent)
     assert response.status_code == status, response.text
     body = response.json()
     if status == 200:
