@@ -106,10 +106,9 @@ def measure_beside(reference: InProcess, clients: int, seconds: float) -> dict[s
     return figures
 
 
-# HTTP load targets: the fast route with a multipart upload ("http") and with the JPEG as the
-# whole body ("body"), and the typed @bentoml.api route BentoML's clients call (multipart).
-ROUTES = {"http": "/classify", "body": "/classify", "typed": "/predict"}
-# Beside the fast route's multipart upload: each is measured at 1 client and the compared level.
+# Beside the fast route's multipart upload ("http"), each measured at 1 client and at the
+# compared level: the typed @bentoml.api route BentoML's clients call (a multipart upload to
+# /predict), and /classify with the JPEG as the whole body (common.load's "body").
 OTHER_HTTP = {"typed": "typed /predict", "body": "/classify, the JPEG as the body"}
 
 
@@ -118,9 +117,9 @@ def load_level(
     per_connection: int = 20,
 ) -> dict:  # fmt: skip
     """Closed loop: each client sends its next request when the previous one answers."""
-    sent = "http" if protocol == "typed" else protocol  # what common.load sends
+    sent, path = ("http", "/predict") if protocol == "typed" else (protocol, "/classify")
     return load(server, sent, image, clients, seconds, max_requests,
-                path=ROUTES.get(protocol, ""), per_connection=per_connection)  # fmt: skip
+                path=path, per_connection=per_connection)  # fmt: skip
 
 
 def plan(mode: str, levels: list[int], compared: int) -> list[tuple[str, int]]:
