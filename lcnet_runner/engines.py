@@ -18,6 +18,7 @@ Unlike Paddle, ONNX Runtime and OpenVINO release the GIL while they run.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -133,19 +134,40 @@ def _import_paddle_inference():
     """``paddle.inference``, without Paddle's signal handlers.
 
     Importing Paddle replaces the SIGTERM handler with one that aborts the process on the spot
-    ("FatalError: Termination signal is detected"), which kills a server's graceful shutdown and
-    every request in flight. Keep whatever handlers the host (uvicorn, BentoML) had installed.
+    ("FatalError: Termination signal is detected"), and ``disable_signal_handler`` then resets it
+    to the default action, which kills the process just as fast: either way a server's graceful
+    shutdown and every request in flight are lost. So the host's (uvicorn's, BentoML's) handlers
+    are put back: at the C level, which works from any thread (a hot reload loads its engine in a
+    worker thread, where ``signal.signal`` is refused), and on the main thread also Python's own,
+    in case Paddle was imported earlier and its handler is the one that was saved.
     """
-    main = threading.current_thread() is threading.main_thread()
-    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    saved = {sig: _c_sigaction(sig) for sig in HOST_SIGNALS}
+    kept = {sig: signal.getsignal(sig) for sig in HOST_SIGNALS}
     import paddle
     from paddle import inference
 
     paddle.disable_signal_handler()
-    for sig, handler in kept.items():
-        if handler is not None:
-            signal.signal(sig, handler)
+    for sig, action in saved.items():
+        _c_sigaction(sig, action)
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return inference
+
+
+HOST_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _c_sigaction(sig: int, action: bytes | None = None) -> bytes:
+    """The process's C-level action for ``sig`` (set to ``action`` first if given), as the
+    opaque bytes of libc's ``struct sigaction``; process-wide, so any thread may call it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    old = ctypes.create_string_buffer(256)  # larger than struct sigaction on every libc
+    new = ctypes.create_string_buffer(action, 256) if action is not None else None
+    if libc.sigaction(sig, new, old) != 0:
+        raise OSError(ctypes.get_errno(), f"sigaction({sig}) failed")
+    return old.raw
 
 
 class PaddleEngine:

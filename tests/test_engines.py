@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -154,3 +156,28 @@ def test_engines_leave_threads_free_to_move_between_cores(trained, crops, engine
         except ProcessLookupError:  # the thread ended meanwhile
             pass
     assert not pinned
+
+
+def test_paddle_loaded_in_a_thread_keeps_the_hosts_sigterm_handler(trained: dict) -> None:
+    """A hot reload loads its engine in a worker thread. Loading Paddle there must leave the
+    server's SIGTERM handler in place, so `docker stop` still drains requests in flight
+    (Paddle's own handler, and its default, end the process on the spot: exit 143)."""
+    script = f"""
+import os, signal, threading, time
+from lcnet_runner import Predictor
+handled = []
+signal.signal(signal.SIGTERM, lambda *_: handled.append(True))
+load = lambda: Predictor({str(trained["export_dir"])!r}, engine="paddle", precision="fp32",
+                         threads=1)
+for _ in range(2):  # the first load and a reload, both off the main thread
+    thread = threading.Thread(target=load)
+    thread.start()
+    thread.join()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+print("handled" if handled else "lost")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "handled"), done.stderr[-2000:]
