@@ -4,8 +4,10 @@ the background while the current one serves, then swaps between requests.
 How the workers of one server converge: workers share no channel, so each one runs a
 ``Reloader`` that looks for what it should serve — the store's newest version of the served name
 (``LCNET_RELOAD=watch``), and a request file that ``POST /admin/reload`` writes (the request
-reaches one worker; every worker reads the file). A worker that restarts reads the same file, so
-it comes back on the requested version.
+reaches one worker; every worker reads the file). When both name a version, the later one wins:
+the request's time against the version's creation time. Every worker applies that rule to the
+same store and file, so one that restarts (on the version the server started with) comes back on
+what the others serve, whatever order it reads them in.
 
 A request pins the version it entered with (``ServedModel.pinned``): its preprocessing, batches
 and labels all come from that version, and the old version is closed and released only once its
@@ -125,6 +127,15 @@ def resolve(tag: str) -> str:
         return str(bentoml.models.get(tag).tag)
     except bentoml.exceptions.NotFound:
         raise LookupError(f"{tag} is not in the BentoML store") from None
+    except bentoml.exceptions.BentoMLException as err:  # e.g. "Invalid Tag x:y:z"
+        raise ValueError(f"{tag!r} is not a store tag such as 'name:version': {err}") from None
+
+
+def created_at(tag: str) -> float:
+    """When a store version was created (a POSIX timestamp)."""
+    import bentoml
+
+    return bentoml.models.get(tag).info.creation_time.timestamp()
 
 
 class Reloader:
@@ -147,6 +158,7 @@ class Reloader:
         self.requests = request_file(model_name)
         self._request_id: str | None = None
         self._request_file: tuple[int, int] | None = None  # (inode, mtime) last read
+        self._request_at = 0.0  # when the last request acted on was made
         self._latest_seen = served.tag if watch else None
         self._task: asyncio.Task[None] | None = None
 
@@ -166,13 +178,15 @@ class Reloader:
         return tag
 
     async def _run(self) -> None:
-        next_watch = time.monotonic() + self.interval_s
+        next_watch = time.monotonic()
         while True:
             wanted = self._requested()
-            if wanted is None and self.watch and time.monotonic() >= next_watch:
+            if self.watch and time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + self.interval_s
-                wanted = await asyncio.to_thread(self._newest)
-            if wanted is not None and wanted != self.served.tag:
+                wanted = await asyncio.to_thread(self._newest) or wanted
+            if wanted == self.served.tag:
+                self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
+            elif wanted is not None:
                 await self.reload(wanted)
             await asyncio.sleep(REQUEST_POLL_S)
 
@@ -190,19 +204,22 @@ class Reloader:
         if request.get("id") == self._request_id:
             return None
         self._request_id = request.get("id")
+        self._request_at = float(request.get("at") or 0.0)
         return request.get("tag")
 
     def _newest(self) -> str | None:
-        """The store's newest version, when it changed since the last look."""
+        """The store's newest version, when it changed since the last look and was created after
+        the last request: a request for an older version outranks a version stored before it."""
         try:
             newest = resolve(f"{self.model_name}:latest")
+            if newest == self._latest_seen:
+                return None
+            after_the_request = created_at(newest) > self._request_at
+            self._latest_seen = newest
+            return newest if after_the_request else None
         except Exception as err:  # a store being written to; look again next time
             logger.warning("reload: cannot read the store: %s", err)
             return None
-        if newest == self._latest_seen:
-            return None
-        self._latest_seen = newest
-        return newest
 
     async def reload(self, tag: str) -> None:
         self.status = ReloadStatus("loading", tag)

@@ -13,6 +13,7 @@ runner, its engine choice, the limits — belongs to the instance (``self.settin
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import bentoml
@@ -21,7 +22,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import handlers, http_api
-from .artifact import ModelArtifact, ModelNotFoundError, bentoml_home, load_folder
+from .artifact import (
+    ModelArtifact,
+    ModelNotFoundError,
+    bentoml_home,
+    load_folder,
+    verify_checksums,
+)
 from .choice import refuse_unusable
 from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
@@ -31,24 +38,39 @@ AT_DEFINITION = ServingSettings.from_env()
 http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 
 
+# The exact version a server starts on (``name:<version>``), resolved once by the process that
+# defines the service: `bentoml serve`'s own, which starts the workers with a copy of its
+# environment. A worker, and one restarted hours later, loads that version instead of resolving
+# ``name:latest`` again on its own and serving another version than its siblings.
+STARTED_ON_ENV = "LCNET_STARTED_ON"
+
+
 def _model_reference(tag: str) -> bentoml.models.BentoModel:
     """Declared on the class so `bentoml build` packs the model; checked here so a missing model
     is one clear message instead of a BentoCloud lookup error."""
+    from bentoml._internal.context import server_context  # BentoML sets it before the import
+
+    started_on = os.environ.get(STARTED_ON_ENV)
+    if started_on and server_context.worker_index is not None:
+        return bentoml.models.BentoModel(started_on)
     try:
-        bentoml.models.get(tag)
+        version = str(bentoml.models.get(tag).tag)
     except bentoml.exceptions.NotFound:
         raise ModelNotFoundError(
             f"model {tag!r} is not in the BentoML store ({bentoml_home()}); train one with "
             "`make demo` or `python -m train fit DATASET`, or set LCNET_MODEL to another tag"
         ) from None
-    return bentoml.models.BentoModel(tag)
+    os.environ[STARTED_ON_ENV] = version
+    return bentoml.models.BentoModel(version)
 
 
-def _refuse_unusable_variant(settings: ServingSettings) -> None:
-    """Check a named engine/precision (accuracy guard, self-check on this CPU) before any worker
-    starts: BentoML restarts a worker that fails to initialise forever, so the same error would
-    otherwise scroll by and the server never become ready."""
-    artifact = load_folder(bentoml.models.get(settings.model).path, tag=settings.model)
+def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: ServingSettings) -> None:
+    """Check the model's files and a named engine/precision (accuracy guard, self-check on this
+    CPU) before any worker starts: BentoML restarts a worker that fails to initialise forever, so
+    the same error would otherwise scroll by and the server never become ready."""
+    stored = bentoml.models.get(model.tag)
+    verify_checksums(Path(stored.path))
+    artifact = load_folder(stored.path, tag=str(model.tag))
     runner = settings.runner
     refuse_unusable(artifact, runner.engine, runner.precision, runner.skip_guard)
 
@@ -63,7 +85,7 @@ def _refuse_unusable_variant(settings: ServingSettings) -> None:
 )
 class LCNetService:
     model = _model_reference(AT_DEFINITION.model)
-    _refuse_unusable_variant(AT_DEFINITION)
+    _refuse_unusable_variant(model, AT_DEFINITION)
 
     def __init__(self) -> None:
         from .metrics import PrometheusObserver, ReloadCounter

@@ -79,11 +79,13 @@ class ServingSettings:
 
 
 def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()) -> dict:
-    """The fields of ``config`` set in ``environ`` as ``LCNET_<FIELD>``, parsed to their type."""
+    """The fields of ``config`` set in ``environ`` as ``LCNET_<FIELD>``, parsed to their type.
+    Surrounding whitespace is dropped (a token read from a file ends in a newline); blank is
+    unset."""
     values = {}
     for spec in fields(config):
-        raw = environ.get(f"LCNET_{spec.name.upper()}")
-        if spec.name in skip or raw is None or raw == "":
+        raw = environ.get(f"LCNET_{spec.name.upper()}", "").strip()
+        if spec.name in skip or not raw:
             continue
         values[spec.name] = _parse(spec.name, raw, type(getattr(config, spec.name)))
     return values

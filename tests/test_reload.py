@@ -8,7 +8,9 @@ name and must never swap.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import statistics
 import threading
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import CLASS_NAMES
+from conftest import CLASS_NAMES, workers
 
 from lcnet_runner.artifact import (
     PARAMS_FILE,
@@ -220,6 +222,9 @@ def test_admin_routes_need_the_token(servers) -> None:
     assert refused.status_code == 403 and refused.json() == {"error": "wrong admin token"}
     assert admin_reload(server, TOKEN, {"tag": "other:abc"}).status_code in (404, 422)
     assert admin_reload(server, TOKEN, {"tag": 5}).status_code == 422
+    for malformed in (f"{NAME}:", "x:y:z", ":abc"):  # not tags at all: the client's mistake
+        refused = admin_reload(server, TOKEN, {"tag": malformed})
+        assert refused.status_code == 422 and "not a store tag" in refused.json()["error"]
     authorized = {"Authorization": f"Bearer {TOKEN}"}
     for body, status in ((b"{", 422), (b"x" * 5000, 413)):  # malformed, over the 4 kB limit
         response = httpx.post(f"{server.url}/admin/reload", content=body, headers=authorized)
@@ -235,13 +240,16 @@ def test_admin_routes_need_the_token(servers) -> None:
                 stub.Reload(lcnet_pb2.ReloadRequest(), metadata=metadata)
             assert err.value.code() == code
         authorized = (("authorization", f"Bearer {TOKEN}"),)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Reload(lcnet_pb2.ReloadRequest(tag="x:y:z"), metadata=authorized)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         info = lcnet_pb2_grpc.ClassifierStub(channel).ModelInfo(lcnet_pb2.ModelInfoRequest())
         accepted = stub.Reload(lcnet_pb2.ReloadRequest(tag=info.tag), metadata=authorized)
         assert (accepted.tag, accepted.state) == (info.tag, "requested")
         assert info.reload.mode == "watch" and info.labels
 
 
-def test_with_reloading_off_a_reload_request_is_refused(servers) -> None:
+def test_with_reloading_off_a_reload_request_is_refused(servers, trained: dict) -> None:
     """Without a token there are no admin routes (tests/test_routes.py, test_serving.py); with one
     and LCNET_RELOAD off, a reload is refused with how to turn it on: 409, FAILED_PRECONDITION."""
     first, server, still = servers
@@ -259,6 +267,48 @@ def test_with_reloading_off_a_reload_request_is_refused(servers) -> None:
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert err.value.details() == refused
     assert model_info(still)["reload"] == {"mode": "off"} and model_info(still)["tag"] == first
+    # Its worker, restarted after a crash, serves the version the server started with, though
+    # the store has a newer one of the name it was given.
+    save_version(first, [f"newer {name}" for name in CLASS_NAMES])
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    assert versions_after_a_worker_restart(still, image) == {first}
+
+
+def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict) -> None:
+    """Workers share no channel: a restarted one reads the store and the request file afresh,
+    in its own order. Here the last request (back to the first version) is older than the
+    newest version, which every worker then followed: the new worker must follow it too."""
+    first, server, still = servers
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    with SteadyLoad(server, image) as load:
+        load.wait_for(save_version(first, [f"a {name}" for name in CLASS_NAMES]))
+        assert admin_reload(server, TOKEN, {"tag": first}).status_code == 202
+        load.wait_for(first)
+        newest = save_version(first, [f"b {name}" for name in CLASS_NAMES])
+        load.wait_for(newest)
+    assert versions_after_a_worker_restart(server, image) == {newest}
+
+
+def versions_after_a_worker_restart(server: Server, image: bytes) -> set[str]:
+    """The versions that answer once a killed worker was replaced and has looked at the store
+    and the request file (a few 0.5 s polls), under load on every worker."""
+    victim, count = workers(server)[0], len(workers(server))
+    os.kill(victim, signal.SIGKILL)
+    until = time.monotonic() + 90
+    while victim in workers(server) or len(workers(server)) < count or not ready(server):
+        assert time.monotonic() < until, "the killed worker was not replaced"
+        time.sleep(0.2)
+    time.sleep(3)
+    with SteadyLoad(server, image) as load:
+        time.sleep(3)
+    return {version for _, _, ok, version, _, _ in load.answers if ok}
+
+
+def ready(server: Server) -> bool:
+    try:
+        return httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
@@ -283,6 +333,7 @@ def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
         ({"LCNET_RELOAD": "sometimes"}, "use one of off, watch, request"),
         ({"LCNET_RELOAD": "watch", "LCNET_MODEL": "pplcnet:v1"}, "pins one"),
         ({"LCNET_RELOAD": "request"}, "needs LCNET_ADMIN_TOKEN"),
+        ({"LCNET_RELOAD": "request", "LCNET_ADMIN_TOKEN": " \n"}, "needs LCNET_ADMIN_TOKEN"),
         ({"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0"}, "must be > 0"),
     ],
 )
@@ -291,6 +342,8 @@ def test_reload_settings_are_checked_at_start(env: dict, message: str) -> None:
         ServingSettings.from_env(env)
     watch = ServingSettings.from_env({"LCNET_RELOAD": "watch", "LCNET_ADMIN_TOKEN": "xyzzy"})
     assert watch.model_name == "pplcnet" and "xyzzy" not in repr(watch)
+    from_a_file = ServingSettings.from_env({"LCNET_ADMIN_TOKEN": "xyzzy\n"})  # $(cat token)
+    assert from_a_file.admin_token == "xyzzy"
 
 
 def test_checksums_catch_a_changed_file_and_ignore_bentomls_own(tmp_path: Path) -> None:
