@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -96,6 +98,42 @@ class AdminServicer(lcnet_pb2_grpc.AdminServicer):
         return lcnet_pb2.ReloadResponse(**await _call(context, reload()))
 
 
+def _add_servicer(server: grpc.aio.Server, name: str, servicer: object) -> None:
+    """Register ``servicer`` as the generated ``add_*Servicer_to_server`` does, except that a
+    request that is not a valid protobuf message is the client's mistake, INVALID_ARGUMENT: gRPC
+    parses it before any servicer code runs and answers UNKNOWN with the parser's exception."""
+    service = lcnet_pb2.DESCRIPTOR.services_by_name[name.rpartition(".")[2]]
+    methods = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(getattr(servicer, method.name)),
+            request_deserializer=_parsed_or_none(getattr(lcnet_pb2, method.input_type.name)),
+            response_serializer=getattr(lcnet_pb2, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
+    server.add_registered_method_handlers(name, methods)
+
+
+def _parsed_or_none(message: type) -> Callable[[bytes], object | None]:
+    def parse(data: bytes) -> object | None:
+        try:
+            return message.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
+def _refusing_malformed(method: Callable[[Any, Any], Awaitable[Any]]):
+    async def call(request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed protobuf message")
+        return await method(request, context)
+
+    return call
+
+
 async def start_grpc_server(
     served: ServedModel, settings: ServingSettings, reloader: Reloader | None = None
 ) -> grpc.aio.Server:
@@ -109,12 +147,10 @@ async def start_grpc_server(
             ("grpc.max_connection_age_grace_ms", 1000 * REQUEST_TIMEOUT_S),
         ]
     server = grpc.aio.server(options=options)
-    servicer = ClassifierServicer(served, settings, reloader)
-    lcnet_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    _add_servicer(server, SERVICE_NAME, ClassifierServicer(served, settings, reloader))
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if settings.admin_token:
-        admin = AdminServicer(settings, reloader)
-        lcnet_pb2_grpc.add_AdminServicer_to_server(admin, server)
+        _add_servicer(server, ADMIN_SERVICE_NAME, AdminServicer(settings, reloader))
         services.append(ADMIN_SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

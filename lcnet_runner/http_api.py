@@ -25,6 +25,7 @@ import bentoml
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -66,6 +67,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join([chunk async for chunk in _limited(request, limit)])
 
 
+def _media_type(request: Request) -> str:
+    """The request's Content-Type, lower-cased: media types are case-insensitive (RFC 9110)."""
+    return request.headers.get("content-type", "").lower()
+
+
 # What a body that is the image itself is sent as (``curl --data-binary @cat.jpg -H
 # 'Content-Type: image/jpeg'``): one image, no multipart envelope to parse.
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
@@ -75,8 +81,7 @@ async def read_upload(
     request: Request, settings: ServingSettings, field: str
 ) -> tuple[list[bytes], str | None]:
     """The files in ``field`` and the raw ``top_k`` of a multipart request."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if not _media_type(request).startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
     _refuse_declared_excess(request, limit)
@@ -142,7 +147,7 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
 
 async def classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     """One image: the body itself (``top_k`` in the query string) or a multipart file field."""
-    content_type = request.headers.get("content-type", "")
+    content_type = _media_type(request)
     if content_type.startswith(RAW_IMAGE_TYPES):
         image = await read_body(request, settings.max_body_bytes)
         return await handlers.classify(runner, image, request.query_params.get("top_k"))
@@ -285,7 +290,13 @@ def create_app(cors_origins: str = "") -> FastAPI:
     app.add_api_route("/ui", _ui, methods=["GET"], include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui")
     app.dependency_overrides[bentoml.get_current_service] = _current_service
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     return app
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    """The app's own refusals (e.g. 405 for a GET on a POST route) in the routes' error shape."""
+    return JSONResponse({"error": err.detail}, err.status_code, headers=err.headers)
 
 
 async def _current_service() -> Any:
@@ -389,8 +400,10 @@ class TypedApiGuard:
 def _internal(scope) -> bool:
     """A call from another service of the same deployment (``bentoml.depends``): BentoML sends
     pickles between its own processes and refuses them itself on the public (main) server."""
-    content_type = dict(scope["headers"]).get(b"content-type", b"")
-    return content_type.startswith(b"application/vnd.bentoml+pickle")
+    content_types = [value for key, value in scope["headers"] if key == b"content-type"]
+    # The first one, as Starlette and BentoML read it (a dict would keep the last: a second
+    # header could then wave a multipart body past this guard).
+    return bool(content_types) and content_types[0].startswith(b"application/vnd.bentoml+pickle")
 
 
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:

@@ -10,6 +10,7 @@ import io
 import uuid
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -127,10 +128,17 @@ def upload(field: str = "image", data: bytes = JPEG, filename: str = "a.jpg", **
     return {"files": {field: (filename, data)}, "data": form}
 
 
-def raw(body: bytes | list[bytes], content_type: str = "multipart/form-data; boundary=x") -> dict:
+def raw(
+    body: bytes | list[bytes], content_type: str | bytes = "multipart/form-data; boundary=x"
+) -> dict:
     return {"content": body, "headers": {"content-type": content_type}}
 
 
+MULTIPART_JPEG = (
+    b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    + JPEG
+    + b"\r\n--x--\r\n"
+)
 TWO_IMAGES = {"files": [("image", ("a", JPEG))] * 2}
 URL_IN_FIELD = {"files": {"x": ("a", JPEG)}, "data": {"image": "http://127.0.0.1:9/x.jpg"}}
 BAD_IN_BATCH = {"files": [("images", ("a", JPEG)), ("images", ("b", b"no"))]}
@@ -159,6 +167,28 @@ REQUESTS = {
     ),  # chunked: no Content-Length to refuse early
     "image body, top_k text": ("/classify?top_k=three", raw(JPEG, "image/jpeg"), 422),
     "image body on the batch route": ("/classify_batch", raw(JPEG, "image/jpeg"), 415),
+    # media types are case-insensitive
+    "image body, upper-case type": ("/classify", raw(JPEG, "IMAGE/JPEG"), 200),
+    "multipart, mixed-case type": (
+        "/classify",
+        raw(MULTIPART_JPEG, "Multipart/Form-Data; boundary=x"),
+        200,
+    ),
+    # BentoML's access log decoded it as UTF-8 once the headers were out: the body was lost
+    "latin-1 byte in the content type": ("/classify", raw(JPEG, b"image/jpeg; x=\xe9"), 200),
+    # a second Content-Type must not pass for BentoML's internal pickles (Starlette reads the
+    # first): the typed route's guard parses the multipart body, and refuses it
+    "two content types on /predict": (
+        "/predict",
+        {
+            "content": b"--x\r\n\r\n",
+            "headers": [
+                ("content-type", "multipart/form-data; boundary=x"),
+                ("content-type", "application/vnd.bentoml+pickle"),
+            ],
+        },
+        400,
+    ),
     "empty batch": ("/classify_batch", upload(field="x"), 422),
     "too many images": ("/classify_batch", {"files": [("images", ("a", JPEG))] * 65}, 413),
     "batch with one bad image": ("/classify_batch", BAD_IN_BATCH, 400),
@@ -207,8 +237,23 @@ def test_no_cors_and_no_internals_by_default(server: Server) -> None:
 
 
 def test_wrong_method_and_unknown_path(server: Server) -> None:
-    assert httpx.get(f"{server.url}/classify").status_code == 405
+    wrong_method = httpx.get(f"{server.url}/classify")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json() == {"error": "Method Not Allowed"}
+    # BentoML's own router answers an unknown path (in plain text: the mounted app never sees it)
     assert httpx.post(f"{server.url}/no-such-endpoint").status_code == 404
+
+
+def test_a_malformed_grpc_message_is_invalid_argument(server: Server) -> None:
+    """Bytes that are no protobuf message: gRPC's own parser answered UNKNOWN with its
+    exception's repr."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        classify = channel.unary_unary("/lcnet.v1.Classifier/Classify")  # bytes as they are
+        with pytest.raises(grpc.RpcError) as err:
+            classify(b"\xff\xff\xff\xff", timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "malformed protobuf message"
+    assert_still_serving(server)
 
 
 @pytest.mark.parametrize("top_k", [-1, -100])
