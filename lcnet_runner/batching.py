@@ -114,11 +114,20 @@ class AdaptiveBatcher(Generic[T, R]):
             raise
 
     async def close(self) -> None:
-        """Stop taking calls, finish what is queued, release the engine thread; idempotent."""
+        """Stop taking calls, finish what is queued, release the engine thread; idempotent.
+        Cancelling the caller (a shutdown deadline) stops the wait, not the draining."""
         self._closed = True
         self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        task = self._task
+        if task is not None:
+            # The thread is freed when the worker ends, even if nobody waits for it any more.
+            task.add_done_callback(lambda _: self._executor.shutdown(wait=False))
+            try:
+                # Shielded: cancelling the worker mid-batch would strand every caller queued.
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled() or _being_cancelled():
+                    raise  # our caller gave up; the worker goes on draining
         self._executor.shutdown(wait=True)
 
     def _take(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
@@ -149,36 +158,80 @@ class AdaptiveBatcher(Generic[T, R]):
         return batch
 
     async def _worker(self) -> None:
+        batch: list[tuple[T, asyncio.Future[R], float]] = []
+        try:
+            while not (self._closed and not self._queue):
+                batch = await self._next_batch()
+                if batch:
+                    await self._run(batch)
+        except BaseException as exc:
+            # Cancelled (the loop shutting down) or a bug: no caller may wait forever.
+            self._fail_waiting(batch, exc)
+            raise
+
+    def _fail_waiting(
+        self, batch: list[tuple[T, asyncio.Future[R], float]], why: BaseException
+    ) -> None:
+        """Fail the batch taken and everything queued with BatcherClosedError."""
+        message = f"{self._name} stopped ({type(why).__name__}) before answering"
+        for _, fut, _ in [*batch, *self._queue]:
+            if not fut.done():
+                fut.set_exception(BatcherClosedError(message))
+        self._queue.clear()
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
+        """Run one batch (on the loop via ``process_here``, else in the engine thread) and hand
+        each caller its result, or the batch's error."""
         loop = asyncio.get_running_loop()
-        while not (self._closed and not self._queue):
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            items = [entry[0] for entry in batch]
-            start = time.perf_counter()
+        items = [entry[0] for entry in batch]
+        start = time.perf_counter()
+        try:
+            here = self._process_here(items) if self._process_here else None
+            if here is None:
+                here = await loop.run_in_executor(self._executor, self._process_safely, items)
+            results = list(here)
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"{self._name}: process returned {len(results)} results for {len(items)} items"
+                )
+        except Exception as exc:  # a bad batch fails its callers, never the batcher
+            error = _futurable(exc, self._name)
+            for _, fut, _ in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+        else:
+            for (_, fut, _), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+        self._report(batch, start)
+
+    def _process_safely(self, items: list[T]) -> Sequence[R]:
+        """``process`` in the engine thread; a StopIteration would never reach the worker (the
+        future carrying it back to the loop refuses it), so it crosses as a RuntimeError."""
+        try:
+            return self._process(items)
+        except StopIteration as exc:
+            raise _futurable(exc, self._name) from exc
+
+    def _report(self, batch: list[tuple[T, asyncio.Future[R], float]], start: float) -> None:
+        run_s = time.perf_counter() - start
+        if self._on_batch is not None:
             try:
-                here = self._process_here(items) if self._process_here else None
-                if here is None:
-                    here = await loop.run_in_executor(self._executor, self._process, items)
-                results = list(here)
-                if len(results) != len(items):
-                    raise RuntimeError(
-                        f"{self._name}: process returned {len(results)} results "
-                        f"for {len(items)} items"
-                    )
-            except Exception as exc:  # a bad batch fails its callers, never the batcher
-                for _, fut, _ in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-            else:
-                for (_, fut, _), result in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-            run_s = time.perf_counter() - start
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(
-                        BatchStats(len(batch), tuple(start - e[2] for e in batch), run_s)
-                    )
-                except Exception:
-                    logger.exception("%s: on_batch callback failed", self._name)
+                self._on_batch(BatchStats(len(batch), tuple(start - e[2] for e in batch), run_s))
+            except Exception:
+                logger.exception("%s: on_batch callback failed", self._name)
+
+
+def _futurable(exc: Exception, name: str) -> Exception:
+    """``exc``, or a RuntimeError for StopIteration, which asyncio futures refuse to hold."""
+    if isinstance(exc, StopIteration):
+        error = RuntimeError(f"{name}: process raised StopIteration {exc}".rstrip())
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task has a cancellation pending (and must let it through)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -12,7 +12,10 @@ serves (the self-check below).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import zipfile
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,23 +69,61 @@ def check(artifact: ModelArtifact, variant: Variant) -> None:
     """Raise AccuracyGuardError unless ``variant`` is the reference or passed on this model."""
     if variant == REFERENCE:
         return
-    guard = artifact.info.get(GUARD_KEY) or {}
-    figures = (guard.get("variants") or {}).get(str(variant))
+    guard = _guard_of(artifact, variant)
+    figures = guard.get("variants", {}).get(str(variant))
     if figures is None:
         raise AccuracyGuardError(
             f"{variant} has not been checked against paddle/fp32 on {artifact.name}: "
             f"run `python -m train verify {artifact.name} --dataset DIR` (or quantize for int8), "
             "or accept it unchecked with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
-    if not passes(figures["top1_drop_pt"], figures["agreement"]):
-        change, agreement = 0.0 - figures["top1_drop_pt"], 100 * figures["agreement"]
+    drop_pt, agreement = _figures_of(artifact, variant, figures)
+    if not passes(drop_pt, agreement):
+        change = 0.0 - drop_pt
         raise AccuracyGuardError(
             f"{variant} fails the accuracy guard on {artifact.name}: top-1 {change:+.2f} points "
-            f"vs paddle/fp32 (bar: -{MAX_TOP1_DROP_PT}), top-1 agreement {agreement:.1f} % "
+            f"vs paddle/fp32 (bar: -{MAX_TOP1_DROP_PT}), top-1 agreement {100 * agreement:.1f} % "
             f"(bar: {100 * MIN_AGREEMENT:.0f} %) "
             f"on {guard.get('images')} {guard.get('split')} images; use another engine/precision "
             "or accept it with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
+
+
+def _damaged(artifact: ModelArtifact, variant: Variant, what: str) -> AccuracyGuardError:
+    """The error for stored guard data that cannot be read: the variant is not usable (auto
+    falls back), and ``verify`` writes the figures again."""
+    return AccuracyGuardError(
+        f"{variant} cannot be checked on {artifact.name}: {what}; run `python -m train verify "
+        f"{artifact.name} --dataset DIR` to measure it again, or accept it unchecked with "
+        "skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
+    )
+
+
+def _guard_of(artifact: ModelArtifact, variant: Variant) -> Mapping[str, Any]:
+    """The stored guard, its ``variants`` a mapping; metadata is edited by hand and by older
+    versions, so a wrong shape is the variant's failure, not a crash of ``auto``."""
+    guard = artifact.info.get(GUARD_KEY) or {}
+    if not isinstance(guard, Mapping):
+        raise _damaged(artifact, variant, f"its {GUARD_KEY!r} is not a mapping: {guard!r:.80}")
+    variants = guard.get("variants") or {}
+    if not isinstance(variants, Mapping):
+        raise _damaged(artifact, variant, f"its {GUARD_KEY}.variants is not a mapping")
+    return {**guard, "variants": variants}
+
+
+def _figures_of(artifact: ModelArtifact, variant: Variant, figures: Any) -> tuple[float, float]:
+    """``figures``' top-1 drop and agreement, each a finite real number (bool is not one)."""
+    if not isinstance(figures, Mapping):
+        raise _damaged(artifact, variant, f"its guard entry is not a mapping: {figures!r:.80}")
+    numbers = []
+    for key in ("top1_drop_pt", "agreement"):
+        value = figures.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _damaged(artifact, variant, f"its guard entry has no number {key!r}: {value!r}")
+        if not math.isfinite(value):
+            raise _damaged(artifact, variant, f"its guard entry's {key!r} is {value!r}")
+        numbers.append(float(value))
+    return numbers[0], numbers[1]
 
 
 def cpu_features() -> dict[str, Any]:
@@ -134,8 +175,7 @@ def self_check(
     path = artifact.path / SELF_CHECK_FILE
     if variant == REFERENCE or not path.is_file():
         return None
-    with np.load(path) as sample:
-        crops, reference = sample["crops"], sample["probs"]
+    crops, reference = _load_sample(artifact, variant, path)
     probs = np.concatenate([infer(crops[i : i + 16]) for i in range(0, len(crops), 16)])
     figures = self_check_figures(reference, probs)
     if not figures["passed"]:
@@ -150,3 +190,28 @@ def self_check(
             "accept it with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
     return figures
+
+
+def _load_sample(artifact: ModelArtifact, variant: Variant, path: Path) -> tuple[np.ndarray, ...]:
+    """The stored crops and reference probabilities; a damaged file (truncated copy, missing
+    array) makes the variant unusable here rather than crash ``auto``, which serves the
+    reference instead."""
+    try:
+        with np.load(path) as sample:
+            crops, reference = sample["crops"], sample["probs"]
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as err:
+        raise _self_check_damaged(artifact, variant, f"{type(err).__name__}: {err}") from None
+    n, crop = (len(crops) if crops.ndim else 0), artifact.preprocess.crop_size
+    if not n or crops.shape != (n, crop, crop, 3) or reference.shape != (n, len(artifact.labels)):
+        shapes = f"crops {crops.shape}, probs {reference.shape}"
+        raise _self_check_damaged(artifact, variant, f"its arrays do not fit the model ({shapes})")
+    return crops, reference
+
+
+def _self_check_damaged(artifact: ModelArtifact, variant: Variant, why: str) -> AccuracyGuardError:
+    return AccuracyGuardError(
+        f"{variant} cannot run its self-check for {artifact.name}: {SELF_CHECK_FILE} is damaged "
+        f"({why}); run `python -m train verify {artifact.name} --dataset DIR` to write it "
+        "again, use another engine/precision, or accept it with skip_guard / --skip-guard / "
+        "LCNET_SKIP_GUARD=1"
+    )

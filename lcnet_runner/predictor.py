@@ -66,10 +66,23 @@ class Timings:
         )
 
 
+class EngineOutputError(RuntimeError):
+    """The engine answered scores that are not numbers (NaN, inf): a fault of the model or the
+    engine, not of the request, so a server answers 500, never a client error."""
+
+
 def top_k_predictions(
     probs: np.ndarray, labels: Sequence[str], top_k: int = 1
 ) -> list[list[Prediction]]:
-    """Class probabilities (N×C) → per image, the ``top_k`` classes, best first."""
+    """Class probabilities (N×C) → per image, the ``top_k`` classes, best first. Raises
+    EngineOutputError for non-finite scores: argmax and argsort rank NaN differently (top-1
+    would depend on top_k), and JSON has no NaN."""
+    if not np.isfinite(probs).all():  # one pass over N×C floats: cheap beside the engine
+        bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+        raise EngineOutputError(
+            f"the engine returned non-finite scores (NaN or inf) for image(s) {bad.tolist()[:8]} "
+            f"of a batch of {len(probs)}"
+        )
     k = max(1, min(top_k, probs.shape[1]))
     if k == 1:  # most requests; argmax takes the first of equal scores, as the stable sort does
         order = probs.argmax(axis=1)[:, None]

@@ -224,6 +224,65 @@ def test_close_drains_then_refuses() -> None:
     run(main())
 
 
+def test_a_close_given_up_on_still_drains_and_frees_the_thread() -> None:
+    """``wait_for(close(), deadline)`` at shutdown: the deadline cancelled the worker mid-batch,
+    and every queued and running caller waited forever."""
+
+    async def main() -> list[int]:
+        batcher = AdaptiveBatcher(doubler(0.05), max_batch_size=2, name="given-up")
+        callers = asyncio.gather(*(batcher(i) for i in range(4)))
+        await asyncio.sleep(0.01)  # the first batch is running, the second queued
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(batcher.close(), 0.01)
+        results = await asyncio.wait_for(callers, 2)
+        await asyncio.wait_for(batcher.close(), 2)  # idempotent, and done by now
+        return results
+
+    assert run(main()) == [0, 2, 4, 6]
+    assert not any(t.name.startswith("given-up") for t in threading.enumerate())
+
+
+def test_a_cancelled_worker_fails_its_callers() -> None:
+    """The worker task cancelled (the loop shutting down): callers get an error, not a hang."""
+
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(0.05), max_batch_size=1)
+        callers = [asyncio.ensure_future(batcher(i)) for i in range(3)]
+        await asyncio.sleep(0.01)  # the first batch is running, two queued
+        batcher._task.cancel()
+        for caller in callers:
+            with pytest.raises(BatcherClosedError, match="stopped"):
+                await asyncio.wait_for(caller, 2)
+        await asyncio.wait_for(batcher.close(), 2)  # not the worker's CancelledError
+
+    run(main())
+
+
+def stop_at_zero(items: list[int]) -> list[int] | None:
+    if 0 in items:
+        raise StopIteration  # e.g. next() on an exhausted iterator inside an engine
+    return None
+
+
+@pytest.mark.parametrize("where", ["engine", "here"])
+def test_an_engine_raising_stopiteration_fails_its_batch_only(where: str) -> None:
+    """asyncio futures refuse StopIteration: the batch's callers, or the worker, hung."""
+
+    def engine(items: list[int]) -> list[int]:
+        stop_at_zero(items)
+        return [x * 2 for x in items]
+
+    async def main() -> None:
+        here = stop_at_zero if where == "here" else None
+        batcher = AdaptiveBatcher(engine, process_here=here)
+        with pytest.raises(RuntimeError, match="process raised StopIteration"):
+            await asyncio.wait_for(batcher(0), 2)
+        assert await asyncio.wait_for(batcher(5), 2) == 10
+        await batcher.close()
+
+    run(main())
+
+
 def test_warm_up_runs_in_the_engine_thread_and_a_failure_closes_the_batcher() -> None:
     threads: list[str] = []
 

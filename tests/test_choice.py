@@ -112,6 +112,29 @@ def test_a_variant_wrong_on_this_cpu_is_refused_and_auto_falls_back(
     assert forced.choice.self_check is None
 
 
+def test_auto_skips_variants_with_damaged_guard_data(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Malformed figures or a damaged sample make that variant unusable; Paddle fp32, the
+    reference, still serves (these crashed ``auto`` with KeyError / TypeError / BadZipFile)."""
+    monkeypatch.setitem(ENGINES, "paddle", slowed(PaddleEngine))  # the others are tried first
+    malformed = {
+        "onnxruntime/fp32": {"passed": False},
+        "openvino/fp32": {**PASS, "agreement": None},
+    }
+    set_guard(folder, malformed)
+    choice = Predictor(folder, threads=1).choice
+    assert choice.variant == REFERENCE
+    for name in ("onnxruntime/fp32", "openvino/fp32"):
+        assert "cannot be checked" in choice.skipped[name]
+    set_guard(folder, {"onnxruntime/fp32": PASS, "openvino/fp32": PASS})
+    whole = (folder / SELF_CHECK_FILE).read_bytes()
+    (folder / SELF_CHECK_FILE).write_bytes(whole[: len(whole) // 2])
+    choice = Predictor(folder, threads=1).choice
+    assert choice.variant == REFERENCE
+    assert f"{SELF_CHECK_FILE} is damaged" in choice.skipped["onnxruntime/fp32"]
+
+
 def test_the_slowest_variant_is_never_chosen(folder: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(ENGINES, "openvino", slowed(OpenVinoEngine))
     choice = Predictor(folder, threads=1).choice

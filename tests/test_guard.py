@@ -14,9 +14,24 @@ import pytest
 from conftest import bentoml_cli, run_cli
 
 from lcnet_runner import Predictor
-from lcnet_runner.artifact import INT8_FILE, load_folder, write_info
-from lcnet_runner.engines import REFERENCE, all_variants, cpu_supports_bf16, matching_variants
-from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, compare, passes
+from lcnet_runner.artifact import INT8_FILE, SELF_CHECK_FILE, ModelArtifact, load_folder, write_info
+from lcnet_runner.engines import (
+    REFERENCE,
+    Variant,
+    all_variants,
+    cpu_supports_bf16,
+    matching_variants,
+)
+from lcnet_runner.guard import (
+    GUARD_KEY,
+    AccuracyGuardError,
+    check,
+    compare,
+    passes,
+    self_check,
+    write_self_check,
+)
+from lcnet_runner.preprocess import PreprocessConfig
 from lcnet_runner.runner import LCNetRunner, RunnerConfig
 from lcnet_runner.settings import ServingSettings
 from train.split import read_split
@@ -50,6 +65,66 @@ def test_variants_come_from_the_engine_registry() -> None:
     assert [str(v) for v in matching_variants(precision="fp32")] == [
         "paddle/fp32", "onnxruntime/fp32", "openvino/fp32",
     ]  # fmt: skip
+
+
+INT8 = Variant("openvino", "int8")
+GOOD = {"top1": 0.9, "top1_drop_pt": 0.0, "agreement": 1.0, "max_score_diff": 0.0, "passed": True}
+
+
+def bare_artifact(folder: Path, guard: object) -> ModelArtifact:
+    """An artifact with no model files: ``check`` and ``self_check`` read only its info and
+    its sample, so these tests need no trained model."""
+    files = (folder / "m.pdmodel", folder / "m.pdiparams")
+    crop = PreprocessConfig(crop_size=4, resize_short=4)
+    return ModelArtifact(folder, *files, ("a", "b"), crop, {GUARD_KEY: guard})
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [
+        {"variants": {"openvino/int8": {"passed": False}}},  # no figures
+        {"variants": {"openvino/int8": {**GOOD, "top1_drop_pt": None}}},
+        {"variants": {"openvino/int8": {**GOOD, "agreement": "1.0"}}},
+        {"variants": {"openvino/int8": {**GOOD, "agreement": True}}},
+        {"variants": {"openvino/int8": {**GOOD, "top1_drop_pt": float("nan")}}},
+        {"variants": {"openvino/int8": "passed"}},
+        {"variants": ["openvino/int8"]},
+        "not measured",
+        ["openvino/int8"],
+    ],
+)
+def test_malformed_guard_figures_make_the_variant_unusable(tmp_path: Path, guard) -> None:
+    """Hand-edited or older metadata: the guard's own error (what ``auto`` skips), not a
+    KeyError/TypeError/AttributeError that would stop ``auto`` before the reference serves."""
+    with pytest.raises(AccuracyGuardError, match=r"openvino/int8 cannot be checked"):
+        check(bare_artifact(tmp_path, guard), INT8)
+    check(bare_artifact(tmp_path, guard), REFERENCE)  # the reference needs no figures
+    check(bare_artifact(tmp_path, {"variants": {"openvino/int8": GOOD}}), INT8)
+
+
+def test_a_damaged_self_check_sample_makes_the_variant_unusable(tmp_path: Path) -> None:
+    artifact = bare_artifact(tmp_path, {})
+    path = tmp_path / SELF_CHECK_FILE
+    crops, probs = np.zeros((3, 4, 4, 3), np.uint8), np.full((3, 2), 0.5, np.float32)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return np.full((len(batch), 2), 0.5, np.float32)
+
+    write_self_check(tmp_path, crops, probs)
+    assert self_check(artifact, INT8, infer)["passed"]
+    whole = path.read_bytes()
+    damaged = {
+        "truncated": lambda: path.write_bytes(whole[: len(whole) // 2]),
+        "no probs": lambda: np.savez_compressed(path, crops=crops),
+        "not a zip": lambda: path.write_bytes(b"not numpy"),
+        "other classes": lambda: write_self_check(tmp_path, crops, probs[:, :1]),
+        "other sizes": lambda: write_self_check(tmp_path, crops, probs[:2]),
+    }
+    for name, damage in damaged.items():
+        damage()
+        with pytest.raises(AccuracyGuardError, match=f"{SELF_CHECK_FILE} is damaged"):
+            self_check(artifact, INT8, infer)
+        assert self_check(artifact, REFERENCE, infer) is None, name
 
 
 def test_fit_records_the_guard_and_auto_uses_it(trained: dict) -> None:

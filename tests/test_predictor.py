@@ -17,6 +17,7 @@ from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
 from lcnet_runner.engines import cores_free
+from lcnet_runner.predictor import EngineOutputError, top_k_predictions
 from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
 from train.split import read_split
@@ -68,6 +69,25 @@ def test_every_input_kind_gives_the_same_answer(predictor: Predictor, split_imag
     pair = predictor.predict([path, path], top_k=2)
     assert predictor.timings.images == 2 and predictor.timings.inference_s > 0
     assert pair == [predictor.predict(path, top_k=2)] * 2
+
+
+def test_top_k_ranks_ties_alike_for_every_k() -> None:
+    probs = np.array([[0.25, 0.5, 0.25, 0.0], [0.4, 0.1, 0.1, 0.4]])
+    top_1 = top_k_predictions(probs, "abcd", 1)
+    top_3 = top_k_predictions(probs, "abcd", 3)
+    assert [r[0]["category"] for r in top_1] == [r[0]["category"] for r in top_3] == ["b", "a"]
+    assert [p["category"] for p in top_3[0]] == ["b", "a", "c"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_non_finite_engine_output_is_a_server_error(bad: float, top_k: int) -> None:
+    """argmax took NaN as the best class and argsort as the worst, so top-1 depended on top_k,
+    and a NaN score reached the JSON answer (Starlette refuses it: a 500 without a cause)."""
+    probs = np.array([[0.2, 0.3, 0.5], [0.1, bad, 0.6]])
+    with pytest.raises(EngineOutputError, match=r"non-finite scores .* image\(s\) \[1\]") as err:
+        top_k_predictions(probs, "abc", top_k)
+    assert not isinstance(err.value, ValueError)  # not a client error (handlers: 4xx)
 
 
 def test_store_tag_and_folder_give_the_same_answer(trained: dict, split_images) -> None:
