@@ -146,6 +146,9 @@ def load_image(
         return _from_array(source, bgr)
     if isinstance(source, Image.Image):
         _check_pixels(source, max_pixels)
+        encoded = _jpeg_file_bytes(source)
+        if encoded is not None:
+            return load_image(encoded, max_pixels=max_pixels, short_side=short_side)
         with _decode_errors(source):  # an image opened lazily decodes only now
             return _to_rgb(ImageOps.exif_transpose(source))
     with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
@@ -165,6 +168,9 @@ def load_pixels(
         return _checked(source)
     if isinstance(source, Image.Image):
         _check_pixels(source, max_pixels)
+        encoded = _jpeg_file_bytes(source)
+        if encoded is not None:
+            return load_pixels(encoded, max_pixels=max_pixels, short_side=short_side)
         with _decode_errors(source):
             pixels = _decoded_by_libjpeg(source)
         return np.asarray(load_image(source)) if pixels is None else pixels
@@ -208,6 +214,19 @@ def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -
         scale = short_side / min(width, height)
         opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     return opened
+
+
+def _jpeg_file_bytes(image: Image.Image) -> bytes | None:
+    """The file of a JPEG opened but not decoded (nor drafted) yet, so that it decodes exactly as
+    the same file given as a path or bytes would, draft to ``short_side`` included; reading the
+    bytes leaves the caller's image as it was (a draft would shrink it). None otherwise."""
+    fp = getattr(image, "fp", None)
+    drafted = getattr(image, "decoderconfig", ())  # a draft the caller made stays theirs
+    if image.format != "JPEG" or len(image.tile) != 1 or fp is None or drafted:
+        return None
+    with _decode_errors(image):
+        fp.seek(0)  # Pillow, too, reads a JPEG from the start of its file
+        return fp.read()
 
 
 def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:

@@ -84,3 +84,45 @@ def test_predict_missing_model_folder(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(image)
     result = run_cli("lcnet_runner", "predict", str(image), "--model", str(tmp_path), check=False)
     assert "not an exported model folder" in one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--model", "PPLCNet_x9"], "unknown model 'PPLCNet_x9'"),
+        (["--epochs", "0"], "epochs and batch size must be >= 1"),
+        (["--crop-scale", "0.5,2"], "crop scale must satisfy"),
+        (["--ram-cache-mb", "-1"], "--ram-cache-mb must be >= 0"),
+        (["--input-size", "64", "--resize-short", "32"], "need 1 <= crop_size <= resize_short"),
+    ],
+)
+def test_fit_options_are_checked_before_data_parallel_ranks_start(
+    tmp_path: Path, option: list[str], message: str
+) -> None:
+    """With --procs 2 a rank's error would only reach SAVE_DIR/logs; the user sees it here."""
+    data = two_classes(tmp_path / "two")
+    args = ["--procs", "2", "--pretrained", "none", "--save-dir", str(tmp_path / "o"), *option]
+    line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
+    assert message in line
+    assert not (tmp_path / "o" / "logs").exists()  # no launcher started
+
+
+def test_os_errors_are_one_line(tmp_path: Path) -> None:
+    data = two_classes(tmp_path / "two")
+    (tmp_path / "afile").write_text("not a folder")
+    save_dir = tmp_path / "afile" / "run"
+    args = ["--pretrained", "none", "--save-dir", str(save_dir)]
+    line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
+    assert line == f"error: {save_dir}: Not a directory"
+
+
+def test_error_line_shows_paths_as_given() -> None:
+    from train.cli import error_line
+
+    denied = PermissionError(13, "Permission denied", "/data/caf\udce9 ü")
+    assert error_line(denied) == "/data/caf\udce9 ü: Permission denied"
+    assert error_line(OSError(18, "Invalid cross-device link", "a", None, "b")) == (
+        "a -> b: Invalid cross-device link"
+    )
+    assert error_line(OSError("no errno")) == "no errno"
+    assert error_line(ValueError("plain")) == "plain"

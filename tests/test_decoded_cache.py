@@ -81,7 +81,9 @@ def test_a_changed_file_invalidates_the_cache(tmp_path: Path) -> None:
     old_pixels = np.array(first.images[0])
     path = samples[0][0]
     Image.new("RGB", (48, 48), (255, 255, 0)).save(path)
-    second = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    # now with another crop size, which acts after the decode: no part of the cache's key
+    other_crop = PreprocessConfig(crop_size=28, resize_short=36)
+    second = load_split(samples, other_crop, disk, name="train", dataset=tmp_path / "data")
     assert second.decoded == len(samples)  # rebuilt, not reused
     assert not np.array_equal(second.images[0], old_pixels)
     assert np.array_equal(second.images[0], decode_split([samples[0]], TINY).images[0])

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import bentoml
 import numpy as np
 import pytest
 import yaml
@@ -52,6 +54,33 @@ def test_import_paddleclas_style_folder(trained: dict, tmp_path: Path) -> None:
     np.testing.assert_allclose(
         _probs(tag, trained), _probs(trained["export_dir"], trained), atol=1e-5
     )
+
+
+def test_import_folder_with_new_labels_renames_them_everywhere(
+    trained: dict, tmp_path: Path
+) -> None:
+    """--labels reaches inference.yml (what PaddleX reads) and model_info.json (the store's
+    metadata) too, not only labels.txt; a count other than the model's outputs is refused."""
+    renamed = ["sky", "grass", "fire"]
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{name}\n" for name in renamed), encoding="utf-8")
+    source = str(trained["export_dir"])
+    result = run_cli("train", "import", source, "--name", "relabelled", "--labels", str(labels))
+    stored = bentoml.models.get(result.stdout.strip().split()[-1])
+    folder = Path(stored.path)
+    config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8"))
+    assert config["PostProcess"]["Topk"]["label_list"] == renamed
+    info = json.loads((folder / "model_info.json").read_text(encoding="utf-8"))
+    assert (info["classes"], info["num_classes"]) == (renamed, 3)
+    assert stored.info.metadata["classes"] == renamed
+    assert Predictor(folder).labels == tuple(renamed)
+
+    labels.write_text("a\nb\nc\nd\n", encoding="utf-8")
+    result = run_cli("train", "import", source, "--labels", str(labels), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --labels: 4 names, but the model has 3 classes"
+    ]
 
 
 @pytest.mark.parametrize(

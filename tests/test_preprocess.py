@@ -268,6 +268,21 @@ def test_large_jpegs_decode_at_reduced_scale_with_nearly_the_same_crop() -> None
     assert np.abs(drafted - full).mean() < 3
 
 
+def test_a_large_jpeg_opened_by_pil_is_drafted_like_its_file(tmp_path: Path) -> None:
+    """Image.open(path) (what BentoML hands a PIL.Image argument) decodes at the same reduced
+    DCT scale as the path, its bytes and training, and the caller's image keeps its size."""
+    path = tmp_path / "big.jpg"
+    photo(1600, 1200).save(path, quality=90)
+    config = PreprocessConfig(crop_size=224, resize_short=256)
+    expected = preprocess(path, config)
+    np.testing.assert_array_equal(preprocess(path.read_bytes(), config), expected)
+    with Image.open(path) as opened:
+        np.testing.assert_array_equal(preprocess(opened, config), expected)
+        assert opened.size == (1600, 1200)
+    with Image.open(path) as opened:
+        assert load_image(opened, short_side=256).size == load_image(path, short_side=256).size
+
+
 @pytest.mark.parametrize("backend", ["cv2", "pil"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "lanczos"])
 def test_inference_yml_records_the_backend_in_paddlex_terms(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -221,3 +222,35 @@ def test_read_split_rejects_malformed_line(tmp_path: Path) -> None:
     (tmp_path / "train_list.txt").write_text("cat/a.jpg 0\ncat/b.jpg\n", encoding="utf-8")
     with pytest.raises(DatasetError, match=r"train_list\.txt:2: expected"):
         read_split(tmp_path, "train")
+
+
+def test_a_name_that_is_not_utf8_is_skipped_and_shown_readably(tmp_path: Path) -> None:
+    """Linux allows any bytes in a file name; one that is not UTF-8 cannot go into a list file,
+    so it is skipped like an unreadable image instead of aborting the whole split."""
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(tmp_path / name / f"{i}.jpg")
+    odd = bytes(tmp_path / "a") + b"/caf\xe9.jpg"
+    Image.new("RGB", (8, 8)).save(odd.decode("utf-8", "surrogateescape"), format="JPEG")
+
+    result = split_dataset(tmp_path)
+    assert result.skipped == ["a/caf\\xe9.jpg"]
+    assert sum(result.counts.values()) == 6
+    assert "caf" not in (tmp_path / "train_list.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("index", "match"),
+    [("2", "label index 2 is out of range"), ("7", "labels.txt has 2 classes"),
+     ("²", "expected '<path> <label_index>'"), ("١", "expected '<path> <label_index>'")],
+)  # fmt: skip
+def test_read_split_rejects_a_label_index_out_of_range_or_not_ascii(
+    tmp_path: Path, index: str, match: str
+) -> None:
+    """Checked where the lists are read: otherwise Paddle fails mid-training with an
+    IndexError, or val/test miscount. int() takes other scripts' digits: only 0-9 count."""
+    (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
+    lines = f"cat/a.jpg 0\ndog/b.jpg 1\ndog/c.jpg {index}\n"
+    (tmp_path / "val_list.txt").write_text(lines, encoding="utf-8")
+    with pytest.raises(DatasetError, match=rf"val_list\.txt:3: .*{re.escape(match)}"):
+        read_split(tmp_path, "val")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from PIL import Image
 
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
-from train.fit import FitConfig, learning_rate
+from train.fit import FitConfig, initial_state, learning_rate
 from train.plots import confusion_matrix
 from train.report import report
 from train.split import read_split
@@ -88,6 +89,30 @@ def test_resume_without_checkpoint_is_a_clear_error(colour_dataset: Path, tmp_pa
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --resume: no checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("labels", "model", "match"),
+    [
+        (["a", "b", "c"], "PPLCNet_x0_25", r"other classes \(new: 'c'\)"),
+        (["a", "B"], "PPLCNet_x0_25", r"other classes \(new: 'B'; gone: 'b'\)"),
+        (["b", "a"], "PPLCNet_x0_25", "the same names in another order"),
+        (["a", "b"], "PPLCNet_x0_35", "is a PPLCNet_x0_25 checkpoint, not PPLCNet_x0_35"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_run(
+    tmp_path: Path, labels: list[str], model: str, match: str
+) -> None:
+    """Renamed, added or reordered classes would resume with a wrong class mapping, another
+    architecture with a Paddle traceback: one line saying what differs and what to do."""
+    first = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path))
+    state = initial_state(first, ["a", "b"], None)
+    paddle.save(state.checkpoint(["a", "b"], first), str(tmp_path / "last.pdckpt"))
+    again = dataclasses.replace(first, model=model, resume=True)
+    with pytest.raises(ValueError, match=match) as raised:
+        initial_state(again, labels, None)
+    assert "another --save-dir" in str(raised.value) and "\n" not in str(raised.value)
+    assert initial_state(dataclasses.replace(first, resume=True), ["a", "b"], None)
 
 
 def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path: Path) -> None:

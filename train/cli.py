@@ -8,6 +8,7 @@ one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ USER_ERRORS = (
     InvalidImageError,
     PretrainedError,
     ValueError,
-    FileNotFoundError,
+    OSError,  # a missing file, a file where a folder should be, no permission, a full disk...
 )
 
 
@@ -227,15 +228,17 @@ def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
     from .fit import FitConfig, fit
 
+    skip = ("command", "dataset", "procs", "argv", "func")
+    options = {k: v for k, v in vars(args).items() if k not in skip}
+    options["save_dir"] = str(options["save_dir"])
+    # Validated here, before any rank starts: a rank's error would only reach its log file.
+    config = FitConfig(**options)
     fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
     if distributed.run_data_parallel(
         fit_args, args.procs, args.batch_size, args.threads, args.save_dir
     ):
         return
-    skip = ("command", "dataset", "procs", "argv", "func")
-    options = {k: v for k, v in vars(args).items() if k not in skip}
-    options["save_dir"] = str(options["save_dir"])
-    summary = fit(args.dataset, FitConfig(**options))
+    summary = fit(args.dataset, config)
     if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
         return
     print(f"saved {summary['tag']} to the BentoML store")
@@ -313,13 +316,25 @@ def run_import(args: argparse.Namespace) -> None:
     print(f"imported {args.source} as {tag}")
 
 
+def error_line(err: Exception) -> str:
+    """The message of a user error; an OSError as "PATH: reason" rather than its
+    "[Errno 20] Not a directory: 'PATH'" (the path as given, not repr's escapes)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        where = " -> ".join(
+            os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in paths
+        )
+        return f"{where}: {err.strerror}"
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

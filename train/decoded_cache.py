@@ -429,15 +429,23 @@ def clear_caches(cache: CacheConfig) -> tuple[int, int]:
 
 
 def _stale_caches(folder: Path) -> Iterator[Path]:
-    """Other caches of the same dataset, split and decode: made before the files changed."""
+    """Other caches of the same dataset, split and decode: made before the files changed. The
+    decode is compared without the fields of AFTER_DECODE, as the key leaves them out: a cache
+    first built for another crop size is one of them."""
     meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    same = ("dataset", "split", "preprocess")
     for entry in list_caches(CacheConfig(root=folder.parent.parent)):
         if entry.folder == folder:
             continue
         other = json.loads((entry.folder / META).read_text(encoding="utf-8"))
-        if all(other.get(k) == meta[k] for k in same):
+        same_split = all(other.get(k) == meta[k] for k in ("dataset", "split"))
+        if same_split and _decoding(other) == _decoding(meta):
             yield entry.folder
+
+
+def _decoding(meta: dict) -> dict:
+    """The preprocessing a cache's pixels depend on (what its key holds of it)."""
+    preprocess = meta.get("preprocess") or {}
+    return {k: v for k, v in preprocess.items() if k not in AFTER_DECODE}
 
 
 @contextmanager

@@ -83,6 +83,7 @@ class FitConfig:
             raise ValueError("epochs and batch size must be >= 1")
         scale_of(self.model)  # unknown names fail before any data is read
         CacheConfig(ram_mb=self.ram_cache_mb)  # so does a negative --ram-cache-mb
+        _ = self.preprocess, self.augment  # and bad sizes or crop scale, not mid-run
 
     @property
     def preprocess(self) -> PreprocessConfig:
@@ -184,6 +185,39 @@ class TrainingState:
         self.best_epoch = checkpoint["best"]["epoch"]
 
 
+def check_same_run(
+    checkpoint: dict[str, Any], labels: list[str], config: FitConfig, path: Path
+) -> None:
+    """ValueError unless ``checkpoint`` has this run's classes (in label-index order) and
+    architecture: otherwise a resume trains on a shuffled class mapping or fails inside Paddle."""
+    fix = "use another --save-dir, or leave out --resume to start over"
+    saved_model = checkpoint.get("config", {}).get("model", config.model)
+    if saved_model != config.model:
+        raise ValueError(
+            f"--resume: {path} is a {saved_model} checkpoint, not {config.model}; {fix}"
+        )
+    saved = list(checkpoint.get("labels", labels))
+    if saved != labels:
+        changes = label_changes(saved, labels)
+        raise ValueError(f"--resume: {path} was trained on other classes ({changes}); {fix}")
+
+
+def label_changes(saved: list[str], current: list[str]) -> str:
+    """What differs between a checkpoint's classes and the dataset's, for one error line
+    (repr: a name may hold spaces or line separators)."""
+    added = [name for name in current if name not in saved]
+    removed = [name for name in saved if name not in current]
+    if not added and not removed:
+        return "the same names in another order"
+    changes = (("new", added), ("gone", removed))
+    return "; ".join(f"{what}: {_names(names)}" for what, names in changes if names)
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(repr, names[:shown])) + more
+
+
 def initial_state(config: FitConfig, labels: list[str], weights: Path | None) -> TrainingState:
     """A new model (with ``weights`` when given), or with --resume the last checkpoint's state."""
     model = build_model(config.model, num_classes=len(labels))
@@ -198,7 +232,9 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
     if config.resume:
         if not path.is_file():
             raise ValueError(f"--resume: no checkpoint at {path}")
-        state.restore(paddle.load(str(path)))
+        checkpoint = paddle.load(str(path))
+        check_same_run(checkpoint, labels, config, path)
+        state.restore(checkpoint)
         log(f"resuming from epoch {state.epochs_done} of {path}")
     elif weights is not None:
         report = pretrained.load_weights(model, weights)

@@ -10,12 +10,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from lcnet_runner.artifact import (
+    INFERENCE_YML,
     LABELS_FILE,
+    ModelArtifact,
     load_folder,
     read_labels_file,
     write_info,
     write_labels_file,
+    write_text_atomic,
 )
 from lcnet_runner.preprocess import PreprocessConfig
 
@@ -30,6 +35,36 @@ def _architecture_from_yml(folder: Path) -> str | None:
     config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8")) or {}
     name = str(config.get("Global", {}).get("model_name", "")).replace("PP-LCNet", "PPLCNet")
     return name or None
+
+
+def relabel(folder: Path, labels: list[str]) -> None:
+    """``--labels`` for an exported folder: the names go everywhere the folder records them
+    (labels.txt, inference.yml's label_list, model_info.json), so PaddleX and our Predictor read
+    the same ones; refused unless there is one name per output of the network."""
+    import yaml
+
+    write_labels_file(folder / LABELS_FILE, labels)  # first: a folder may have had none
+    outputs = output_width(load_folder(folder))
+    if outputs != len(labels):
+        raise ValueError(f"--labels: {len(labels)} names, but the model has {outputs} classes")
+    yml = folder / INFERENCE_YML
+    config = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
+    topk = config.setdefault("PostProcess", {}).setdefault("Topk", {})
+    topk["label_list"] = list(labels)
+    topk["topk"] = min(int(topk.get("topk", 5)), len(labels))
+    write_text_atomic(yml, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    info = load_folder(folder).info
+    if info:
+        write_info(folder, {**info, "classes": list(labels), "num_classes": len(labels)})
+
+
+def output_width(artifact: ModelArtifact) -> int:
+    """How many classes the network scores: one blank crop through Paddle."""
+    from lcnet_runner.engines import PaddleEngine
+
+    size = artifact.preprocess.crop_size
+    engine = PaddleEngine(artifact, threads=1, precision="fp32")
+    return engine.predict(np.zeros((1, size, size, 3), np.uint8)).shape[-1]
 
 
 def import_model(
@@ -53,7 +88,7 @@ def import_model(
         if source.is_dir():
             shutil.copytree(source, folder)
             if label_list:
-                write_labels_file(folder / LABELS_FILE, label_list)
+                relabel(folder, label_list)
             artifact = load_folder(folder)
             architecture = model or _architecture_from_yml(folder)
             info = artifact.info or {

@@ -78,11 +78,10 @@ def split_dataset(
         candidates, desc="Verifying images", unit="img", disable=None, file=sys.stderr
     ):
         rel = path.relative_to(root).as_posix()
-        # A line break in a name cannot be stored in a line-based list file.
-        if "\n" not in rel and "\r" not in rel and _is_readable(path):
+        if _storable(rel) and _is_readable(path):
             good.setdefault(path.parent.name, []).append(rel)
         else:
-            skipped.append(rel)
+            skipped.append(_readable_name(rel))
 
     # Classes are defined by readable images, so a class whose files are all broken
     # cannot end up as a label with no samples.
@@ -124,16 +123,27 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     path = root / f"{split}_list.txt"
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
-    samples = []
+    entries = []
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         # rsplit: file names may contain spaces, the label index never does.
         rel, _, index = line.rpartition(" ")
-        if not rel or not index.isdigit():
+        # isascii: int() also takes other scripts' digits, and isdigit() superscripts it does not
+        if not rel or not (index.isascii() and index.isdigit()):
             raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
-        samples.append((root / rel, int(index)))
-    return samples
+        entries.append((lineno, rel, int(index)))
+    if not entries:
+        return []
+    # An index past labels.txt would fail deep inside Paddle in training, or miscount silently.
+    classes = len(read_labels(root))
+    for lineno, _rel, index in entries:
+        if index >= classes:
+            raise DatasetError(
+                f"{path}:{lineno}: label index {index} is out of range: {LABELS_FILE} has "
+                f"{classes} classes (0 to {classes - 1})"
+            )
+    return [(root / rel, index) for _, rel, index in entries]
 
 
 def _check_ratios(val_ratio: float, test_ratio: float) -> None:
@@ -159,6 +169,24 @@ def _find_images(root: Path) -> list[Path]:
     """Image files in visible immediate subdirectories, sorted; files in ``root`` are ignored."""
     class_dirs = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     return sorted(p for d in class_dirs for p in d.iterdir() if is_image_file(p))
+
+
+def _storable(rel: str) -> bool:
+    """Whether a name fits a line of a UTF-8 list file: no line break, and no bytes that are not
+    UTF-8 (Linux allows both; Python maps such bytes to lone surrogates, which cannot be
+    written)."""
+    if "\n" in rel or "\r" in rel:
+        return False
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _readable_name(rel: str) -> str:
+    """A skipped file's name as it can be printed: bytes that are not UTF-8 as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_readable(path: Path) -> bool:
