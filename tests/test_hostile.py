@@ -7,6 +7,7 @@ message; never a 5xx, a hang or a dead worker, and the server answers normally a
 from __future__ import annotations
 
 import io
+import struct
 import uuid
 from pathlib import Path
 
@@ -58,6 +59,14 @@ def bomb() -> bytes:
     return encode(Image.new("1", (20_000, 20_000)), "PNG")
 
 
+def dds_unknown_format() -> bytes:
+    """A DDS header Pillow reads, then refuses with NotImplementedError (not an OSError)."""
+    header = bytearray(120)
+    struct.pack_into("<3I", header, 0, 0x1007, 4, 4)
+    struct.pack_into("<4I", header, 68, 32, 0, 0, 0)
+    return b"DDS " + struct.pack("<I", 124) + bytes(header) + b"\0" * 64
+
+
 JPEG = encode(photo(), "JPEG")
 # name → (image bytes, HTTP status, gRPC status)
 IMAGES = {
@@ -86,6 +95,9 @@ IMAGES = {
     "plain text": (b"just some words", 400, "INVALID_ARGUMENT"),
     "random bytes": (np.random.default_rng(1).bytes(5000), 400, "INVALID_ARGUMENT"),
     "decompression bomb": (bomb(), 413, "INVALID_ARGUMENT"),
+    "sliver 1x200000 (huge once resized)": (encode(Image.new("L", (1, 200_000)), "PNG"), 413,
+                                            "INVALID_ARGUMENT"),
+    "dds of an unknown pixel format": (dds_unknown_format(), 400, "INVALID_ARGUMENT"),
 }  # fmt: skip
 
 
