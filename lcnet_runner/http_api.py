@@ -463,6 +463,10 @@ def _base64_image(text: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
+        pass
+    try:  # wrapped in lines (base64.encodebytes, `openssl base64`), which PaddleX accepts
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
         raise RequestError(422, "image is not valid base64") from None
 
 

@@ -257,6 +257,9 @@ def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained
     assert [c.score for c in answer.result.categories] == pytest.approx([p["score"] for p in fast])
     default = client.post(INFER_ENDPOINT, json={"image": request.image}).json()
     assert len(default["result"]["categories"]) == len(CLASS_NAMES)  # min(5, classes)
+    wrapped = base64.encodebytes(image).decode()  # 76-character lines, as PaddleX accepts
+    in_lines = client.post(INFER_ENDPOINT, json={"image": wrapped, "topk": 2}).json()
+    assert in_lines["result"] == response.json()["result"]
 
     for body, status in (
         ({"image": "http://127.0.0.1:1/cat.jpg"}, 422),  # never fetched
