@@ -18,6 +18,7 @@ is never swapped in: the old one keeps serving and ``/model`` says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
@@ -166,8 +167,12 @@ class Reloader:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lcnet-reloader")
 
     async def stop(self) -> None:
+        """Cancel the watch and wait for it to end, so no swap begins while the worker stops (a
+        load running in its thread finishes there, unused)."""
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     def request(self, tag: str | None) -> str:
         """Record a reload request every worker will act on; returns the resolved tag."""

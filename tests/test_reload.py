@@ -358,3 +358,25 @@ def test_checksums_catch_a_changed_file_and_ignore_bentomls_own(tmp_path: Path) 
     (tmp_path / "inference.pdiparams").write_bytes(b"weights" * 50)
     with pytest.raises(ModelNotFoundError, match="inference.pdiparams is missing, truncated"):
         verify_checksums(tmp_path)
+
+
+def test_stopping_the_reloader_waits_until_it_has_ended() -> None:
+    """A worker stops its reloader before it closes gRPC and its model: no swap may begin in
+    between."""
+    from lcnet_runner.reload import Reloader, ServedModel
+
+    class Runner:
+        tag = f"{NAME}:v1"
+
+        async def close(self) -> None:
+            pass
+
+    async def start_and_stop() -> bool:
+        served = ServedModel(Runner())
+        reloader = Reloader(served, NAME, watch=False, interval_s=1, make_runner=lambda _: None)
+        reloader.start()
+        await asyncio.sleep(0.05)
+        await reloader.stop()
+        return reloader._task.done()
+
+    assert asyncio.run(start_and_stop())
