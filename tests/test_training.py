@@ -70,6 +70,7 @@ def test_fit_saves_a_store_version_with_labels_and_metadata(trained: dict) -> No
 def test_resume_continues_from_the_last_checkpoint(trained: dict, tmp_path: Path) -> None:
     save_dir = tmp_path / "resumed"
     shutil.copytree(trained["save_dir"], save_dir)
+    (save_dir / "inference" / "left_by_an_earlier_run.npz").write_bytes(b"stale")
     more = TINY_EPOCHS + 1
     args = [*tiny_fit(epochs=more), "--save-dir", str(save_dir), "--resume"]
     result = run_cli("train", "fit", str(trained["dataset"]), *args)
@@ -80,6 +81,8 @@ def test_resume_continues_from_the_last_checkpoint(trained: dict, tmp_path: Path
     summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["tag"] != trained["tag"]  # a new store version, the old one untouched
     assert bentoml.models.get(trained["tag"]).info.metadata["epochs"] == TINY_EPOCHS
+    stored = Path(bentoml.models.get(summary["tag"]).path)
+    assert not (stored / "left_by_an_earlier_run.npz").exists()  # a fresh export folder
 
 
 def test_resume_without_checkpoint_is_a_clear_error(colour_dataset: Path, tmp_path: Path) -> None:

@@ -409,6 +409,9 @@ def export(
 ) -> Path:
     """The inference folder of the best weights, with the plots and history.json."""
     save_dir = Path(config.save_dir)
+    # Nothing an earlier run left in this save dir's export (its self-check sample, made with
+    # its weights; its confusion matrix) may be stored with this version.
+    shutil.rmtree(save_dir / EXPORT_DIR, ignore_errors=True)
     folder = export_inference(
         state.model,
         save_dir / EXPORT_DIR,
