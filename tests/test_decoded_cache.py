@@ -200,14 +200,18 @@ def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) 
     weights = cache / "PPLCNet_x0_25_pretrained.pdparams"
     weights.write_bytes(b"weights")
     (cache / "engine-choice").mkdir()
+    killed = cache / decoded_cache.DECODED_DIR / f"0123abcd{BUILDING}"  # a killed build's
+    killed.mkdir()
+    (killed / PIXELS).write_bytes(b"\0" * 3000)
     capsys.readouterr()
     assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
     listed = capsys.readouterr().out.splitlines()
-    assert len(listed) == 2 and f"{tmp_path / 'data'}  train" in listed[0]
-    assert f"{len(samples)} images" in listed[0] and listed[1].startswith("1 decoded caches")
+    assert len(listed) == 3 and f"{tmp_path / 'data'}  train" in listed[0]
+    assert f"{len(samples)} images" in listed[0] and listed[2].startswith("1 decoded caches")
+    assert listed[1].startswith(f"{killed.name}  unfinished build") and "3.0 kB" in listed[1]
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
     assert capsys.readouterr().out.startswith("removed 1 decoded caches")
-    assert list_caches(CacheConfig(cache)) == [] and weights.is_file()
+    assert list_caches(CacheConfig(cache)) == [] and weights.is_file() and not killed.exists()
     assert (cache / "engine-choice").is_dir()
     assert main(["fit", str(tmp_path / "data"), "--ram-cache-mb", "-1"]) == 2
     assert capsys.readouterr().err == "error: --ram-cache-mb must be >= 0, got -1.0\n"

@@ -281,13 +281,22 @@ def run_quantize(args: argparse.Namespace) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> None:
-    from .decoded_cache import CacheConfig, clear_caches, list_caches, size_text
+    from .decoded_cache import (
+        CacheConfig,
+        clear_caches,
+        folder_bytes,
+        list_caches,
+        size_text,
+        unfinished_builds,
+    )
 
     cache = CacheConfig(Path(args.cache_dir) if args.cache_dir else None)
     if args.action == "list":
         entries = list_caches(cache)
         for entry in entries:
             print(entry.line())
+        for temp in unfinished_builds(cache):
+            print(f"{temp.name}  unfinished build  {size_text(folder_bytes(temp)):>9s}")
         total = size_text(sum(entry.bytes for entry in entries))
         print(f"{len(entries)} decoded caches, {total}, in {cache.folder}")
     else:

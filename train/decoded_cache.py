@@ -418,14 +418,24 @@ def clear_caches(cache: CacheConfig) -> tuple[int, int]:
             if mine:
                 shutil.rmtree(entry.folder, ignore_errors=True)
                 count, freed = count + 1, freed + entry.bytes
-    for temp in cache.folder.glob(f"*{BUILDING}") if cache.folder.is_dir() else []:
+    for temp in unfinished_builds(cache):
         with _locked(temp.with_name(temp.name[: -len(BUILDING)]), wait=False) as mine:
             if mine:  # not being built right now: a killed build's leftovers
-                freed += sum(f.stat().st_size for f in temp.iterdir())
+                freed += folder_bytes(temp)
                 shutil.rmtree(temp, ignore_errors=True)
     # The empty <key>.lock files stay: deleting one a waiting process has open would let a
     # second process lock a new file of the same name and build the same cache.
     return count, freed
+
+
+def unfinished_builds(cache: CacheConfig) -> list[Path]:
+    """The folders of builds not finished: one running now, or a killed one's (a later run of the
+    same split goes on from it; after the dataset changed, only ``cache clear`` removes it)."""
+    return sorted(cache.folder.glob(f"*{BUILDING}")) if cache.folder.is_dir() else []
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def _stale_caches(folder: Path) -> Iterator[Path]:
