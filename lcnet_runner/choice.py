@@ -141,13 +141,19 @@ def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loade
                 chosen = load(artifact, variant, threads, skip_guard, loaded.get(name))
             elif not skip_guard:
                 check(artifact, variant)  # slower anyway: the stored figures say enough
-        except ValueError as err:  # guard or self-check failed
-            skipped[name] = str(err)
+        except Exception as err:  # guard or self-check failed, or a file the engine refused
+            skipped[name] = _reason(err)
     if chosen is None:
         reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
         raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
     chosen.race, chosen.skipped = dict(record["race"]), skipped
     return chosen
+
+
+def _reason(err: Exception) -> str:
+    """Why a variant cannot serve: our own errors (ValueError) say it in words; an engine's
+    exception also needs its type to be understood."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
@@ -210,8 +216,10 @@ def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Eng
     for variant in requested:
         try:
             loaded[str(variant)] = create_engine(variant, artifact, threads)
-        except ValueError as err:  # not installed, no such file, not on this CPU
-            not_runnable[str(variant)] = str(err)
+        # not installed, no such file, not on this CPU, or a damaged file (ONNX Runtime's
+        # InvalidProtobuf, OpenVINO's RuntimeError): auto goes on with the others
+        except Exception as err:
+            not_runnable[str(variant)] = _reason(err)
     if not loaded:  # nothing recorded: the next process tries again
         reasons = "; ".join(f"{v}: {why}" for v, why in not_runnable.items())
         raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")

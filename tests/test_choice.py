@@ -135,6 +135,20 @@ def test_auto_skips_variants_with_damaged_guard_data(
     assert f"{SELF_CHECK_FILE} is damaged" in choice.skipped["onnxruntime/fp32"]
 
 
+def test_auto_skips_an_engine_that_refuses_a_damaged_file(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncated inference.onnx in a folder without checksums: ONNX Runtime raises its own
+    InvalidProtobuf (and OpenVINO, which reads the ONNX file when there is no IR, a RuntimeError),
+    which crashed ``auto``; the variant is now not runnable, and another serves."""
+    onnx = folder / "inference.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:5000])
+    monkeypatch.setitem(ENGINES, "paddle", slowed(PaddleEngine))  # the others are tried first
+    predictor = Predictor(folder, threads=1)
+    assert predictor.variant.engine != "onnxruntime"
+    assert "InvalidProtobuf" in predictor.choice.skipped["onnxruntime/fp32"]
+
+
 def test_the_slowest_variant_is_never_chosen(folder: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(ENGINES, "openvino", slowed(OpenVinoEngine))
     choice = Predictor(folder, threads=1).choice
