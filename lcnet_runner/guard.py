@@ -90,8 +90,8 @@ def check(artifact: ModelArtifact, variant: Variant) -> None:
 
 
 def _damaged(artifact: ModelArtifact, variant: Variant, what: str) -> AccuracyGuardError:
-    """The error for stored guard data that cannot be read: the variant is not usable (auto
-    falls back), and ``verify`` writes the figures again."""
+    """The error for stored guard data (figures, self-check sample) that cannot be read: the
+    variant is not usable (auto falls back), and ``verify`` writes them again."""
     return AccuracyGuardError(
         f"{variant} cannot be checked on {artifact.name}: {what}; run `python -m train verify "
         f"{artifact.name} --dataset DIR` to measure it again, or accept it unchecked with "
@@ -200,18 +200,11 @@ def _load_sample(artifact: ModelArtifact, variant: Variant, path: Path) -> tuple
         with np.load(path) as sample:
             crops, reference = sample["crops"], sample["probs"]
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as err:
-        raise _self_check_damaged(artifact, variant, f"{type(err).__name__}: {err}") from None
+        why = f"{SELF_CHECK_FILE} is damaged ({type(err).__name__}: {err})"
+        raise _damaged(artifact, variant, why) from None
     n, crop = (len(crops) if crops.ndim else 0), artifact.preprocess.crop_size
     if not n or crops.shape != (n, crop, crop, 3) or reference.shape != (n, len(artifact.labels)):
         shapes = f"crops {crops.shape}, probs {reference.shape}"
-        raise _self_check_damaged(artifact, variant, f"its arrays do not fit the model ({shapes})")
+        why = f"{SELF_CHECK_FILE} is damaged: its arrays do not fit the model ({shapes})"
+        raise _damaged(artifact, variant, why)
     return crops, reference
-
-
-def _self_check_damaged(artifact: ModelArtifact, variant: Variant, why: str) -> AccuracyGuardError:
-    return AccuracyGuardError(
-        f"{variant} cannot run its self-check for {artifact.name}: {SELF_CHECK_FILE} is damaged "
-        f"({why}); run `python -m train verify {artifact.name} --dataset DIR` to write it "
-        "again, use another engine/precision, or accept it with skip_guard / --skip-guard / "
-        "LCNET_SKIP_GUARD=1"
-    )
