@@ -7,9 +7,13 @@ feed the same runner (and batches) as HTTP ones. The servicer only translates me
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -24,7 +28,7 @@ from .settings import REQUEST_TIMEOUT_S, ServingSettings
 if TYPE_CHECKING:
     from .reload import Reloader, ServedModel
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("bentoml.lcnet.grpc")  # BentoML shows its own loggers
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
@@ -134,9 +138,56 @@ def _refusing_malformed(method: Callable[[Any, Any], Awaitable[Any]]):
     return call
 
 
+class GrpcPortTakenError(RuntimeError):
+    """Another server's workers serve the gRPC port this server was given."""
+
+
+def claim_port(port: int, server: str) -> None:
+    """Record that ``server`` (its arbiter: ``pid:start time``) serves gRPC on ``port``, or raise
+    GrpcPortTakenError when another live server already does. Workers share the port through
+    SO_REUSEPORT, which would just as silently let a second server's workers in: the kernel
+    would then hand each new connection to either server, and so to either model."""
+    owner_file = Path(tempfile.gettempdir()) / f"lcnet-grpc-{port}.owner"
+    try:
+        with open(owner_file, "a+", encoding="utf-8") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            owner.seek(0)
+            holder = owner.read().strip()
+            if holder and holder != server and _alive(holder):
+                pid = holder.partition(":")[0]
+                raise GrpcPortTakenError(
+                    f"gRPC port {port} is served by another server (pid {pid}): choose another "
+                    "with LCNET_GRPC_PORT, or turn gRPC off with LCNET_GRPC_PORT=0"
+                )
+            owner.seek(0)
+            owner.truncate()
+            owner.write(server)
+    except PermissionError:  # another user's file: the port's bind decides
+        pass
+
+
+def server_id(pid: int) -> str:
+    """A process named so that a later process reusing its pid is another one."""
+    import psutil
+
+    return f"{pid}:{psutil.Process(pid).create_time():.3f}"
+
+
+def _alive(server: str) -> bool:
+    import psutil
+
+    try:
+        return server_id(int(server.partition(":")[0])) == server
+    except (psutil.Error, ValueError):
+        return False
+
+
 async def start_grpc_server(
     served: ServedModel, settings: ServingSettings, reloader: Reloader | None = None
 ) -> grpc.aio.Server:
+    """The gRPC server of one worker; raises GrpcPortTakenError when another server's workers
+    hold the port."""
+    claim_port(settings.grpc_port, server_id(os.getppid()))
     options = [
         ("grpc.so_reuseport", 1),  # every worker binds the same port; the kernel picks one
         ("grpc.max_receive_message_length", settings.max_body_bytes),

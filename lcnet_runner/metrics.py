@@ -1,50 +1,66 @@
-"""Prometheus metrics of the runner, exported on BentoML's ``/metrics`` (all workers merged)."""
+"""Prometheus metrics of the runner, exported on BentoML's ``/metrics`` (all workers merged).
+
+Each metric exists once per process, labelled by ``model``: Prometheus refuses a second metric of
+the same name, so every runner of a process (two models in one service, the runner a reload
+swaps in) reports to the same ones under its own label.
+"""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 from .batching import BatchStats
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+_BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 … 256 images
+STAGES = ("decode", "queue_wait", "inference")
+
+
+@functools.cache
+def _metric(kind: str, name: str, documentation: str, **spec: Any) -> Any:
+    import bentoml  # its metrics work across BentoML's worker processes
+
+    return getattr(bentoml.metrics, kind)(name=name, documentation=documentation, **spec)
 
 
 class PrometheusObserver:
     """Batch sizes the runner formed, and per-stage latency: decode, queue wait, inference."""
 
-    def __init__(self, max_batch_size: int):
-        import bentoml  # its metrics work across BentoML's worker processes
-
-        self.batch_size = bentoml.metrics.Histogram(
-            name="lcnet_runner_batch_size",
-            documentation="Images per batch formed by the runner's adaptive batcher",
-            buckets=tuple(float(2**i) for i in range(max_batch_size.bit_length() + 1)),
-        )
-        self.stage_seconds = bentoml.metrics.Histogram(
-            name="lcnet_runner_stage_seconds",
-            documentation="Seconds per image (decode, queue_wait) or per batch (inference)",
-            labelnames=["stage"],
-            buckets=_LATENCY_BUCKETS,
-        )
+    def __init__(self, model: str):
+        batch_size = _metric(
+            "Histogram", "lcnet_runner_batch_size",
+            "Images per batch formed by the runner's adaptive batcher",
+            labelnames=("model",), buckets=_BATCH_BUCKETS,
+        )  # fmt: skip
+        stage_seconds = _metric(
+            "Histogram", "lcnet_runner_stage_seconds",
+            "Seconds per image (decode, queue_wait) or per batch (inference)",
+            labelnames=("model", "stage"), buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self._batch_size = batch_size.labels(model=model)
+        self._stage = {stage: stage_seconds.labels(model=model, stage=stage) for stage in STAGES}
 
     def decoded(self, seconds: float) -> None:
-        self.stage_seconds.labels(stage="decode").observe(seconds)
+        self._stage["decode"].observe(seconds)
 
     def batch(self, stats: BatchStats) -> None:
-        self.batch_size.observe(stats.size)
-        wait = self.stage_seconds.labels(stage="queue_wait")
+        self._batch_size.observe(stats.size)
         for seconds in stats.queue_wait_s:
-            wait.observe(seconds)
-        self.stage_seconds.labels(stage="inference").observe(stats.run_s)
+            self._stage["queue_wait"].observe(seconds)
+        self._stage["inference"].observe(stats.run_s)
 
 
 class ReloadCounter:
-    def __init__(self) -> None:
-        import bentoml
+    """Model version reloads of one served model, by result."""
 
-        self.reloads = bentoml.metrics.Counter(
-            name="lcnet_model_reloads",
-            documentation="Model version reloads by result: ok (swapped) or failed (old kept)",
-            labelnames=["result"],
-        )
+    def __init__(self, model: str) -> None:
+        self._reloads = _metric(
+            "Counter", "lcnet_model_reloads",
+            "Model version reloads by result: ok (swapped) or failed (old kept)",
+            labelnames=("model", "result"),
+        ).labels  # fmt: skip
+        self._model = model
 
     def count(self, result: str) -> None:
-        self.reloads.labels(result=result).inc()
+        self._reloads(model=self._model, result=result).inc()

@@ -23,11 +23,13 @@ import math
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import simplejpeg
+from bentoml.exceptions import InvalidArgument
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,12 +54,21 @@ ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
 _ENCODED = (bytes, bytearray, memoryview)  # an encoded image (a file's content) in memory
 
 
-class InvalidImageError(ValueError):
-    """The input is not an image we can classify; the message is safe to show to a client."""
+class InvalidImageError(ValueError, InvalidArgument):
+    """The input is not an image we can classify; the message is safe to show to a client.
+
+    Also BentoML's InvalidArgument: raised in any ``@bentoml.api`` — a user's service that
+    embeds the runner — BentoML answers 400 with the message, not 500."""
 
 
 class ImageTooLargeError(InvalidImageError):
-    """The image has more pixels than allowed (e.g. a decompression bomb)."""
+    """The image has more pixels than allowed (e.g. a decompression bomb): 413 in BentoML."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # On the instance: a class attribute would register this class in BentoML's own map of
+        # statuses to exceptions, which its clients raise from.
+        self.error_code = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
 @dataclass(frozen=True)

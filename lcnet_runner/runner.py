@@ -145,6 +145,8 @@ class LCNetRunner:
         self, images: Sequence[ImageSource], top_k: int = 1
     ) -> list[list[Prediction]]:
         """All images are decoded first, so one bad image fails the request before any work."""
+        if not images:
+            return []
         crops = []
         for image in images:
             crops.append(self.decode(image))

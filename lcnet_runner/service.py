@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import bentoml
@@ -95,7 +96,7 @@ class LCNetService:
         from .reload import Reloader, ServedModel
 
         self.settings = ServingSettings.from_env()
-        self.observer = PrometheusObserver(self.settings.runner.max_batch_size)
+        self.observer = PrometheusObserver(self.model.tag.name)
         self.served = ServedModel(
             self._runner(load_folder(self.model.path, tag=str(self.model.tag)))
         )
@@ -107,7 +108,7 @@ class LCNetService:
                 watch=self.settings.reload == "watch",
                 interval_s=self.settings.reload_interval_s,
                 make_runner=self._runner,
-                on_result=ReloadCounter().count,
+                on_result=ReloadCounter(self.model.tag.name).count,
             )
         self.grpc_server = None
 
@@ -155,14 +156,15 @@ class LCNetService:
         return await http_api.admin_reload(request, authorization, self.settings, self.reloader)
 
     # Typed API for BentoML's clients: `client.predict(image=Path("cat.jpg"), top_k=3)`. The
-    # same runner and batches; the body was checked and re-encoded by TypedApiGuard first.
+    # same runner, batches and checks (handlers) as the fast routes; an HTTP body was checked and
+    # re-encoded by TypedApiGuard first, a call from another service (bentoml.depends) was not.
     @bentoml.api(route="/predict")
     async def predict(
         self, image: Path, ctx: bentoml.Context, top_k: int = 1
     ) -> list[http_api.PredictionOut]:
         """Classify one image (the same answer as /classify)."""
         with self.served.pinned() as runner:
-            work = runner.aclassify(image.read_bytes(), top_k)
+            work = handlers.classify(runner, image.read_bytes(), top_k)
             return await http_api.typed_answer(work, runner.tag, ctx)
 
     @bentoml.api(route="/predict_batch")
@@ -171,15 +173,22 @@ class LCNetService:
     ) -> list[list[http_api.PredictionOut]]:
         """Classify several images (the same answer as /classify_batch)."""
         with self.served.pinned() as runner:
-            work = runner.aclassify_batch([image.read_bytes() for image in images], top_k)
+            photos = [image.read_bytes() for image in images]
+            work = handlers.classify_batch(runner, self.settings, photos, top_k)
             return await http_api.typed_answer(work, runner.tag, ctx)
 
     @bentoml.on_startup
     async def start(self) -> None:
         if self.settings.grpc_port:
-            from .grpc_api import start_grpc_server
+            from .grpc_api import GrpcPortTakenError, start_grpc_server
 
-            self.grpc_server = await start_grpc_server(self.served, self.settings, self.reloader)
+            try:
+                self.grpc_server = await start_grpc_server(
+                    self.served, self.settings, self.reloader
+                )
+            except GrpcPortTakenError as err:
+                _stop_the_server(str(err))
+                raise
         if self.reloader is not None:
             self.reloader.start()
 
@@ -190,6 +199,16 @@ class LCNetService:
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=5)
         await self.served.close()
+
+
+def _stop_the_server(why: str) -> None:
+    """Stop the whole `bentoml serve` — as a port taken by another process stops it — rather
+    than let BentoML restart a worker that cannot start, again and again."""
+    from bentoml._internal.context import server_context
+
+    logger.error("error: %s", why)
+    if server_context.worker_index is not None:  # a worker: its parent is the server
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bentoml
+import httpx
 import pytest
 from conftest import CLASS_NAMES, ROOT, run_cli
 
@@ -29,6 +30,12 @@ def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> 
         image = trained["dataset"] / "green" / "3.jpg"
         with bentoml.SyncHTTPClient(server.url) as client:
             answer = client.compare(image=Path(image), top_k=2)
+        # Not an image: BentoML answers the runner's InvalidImageError with 400, not 500.
+        refused = httpx.post(f"{server.url}/compare", files={"image": ("a.txt", b"words")})
+        assert refused.status_code == 400 and "Pillow" in refused.text
+        metrics = httpx.get(f"{server.url}/metrics").text  # each model its own series
+        for name in (trained["tag"].split(":")[0], "other"):
+            assert f'lcnet_runner_batch_size_count{{model="{name}"' in metrics
     finally:
         server.stop()
     for got, model in ((answer["a"], trained["tag"]), (answer["b"], second_model)):
@@ -39,6 +46,10 @@ def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> 
     assert answer["agree"] is False  # same network, other names
 
 
+def best_category(trained: dict, photo: Path) -> str:
+    return Predictor(trained["tag"], threads=1).predict(photo, top_k=1)[0]["category"]
+
+
 def test_another_service_composes_ours_with_depends(trained: dict) -> None:
     env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1"}
     server = Server("service:Shop", env, cwd=ROOT / "examples" / "compose").wait_ready()
@@ -46,6 +57,9 @@ def test_another_service_composes_ours_with_depends(trained: dict) -> None:
         photo = trained["dataset"] / "green" / "4.jpg"
         with bentoml.SyncHTTPClient(server.url) as client:
             answer = client.tag_product(photo=photo)
+            assert client.tag_products(photos=[photo, photo]) == [best_category(trained, photo)] * 2
+        # ours checks a batch from another service as one over HTTP: none is a 422, not a 500
+        assert httpx.post(f"{server.url}/tag_products", json={"photos": []}).status_code == 422
     finally:
         server.stop()
     (best,) = Predictor(trained["tag"], threads=1).predict(photo, top_k=1)

@@ -208,7 +208,7 @@ def test_new_versions_swap_in_under_load_without_a_failed_request(
               f"{1000 * statistics.median(during):.1f} ms, p99 "
               f"{1000 * statistics.quantiles(during, n=100)[98]:.1f} ms")  # fmt: skip
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'lcnet_model_reloads_total{result="failed"}' in metrics
+    assert f'lcnet_model_reloads_total{{model="{NAME}",result="failed"}}' in metrics
     # reloading off: the other server still serves what it started with
     assert model_info(still)["tag"] == first
     response = httpx.post(f"{still.url}/classify", files={"image": image})

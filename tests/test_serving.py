@@ -88,7 +88,7 @@ def _batch_histogram(server: Server) -> tuple[float, float]:
     )
     ones = sum(
         float(v)
-        for v in re.findall(r'^lcnet_runner_batch_size_bucket\{le="1.0"\S* (\S+)', text, re.M)
+        for v in re.findall(r'^lcnet_runner_batch_size_bucket\{[^}]*le="1.0"\S* (\S+)', text, re.M)
     )
     return count, ones
 
@@ -240,3 +240,22 @@ def test_bentoml_clients_call_the_typed_api(server: Server, trained: dict) -> No
             return await client.predict(image=image, top_k=3)
 
     assert asyncio.run(call_async()) == want
+
+
+def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
+    server: Server, trained: dict
+) -> None:
+    """Workers share their gRPC port (SO_REUSEPORT), which would let a second server's workers
+    in just as silently: each new connection would then reach either server, so either model."""
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1",
+           "LCNET_GRPC_PORT": str(server.grpc_port)}  # fmt: skip
+    second = Server(".", env)
+    try:
+        with pytest.raises(AssertionError, match="exited early") as refused:
+            second.wait_ready(timeout=120)
+    finally:
+        second.stop()
+    assert f"gRPC port {server.grpc_port} is served by another server" in str(refused.value)
+    for _ in range(8):  # fresh connections: all to the first server
+        with Client(server.grpc_url) as client:
+            assert client.model_info()["tag"] == trained["tag"]

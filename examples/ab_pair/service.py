@@ -3,7 +3,9 @@
     LCNET_MODEL_A=pplcnet:latest LCNET_MODEL_B=other:latest bentoml serve service:ABPair
 
 Each worker holds one runner per model (in-process, batching on its own); the service's own
-``@bentoml.api`` calls them. The ``BentoModel`` references make ``bentoml build`` pack both.
+``@bentoml.api`` calls them. The ``BentoModel`` references make ``bentoml build`` pack both. An
+undecodable upload is BentoML's InvalidArgument (400), and each runner's batch sizes and latencies
+are on ``/metrics`` under its own ``model`` label.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import bentoml
 
+from lcnet_runner.metrics import PrometheusObserver
 from lcnet_runner.runner import LCNetRunner
 
 
@@ -24,8 +27,13 @@ class ABPair:
 
     def __init__(self) -> None:
         # 2 cores, 1 worker: each runner's engine gets one thread.
-        self.a = LCNetRunner.from_model(str(self.model_a.tag), engine="auto", threads=1)
-        self.b = LCNetRunner.from_model(str(self.model_b.tag), engine="auto", threads=1)
+        self.a = self._runner(self.model_a)
+        self.b = self._runner(self.model_b)
+
+    @staticmethod
+    def _runner(model: bentoml.models.BentoModel) -> LCNetRunner:
+        observer = PrometheusObserver(model.tag.name)
+        return LCNetRunner.from_model(str(model.tag), engine="auto", threads=1, observer=observer)
 
     @bentoml.api
     async def compare(self, image: Path, top_k: int = 1) -> dict:
