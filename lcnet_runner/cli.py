@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,17 @@ def json_line(value: object) -> str:
     ``str.splitlines()`` and JavaScript, so they are escaped."""
     text = json.dumps(value, ensure_ascii=False)
     return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip_guard: bool = True) -> None:
@@ -43,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images and print the latency block")
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--model", default=DEFAULT_MODEL, help="store tag or exported folder")
-    p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--top-k", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
     add_engine_arguments(p)
     p.add_argument(
@@ -69,6 +81,9 @@ def predict(args: argparse.Namespace) -> None:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:  # before the slow model load
         raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+    if args.annotate and len(args.images) > 1 and args.annotate.exists():
+        if not args.annotate.is_dir():
+            raise ValueError(f"--annotate {args.annotate}: not a folder (several images go in one)")
     images = list(args.images)
     predictor = Predictor(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads,
@@ -102,11 +117,24 @@ def write_annotated(images: list[Path], results: list, out: Path) -> None:
         print(f"wrote {target}", file=sys.stderr)
 
 
+def error_line(err: Exception) -> str:
+    """The message of a user error; an OSError as "PATH: reason" rather than its
+    "[Errno 17] File exists: 'PATH'" (the path as given, not repr's escapes)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        paths = [p for p in (err.filename, err.filename2) if p is not None]
+        where = " -> ".join(
+            os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in paths
+        )
+        return f"{where}: {err.strerror}"
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         predict(args)
-    except (ModelNotFoundError, InvalidImageError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ModelNotFoundError, InvalidImageError, ValueError, OSError) as err:
+        # OSError: a missing file, a file where a folder should be, no permission, a full disk...
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     return 0

@@ -17,7 +17,11 @@ Image_ = Union[str, Path, bytes, Image.Image]
 
 
 class ClientError(RuntimeError):
-    """The server refused the request; ``status`` is the HTTP status or the gRPC status name."""
+    """The request failed, whatever the transport. ``status`` is the server's answer, the HTTP
+    status (an ``int``) or the gRPC status name, with its ``{"error"}`` / details as ``message``;
+    or, over both transports alike, ``"DEADLINE_EXCEEDED"`` when no answer came within the
+    timeout and ``"UNAVAILABLE"`` when the server could not be reached or dropped the connection.
+    """
 
     def __init__(self, status: int | str, message: str):
         super().__init__(f"{status}: {message}")
@@ -64,6 +68,8 @@ class Client:
 
     def classify_batch(self, images: Sequence[Image_], top_k: int = 1) -> list[list[Prediction]]:
         data = [encode(image) for image in images]
+        if not data:  # refused before sending, as the server would (HTTP 422 / INVALID_ARGUMENT)
+            raise ClientError(422 if self._stub is None else "INVALID_ARGUMENT", "no images")
         if self._stub is not None:
             request = self._pb2.ClassifyBatchRequest(images=data, top_k=top_k)
             response = self._rpc(self._stub.ClassifyBatch, request)
@@ -76,19 +82,35 @@ class Client:
         if self._stub is not None:
             reply = self._rpc(self._stub.ModelInfo, self._pb2.ModelInfoRequest())
             return json.loads(reply.details_json)
-        response = self._http.get("/model")
-        response.raise_for_status()
-        return response.json()
+        return self._send("GET", "/model")
 
     def _post(self, path: str, files: list, top_k: int):
-        response = self._http.post(path, files=files, data={"top_k": str(top_k)})
-        if response.status_code != 200:
+        return self._send("POST", path, files=files, data={"top_k": str(top_k)})
+
+    def _send(self, method: str, path: str, **kwargs):
+        """The JSON of a 2xx answer; anything else a ClientError, with gRPC's names for no answer
+        in time (DEADLINE_EXCEEDED) and no server to answer (UNAVAILABLE)."""
+        import httpx
+
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ClientError("DEADLINE_EXCEEDED", f"no answer within {self.timeout} s") from None
+        except httpx.TransportError as err:
+            raise ClientError("UNAVAILABLE", f"{self.url}{path}: {_reason(err)}") from None
+        except httpx.RequestError as err:  # an answer that could not be read (e.g. its encoding)
+            raise ClientError("INTERNAL", f"{self.url}{path}: {_reason(err)}") from None
+        if not response.is_success:
             try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text
-            raise ClientError(response.status_code, message)
-        return response.json()
+                error = response.json().get("error")
+            except (ValueError, AttributeError):  # not JSON, or JSON but no object
+                error = None
+            message = error if isinstance(error, str) and error else response.text
+            raise ClientError(response.status_code, message or response.reason_phrase)
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(response.status_code, "the answer is not JSON") from None
 
     def _rpc(self, method, request):
         try:
@@ -107,6 +129,10 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reason(err: Exception) -> str:
+    return str(err) or type(err).__name__
 
 
 def _predictions(response) -> list[Prediction]:

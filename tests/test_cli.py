@@ -126,3 +126,65 @@ def test_error_line_shows_paths_as_given() -> None:
     )
     assert error_line(OSError("no errno")) == "no errno"
     assert error_line(ValueError("plain")) == "plain"
+
+
+def _images(root: Path, n: int) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        Image.new("RGB", (40, 40), (40 * i, 180, 60)).save(root / f"{i}.png")
+        paths.append(str(root / f"{i}.png"))
+    return paths
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--batch-size", "0"), ("--batch-size", "-2"), ("--top-k", "0"), ("--top-k", "-1")],
+)
+def test_predict_refuses_sizes_below_one(
+    trained: dict, tmp_path: Path, option: str, value: str
+) -> None:
+    images = _images(tmp_path / "in", 3)
+    model = trained["export_dir"]
+    result = run_cli("lcnet_runner", "predict", *images, "--model", model, option, value,
+                     check=False)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""  # argparse refused it: nothing was classified
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"argument {option}: must be >= 1, got {value}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_predict_annotate_several_into_a_file(trained: dict, tmp_path: Path) -> None:
+    images = _images(tmp_path / "in", 2)
+    out = tmp_path / "out.jpg"
+    out.write_bytes(b"keep me")
+    args = ["--model", trained["export_dir"], "--annotate", str(out)]
+    line = _one_error_line(run_cli("lcnet_runner", "predict", *images, *args, check=False))
+    assert str(out) in line and "not a folder" in line
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("several", [True, False])
+def test_predict_annotate_os_error_is_one_line(
+    trained: dict, tmp_path: Path, several: bool
+) -> None:
+    images = _images(tmp_path / "in", 2 if several else 1)
+    if several:  # the folder to create lies under a file
+        (tmp_path / "file").write_bytes(b"")
+        out, reason = tmp_path / "file" / "sub", "Not a directory"
+    else:  # the image to write is a folder
+        out, reason = tmp_path / "out.jpg", "Is a directory"
+        out.mkdir()
+    args = ["--model", trained["export_dir"], "--annotate", str(out)]
+    result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
+    assert _one_error_line(result) == f"error: {out}: {reason}"
+    assert len(result.stdout.strip().splitlines()) == len(images)  # the predictions came first

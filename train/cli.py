@@ -1,6 +1,6 @@
-"""``python -m train``: demo-data, split, fit, evaluate, export, verify, quantize, report, import,
-cache.
+"""Train, evaluate, export and import PP-LCNet models, and store them in the BentoML store.
 
+Subcommands: demo-data, split, fit, evaluate, export, verify, quantize, report, import, cache.
 ``build_parser`` parses; each subcommand is a ``run_*`` function (``set_defaults(func=...)``)
 that calls one function of the Python API and prints its result; ``main`` maps user errors to
 one line and exit code 2."""
@@ -8,13 +8,12 @@ one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
-from lcnet_runner.cli import add_engine_arguments, json_line
+from lcnet_runner.cli import add_engine_arguments, error_line, json_line
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
 from .pretrained import PretrainedError
@@ -323,18 +322,6 @@ def run_import(args: argparse.Namespace) -> None:
         resize_short=args.resize_short,
     )
     print(f"imported {args.source} as {tag}")
-
-
-def error_line(err: Exception) -> str:
-    """The message of a user error; an OSError as "PATH: reason" rather than its
-    "[Errno 20] Not a directory: 'PATH'" (the path as given, not repr's escapes)."""
-    if isinstance(err, OSError) and err.strerror and err.filename is not None:
-        paths = [p for p in (err.filename, err.filename2) if p is not None]
-        where = " -> ".join(
-            os.fsdecode(p) if isinstance(p, (str, bytes)) else str(p) for p in paths
-        )
-        return f"{where}: {err.strerror}"
-    return str(err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
