@@ -31,9 +31,10 @@ demo-train: install
 
 demo: demo-train serve
 
-# HTTP on :3000, gRPC on :50051 (LCNET_GRPC_PORT); Ctrl+C to stop.
+# HTTP on :$(PORT), gRPC on :50051 (LCNET_GRPC_PORT); Ctrl+C to stop.
+PORT ?= 3000
 serve: install
-	$(VENV)/bin/bentoml serve . --port 3000
+	$(VENV)/bin/bentoml serve . --port $(PORT)
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -42,7 +42,8 @@ def test_export_contains_source_model_and_requirements(bento_tag: str, tmp_path:
         names = [name.removeprefix("./") for name in tar.getnames()]
     assert "src/service.py" in names and "src/lcnet_runner/protos/lcnet_pb2.py" in names
     assert not any(
-        n.startswith(("src/.venv", "src/data", "src/output", "src/tests")) for n in names
+        n.startswith(("src/.venv", "src/data", "src/output", "src/tests", "src/examples"))
+        for n in names
     )
     assert any(n.startswith("models/") and n.endswith("inference.pdiparams") for n in names)
     requirements = tar_text(archive, "env/python/requirements.txt")
