@@ -155,20 +155,12 @@ def test_predict_refuses_sizes_below_one(
     assert "Traceback" not in result.stderr
 
 
-def _one_error_line(result) -> str:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
-
-
 def test_predict_annotate_several_into_a_file(trained: dict, tmp_path: Path) -> None:
     images = _images(tmp_path / "in", 2)
     out = tmp_path / "out.jpg"
     out.write_bytes(b"keep me")
     args = ["--model", trained["export_dir"], "--annotate", str(out)]
-    line = _one_error_line(run_cli("lcnet_runner", "predict", *images, *args, check=False))
+    line = one_error_line(run_cli("lcnet_runner", "predict", *images, *args, check=False))
     assert str(out) in line and "not a folder" in line
     assert out.read_bytes() == b"keep me"
 
@@ -186,5 +178,5 @@ def test_predict_annotate_os_error_is_one_line(
         out.mkdir()
     args = ["--model", trained["export_dir"], "--annotate", str(out)]
     result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
-    assert _one_error_line(result) == f"error: {out}: {reason}"
+    assert one_error_line(result) == f"error: {out}: {reason}"
     assert len(result.stdout.strip().splitlines()) == len(images)  # the predictions came first

@@ -55,20 +55,18 @@ CALLS = {
 
 @pytest.mark.parametrize("call", list(CALLS))
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
-def test_no_answer_in_time_is_deadline_exceeded(silent_port: int, scheme: str, call: str) -> None:
-    with Client(_url(scheme, silent_port), timeout=0.5) as client:
+@pytest.mark.parametrize(
+    "port, timeout, status",
+    [("silent_port", 0.5, "DEADLINE_EXCEEDED"), ("closed_port", 5, "UNAVAILABLE")],
+)
+def test_transport_failures_read_alike(
+    request: pytest.FixtureRequest, port: str, timeout: float, status: str, scheme: str, call: str
+) -> None:
+    """No answer in time, or no server to answer: the same ClientError over HTTP and gRPC."""
+    with Client(_url(scheme, request.getfixturevalue(port)), timeout=timeout) as client:
         with pytest.raises(ClientError) as err:
             CALLS[call](client)
-    assert err.value.status == "DEADLINE_EXCEEDED" and err.value.message
-
-
-@pytest.mark.parametrize("call", list(CALLS))
-@pytest.mark.parametrize("scheme", ["http", "grpc"])
-def test_no_server_is_unavailable(closed_port: int, scheme: str, call: str) -> None:
-    with Client(_url(scheme, closed_port), timeout=5) as client:
-        with pytest.raises(ClientError) as err:
-            CALLS[call](client)
-    assert err.value.status == "UNAVAILABLE" and err.value.message
+    assert err.value.status == status and err.value.message
 
 
 class _Refusing(BaseHTTPRequestHandler):
