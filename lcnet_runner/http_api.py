@@ -12,6 +12,7 @@ OpenAPI document by hand (``openapi_extra``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -44,10 +45,21 @@ logger = logging.getLogger(__name__)
 UI_DIR = Path(__file__).parent / "ui"
 
 
-async def _limited(request: Request, limit: int):
-    """The request body, refusing more than ``limit`` bytes whatever Content-Length claimed."""
-    received = 0
-    async for chunk in request.stream():
+async def _limited(request: Request, limit: int, timeout_s: float):
+    """The request body, refusing more than ``limit`` bytes whatever Content-Length claimed, and
+    a body still incomplete after ``timeout_s`` (a client that stalls mid-upload would otherwise
+    hold the request until BentoML's own timeout answers 504, as if the server had failed)."""
+    received, stream = 0, request.stream()
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            message = f"the request body did not arrive within {timeout_s:g} s"
+            raise RequestError(408, message) from None
         received += len(chunk)
         if received > limit:
             raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
@@ -61,10 +73,11 @@ def _refuse_declared_excess(request: Request, limit: int) -> None:
         raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole request body, refused (413) past ``limit`` bytes, declared or streamed."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole request body, refused (413) past ``limit`` bytes, declared or streamed, and
+    (408) when it has not all arrived within ``timeout_s``."""
     _refuse_declared_excess(request, limit)
-    return b"".join([chunk async for chunk in _limited(request, limit)])
+    return b"".join([chunk async for chunk in _limited(request, limit, timeout_s)])
 
 
 def _media_type(request: Request) -> str:
@@ -87,7 +100,7 @@ async def read_upload(
     _refuse_declared_excess(request, limit)
     parser = MultiPartParser(
         request.headers,
-        _limited(request, limit),
+        _limited(request, limit, settings.body_timeout_s),
         max_files=settings.max_batch_images,
         max_fields=20,
     )
@@ -149,7 +162,7 @@ async def classify(request: Request, runner: LCNetRunner, settings: ServingSetti
     """One image: the body itself (``top_k`` in the query string) or a multipart file field."""
     content_type = _media_type(request)
     if content_type.startswith(RAW_IMAGE_TYPES):
-        image = await read_body(request, settings.max_body_bytes)
+        image = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         return await handlers.classify(runner, image, request.query_params.get("top_k"))
     if not content_type.startswith("multipart/form-data"):
         raise RequestError(415, "send the image as the body (Content-Type image/* or "
@@ -199,9 +212,9 @@ def _multipart_or_raw(field: str) -> dict[str, Any]:
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    meaning = {400: "undecodable image or malformed body", 413: "too large (body, pixels, images)",
-               415: "another content type", 422: "missing or invalid field",
-               500: "server fault (no internals)"}  # fmt: skip
+    meaning = {400: "undecodable image or malformed body", 408: "the body arrived too slowly",
+               413: "too large (body, pixels, images)", 415: "another content type",
+               422: "missing or invalid field", 500: "server fault (no internals)"}  # fmt: skip
     return {s: {"model": ErrorOut, "description": meaning[s]} for s in statuses}
 
 
@@ -210,7 +223,7 @@ CLASSIFY_DOC = {
     "openapi_extra": _multipart_or_raw("image"),
     "responses": {
         200: {"model": list[PredictionOut], "description": "top-k classes, best first"},
-        **_errors(400, 413, 415, 422, 500),
+        **_errors(400, 408, 413, 415, 422, 500),
     },  # fmt: skip
 }
 CLASSIFY_BATCH_DOC = {
@@ -218,7 +231,7 @@ CLASSIFY_BATCH_DOC = {
     "openapi_extra": _multipart("images", many=True),
     "responses": {
         200: {"model": list[list[PredictionOut]], "description": "one list per image"},
-        **_errors(400, 413, 415, 422, 500),
+        **_errors(400, 408, 413, 415, 422, 500),
     },  # fmt: skip
 }
 MODEL_DOC = {
@@ -263,7 +276,7 @@ async def admin_reload(
 ) -> JSONResponse:
     try:
         handlers.check_admin(settings, authorization)
-        body = await read_body(request, 4096)
+        body = await read_body(request, 4096, settings.body_timeout_s)
         try:
             asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
         except ValidationError as err:
@@ -436,7 +449,7 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
     log_id = uuid.uuid4().hex
     headers = {handlers.VERSION_HEADER: runner.tag}
     try:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         try:
             asked = PaddleXRequest.model_validate_json(body)
         except ValidationError as err:

@@ -27,6 +27,7 @@ class ServingSettings:
     runner: RunnerConfig = RunnerConfig()  # engine, precision, threads, batching, pixel limit
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_body_bytes: int = 20 * 1024 * 1024
+    body_timeout_s: float = 30.0  # a request body must have arrived whole by then (else 408)
     max_batch_images: int = 64
     grpc_port: int = 50051  # 0 disables gRPC
     grpc_host: str = "0.0.0.0"
@@ -53,6 +54,8 @@ class ServingSettings:
             )
         if self.reload == "request" and not self.admin_token:
             raise ValueError("LCNET_RELOAD=request needs LCNET_ADMIN_TOKEN for POST /admin/reload")
+        if self.body_timeout_s <= 0:
+            raise ValueError("LCNET_BODY_TIMEOUT_S must be > 0")
         if self.reload_interval_s <= 0:
             raise ValueError("LCNET_RELOAD_INTERVAL_S must be > 0")
         if self.grpc_max_connection_age_s < 0:

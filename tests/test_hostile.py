@@ -7,6 +7,8 @@ message; never a 5xx, a hang or a dead worker, and the server answers normally a
 from __future__ import annotations
 
 import io
+import json
+import socket
 import struct
 import uuid
 from pathlib import Path
@@ -282,3 +284,42 @@ def test_oversized_grpc_message_is_refused(server: Server) -> None:
             client.classify(b"\0" * (21 << 20))
         assert err.value.status == "RESOURCE_EXHAUSTED"
         assert len(client.classify(JPEG)) == 1
+
+
+@pytest.fixture(scope="module")
+def impatient(trained: dict):
+    """A server that waits 1 s for a request body (LCNET_BODY_TIMEOUT_S; 30 s by default)."""
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", "LCNET_BODY_TIMEOUT_S": "1"}
+    server = Server(".", env).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    "path, content_type",
+    [
+        ("/classify", "image/jpeg"),
+        ("/classify", "multipart/form-data; boundary=x"),
+        ("/predict", "multipart/form-data; boundary=x"),
+        ("/image-classification", "application/json"),
+    ],
+)
+def test_a_body_that_stalls_gets_408(impatient: Server, path: str, content_type: str) -> None:
+    """Content-Length promises 2,600 bytes, 10 arrive, then nothing: a 408 with a JSON message
+    once the body timeout passes, where BentoML's own timeout answered 504 after 60 s."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: 2600\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", impatient.http_port), timeout=20) as sock:
+        sock.sendall(head.encode() + b"--x\r\nabcde")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"408", answer
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    message = body["error"] if "error" in body else body["errorMsg"]  # PaddleX's envelope
+    assert message == "the request body did not arrive within 1 s"
+    assert_still_serving(impatient)
