@@ -45,25 +45,22 @@ logger = logging.getLogger(__name__)
 UI_DIR = Path(__file__).parent / "ui"
 
 
-async def _limited(request: Request, limit: int, timeout_s: float):
-    """The request body, refusing more than ``limit`` bytes whatever Content-Length claimed, and
-    a body still incomplete after ``timeout_s`` (a client that stalls mid-upload would otherwise
-    hold the request until BentoML's own timeout answers 504, as if the server had failed)."""
-    received, stream = 0, request.stream()
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline):
-                chunk = await anext(stream)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            message = f"the request body did not arrive within {timeout_s:g} s"
-            raise RequestError(408, message) from None
+async def _limited(request: Request, limit: int):
+    """The request body, refusing more than ``limit`` bytes whatever Content-Length claimed."""
+    received = 0
+    async for chunk in request.stream():
         received += len(chunk)
         if received > limit:
             raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
         yield chunk
+
+
+def _too_slow(timeout_s: float) -> RequestError:
+    """A body still incomplete after ``timeout_s``: a client that stalls mid-upload would
+    otherwise hold its request until BentoML's own timeout answers 504, as if the server had
+    failed. One deadline per body, around all of its reading: one per chunk cost ~1 % of the
+    throughput at 32 clients (docs/benchmarks.md, session 15)."""
+    return RequestError(408, f"the request body did not arrive within {timeout_s:g} s")
 
 
 def _refuse_declared_excess(request: Request, limit: int) -> None:
@@ -77,7 +74,11 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole request body, refused (413) past ``limit`` bytes, declared or streamed, and
     (408) when it has not all arrived within ``timeout_s``."""
     _refuse_declared_excess(request, limit)
-    return b"".join([chunk async for chunk in _limited(request, limit, timeout_s)])
+    try:
+        async with asyncio.timeout(timeout_s):
+            return b"".join([chunk async for chunk in _limited(request, limit)])
+    except TimeoutError:
+        raise _too_slow(timeout_s) from None
 
 
 def _media_type(request: Request) -> str:
@@ -100,15 +101,18 @@ async def read_upload(
     _refuse_declared_excess(request, limit)
     parser = MultiPartParser(
         request.headers,
-        _limited(request, limit, settings.body_timeout_s),
+        _limited(request, limit),
         max_files=settings.max_batch_images,
         max_fields=20,
     )
     try:
-        form = await parser.parse()
+        async with asyncio.timeout(settings.body_timeout_s):
+            form = await parser.parse()
     except MultiPartException as err:
         status = 413 if "Too many files" in err.message else 400
         raise RequestError(status, f"malformed multipart body: {err.message}") from None
+    except TimeoutError:
+        raise _too_slow(settings.body_timeout_s) from None
     try:
         values = form.getlist(field)
         if not values:
