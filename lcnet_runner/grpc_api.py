@@ -162,8 +162,8 @@ def claim_port(port: int, server: str) -> None:
             owner.seek(0)
             owner.truncate()
             owner.write(server)
-    except PermissionError:  # another user's file: the port's bind decides
-        pass
+    except OSError:  # another user's file, a read-only temp folder: unchecked, never fatal
+        logger.warning("cannot check who serves gRPC port %s (%s)", port, owner_file)
 
 
 def server_id(pid: int) -> str:

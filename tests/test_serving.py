@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -259,3 +260,21 @@ def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
     for _ in range(8):  # fresh connections: all to the first server
         with Client(server.grpc_url) as client:
             assert client.model_info()["tag"] == trained["tag"]
+
+
+def test_a_grpc_port_is_claimed_by_one_live_server(tmp_path, monkeypatch) -> None:
+    """The owner file's rules: the same server again is fine, another live one is refused, a
+    dead one's claim is taken over, and a temp folder that cannot be written never stops a
+    server."""
+    from lcnet_runner.grpc_api import GrpcPortTakenError, claim_port, server_id
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    me, other = server_id(os.getpid()), server_id(os.getppid())
+    claim_port(50123, me)
+    claim_port(50123, me)
+    with pytest.raises(GrpcPortTakenError, match=f"pid {os.getpid()}"):
+        claim_port(50123, other)
+    (tmp_path / "lcnet-grpc-50123.owner").write_text("999999999:1.000")  # no such process
+    claim_port(50123, other)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing" / "folder"))
+    claim_port(50123, me)
