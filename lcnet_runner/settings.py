@@ -3,6 +3,7 @@ sets defaults for a Bento under ``envs``)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -103,9 +104,14 @@ def _parse(name: str, raw: str, kind: type) -> object:
             raise ValueError(f"LCNET_{name.upper()}={raw!r} is not 1 or 0")
         return word in _TRUE
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
         raise ValueError(f"LCNET_{name.upper()}={raw!r} is not a {kind.__name__}") from None
+    # float() reads "nan" and "inf": NaN passes every "> 0" check (all its comparisons are
+    # false) and an endless duration overflows where it becomes milliseconds.
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"LCNET_{name.upper()}={raw!r} is not a finite number")
+    return value
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -323,3 +323,17 @@ def test_a_body_that_stalls_gets_408(impatient: Server, path: str, content_type:
     message = body["error"] if "error" in body else body["errorMsg"]  # PaddleX's envelope
     assert message == "the request body did not arrive within 1 s"
     assert_still_serving(impatient)
+
+
+@pytest.mark.parametrize(
+    "name", ["LCNET_BODY_TIMEOUT_S", "LCNET_RELOAD_INTERVAL_S", "LCNET_GRPC_MAX_CONNECTION_AGE_S"]
+)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str) -> None:
+    """float() reads them, and every comparison with NaN is false, so they passed the checks:
+    a NaN body timeout answered every upload 408 at once, a NaN reload interval never looked,
+    an infinite connection age failed every worker's gRPC start (again on each restart)."""
+    from lcnet_runner.settings import ServingSettings
+
+    with pytest.raises(ValueError, match=f"{name}='{value}' is not a finite number"):
+        ServingSettings.from_env({name: value})
