@@ -152,8 +152,10 @@ def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loade
 
 def _reason(err: Exception) -> str:
     """Why a variant cannot serve: our own errors (ValueError) say it in words; an engine's
-    exception also needs its type to be understood."""
-    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    exception also needs its type to be understood. On one line: OpenVINO's messages span
+    several (its C++ call sites), and the reasons end up in one-line CLI errors and logs."""
+    text = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
 
 
 def _race_in_child(artifact, requested, threads) -> dict[str, Any]:

@@ -23,12 +23,23 @@ def json_line(value: object) -> str:
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1."""
+    return _at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number >= 0 (--threads 0: every core; --benchmark 0: off)."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= {minimum}, got {text!r}"
+        ) from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
 
 
@@ -57,11 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="store tag or exported folder")
     p.add_argument("--top-k", type=positive_int, default=1)
     p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="engine threads (default: all cores)")
+    # Negative counts are not refused by every engine (Paddle, ONNX Runtime) nor the same way.
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="engine threads (default, or 0: all cores)")  # fmt: skip
     add_engine_arguments(p)
     p.add_argument(
         "--benchmark",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="repeat the prediction N times and report the timing of those runs",

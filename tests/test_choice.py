@@ -10,19 +10,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
-from lcnet_runner.choice import race_key
+from lcnet_runner.choice import _race, race_key
 from lcnet_runner.engines import (
     ENGINES,
     REFERENCE,
     OnnxRuntimeEngine,
     OpenVinoEngine,
     PaddleEngine,
+    Variant,
     matching_variants,
 )
 from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, self_check_figures
@@ -247,3 +249,24 @@ def test_the_race_is_keyed_by_the_network_not_by_its_files(folder: Path, tmp_pat
         info = load_folder(path).info
         write_info(path, {k: v for k, v in info.items() if k != "architecture"})
     assert key(folder) != key(copy)
+
+
+def test_an_engine_error_over_several_lines_is_reported_on_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OpenVINO's exceptions carry its C++ call sites, one per line (e.g. for a thread count
+    it refuses); ``auto``'s reasons go into the CLIs' one error line, so they stay on one."""
+
+    class Refuses(OpenVinoEngine):
+        def __init__(self, *args: object) -> None:
+            raise RuntimeError(
+                "Exception from src/inference/src/cpp/core.cpp:117:\n"
+                "Check 'val_i >= 0' failed\nWrong value for property key. Got: -1\n\n\n"
+            )
+
+    monkeypatch.setitem(ENGINES, "openvino", Refuses)
+    with pytest.raises(AccuracyGuardError) as raised:
+        _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1, {})
+    assert len(str(raised.value).splitlines()) == 1
+    assert "RuntimeError: Exception from" in str(raised.value)
+    assert "Got: -1" in str(raised.value)

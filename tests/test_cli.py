@@ -180,3 +180,22 @@ def test_predict_annotate_os_error_is_one_line(
     result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
     assert one_error_line(result) == f"error: {out}: {reason}"
     assert len(result.stdout.strip().splitlines()) == len(images)  # the predictions came first
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [(("lcnet_runner", "predict", "a.jpg"), "--threads"),
+     (("lcnet_runner", "predict", "a.jpg"), "--benchmark"),
+     (("train", "fit", "data"), "--threads"),
+     (("train", "fit", "data"), "--workers"),
+     (("train", "evaluate", "data"), "--threads")],
+)  # fmt: skip
+def test_clis_refuse_negative_counts(command: tuple[str, ...], option: str) -> None:
+    """-1 threads ran Paddle and ONNX Runtime silently and failed OpenVINO; -1 benchmark runs
+    printed an empty timing block. argparse refuses them before anything loads."""
+    module, *args = command
+    result = run_cli(module, *args, option, "-1", check=False)  # nothing is read
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.endswith(f"argument {option}: must be >= 0, got -1"), result.stderr

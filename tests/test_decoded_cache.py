@@ -217,6 +217,19 @@ def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) 
     assert capsys.readouterr().err == "error: --ram-cache-mb must be >= 0, got -1.0\n"
 
 
+def test_cache_list_while_a_build_finishes(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build renames its folder when complete: found unfinished, gone when sized, it is no
+    error of `cache list` (this exited 2 with the folder's "No such file or directory")."""
+    cache = tmp_path / "cache"
+    (cache / decoded_cache.DECODED_DIR).mkdir(parents=True)
+    finished = cache / decoded_cache.DECODED_DIR / f"0123abcd{BUILDING}"
+    monkeypatch.setattr(decoded_cache, "unfinished_builds", lambda _: [finished])
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.startswith(f"{finished.name}  unfinished build")
+
+
 def test_disk_path_trains_like_ram_and_is_reused(colour_dataset: Path, tmp_path: Path) -> None:
     """Same seed ⇒ the same metrics in RAM and from disk; then a second fit with other
     hyper-parameters and `evaluate` reuse the caches without decoding."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
-from lcnet_runner.cli import add_engine_arguments, error_line, json_line
+from lcnet_runner.cli import add_engine_arguments, error_line, json_line, non_negative_int
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
 from .pretrained import PretrainedError
@@ -117,8 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="imagenet | imagenet-ssld | none | PATH.pdparams (default: imagenet)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--workers", type=int, default=d.workers, help="decoding threads (0: all cores)")
-    p.add_argument("--threads", type=int, default=d.threads, help="Paddle threads (0: all cores)")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=d.workers,
+        help="decoding threads (0: all cores)",
+    )
+    p.add_argument(
+        "--threads", type=non_negative_int, default=d.threads, help="Paddle threads (0: all cores)"
+    )
     add_cache_arguments(p)
     p.add_argument("--early-stop-patience", type=int, default=d.early_stop_patience)
     p.add_argument("--save-dir", default=d.save_dir)
@@ -143,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     # A named variant is measured whatever its guard figures say, next to paddle fp32.
     add_engine_arguments(p, skip_guard=False)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=non_negative_int, default=None)
     p.add_argument(
         "--confusion-matrix",
         default="confusion_matrix.png",
@@ -169,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
     p.add_argument("--dataset", type=Path, required=True)
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=non_negative_int, default=None)
     add_cache_arguments(p)
 
     p = sub.add_parser("quantize", help="add an INT8 OpenVINO variant, then verify (int8 extra)")
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--split", default="val", choices=("train", "val", "test"),
                    help="where the accuracy guard is measured")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=non_negative_int, default=None)
     add_cache_arguments(p)
 
     p = sub.add_parser("report", help="summary of a stored or exported model")

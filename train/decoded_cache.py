@@ -435,7 +435,15 @@ def unfinished_builds(cache: CacheConfig) -> list[Path]:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    """The size of ``folder``'s files. ``cache list`` sizes builds that may be running: a file
+    (a checkpoint's temp file, renamed) or the folder (renamed when complete) that vanishes
+    meanwhile counts as nothing, not as an error."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        for file in folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                total += file.stat().st_size if file.is_file() else 0
+    return total
 
 
 def _stale_caches(folder: Path) -> Iterator[Path]:
