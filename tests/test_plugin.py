@@ -33,9 +33,9 @@ def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> 
         # Not an image: BentoML answers the runner's InvalidImageError with 400, not 500.
         refused = httpx.post(f"{server.url}/compare", files={"image": ("a.txt", b"words")})
         assert refused.status_code == 400 and "Pillow" in refused.text
-        metrics = httpx.get(f"{server.url}/metrics").text  # each model its own series
-        for name in (trained["tag"].split(":")[0], "other"):
-            assert f'lcnet_runner_batch_size_count{{model="{name}"' in metrics
+        metrics = httpx.get(f"{server.url}/metrics").text  # each side its own series
+        for side, tag in (("a", trained["tag"]), ("b", second_model)):
+            assert f'lcnet_runner_batch_size_count{{model="{side}/{tag}"' in metrics
     finally:
         server.stop()
     for got, model in ((answer["a"], trained["tag"]), (answer["b"], second_model)):

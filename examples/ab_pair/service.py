@@ -5,7 +5,8 @@
 Each worker holds one runner per model (in-process, batching on its own); the service's own
 ``@bentoml.api`` calls them. The ``BentoModel`` references make ``bentoml build`` pack both. An
 undecodable upload is BentoML's InvalidArgument (400), and each runner's batch sizes and latencies
-are on ``/metrics`` under its own ``model`` label.
+are on ``/metrics`` under its own ``model`` label: its side and tag (``a/pplcnet:…``), so two
+versions of one model, the usual A/B, stay apart.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ class ABPair:
 
     def __init__(self) -> None:
         # 2 cores, 1 worker: each runner's engine gets one thread.
-        self.a = self._runner(self.model_a)
-        self.b = self._runner(self.model_b)
+        self.a = self._runner("a", self.model_a)
+        self.b = self._runner("b", self.model_b)
 
     @staticmethod
-    def _runner(model: bentoml.models.BentoModel) -> LCNetRunner:
-        observer = PrometheusObserver(model.tag.name)
+    def _runner(side: str, model: bentoml.models.BentoModel) -> LCNetRunner:
+        observer = PrometheusObserver(f"{side}/{model.tag}")
         return LCNetRunner.from_model(str(model.tag), engine="auto", threads=1, observer=observer)
 
     @bentoml.api
