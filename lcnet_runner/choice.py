@@ -212,21 +212,23 @@ def load(
 
 
 def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Engine]:
-    """Time every requested variant that loads here, whatever its guard figures (speed is not
+    """Time every requested variant that runs here, whatever its guard figures (speed is not
     accuracy), into ``record``; returns the loaded engines."""
-    loaded, not_runnable = {}, {}
+    loaded, speeds, not_runnable = {}, {}, {}
     for variant in requested:
         try:
-            loaded[str(variant)] = create_engine(variant, artifact, threads)
-        # not installed, no such file, not on this CPU, or a damaged file (ONNX Runtime's
-        # InvalidProtobuf, OpenVINO's RuntimeError): auto goes on with the others
+            engine = create_engine(variant, artifact, threads)
+            speeds[str(variant)] = images_per_second(engine, artifact.preprocess.crop_size)
+        # not installed, no such file, not on this CPU, a damaged file (ONNX Runtime's
+        # InvalidProtobuf, OpenVINO's RuntimeError), or an engine that loads, then fails to run:
+        # auto goes on with the others
         except Exception as err:
             not_runnable[str(variant)] = _reason(err)
+        else:
+            loaded[str(variant)] = engine
     if not loaded:  # nothing recorded: the next process tries again
         reasons = "; ".join(f"{v}: {why}" for v, why in not_runnable.items())
         raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
-    crop = artifact.preprocess.crop_size
-    speeds = {name: images_per_second(engine, crop) for name, engine in loaded.items()}
     ranking = sorted(speeds, key=speeds.get, reverse=True)
     race = {
         "batch": RACE_BATCH,

@@ -302,4 +302,13 @@ def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None
     (checked,) = matching_variants(variant.engine, variant.precision)
     if reason := cpu_lacks(checked):
         raise ValueError(reason)
-    return ENGINES[checked.engine](artifact, threads, checked.precision)
+    try:
+        return ENGINES[checked.engine](artifact, threads, checked.precision)
+    except ValueError:
+        raise
+    # A file the engine refuses (ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError): the
+    # one-line error of a variant that cannot serve, not a traceback. OpenVINO's messages span
+    # several lines (its C++ call sites).
+    except Exception as err:
+        message = " ".join(f"{type(err).__name__}: {err}".split())
+        raise ValueError(f"{checked} cannot load {artifact.name}: {message}") from None

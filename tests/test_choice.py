@@ -270,3 +270,40 @@ def test_an_engine_error_over_several_lines_is_reported_on_one(
     assert len(str(raised.value).splitlines()) == 1
     assert "RuntimeError: Exception from" in str(raised.value)
     assert "Got: -1" in str(raised.value)
+
+
+def test_a_variant_that_loads_then_fails_to_run_loses_only_its_place(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, an engine that raised in the race's timing failed ``auto`` as a whole."""
+
+    class FailsToRun(OnnxRuntimeEngine):
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            raise RuntimeError("kernel\nnot available")
+
+    monkeypatch.setitem(ENGINES, "onnxruntime", FailsToRun)
+    auto = Predictor(folder, threads=1)
+    assert str(auto.variant) != "onnxruntime/fp32"
+    assert "onnxruntime/fp32" not in auto.choice.race["images_per_s"]
+    assert auto.choice.skipped["onnxruntime/fp32"] == "RuntimeError: kernel not available"
+
+
+def test_a_named_variant_its_engine_refuses_is_one_line(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A damaged file named outright (``--engine onnxruntime``) raised the engine's own
+    exception (ONNX Runtime's InvalidProtobuf): a traceback from the CLIs, not their one line."""
+
+    class Refuses(OnnxRuntimeEngine):
+        def __init__(self, *args: object) -> None:
+            raise RuntimeError(
+                "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF :\nProtobuf parsing failed."
+            )
+
+    monkeypatch.setitem(ENGINES, "onnxruntime", Refuses)
+    with pytest.raises(ValueError) as raised:
+        Predictor(folder, engine="onnxruntime", precision="fp32", threads=1)
+    assert str(raised.value) == (
+        f"onnxruntime/fp32 cannot load {folder}: RuntimeError: [ONNXRuntimeError] : 7 : "
+        "INVALID_PROTOBUF : Protobuf parsing failed."
+    )
