@@ -7,7 +7,10 @@ How the workers of one server converge: workers share no channel, so each one ru
 reaches one worker; every worker reads the file). When both name a version, the later one wins:
 the request's time against the version's creation time. Every worker applies that rule to the
 same store and file, so one that restarts (on the version the server started with) comes back on
-what the others serve, whatever order it reads them in.
+what the others serve, whatever order it reads them in. One exception needs a record: when the
+version the rule names fails everywhere, the others keep the last one that loaded, which the rule
+does not name. So each worker writes the version it swapped in next to the request file, and a
+worker whose reload failed serves that one, if it serves something else.
 
 A request pins the version it entered with (``ServedModel.pinned``): its preprocessing, batches
 and labels all come from that version, and the old version is closed and released only once its
@@ -157,6 +160,7 @@ class Reloader:
         self.make_runner, self.on_result = make_runner, on_result
         self.status = ReloadStatus(tag=served.tag)
         self.requests = request_file(model_name)
+        self.swapped_in = self.requests.with_suffix(".served.json")  # the last version swapped in
         self._request_id: str | None = None
         self._request_file: tuple[int, int] | None = None  # (inode, mtime) last read
         self._request_at = 0.0  # when the last request acted on was made
@@ -191,8 +195,8 @@ class Reloader:
                 wanted = await asyncio.to_thread(self._newest) or wanted
             if wanted == self.served.tag:
                 self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
-            elif wanted is not None:
-                await self.reload(wanted)
+            elif wanted is not None and not await self.reload(wanted):
+                await self._rejoin(failed=wanted)
             await asyncio.sleep(REQUEST_POLL_S)
 
     def _requested(self) -> str | None:
@@ -226,7 +230,8 @@ class Reloader:
             logger.warning("reload: cannot read the store: %s", err)
             return None
 
-    async def reload(self, tag: str) -> None:
+    async def reload(self, tag: str) -> bool:
+        """Load ``tag`` and swap it in; False if it failed (the served version stays)."""
         self.status = ReloadStatus("loading", tag)
         logger.info("reload: loading %s while %s serves", tag, self.served.tag)
         try:
@@ -235,11 +240,29 @@ class Reloader:
             self.status = ReloadStatus("failed", tag, f"{type(err).__name__}: {err}")
             logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
             self._count("failed")
-            return
+            return False
         await self.served.swap(runner)
         self.status = ReloadStatus("idle", tag)
         logger.info("reload: now serving %s", tag)  # make_runner logged its engine choice
         self._count("ok")
+        with contextlib.suppress(OSError):  # the record only helps a restarted worker rejoin
+            self.swapped_in.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.swapped_in, json.dumps({"tag": tag}))
+        return True
+
+    async def _rejoin(self, failed: str) -> None:
+        """After a failed reload, swap in the version the others last swapped in, if this worker
+        serves another: e.g. one restarted after a version failed everywhere starts on the
+        version the server started with. ``/model`` keeps saying what failed, as theirs do."""
+        try:
+            theirs = json.loads(self.swapped_in.read_text(encoding="utf-8"))["tag"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if theirs in (failed, self.served.tag):
+            return
+        status = self.status
+        if await self.reload(theirs):
+            self.status = status
 
     def _load(self, tag: str) -> LCNetRunner:
         import bentoml

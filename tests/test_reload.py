@@ -277,7 +277,9 @@ def test_with_reloading_off_a_reload_request_is_refused(servers, trained: dict) 
 def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict) -> None:
     """Workers share no channel: a restarted one reads the store and the request file afresh,
     in its own order. Here the last request (back to the first version) is older than the
-    newest version, which every worker then followed: the new worker must follow it too."""
+    newest version, which every worker then followed: the new worker must follow it too. Then
+    a newer version fails everywhere: the others keep the last good one, which the new worker
+    must find too, not stay on the version the server started with."""
     first, server, still = servers
     image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
     with SteadyLoad(server, image) as load:
@@ -287,6 +289,10 @@ def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict)
         newest = save_version(first, [f"b {name}" for name in CLASS_NAMES])
         load.wait_for(newest)
     assert versions_after_a_worker_restart(server, image) == {newest}
+    bad = save_corrupt_version(trained)
+    assert settled_reload_state(server, "failed")["tag"] == bad
+    assert versions_after_a_worker_restart(server, image) == {newest}
+    assert settled_reload_state(server, "failed")["tag"] == bad  # the new worker says so too
 
 
 def versions_after_a_worker_restart(server: Server, image: bytes) -> set[str]:
