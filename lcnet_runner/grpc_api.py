@@ -64,14 +64,14 @@ class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         with self.served.pinned() as runner:
             await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
-            work = handlers.classify(runner, request.image, request.top_k)
+            work = handlers.classify(runner, request.image, request.top_k or None)
             return _response(await _call(context, work))
 
     async def ClassifyBatch(self, request, context):  # noqa: N802
         with self.served.pinned() as runner:
             await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
             images = list(request.images)
-            work = handlers.classify_batch(runner, self.settings, images, request.top_k)
+            work = handlers.classify_batch(runner, self.settings, images, request.top_k or None)
             results = await _call(context, work)
             return lcnet_pb2.ClassifyBatchResponse(results=[_response(r) for r in results])
 

@@ -39,9 +39,9 @@ def client_error_status(error: Exception) -> int | None:
 
 
 def parse_top_k(value: Any) -> int:
-    """An integer >= 1 (more than the class count is clamped to it); absent, empty, or a proto's
-    unset 0 mean the default, 1."""
-    if value is None or value == "" or value == 0:
+    """An integer >= 1 (more than the class count is clamped to it); absent or empty mean the
+    default, 1 (gRPC passes a proto's unset 0 as absent)."""
+    if value is None or value == "":
         return 1
     try:
         top_k = int(value)

@@ -151,6 +151,12 @@ BAD_REQUESTS = [
         422,
         id="typed-top_k-text",
     ),
+    pytest.param(
+        "/predict",
+        {"files": {"image": ("a.png", png())}, "data": {"top_k": "0"}},
+        422,
+        id="typed-top_k-0",
+    ),
     pytest.param("/predict", {"files": {"picture": ("a.png", png())}}, 422, id="typed-misnamed"),
     pytest.param("/predict", {"files": [("image", ("a.png", png()))] * 2}, 422, id="typed-two"),
     pytest.param(
