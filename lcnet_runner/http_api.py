@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.staticfiles import StaticFiles
 
@@ -55,12 +56,23 @@ async def _limited(request: Request, limit: int):
         yield chunk
 
 
-def _too_slow(timeout_s: float) -> RequestError:
-    """A body still incomplete after ``timeout_s``: a client that stalls mid-upload would
-    otherwise hold its request until BentoML's own timeout answers 504, as if the server had
-    failed. One deadline per body, around all of its reading: one per chunk cost ~1 % of the
-    throughput at 32 clients (docs/benchmarks.md, session 15)."""
-    return RequestError(408, f"the request body did not arrive within {timeout_s:g} s")
+@contextlib.asynccontextmanager
+async def _body_arriving(timeout_s: float) -> AsyncIterator[None]:
+    """Around the reading of a whole body: 408 when it is still incomplete after ``timeout_s``
+    (a client that stalls mid-upload would otherwise hold its request until BentoML's own
+    timeout answers 504, as if the server had failed), 499 when the client hung up meanwhile
+    (nobody reads that answer, but the log and the metrics then count no server fault). One
+    deadline per body: one per chunk cost ~1 % of the throughput at 32 clients
+    (docs/benchmarks.md, session 15)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise RequestError(
+            499, "the client closed the connection before its body arrived"
+        ) from None
 
 
 def _refuse_declared_excess(request: Request, limit: int) -> None:
@@ -74,11 +86,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole request body, refused (413) past ``limit`` bytes, declared or streamed, and
     (408) when it has not all arrived within ``timeout_s``."""
     _refuse_declared_excess(request, limit)
-    try:
-        async with asyncio.timeout(timeout_s):
-            return b"".join([chunk async for chunk in _limited(request, limit)])
-    except TimeoutError:
-        raise _too_slow(timeout_s) from None
+    async with _body_arriving(timeout_s):
+        return b"".join([chunk async for chunk in _limited(request, limit)])
 
 
 def _media_type(request: Request) -> str:
@@ -106,13 +115,11 @@ async def read_upload(
         max_fields=20,
     )
     try:
-        async with asyncio.timeout(settings.body_timeout_s):
+        async with _body_arriving(settings.body_timeout_s):
             form = await parser.parse()
     except MultiPartException as err:
         status = 413 if "Too many files" in err.message else 400
         raise RequestError(status, f"malformed multipart body: {err.message}") from None
-    except TimeoutError:
-        raise _too_slow(settings.body_timeout_s) from None
     try:
         values = form.getlist(field)
         if not values:

@@ -342,3 +342,30 @@ def test_fast_routes_skip_fastapi_and_answer_as_through_it(
         if path == "/image-classification":
             assert answer.pop("logId") != expected.pop("logId")
         assert answer == expected
+
+
+@pytest.mark.parametrize("content_type", [JPEG, f"{MULTIPART}; boundary=x"])
+def test_a_client_that_hangs_up_mid_body_is_no_server_fault(
+    client: TestClient, content_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette's ClientDisconnect reached the catch-all: "request failed" with a traceback
+    and a 500 in the log and metrics, a server fault that was none. Now a 499, as nginx logs it."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 3000),
+        "headers": [(b"content-type", content_type.encode()), (b"content-length", b"5000")],
+    }  # fmt: skip
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n\xff\xd8'
+    arriving = [{"type": "http.request", "body": part, "more_body": True}]
+    sent = []
+
+    async def receive() -> dict:
+        return arriving.pop(0) if arriving else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    client.portal.call(client.app, scope, receive, send)
+    assert sent[0]["status"] == 499
+    assert "request failed" not in caplog.text
