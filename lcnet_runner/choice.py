@@ -55,6 +55,7 @@ from .engines import (
     cpu_lacks,
     create_engine,
     default_threads,
+    error_text,
     matching_variants,
 )
 from .guard import AccuracyGuardError, check, cpu_features, self_check
@@ -142,20 +143,12 @@ def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loade
             elif not skip_guard:
                 check(artifact, variant)  # slower anyway: the stored figures say enough
         except Exception as err:  # guard or self-check failed, or a file the engine refused
-            skipped[name] = _reason(err)
+            skipped[name] = error_text(err)
     if chosen is None:
         reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
         raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
     chosen.race, chosen.skipped = dict(record["race"]), skipped
     return chosen
-
-
-def _reason(err: Exception) -> str:
-    """Why a variant cannot serve: our own errors (ValueError) say it in words; an engine's
-    exception also needs its type to be understood. On one line: OpenVINO's messages span
-    several (its C++ call sites), and the reasons end up in one-line CLI errors and logs."""
-    text = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
 
 
 def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
@@ -223,7 +216,7 @@ def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Eng
         # InvalidProtobuf, OpenVINO's RuntimeError), or an engine that loads, then fails to run:
         # auto goes on with the others
         except Exception as err:
-            not_runnable[str(variant)] = _reason(err)
+            not_runnable[str(variant)] = error_text(err)
         else:
             loaded[str(variant)] = engine
     if not loaded:  # nothing recorded: the next process tries again

@@ -307,8 +307,14 @@ def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None
     except ValueError:
         raise
     # A file the engine refuses (ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError): the
-    # one-line error of a variant that cannot serve, not a traceback. OpenVINO's messages span
-    # several lines (its C++ call sites).
+    # one-line error of a variant that cannot serve, not a traceback.
     except Exception as err:
-        message = " ".join(f"{type(err).__name__}: {err}".split())
-        raise ValueError(f"{checked} cannot load {artifact.name}: {message}") from None
+        raise ValueError(f"{checked} cannot load {artifact.name}: {error_text(err)}") from None
+
+
+def error_text(err: Exception) -> str:
+    """Why an engine failed, on one line: our own errors (ValueError) say it in words; an
+    engine's exception also needs its type to be understood. OpenVINO's messages span several
+    lines (its C++ call sites), and these end up in one-line CLI errors and logs."""
+    text = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
