@@ -119,8 +119,14 @@ def request_file(model_name: str) -> Path:
 
 
 def write_request(path: Path, tag: str) -> None:
+    _write_record(path, {"id": uuid.uuid4().hex, "tag": tag, "at": time.time()})
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """A record the workers share (in ``lcnet-reload/``), replaced whole: a reader never sees
+    half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"id": uuid.uuid4().hex, "tag": tag, "at": time.time()}))
+    write_text_atomic(path, json.dumps(record))
 
 
 def resolve(tag: str) -> str:
@@ -246,8 +252,7 @@ class Reloader:
         logger.info("reload: now serving %s", tag)  # make_runner logged its engine choice
         self._count("ok")
         with contextlib.suppress(OSError):  # the record only helps a restarted worker rejoin
-            self.swapped_in.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.swapped_in, json.dumps({"tag": tag}))
+            _write_record(self.swapped_in, {"tag": tag})
         return True
 
     async def _rejoin(self, failed: str) -> None:
