@@ -176,12 +176,53 @@ def write_metadata(
     write_info(folder, info)
 
 
+def read_inference_yml(folder: Path) -> dict[str, Any]:
+    """A folder's ``inference.yml`` as a mapping; a file that is not one is a ModelNotFoundError
+    saying so on one line (it may come from another tool, or from a hand edit)."""
+    path = folder / INFERENCE_YML
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(config, dict):
+        raise ModelNotFoundError(f"{path}: expected a mapping, got {type(config).__name__}")
+    return config
+
+
+def yml_section(config: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """``config[keys[0]][keys[1]]…``: missing or empty (``PostProcess:`` with nothing after it,
+    which YAML reads as null) is ``{}``; anything but a mapping is a ModelNotFoundError."""
+    section: Any = config
+    for depth, key in enumerate(keys, 1):
+        section = section.get(key) or {}
+        if not isinstance(section, dict):
+            where = ".".join(keys[:depth])
+            raise ModelNotFoundError(f"{INFERENCE_YML}: {where} must be a mapping")
+    return section
+
+
 def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
     """Read our PreprocessConfig back from PaddleClas/PaddleX ``transform_ops``."""
+    try:
+        return _preprocess_from_ops(_transform_ops(config))
+    except (TypeError, ValueError) as err:  # a value of the wrong kind: "abc" for a size
+        raise ModelNotFoundError(f"{INFERENCE_YML}: {err}") from None
+
+
+def _transform_ops(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """PreProcess.transform_ops (a list of one-key mappings) as {op name: its arguments}."""
     ops: dict[str, dict[str, Any]] = {}
-    for op in config.get("PreProcess", {}).get("transform_ops", []):
+    for op in yml_section(config, "PreProcess").get("transform_ops") or []:
+        if not isinstance(op, dict) or len(op) != 1:
+            raise ModelNotFoundError(f"{INFERENCE_YML}: each transform op must be `name: arguments`")
         ((name, args),) = op.items()
+        if not isinstance(args or {}, dict):
+            raise ModelNotFoundError(f"{INFERENCE_YML}: the arguments of {name} must be a mapping")
         ops[name] = args or {}
+    return ops
+
+
+def _preprocess_from_ops(ops: dict[str, dict[str, Any]]) -> PreprocessConfig:
     resize, crop, norm = (
         ops.get("ResizeImage", {}),
         ops.get("CropImage", {}),
@@ -189,30 +230,43 @@ def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
     )
     crop_size = int(crop.get("size", 224))
     if "resize_short" not in resize:
-        raise ModelNotFoundError("inference.yml: only ResizeImage with resize_short is supported")
+        raise ModelNotFoundError(f"{INFERENCE_YML}: only ResizeImage with resize_short is supported")
     scale = float(norm.get("scale", 1.0 / 255.0))
     if abs(scale - 1.0 / 255.0) > 1e-6:
-        raise ModelNotFoundError(f"inference.yml: NormalizeImage scale {scale} is not 1/255")
+        raise ModelNotFoundError(f"{INFERENCE_YML}: NormalizeImage scale {scale} is not 1/255")
     interpolation = str(resize.get("interpolation", "LINEAR")).upper()
     if interpolation not in _FROM_PADDLEX_INTERPOLATION:
-        raise ModelNotFoundError(f"inference.yml: unsupported interpolation {interpolation}")
+        raise ModelNotFoundError(f"{INFERENCE_YML}: unsupported interpolation {interpolation}")
     return PreprocessConfig(
         crop_size=crop_size,
         resize_short=int(resize["resize_short"]),
         interpolation=_FROM_PADDLEX_INTERPOLATION[interpolation],
         backend=str(resize.get("backend", "cv2")),  # PaddleX's default
-        mean=tuple(norm.get("mean", PreprocessConfig.mean)),
-        std=tuple(norm.get("std", PreprocessConfig.std)),
+        mean=tuple(float(v) for v in norm.get("mean", PreprocessConfig.mean)),
+        std=tuple(float(v) for v in norm.get("std", PreprocessConfig.std)),
     )
 
 
 def _read_labels(folder: Path, config: dict[str, Any]) -> tuple[str, ...]:
     if (folder / LABELS_FILE).is_file():
         return read_labels_file(folder / LABELS_FILE)
-    label_list = config.get("PostProcess", {}).get("Topk", {}).get("label_list")
+    label_list = yml_section(config, "PostProcess", "Topk").get("label_list")
     if not label_list:
         raise ModelNotFoundError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
     return tuple(str(label) for label in label_list)
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    """``model_info.json`` (ours, optional: {} without one)."""
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(info, dict):
+        raise ModelNotFoundError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
@@ -232,9 +286,8 @@ def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
         raise ModelNotFoundError(
             f"{folder} is not an exported model folder: missing {', '.join(missing)}"
         )
-    config = yaml.safe_load((folder / INFERENCE_YML).read_text(encoding="utf-8")) or {}
-    info_path = folder / INFO_FILE
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    config = read_inference_yml(folder)
+    info = _read_info(folder / INFO_FILE)
     return ModelArtifact(
         path=folder,
         program_file=program,

@@ -92,6 +92,11 @@ class PreprocessConfig:
             raise ValueError(f"interpolation must be one of {', '.join(RESAMPLE_FILTERS)}")
         if self.backend not in RESIZE_BACKENDS:
             raise ValueError(f"resize backend must be one of {', '.join(RESIZE_BACKENDS)}")
+        channels = (*self.mean, *self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(map(math.isfinite, channels)):
+            raise ValueError(f"mean and std need 3 numbers each, got {self.mean} and {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}

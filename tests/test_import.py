@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 
 from lcnet_runner import Predictor
+from lcnet_runner.artifact import ModelNotFoundError, load_folder
 from train.split import read_split
 
 
@@ -100,3 +102,61 @@ def test_import_errors_are_one_line(trained: dict, args: list[str], message: str
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
+
+
+# Folders from other tools or hand edits: each file that is not what it should be is named in a
+# one-line error, never a traceback. (file, its new text, what the error says)
+BROKEN_FILES = {
+    "yml not YAML": ("inference.yml", "PreProcess: [unclosed", "is not valid YAML"),
+    "yml a list": ("inference.yml", "- PreProcess\n", "expected a mapping, got list"),
+    "section a string": ("inference.yml", "PreProcess: resize\n", "PreProcess must be a mapping"),
+    "op a string": (
+        "inference.yml", "PreProcess:\n  transform_ops: [ResizeImage]\n", "each transform op"
+    ),
+    "size a word": (
+        "inference.yml",
+        "PreProcess:\n  transform_ops:\n  - ResizeImage: {resize_short: big}\n",
+        "invalid literal for int()",
+    ),
+    "std zero": (
+        "inference.yml",
+        "PreProcess:\n  transform_ops:\n  - ResizeImage: {resize_short: 36}\n"
+        "  - CropImage: {size: 32}\n  - NormalizeImage: {std: [0, 0, 0]}\n",
+        "std must be positive",
+    ),
+    "info not JSON": ("model_info.json", "{", "is not valid JSON"),
+    "info a list": ("model_info.json", "[]", "expected a JSON object, got list"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_FILES))
+def test_a_broken_folder_file_is_one_error_line(trained: dict, tmp_path: Path, name: str) -> None:
+    file, text, message = BROKEN_FILES[name]
+    folder = tmp_path / "broken"
+    shutil.copytree(trained["export_dir"], folder)
+    (folder / file).write_text(text, "utf-8")
+    with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+        load_folder(folder)
+
+
+def test_empty_sections_of_inference_yml_are_empty(trained: dict, tmp_path: Path) -> None:
+    """`PostProcess:` with nothing under it is null in YAML: an empty section, not a crash, in
+    the Predictor and in import (which writes the labels there); a broken file is one CLI line."""
+    folder = tmp_path / "no_postprocess"
+    shutil.copytree(trained["export_dir"], folder)
+    config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8"))
+    config.update(PostProcess=None, Global=None)
+    (folder / "inference.yml").write_text(yaml.safe_dump(config), "utf-8")
+    assert load_folder(folder).labels == tuple(CLASS_NAMES)
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{name}-x\n" for name in CLASS_NAMES), "utf-8")
+    result = run_cli("train", "import", str(folder), "--name", "imported-null",
+                     "--labels", str(labels))  # fmt: skip
+    assert Predictor(result.stdout.strip().split()[-1]).labels == tuple(f"{n}-x" for n in CLASS_NAMES)
+
+    (folder / "inference.yml").write_text("PreProcess: [unclosed", "utf-8")
+    result = run_cli("train", "import", str(folder), "--name", "imported-broken", check=False)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {folder / 'inference.yml'} is not valid YAML: ")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,11 +17,14 @@ from lcnet_runner.artifact import (
     INFERENCE_YML,
     LABELS_FILE,
     ModelArtifact,
+    ModelNotFoundError,
     load_folder,
+    read_inference_yml,
     read_labels_file,
     write_info,
     write_labels_file,
     write_text_atomic,
+    yml_section,
 )
 from lcnet_runner.preprocess import PreprocessConfig
 
@@ -30,10 +34,8 @@ from .pretrained import load_weights
 
 
 def _architecture_from_yml(folder: Path) -> str | None:
-    import yaml
-
-    config = yaml.safe_load((folder / "inference.yml").read_text(encoding="utf-8")) or {}
-    name = str(config.get("Global", {}).get("model_name", "")).replace("PP-LCNet", "PPLCNet")
+    global_section = yml_section(read_inference_yml(folder), "Global")
+    name = str(global_section.get("model_name") or "").replace("PP-LCNet", "PPLCNet")
     return name or None
 
 
@@ -47,12 +49,12 @@ def relabel(folder: Path, labels: list[str]) -> None:
     outputs = output_width(load_folder(folder))
     if outputs != len(labels):
         raise ValueError(f"--labels: {len(labels)} names, but the model has {outputs} classes")
-    yml = folder / INFERENCE_YML
-    config = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
-    topk = config.setdefault("PostProcess", {}).setdefault("Topk", {})
-    topk["label_list"] = list(labels)
-    topk["topk"] = min(int(topk.get("topk", 5)), len(labels))
-    write_text_atomic(yml, yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    config = read_inference_yml(folder)
+    topk = yml_section(config, "PostProcess", "Topk")
+    topk = {**topk, "label_list": list(labels), "topk": min(int(topk.get("topk") or 5), len(labels))}
+    config["PostProcess"] = {**yml_section(config, "PostProcess"), "Topk": topk}
+    text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    write_text_atomic(folder / INFERENCE_YML, text)
     info = load_folder(folder).info
     if info:
         write_info(folder, {**info, "classes": list(labels), "num_classes": len(labels)})
@@ -65,6 +67,26 @@ def output_width(artifact: ModelArtifact) -> int:
     size = artifact.preprocess.crop_size
     engine = PaddleEngine(artifact, threads=1, precision="fp32")
     return engine.predict(np.zeros((1, size, size, 3), np.uint8)).shape[-1]
+
+
+def _copy_folder(
+    source: Path, folder: Path, model: str | None, label_list: list[str] | None
+) -> dict[str, Any]:
+    """An exported folder copied to ``folder`` (relabelled, with a model_info.json); its info."""
+    shutil.copytree(source, folder)
+    try:
+        if label_list:
+            relabel(folder, label_list)
+        artifact = load_folder(folder)
+        architecture = model or _architecture_from_yml(folder)
+    except ModelNotFoundError as err:  # a file the user can fix: name theirs, not our copy
+        raise ModelNotFoundError(str(err).replace(str(folder), str(source))) from None
+    info = artifact.info or {
+        **base_info(architecture, list(artifact.labels), artifact.preprocess),
+        "imported_from": source.name,
+    }
+    write_info(folder, info)
+    return info
 
 
 def import_model(
@@ -86,16 +108,7 @@ def import_model(
     with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
         folder = Path(tmp) / "model"
         if source.is_dir():
-            shutil.copytree(source, folder)
-            if label_list:
-                relabel(folder, label_list)
-            artifact = load_folder(folder)
-            architecture = model or _architecture_from_yml(folder)
-            info = artifact.info or {
-                **base_info(architecture, list(artifact.labels), artifact.preprocess),
-                "imported_from": source.name,
-            }
-            write_info(folder, info)
+            info = _copy_folder(source, folder, model, label_list)
         elif source.suffix == ".pdparams" and source.is_file():
             if model not in SCALES or not label_list:
                 raise ValueError(
