@@ -11,8 +11,9 @@ BentoML: tests and scripts can drive it directly.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +22,7 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
-from .engines import default_threads
+from .engines import default_threads, matching_variants
 from .predictor import Prediction, Predictor, top_k_predictions
 from .preprocess import ImageSource, preprocess
 
@@ -50,6 +51,36 @@ class RunnerConfig:
     # requests reach the loop one at a time, batches 2.4 → 5.3 and +7–10 % at 32 clients.
     max_delay_ms: float = 10.0
     max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
+
+    def __post_init__(self) -> None:
+        matching_variants(self.engine, self.precision)  # an unknown name: what exists instead
+        check_ranges(self, RUNNER_RANGES)
+
+
+# What each number may be, both ends included: refused when the config is made, rather than
+# in every worker as it starts (BentoML restarts them forever) or as a server that refuses every
+# request. Thread counts beyond a C int fail inside the engines.
+RUNNER_RANGES = {
+    "threads": (0, 1024),
+    "solo_threads": (0, 1024),
+    "max_batch_size": (1, 1024),
+    "max_delay_ms": (0, 60_000),
+    "max_pixels": (1, math.inf),
+}
+
+
+def check_ranges(
+    config: object, ranges: dict[str, tuple[float, float]], label: Callable[[str], str] = str
+) -> None:
+    """ValueError naming the first field of ``config`` outside its range in ``ranges``."""
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(config, name) <= high:
+            raise ValueError(range_error(label(name), getattr(config, name), low, high))
+
+
+def range_error(name: str, value: object, low: float, high: float) -> str:
+    allowed = f">= {low}" if high == math.inf else f"from {low} to {high}"
+    return f"{name}={value!r}: must be {allowed}"
 
 
 class LCNetRunner:

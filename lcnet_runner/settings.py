@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .artifact import DEFAULT_MODEL
 from .engines import default_threads
-from .runner import RunnerConfig
+from .runner import RUNNER_RANGES, RunnerConfig, check_ranges, range_error
 
 RELOAD_MODES = ("off", "watch", "request")
 # How long BentoML lets an HTTP request run; a gRPC call in flight on a connection past its age
@@ -55,16 +55,20 @@ class ServingSettings:
             )
         if self.reload == "request" and not self.admin_token:
             raise ValueError("LCNET_RELOAD=request needs LCNET_ADMIN_TOKEN for POST /admin/reload")
+        if self.admin_token and not (self.admin_token.isascii() and self.admin_token.isprintable()):
+            # HTTP headers arrive as Latin-1 and gRPC metadata takes ASCII only: such a token
+            # could never be sent right.
+            raise ValueError("LCNET_ADMIN_TOKEN must be printable ASCII")
         if self.body_timeout_s <= 0:
             raise ValueError("LCNET_BODY_TIMEOUT_S must be > 0")
         if self.reload_interval_s <= 0:
             raise ValueError("LCNET_RELOAD_INTERVAL_S must be > 0")
-        if self.grpc_max_connection_age_s < 0:
-            raise ValueError("LCNET_GRPC_MAX_CONNECTION_AGE_S must be >= 0 (0: never)")
+        check_ranges(self, SETTINGS_RANGES, _variable)
 
     @property
     def worker_count(self) -> int:
-        return self.workers or max(1, default_threads() // max(1, self.runner.threads))
+        threads = self.runner.threads or default_threads()  # 0: an engine on every core
+        return self.workers or max(1, default_threads() // threads)
 
     @property
     def model_name(self) -> str | None:
@@ -78,8 +82,26 @@ class ServingSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
         environ = os.environ if environ is None else environ
-        runner = RunnerConfig(**_read(RunnerConfig, environ))
+        runner_values = _read(RunnerConfig, environ)
+        try:
+            runner = RunnerConfig(**runner_values)
+        except ValueError as err:  # what _read cannot check alone: the engine × precision
+            raise ValueError(f"LCNET_ENGINE / LCNET_PRECISION: {err}") from None
         return cls(**_read(cls, environ, skip={"runner"}), runner=runner)
+
+
+# See RUNNER_RANGES. gRPC takes its options as C ints: bytes, and milliseconds of age.
+SETTINGS_RANGES = {
+    "workers": (0, 1024),
+    "max_body_bytes": (1, 2**31 - 1),
+    "max_batch_images": (1, math.inf),
+    "grpc_port": (0, 65535),
+    "grpc_max_connection_age_s": (0, (2**31 - 1) // 1000),  # 0: never
+}
+
+
+def _variable(name: str) -> str:
+    return f"LCNET_{name.upper()}"
 
 
 def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()) -> dict:
@@ -91,7 +113,11 @@ def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()
         raw = environ.get(f"LCNET_{spec.name.upper()}", "").strip()
         if spec.name in skip or not raw:
             continue
-        values[spec.name] = _parse(spec.name, raw, type(getattr(config, spec.name)))
+        values[spec.name] = value = _parse(spec.name, raw, type(getattr(config, spec.name)))
+        low, high = {**RUNNER_RANGES, **SETTINGS_RANGES}.get(spec.name, (-math.inf, math.inf))
+        if isinstance(value, (int, float)) and not low <= value <= high:
+            # here, to name the variable: RunnerConfig knows nothing of the environment
+            raise ValueError(range_error(_variable(spec.name), raw, low, high))
     return values
 
 
@@ -101,16 +127,17 @@ def _parse(name: str, raw: str, kind: type) -> object:
         return 0
     if kind is bool:
         if word not in _TRUE | _FALSE:
-            raise ValueError(f"LCNET_{name.upper()}={raw!r} is not 1 or 0")
+            raise ValueError(f"{_variable(name)}={raw!r} is not 1 or 0")
         return word in _TRUE
     try:
         value = kind(raw)
     except ValueError:
-        raise ValueError(f"LCNET_{name.upper()}={raw!r} is not a {kind.__name__}") from None
+        noun = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{_variable(name)}={raw!r} is not {noun}") from None
     # float() reads "nan" and "inf": NaN passes every "> 0" check (all its comparisons are
     # false) and an endless duration overflows where it becomes milliseconds.
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"LCNET_{name.upper()}={raw!r} is not a finite number")
+        raise ValueError(f"{_variable(name)}={raw!r} is not a finite number")
     return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import struct
 import uuid
@@ -337,3 +338,39 @@ def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str)
 
     with pytest.raises(ValueError, match=f"{name}='{value}' is not a finite number"):
         ServingSettings.from_env({name: value})
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        # each of these started workers that failed at once, again on every restart...
+        ("LCNET_MAX_BATCH_SIZE", "0", "must be from 1 to 1024"),
+        ("LCNET_MAX_DELAY_MS", "-5", "must be from 0 to 60000"),
+        ("LCNET_GRPC_MAX_CONNECTION_AGE_S", "2200000", "must be from 0 to 2147483"),  # a C int of ms
+        ("LCNET_MAX_BODY_BYTES", "2147483648", "must be from 1 to 2147483647"),
+        ("LCNET_THREADS", "-1", "must be from 0 to 1024"),
+        ("LCNET_GRPC_PORT", "70000", "must be from 0 to 65535"),
+        ("LCNET_ENGINE", "tensorrt", "LCNET_ENGINE / LCNET_PRECISION: unknown engine 'tensorrt'"),
+        # ...or a server that looked healthy and refused every request
+        ("LCNET_MAX_BODY_BYTES", "-1", "must be from 1 to 2147483647"),
+        ("LCNET_MAX_PIXELS", "0", "must be >= 1"),
+        ("LCNET_MAX_BATCH_IMAGES", "0", "must be >= 1"),
+        ("LCNET_WORKERS", "x", "is not a whole number"),
+    ],
+)
+def test_a_setting_out_of_its_range_is_refused_at_start(name: str, value: str, message: str) -> None:
+    from lcnet_runner.settings import ServingSettings
+
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        ServingSettings.from_env({name: value})
+    assert str(refused.value).count("\n") == 0 and name in str(refused.value)
+
+
+def test_a_runner_config_out_of_its_range_is_refused() -> None:
+    """The same ranges for a plugin user's own RunnerConfig, named as its fields."""
+    from lcnet_runner.runner import RunnerConfig
+
+    with pytest.raises(ValueError, match=re.escape("max_batch_size=0: must be from 1 to 1024")):
+        RunnerConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        RunnerConfig(precision="fp8")

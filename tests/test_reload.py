@@ -341,6 +341,7 @@ def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
         ({"LCNET_RELOAD": "request"}, "needs LCNET_ADMIN_TOKEN"),
         ({"LCNET_RELOAD": "request", "LCNET_ADMIN_TOKEN": " \n"}, "needs LCNET_ADMIN_TOKEN"),
         ({"LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "0"}, "must be > 0"),
+        ({"LCNET_ADMIN_TOKEN": "pässword"}, "must be printable ASCII"),
     ],
 )
 def test_reload_settings_are_checked_at_start(env: dict, message: str) -> None:
