@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import logging
 import re
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -78,7 +79,8 @@ async def _body_arriving(timeout_s: float) -> AsyncIterator[None]:
 def _refuse_declared_excess(request: Request, limit: int) -> None:
     """413 at once when Content-Length already says the body is over ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # isdigit() is also true of "²", which int() refuses; past 18 digits it is over any limit.
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
 
 
@@ -103,7 +105,8 @@ RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 async def read_upload(
     request: Request, settings: ServingSettings, field: str
 ) -> tuple[list[bytes], str | None]:
-    """The files in ``field`` and the raw ``top_k`` of a multipart request."""
+    """The files in ``field`` and the raw ``top_k`` of a multipart request: a text field, or
+    else the query string's (as with an image sent as the body)."""
     if not _media_type(request).startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
@@ -127,8 +130,12 @@ async def read_upload(
         if not all(isinstance(v, UploadFile) for v in values):
             # Never treat text as a URL or a path to fetch.
             raise RequestError(422, f"field {field!r} must be a file upload, not text")
-        top_k = form.get("top_k")
-        return [await v.read() for v in values], top_k if isinstance(top_k, str) else None
+        top_k, in_query = form.get("top_k"), request.query_params.get("top_k")
+        if isinstance(top_k, UploadFile):
+            raise RequestError(422, "top_k must be a text field, not a file")
+        if top_k is not None and in_query is not None:
+            raise RequestError(422, "top_k is in both the query string and the form: send it once")
+        return [await v.read() for v in values], in_query if top_k is None else top_k
     finally:
         await form.close()
 
@@ -415,10 +422,17 @@ class TypedApiGuard:
         ]
         headers += [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
 
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
+        async def replay():  # the new body once; then what the client does (e.g. hang up)
+            nonlocal body
+            if body is None:
+                return await receive()
+            message, body = {"type": "http.request", "body": body, "more_body": False}, None
+            return message
 
         await self.app({**scope, "headers": headers}, replay, send)
+
+
+PICKLE_TYPE = b"application/vnd.bentoml+pickle"  # what BentoML's services send each other
 
 
 def _internal(scope) -> bool:
@@ -426,12 +440,19 @@ def _internal(scope) -> bool:
     pickles between its own processes and refuses them itself on the public (main) server."""
     content_types = [value for key, value in scope["headers"] if key == b"content-type"]
     # The first one, as Starlette and BentoML read it (a dict would keep the last: a second
-    # header could then wave a multipart body past this guard).
-    return bool(content_types) and content_types[0].startswith(b"application/vnd.bentoml+pickle")
+    # header could then wave a multipart body past this guard), and its media type compared
+    # exactly as BentoML does: a look-alike would pass here and reach BentoML's JSON parsing,
+    # with no body limit.
+    return bool(content_types) and content_types[0].split(b";")[0].strip() == PICKLE_TYPE
+
 
 
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:
-    boundary = "lcnet-typed-api"
+    # Random and in no file: a file holding a known boundary would add parts of its own (a URL
+    # as text, which BentoML fetches).
+    boundary = secrets.token_hex(16)
+    while any(boundary.encode() in image for image in images):
+        boundary = secrets.token_hex(16)
     parts = [
         f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="upload"\r\n'
         "Content-Type: application/octet-stream\r\n\r\n".encode()

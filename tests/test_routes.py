@@ -175,6 +175,18 @@ BAD_REQUESTS = [
         id="typed-path-as-text",
     ),
     pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="typed-urlencoded"),
+    # BentoML reads a look-alike of its internal type as JSON, with no limit on the body
+    pytest.param(
+        "/predict", body(b"{}", "application/vnd.bentoml+pickle-x"), 415, id="typed-pickle-ish"
+    ),
+    pytest.param(
+        "/classify", {"files": {"image": ("a.png", png()), "top_k": ("k", b"3")}}, 422,
+        id="top_k-file",
+    ),
+    pytest.param(
+        "/classify?top_k=2", {"files": {"image": ("a.png", png())}, "data": {"top_k": "3"}}, 422,
+        id="top_k-twice",
+    ),
 ]
 
 
@@ -235,6 +247,39 @@ def test_typed_routes_answer_like_the_fast_ones(client: TestClient, trained: dic
     batch = client.post("/predict_batch", files=files)
     assert batch.status_code == 200 and len(batch.json()) == 2
     assert batch.json()[0] == client.post("/classify", files={"image": image}).json()
+
+
+def test_a_file_holding_a_boundary_stays_one_file(client: TestClient) -> None:
+    """The typed routes' guard re-encodes the upload for BentoML: a file that holds the
+    boundary it used (a fixed one, once) would have added a part of its own, a URL to fetch."""
+    smuggled = png() + (
+        b'\r\n--lcnet-typed-api\r\nContent-Disposition: form-data; name="image"\r\n\r\n'
+        b"http://127.0.0.1:1/x.jpg\r\n--lcnet-typed-api--\r\n"
+    )  # after the PNG's end: still the same image to a decoder
+    typed = client.post("/predict", files={"image": ("a.png", smuggled)})
+    assert typed.status_code == 200, typed.text
+    assert typed.json() == client.post("/classify", files={"image": ("a.png", png())}).json()
+
+
+def test_top_k_may_be_in_the_query_string_of_a_multipart_request(client: TestClient) -> None:
+    for path in ("/classify?top_k=2", "/predict?top_k=2"):
+        response = client.post(path, files={"image": ("a.png", png())})
+        assert response.status_code == 200 and len(response.json()) == 2, (path, response.text)
+
+
+def test_a_content_length_that_is_no_number_is_not_a_server_fault() -> None:
+    from starlette.requests import Request
+
+    from lcnet_runner.handlers import RequestError
+    from lcnet_runner.http_api import _refuse_declared_excess
+
+    for declared, refused in (("²", False), ("9" * 5000, True), ("10", False), ("2000", True)):
+        request = Request({"type": "http", "headers": [(b"content-length", declared.encode())]})
+        if refused:
+            with pytest.raises(RequestError, match="larger than the limit"):
+                _refuse_declared_excess(request, 1000)
+        else:
+            _refuse_declared_excess(request, 1000)  # the body's own length decides
 
 
 def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained: dict) -> None:
