@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -60,6 +61,7 @@ class Client:
             raise ValueError(f"url must start with http://, https:// or grpc://, got {url!r}")
 
     def classify(self, image: Image_, top_k: int = 1) -> list[Prediction]:
+        top_k = self._checked_top_k(top_k)
         if self._stub is not None:
             request = self._pb2.ClassifyRequest(image=encode(image), top_k=top_k)
             return _predictions(self._rpc(self._stub.Classify, request))
@@ -67,9 +69,9 @@ class Client:
         return self._post("/classify", files, top_k)
 
     def classify_batch(self, images: Sequence[Image_], top_k: int = 1) -> list[list[Prediction]]:
-        data = [encode(image) for image in images]
-        if not data:  # refused before sending, as the server would (HTTP 422 / INVALID_ARGUMENT)
-            raise ClientError(422 if self._stub is None else "INVALID_ARGUMENT", "no images")
+        top_k, data = self._checked_top_k(top_k), [encode(image) for image in images]
+        if not data:
+            raise self._refused("no images")
         if self._stub is not None:
             request = self._pb2.ClassifyBatchRequest(images=data, top_k=top_k)
             response = self._rpc(self._stub.ClassifyBatch, request)
@@ -83,6 +85,22 @@ class Client:
             reply = self._rpc(self._stub.ModelInfo, self._pb2.ModelInfoRequest())
             return json.loads(reply.details_json)
         return self._send("GET", "/model")
+
+    def _checked_top_k(self, top_k: int) -> int:
+        """``top_k`` refused here as the server would: a proto would raise its own TypeError or
+        ValueError, or read 0 as unset; past int32 it is clamped (the server clamps it to the
+        class count anyway)."""
+        try:
+            if isinstance(top_k, bool) or operator.index(top_k) < 1:
+                raise TypeError
+        except TypeError:
+            raise self._refused(f"top_k must be an integer >= 1, got {top_k!r}") from None
+        return min(operator.index(top_k), 2**31 - 1)
+
+    def _refused(self, message: str) -> ClientError:
+        """What the server answers a bad request with (HTTP 422 / INVALID_ARGUMENT), for one
+        refused before it is sent."""
+        return ClientError(422 if self._stub is None else "INVALID_ARGUMENT", message)
 
     def _post(self, path: str, files: list, top_k: int):
         return self._send("POST", path, files=files, data={"top_k": str(top_k)})

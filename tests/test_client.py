@@ -140,6 +140,31 @@ def test_empty_batch_is_refused_before_sending(closed_port: int, scheme: str, st
 
 
 @pytest.mark.parametrize("scheme, status", [("http", 422), ("grpc", "INVALID_ARGUMENT")])
+@pytest.mark.parametrize("top_k", [0, -3, "3", 1.5, True, None])
+def test_a_bad_top_k_is_refused_before_sending(
+    closed_port: int, scheme: str, status, top_k
+) -> None:
+    """Alike over both protocols: a proto raised its own TypeError or ValueError, or read 0 and
+    None as unset (one class) where HTTP answered 422."""
+    with Client(_url(scheme, closed_port), timeout=5) as client:
+        for call in (
+            lambda: client.classify(_png(), top_k),
+            lambda: client.classify_batch([_png()], top_k),
+        ):
+            with pytest.raises(ClientError) as err:
+                call()
+            assert (err.value.status, err.value.message) == (
+                status,
+                f"top_k must be an integer >= 1, got {top_k!r}",
+            )
+
+
+def test_a_top_k_past_int32_is_clamped_over_grpc(server: Server) -> None:
+    with Client(server.grpc_url) as client:
+        assert len(client.classify(_png(), top_k=2**40)) == len(client.model_info()["labels"])
+
+
+@pytest.mark.parametrize("scheme, status", [("http", 422), ("grpc", "INVALID_ARGUMENT")])
 def test_empty_batch_against_the_service(server: Server, scheme: str, status) -> None:
     with Client(server.url if scheme == "http" else server.grpc_url) as client:
         with pytest.raises(ClientError) as err:
