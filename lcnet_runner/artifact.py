@@ -183,7 +183,9 @@ def read_inference_yml(folder: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ModelNotFoundError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise ModelNotFoundError(
+            f"{path} is not valid YAML: {' '.join(str(err).split())}"
+        ) from None
     if not isinstance(config, dict):
         raise ModelNotFoundError(f"{path}: expected a mapping, got {type(config).__name__}")
     return config
@@ -214,7 +216,9 @@ def _transform_ops(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ops: dict[str, dict[str, Any]] = {}
     for op in yml_section(config, "PreProcess").get("transform_ops") or []:
         if not isinstance(op, dict) or len(op) != 1:
-            raise ModelNotFoundError(f"{INFERENCE_YML}: each transform op must be `name: arguments`")
+            raise ModelNotFoundError(
+                f"{INFERENCE_YML}: each transform op must be `name: arguments`"
+            )
         ((name, args),) = op.items()
         if not isinstance(args or {}, dict):
             raise ModelNotFoundError(f"{INFERENCE_YML}: the arguments of {name} must be a mapping")
@@ -230,7 +234,9 @@ def _preprocess_from_ops(ops: dict[str, dict[str, Any]]) -> PreprocessConfig:
     )
     crop_size = int(crop.get("size", 224))
     if "resize_short" not in resize:
-        raise ModelNotFoundError(f"{INFERENCE_YML}: only ResizeImage with resize_short is supported")
+        raise ModelNotFoundError(
+            f"{INFERENCE_YML}: only ResizeImage with resize_short is supported"
+        )
     scale = float(norm.get("scale", 1.0 / 255.0))
     if abs(scale - 1.0 / 255.0) > 1e-6:
         raise ModelNotFoundError(f"{INFERENCE_YML}: NormalizeImage scale {scale} is not 1/255")

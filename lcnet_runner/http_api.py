@@ -446,7 +446,6 @@ def _internal(scope) -> bool:
     return bool(content_types) and content_types[0].split(b";")[0].strip() == PICKLE_TYPE
 
 
-
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:
     # Random and in no file: a file holding a known boundary would add parts of its own (a URL
     # as text, which BentoML fetches).

@@ -346,7 +346,11 @@ def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str)
         # each of these started workers that failed at once, again on every restart...
         ("LCNET_MAX_BATCH_SIZE", "0", "must be from 1 to 1024"),
         ("LCNET_MAX_DELAY_MS", "-5", "must be from 0 to 60000"),
-        ("LCNET_GRPC_MAX_CONNECTION_AGE_S", "2200000", "must be from 0 to 2147483"),  # a C int of ms
+        (
+            "LCNET_GRPC_MAX_CONNECTION_AGE_S",
+            "2200000",
+            "must be from 0 to 2147483",
+        ),  # a C int of ms
         ("LCNET_MAX_BODY_BYTES", "2147483648", "must be from 1 to 2147483647"),
         ("LCNET_THREADS", "-1", "must be from 0 to 1024"),
         ("LCNET_GRPC_PORT", "70000", "must be from 0 to 65535"),
@@ -358,7 +362,9 @@ def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str)
         ("LCNET_WORKERS", "x", "is not a whole number"),
     ],
 )
-def test_a_setting_out_of_its_range_is_refused_at_start(name: str, value: str, message: str) -> None:
+def test_a_setting_out_of_its_range_is_refused_at_start(
+    name: str, value: str, message: str
+) -> None:
     from lcnet_runner.settings import ServingSettings
 
     with pytest.raises(ValueError, match=re.escape(message)) as refused:

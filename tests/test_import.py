@@ -111,7 +111,9 @@ BROKEN_FILES = {
     "yml a list": ("inference.yml", "- PreProcess\n", "expected a mapping, got list"),
     "section a string": ("inference.yml", "PreProcess: resize\n", "PreProcess must be a mapping"),
     "op a string": (
-        "inference.yml", "PreProcess:\n  transform_ops: [ResizeImage]\n", "each transform op"
+        "inference.yml",
+        "PreProcess:\n  transform_ops: [ResizeImage]\n",
+        "each transform op",
     ),
     "size a word": (
         "inference.yml",
@@ -153,7 +155,9 @@ def test_empty_sections_of_inference_yml_are_empty(trained: dict, tmp_path: Path
     labels.write_text("".join(f"{name}-x\n" for name in CLASS_NAMES), "utf-8")
     result = run_cli("train", "import", str(folder), "--name", "imported-null",
                      "--labels", str(labels))  # fmt: skip
-    assert Predictor(result.stdout.strip().split()[-1]).labels == tuple(f"{n}-x" for n in CLASS_NAMES)
+    assert Predictor(result.stdout.strip().split()[-1]).labels == tuple(
+        f"{n}-x" for n in CLASS_NAMES
+    )
 
     (folder / "inference.yml").write_text("PreProcess: [unclosed", "utf-8")
     result = run_cli("train", "import", str(folder), "--name", "imported-broken", check=False)

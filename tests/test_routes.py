@@ -180,11 +180,15 @@ BAD_REQUESTS = [
         "/predict", body(b"{}", "application/vnd.bentoml+pickle-x"), 415, id="typed-pickle-ish"
     ),
     pytest.param(
-        "/classify", {"files": {"image": ("a.png", png()), "top_k": ("k", b"3")}}, 422,
+        "/classify",
+        {"files": {"image": ("a.png", png()), "top_k": ("k", b"3")}},
+        422,
         id="top_k-file",
     ),
     pytest.param(
-        "/classify?top_k=2", {"files": {"image": ("a.png", png())}, "data": {"top_k": "3"}}, 422,
+        "/classify?top_k=2",
+        {"files": {"image": ("a.png", png())}, "data": {"top_k": "3"}},
+        422,
         id="top_k-twice",
     ),
 ]

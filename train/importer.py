@@ -51,7 +51,11 @@ def relabel(folder: Path, labels: list[str]) -> None:
         raise ValueError(f"--labels: {len(labels)} names, but the model has {outputs} classes")
     config = read_inference_yml(folder)
     topk = yml_section(config, "PostProcess", "Topk")
-    topk = {**topk, "label_list": list(labels), "topk": min(int(topk.get("topk") or 5), len(labels))}
+    topk = {
+        **topk,
+        "label_list": list(labels),
+        "topk": min(int(topk.get("topk") or 5), len(labels)),
+    }
     config["PostProcess"] = {**yml_section(config, "PostProcess"), "Topk": topk}
     text = yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     write_text_atomic(folder / INFERENCE_YML, text)
