@@ -72,9 +72,11 @@ RUNNER_RANGES = {
 def check_ranges(
     config: object, ranges: dict[str, tuple[float, float]], label: Callable[[str], str] = str
 ) -> None:
-    """ValueError naming the first field of ``config`` outside its range in ``ranges``."""
+    """ValueError naming the first field of ``config`` outside its range in ``ranges`` (NaN
+    is in none, infinity in none either)."""
     for name, (low, high) in ranges.items():
-        if not low <= getattr(config, name) <= high:
+        value = getattr(config, name)
+        if math.isinf(value) or not low <= value <= high:
             raise ValueError(range_error(label(name), getattr(config, name), low, high))
 
 

@@ -92,7 +92,17 @@ def test_predict_missing_model_folder(tmp_path: Path) -> None:
         (["--model", "PPLCNet_x9"], "unknown model 'PPLCNet_x9'"),
         (["--epochs", "0"], "epochs and batch size must be >= 1"),
         (["--crop-scale", "0.5,2"], "crop scale must satisfy"),
-        (["--ram-cache-mb", "-1"], "--ram-cache-mb must be >= 0"),
+        (["--ram-cache-mb", "-1"], "--ram-cache-mb must be a number >= 0"),
+        (["--ram-cache-mb", "inf"], "--ram-cache-mb must be a number >= 0"),  # all in RAM
+        (["--lr", "nan"], "--lr=nan: must be from 1e-09 to 100"),  # a NaN model, stored
+        (["--lr", "-0.1"], "--lr=-0.1: must be from 1e-09 to 100"),
+        (["--weight-decay", "inf"], "--weight-decay=inf: must be from 0 to 1"),
+        (["--seed", "-1"], "--seed=-1: must be from 0 to 4294967295"),  # Paddle's traceback
+        (["--threads", "2147483648"], "--threads=2147483648: must be from 0 to 1024"),
+        (["--early-stop-patience", "-1"], "--early-stop-patience=-1: must be >= 0"),
+        (["--name", "my model"], "--name: my model is not a valid BentoML tag"),  # after training
+        # weights are found (downloaded) once, by the launcher: ranks wrote one file together
+        (["--pretrained", "/no/such.pdparams"], "'/no/such.pdparams': not one of imagenet"),
         (["--input-size", "64", "--resize-short", "32"], "need 1 <= crop_size <= resize_short"),
     ],
 )

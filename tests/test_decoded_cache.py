@@ -214,7 +214,7 @@ def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) 
     assert list_caches(CacheConfig(cache)) == [] and weights.is_file() and not killed.exists()
     assert (cache / "engine-choice").is_dir()
     assert main(["fit", str(tmp_path / "data"), "--ram-cache-mb", "-1"]) == 2
-    assert capsys.readouterr().err == "error: --ram-cache-mb must be >= 0, got -1.0\n"
+    assert capsys.readouterr().err == "error: --ram-cache-mb must be a number >= 0, got -1.0\n"
 
 
 def test_cache_list_while_a_build_finishes(

@@ -232,13 +232,14 @@ def run_split(args: argparse.Namespace) -> None:
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .fit import FitConfig, fit
+    from .fit import FitConfig, fit, prepare
 
     skip = ("command", "dataset", "procs", "argv", "func")
     options = {k: v for k, v in vars(args).items() if k not in skip}
     options["save_dir"] = str(options["save_dir"])
     # Validated here, before any rank starts: a rank's error would only reach its log file.
     config = FitConfig(**options)
+    prepare(Path(args.dataset), config)  # once: ranks would each download and split, into one file
     fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
     if distributed.run_data_parallel(
         fit_args, args.procs, args.batch_size, args.threads, args.save_dir

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import mmap
 import os
 import shutil
@@ -76,8 +77,8 @@ class CacheConfig:
     ram_mb: float = RAM_MB
 
     def __post_init__(self) -> None:
-        if self.ram_mb < 0:
-            raise ValueError(f"--ram-cache-mb must be >= 0, got {self.ram_mb}")
+        if not (math.isfinite(self.ram_mb) and self.ram_mb >= 0):  # inf: every split in RAM
+            raise ValueError(f"--ram-cache-mb must be a number >= 0, got {self.ram_mb}")
 
     @property
     def folder(self) -> Path:

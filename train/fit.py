@@ -8,6 +8,7 @@ accuracy guard, store). A checkpoint is a plain dict holding everything needed t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import bentoml
 import numpy as np
 import paddle
 import paddle.nn.functional as F
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from lcnet_runner.engines import default_threads
 from lcnet_runner.preprocess import PreprocessConfig, normalize
+from lcnet_runner.runner import check_ranges
 
 from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, log, sample_crops, train_batches
@@ -82,6 +85,11 @@ class FitConfig:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch size must be >= 1")
         scale_of(self.model)  # unknown names fail before any data is read
+        check_ranges(self, FIT_RANGES, lambda name: "--" + name.replace("_", "-"))
+        try:
+            bentoml.Tag(self.name)  # what the store takes, known before the run, not after it
+        except ValueError as err:
+            raise ValueError(f"--name: {err}") from None
         CacheConfig(ram_mb=self.ram_cache_mb)  # so does a negative --ram-cache-mb
         _ = self.preprocess, self.augment  # and bad sizes or crop scale, not mid-run
 
@@ -101,6 +109,21 @@ class FitConfig:
         )
 
 
+# What each number may be, both ends included (see lcnet_runner.runner.RUNNER_RANGES): an lr of
+# NaN trained a NaN model that passed the guard and was stored; a seed of -1 was Paddle's
+# traceback.
+FIT_RANGES = {
+    "lr": (1e-9, 100),
+    "momentum": (0, 1),
+    "weight_decay": (0, 1),
+    "warmup_epochs": (0, math.inf),
+    "early_stop_patience": (0, math.inf),
+    "seed": (0, 2**32 - 1),
+    "workers": (0, 1024),
+    "threads": (0, 1024),
+}
+
+
 def learning_rate(config: FitConfig, epoch: float) -> float:
     """LR at a fractional epoch: linear warmup, then piecewise ×0.1 steps or cosine decay."""
     if epoch < config.warmup_epochs:
@@ -118,17 +141,32 @@ def save_atomic(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def prepare(dataset: Path, config: FitConfig) -> Path | None:
+    """Whatever can fail before the training, done first (data-parallel: by the launcher,
+    before any rank starts), cheapest first: the save folder, the int8 extra, the pretrained
+    weights (downloaded once into the cache; returned) and the split lists (made when missing).
+    Ranks find all of it: N of them would write the same files at once."""
+    save_dir = Path(config.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(save_dir, os.W_OK | os.X_OK):  # else found at the end of the first epoch
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(save_dir))
+    if config.int8:
+        require_int8_extra()
+    weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
+    if not (dataset / "train_list.txt").is_file():
+        log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
+        result = split_dataset(dataset, seed=config.seed)
+        if result.skipped:
+            log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
+    return weights
+
+
 def load_splits(
     dataset: Path, config: FitConfig, rank: distributed.Rank
 ) -> tuple[list[str], dict[str, DecodedSplit]]:
     """Read (or first create) the split lists and load each non-empty split decoded once (a
     disk cache is built by the first rank on this machine, the others wait and reuse it): each
     rank its shard of the train split; val and test only on rank 0, which evaluates."""
-    if not (dataset / "train_list.txt").is_file():
-        log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
-        result = split_dataset(dataset, seed=config.seed)
-        if result.skipped:
-            log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
     labels = read_labels(dataset)
     workers = config.workers or default_threads()
     splits = {}
@@ -276,6 +314,8 @@ def train_one_epoch(
         progress.set_postfix(loss=f"{loss_sum / seen:.3f}")
     elapsed = time.perf_counter() - start
     loss_sum, correct, seen = distributed.all_reduce([loss_sum, correct, seen], rank)
+    if not math.isfinite(loss_sum):  # every rank sees the same sum, so all of them stop
+        raise ValueError(f"training diverged (loss {loss_sum / seen}); try a lower --lr")
     return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
 
 
@@ -465,15 +505,11 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     """
     config = dataclasses.replace(config or FitConfig(), **overrides)
     dataset = Path(dataset)
-    Path(config.save_dir).mkdir(parents=True, exist_ok=True)
+    weights = prepare(dataset, config)  # data-parallel: done by the launcher, found here
     started = time.time()
     rank = distributed.init()
     paddle.seed(config.seed)  # the same initial weights on every rank
     paddle.base.core.set_num_threads(config.threads or default_threads())
-    if config.int8:  # a missing extra must not surface after the whole training
-        require_int8_extra()
-    # Weights first: a failed download should not wait for the whole dataset to decode.
-    weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
     labels, splits = load_splits(dataset, config, rank)
     state = initial_state(config, labels, weights)
 

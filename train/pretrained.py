@@ -5,6 +5,7 @@ Security: ``.pdparams`` files are pickles — loading one can run code. Load onl
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import urllib.error
@@ -54,11 +55,12 @@ def download(url: str, timeout: float = 30.0) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+    partial = target.with_name(f"{target.name}.{os.getpid()}.part")  # two fits may download
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
             shutil.copyfileobj(response, out)
-    except (urllib.error.URLError, OSError) as err:
+    # HTTPException: the connection dropped mid-body (IncompleteRead), not an OSError
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         partial.unlink(missing_ok=True)
         raise PretrainedError(
             f"cannot download {url} ({getattr(err, 'reason', err)}); without network use "
