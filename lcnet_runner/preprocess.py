@@ -131,9 +131,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _checked(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or not array.size:
         raise InvalidImageError(
-            f"arrays must be HxWx3 uint8, got shape {array.shape} dtype {array.dtype}"
+            f"arrays must be HxWx3 uint8 with pixels, got shape {array.shape} dtype {array.dtype}"
         )
     return array
 
@@ -253,6 +253,8 @@ def _jpeg_file_bytes(image: Image.Image) -> bytes | None:
 def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
     """ImageTooLargeError if ``image`` (its header's size: nothing is decoded) is over the limit."""
     width, height = image.size
+    if not width or not height:  # a PIL image made in memory: files of 0 pixels Pillow refuses
+        raise InvalidImageError(f"image is {width}x{height} pixels: nothing to classify")
     if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             f"image is {width}x{height} pixels, more than the limit of {max_pixels}"

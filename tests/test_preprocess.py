@@ -228,6 +228,11 @@ def test_arrays_must_be_hwc_uint8() -> None:
         load_image(np.zeros((4, 4), np.uint8))
     with pytest.raises(InvalidImageError):
         load_image(np.zeros((4, 4, 3), np.float32))
+    # no pixels: an InvalidImageError (a 4xx when served), not a ZeroDivisionError in the resize
+    with pytest.raises(InvalidImageError, match="with pixels"):
+        preprocess(np.zeros((0, 5, 3), np.uint8), CONFIG)
+    with pytest.raises(InvalidImageError, match="0x4 pixels: nothing to classify"):
+        preprocess(Image.new("RGB", (0, 4)), CONFIG)
 
 
 def test_config_rejects_crop_larger_than_resize_and_unknown_backends() -> None:
