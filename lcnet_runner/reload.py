@@ -195,14 +195,17 @@ class Reloader:
     async def _run(self) -> None:
         next_watch = time.monotonic()
         while True:
-            wanted = self._requested()
-            if self.watch and time.monotonic() >= next_watch:
-                next_watch = time.monotonic() + self.interval_s
-                wanted = await asyncio.to_thread(self._newest) or wanted
-            if wanted == self.served.tag:
-                self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
-            elif wanted is not None and not await self.reload(wanted):
-                await self._rejoin(failed=wanted)
+            try:
+                wanted = self._requested()
+                if self.watch and time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + self.interval_s
+                    wanted = await asyncio.to_thread(self._newest) or wanted
+                if wanted == self.served.tag:
+                    self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
+                elif wanted is not None and not await self.reload(wanted):
+                    await self._rejoin(failed=wanted)
+            except Exception:  # one bad look must not end this worker's reloading, unseen
+                logger.exception("reload: looking for a new version failed; looking again")
             await asyncio.sleep(REQUEST_POLL_S)
 
     def _requested(self) -> str | None:
@@ -213,14 +216,14 @@ class Reloader:
             if (stat.st_ino, stat.st_mtime_ns) == self._request_file:
                 return None
             request = json.loads(self.requests.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            request_id, at, tag = request["id"], float(request["at"]), str(request["tag"])
+        except (OSError, ValueError, LookupError, TypeError):  # being replaced, or not a request
             return None
         self._request_file = (stat.st_ino, stat.st_mtime_ns)
-        if request.get("id") == self._request_id:
+        if request_id == self._request_id:
             return None
-        self._request_id = request.get("id")
-        self._request_at = float(request.get("at") or 0.0)
-        return request.get("tag")
+        self._request_id, self._request_at = request_id, at
+        return tag
 
     def _newest(self) -> str | None:
         """The store's newest version, when it changed since the last look and was created after

@@ -387,3 +387,24 @@ def test_stopping_the_reloader_waits_until_it_has_ended() -> None:
         return reloader._task.done()
 
     assert asyncio.run(start_and_stop())
+
+
+def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkeypatch) -> None:
+    """Anything in the shared request file but a request (e.g. written by hand) is ignored, and
+    the next real request is acted on: the worker's reloading goes on."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))  # where the request files are
+    from lcnet_runner.reload import Reloader, ServedModel, write_request
+
+    class Runner:
+        tag = f"{NAME}:v1"
+
+    reloader = Reloader(
+        ServedModel(Runner()), NAME, watch=False, interval_s=1, make_runner=lambda _: None
+    )
+    reloader.requests.parent.mkdir(parents=True, exist_ok=True)
+    for text in ("[]", '{"id": "a", "at": "soon", "tag": "x"}', '"tag"', "{}", "{"):
+        reloader.requests.write_text(text)
+        os.utime(reloader.requests, ns=(0, len(text)))  # a new mtime: read again
+        assert reloader._requested() is None, text
+    write_request(reloader.requests, f"{NAME}:v2")
+    assert reloader._requested() == f"{NAME}:v2"
