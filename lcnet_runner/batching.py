@@ -89,8 +89,8 @@ class AdaptiveBatcher(Generic[T, R]):
         if self._closed:
             raise BatcherClosedError(f"{self._name} is closed")
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._worker(), name=self._name)
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self._start_worker(loop)
         now = time.perf_counter()
         futures = [loop.create_future() for _ in items]
         self._queue.extend((item, fut, now) for item, fut in zip(items, futures, strict=True))
@@ -100,6 +100,15 @@ class AdaptiveBatcher(Generic[T, R]):
             if isinstance(result, BaseException):
                 raise result
         return results
+
+    def _start_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker task on ``loop``: the first one, or a new one after the last ended or when
+        the batcher moves to another loop (a script calling ``asyncio.run`` per call). An Event
+        belongs to the first loop that waits on it, and what was queued on a loop that has gone
+        can never be answered there."""
+        self._wakeup = asyncio.Event()
+        self._queue = deque(entry for entry in self._queue if entry[1].get_loop() is loop)
+        self._task = loop.create_task(self._worker(), name=self._name)
 
     def warm_up(self, batches: Iterable[list[T]]) -> None:
         """Run ``process`` on each batch in the engine thread and wait; before serving, so that
@@ -119,7 +128,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._closed = True
         self._wakeup.set()
         task = self._task
-        if task is not None:
+        if task is not None and task.get_loop() is asyncio.get_running_loop():
             # The thread is freed when the worker ends, even if nobody waits for it any more.
             task.add_done_callback(lambda _: self._executor.shutdown(wait=False))
             try:

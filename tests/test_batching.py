@@ -315,3 +315,19 @@ def test_invalid_settings() -> None:
         AdaptiveBatcher(doubler(), max_batch_size=0)
     with pytest.raises(ValueError):
         AdaptiveBatcher(doubler(), max_delay_ms=-1)
+
+
+def test_one_event_loop_after_another() -> None:
+    """Scripts drive the runner with ``asyncio.run`` per call: the batcher follows them to each
+    new loop (its worker was bound to the first: the second call failed, or hung once that loop
+    had closed), and closes from yet another."""
+    batcher = AdaptiveBatcher(doubler())
+    assert run(batcher(1)) == 2
+    assert run(batcher(2)) == 4  # the first loop cancelled the worker as it ended
+    closed = asyncio.new_event_loop()
+    assert closed.run_until_complete(batcher(3)) == 6
+    closed.close()  # without cancelling the worker: still pending on a loop that is gone
+    assert run(batcher.call_many([4, 5])) == [8, 10]
+    run(batcher.close())
+    with pytest.raises(BatcherClosedError):
+        run(batcher(6))
