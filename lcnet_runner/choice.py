@@ -121,13 +121,49 @@ def choose(
         return load(artifact, requested[0], threads, skip_guard)
     with locked_cache(race_key(artifact, requested, threads)) as record:
         raced_now, loaded = not record, {}
-        if raced_now and race_in_child:
-            record.update(_race_in_child(artifact, requested, threads))
-        elif raced_now:
-            loaded = _race(artifact, requested, threads, record)
+        if raced_now:
+            loaded = _race_into(record, artifact, requested, threads, race_in_child)
+        elif record.get("not_runnable") and record.get("raced_for") != _files_of(artifact):
+            loaded = _race_failed_again(record, artifact, threads, race_in_child)
+        if not record["ranking"]:  # raised inside: nothing is cached, the next process races
+            reasons = "; ".join(f"{v}: {why}" for v, why in record["not_runnable"].items())
+            raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
+        record["raced_for"] = _files_of(artifact)
     chosen = _fastest_usable(artifact, record, threads, skip_guard, loaded)
     chosen.race["cached"] = not raced_now
     return chosen
+
+
+def _race_into(record, artifact, requested, threads, in_child: bool) -> dict[str, Engine]:
+    """Race ``requested`` into ``record``, here or in a child; the engines loaded here."""
+    if in_child:
+        record.update(_race_in_child(artifact, requested, threads))
+        return {}
+    return _race(artifact, requested, threads, record)
+
+
+def _race_failed_again(record, artifact, threads, in_child: bool) -> dict[str, Engine]:
+    """A cached race's failures belong to the files that failed (another version's, damaged or
+    stale), not to the network the race is keyed by: this version's files of those variants are
+    raced now, and each that runs joins the ranking."""
+    again: dict[str, Any] = {}
+    failed = [Variant.parse(name) for name in record["not_runnable"]]
+    loaded = _race_into(again, artifact, failed, threads, in_child)
+    speeds = {**record["race"]["images_per_s"], **again["race"]["images_per_s"]}
+    record["ranking"] = sorted(speeds, key=speeds.get, reverse=True)
+    record["race"]["images_per_s"] = {name: speeds[name] for name in record["ranking"]}
+    record["not_runnable"] = again["not_runnable"]
+    return loaded
+
+
+def _files_of(artifact: ModelArtifact) -> list:
+    """The files the engines read, as the race found them: the version that raced."""
+    files = []
+    for name in [artifact.program_file.name, artifact.params_file.name, *DERIVED_FILES]:
+        with contextlib.suppress(FileNotFoundError):
+            stat = (artifact.path / name).stat()
+            files.append([name, stat.st_size, stat.st_mtime_ns])
+    return [artifact.tag, str(artifact.path), files]
 
 
 def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loaded) -> Choice:
@@ -219,9 +255,6 @@ def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Eng
             not_runnable[str(variant)] = error_text(err)
         else:
             loaded[str(variant)] = engine
-    if not loaded:  # nothing recorded: the next process tries again
-        reasons = "; ".join(f"{v}: {why}" for v, why in not_runnable.items())
-        raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
     ranking = sorted(speeds, key=speeds.get, reverse=True)
     race = {
         "batch": RACE_BATCH,

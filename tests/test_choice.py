@@ -17,7 +17,7 @@ import pytest
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
-from lcnet_runner.choice import _race, race_key
+from lcnet_runner.choice import _race, choose, race_key
 from lcnet_runner.engines import (
     ENGINES,
     REFERENCE,
@@ -236,6 +236,25 @@ def test_a_new_version_reuses_the_race_and_checks_its_own_accuracy(
     assert "fails the accuracy guard" in second.skipped[winner]
 
 
+def test_a_variant_that_failed_for_one_version_is_raced_for_the_next(
+    folder: Path, tmp_path: Path
+) -> None:
+    """The race is shared by every version of a network, but a file that failed is that
+    version's: the next version's file of the variant is raced, not skipped for good."""
+    healthy = tmp_path / "version-2"
+    shutil.copytree(folder, healthy)
+    onnx = folder / "inference.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:5000])
+    first = Predictor(folder, threads=1).choice
+    assert "InvalidProtobuf" in first.skipped["onnxruntime/fp32"]
+    assert "onnxruntime/fp32" not in first.race["images_per_s"]
+
+    second = Predictor(healthy, threads=1).choice
+    assert second.race["cached"] is True
+    assert "onnxruntime/fp32" in second.race["images_per_s"]
+    assert "onnxruntime/fp32" not in second.skipped
+
+
 def test_the_race_is_keyed_by_the_network_not_by_its_files(folder: Path, tmp_path: Path) -> None:
     requested = matching_variants()
     copy = tmp_path / "elsewhere"
@@ -265,11 +284,29 @@ def test_an_engine_error_over_several_lines_is_reported_on_one(
             )
 
     monkeypatch.setitem(ENGINES, "openvino", Refuses)
-    with pytest.raises(AccuracyGuardError) as raised:
-        _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1, {})
-    assert len(str(raised.value).splitlines()) == 1
-    assert "RuntimeError: Exception from" in str(raised.value)
-    assert "Got: -1" in str(raised.value)
+    record: dict = {}
+    _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1, record)
+    (reason,) = record["not_runnable"].values()
+    assert len(reason.splitlines()) == 1 and record["ranking"] == []
+    assert "RuntimeError: Exception from" in reason and "Got: -1" in reason
+
+
+def test_when_no_variant_runs_nothing_is_cached(folder: Path, monkeypatch) -> None:
+    """Every requested variant refused: one error naming each, and the next process races
+    again (an engine installed meanwhile is found)."""
+
+    class Refuses(OpenVinoEngine):
+        def __init__(self, *args: object) -> None:
+            raise RuntimeError("no")
+
+    monkeypatch.setitem(ENGINES, "openvino", Refuses)
+    for _ in range(2):
+        with pytest.raises(
+            AccuracyGuardError, match="runs here: openvino/fp32: .*RuntimeError: no"
+        ):
+            choose(load_folder(folder), engine="openvino", threads=1)
+    monkeypatch.setitem(ENGINES, "openvino", OpenVinoEngine)
+    assert choose(load_folder(folder), engine="openvino", threads=1).race["cached"] is False
 
 
 def test_a_variant_that_loads_then_fails_to_run_loses_only_its_place(
