@@ -10,7 +10,9 @@ same store and file, so one that restarts (on the version the server started wit
 what the others serve, whatever order it reads them in. One exception needs a record: when the
 version the rule names fails everywhere, the others keep the last one that loaded, which the rule
 does not name. So each worker writes the version it swapped in next to the request file, and a
-worker whose reload failed serves that one, if it serves something else.
+worker whose reload failed serves that one, if it serves something else — also when that is the
+version that failed here but loaded elsewhere (a passing failure), tried again less and less
+often until it loads.
 
 A request pins the version it entered with (``ServedModel.pinned``): its preprocessing, batches
 and labels all come from that version, and the old version is closed and released only once its
@@ -40,6 +42,7 @@ from .runner import LCNetRunner
 
 logger = logging.getLogger("bentoml.lcnet")
 REQUEST_POLL_S = 0.5  # how often a worker looks at the request file (a stat call)
+REJOIN_RETRY_S = (10.0, 300.0)  # after a failed reload, first wait to try again, doubling to max
 
 
 @dataclass
@@ -171,6 +174,7 @@ class Reloader:
         self._request_file: tuple[int, int] | None = None  # (inode, mtime) last read
         self._request_at = 0.0  # when the last request acted on was made
         self._latest_seen = served.tag if watch else None
+        self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -202,8 +206,10 @@ class Reloader:
                     wanted = await asyncio.to_thread(self._newest) or wanted
                 if wanted == self.served.tag:
                     self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
-                elif wanted is not None and not await self.reload(wanted):
-                    await self._rejoin(failed=wanted)
+                elif wanted is not None:
+                    await self.reload(wanted)
+                if self.status.state == "failed":
+                    await self._rejoin()
             except Exception:  # one bad look must not end this worker's reloading, unseen
                 logger.exception("reload: looking for a new version failed; looking again")
             await asyncio.sleep(REQUEST_POLL_S)
@@ -252,25 +258,31 @@ class Reloader:
             return False
         await self.served.swap(runner)
         self.status = ReloadStatus("idle", tag)
+        self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         logger.info("reload: now serving %s", tag)  # make_runner logged its engine choice
         self._count("ok")
         with contextlib.suppress(OSError):  # the record only helps a restarted worker rejoin
             _write_record(self.swapped_in, {"tag": tag})
         return True
 
-    async def _rejoin(self, failed: str) -> None:
-        """After a failed reload, swap in the version the others last swapped in, if this worker
-        serves another: e.g. one restarted after a version failed everywhere starts on the
-        version the server started with. ``/model`` keeps saying what failed, as theirs do."""
+    async def _rejoin(self) -> None:
+        """While this worker's last reload has failed: swap in the version the others last
+        swapped in, if this worker serves another. That is the one they kept when a version
+        failed everywhere (e.g. for a worker restarted since, on the version the server started
+        with: ``/model`` keeps saying what failed, as theirs do), or the one that failed here
+        and loaded there (a passing failure: a child timed out, memory ran short), tried again
+        after a wait that doubles each time."""
         try:
             theirs = json.loads(self.swapped_in.read_text(encoding="utf-8"))["tag"]
         except (OSError, ValueError, KeyError, TypeError):
             return
-        if theirs in (failed, self.served.tag):
+        if theirs == self.served.tag or time.monotonic() < self._rejoin_at:
             return
-        status = self.status
-        if await self.reload(theirs):
-            self.status = status
+        self._rejoin_at = time.monotonic() + self._rejoin_wait_s
+        self._rejoin_wait_s = min(2 * self._rejoin_wait_s, REJOIN_RETRY_S[1])
+        failure = self.status
+        if await self.reload(theirs) and theirs != failure.tag:
+            self.status = failure
 
     def _load(self, tag: str) -> LCNetRunner:
         import bentoml

@@ -408,3 +408,52 @@ def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkey
         assert reloader._requested() is None, text
     write_request(reloader.requests, f"{NAME}:v2")
     assert reloader._requested() == f"{NAME}:v2"
+
+
+def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monkeypatch) -> None:
+    """A version can fail on one worker and load on the others (a child that timed out, memory
+    short while two versions were loaded): that worker tries it again, after a wait, instead of
+    serving the old version beside theirs for good."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    from lcnet_runner import reload
+
+    monkeypatch.setattr(reload, "REQUEST_POLL_S", 0.01)
+    monkeypatch.setattr(reload, "REJOIN_RETRY_S", (0.2, 1.0))
+
+    class Runner:
+        def __init__(self, tag: str):
+            self.tag = tag
+
+        async def close(self) -> None:
+            pass
+
+    loads = []
+
+    def load(tag: str) -> Runner:  # the store's edge: the first load of v2 here fails
+        loads.append(tag)
+        if len(loads) == 1:
+            raise MemoryError("a passing failure")
+        return Runner(tag)
+
+    async def request_v2_and_wait() -> list:
+        served = reload.ServedModel(Runner(f"{NAME}:v1"))
+        reloader = reload.Reloader(
+            served, NAME, watch=False, interval_s=1, make_runner=lambda _: None
+        )
+        monkeypatch.setattr(reloader, "_load", load)
+        reloader.start()
+        reload.write_request(reloader.requests, f"{NAME}:v2")
+        states = []
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            states.append((reloader.status.state, served.tag))
+            if len(loads) == 1:  # failed here; another worker then swaps v2 in
+                reload._write_record(reloader.swapped_in, {"tag": f"{NAME}:v2"})
+            if served.tag.endswith("v2"):
+                break
+        await reloader.stop()
+        return states
+
+    states = asyncio.run(request_v2_and_wait())
+    assert ("failed", f"{NAME}:v1") in states  # served v1 meanwhile, said so
+    assert states[-1] == ("idle", f"{NAME}:v2") and loads == [f"{NAME}:v2"] * 2
