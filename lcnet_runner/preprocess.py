@@ -32,6 +32,7 @@ import simplejpeg
 from bentoml.exceptions import InvalidArgument
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+MAX_PIXELS = 40_000_000  # default limit of an image's pixels, decoded or resized
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESAMPLE_FILTERS = {
@@ -371,11 +372,17 @@ def eval_crop(image: Image.Image | np.ndarray, config: PreprocessConfig) -> np.n
 
 
 def decode_resized(
-    source: ImageSource, config: PreprocessConfig, *, max_pixels: int | None = None
+    source: ImageSource,
+    config: PreprocessConfig,
+    *,
+    max_pixels: int | None = None,
+    max_resized_pixels: int | None = None,
 ) -> np.ndarray:
     """Decode one image to RGB uint8 HWC at resize-short size: what training caches per image
-    and what serving center-crops."""
+    and what serving center-crops. ImageTooLargeError past ``max_pixels`` decoded or
+    ``max_resized_pixels`` resized (a sliver, see ``_check_resized``)."""
     pixels = load_pixels(source, max_pixels=max_pixels, short_side=config.resize_short)
+    _check_resized(pixels, config, max_resized_pixels)
     return resize_short(pixels, config)
 
 

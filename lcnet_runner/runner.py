@@ -24,7 +24,7 @@ from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
 from .engines import default_threads, matching_variants
 from .predictor import Prediction, Predictor, top_k_predictions
-from .preprocess import ImageSource, preprocess
+from .preprocess import MAX_PIXELS, ImageSource, preprocess
 
 
 class RunnerObserver(Protocol):
@@ -50,7 +50,7 @@ class RunnerConfig:
     # which blocks the loop while it runs, +15 % at 8 clients; OpenVINO INT8 over gRPC, whose
     # requests reach the loop one at a time, batches 2.4 → 5.3 and +7–10 % at 32 clients.
     max_delay_ms: float = 10.0
-    max_pixels: int = 40_000_000  # decoded image size limit (decompression bombs)
+    max_pixels: int = MAX_PIXELS  # decoded image size limit (decompression bombs)
 
     def __post_init__(self) -> None:
         matching_variants(self.engine, self.precision)  # an unknown name: what exists instead

@@ -191,6 +191,8 @@ def test_odd_and_broken_images_never_stop_training(tmp_path: Path) -> None:
     base.save(odd / ".hidden.jpg")
     (odd / "empty.jpg").write_bytes(b"")
     (odd / "truncated.jpg").write_bytes((odd / "0.jpg").read_bytes()[:300])
+    # readable, but resized to its short side 1×200,000 would be 36×7,200,000 pixels (777 MB)
+    Image.new("RGB", (1, 200_000)).save(odd / "sliver.png")
 
     result = run_cli("train", "split", str(root), "--val-ratio", "0.2", "--test-ratio", "0")
     assert "skipped 2 unreadable images: cats/empty.jpg, cats/truncated.jpg" in result.stdout
@@ -199,7 +201,7 @@ def test_odd_and_broken_images_never_stop_training(tmp_path: Path) -> None:
         "train", "fit", str(root), *tiny_fit(epochs=1), "--save-dir", str(tmp_path / "run"),
         "--name", "odd",
     )  # fmt: skip
-    assert "dogs/5.jpg" in result.stderr and "skipped 1 unreadable" in result.stderr
+    assert "dogs/5.jpg" in result.stderr and "cats/sliver.png" in result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["tag"].startswith("odd:")
 
 

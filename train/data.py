@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lcnet_runner.preprocess import (
+    MAX_PIXELS,
     InvalidImageError,
     PreprocessConfig,
     center_crop,
@@ -93,9 +94,11 @@ def block_shuffled(positions: np.ndarray, block: int, rng: np.random.Generator) 
 
 
 def decode_or_none(path: Path, config: PreprocessConfig) -> np.ndarray | None:
-    """The same decode as serving's preprocess(), draft scaling included; None if unreadable."""
+    """The same decode as serving's preprocess(), draft scaling included; None if unreadable,
+    or a sliver that resized would be too large to hold (1×20,000 → 256×5,120,000: 3.9 GB). A
+    large photo trains as it always did: serving's limit on decoded pixels is not applied."""
     try:
-        return decode_resized(path, config)
+        return decode_resized(path, config, max_resized_pixels=MAX_PIXELS)
     except (InvalidImageError, OSError):
         return None
 
