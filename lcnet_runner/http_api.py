@@ -106,7 +106,7 @@ async def read_upload(
     request: Request, settings: ServingSettings, field: str
 ) -> tuple[list[bytes], str | None]:
     """The files in ``field`` and the raw ``top_k`` of a multipart request: a text field, or
-    else the query string's (as with an image sent as the body)."""
+    else the query string's (as for an image sent as the body)."""
     if not _media_type(request).startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
@@ -130,12 +130,14 @@ async def read_upload(
         if not all(isinstance(v, UploadFile) for v in values):
             # Never treat text as a URL or a path to fetch.
             raise RequestError(422, f"field {field!r} must be a file upload, not text")
-        top_k, in_query = form.get("top_k"), request.query_params.get("top_k")
+        top_k = form.get("top_k")
         if isinstance(top_k, UploadFile):
             raise RequestError(422, "top_k must be a text field, not a file")
-        if top_k is not None and in_query is not None:
-            raise RequestError(422, "top_k is in both the query string and the form: send it once")
-        return [await v.read() for v in values], in_query if top_k is None else top_k
+        # The form's first: Swagger's "Try it out" sends both (the document declares the query
+        # parameter for an image sent as the body).
+        if top_k is None:
+            top_k = request.query_params.get("top_k")
+        return [await v.read() for v in values], top_k
     finally:
         await form.close()
 
@@ -469,7 +471,8 @@ def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes,
 # PaddleX 3 basic serving's image-classification protocol, so its clients switch by host only:
 # POST /image-classification {"image": "<base64>", "topk": N} → {"logId", "errorCode": 0,
 # "errorMsg": "Success", "result": {"categories": [{"id", "name", "score"}]}}; errors are
-# {"logId", "errorCode", "errorMsg"} with errorCode = the HTTP status, as PaddleX does.
+# {"logId", "errorCode", "errorMsg"} with errorCode = the HTTP status, as PaddleX does, plus
+# our routes' "error" (the same message), which PaddleX's clients ignore.
 class PaddleXRequest(BaseModel):
     image: str  # base64; PaddleX also fetches URLs, which a server here never does
     topk: int | None = None
@@ -492,7 +495,7 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
         predictions = await runner.aclassify(image, top_k)
     except Exception as err:
         status, message = failure(err)
-        error = {"logId": log_id, "errorCode": status, "errorMsg": message}
+        error = {"logId": log_id, "errorCode": status, "errorMsg": message, "error": message}
         return JSONResponse(error, status, headers=headers)
     categories = [{"id": p["category_id"], "name": p["category"], "score": p["score"]}
                   for p in predictions]  # fmt: skip
