@@ -95,7 +95,10 @@ class AdminServicer(lcnet_pb2_grpc.AdminServicer):
 
     async def Reload(self, request, context):  # noqa: N802
         async def reload() -> dict[str, str]:
-            authorization = dict(context.invocation_metadata()).get("authorization")
+            # The first, as HTTP reads a repeated header (a dict would keep the last one).
+            authorization = next(
+                (v for k, v in context.invocation_metadata() if k == "authorization"), None
+            )
             handlers.check_admin(self.settings, authorization)
             return handlers.request_reload(self.reloader, request.tag or None)
 

@@ -234,8 +234,10 @@ def test_admin_routes_need_the_token(servers) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = lcnet_pb2_grpc.AdminStub(channel)
         wrong = (("authorization", "Bearer nope"),)
+        wrong_first = (*wrong, ("authorization", f"Bearer {TOKEN}"))  # the first counts, as in HTTP
         for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                               (wrong, grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+                               (wrong, grpc.StatusCode.PERMISSION_DENIED),
+                               (wrong_first, grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
             with pytest.raises(grpc.RpcError) as err:
                 stub.Reload(lcnet_pb2.ReloadRequest(), metadata=metadata)
             assert err.value.code() == code
