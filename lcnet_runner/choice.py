@@ -215,8 +215,8 @@ def refuse_unusable(
     """Raise the one-line error a named variant would raise at load (guard figures, then its
     self-check on this CPU) without keeping anything loaded; ``auto`` always finds a variant."""
     requested = matching_variants(engine, precision)
-    if len(requested) == 1 and not skip_guard:
-        check(artifact, requested[0])
+    if len(requested) == 1 and not skip_guard and requested[0] != REFERENCE:
+        check(artifact, requested[0])  # the reference has no figures and no self-check
         if (artifact.path / SELF_CHECK_FILE).is_file():
             load(artifact, requested[0], 1, skip_guard)
 

@@ -139,21 +139,27 @@ def _import_paddle_inference():
     shutdown and every request in flight are lost. So the host's (uvicorn's, BentoML's) handlers
     are put back: at the C level, which works from any thread (a hot reload loads its engine in a
     worker thread, where ``signal.signal`` is refused), and on the main thread also Python's own,
-    in case Paddle was imported earlier and its handler is the one that was saved.
+    in case Paddle was imported earlier and its handler is the one that was saved. One thread
+    at a time (a process-wide lock for process-wide state): two engines loading at once would
+    each save what the other had just disabled.
     """
-    saved = {sig: _c_sigaction(sig) for sig in HOST_SIGNALS}
-    kept = {sig: signal.getsignal(sig) for sig in HOST_SIGNALS}
-    import paddle
-    from paddle import inference
+    with _SIGNALS_LOCK:
+        saved = {sig: _c_sigaction(sig) for sig in HOST_SIGNALS}
+        kept = {sig: signal.getsignal(sig) for sig in HOST_SIGNALS}
+        import paddle
+        from paddle import inference
 
-    paddle.disable_signal_handler()
-    for sig, action in saved.items():
-        _c_sigaction(sig, action)
-    if threading.current_thread() is threading.main_thread():
-        for sig, handler in kept.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+        paddle.disable_signal_handler()
+        for sig, action in saved.items():
+            _c_sigaction(sig, action)
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in kept.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
     return inference
+
+
+_SIGNALS_LOCK = threading.Lock()
 
 
 HOST_SIGNALS = (signal.SIGTERM, signal.SIGINT)
