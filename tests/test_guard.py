@@ -248,6 +248,19 @@ def test_quantize_stores_a_new_version_with_int8(trained: dict, tmp_path: Path) 
     assert evaluated["vs_paddle_fp32"]["agreement"] == int8["agreement"]
 
 
+@needs_int8
+def test_quantize_checks_the_split_it_evaluates_on_first(trained: dict, tmp_path: Path) -> None:
+    """A missing split list was found only after calibration and quantization had run."""
+    dataset = tmp_path / "no_test_split"
+    shutil.copytree(trained["dataset"], dataset)
+    (dataset / "test_list.txt").unlink()
+    result = run_cli("train", "quantize", trained["tag"], "--dataset", str(dataset),
+                     "--split", "test", check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "test_list.txt" in result.stderr.strip().splitlines()[-1]
+    assert "Statistics collection" not in result.stderr  # NNCF's progress: nothing ran
+
+
 def test_reexport_drops_files_converted_from_the_old_program(folder: Path) -> None:
     """A second fit into the same save dir (or a resumed one) must not leave the previous
     model's ONNX/OpenVINO/INT8 files beside the new program: engines would serve stale weights

@@ -245,3 +245,18 @@ def test_a_failed_store_write_leaves_no_version(trained: dict, monkeypatch) -> N
         train.export.save_to_store(trained["export_dir"], "atomic", {"architecture": "x"})
     assert versions("atomic") == []
     assert bentoml.models.get(trained["tag"]).info.metadata["epochs"] == TINY_EPOCHS
+
+
+def test_a_val_split_left_with_no_readable_image_is_as_if_absent(
+    colour_dataset: Path, tmp_path: Path
+) -> None:
+    """Files that broke after the split: the run said "need at least one array to concatenate"
+    after its first epoch; now it trains as without a val split, and says what it skipped."""
+    data = tmp_path / "colours"
+    shutil.copytree(colour_dataset, data)
+    for path, _ in read_split(data, "val"):
+        path.write_bytes(b"broken after the split")
+    result = run_cli("train", "fit", str(data), *tiny_fit(epochs=1), "--save-dir",
+                     str(tmp_path / "run"), "--name", "no-val")  # fmt: skip
+    assert "val: skipped" in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["tag"].startswith("no-val:")

@@ -185,7 +185,8 @@ def load_splits(
                 note = (f"rank {rank.index}/{rank.world}: {len(split)} training images, "
                         f"{split.decoded} decoded by this rank")  # fmt: skip
                 print(note, file=sys.stderr)
-        splits[name] = split
+        if len(split) or name == "train":  # a val/test split left with nothing: as if absent
+            splits[name] = split
     if not splits.get("train"):
         raise ValueError(f"{dataset}: the train split has no readable images")
     return labels, splits

@@ -132,6 +132,7 @@ def quantize(
         figures.update(guard_figures(folder, evaluation, split, threads))
         record_guard(folder, figures)
 
-    require_int8_extra()  # both fail before anything is copied
+    require_int8_extra()  # these fail before anything is copied
     read_split(dataset, "train")
+    read_split(dataset, split)
     return revise(model, add_int8), figures
