@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,9 +95,15 @@ def predict(args: argparse.Namespace) -> None:
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:  # before the slow model load
         raise FileNotFoundError(f"no such image: {', '.join(missing)}")
-    if args.annotate and len(args.images) > 1 and args.annotate.exists():
-        if not args.annotate.is_dir():
+    if args.annotate and len(args.images) > 1:
+        if args.annotate.exists() and not args.annotate.is_dir():
             raise ValueError(f"--annotate {args.annotate}: not a folder (several images go in one)")
+        stems = Counter(path.stem for path in args.images)
+        if same := [str(path) for path in args.images if stems[path.stem] > 1]:
+            raise ValueError(
+                f"--annotate: {', '.join(same)} share a name, so their drawings in "
+                f"{args.annotate} would overwrite each other"
+            )
     images = list(args.images)
     predictor = Predictor(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads,

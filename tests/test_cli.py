@@ -175,6 +175,18 @@ def test_predict_annotate_several_into_a_file(trained: dict, tmp_path: Path) -> 
     assert out.read_bytes() == b"keep me"
 
 
+def test_predict_annotate_refuses_two_images_of_one_name(trained: dict, tmp_path: Path) -> None:
+    """a/0.png and b/0.png would both be drawn to out/0.jpg: the first one lost."""
+    images = [*_images(tmp_path / "a", 1), *_images(tmp_path / "b", 1)]
+    args = ["--model", trained["export_dir"], "--annotate", str(tmp_path / "out")]
+    result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
+    assert one_error_line(result) == (
+        f"error: --annotate: {images[0]}, {images[1]} share a name, so their drawings in "
+        f"{tmp_path / 'out'} would overwrite each other"
+    )
+    assert result.stdout == "" and not (tmp_path / "out").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("several", [True, False])
 def test_predict_annotate_os_error_is_one_line(
     trained: dict, tmp_path: Path, several: bool
