@@ -120,15 +120,15 @@ def choose(
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)
     with locked_cache(race_key(artifact, requested, threads)) as record:
-        raced_now, loaded = not record, {}
+        raced_now, loaded, files = not record, {}, _files_of(artifact)
         if raced_now:
             loaded = _race_into(record, artifact, requested, threads, race_in_child)
-        elif record.get("not_runnable") and record.get("raced_for") != _files_of(artifact):
+        elif record.get("not_runnable") and record.get("raced_for") != files:
             loaded = _race_failed_again(record, artifact, threads, race_in_child)
         if not record["ranking"]:  # raised inside: nothing is cached, the next process races
             reasons = "; ".join(f"{v}: {why}" for v, why in record["not_runnable"].items())
             raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
-        record["raced_for"] = _files_of(artifact)
+        record["raced_for"] = files
     chosen = _fastest_usable(artifact, record, threads, skip_guard, loaded)
     chosen.race["cached"] = not raced_now
     return chosen

@@ -159,10 +159,8 @@ def _import_paddle_inference():
     return inference
 
 
-_SIGNALS_LOCK = threading.Lock()
-
-
 HOST_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS_LOCK = threading.Lock()
 
 
 def _c_sigaction(sig: int, action: bytes | None = None) -> bytes:

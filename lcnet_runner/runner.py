@@ -77,7 +77,7 @@ def check_ranges(
     for name, (low, high) in ranges.items():
         value = getattr(config, name)
         if math.isinf(value) or not low <= value <= high:
-            raise ValueError(range_error(label(name), getattr(config, name), low, high))
+            raise ValueError(range_error(label(name), value, low, high))
 
 
 def range_error(name: str, value: object, low: float, high: float) -> str:
