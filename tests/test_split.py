@@ -69,6 +69,7 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
         labels=["cat", "dog house", UNICODE_CLASS],
         counts={"train": 15, "val": 4, "test": 2},
         skipped=["cat/truncated.jpg", "cat/zero.jpg"],
+        empty=["empty"],  # said, and not a class
     )
     # Per class (n -> val, test): 10 -> 2, 1;  7 -> 1, 1;  4 -> 1, 0.
     assert _labels_per_split(dataset) == {
@@ -76,6 +77,10 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
         "val": Counter({0: 2, 1: 1, 2: 1}),
         "test": Counter({0: 1, 1: 1}),
     }
+    assert result.notes() == [
+        "skipped 2 unreadable images: cat/truncated.jpg, cat/zero.jpg",
+        "skipped 1 class folders with no readable image: empty",
+    ]
     assert read_labels(dataset) == result.labels
     assert (dataset / "labels.txt").read_text(encoding="utf-8") == "cat\ndog house\nünïcødé 猫\n"
 

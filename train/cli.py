@@ -226,8 +226,8 @@ def run_split(args: argparse.Namespace) -> None:
         f"{len(result.labels)} classes; train {result.counts['train']}, "
         f"val {result.counts['val']}, test {result.counts['test']} images"
     )
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
+    for line in result.notes():
+        print(line)
 
 
 def run_fit(args: argparse.Namespace) -> None:

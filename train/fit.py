@@ -156,8 +156,8 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if not (dataset / "train_list.txt").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
-        if result.skipped:
-            log(f"skipped {len(result.skipped)} unreadable images: {', '.join(result.skipped)}")
+        for line in result.notes():
+            log(line)
     return weights
 
 

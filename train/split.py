@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -49,6 +49,14 @@ class SplitResult:
     labels: list[str]  # sorted class names
     counts: dict[str, int]  # {"train": n, "val": n, "test": n}
     skipped: list[str]  # relative paths of unreadable images, sorted
+    empty: list[str] = field(default_factory=list)  # class folders without a readable image
+
+    def notes(self) -> list[str]:
+        """What was left out, as lines for the user (``split`` prints them, ``fit`` logs them)."""
+        skipped = {"unreadable images": self.skipped,
+                   "class folders with no readable image": self.empty}  # fmt: skip
+        return [f"skipped {len(names)} {what}: {', '.join(names)}"
+                for what, names in skipped.items() if names]  # fmt: skip
 
 
 def is_image_file(path: Path) -> bool:
@@ -106,7 +114,9 @@ def split_dataset(
     write_labels_file(root / LABELS_FILE, labels)
 
     counts = {split: len(entries) for split, entries in lists.items()}
-    return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped))
+    # Said, not refused: a folder made for a class still to be collected is common.
+    empty = [d.name for d in _class_dirs(root) if d.name not in good]
+    return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped), empty=empty)
 
 
 def read_labels(dataset_dir: str | Path) -> list[str]:
@@ -165,10 +175,14 @@ def _check_dir(root: Path) -> Path:
     return root
 
 
+def _class_dirs(root: Path) -> list[Path]:
+    """The visible immediate subdirectories: one class each."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
 def _find_images(root: Path) -> list[Path]:
-    """Image files in visible immediate subdirectories, sorted; files in ``root`` are ignored."""
-    class_dirs = (d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    return sorted(p for d in class_dirs for p in d.iterdir() if is_image_file(p))
+    """Image files in the class folders, sorted; files in ``root`` are ignored."""
+    return sorted(p for d in _class_dirs(root) for p in d.iterdir() if is_image_file(p))
 
 
 def _storable(rel: str) -> bool:
