@@ -409,8 +409,14 @@ class TypedApiGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         field = TYPED_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if field is None or scope["method"] != "POST" or _internal(scope):
+        if field is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        if _internal(scope):
+            if _a_dependency():
+                return await self.app(scope, receive, send)
+            # BentoML refuses it here too, but with a JSON list for a body
+            message = f"{PICKLE_TYPE.decode()} is only for calls between services"
+            return await JSONResponse({"error": message}, 415)(scope, receive, send)
         try:
             images, top_k = await read_upload(Request(scope, receive), self.settings, field)
             if field == "image" and len(images) != 1:
@@ -446,6 +452,14 @@ def _internal(scope) -> bool:
     # exactly as BentoML does: a look-alike would pass here and reach BentoML's JSON parsing,
     # with no body limit.
     return bool(content_types) and content_types[0].split(b";")[0].strip() == PICKLE_TYPE
+
+
+def _a_dependency() -> bool:
+    """Whether this worker serves another service of its deployment (``bentoml.depends``), not
+    the public one: BentoML's own reading of its server context, where it chooses ``is_main``."""
+    from bentoml._internal.context import server_context
+
+    return server_context.service_type == "service"
 
 
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:

@@ -175,6 +175,8 @@ BAD_REQUESTS = [
         id="typed-path-as-text",
     ),
     pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="typed-urlencoded"),
+    # BentoML's internal type from a client: refused, with our body (BentoML's is a JSON list)
+    pytest.param("/predict", body(b"x", "application/vnd.bentoml+pickle"), 415, id="typed-pickle"),
     # BentoML reads a look-alike of its internal type as JSON, with no limit on the body
     pytest.param(
         "/predict", body(b"{}", "application/vnd.bentoml+pickle-x"), 415, id="typed-pickle-ish"
