@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import urllib.error
 import urllib.request
@@ -62,6 +63,25 @@ def test_offline_download_error_suggests_alternatives(monkeypatch) -> None:
     with pytest.raises(pretrained.PretrainedError, match="--pretrained none or --pretrained PATH"):
         pretrained.resolve("imagenet", "PPLCNet_x0_5")
     assert not list(pretrained.cache_dir().glob("*.part"))
+
+
+class Dropped(io.BytesIO):
+    def read(self, *args: object) -> bytes:
+        raise http.client.IncompleteRead(b"part")
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        (lambda: io.BytesIO(b"<html>proxy login</html>"), "did not send weights"),
+        (Dropped, "cannot download"),  # the connection dropped mid-body: not an OSError
+    ],
+)
+def test_a_bad_download_is_one_error_and_caches_nothing(monkeypatch, answer, message) -> None:
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: answer())
+    with pytest.raises(pretrained.PretrainedError, match=message):
+        pretrained.resolve("imagenet", "PPLCNet_x0_75")
+    assert not list(pretrained.cache_dir().glob("PPLCNet_x0_75*"))  # nor a .part
 
 
 def test_ssld_weights_exist_only_for_some_scales() -> None:

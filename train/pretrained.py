@@ -66,6 +66,11 @@ def download(url: str, timeout: float = 30.0) -> Path:
             f"cannot download {url} ({getattr(err, 'reason', err)}); without network use "
             "--pretrained none or --pretrained PATH.pdparams"
         ) from None
+    try:  # cached only if it holds weights: a proxy's error page answered 200 would stay
+        read_state_dict(partial)
+    except PretrainedError as err:
+        partial.unlink(missing_ok=True)
+        raise PretrainedError(f"{url} did not send weights ({err})") from None
     os.replace(partial, target)
     return target
 
