@@ -91,11 +91,12 @@ class Client:
         ValueError, or read 0 as unset; past int32 it is clamped (the server clamps it to the
         class count anyway)."""
         try:
-            if isinstance(top_k, bool) or operator.index(top_k) < 1:
-                raise TypeError
-        except TypeError:
-            raise self._refused(f"top_k must be an integer >= 1, got {top_k!r}") from None
-        return min(operator.index(top_k), 2**31 - 1)
+            value = 0 if isinstance(top_k, bool) else operator.index(top_k)
+        except TypeError:  # not an integer: 1.5, "3", None
+            value = 0
+        if value < 1:
+            raise self._refused(f"top_k must be an integer >= 1, got {top_k!r}")
+        return min(value, 2**31 - 1)
 
     def _refused(self, message: str) -> ClientError:
         """What the server answers a bad request with (HTTP 422 / INVALID_ARGUMENT), for one

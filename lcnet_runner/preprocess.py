@@ -396,9 +396,8 @@ def preprocess(
     """Decode and crop one image: the uint8 HWC input a batch is stacked from."""
     # Resizing and cropping treat the channels alike, so a BGR array is cropped as it is and only
     # the small crop's channels are reversed: 0.1 ms instead of 1.7 ms for a 500×375 array.
-    pixels = load_pixels(source, max_pixels=max_pixels, short_side=config.resize_short)
-    _check_resized(pixels, config, max_pixels)
-    crop = eval_crop(pixels, config)
+    resized = decode_resized(source, config, max_pixels=max_pixels, max_resized_pixels=max_pixels)
+    crop = np.ascontiguousarray(center_crop(resized, config.crop_size))
     if bgr and isinstance(source, np.ndarray):
         return np.ascontiguousarray(crop[:, :, ::-1])
     return crop

@@ -72,12 +72,16 @@ RUNNER_RANGES = {
 def check_ranges(
     config: object, ranges: dict[str, tuple[float, float]], label: Callable[[str], str] = str
 ) -> None:
-    """ValueError naming the first field of ``config`` outside its range in ``ranges`` (NaN
-    is in none, infinity in none either)."""
+    """ValueError naming the first field of ``config`` outside its range in ``ranges``."""
     for name, (low, high) in ranges.items():
         value = getattr(config, name)
-        if math.isinf(value) or not low <= value <= high:
+        if not in_range(value, low, high):
             raise ValueError(range_error(label(name), value, low, high))
+
+
+def in_range(value: float, low: float, high: float) -> bool:
+    """Both ends included; NaN is in no range, and infinity in none either."""
+    return not math.isinf(value) and low <= value <= high
 
 
 def range_error(name: str, value: object, low: float, high: float) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .artifact import DEFAULT_MODEL
 from .engines import default_threads
-from .runner import RUNNER_RANGES, RunnerConfig, check_ranges, range_error
+from .runner import RUNNER_RANGES, RunnerConfig, check_ranges, in_range, range_error
 
 RELOAD_MODES = ("off", "watch", "request")
 # How long BentoML lets an HTTP request run; a gRPC call in flight on a connection past its age
@@ -98,6 +98,7 @@ SETTINGS_RANGES = {
     "grpc_port": (0, 65535),
     "grpc_max_connection_age_s": (0, (2**31 - 1) // 1000),  # 0: never
 }
+_ENV_RANGES = {**RUNNER_RANGES, **SETTINGS_RANGES}
 
 
 def _variable(name: str) -> str:
@@ -114,10 +115,10 @@ def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()
         if spec.name in skip or not raw:
             continue
         values[spec.name] = value = _parse(spec.name, raw, type(getattr(config, spec.name)))
-        low, high = {**RUNNER_RANGES, **SETTINGS_RANGES}.get(spec.name, (-math.inf, math.inf))
-        if isinstance(value, (int, float)) and not low <= value <= high:
+        bounds = _ENV_RANGES.get(spec.name)
+        if bounds is not None and not in_range(value, *bounds):
             # here, to name the variable: RunnerConfig knows nothing of the environment
-            raise ValueError(range_error(_variable(spec.name), raw, low, high))
+            raise ValueError(range_error(_variable(spec.name), raw, *bounds))
     return values
 
 
