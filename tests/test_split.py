@@ -18,6 +18,7 @@ from train.split import (
     read_labels,
     read_split,
     split_dataset,
+    unlisted_note,
 )
 
 UNICODE_CLASS = "ünïcødé 猫"
@@ -259,3 +260,32 @@ def test_read_split_rejects_a_label_index_out_of_range_or_not_ascii(
     (tmp_path / "val_list.txt").write_text(lines, encoding="utf-8")
     with pytest.raises(DatasetError, match=rf"val_list\.txt:3: .*{re.escape(match)}"):
         read_split(tmp_path, "val")
+
+
+def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
+    """Images added after the split (a new class folder too) are in no list, so training would
+    leave them out in silence: fit says so where it reads the lists (once, on rank 0), and keeps
+    the lists as they are."""
+    from train.distributed import SINGLE, Rank
+    from train.fit import FitConfig, load_splits
+
+    split_dataset(dataset)
+    lists = {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS}
+    config = FitConfig(ram_cache_mb=64)
+    load_splits(dataset, config, SINGLE)
+    assert "cat/truncated.jpg, cat/zero.jpg." in capsys.readouterr().err  # unreadable then
+
+    (dataset / "cat" / "truncated.jpg").unlink()
+    (dataset / "cat" / "zero.jpg").unlink()
+    assert unlisted_note(dataset) is None
+    _save(dataset / "cat" / "new.jpg")
+    for i in range(4):
+        _save(dataset / "bird" / f"{i}.jpg")
+    load_splits(dataset, config, Rank(1, 2))
+    assert "no split list" not in capsys.readouterr().err
+    labels, _ = load_splits(dataset, config, SINGLE)
+    err = capsys.readouterr().err
+    assert "5 images in" in err and "bird/0.jpg, bird/1.jpg, bird/2.jpg and 2 more" in err
+    assert "class folders not in labels.txt: bird." in err
+    assert "bird" not in labels
+    assert {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS} == lists

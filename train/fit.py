@@ -39,7 +39,7 @@ from .guard import describe, guard_figures, record_guard
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .quantize import CALIBRATION_IMAGES, quantize_openvino, require_int8_extra
-from .split import SPLITS, read_labels, read_split, split_dataset
+from .split import SPLITS, read_labels, read_split, split_dataset, unlisted_note
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
 BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
@@ -168,6 +168,8 @@ def load_splits(
     disk cache is built by the first rank on this machine, the others wait and reuse it): each
     rank its shard of the train split; val and test only on rank 0, which evaluates."""
     labels = read_labels(dataset)
+    if rank.main and (note := unlisted_note(dataset)):
+        log(note)
     workers = config.workers or default_threads()
     splits = {}
     for name in SPLITS if rank.main else ["train"]:

@@ -156,6 +156,36 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     return [(root / rel, index) for _, rel, index in entries]
 
 
+def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
+    """A line for the user when the folder holds images no split list names: added since it was
+    split (a new class folder included), or left out by the split as unreadable. Training keeps
+    the lists as they are (the same val and test split every run is what makes runs
+    comparable), so they would be left out of it in silence. None when every image is listed."""
+    root = Path(dataset_dir)
+    listed: set[str] = set()
+    for split in SPLITS:
+        path = root / f"{split}_list.txt"
+        if path.is_file():
+            listed.update(line.rpartition(" ")[0] for line in read_lines(path))
+    unlisted = [
+        rel for p in _find_images(root) if (rel := p.relative_to(root).as_posix()) not in listed
+    ]
+    if not unlisted:
+        return None
+    names = ", ".join(_readable_name(rel) for rel in unlisted[:shown])
+    more = f" and {len(unlisted) - shown} more" if len(unlisted) > shown else ""
+    known = set(read_labels(root)) if (root / LABELS_FILE).is_file() else set()
+    new_classes = sorted({rel.split("/")[0] for rel in unlisted} - known)
+    classes = (
+        f"; class folders not in {LABELS_FILE}: {', '.join(new_classes)}" if new_classes else ""
+    )
+    return (
+        f"{len(unlisted)} images in {root} are in no split list (added since the split, or "
+        f"unreadable then): {names}{more}{classes}. Training uses the lists as they are; "
+        f"`python -m train split {root}` splits the folder again"
+    )
+
+
 def _check_ratios(val_ratio: float, test_ratio: float) -> None:
     for name, ratio in (("val_ratio", val_ratio), ("test_ratio", test_ratio)):
         if not 0 <= ratio < 1:
