@@ -4,8 +4,11 @@ and what `/model` says. HTTP (http_api) and gRPC (grpc_api) both call these func
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+from bentoml._internal.context import server_context
 
 from .predictor import Prediction
 from .preprocess import ImageTooLargeError, InvalidImageError
@@ -93,6 +96,8 @@ def served_model_info(
             "max_batch_images": settings.max_batch_images,
         },
         "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
+        # Each worker answers for itself (its version, its reload): which one this is.
+        "worker": {"index": server_context.worker_index, "pid": os.getpid()},
     }
 
 

@@ -4,10 +4,11 @@ serves (``ServedModel``: one runner, swapped for a new version by ``Reloader`` w
 FastAPI app) and gRPC (a server the instance starts) pin the current runner per request.
 
 What BentoML reads when the class is defined comes from the environment once, at import: the
-model reference (``LCNET_MODEL``, so ``bentoml build`` packs it), the worker count
-(``LCNET_WORKERS``/``LCNET_THREADS``), the CORS origins of the mounted app, and whether the fast
-routes are traced (only when BentoML's own config names an exporter). Everything else — the
-runner, its engine choice, the limits — belongs to the instance (``self.settings``).
+model reference (``LCNET_MODEL``, so ``bentoml build`` packs it; served from a Bento, the version
+it packed), the worker count (``LCNET_WORKERS``/``LCNET_THREADS``), the CORS origins of the
+mounted app, and whether the fast routes are traced (only when BentoML's own config names an
+exporter). Everything else — the runner, its engine choice, the limits — belongs to the instance
+(``self.settings``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import signal
 from pathlib import Path
 
 import bentoml
+import yaml
 from fastapi import Header
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -46,6 +48,23 @@ http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 STARTED_ON_ENV = "LCNET_STARTED_ON"
 
 
+MODEL_ENV = "LCNET_MODEL"
+
+
+def _packed_version() -> str | None:
+    """The model version packed in the Bento this module was imported from; None outside a
+    Bento. BentoML imports a Bento's service from its ``src/`` folder, next to ``bento.yaml``:
+    a Bento serves the version it was built with, not whatever ``pplcnet:latest`` is where it
+    runs (in a container its own store holds nothing else)."""
+    bento_yaml = Path(__file__).resolve().parents[2] / "bento.yaml"
+    try:
+        info = yaml.safe_load(bento_yaml.read_text(encoding="utf-8"))
+        (service,) = [s for s in info["services"] if s["name"] == SERVICE_NAME]
+        return str(service["models"][0]["tag"])
+    except (OSError, yaml.YAMLError, LookupError, TypeError, ValueError):
+        return None
+
+
 def _model_reference(tag: str) -> bentoml.models.BentoModel:
     """Declared on the class so `bentoml build` packs the model; checked here so a missing model
     is one clear message instead of a BentoCloud lookup error."""
@@ -54,6 +73,8 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
     started_on = os.environ.get(STARTED_ON_ENV)
     if started_on and server_context.worker_index is not None:
         return bentoml.models.BentoModel(started_on)
+    if MODEL_ENV not in os.environ:
+        tag = _packed_version() or tag
     try:
         version = str(bentoml.models.get(tag).tag)
     except bentoml.exceptions.NotFound:

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
 import pytest
@@ -133,6 +135,31 @@ def workers(server: Server) -> list[int]:
         except psutil.Error:
             pass
     return pids
+
+
+def replacement(server: Server, victim: int, count: int, timeout: float = 90.0) -> int:
+    """The PID of the worker BentoML starts in place of ``victim`` (killed), once it exists."""
+    deadline = time.monotonic() + timeout
+    while victim in (live := workers(server)) or len(live) < count:
+        assert time.monotonic() < deadline, f"worker {victim} was not replaced in {timeout}s"
+        time.sleep(0.2)
+    return max(live, key=lambda pid: psutil.Process(pid).create_time())
+
+
+def model_info_from(server: Server, pid: int, until=lambda info: True, timeout: float = 90.0):
+    """``GET /model`` as answered by worker ``pid``, once it says what ``until`` accepts: proof
+    that this worker serves. Each request takes a new connection, which the kernel hands to any
+    worker; answers from the others are skipped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = httpx.get(f"{server.url}/model", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            info = {}
+        if info.get("worker", {}).get("pid") == pid and until(info):
+            return info
+        time.sleep(0.1)
+    raise AssertionError(f"worker {pid} did not answer /model as expected in {timeout}s")
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,13 @@ import sys
 import tarfile
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import ROOT, bentoml_cli
 
 from lcnet_runner.client import Client
 from lcnet_runner.testing import Server
+from train.export import revise
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +23,20 @@ def bento_tag(trained: dict) -> str:
     return result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
 
 
-def test_built_bento_serves_its_model(bento_tag: str, trained: dict, tmp_path: Path) -> None:
+def test_built_bento_serves_its_model(
+    bento_tag: str, trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version it packed, though the store has a newer one of the name and LCNET_MODEL is
+    not set where it runs (a container's store holds the packed version only)."""
+    import bentoml
+
+    newer = revise(trained["tag"], lambda folder: None)
+    assert str(bentoml.models.get(trained["tag"].split(":")[0]).tag) == newer
+    monkeypatch.delenv("LCNET_MODEL", raising=False)
     # Served from an empty directory: everything must come from the Bento itself.
-    server = Server(bento_tag, {"LCNET_MODEL": trained["tag"]}, cwd=tmp_path).wait_ready()
+    server = Server(bento_tag, {}, cwd=tmp_path).wait_ready()
     try:
+        assert httpx.get(f"{server.url}/model").json()["tag"] == trained["tag"]
         image = (trained["dataset"] / "green" / "0.jpg").read_bytes()
         with Client(server.url) as client:
             assert client.classify(image)[0]["category"] == "green"
@@ -32,6 +44,7 @@ def test_built_bento_serves_its_model(bento_tag: str, trained: dict, tmp_path: P
             assert client.classify(image)[0]["category"] == "green"
     finally:
         server.stop()
+        bentoml.models.delete(newer)
 
 
 def test_export_contains_source_model_and_requirements(bento_tag: str, tmp_path: Path) -> None:

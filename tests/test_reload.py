@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from conftest import CLASS_NAMES, workers
+from conftest import CLASS_NAMES, model_info_from, replacement, workers
 
 from lcnet_runner.artifact import (
     PARAMS_FILE,
@@ -273,7 +273,7 @@ def test_with_reloading_off_a_reload_request_is_refused(servers, trained: dict) 
     # the store has a newer one of the name it was given.
     save_version(first, [f"newer {name}" for name in CLASS_NAMES])
     image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
-    assert versions_after_a_worker_restart(still, image) == {first}
+    assert_a_restarted_worker_serves(still, image, first)
 
 
 def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict) -> None:
@@ -290,26 +290,24 @@ def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict)
         load.wait_for(first)
         newest = save_version(first, [f"b {name}" for name in CLASS_NAMES])
         load.wait_for(newest)
-    assert versions_after_a_worker_restart(server, image) == {newest}
+    assert_a_restarted_worker_serves(server, image, newest)
     bad = save_corrupt_version(trained)
     assert settled_reload_state(server, "failed")["tag"] == bad
-    assert versions_after_a_worker_restart(server, image) == {newest}
+    assert_a_restarted_worker_serves(server, image, newest)
     assert settled_reload_state(server, "failed")["tag"] == bad  # the new worker says so too
 
 
-def versions_after_a_worker_restart(server: Server, image: bytes) -> set[str]:
-    """The versions that answer once a killed worker was replaced and has looked at the store
-    and the request file (a few 0.5 s polls), under load on every worker."""
+def assert_a_restarted_worker_serves(server: Server, image: bytes, expected: str) -> None:
+    """Kill a worker: the one started in its place comes to serve ``expected`` (its own
+    ``/model`` says so, once it has looked at the store and the request file), and then every
+    answer under load on every worker is ``expected``."""
     victim, count = workers(server)[0], len(workers(server))
     os.kill(victim, signal.SIGKILL)
-    until = time.monotonic() + 90
-    while victim in workers(server) or len(workers(server)) < count or not ready(server):
-        assert time.monotonic() < until, "the killed worker was not replaced"
-        time.sleep(0.2)
-    time.sleep(3)
+    new = replacement(server, victim, count)
+    model_info_from(server, new, until=lambda info: info["tag"] == expected)
     with SteadyLoad(server, image) as load:
         time.sleep(3)
-    return {version for _, _, ok, version, _, _ in load.answers if ok}
+    assert {version for _, _, ok, version, _, _ in load.answers if ok} == {expected}
 
 
 def ready(server: Server) -> bool:
