@@ -19,6 +19,7 @@ Unlike Paddle, ONNX Runtime and OpenVINO release the GIL while they run.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import signal
 import threading
@@ -72,8 +73,41 @@ def cpu_lacks(variant: Variant) -> str | None:
 
 def default_threads() -> int:
     """All cores this process may use: its CPU affinity (taskset, a container's cpuset), which
-    ``os.cpu_count()`` ignores."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ``os.cpu_count()`` ignores, and no more than its CPU quota, rounded up (``docker run --cpus
+    2``, a Kubernetes CPU limit), which the affinity does not show: a container limited to 2 CPUs
+    on a 64-core host would otherwise start 64 workers, each with its model."""
+    affinity = hasattr(os, "sched_getaffinity")
+    cores = (len(os.sched_getaffinity(0)) if affinity else os.cpu_count()) or 1
+    quota = cpu_quota()
+    return min(cores, max(1, math.ceil(quota))) if quota else cores
+
+
+def cpu_quota(
+    cgroups: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")
+) -> float | None:
+    """Cores' worth of CPU time this process's cgroup may use (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None when unlimited or unknown. The cgroup's
+    own folder first, then the mount's root: a container sees its own cgroup there."""
+    try:
+        memberships = [line.split(":", 2) for line in own.read_text().splitlines()]
+    except OSError:
+        return None
+    for _, controllers, path in (m for m in memberships if len(m) == 3):
+        if controllers == "":
+            folders, files = [cgroups], ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            folders = [cgroups / "cpu", cgroups / "cpu,cpuacct"]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        for folder in [f / path.lstrip("/") for f in folders] + folders:
+            try:  # v2 has "quota period" in one file ("max period": unlimited), v1 two files
+                values = " ".join((folder / name).read_text().strip() for name in files).split()
+                quota, period = float(values[0]), float(values[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            return quota / period if quota > 0 and period > 0 else None
+    return None
 
 
 def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from lcnet_runner.settings import ServingSettings
+from lcnet_runner.settings import REQUEST_TIMEOUT_S, ServingSettings
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -48,3 +48,11 @@ def test_deployment_matches_the_service_settings() -> None:
     service_ports = {p["name"]: p["targetPort"] for p in load("service.yaml")["spec"]["ports"]}
     assert service_ports == {"http": "http", "grpc": "grpc"}
     assert load("hpa.yaml")["spec"]["scaleTargetRef"]["name"] == "lcnet"
+    # The HPA owns the replica count; a drain takes one pod of them at a time.
+    assert "replicas" not in deployment and load("hpa.yaml")["spec"]["minReplicas"] >= 2
+    assert load("pdb.yaml")["spec"]["selector"] == deployment["selector"]
+    # Threads follow the pod's CPU request, not its node's cores.
+    assert settings.runner.solo_threads == int(container["resources"]["requests"]["cpu"])
+    # Long enough for preStop and the longest request BentoML lets run.
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= container["lifecycle"]["preStop"]["sleep"]["seconds"] + REQUEST_TIMEOUT_S

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
-from lcnet_runner.engines import cores_free
+from lcnet_runner.engines import cores_free, cpu_quota, default_threads
 from lcnet_runner.predictor import EngineOutputError, top_k_predictions
 from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
@@ -171,6 +172,42 @@ def test_a_lone_image_runs_on_every_core_when_the_engine_releases_the_gil(traine
     assert used == ["solo", "batch", "batch"]
     paddle = Predictor(trained["export_dir"], engine="paddle", **options)
     assert paddle.solo_engine is None and paddle.solo_threads is None
+
+
+@pytest.mark.parametrize(
+    ("own", "files", "quota"),
+    [("0::/\n", {"cpu.max": "200000 100000"}, 2.0),  # cgroup v2 in a container (its own root)
+     ("0::/pod/c1\n", {"pod/c1/cpu.max": "150000 100000", "cpu.max": "max 100000"}, 1.5),
+     ("0::/\n", {"cpu.max": "max 100000"}, None),  # no limit
+     ("4:cpu,cpuacct:/docker/abc\n", {"cpu/cpu.cfs_quota_us": "50000",
+                                       "cpu/cpu.cfs_period_us": "100000"}, 0.5),  # v1, root
+     ("4:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"},
+      None),
+     ("4:memory:/x\n", {}, None)],
+)  # fmt: skip
+def test_cpu_quota_is_read_from_the_process_cgroup(
+    tmp_path: Path, own: str, files: dict, quota: float | None
+) -> None:
+    (tmp_path / "self_cgroup").write_text(own)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text + "\n")
+    assert cpu_quota(tmp_path / "fs", tmp_path / "self_cgroup") == quota
+
+
+def test_default_threads_are_the_cores_allowed_and_no_more_than_the_quota(monkeypatch) -> None:
+    """`docker run --cpus 2` on a 64-core host: 2 workers' worth, not 64."""
+    from lcnet_runner import engines
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(engines, "cpu_quota", lambda: None)
+    assert default_threads() == cores
+    monkeypatch.setattr(engines, "cpu_quota", lambda: 0.5)
+    assert default_threads() == 1
+    monkeypatch.setattr(engines, "cpu_quota", lambda: cores - 0.5)
+    assert default_threads() == cores
+    monkeypatch.setattr(engines, "cpu_quota", lambda: 1000.0)
+    assert default_threads() == cores
 
 
 def test_cores_are_free_while_no_more_threads_are_runnable_than_cores(tmp_path: Path) -> None:
