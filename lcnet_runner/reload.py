@@ -132,12 +132,35 @@ def _write_record(path: Path, record: dict) -> None:
     write_text_atomic(path, json.dumps(record))
 
 
+def stored(tag: str):
+    """The stored model ``tag`` names: a version from whichever store has it; ``name`` or
+    ``name:latest``, the newest version in any. The stores are BentoML's and, when BentoML
+    serves a Bento's own (in a container: the models packed in it), the one at BENTOML_HOME too,
+    where new versions arrive (a mounted volume)."""
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models.model import ModelStore
+
+    serving = BentoMLContainer.model_store.get()
+    home = Path(bentoml_home()) / "models"
+    stores = [serving]
+    if Path(getattr(serving, "_path", home)).resolve() != home.resolve():
+        stores.append(ModelStore(home))
+    found = []
+    for store in stores:
+        with contextlib.suppress(bentoml.exceptions.NotFound):
+            found.append(bentoml.models.get(tag, _model_store=store))
+    if not found:
+        raise bentoml.exceptions.NotFound(f"{tag} is not in the BentoML store")
+    return max(found, key=lambda model: model.creation_time)
+
+
 def resolve(tag: str) -> str:
     """A store tag with its version (``name`` and ``name:latest`` → the newest version)."""
     import bentoml
 
     try:
-        return str(bentoml.models.get(tag).tag)
+        return str(stored(tag).tag)
     except bentoml.exceptions.NotFound:
         raise LookupError(f"{tag} is not in the BentoML store") from None
     except bentoml.exceptions.BentoMLException as err:  # e.g. "Invalid Tag x:y:z"
@@ -146,9 +169,7 @@ def resolve(tag: str) -> str:
 
 def created_at(tag: str) -> float:
     """When a store version was created (a POSIX timestamp)."""
-    import bentoml
-
-    return bentoml.models.get(tag).info.creation_time.timestamp()
+    return stored(tag).info.creation_time.timestamp()
 
 
 class Reloader:
@@ -285,9 +306,7 @@ class Reloader:
             self.status = failure
 
     def _load(self, tag: str) -> LCNetRunner:
-        import bentoml
-
-        artifact = load_folder(bentoml.models.get(tag).path, tag=tag)
+        artifact = load_folder(stored(tag).path, tag=tag)
         if not verify_checksums(artifact.path):
             try_load_in_child(artifact.path)  # stored before checksums were recorded
         return self.make_runner(artifact)

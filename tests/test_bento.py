@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import httpx
@@ -45,6 +46,35 @@ def test_built_bento_serves_its_model(
     finally:
         server.stop()
         bentoml.models.delete(newer)
+
+
+def test_a_bento_with_its_own_models_reloads_from_the_mounted_store(
+    bento_tag: str, trained: dict, tmp_path: Path
+) -> None:
+    """As in a container: BentoML serves the models packed in the Bento folder, while new
+    versions arrive in the store at BENTOML_HOME (a mounted volume); `watch` finds them there."""
+    import bentoml
+
+    archive = tmp_path / "lcnet.bento"
+    assert bentoml_cli("export", bento_tag, str(archive)).returncode == 0
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "bento", filter="data")
+    name = trained["tag"].split(":")[0]
+    env = {"LCNET_MODEL": name, "LCNET_RELOAD": "watch", "LCNET_RELOAD_INTERVAL_S": "1",
+           "LCNET_WORKERS": "1"}  # fmt: skip
+    server = Server(str(tmp_path / "bento"), env, cwd=tmp_path).wait_ready()
+    newer = None
+    try:
+        assert httpx.get(f"{server.url}/model").json()["tag"] == trained["tag"]
+        newer = revise(trained["tag"], lambda folder: None)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/model").json()["tag"] != newer:
+            assert time.monotonic() < deadline, server.output()[-3000:]
+            time.sleep(0.5)
+    finally:
+        server.stop()
+        if newer:
+            bentoml.models.delete(newer)
 
 
 def test_export_contains_source_model_and_requirements(bento_tag: str, tmp_path: Path) -> None:
