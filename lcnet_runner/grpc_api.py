@@ -7,6 +7,7 @@ feed the same runner (and batches) as HTTP ones. The servicer only translates me
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -150,9 +151,8 @@ def claim_port(port: int, server: str) -> None:
     GrpcPortTakenError when another live server already does. Workers share the port through
     SO_REUSEPORT, which would just as silently let a second server's workers in: the kernel
     would then hand each new connection to either server, and so to either model."""
-    owner_file = Path(tempfile.gettempdir()) / f"lcnet-grpc-{port}.owner"
     try:
-        with open(owner_file, "a+", encoding="utf-8") as owner:
+        with open(owner_file(port), "a+", encoding="utf-8") as owner:
             fcntl.flock(owner, fcntl.LOCK_EX)
             owner.seek(0)
             holder = owner.read().strip()
@@ -166,7 +166,19 @@ def claim_port(port: int, server: str) -> None:
             owner.truncate()
             owner.write(server)
     except OSError:  # another user's file, a read-only temp folder: unchecked, never fatal
-        logger.warning("cannot check who serves gRPC port %s (%s)", port, owner_file)
+        logger.warning("cannot check who serves gRPC port %s (%s)", port, owner_file(port))
+
+
+def owner_file(port: int) -> Path:
+    """Where the server serving gRPC on ``port`` is recorded (``claim_port``)."""
+    return Path(tempfile.gettempdir()) / f"lcnet-grpc-{port}.owner"
+
+
+def forget_stopped_owner(port: int) -> None:
+    """Remove ``port``'s record when the server it names has stopped (a live one keeps it)."""
+    with contextlib.suppress(OSError):
+        if not _alive(owner_file(port).read_text(encoding="utf-8").strip()):
+            owner_file(port).unlink()
 
 
 def server_id(pid: int) -> str:

@@ -4,6 +4,7 @@ service that embeds the runner (no side effects on import)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -119,7 +120,16 @@ class Server(ServerProcess):
             "LCNET_GRPC_HOST": "127.0.0.1",
             **env,
         }
-        full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
+        self.home = full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
         bentoml = str(Path(sys.executable).parent / "bentoml")
         command = [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(self.http_port)]
         self._start(command, full_env, cwd)
+
+    def stop(self) -> None:
+        """Stop the server; then remove its own home (its links to the store's models and Bentos
+        go, not what they point to) and its claim on the gRPC port."""
+        super().stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+        from .grpc_api import forget_stopped_owner
+
+        forget_stopped_owner(self.grpc_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,10 +20,18 @@ from PIL import Image
 
 from lcnet_runner.testing import Server
 
-# Before anything imports bentoml: every test (and every subprocess) uses a throwaway store.
+# Before anything imports bentoml: every test (and every subprocess) uses a throwaway store,
+# removed when the run ends.
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-test-bentoml-")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ["LCNET_CACHE"] = tempfile.mkdtemp(prefix="lcnet-test-cache-")
+THROWAWAY = (os.environ["BENTOML_HOME"], os.environ["LCNET_CACHE"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in THROWAWAY:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # the repository carries every file its tests read
@@ -121,6 +130,18 @@ def bentoml_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProc
         [str(Path(sys.executable).parent / "bentoml"), *args], cwd=ROOT, capture_output=True,
         text=True, timeout=300, env={**os.environ, **(env or {})},
     )  # fmt: skip
+
+
+def refused_start(env: dict[str, str]) -> str:
+    """The last line `bentoml serve .` prints when it refuses to start; on loopback ports, and
+    a server that starts after all is stopped (and fails the test)."""
+    server = Server(".", env)
+    try:
+        with pytest.raises(AssertionError, match="exited early"):
+            server.wait_ready(timeout=300)
+    finally:
+        server.stop()
+    return server.output().strip().splitlines()[-1]
 
 
 def workers(server: Server) -> list[int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, bentoml_cli
+from conftest import ROOT, bentoml_cli, refused_start
 
 from lcnet_runner.client import Client
 from lcnet_runner.testing import Server
@@ -125,10 +125,9 @@ def tar_text(archive: Path, name: str) -> str:
         return tar.extractfile(f"./{name}").read().decode()
 
 
-@pytest.mark.parametrize("command", [["build", "."], ["serve", ".", "--port", "1"]])
-def test_missing_model_is_one_clear_error(command: list[str]) -> None:
-    result = bentoml_cli(*command, env={"LCNET_MODEL": "no-such-model:latest"})
-    assert result.returncode != 0
-    assert (
-        "model 'no-such-model:latest' is not in the BentoML store" in result.stdout + result.stderr
-    )
+def test_missing_model_is_one_clear_error() -> None:
+    missing = "model 'no-such-model:latest' is not in the BentoML store"
+    env = {"LCNET_MODEL": "no-such-model:latest"}
+    built = bentoml_cli("build", ".", env=env)
+    assert built.returncode != 0 and missing in built.stdout + built.stderr
+    assert missing in refused_start(env)

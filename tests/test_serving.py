@@ -114,9 +114,9 @@ def test_concurrent_requests_form_batches(server: Server, images: list[bytes]) -
         assert re.search(rf'^lcnet_runner_stage_seconds_count\{{[^}}]*stage="{stage}"', text, re.M)
 
 
-def _png(size=(8, 8)) -> bytes:
+def _png(size=(8, 8), mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, (200, 10, 10)).save(buffer, "PNG")
+    Image.new(mode, size, 1 if mode == "1" else (200, 10, 10)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -135,7 +135,8 @@ BAD_HTTP = [
     ("garbage multipart", "/classify",
      {"content": b"--x\r\n\r\n", "headers": {"content-type": f"{MULTIPART}; boundary=x"}}, 400),
     ("no boundary", "/classify", {"content": b"abc", "headers": {"content-type": MULTIPART}}, 400),
-    ("too many pixels", "/classify", {"files": {"image": ("big.png", _png((8000, 6000)))}}, 413),
+    ("too many pixels", "/classify", {"files": {"image": ("big.png", _png((8000, 6000), "1"))}},
+     413),
     ("too large body", "/classify", {"files": {"image": ("a.png", b"\0" * (21 << 20))}}, 413),
     ("empty multipart", "/classify_batch",
      {"content": b"--x--\r\n", "headers": {"content-type": f"{MULTIPART}; boundary=x"}}, 422),
