@@ -9,7 +9,7 @@ import warnings
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
 from .artifact import ModelArtifact, ModelNotFoundError, load_artifact
-from .predictor import Predictor
+from .predictor import Predictor, TopKError
 from .preprocess import InvalidImageError, PreprocessConfig
 
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "ModelNotFoundError",
     "Predictor",
     "PreprocessConfig",
+    "TopKError",
     "load_artifact",
 ]

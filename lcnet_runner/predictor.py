@@ -3,6 +3,7 @@ or an exported folder."""
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import TypedDict
 
 import numpy as np
+from bentoml.exceptions import InvalidArgument
 
 from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
 from .choice import Choice, choose
@@ -25,6 +27,18 @@ from .engines import (
     default_threads,
 )
 from .preprocess import ImageSource, preprocess
+
+
+class TopKError(ValueError, InvalidArgument):
+    """``top_k`` is not an integer >= 1. Also BentoML's InvalidArgument: raised in a user's
+    ``@bentoml.api`` that embeds the runner, BentoML answers 400 with the message, not 500."""
+
+
+def checked_top_k(top_k: int) -> int:
+    """``top_k`` when it is an integer >= 1 (more than the classes is clamped when ranking)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise TopKError(f"top_k must be an integer >= 1, got {top_k!r}")
+    return int(top_k)
 
 
 class Prediction(TypedDict):
@@ -172,6 +186,7 @@ class Predictor:
         self, images: ImageSource | Sequence[ImageSource], top_k: int = 1, *, bgr: bool = False
     ) -> list[Prediction] | list[list[Prediction]]:
         """One image → its top-k list; a list of images → one top-k list per image."""
+        top_k = checked_top_k(top_k)
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
         timings = Timings(images=len(batch))

@@ -23,7 +23,7 @@ import numpy as np
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
 from .engines import default_threads, matching_variants
-from .predictor import Prediction, Predictor, top_k_predictions
+from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
 from .preprocess import MAX_PIXELS, ImageSource, preprocess
 
 
@@ -175,6 +175,7 @@ class LCNetRunner:
         return top_k_predictions(np.stack(probs), self.labels, top_k)
 
     async def aclassify(self, image: ImageSource, top_k: int = 1) -> list[Prediction]:
+        top_k = checked_top_k(top_k)
         probs = await self._batcher(self.decode(image))
         return self._format([probs], top_k)[0]
 
@@ -182,6 +183,7 @@ class LCNetRunner:
         self, images: Sequence[ImageSource], top_k: int = 1
     ) -> list[list[Prediction]]:
         """All images are decoded first, so one bad image fails the request before any work."""
+        top_k = checked_top_k(top_k)
         if not images:
             return []
         crops = []

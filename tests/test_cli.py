@@ -104,6 +104,7 @@ def test_predict_missing_model_folder(tmp_path: Path) -> None:
         # weights are found (downloaded) once, by the launcher: ranks wrote one file together
         (["--pretrained", "/no/such.pdparams"], "'/no/such.pdparams': not one of imagenet"),
         (["--input-size", "64", "--resize-short", "32"], "need 1 <= crop_size <= resize_short"),
+        (["--resume"], "--resume: no checkpoint at"),  # before any image is decoded
     ],
 )
 def test_fit_options_are_checked_before_data_parallel_ranks_start(
@@ -115,6 +116,24 @@ def test_fit_options_are_checked_before_data_parallel_ranks_start(
     line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
     assert message in line
     assert not (tmp_path / "o" / "logs").exists()  # no launcher started
+
+
+@pytest.mark.parametrize("procs", ["0", "-2", "abc", "1025"])
+def test_procs_is_a_count_or_auto(tmp_path: Path, procs: str) -> None:
+    """argparse's usage, then its error line (before: 0 and -2 trained on 1 process unsaid)."""
+    result = run_cli("train", "fit", str(tmp_path), f"--procs={procs}", check=False)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(f"argument --procs: expected auto or a count from 1 to 1024, got '{procs}'")
+    )
+
+
+def test_a_missing_dataset_is_said_before_any_download(tmp_path: Path) -> None:
+    args = ["--save-dir", str(tmp_path / "o")]  # --pretrained imagenet: not downloaded
+    line = one_error_line(run_cli("train", "fit", str(tmp_path / "nope"), *args, check=False))
+    assert line == f"error: dataset directory not found: {tmp_path / 'nope'}"
 
 
 def test_os_errors_are_one_line(tmp_path: Path) -> None:

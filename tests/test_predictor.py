@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from bentoml.exceptions import InvalidArgument
 from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
 from lcnet_runner import ModelNotFoundError, Predictor
 from lcnet_runner.engines import cores_free, cpu_quota, default_threads
-from lcnet_runner.predictor import EngineOutputError, top_k_predictions
+from lcnet_runner.predictor import EngineOutputError, TopKError, top_k_predictions
 from lcnet_runner.preprocess import normalize, preprocess
 from train.model import build_model
 from train.split import read_split
@@ -70,6 +71,17 @@ def test_every_input_kind_gives_the_same_answer(predictor: Predictor, split_imag
     pair = predictor.predict([path, path], top_k=2)
     assert predictor.timings.images == 2 and predictor.timings.inference_s > 0
     assert pair == [predictor.predict(path, top_k=2)] * 2
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, "3", True, None])
+def test_a_bad_top_k_is_refused_before_any_work(predictor: Predictor, split_images, top_k):
+    """As the server (422) and the client refuse it; BentoML's InvalidArgument too, so a user's
+    service embedding the runner answers 400. Numbers past the classes are clamped."""
+    predictor.timings = None
+    with pytest.raises(TopKError, match=r"top_k must be an integer >= 1, got") as refused:
+        predictor.predict(split_images[0][0], top_k=top_k)
+    assert isinstance(refused.value, InvalidArgument) and predictor.timings is None
+    assert len(predictor.predict(split_images[0][0], top_k=np.int64(99))) == len(CLASS_NAMES)
 
 
 def test_top_k_ranks_ties_alike_for_every_k() -> None:

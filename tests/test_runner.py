@@ -11,6 +11,7 @@ import pytest
 from lcnet_runner import Predictor
 from lcnet_runner.batching import BatchStats
 from lcnet_runner.engines import PaddleEngine
+from lcnet_runner.predictor import TopKError
 from lcnet_runner.runner import LCNetRunner, RunnerConfig
 from train.split import read_split
 
@@ -46,6 +47,23 @@ def test_concurrent_calls_are_batched_and_correct(trained: dict) -> None:
             assert [p["score"] for p in result] == pytest.approx([p["score"] for p in want])
     sizes = [stats.size for stats in recorder.batches]
     assert sum(sizes) == 2 * len(images) and max(sizes) == 8 and len(recorder.decodes) == 36
+
+
+def test_a_bad_top_k_is_refused_before_decoding(trained: dict) -> None:
+    recorder = Recorder()
+
+    async def main() -> None:
+        runner = LCNetRunner(trained["export_dir"], RunnerConfig(), recorder)
+        try:
+            with pytest.raises(TopKError):
+                await runner.aclassify(b"not even an image", top_k=0)
+            with pytest.raises(TopKError):
+                await runner.aclassify_batch([b"not even an image"], top_k=-2)
+        finally:
+            await runner.close()
+
+    asyncio.run(main())
+    assert recorder.decodes == []
 
 
 @pytest.mark.parametrize("max_delay_ms", [60_000, 0])

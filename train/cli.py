@@ -45,6 +45,12 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
 
 
+def _procs(text: str) -> str:
+    if text == "auto" or (text.isascii() and text.isdigit() and 1 <= int(text) <= 1024):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto or a count from 1 to 1024, got {text!r}")
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """Where decoded splits are cached, and which stay in RAM (``train.decoded_cache``)."""
     from .decoded_cache import RAM_MB
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--procs",
+        type=_procs,
         default="auto",
         help="data-parallel processes on this machine: N, or auto (one per core while "
         "each gets >= 8 images a step)",

@@ -39,7 +39,14 @@ from .guard import describe, guard_figures, record_guard
 from .model import build_model, scale_of
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .quantize import CALIBRATION_IMAGES, quantize_openvino, require_int8_extra
-from .split import SPLITS, read_labels, read_split, split_dataset, unlisted_note
+from .split import (
+    SPLITS,
+    DatasetError,
+    read_labels,
+    read_split,
+    split_dataset,
+    unlisted_note,
+)
 
 CHECKPOINT = "last.pdckpt"  # full state for --resume
 BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
@@ -143,13 +150,18 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 def prepare(dataset: Path, config: FitConfig) -> Path | None:
     """Whatever can fail before the training, done first (data-parallel: by the launcher,
-    before any rank starts), cheapest first: the save folder, the int8 extra, the pretrained
-    weights (downloaded once into the cache; returned) and the split lists (made when missing).
+    before any rank starts), cheapest first: the dataset folder, the save folder, the checkpoint
+    to resume, the int8 extra, the pretrained weights (downloaded once into the cache; returned)
+    and the split lists (made when missing).
     Ranks find all of it: N of them would write the same files at once."""
+    if not dataset.is_dir():
+        raise DatasetError(f"dataset directory not found: {dataset}")
     save_dir = Path(config.save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(save_dir, os.W_OK | os.X_OK):  # else found at the end of the first epoch
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(save_dir))
+    if config.resume and not (save_dir / CHECKPOINT).is_file():
+        raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
     if config.int8:
         require_int8_extra()
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
@@ -270,9 +282,7 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
     )
     state = TrainingState(model, optimizer)
     path = Path(config.save_dir) / CHECKPOINT
-    if config.resume:
-        if not path.is_file():
-            raise ValueError(f"--resume: no checkpoint at {path}")
+    if config.resume:  # prepare() found the checkpoint
         checkpoint = paddle.load(str(path))
         check_same_run(checkpoint, labels, config, path)
         state.restore(checkpoint)
