@@ -94,9 +94,11 @@ def predict(args: argparse.Namespace) -> None:
 
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:  # before the slow model load
-        raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+        what = "not a file" if all(Path(p).exists() for p in missing) else "no such image"
+        raise FileNotFoundError(f"{what}: {', '.join(missing)}")
     if args.annotate and len(args.images) > 1:
-        if args.annotate.exists() and not args.annotate.is_dir():
+        named_like_a_file = args.annotate.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
+        if args.annotate.is_file() or (named_like_a_file and not args.annotate.exists()):
             raise ValueError(f"--annotate {args.annotate}: not a folder (several images go in one)")
         stems = Counter(path.stem for path in args.images)
         if same := [str(path) for path in args.images if stems[path.stem] > 1]:

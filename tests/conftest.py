@@ -200,7 +200,8 @@ def trained(colour_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "train", "fit", str(colour_dataset), *tiny_fit(), *int8, "--save-dir", str(save_dir)
     )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    return {**summary, "save_dir": save_dir, "dataset": colour_dataset, "stderr": result.stderr}
+    return {**summary, "save_dir": save_dir, "dataset": colour_dataset, "stderr": result.stderr,
+            "stdout": result.stdout}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -69,14 +69,21 @@ def test_evaluate_unknown_tag(tmp_path: Path) -> None:
     assert "not in the BentoML store" in one_error_line(result)
 
 
-@pytest.mark.parametrize("name, content", [("missing.jpg", None), ("text.jpg", b"hello")])
-def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content: bytes | None) -> None:
+@pytest.mark.parametrize(
+    "name, content, says",
+    [("missing.jpg", None, "no such image"), ("text.jpg", b"hello", "not an image format"),
+     ("folder", "dir", "not a file")],
+)  # fmt: skip
+def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content, says: str) -> None:
     path = tmp_path / name
-    if content is not None:
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     model = trained["export_dir"]
     result = run_cli("lcnet_runner", "predict", str(path), "--model", model, check=False)
-    assert name in one_error_line(result)
+    line = one_error_line(result)
+    assert name in line and says in line
 
 
 def test_predict_missing_model_folder(tmp_path: Path) -> None:
@@ -184,14 +191,17 @@ def test_predict_refuses_sizes_below_one(
     assert "Traceback" not in result.stderr
 
 
-def test_predict_annotate_several_into_a_file(trained: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("exists", [True, False])
+def test_predict_annotate_several_into_a_file(trained: dict, tmp_path: Path, exists) -> None:
+    """A file, or a name like one: not made a folder named out.jpg."""
     images = _images(tmp_path / "in", 2)
     out = tmp_path / "out.jpg"
-    out.write_bytes(b"keep me")
+    if exists:
+        out.write_bytes(b"keep me")
     args = ["--model", trained["export_dir"], "--annotate", str(out)]
     line = one_error_line(run_cli("lcnet_runner", "predict", *images, *args, check=False))
     assert str(out) in line and "not a folder" in line
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == b"keep me" if exists else not out.exists()
 
 
 def test_predict_annotate_refuses_two_images_of_one_name(trained: dict, tmp_path: Path) -> None:

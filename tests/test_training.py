@@ -33,6 +33,12 @@ def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
     assert trained["epochs"] == TINY_EPOCHS
 
 
+def test_stdout_holds_only_the_result(trained: dict) -> None:
+    """`fit ... | jq` works: progress, and paddle2onnx's from C++ too, goes to stderr."""
+    assert trained["stdout"].splitlines()[:-1] == [f"saved {trained['tag']} to the BentoML store"]
+    assert "[Paddle2ONNX]" in trained["stderr"]
+
+
 def test_fit_writes_checkpoints_history_plots_and_export(trained: dict) -> None:
     save_dir: Path = trained["save_dir"]
     for name in ("last.pdckpt", "best.pdparams", "history.json"):
