@@ -27,12 +27,15 @@ def png(size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
+SHOP = "https://shop.example"  # the one origin allowed to call from a browser
+
+
 @pytest.fixture(scope="module")
 def client(trained: dict):
     """The service class defined for the trained model (what BentoML reads at definition time
     comes from the environment), its ASGI app started with its lifespan: one worker's runner."""
     env = {"LCNET_MODEL": trained["tag"], "LCNET_GRPC_PORT": "0", "LCNET_MAX_BATCH_IMAGES": "4",
-           "LCNET_MAX_BODY_BYTES": str(1 << 20)}  # fmt: skip
+           "LCNET_MAX_BODY_BYTES": str(1 << 20), "LCNET_CORS_ORIGINS": SHOP}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -58,6 +61,22 @@ def test_classify_answers_like_the_predictor(client: TestClient, trained: dict) 
     assert [p["category"] for p in got] == [p["category"] for p in want]
     assert sorted(p["category"] for p in got) == CLASS_NAMES
     assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+
+
+def test_cors_allows_the_origins_listed_and_no_other(client: TestClient, trained: dict) -> None:
+    """A browser's preflight and its upload from a listed origin carry the header that lets the
+    page read the answer; another origin's do not (the browser then hides the answer)."""
+    preflight = {"Access-Control-Request-Method": "POST"}
+    allowed = client.options("/classify", headers={"Origin": SHOP, **preflight})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == SHOP
+    other = client.options("/classify", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+    image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+    for origin, allows in ((SHOP, True), ("https://evil.example", False)):
+        answer = client.post("/classify", files={"image": ("a.jpg", image)},
+                             headers={"Origin": origin})  # fmt: skip
+        assert answer.status_code == 200 and answer.json()[0]["category"] == "green"
+        assert ("access-control-allow-origin" in answer.headers) is allows
 
 
 def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
