@@ -30,6 +30,7 @@ from lcnet_runner.artifact import (
     write_labels_file,
 )
 from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+from lcnet_runner.reload import REQUEST_POLL_S
 from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
 from train.export import revise, save_to_store
@@ -295,6 +296,31 @@ def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict)
     assert settled_reload_state(server, "failed")["tag"] == bad
     assert_a_restarted_worker_serves(server, image, newest)
     assert settled_reload_state(server, "failed")["tag"] == bad  # the new worker says so too
+
+
+def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
+    """LCNET_RELOAD=request: a newer version in the store is not served until POST
+    /admin/reload, whose empty body means the newest; every worker swaps and counts it."""
+    info = load_folder(trained["export_dir"]).info
+    first = save_to_store(trained["export_dir"], "asked", info)
+    env = {"LCNET_MODEL": "asked", "LCNET_WORKERS": "2", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    server = Server(".", env).wait_ready()
+    try:
+        newer = save_version(first, [f"asked {name}" for name in CLASS_NAMES])
+        time.sleep(4 * REQUEST_POLL_S)  # what `watch` would have been given to find it
+        assert {model_info(server)["tag"] for _ in range(8)} == {first}
+        response = admin_reload(server, TOKEN)
+        assert response.status_code == 202
+        assert response.json() == {"tag": newer, "state": "requested", "serving": first}
+        deadline = time.monotonic() + 60
+        for pid in workers(server):
+            model_info_from(server, pid, until=lambda info: info["tag"] == newer,
+                            timeout=deadline - time.monotonic())  # fmt: skip
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'lcnet_model_reloads_total{model="asked",result="ok"} 2.0' in metrics
+    finally:
+        server.stop()
 
 
 def assert_a_restarted_worker_serves(server: Server, image: bytes, expected: str) -> None:
