@@ -91,6 +91,33 @@ def test_resume_continues_from_the_last_checkpoint(trained: dict, tmp_path: Path
     assert not (stored / "left_by_an_earlier_run.npz").exists()  # a fresh export folder
 
 
+def test_a_diverging_run_stops_and_stores_nothing(colour_dataset: Path, tmp_path: Path) -> None:
+    """lr 100 from scratch: the loss turns NaN or infinite in the first epoch; no model with NaN
+    weights may reach the store."""
+    before = {str(model.tag) for model in bentoml.models.list()}
+    args = [*tiny_fit(epochs=3), "--lr", "100", "--save-dir", str(tmp_path), "--name", "diverged"]
+    result = run_cli("train", "fit", str(colour_dataset), *args, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged (loss ") and last.endswith("try a lower --lr")
+    assert {str(model.tag) for model in bentoml.models.list()} == before
+
+
+def test_early_stop_ends_the_run_after_patience_epochs(
+    colour_dataset: Path, tmp_path: Path
+) -> None:
+    """At lr 1e-9 the weights barely move (batch-norm statistics still do): the run ends
+    ``patience`` epochs after its best val top-1, long before 30."""
+    args = [*tiny_fit(epochs=30), "--lr", "1e-9", "--early-stop-patience", "2",
+            "--save-dir", str(tmp_path), "--name", "stopped"]  # fmt: skip
+    result = run_cli("train", "fit", str(colour_dataset), *args)
+    assert "early stop: no better val top-1 for 2 epochs" in result.stderr
+    scores = [row["val_top1"] for row in json.loads((tmp_path / "history.json").read_text())]
+    best = scores.index(max(scores))  # the first epoch that reached it
+    assert len(scores) == best + 1 + 2 < 30
+    assert json.loads(result.stdout.strip().splitlines()[-1])["epochs"] == len(scores)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(colour_dataset: Path, tmp_path: Path) -> None:
     result = run_cli(
         "train", "fit", str(colour_dataset), *tiny_fit(), "--save-dir", str(tmp_path), "--resume",
