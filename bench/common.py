@@ -46,10 +46,12 @@ def cpu_kind() -> str:
     """This machine as every benchmark's first line names it (docs/benchmarks.md writes it next to
     each figure: engine rankings differ between CPU kinds): the CPU model, the flags the engines'
     speed depends on, and the cores."""
+    from lcnet_runner.engines import default_threads
     from lcnet_runner.guard import cpu_features
 
-    cpu = cpu_features()
-    return f"CPU: {cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'}), {os.cpu_count()} cores"
+    cpu, usable = cpu_features(), default_threads()
+    cores = f"{usable} cores" + (f" of {os.cpu_count()}" if usable != os.cpu_count() else "")
+    return f"CPU: {cpu['model']} ({', '.join(cpu['flags']) or 'no AVX2'}), {cores}"
 
 
 def rotated(items: Sequence, turn: int) -> list:
@@ -162,6 +164,10 @@ def post(port: int, path: str, content_type: str, body: bytes) -> bytes:
     return head + body
 
 
+# A stalled server fails its requests (counted as 504) instead of hanging the benchmark.
+REQUEST_TIMEOUT_S = 30.0
+
+
 async def send_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes):
     """Send one prepared request on a keep-alive connection; returns the status code."""
     writer.write(request)
@@ -184,14 +190,20 @@ async def http_client(
     whole burst, so long-lived connections opened together can all land on one worker (seen here:
     half the throughput); a front balancer or churn spreads them."""
     while time.perf_counter() < until and budget[0] > 0:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             for _ in range(per_connection):
                 if time.perf_counter() >= until or budget[0] <= 0:
                     break
                 budget[0] -= 1
                 start = time.perf_counter()
-                status = await send_http(reader, writer, request)
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                        status = await send_http(reader, writer, request)
+                except TimeoutError:  # counted, and a new connection for the next request
+                    out.append((504, time.perf_counter() - start))
+                    break
                 out.append((status, time.perf_counter() - start))
         finally:
             writer.close()

@@ -20,7 +20,15 @@ import sys
 import time
 
 import psutil
-from common import ROOT, cpu_kind, make_store, multipart, photo_jpeg, send_http
+from common import (
+    REQUEST_TIMEOUT_S,
+    ROOT,
+    cpu_kind,
+    make_store,
+    multipart,
+    photo_jpeg,
+    send_http,
+)
 
 
 def rss_mib(server) -> dict[int, float]:
@@ -73,27 +81,28 @@ async def soak(server, image: bytes, requests: int, clients: int, max_seconds: f
                     kind = rng.choices(list(kinds), weights=(4, 1, 4, 1))[0]
                     kinds[kind] += 1
                     try:
-                        if kind.startswith("http"):
-                            request = single if kind == "http" else batch
-                            try:
-                                status = await send_http(reader, writer, request)
-                            except ConnectionResetError:
-                                # The server closed the idle keep-alive connection (uvicorn's
-                                # 5 s timeout while this client was busy with gRPC): reconnect
-                                # and resend, as HTTP clients do.
-                                counts["reconnects"] += 1
-                                writer.close()
-                                reader, writer = await asyncio.open_connection(*address)
-                                status = await send_http(reader, writer, request)
-                        elif kind == "grpc":
-                            await stub.Classify(grpc_single, timeout=60)
-                            status = 200
-                        else:
-                            await stub.ClassifyBatch(grpc_batch, timeout=60)
-                            status = 200
+                        async with asyncio.timeout(REQUEST_TIMEOUT_S):  # a stalled server
+                            if kind.startswith("http"):
+                                request = single if kind == "http" else batch
+                                try:
+                                    status = await send_http(reader, writer, request)
+                                except ConnectionResetError:
+                                    # The server closed the idle keep-alive connection (uvicorn's
+                                    # 5 s timeout while this client was busy with gRPC): reconnect
+                                    # and resend, as HTTP clients do.
+                                    counts["reconnects"] += 1
+                                    writer.close()
+                                    reader, writer = await asyncio.open_connection(*address)
+                                    status = await send_http(reader, writer, request)
+                            elif kind == "grpc":
+                                await stub.Classify(grpc_single, timeout=REQUEST_TIMEOUT_S)
+                                status = 200
+                            else:
+                                await stub.ClassifyBatch(grpc_batch, timeout=REQUEST_TIMEOUT_S)
+                                status = 200
                     except grpc.aio.AioRpcError as err:
                         status = 503 if err.code() == grpc.StatusCode.UNAVAILABLE else 500
-                    except (ConnectionError, asyncio.IncompleteReadError) as err:
+                    except (ConnectionError, asyncio.IncompleteReadError, TimeoutError) as err:
                         print(f"{kind}: {err!r}", file=sys.stderr)
                         status = 599
                         reader, writer = await asyncio.open_connection(
