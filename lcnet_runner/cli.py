@@ -151,10 +151,19 @@ def error_line(err: Exception) -> str:
     return str(err)
 
 
+def reader_gone() -> int:
+    """The exit code when stdout's reader has gone (``... | head``): not the command's error.
+    Whatever is left to print goes nowhere: Python flushes stdout at exit, and would fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         predict(args)
+    except BrokenPipeError:
+        return reader_gone()
     except (ModelNotFoundError, InvalidImageError, ValueError, OSError) as err:
         # OSError: a missing file, a file where a folder should be, no permission, a full disk...
         print(f"error: {error_line(err)}", file=sys.stderr)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from PIL import Image
 
 
@@ -141,6 +143,17 @@ def test_a_missing_dataset_is_said_before_any_download(tmp_path: Path) -> None:
     args = ["--save-dir", str(tmp_path / "o")]  # --pretrained imagenet: not downloaded
     line = one_error_line(run_cli("train", "fit", str(tmp_path / "nope"), *args, check=False))
     assert line == f"error: dataset directory not found: {tmp_path / 'nope'}"
+
+
+def test_a_reader_that_leaves_early_is_no_error(trained: dict) -> None:
+    """`python -m train report TAG | head -3`: the pipe closes before the report is written."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "train", "report", trained["tag"]], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    process.stdout.close()  # head has exited
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1 and b"error" not in stderr.lower(), stderr
 
 
 def test_os_errors_are_one_line(tmp_path: Path) -> None:

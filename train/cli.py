@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
-from lcnet_runner.cli import add_engine_arguments, error_line, json_line, non_negative_int
+from lcnet_runner.cli import (
+    add_engine_arguments,
+    error_line,
+    json_line,
+    non_negative_int,
+    reader_gone,
+)
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
 from .pretrained import PretrainedError
@@ -344,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
+    except BrokenPipeError:
+        return reader_gone()
     except USER_ERRORS as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
