@@ -9,6 +9,7 @@ in a memory-mapped cache on disk (``decoded_cache``); evaluation then takes the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -50,6 +51,22 @@ def log(message: str) -> None:
     """Progress on stderr; in a data-parallel run only rank 0 talks."""
     if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
         print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def progress_to_stderr() -> Iterator[None]:
+    """What a library prints on stdout meanwhile goes to stderr, at the file descriptor (from
+    Python and C++ alike: paddle2onnx's progress, NNCF's progress bars), so that stdout keeps
+    only what a command prints as its result (fit's JSON summary, piped to jq)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,8 @@ from lcnet_runner.artifact import (
     write_metadata,
 )
 from lcnet_runner.preprocess import PreprocessConfig
+
+from .data import progress_to_stderr
 
 
 class WithSoftmax(paddle.nn.Layer):
@@ -84,7 +83,7 @@ def export_onnx(folder: str | Path, *, required: bool = False) -> Path | None:
     target = folder / ONNX_FILE
     try:
         # optimize_tool="None": the default one pip-installs packages at run time.
-        with _stdout_to_stderr():
+        with progress_to_stderr():
             paddle2onnx.export(
                 str(artifact.program_file), str(artifact.params_file), save_file=str(target),
                 opset_version=17, enable_onnx_checker=True, optimize_tool="None",
@@ -92,22 +91,6 @@ def export_onnx(folder: str | Path, *, required: bool = False) -> Path | None:
     except SystemExit:  # paddle2onnx reports failures by exiting
         raise ValueError(f"paddle2onnx could not convert {artifact.program_file}") from None
     return target
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr() -> Iterator[None]:
-    """paddle2onnx prints its progress on stdout, from Python and C++ alike: sent to stderr at
-    the file descriptor, stdout keeps only what a command prints as its result (fit's JSON
-    summary, piped to jq)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def base_info(

@@ -18,7 +18,7 @@ import numpy as np
 from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
-from .data import sample_crops
+from .data import progress_to_stderr, sample_crops
 from .decoded_cache import CacheConfig
 from .evaluate import decode_labelled_split
 from .export import export_openvino, revise
@@ -67,11 +67,12 @@ def quantize_openvino(
     fix = nncf.OverflowFix.ENABLE if overflow_fix else nncf.OverflowFix.FIRST_LAYER
     advanced = nncf.AdvancedQuantizationParameters(overflow_fix=fix)
     model = ov.Core().read_model(str(ir))
-    if accuracy_control:
-        quantized = _with_accuracy_control(nncf, model, samples, crops, artifact, advanced)
-    else:
-        quantized = nncf.quantize(model, samples, subset_size=len(crops),
-                                  advanced_parameters=advanced)  # fmt: skip
+    with progress_to_stderr():  # NNCF's progress bars
+        if accuracy_control:
+            quantized = _with_accuracy_control(nncf, model, samples, crops, artifact, advanced)
+        else:
+            quantized = nncf.quantize(model, samples, subset_size=len(crops),
+                                      advanced_parameters=advanced)  # fmt: skip
     target = folder / INT8_FILE
     ov.save_model(quantized, str(target), compress_to_fp16=False)
     return target
