@@ -300,7 +300,10 @@ async def admin_reload(
         try:
             asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
         except ValidationError as err:
-            raise RequestError(422, f"invalid request: {err.errors()[0]['msg']}") from None
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])  # empty for the body itself
+            raise RequestError(422, f"invalid request: {where + ': ' if where else ''}"
+                                    f"{first['msg']}") from None  # fmt: skip
         accepted = handlers.request_reload(reloader, asked.tag)
     except Exception as err:
         status, message = failure(err)
@@ -501,7 +504,10 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
         try:
             asked = PaddleXRequest.model_validate_json(body)
         except ValidationError as err:
-            raise RequestError(422, f"invalid request: {err.errors()[0]['msg']}") from None
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])  # empty for the body itself
+            raise RequestError(422, f"invalid request: {where + ': ' if where else ''}"
+                                    f"{first['msg']}") from None  # fmt: skip
         if asked.topk is not None and asked.topk < 1:
             raise RequestError(422, "topk must be > 0")
         image = _base64_image(asked.image)

@@ -348,6 +348,8 @@ def test_paddlex_serving_clients_switch_by_host_only(client: TestClient, trained
         assert parsed.errorCode == status and parsed.errorMsg and parsed.logId
         assert error.json()["error"] == parsed.errorMsg  # our routes' key too
     assert client.post(INFER_ENDPOINT, content=b"{").status_code == 422
+    missing = client.post(INFER_ENDPOINT, json={"topk": 1}).json()["errorMsg"]
+    assert missing == "invalid request: image: Field required"  # the field named
 
 
 def test_every_answer_names_the_model_version_that_produced_it(
