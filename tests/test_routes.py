@@ -227,6 +227,7 @@ def test_model_route_describes_the_served_model(client: TestClient, trained: dic
     cores = default_threads()
     solo = cores if info["engine"] != "paddle" and cores > info["threads"] else None
     assert info["solo_threads"] == solo
+    assert info["worker"]["pid"] == os.getpid()  # in process here; which worker, when served
 
 
 def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:
