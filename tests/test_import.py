@@ -90,7 +90,8 @@ def test_import_folder_with_new_labels_renames_them_everywhere(
     [
         (["{ckpt}"], "needs --model"),
         (["{ckpt}", "--model", "PPLCNet_x1_0", "--labels", "{labels}"], "does not match the model"),
-        (["/no/such/dir"], "expected an exported model folder or a .pdparams file"),
+        (["/no/such/dir"], "/no/such/dir: no such model folder or .pdparams file"),
+        (["{labels}"], "expected an exported model folder or a .pdparams file"),  # a file
     ],
 )
 def test_import_errors_are_one_line(trained: dict, args: list[str], message: str) -> None:

@@ -6,6 +6,7 @@ from a source you trust.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,6 +109,8 @@ def import_model(
     or a ``.pdparams`` checkpoint, which needs ``model`` (e.g. ``PPLCNet_x1_0``) and ``labels``.
     """
     source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such model folder or .pdparams file", str(source))
     label_list = list(read_labels_file(Path(labels))) if labels else None
     with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
         folder = Path(tmp) / "model"
