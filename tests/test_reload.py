@@ -216,12 +216,15 @@ def test_new_versions_swap_in_under_load_without_a_failed_request(
     assert response.headers["x-model-version"] == first
 
 
-def test_admin_routes_need_the_token(servers) -> None:
+def test_admin_routes_need_the_token(servers, trained: dict) -> None:
     first, server, still = servers
     assert admin_reload(server, None).status_code == 401
     refused = admin_reload(server, "not-the-token")
     assert refused.status_code == 403 and refused.json() == {"error": "wrong admin token"}
-    assert admin_reload(server, TOKEN, {"tag": "other:abc"}).status_code in (404, 422)
+    another = admin_reload(server, TOKEN, {"tag": trained["tag"]})  # stored, another name
+    assert another.status_code == 422 and f"serves {NAME!r}" in another.json()["error"]
+    unknown = admin_reload(server, TOKEN, {"tag": f"{NAME}:nosuchversion"})
+    assert unknown.status_code == 404 and "not in the BentoML store" in unknown.json()["error"]
     assert admin_reload(server, TOKEN, {"tag": 5}).status_code == 422
     for malformed in (f"{NAME}:", "x:y:z", ":abc"):  # not tags at all: the client's mistake
         refused = admin_reload(server, TOKEN, {"tag": malformed})

@@ -289,3 +289,12 @@ def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
     assert "class folders not in labels.txt: bird." in err
     assert "bird" not in labels
     assert {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS} == lists
+
+
+def test_read_split_names_one_dataset_one_way(dataset: Path, monkeypatch) -> None:
+    """`../data` and its absolute path give the same file paths: one decoded cache, not two."""
+    split_dataset(dataset)
+    (dataset.parent / "elsewhere").mkdir()
+    monkeypatch.chdir(dataset.parent / "elsewhere")
+    assert read_split("../data", "train") == read_split(dataset, "train")
+    assert all(".." not in path.parts for path, _ in read_split("../data", "train"))

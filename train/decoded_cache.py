@@ -330,7 +330,7 @@ def _write_index(
     skipped = [os.fsdecode(samples[i][0]) for i in np.flatnonzero(shapes[:, 0] == 0)]
     meta = {
         "format": FORMAT,
-        "dataset": os.fsdecode(Path(dataset).absolute()),
+        "dataset": os.fsdecode(os.path.abspath(dataset)),
         "split": name,
         "images": len(samples) - len(skipped),
         "bytes": int(sizes.sum()),

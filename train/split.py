@@ -8,6 +8,7 @@ out and reported instead of breaking training later.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import sys
@@ -129,7 +130,8 @@ def read_labels(dataset_dir: str | Path) -> list[str]:
 
 def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     """``(absolute image path, label index)`` pairs from ``{split}_list.txt``."""
-    root = Path(dataset_dir).absolute()
+    # Normalised: `../ds` and `/data/ds` are one dataset (one decoded cache, one `cache list` name).
+    root = Path(os.path.abspath(dataset_dir))
     path = root / f"{split}_list.txt"
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
