@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -12,7 +11,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from .predictor import Prediction
+from .predictor import Prediction, TopKError, checked_top_k
 
 Image_ = Union[str, Path, bytes, Image.Image]
 
@@ -91,12 +90,9 @@ class Client:
         ValueError, or read 0 as unset; past int32 it is clamped (the server clamps it to the
         class count anyway)."""
         try:
-            value = 0 if isinstance(top_k, bool) else operator.index(top_k)
-        except TypeError:  # not an integer: 1.5, "3", None
-            value = 0
-        if value < 1:
-            raise self._refused(f"top_k must be an integer >= 1, got {top_k!r}")
-        return min(value, 2**31 - 1)
+            return min(checked_top_k(top_k), 2**31 - 1)
+        except TopKError as err:
+            raise self._refused(str(err)) from None
 
     def _refused(self, message: str) -> ClientError:
         """What the server answers a bad request with (HTTP 422 / INVALID_ARGUMENT), for one

@@ -142,6 +142,13 @@ async def read_upload(
         await form.close()
 
 
+def invalid_request(err: ValidationError) -> RequestError:
+    """422 for a JSON body that does not validate, naming the first field at fault."""
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])  # empty for the body itself
+    return RequestError(422, f"invalid request: {where + ': ' if where else ''}{first['msg']}")
+
+
 def failure(err: Exception) -> tuple[int, str]:
     """The status and message a route answers an exception with: a client's mistake keeps its
     4xx and message; anything else is logged and becomes a 500 without internals."""
@@ -300,10 +307,7 @@ async def admin_reload(
         try:
             asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])  # empty for the body itself
-            raise RequestError(422, f"invalid request: {where + ': ' if where else ''}"
-                                    f"{first['msg']}") from None  # fmt: skip
+            raise invalid_request(err) from None
         accepted = handlers.request_reload(reloader, asked.tag)
     except Exception as err:
         status, message = failure(err)
@@ -504,10 +508,7 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
         try:
             asked = PaddleXRequest.model_validate_json(body)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])  # empty for the body itself
-            raise RequestError(422, f"invalid request: {where + ': ' if where else ''}"
-                                    f"{first['msg']}") from None  # fmt: skip
+            raise invalid_request(err) from None
         if asked.topk is not None and asked.topk < 1:
             raise RequestError(422, "topk must be > 0")
         image = _base64_image(asked.image)

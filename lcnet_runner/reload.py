@@ -167,11 +167,6 @@ def resolve(tag: str) -> str:
         raise ValueError(f"{tag!r} is not a store tag such as 'name:version': {err}") from None
 
 
-def created_at(tag: str) -> float:
-    """When a store version was created (a POSIX timestamp)."""
-    return stored(tag).info.creation_time.timestamp()
-
-
 class Reloader:
     """Watches for the version this worker should serve and swaps it in (one at a time)."""
 
@@ -256,10 +251,11 @@ class Reloader:
         """The store's newest version, when it changed since the last look and was created after
         the last request: a request for an older version outranks a version stored before it."""
         try:
-            newest = resolve(f"{self.model_name}:latest")
+            model = stored(f"{self.model_name}:latest")  # both stores read once per look
+            newest = str(model.tag)
             if newest == self._latest_seen:
                 return None
-            after_the_request = created_at(newest) > self._request_at
+            after_the_request = model.info.creation_time.timestamp() > self._request_at
             self._latest_seen = newest
             return newest if after_the_request else None
         except Exception as err:  # a store being written to; look again next time

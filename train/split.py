@@ -163,15 +163,14 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     split (a new class folder included), or left out by the split as unreadable. Training keeps
     the lists as they are (the same val and test split every run is what makes runs
     comparable), so they would be left out of it in silence. None when every image is listed."""
-    root = Path(dataset_dir)
-    listed: set[str] = set()
-    for split in SPLITS:
-        path = root / f"{split}_list.txt"
-        if path.is_file():
-            listed.update(line.rpartition(" ")[0] for line in read_lines(path))
-    unlisted = [
-        rel for p in _find_images(root) if (rel := p.relative_to(root).as_posix()) not in listed
-    ]
+    root = Path(os.path.abspath(dataset_dir))  # as read_split names the files
+    listed = {
+        path
+        for split in SPLITS
+        if (root / f"{split}_list.txt").is_file()
+        for path, _ in read_split(root, split)
+    }
+    unlisted = [p.relative_to(root).as_posix() for p in _find_images(root) if p not in listed]
     if not unlisted:
         return None
     names = ", ".join(_readable_name(rel) for rel in unlisted[:shown])
@@ -181,10 +180,11 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     classes = (
         f"; class folders not in {LABELS_FILE}: {', '.join(new_classes)}" if new_classes else ""
     )
+    given = Path(dataset_dir)  # the folder named as the user named it
     return (
-        f"{len(unlisted)} images in {root} are in no split list (added since the split, or "
+        f"{len(unlisted)} images in {given} are in no split list (added since the split, or "
         f"unreadable then): {names}{more}{classes}. Training uses the lists as they are; "
-        f"`python -m train split {root}` splits the folder again"
+        f"`python -m train split {given}` splits the folder again"
     )
 
 
