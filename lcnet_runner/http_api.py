@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import bentoml
+from bentoml import get_current_service  # bentoml.X is a lazy import on every access
 from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -329,7 +330,7 @@ def create_app(cors_origins: str = "") -> FastAPI:
     # A page to try the model: static files shipped in the package, no build, no CDN.
     app.add_api_route("/ui", _ui, methods=["GET"], include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui")
-    app.dependency_overrides[bentoml.get_current_service] = _current_service
+    app.dependency_overrides[get_current_service] = _current_service
     app.add_exception_handler(StarletteHTTPException, _http_error)
     return app
 
@@ -344,7 +345,7 @@ async def _current_service() -> Any:
     plain function, which FastAPI runs in a thread pool: a thread hop for every request. Async,
     the same lookup stays on the event loop (measured: 2 workers at 32 clients, see
     docs/benchmarks.md)."""
-    return bentoml.get_current_service()
+    return get_current_service()
 
 
 class DirectRoutes:
@@ -364,7 +365,7 @@ class DirectRoutes:
         name = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
         if name is None or scope["method"] != "POST" or _has_header(scope, b"origin"):
             return await self.app(scope, receive, send)
-        route = getattr(bentoml.get_current_service(), name)
+        route = getattr(get_current_service(), name)
         response = await route(Request(scope, receive))
         await response(scope, receive, send)
 
