@@ -45,6 +45,17 @@ def test_split_single_class_and_bad_ratios(tmp_path: Path) -> None:
     assert "< 1" in one_error_line(result)
 
 
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "nan", "abc"])
+def test_split_ratio_is_a_fraction_named_by_its_flag(tmp_path: Path, ratio: str) -> None:
+    """argparse's usage, then its error naming the flag (before: the library's ``val_ratio``)."""
+    result = run_cli("train", "split", str(tmp_path), f"--val-ratio={ratio}", check=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.endswith(
+        f"--val-ratio/--val_value: expected a fraction from 0 to below 1, got '{ratio}'"
+    )
+
+
 def test_split_cli_writes_lists_with_paddlex_aliases(tmp_path: Path) -> None:
     data = two_classes(tmp_path / "two", per_class=10)
     result = run_cli("train", "split", str(data), "--val_value", "0.2", "--test_value", "0.1")

@@ -51,6 +51,18 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
 
 
+def _ratio(text: str) -> float:
+    """A split's share of each class, named by its flag when it is not one (the library's own
+    check names its parameter)."""
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = float("nan")
+    if not 0 <= ratio < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to below 1, got {text!r}")
+    return ratio
+
+
 def _procs(text: str) -> str:
     if text == "auto" or (text.isascii() and text.isdigit() and 1 <= int(text) <= 1024):
         return text
@@ -101,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="split DATASET/<class>/<images> into train/val/test lists")
     p.set_defaults(func=run_split)
     p.add_argument("dataset", type=Path)
-    p.add_argument("--val-ratio", "--val_value", type=float, default=0.2)
-    p.add_argument("--test-ratio", "--test_value", type=float, default=0.1)
+    p.add_argument("--val-ratio", "--val_value", type=_ratio, default=0.2)
+    p.add_argument("--test-ratio", "--test_value", type=_ratio, default=0.1)
     p.add_argument("--seed", type=int, default=0)
 
     d = FitConfig()
