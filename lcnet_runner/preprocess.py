@@ -197,6 +197,13 @@ def load_pixels(
         return np.asarray(_decoded_by_pillow(opened)) if pixels is None else pixels
 
 
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header, nothing decoded; InvalidImageError
+    for what Pillow cannot open."""
+    with _decode_errors(source), _open(source, None, None) as opened:
+        return opened.size
+
+
 @contextlib.contextmanager
 def _decode_errors(source: ImageSource) -> Iterator[None]:
     """Whatever Pillow raises on a bad file, as an InvalidImageError safe to show a client."""

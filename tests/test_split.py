@@ -298,3 +298,26 @@ def test_read_split_names_one_dataset_one_way(dataset: Path, monkeypatch) -> Non
     monkeypatch.chdir(dataset.parent / "elsewhere")
     assert read_split("../data", "train") == read_split(dataset, "train")
     assert all(".." not in path.parts for path, _ in read_split("../data", "train"))
+
+
+def test_a_file_whose_pillow_plugin_fails_oddly_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    """Pillow lets a plugin's own exception through (NotImplementedError here); training's decode
+    maps it to InvalidImageError and skips the file, and split, using that decode, skips it too
+    (it aborted the whole split before)."""
+    from PIL import ImageFile
+
+    class Unfinished(ImageFile.ImageFile):
+        format = "LCNETFAKE"
+
+        def _open(self) -> None:
+            raise NotImplementedError("this variant of the format is not supported")
+
+    monkeypatch.setitem(Image.OPEN, "LCNETFAKE", (Unfinished, lambda prefix: prefix[:4] == b"FAKE"))
+    monkeypatch.setattr(Image, "ID", ["LCNETFAKE", *Image.ID])
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "a" / "odd.png").write_bytes(b"FAKE" + bytes(64))
+    result = split_dataset(tmp_path)
+    assert result.skipped == ["a/odd.png"]
+    assert sum(result.counts.values()) == 6

@@ -36,11 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from lcnet_runner.artifact import cache_dir, write_text_atomic
-from lcnet_runner.preprocess import PreprocessConfig, short_side_size
+from lcnet_runner.preprocess import (
+    InvalidImageError,
+    PreprocessConfig,
+    image_size,
+    short_side_size,
+)
 
 from .data import DecodedSplit, decode_split, decode_stream, log
 
@@ -130,9 +134,8 @@ def estimate_bytes(samples: Sequence[tuple[Path, int]], resize_short: int) -> in
     sizes = []
     for path, _ in samples[::step][:HEADER_SAMPLE]:
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            width, height = image_size(path)
+        except (InvalidImageError, FileNotFoundError):
             continue  # skipped by the decode too
         decoded_width, decoded_height = short_side_size(width, height, resize_short)
         sizes.append(3 * decoded_width * decoded_height)

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import random
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from lcnet_runner.artifact import (
@@ -25,20 +23,10 @@ from lcnet_runner.artifact import (
     write_labels_file,
     write_text_atomic,
 )
+from lcnet_runner.preprocess import InvalidImageError, load_pixels
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
-
-# Image.open/load raise these for corrupt files; EOFError and struct.error still leak
-# from a few Pillow plugins, and a bad file must never abort the whole split.
-_DECODE_ERRORS = (
-    Image.DecompressionBombError,
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    struct.error,
-)
 
 
 class DatasetError(ValueError):
@@ -236,13 +224,11 @@ def _readable_name(rel: str) -> str:
 
 
 def _is_readable(path: Path) -> bool:
+    """Whether training will decode ``path``: its own decode (``load_pixels``), drafted small: a
+    JPEG decodes at a reduced DCT scale, yet the whole file is read, so truncation is caught."""
     try:
-        with Image.open(path) as im:
-            # draft() lets JPEG decode at reduced DCT scale: cheap, yet the whole
-            # file is still parsed, so truncation is caught.
-            im.draft("RGB", (64, 64))
-            im.load()
-    except _DECODE_ERRORS:
+        load_pixels(path, short_side=64)
+    except (InvalidImageError, FileNotFoundError):  # FileNotFoundError: gone since listed
         return False
     return True
 
