@@ -102,18 +102,6 @@ class PreprocessConfig:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        return cls(
-            crop_size=int(data["crop_size"]),
-            resize_short=int(data["resize_short"]),
-            interpolation=str(data.get("interpolation", "bilinear")),
-            # Configs saved before the backend was recorded were resized with Pillow.
-            backend=str(data.get("backend", "pil")),
-            mean=tuple(float(v) for v in data.get("mean", IMAGENET_MEAN)),
-            std=tuple(float(v) for v in data.get("std", IMAGENET_STD)),
-        )
-
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited onto white, as viewers show it."""
@@ -139,28 +127,23 @@ def _checked(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _from_array(array: np.ndarray, bgr: bool) -> Image.Image:
-    array = _checked(array)
-    return Image.fromarray(array[:, :, ::-1] if bgr else array)
+def _from_array(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(_checked(array))
 
 
 def load_image(
-    source: ImageSource,
-    *,
-    bgr: bool = False,
-    max_pixels: int | None = None,
-    short_side: int | None = None,
+    source: ImageSource, *, max_pixels: int | None = None, short_side: int | None = None
 ) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or an HxWx3 uint8 array to an RGB PIL image.
 
-    ``bgr=True`` marks arrays in OpenCV's channel order. EXIF orientation is applied so a phone
+    EXIF orientation is applied so a phone
     photo is classified the way it is displayed. ``max_pixels`` is checked from the header,
     before anything is decoded. ``short_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale
     (DCT scaling) while keeping its short side >= ``short_side``: a 4000×3000 photo headed for
     256 px decodes ~8× faster.
     """
     if isinstance(source, np.ndarray):
-        return _from_array(source, bgr)
+        return _from_array(source)
     if isinstance(source, Image.Image):
         _check_pixels(source, max_pixels)
         encoded = _jpeg_file_bytes(source)

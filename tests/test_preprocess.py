@@ -240,11 +240,6 @@ def test_config_rejects_crop_larger_than_resize_and_unknown_backends() -> None:
         PreprocessConfig(crop_size=64, resize_short=32)
     with pytest.raises(ValueError, match="backend must be one of cv2, pil"):
         PreprocessConfig(backend="skimage")
-    for backend in ("cv2", "pil"):
-        config = PreprocessConfig(crop_size=32, resize_short=36, backend=backend)
-        assert PreprocessConfig.from_dict(config.to_dict()) == config
-    legacy = {key: value for key, value in CONFIG.to_dict().items() if key != "backend"}
-    assert PreprocessConfig.from_dict(legacy).backend == "pil"  # saved before backends
 
 
 def test_training_evaluation_crops_equal_serving_crops(tmp_path: Path) -> None:
