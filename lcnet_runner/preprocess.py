@@ -136,11 +136,10 @@ def load_image(
 ) -> Image.Image:
     """Decode a path, encoded bytes, a PIL image or an HxWx3 uint8 array to an RGB PIL image.
 
-    EXIF orientation is applied so a phone
-    photo is classified the way it is displayed. ``max_pixels`` is checked from the header,
-    before anything is decoded. ``short_side`` lets a large JPEG decode at 1/2, 1/4 or 1/8 scale
-    (DCT scaling) while keeping its short side >= ``short_side``: a 4000×3000 photo headed for
-    256 px decodes ~8× faster.
+    EXIF orientation is applied so a phone photo is classified the way it is displayed.
+    ``max_pixels`` is checked from the header, before anything is decoded. ``short_side`` lets a
+    large JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling) while keeping its short side >=
+    ``short_side``: a 4000×3000 photo headed for 256 px decodes ~8× faster.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source)
