@@ -33,7 +33,8 @@ logger = logging.getLogger("bentoml.lcnet.grpc")  # BentoML shows its own logger
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
-# What a client's mistake is called in gRPC; anything else a route raises is INVALID_ARGUMENT.
+# What a client's mistake is called in gRPC: these, or INVALID_ARGUMENT for the others (400, 408,
+# 413, 422); a server fault is INTERNAL.
 _STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bentoml._internal.context import server_context
 
-from .predictor import Prediction
+from .predictor import Prediction, TopKError, checked_top_k
 from .preprocess import ImageTooLargeError, InvalidImageError
 from .runner import LCNetRunner
 from .settings import ServingSettings
@@ -42,17 +42,19 @@ def client_error_status(error: Exception) -> int | None:
 
 
 def parse_top_k(value: Any) -> int:
-    """An integer >= 1 (more than the class count is clamped to it); absent or empty mean the
-    default, 1 (gRPC passes a proto's unset 0 as absent)."""
+    """``top_k`` as a request carries it (text, or gRPC's integer), checked as the Predictor
+    checks it (more than the class count is clamped to it); absent or empty mean the default, 1
+    (gRPC passes a proto's unset 0 as absent)."""
     if value is None or value == "":
         return 1
     try:
         top_k = int(value)
     except (TypeError, ValueError):
-        raise RequestError(422, f"top_k must be an integer, got {str(value)[:50]!r}") from None
-    if top_k < 1:
-        raise RequestError(422, f"top_k must be >= 1, got {top_k}")
-    return top_k
+        top_k = str(value)[:50]  # refused below, as a Predictor refuses what is not an integer
+    try:
+        return checked_top_k(top_k)
+    except TopKError as err:
+        raise RequestError(422, str(err)) from None
 
 
 async def classify(runner: LCNetRunner, image: bytes, top_k: Any) -> list[Prediction]:
