@@ -96,16 +96,7 @@ def predict(args: argparse.Namespace) -> None:
     if missing:  # before the slow model load
         what = "not a file" if all(Path(p).exists() for p in missing) else "no such image"
         raise FileNotFoundError(f"{what}: {', '.join(missing)}")
-    if args.annotate and len(args.images) > 1:
-        named_like_a_file = args.annotate.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
-        if args.annotate.is_file() or (named_like_a_file and not args.annotate.exists()):
-            raise ValueError(f"--annotate {args.annotate}: not a folder (several images go in one)")
-        stems = Counter(path.stem for path in args.images)
-        if same := [str(path) for path in args.images if stems[path.stem] > 1]:
-            raise ValueError(
-                f"--annotate: {', '.join(same)} share a name, so their drawings in "
-                f"{args.annotate} would overwrite each other"
-            )
+    targets = annotation_targets(args.images, args.annotate) if args.annotate else []
     images = list(args.images)
     predictor = Predictor(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads,
@@ -115,7 +106,7 @@ def predict(args: argparse.Namespace) -> None:
     for path, result in zip(args.images, results, strict=True):
         print(json_line({"image": str(path), "predictions": result}))
     if args.annotate:
-        write_annotated(args.images, results, args.annotate)
+        write_annotated(args.images, results, targets)
     timings = predictor.timings
     if args.benchmark:  # report the repeated runs only: the first one includes warm-up
         print(f"engine: {predictor.choice.describe()}")
@@ -126,16 +117,55 @@ def predict(args: argparse.Namespace) -> None:
     print(timings.latency_block(args.batch_size))
 
 
-def write_annotated(images: list[Path], results: list, out: Path) -> None:
+# Written into every drawing --annotate saves: a file with it is one predict may replace.
+ANNOTATED_MARK = b"drawn by lcnet-bento predict --annotate"
+
+
+def annotation_targets(images: list[Path], out: Path) -> list[Path]:
+    """Where ``--annotate OUT`` draws each image: OUT itself for one image (OUT/<name>.jpg if OUT
+    is a folder), OUT/<name>.jpg for several. Refused before any work when that would lose a
+    file: two images of one name, or a file there that predict did not draw (an input image, a
+    dataset's photo, anything else)."""
+    several = len(images) > 1
+    if several:
+        named_like_a_file = out.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp")
+        if out.is_file() or (named_like_a_file and not out.exists()):
+            raise ValueError(f"--annotate {out}: not a folder (several images go in one)")
+        stems = Counter(path.stem for path in images)
+        if same := [str(path) for path in images if stems[path.stem] > 1]:
+            raise ValueError(
+                f"--annotate: {', '.join(same)} share a name, so their drawings in {out} would "
+                "overwrite each other"
+            )
+    into = several or out.is_dir()
+    targets = [out / f"{path.stem}.jpg" if into else out for path in images]
+    if kept := [str(target) for target in targets if target.is_file() and not _drawn(target)]:
+        raise ValueError(
+            f"--annotate: {', '.join(kept)} exists and is not a drawing of predict's; "
+            "choose another place"
+        )
+    return targets
+
+
+def _drawn(path: Path) -> bool:
+    """Whether ``path`` is a drawing --annotate saved (its JPEG comment says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("comment") == ANNOTATED_MARK
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def write_annotated(images: list[Path], results: list, targets: list[Path]) -> None:
     from .annotate import annotate
     from .preprocess import load_image
 
-    several = len(images) > 1
-    if several:
-        out.mkdir(parents=True, exist_ok=True)
-    for path, result in zip(images, results, strict=True):
-        target = out / f"{path.stem}.jpg" if several else out
-        annotate(load_image(path), result).save(target, quality=92)
+    if len(images) > 1:
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, result, target in zip(images, results, targets, strict=True):
+        annotate(load_image(path), result).save(target, quality=92, comment=ANNOTATED_MARK)
         print(f"wrote {target}", file=sys.stderr)
 
 

@@ -248,13 +248,41 @@ def test_predict_annotate_os_error_is_one_line(
     if several:  # the folder to create lies under a file
         (tmp_path / "file").write_bytes(b"")
         out, reason = tmp_path / "file" / "sub", "Not a directory"
-    else:  # the image to write is a folder
-        out, reason = tmp_path / "out.jpg", "Is a directory"
-        out.mkdir()
+    else:  # the folder of the image to write is missing
+        out, reason = tmp_path / "missing" / "out.jpg", "No such file or directory"
     args = ["--model", trained["export_dir"], "--annotate", str(out)]
     result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
     assert one_error_line(result) == f"error: {out}: {reason}"
     assert len(result.stdout.strip().splitlines()) == len(images)  # the predictions came first
+
+
+def test_predict_annotate_never_replaces_a_file_it_did_not_draw(
+    trained: dict, tmp_path: Path
+) -> None:
+    """--annotate into the images' own folder, or onto the image itself, replaced the photos;
+    a drawing of its own it replaces, so that a second run writes where the first did."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 40), (90 * i, 180, 60)).save(photos / f"{i}.jpg")
+    images = [str(photos / "0.jpg"), str(photos / "1.jpg")]
+    before = {path: Path(path).read_bytes() for path in images}
+    model = ["--model", trained["export_dir"]]
+    for command in (
+        [*images, *model, "--annotate", str(photos)],
+        [images[0], *model, "--annotate", images[0]],
+        [images[0], *model, "--annotate", images[1]],
+    ):
+        result = run_cli("lcnet_runner", "predict", *command, check=False)
+        line = one_error_line(result)
+        assert "is not a drawing of predict's; choose another place" in line
+        assert result.stdout == ""  # refused before any work
+    assert {path: Path(path).read_bytes() for path in images} == before
+    out = tmp_path / "out"
+    for _ in range(2):
+        run_cli("lcnet_runner", "predict", *images, *model, "--annotate", str(out))
+    run_cli("lcnet_runner", "predict", images[0], *model, "--annotate", str(out))  # a folder
+    assert sorted(p.name for p in out.iterdir()) == ["0.jpg", "1.jpg"]
 
 
 @pytest.mark.parametrize(
