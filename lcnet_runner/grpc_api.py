@@ -202,7 +202,7 @@ async def start_grpc_server(
     served: ServedModel, settings: ServingSettings, reloader: Reloader | None = None
 ) -> grpc.aio.Server:
     """The gRPC server of one worker; raises GrpcPortTakenError when another server's workers
-    hold the port."""
+    hold the port, or it cannot be bound (another program holds it)."""
     claim_port(settings.grpc_port, server_id(os.getppid()))
     options = [
         ("grpc.so_reuseport", 1),  # every worker binds the same port; the kernel picks one
@@ -225,7 +225,13 @@ async def start_grpc_server(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(services, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    server.add_insecure_port(address)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:  # "Failed to bind": a program other than a server of ours holds it
+        raise GrpcPortTakenError(
+            f"gRPC cannot listen on {address}, taken or not allowed: choose another port with "
+            "LCNET_GRPC_PORT, or turn gRPC off with LCNET_GRPC_PORT=0"
+        ) from None
     await server.start()
     logger.info("gRPC %s listening on %s", SERVICE_NAME, address)
     return server

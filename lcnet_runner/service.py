@@ -49,6 +49,7 @@ STARTED_ON_ENV = "LCNET_STARTED_ON"
 
 
 MODEL_ENV = "LCNET_MODEL"
+GRPC_PORT_ENV = "LCNET_GRPC_PORT"
 
 
 def _packed_version() -> str | None:
@@ -200,7 +201,7 @@ class LCNetService:
 
     @bentoml.on_startup
     async def start(self) -> None:
-        if self.settings.grpc_port:
+        if _serves_grpc(self.settings):
             from .grpc_api import GrpcPortTakenError, start_grpc_server
 
             try:
@@ -222,14 +223,37 @@ class LCNetService:
         await self.served.close()
 
 
+def _a_dependency() -> bool:
+    """Whether this worker serves ours as a dependency of another service (``bentoml.depends``)
+    rather than as the service `bentoml serve` was started for."""
+    from bentoml._internal.context import server_context
+
+    return server_context.service_type == "service"
+
+
+def _serves_grpc(settings: ServingSettings) -> bool:
+    """gRPC on its own port, by default only as the service `bentoml serve` was started for: as
+    a dependency of someone else's service, ours opens no port its host did not ask for (and no
+    second server's port clashes with it) unless LCNET_GRPC_PORT is set."""
+    if not settings.grpc_port:
+        return False
+    if _a_dependency() and GRPC_PORT_ENV not in os.environ:
+        logger.info(
+            "gRPC off: %s serves as a dependency; LCNET_GRPC_PORT turns it on", SERVICE_NAME
+        )
+        return False
+    return True
+
+
 def _stop_the_server(why: str) -> None:
     """Stop the whole `bentoml serve` — as a port taken by another process stops it — rather
-    than let BentoML restart a worker that cannot start, again and again."""
+    than let BentoML restart a worker that cannot start, again and again. Not as a dependency:
+    that server is someone else's service, which BentoML keeps up without ours."""
     from bentoml._internal.context import server_context
 
     logger.error("error: %s", why)
-    if server_context.worker_index is not None:  # a worker: its parent is the server
-        os.kill(os.getppid(), signal.SIGTERM)
+    if server_context.worker_index is not None and not _a_dependency():
+        os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
 
 
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).

@@ -108,9 +108,9 @@ class ServerProcess:
 class Server(ServerProcess):
     """A real `bentoml serve` on free loopback ports (HTTP and gRPC)."""
 
-    def __init__(self, target: str, env: dict[str, str], cwd: Path | None = None):
+    def __init__(self, target: str, env: dict[str, str | None], cwd: Path | None = None):
         """``target``: a project folder or Bento tag, as for ``bentoml serve``; ``cwd``: where to
-        run it (default: here)."""
+        run it (default: here); a variable of ``env`` set to None is left unset."""
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
@@ -120,6 +120,7 @@ class Server(ServerProcess):
             "LCNET_GRPC_HOST": "127.0.0.1",
             **env,
         }
+        full_env = {name: value for name, value in full_env.items() if value is not None}
         self.home = full_env["BENTOML_HOME"] = _own_home(full_env.get("BENTOML_HOME"))
         bentoml = str(Path(sys.executable).parent / "bentoml")
         command = [bentoml, "serve", target, "--host", "127.0.0.1", "--port", str(self.http_port)]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import bentoml
 import httpx
+import psutil
 import pytest
 from conftest import CLASS_NAMES, ROOT, run_cli
 
@@ -50,10 +52,24 @@ def best_category(trained: dict, photo: Path) -> str:
     return Predictor(trained["tag"], threads=1).predict(photo, top_k=1)[0]["category"]
 
 
+def listening(server: Server) -> list:
+    """The addresses the server's processes listen on."""
+    addresses = []
+    for process in [server.process, *psutil.Process(server.process.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            connections = psutil.Process(process.pid).net_connections("inet")
+            addresses += [c.laddr for c in connections if c.status == psutil.CONN_LISTEN]
+    return addresses
+
+
 def test_another_service_composes_ours_with_depends(trained: dict) -> None:
-    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1"}
+    # LCNET_GRPC_PORT unset: a dependency opens no gRPC port its host did not ask for
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", "LCNET_GRPC_PORT": None}
     server = Server("service:Shop", env, cwd=ROOT / "examples" / "compose").wait_ready()
     try:
+        addresses = listening(server)
+        assert all(a.ip == "127.0.0.1" and a.port != 50051 for a in addresses), addresses
+        assert "gRPC off: lcnet serves as a dependency" in server.output()
         photo = trained["dataset"] / "green" / "4.jpg"
         with bentoml.SyncHTTPClient(server.url) as client:
             answer = client.tag_product(photo=photo)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -261,6 +262,23 @@ def test_a_second_server_on_the_same_grpc_port_refuses_to_start(
     for _ in range(8):  # fresh connections: all to the first server
         with Client(server.grpc_url) as client:
             assert client.model_info()["tag"] == trained["tag"]
+
+
+def test_a_grpc_port_another_program_holds_stops_the_server(trained: dict) -> None:
+    """Not a server of ours (no claim to read): binding fails, and `bentoml serve` stops with the
+    reason ("exited early") instead of restarting the worker forever (a timeout here)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", "LCNET_GRPC_PORT": str(port)}
+        server = Server(".", env)
+        try:
+            with pytest.raises(AssertionError, match="exited early") as refused:
+                server.wait_ready(timeout=120)
+        finally:
+            server.stop()
+    assert f"gRPC cannot listen on 127.0.0.1:{port}" in str(refused.value)
 
 
 def test_a_grpc_port_is_claimed_by_one_live_server(tmp_path, monkeypatch) -> None:
