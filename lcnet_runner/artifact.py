@@ -328,6 +328,38 @@ def load_artifact(model: str | Path | ModelArtifact = DEFAULT_MODEL) -> ModelArt
     return load_folder(stored.path, tag=str(stored.tag))
 
 
+# Store tags as asked (``pplcnet:latest``) → the versions they named when `bentoml serve`
+# started, as JSON: recorded by the process that defines the services, whose environment every
+# worker (and one restarted hours later) starts with.
+PINNED_ENV = "LCNET_PINNED"
+
+
+def pinned_model(tag: str):
+    """A ``bentoml.models.BentoModel`` for ``tag`` at the version it names when `bentoml serve`
+    starts. Declared on a service class, it packs the model into a Bento; a worker, including one
+    BentoML restarts after a newer version was stored, loads that version rather than resolving
+    ``:latest`` again and serving another model than its siblings. ModelNotFoundError when the
+    store has no such model."""
+    import bentoml
+    from bentoml._internal.context import server_context
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    pinned = json.loads(os.environ.get(PINNED_ENV) or "{}")
+    if tag in pinned and server_context.worker_index is not None:
+        return bentoml.models.BentoModel(pinned[tag])
+    try:
+        version = str(bentoml.models.get(tag).tag)
+    except NotFound:
+        raise ModelNotFoundError(
+            f"model {tag!r} is not in the BentoML store ({bentoml_home()}); train one with "
+            "`python -m train fit DATASET` or list them with `bentoml models list`"
+        ) from None
+    except BentoMLException as err:
+        raise ModelNotFoundError(f"invalid model tag {tag!r}: {err}") from None
+    os.environ[PINNED_ENV] = json.dumps({**pinned, tag: version})
+    return bentoml.models.BentoModel(version)
+
+
 def cache_dir() -> Path:
     """``LCNET_CACHE``, else ~/.cache/lcnet-bento: pretrained weights, engine choices."""
     return Path(os.environ.get("LCNET_CACHE") or Path.home() / ".cache" / "lcnet-bento")

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 VERSION_HEADER = "X-Model-Version"  # on every answer: the model version that produced it
 
 
+def serving_as_dependency() -> bool:
+    """Whether this worker serves ours as a dependency of another service (``bentoml.depends``),
+    not as the service `bentoml serve` was started for: BentoML's own reading of its server
+    context, where it chooses ``is_main``."""
+    return server_context.service_type == "service"
+
+
 class RequestError(Exception):
     """A client error: an HTTP status (gRPC maps it to a status code, INVALID_ARGUMENT for most)
     and a message safe to return."""

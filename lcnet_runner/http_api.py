@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
 from . import handlers
@@ -174,7 +174,9 @@ async def answer(work: Awaitable[Any], version: str) -> JSONResponse:
 async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context) -> Any:
     """The typed routes' answer: the result, or (BentoML passes a Response through, with the
     context's status) the same 4xx ``{"error"}`` as the fast routes for a client's mistake,
-    e.g. an undecodable image. Both with the model version that answered."""
+    e.g. an undecodable image. Both with the model version that answered. As a dependency, the
+    message alone: BentoML's client makes the body its exception's message, which the calling
+    service would otherwise show as JSON inside JSON."""
     ctx.response.headers[handlers.VERSION_HEADER] = version
     try:
         return await work
@@ -183,6 +185,8 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
         if status is None:
             raise
         ctx.response.status_code = status
+        if handlers.serving_as_dependency():
+            return PlainTextResponse(str(err), status_code=status)
         return JSONResponse({"error": str(err)}, status_code=status)
 
 
@@ -420,7 +424,7 @@ class TypedApiGuard:
         if field is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if _internal(scope):
-            if _a_dependency():
+            if handlers.serving_as_dependency():
                 return await self.app(scope, receive, send)
             # BentoML refuses it here too, but with a JSON list for a body
             message = f"{PICKLE_TYPE.decode()} is only for calls between services"
@@ -460,14 +464,6 @@ def _internal(scope) -> bool:
     # exactly as BentoML does: a look-alike would pass here and reach BentoML's JSON parsing,
     # with no body limit.
     return bool(content_types) and content_types[0].split(b";")[0].strip() == PICKLE_TYPE
-
-
-def _a_dependency() -> bool:
-    """Whether this worker serves another service of its deployment (``bentoml.depends``), not
-    the public one: BentoML's own reading of its server context, where it chooses ``is_main``."""
-    from bentoml._internal.context import server_context
-
-    return server_context.service_type == "service"
 
 
 def _multipart_body(field: str, images: list[bytes], top_k: int) -> tuple[bytes, bytes]:

@@ -28,8 +28,8 @@ from . import handlers, http_api
 from .artifact import (
     ModelArtifact,
     ModelNotFoundError,
-    bentoml_home,
     load_folder,
+    pinned_model,
     verify_checksums,
 )
 from .choice import refuse_unusable
@@ -39,13 +39,6 @@ logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' IN
 SERVICE_NAME = "lcnet"
 AT_DEFINITION = ServingSettings.from_env()
 http_app = http_api.create_app(AT_DEFINITION.cors_origins)
-
-
-# The exact version a server starts on (``name:<version>``), resolved once by the process that
-# defines the service: `bentoml serve`'s own, which starts the workers with a copy of its
-# environment. A worker, and one restarted hours later, loads that version instead of resolving
-# ``name:latest`` again on its own and serving another version than its siblings.
-STARTED_ON_ENV = "LCNET_STARTED_ON"
 
 
 MODEL_ENV = "LCNET_MODEL"
@@ -67,24 +60,15 @@ def _packed_version() -> str | None:
 
 
 def _model_reference(tag: str) -> bentoml.models.BentoModel:
-    """Declared on the class so `bentoml build` packs the model; checked here so a missing model
-    is one clear message instead of a BentoCloud lookup error."""
-    from bentoml._internal.context import server_context  # BentoML sets it before the import
-
-    started_on = os.environ.get(STARTED_ON_ENV)
-    if started_on and server_context.worker_index is not None:
-        return bentoml.models.BentoModel(started_on)
+    """Declared on the class so `bentoml build` packs the model, pinned to the version the server
+    starts on (``pinned_model``); a missing model is one clear message instead of a BentoCloud
+    lookup error."""
     if MODEL_ENV not in os.environ:
         tag = _packed_version() or tag
     try:
-        version = str(bentoml.models.get(tag).tag)
-    except bentoml.exceptions.NotFound:
-        raise ModelNotFoundError(
-            f"model {tag!r} is not in the BentoML store ({bentoml_home()}); train one with "
-            "`make demo` or `python -m train fit DATASET`, or set LCNET_MODEL to another tag"
-        ) from None
-    os.environ[STARTED_ON_ENV] = version
-    return bentoml.models.BentoModel(version)
+        return pinned_model(tag)
+    except ModelNotFoundError as err:
+        raise ModelNotFoundError(f"{err} (LCNET_MODEL names the model to serve)") from None
 
 
 def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: ServingSettings) -> None:
@@ -223,21 +207,13 @@ class LCNetService:
         await self.served.close()
 
 
-def _a_dependency() -> bool:
-    """Whether this worker serves ours as a dependency of another service (``bentoml.depends``)
-    rather than as the service `bentoml serve` was started for."""
-    from bentoml._internal.context import server_context
-
-    return server_context.service_type == "service"
-
-
 def _serves_grpc(settings: ServingSettings) -> bool:
     """gRPC on its own port, by default only as the service `bentoml serve` was started for: as
     a dependency of someone else's service, ours opens no port its host did not ask for (and no
     second server's port clashes with it) unless LCNET_GRPC_PORT is set."""
     if not settings.grpc_port:
         return False
-    if _a_dependency() and GRPC_PORT_ENV not in os.environ:
+    if handlers.serving_as_dependency() and GRPC_PORT_ENV not in os.environ:
         logger.info(
             "gRPC off: %s serves as a dependency; LCNET_GRPC_PORT turns it on", SERVICE_NAME
         )
@@ -252,7 +228,7 @@ def _stop_the_server(why: str) -> None:
     from bentoml._internal.context import server_context
 
     logger.error("error: %s", why)
-    if server_context.worker_index is not None and not _a_dependency():
+    if server_context.worker_index is not None and not handlers.serving_as_dependency():
         os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
 
 

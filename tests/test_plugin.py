@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 from pathlib import Path
 
 import bentoml
 import httpx
 import psutil
 import pytest
-from conftest import CLASS_NAMES, ROOT, run_cli
+from conftest import CLASS_NAMES, ROOT, replacement, run_cli, workers
 
 from lcnet_runner import Predictor
 from lcnet_runner.testing import Server
@@ -25,13 +27,27 @@ def second_model(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> str
     return result.stdout.strip().split()[-1]
 
 
-def test_a_user_service_embeds_two_runners(trained: dict, second_model: str) -> None:
-    env = {"LCNET_MODEL_A": trained["tag"], "LCNET_MODEL_B": second_model}
+def test_a_user_service_embeds_two_runners(trained: dict, second_model: str, tmp_path) -> None:
+    """Two models side by side, B named by ``other:latest``: pinned, so a worker BentoML
+    restarts after a newer ``other`` was stored still serves what B served (it resolved
+    ``:latest`` again and answered with another model than its siblings)."""
+    env = {"LCNET_MODEL_A": trained["tag"], "LCNET_MODEL_B": "other:latest"}
     server = Server("service:ABPair", env, cwd=ROOT / "examples" / "ab_pair").wait_ready()
     try:
         image = trained["dataset"] / "green" / "3.jpg"
         with bentoml.SyncHTTPClient(server.url) as client:
             answer = client.compare(image=Path(image), top_k=2)
+        labels = tmp_path / "labels.txt"
+        labels.write_text("".join(f"newer {i}\n" for i in range(len(CLASS_NAMES))))
+        run_cli(
+            "train", "import", trained["export_dir"], "--name", "other", "--labels", str(labels)
+        )
+        (victim,) = workers(server)
+        os.kill(victim, signal.SIGKILL)
+        replacement(server, victim, count=1)
+        with bentoml.SyncHTTPClient(server.url, server_ready_timeout=60) as client:
+            again = client.compare(image=Path(image), top_k=2)
+        assert again == answer
         # Not an image: BentoML answers the runner's InvalidImageError with 400, not 500.
         refused = httpx.post(f"{server.url}/compare", files={"image": ("a.txt", b"words")})
         assert refused.status_code == 400 and "Pillow" in refused.text
@@ -76,6 +92,11 @@ def test_another_service_composes_ours_with_depends(trained: dict) -> None:
             assert client.tag_products(photos=[photo, photo]) == [best_category(trained, photo)] * 2
         # ours checks a batch from another service as one over HTTP: none is a 422, not a 500
         assert httpx.post(f"{server.url}/tag_products", json={"photos": []}).status_code == 422
+        # ours answers another service with the message alone, not JSON for it to wrap again
+        # (BentoML 1.4 puts an error it answers in a list: [{"error": ...}])
+        refused = httpx.post(f"{server.url}/tag_product", files={"photo": ("a.txt", b"words")})
+        assert refused.status_code == 400
+        assert refused.json() == [{"error": "not an image format Pillow can read"}]
     finally:
         server.stop()
     (best,) = Predictor(trained["tag"], threads=1).predict(photo, top_k=1)

@@ -36,8 +36,8 @@ def client(trained: dict):
     comes from the environment), its ASGI app started with its lifespan: one worker's runner."""
     env = {"LCNET_MODEL": trained["tag"], "LCNET_GRPC_PORT": "0", "LCNET_MAX_BATCH_IMAGES": "4",
            "LCNET_MAX_BODY_BYTES": str(1 << 20), "LCNET_CORS_ORIGINS": SHOP}  # fmt: skip
-    # LCNET_STARTED_ON too: defining the service records the version it resolved there.
-    saved = {k: os.environ.get(k) for k in [*env, "LCNET_STARTED_ON"]}
+    # LCNET_PINNED too: defining the service records the version it resolved there.
+    saved = {k: os.environ.get(k) for k in [*env, "LCNET_PINNED"]}
     os.environ.update(env)
     try:
         import lcnet_runner.service as service

@@ -3,12 +3,12 @@
     LCNET_MODEL_A=pplcnet:latest LCNET_MODEL_B=other:latest bentoml serve service:ABPair
 
 Each worker holds one runner per model (in-process, batching on its own); the service's own
-``@bentoml.api`` calls them. The ``BentoModel`` references make ``bentoml build`` pack both
-models; ``lcnet_runner`` is not on PyPI, so a bentofile for this service lists it under
-``python.packages`` (``lcnet-bento @ git+<your clone>``) or includes a copy of it. An
-undecodable upload is BentoML's InvalidArgument (400), and each runner's batch sizes and latencies
-are on ``/metrics`` under its own ``model`` label: its side and tag (``a/pplcnet:…``), so two
-versions of one model, the usual A/B, stay apart.
+``@bentoml.api`` calls them. The ``BentoModel`` references (``pinned_model``) make ``bentoml
+build`` pack both models; ``lcnet_runner`` is not on PyPI, so a bentofile for this service lists
+it under ``python.packages`` (``lcnet-bento @ git+<your clone>``) or includes a copy of it. An
+undecodable upload is BentoML's InvalidArgument (400), and each runner's batch sizes and
+latencies are on ``/metrics`` under its own ``model`` label: its side and tag (``a/pplcnet:…``),
+so two versions of one model, the usual A/B, stay apart.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import bentoml
 
+from lcnet_runner import LCNetRunner, pinned_model
 from lcnet_runner.metrics import PrometheusObserver
-from lcnet_runner.runner import LCNetRunner
 
 
 @bentoml.service(workers=1)
 class ABPair:
-    model_a = bentoml.models.BentoModel(os.environ.get("LCNET_MODEL_A", "pplcnet:latest"))
-    model_b = bentoml.models.BentoModel(os.environ.get("LCNET_MODEL_B", "pplcnet:latest"))
+    # The versions the tags name when `bentoml serve` starts: a restarted worker loads them too.
+    model_a = pinned_model(os.environ.get("LCNET_MODEL_A", "pplcnet:latest"))
+    model_b = pinned_model(os.environ.get("LCNET_MODEL_B", "pplcnet:latest"))
 
     def __init__(self) -> None:
         # 2 cores, 1 worker: each runner's engine gets one thread.
