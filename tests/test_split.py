@@ -130,14 +130,42 @@ def test_class_names_are_kept_exactly_from_folder_to_model(tmp_path: Path) -> No
         write_labels_file(tmp_path / "bad.txt", ["two\nlines"])
 
 
+def _lists(dataset: Path) -> dict[str, str]:
+    return {s: (dataset / f"{s}_list.txt").read_text("utf-8") for s in SPLITS}
+
+
 def test_split_is_deterministic_per_seed(dataset: Path) -> None:
     def snapshot(seed: int) -> dict[str, str]:
-        split_dataset(dataset, seed=seed)
-        return {s: (dataset / f"{s}_list.txt").read_text("utf-8") for s in SPLITS}
+        split_dataset(dataset, seed=seed, reshuffle=True)
+        return _lists(dataset)
 
     first = snapshot(0)
     assert snapshot(0) == first
-    assert snapshot(1) != first
+    second = snapshot(1)
+    assert second != first
+    split_dataset(dataset, seed=0)  # without reshuffle: the listed images keep their split
+    assert _lists(dataset) == second
+
+
+def test_a_second_split_keeps_every_listed_images_split(tmp_path: Path) -> None:
+    """New images in one class: they are distributed, and no image changes split (one moved
+    from test to train would score any model trained on it unfairly); the other classes' lists
+    stay as they were."""
+    for name in ("cat", "dog"):
+        for i in range(20):
+            _save(tmp_path / name / f"{i}.jpg")
+    split_dataset(tmp_path)
+    before = {split: dict(read_split(tmp_path, split)) for split in SPLITS}
+    for i in range(20, 30):
+        _save(tmp_path / "cat" / f"{i}.jpg")
+    result = split_dataset(tmp_path)
+    after = {split: dict(read_split(tmp_path, split)) for split in SPLITS}
+    for split in SPLITS:
+        assert before[split].keys() <= after[split].keys()
+    assert result.counts == {"train": 35, "val": 10, "test": 5}  # cat 21:6:3, dog 14:4:2
+    assert result.notes()[0].startswith("kept the split of 40 images already listed, 10 new")
+    dog = {split: {p for p in after[split] if p.parent.name == "dog"} for split in SPLITS}
+    assert dog == {split: {p for p in before[split] if p.parent.name == "dog"} for split in SPLITS}
 
 
 def test_tiny_classes_keep_a_training_image(tmp_path: Path) -> None:

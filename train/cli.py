@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-ratio", "--val_value", type=_ratio, default=0.2)
     p.add_argument("--test-ratio", "--test_value", type=_ratio, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--reshuffle",
+        action="store_true",
+        help="split afresh; by default images already listed keep their split",
+    )
 
     d = FitConfig()
     p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store")
@@ -246,7 +251,9 @@ def run_demo_data(args: argparse.Namespace) -> None:
 def run_split(args: argparse.Namespace) -> None:
     from .split import split_dataset
 
-    result = split_dataset(args.dataset, args.val_ratio, args.test_ratio, args.seed)
+    result = split_dataset(
+        args.dataset, args.val_ratio, args.test_ratio, args.seed, reshuffle=args.reshuffle
+    )
     print(
         f"{len(result.labels)} classes; train {result.counts['train']}, "
         f"val {result.counts['val']}, test {result.counts['test']} images"

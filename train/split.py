@@ -3,7 +3,9 @@
 Replaces PaddleX 2's ``paddlex --split_dataset --format ImageNet``: given
 ``DATASET/<class>/<image>``, writes ``labels.txt`` and ``{train,val,test}_list.txt``
 (lines ``class/file.jpg <label_index>``) into ``DATASET``. Unreadable images are left
-out and reported instead of breaking training later.
+out and reported instead of breaking training later. Splitting a folder again keeps the split of
+every image already listed and distributes only new ones, so no image a model was evaluated on
+moves into training; ``reshuffle`` splits afresh.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,13 +42,20 @@ class SplitResult:
     counts: dict[str, int]  # {"train": n, "val": n, "test": n}
     skipped: list[str]  # relative paths of unreadable images, sorted
     empty: list[str] = field(default_factory=list)  # class folders without a readable image
+    kept: int = 0  # images whose split an earlier split's lists gave
 
     def notes(self) -> list[str]:
-        """What was left out, as lines for the user (``split`` prints them, ``fit`` logs them)."""
+        """What was kept and left out, as lines for the user (``split`` prints them, ``fit``
+        logs them)."""
         skipped = {"unreadable images": self.skipped,
                    "class folders with no readable image": self.empty}  # fmt: skip
-        return [f"skipped {len(names)} {what}: {', '.join(names)}"
-                for what, names in skipped.items() if names]  # fmt: skip
+        lines = [f"skipped {len(names)} {what}: {', '.join(names)}"
+                 for what, names in skipped.items() if names]  # fmt: skip
+        if self.kept:
+            new = sum(self.counts.values()) - self.kept
+            lines.insert(0, f"kept the split of {self.kept} images already listed, {new} new "
+                            "distributed (--reshuffle splits afresh)")  # fmt: skip
+        return lines
 
 
 def is_image_file(path: Path) -> bool:
@@ -60,10 +70,13 @@ def split_dataset(
     val_ratio: float = 0.2,
     test_ratio: float = 0.1,
     seed: int = 0,
+    reshuffle: bool = False,
 ) -> SplitResult:
-    """Verify every image, split each class by the ratios and write the list files."""
+    """Verify every image, split each class by the ratios and write the list files. Images the
+    folder's lists already name keep their split unless ``reshuffle``."""
     _check_ratios(val_ratio, test_ratio)
     root = _check_dir(Path(dataset_dir))
+    previous = {} if reshuffle else _listed_splits(root)
     candidates = _find_images(root)
     if not candidates:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -88,15 +101,16 @@ def split_dataset(
     if len(labels) == 1:
         raise DatasetError(f"needs at least 2 classes, found 1: {labels[0]!r}")
 
-    rng = random.Random(seed)
     lists: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
+    kept = 0
     for index, label in enumerate(labels):
-        files = sorted(good[label])  # sort first so the shuffle is platform-independent
-        rng.shuffle(files)
-        n_val, n_test = _split_sizes(len(files), val_ratio, test_ratio)
-        lists["val"] += [(f, index) for f in files[:n_val]]
-        lists["test"] += [(f, index) for f in files[n_val : n_val + n_test]]
-        lists["train"] += [(f, index) for f in files[n_val + n_test :]]
+        files = sorted(good[label])  # sorted: the same lists on every platform
+        # A generator per class: new images in one class leave the others' split as it was.
+        rng = random.Random(f"{seed}/{label}")
+        split_of = _assign(files, previous, rng, val_ratio, test_ratio)
+        kept += sum(f in previous for f in files)
+        for f in files:
+            lists[split_of[f]].append((f, index))
 
     for split, entries in lists.items():
         write_text_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
@@ -105,7 +119,45 @@ def split_dataset(
     counts = {split: len(entries) for split, entries in lists.items()}
     # Said, not refused: a folder made for a class still to be collected is common.
     empty = [d.name for d in _class_dirs(root) if d.name not in good]
-    return SplitResult(labels=labels, counts=counts, skipped=sorted(skipped), empty=empty)
+    return SplitResult(
+        labels=labels, counts=counts, skipped=sorted(skipped), empty=empty, kept=kept
+    )
+
+
+def _listed_splits(root: Path) -> dict[str, str]:
+    """Which split the folder's list files give each image (``class/file.jpg``); {} without
+    lists."""
+    listed: dict[str, str] = {}
+    for split in SPLITS:
+        path = root / f"{split}_list.txt"
+        if path.is_file():
+            for line in read_lines(path):
+                rel = line.rpartition(" ")[0]
+                if rel:
+                    listed.setdefault(rel, split)
+    return listed
+
+
+def _assign(
+    files: list[str],
+    previous: dict[str, str],
+    rng: random.Random,
+    val_ratio: float,
+    test_ratio: float,
+) -> dict[str, str]:
+    """Each of a class's files' split: one listed before keeps it (moved into training, an image
+    a model was evaluated on would score it unfairly), new ones fill val and test up to the
+    ratios, in a random order, and the rest trains."""
+    split_of = {f: previous[f] for f in files if f in previous}
+    new = [f for f in files if f not in split_of]
+    rng.shuffle(new)
+    n_val, n_test = _split_sizes(len(files), val_ratio, test_ratio)
+    held = Counter(split_of.values())
+    new_val = min(len(new), max(0, n_val - held["val"]))
+    new_test = min(len(new) - new_val, max(0, n_test - held["test"]))
+    for i, f in enumerate(new):
+        split_of[f] = "val" if i < new_val else "test" if i < new_val + new_test else "train"
+    return split_of
 
 
 def read_labels(dataset_dir: str | Path) -> list[str]:
@@ -172,7 +224,7 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     return (
         f"{len(unlisted)} images in {given} are in no split list (added since the split, or "
         f"unreadable then): {names}{more}{classes}. Training uses the lists as they are; "
-        f"`python -m train split {given}` splits the folder again"
+        f"`python -m train split {given}` adds them (listed images keep their split)"
     )
 
 
