@@ -59,14 +59,19 @@ def progress_to_stderr() -> Iterator[None]:
     Python and C++ alike: paddle2onnx's progress, NNCF's progress bars), so that stdout keeps
     only what a command prints as its result (fit's JSON summary, piped to jq)."""
     sys.stdout.flush()
-    saved = os.dup(1)
+    # fd 1, and in rank 0 of a data-parallel run the console's, which Python's stdout writes to
+    # there (take_console)
+    fds = sorted({1, sys.stdout.fileno()})
+    saved = [os.dup(fd) for fd in fds]
     try:
-        os.dup2(2, 1)
+        for fd in fds:
+            os.dup2(2, fd)
         yield
     finally:
         sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        for fd, copy in zip(fds, saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 @dataclass

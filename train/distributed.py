@@ -181,8 +181,11 @@ def take_console() -> None:
         _, fds, _, _ = socket.recv_fds(client, 16, 2)
     sys.stdout.flush()
     sys.stderr.flush()
-    for fd, target in zip(fds, (1, 2), strict=True):
-        os.dup2(fd, target)
-        os.close(fd)
-    # Python chose block buffering for the log file; a terminal wants each line as it comes.
-    sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    console_out, console_err = fds
+    os.dup2(console_err, 2)
+    os.close(console_err)
+    # Python's stdout only, not fd 1: stdout carries the result, and native writes to fd 1 stay
+    # in the rank's log, among them the C++ stack Paddle dumps when the launcher ends the ranks
+    # with SIGTERM after a Ctrl+C. A terminal wants each line as it comes.
+    buffering = 1 if os.isatty(console_out) else -1  # 1: by line
+    sys.stdout = open(console_out, "w", encoding="utf-8", buffering=buffering)  # noqa: SIM115
