@@ -38,6 +38,19 @@ def test_import_checkpoint_reproduces_the_model(trained: dict) -> None:
     )
 
 
+def test_paddleclas_label_files_lose_their_indices(trained: dict, tmp_path: Path) -> None:
+    """PaddleClas's class_id_map_file puts each class's index first ("0 tench, Tinca tinca")."""
+    labels = tmp_path / "class_id_map.txt"
+    labels.write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASS_NAMES)))
+    result = run_cli(
+        "train", "import", str(trained["save_dir"] / "best.pdparams"), "--name", "paddleclas",
+        "--model", "PPLCNet_x0_25", "--labels", str(labels), "--input-size", "32",
+        "--resize-short", "36",
+    )  # fmt: skip
+    tag = result.stdout.strip().split()[-1]
+    assert Predictor(tag, threads=1).labels == tuple(CLASS_NAMES)
+
+
 def test_import_paddleclas_style_folder(trained: dict, tmp_path: Path) -> None:
     """A PaddleClas export: no labels.txt or model_info.json, labels only in inference.yml."""
     folder = tmp_path / "paddleclas_export"
@@ -92,13 +105,22 @@ def test_import_folder_with_new_labels_renames_them_everywhere(
         (["{ckpt}", "--model", "PPLCNet_x1_0", "--labels", "{labels}"], "does not match the model"),
         (["/no/such/dir"], "/no/such/dir: no such model folder or .pdparams file"),
         (["{labels}"], "expected an exported model folder or a .pdparams file"),  # a file
+        # the class count of the checkpoint, not its parameter names (3 classes here)
+        (["{ckpt}", "--model", "PPLCNet_x0_25", "--labels", "{two}"], "classifies 3 classes, "),
+        (["{ckpt}", "--model", "PPLCNet_x0_25", "--labels", "{twice}"], "named twice: 'a'"),
     ],
 )
-def test_import_errors_are_one_line(trained: dict, args: list[str], message: str) -> None:
+def test_import_errors_are_one_line(
+    trained: dict, args: list[str], message: str, tmp_path: Path
+) -> None:
     values = {
         "ckpt": trained["save_dir"] / "best.pdparams",
         "labels": trained["dataset"] / "labels.txt",
+        "two": tmp_path / "two.txt",
+        "twice": tmp_path / "twice.txt",
     }
+    values["two"].write_text("a\n\nb\n")  # a blank line: 2 names
+    values["twice"].write_text("a\nb\na\n")
     result = run_cli("train", "import", *[a.format(**values) for a in args], check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

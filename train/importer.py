@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,28 @@ from lcnet_runner.preprocess import PreprocessConfig
 
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .model import SCALES, build_model
-from .pretrained import load_weights
+from .pretrained import load_weights, read_state_dict
+
+
+def read_label_names(path: Path) -> list[str]:
+    """``--labels``: one class name a line, in class-index order. PaddleClas's own label files
+    (``class_id_map_file``: ``0 tench, Tinca tinca``) put each class's index first; when every
+    line starts with its own index, 0, 1, 2…, the indices are dropped, or every answer would
+    name ``0 tench``. Names must differ: two classes of one name cannot be told apart."""
+    names = list(read_labels_file(path))
+    numbered = [line.partition(" ") for line in names]
+    if all(index == str(i) and name for i, (index, _, name) in enumerate(numbered)):
+        names = [name for _, _, name in numbered]
+    if twice := sorted(name for name, count in Counter(names).items() if count > 1):
+        shown = ", ".join(repr(name) for name in twice[:3])
+        raise ValueError(f"--labels {path}: each class needs its own name; named twice: {shown}")
+    return names
+
+
+def _classes_of(checkpoint: Path) -> int | None:
+    """The class count of a PP-LCNet checkpoint's classifier (None if it has none)."""
+    bias = read_state_dict(checkpoint).get("fc.bias")
+    return None if bias is None else int(bias.shape[0])
 
 
 def _architecture_from_yml(folder: Path) -> str | None:
@@ -111,7 +133,7 @@ def import_model(
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(errno.ENOENT, "no such model folder or .pdparams file", str(source))
-    label_list = list(read_labels_file(Path(labels))) if labels else None
+    label_list = read_label_names(Path(labels)) if labels else None
     with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
         folder = Path(tmp) / "model"
         if source.is_dir():
@@ -121,6 +143,12 @@ def import_model(
                 raise ValueError(
                     "importing a .pdparams checkpoint needs --model (one of "
                     f"{', '.join(SCALES)}) and --labels FILE"
+                )
+            classes = _classes_of(source)
+            if classes is not None and classes != len(label_list):
+                raise ValueError(
+                    f"{source} classifies {classes} classes, --labels {labels} names "
+                    f"{len(label_list)}"
                 )
             network = build_model(model, num_classes=len(label_list))
             load_weights(network, source, strict=True)
