@@ -17,10 +17,12 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
 import yaml
 from fastapi import Header
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -40,6 +42,10 @@ SERVICE_NAME = "lcnet"
 AT_DEFINITION = ServingSettings.from_env()
 http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 
+
+# The typed routes' top_k, documented with its bound (TypedApiGuard refuses 0 over HTTP with
+# 422; BentoML checks a call from another service).
+TopK = Annotated[int, Field(ge=1, description="how many classes to return, best first")]
 
 MODEL_ENV = "LCNET_MODEL"
 GRPC_PORT_ENV = "LCNET_GRPC_PORT"
@@ -166,18 +172,21 @@ class LCNetService:
     # re-encoded by TypedApiGuard first, a call from another service (bentoml.depends) was not.
     @bentoml.api(route="/predict")
     async def predict(
-        self, image: Path, ctx: bentoml.Context, top_k: int = 1
+        self, image: Path, ctx: bentoml.Context, top_k: TopK = 1
     ) -> list[http_api.PredictionOut]:
-        """Classify one image (the same answer as /classify)."""
+        """Classify one image (the same answer as /classify). Errors, as {"error": "..."}: 400
+        not an image, 413 too large, 415 not multipart, 422 a missing field or top_k < 1."""
         with self.served.pinned() as runner:
             work = handlers.classify(runner, image.read_bytes(), top_k)
             return await http_api.typed_answer(work, runner.tag, ctx)
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(
-        self, images: list[Path], ctx: bentoml.Context, top_k: int = 1
+        self, images: list[Path], ctx: bentoml.Context, top_k: TopK = 1
     ) -> list[list[http_api.PredictionOut]]:
-        """Classify several images (the same answer as /classify_batch)."""
+        """Classify several images (the same answer as /classify_batch). Errors, as {"error":
+        "..."}: 400 not an image, 413 too large or too many, 415 not multipart, 422 a missing
+        field, no image or top_k < 1."""
         with self.served.pinned() as runner:
             photos = [image.read_bytes() for image in images]
             work = handlers.classify_batch(runner, self.settings, photos, top_k)

@@ -252,6 +252,10 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     assert "get" in paths["/model"]
     for path in ("/predict", "/predict_batch", "/image-classification"):  # typed, PaddleX
         assert "post" in paths[path], path
+    for path in ("/predict", "/predict_batch"):  # BentoML's schema: the bound on top_k
+        body = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        assert body["properties"]["top_k"]["minimum"] == 1
+        assert "415 not multipart" in paths[path]["post"]["description"]
     assert not any(path.startswith("/ui") for path in paths)
     schemas = spec["components"]["schemas"]
     assert set(schemas["PredictionOut"]["properties"]) == {"category_id", "category", "score"}
