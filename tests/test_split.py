@@ -71,6 +71,8 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
         counts={"train": 15, "val": 4, "test": 2},
         skipped=["cat/truncated.jpg", "cat/zero.jpg"],
         empty=["empty"],  # said, and not a class
+        ignored=["cat/notes.txt", "empty/nested"],  # said: a .tiff, or images a level too deep
+        small=[f"{UNICODE_CLASS} (4)"],  # no test image
     )
     # Per class (n -> val, test): 10 -> 2, 1;  7 -> 1, 1;  4 -> 1, 0.
     assert _labels_per_split(dataset) == {
@@ -81,6 +83,9 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
     assert result.notes() == [
         "skipped 2 unreadable images: cat/truncated.jpg, cat/zero.jpg",
         "skipped 1 class folders with no readable image: empty",
+        "ignored 2 files or folders in class folders that are not bmp/jpeg/jpg/png/webp images "
+        "(images go straight into their class folder): cat/notes.txt, empty/nested",
+        f"1 classes have too few images for one in val or test: {UNICODE_CLASS} (4)",
     ]
     assert read_labels(dataset) == result.labels
     assert (dataset / "labels.txt").read_text(encoding="utf-8") == "cat\ndog house\nünïcødé 猫\n"

@@ -43,19 +43,34 @@ class SplitResult:
     skipped: list[str]  # relative paths of unreadable images, sorted
     empty: list[str] = field(default_factory=list)  # class folders without a readable image
     kept: int = 0  # images whose split an earlier split's lists gave
+    ignored: list[str] = field(default_factory=list)  # other files and sub-folders of classes
+    small: list[str] = field(default_factory=list)  # classes too small for a val or test image
 
     def notes(self) -> list[str]:
         """What was kept and left out, as lines for the user (``split`` prints them, ``fit``
         logs them)."""
-        skipped = {"unreadable images": self.skipped,
-                   "class folders with no readable image": self.empty}  # fmt: skip
-        lines = [f"skipped {len(names)} {what}: {', '.join(names)}"
-                 for what, names in skipped.items() if names]  # fmt: skip
+        lines = []
         if self.kept:
             new = sum(self.counts.values()) - self.kept
-            lines.insert(0, f"kept the split of {self.kept} images already listed, {new} new "
-                            "distributed (--reshuffle splits afresh)")  # fmt: skip
+            lines.append(f"kept the split of {self.kept} images already listed, {new} new "
+                         "distributed (--reshuffle splits afresh)")  # fmt: skip
+        exts = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+        left_out = {
+            "skipped {} unreadable images": self.skipped,
+            "skipped {} class folders with no readable image": self.empty,
+            f"ignored {{}} files or folders in class folders that are not {exts} images "
+            "(images go straight into their class folder)": self.ignored,
+            "{} classes have too few images for one in val or test": self.small,
+        }
+        lines += [f"{what.format(len(names))}: {some(names)}"
+                  for what, names in left_out.items() if names]  # fmt: skip
         return lines
+
+
+def some(names: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names``, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def is_image_file(path: Path) -> bool:
@@ -102,25 +117,42 @@ def split_dataset(
         raise DatasetError(f"needs at least 2 classes, found 1: {labels[0]!r}")
 
     lists: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
-    kept = 0
+    small = []
     for index, label in enumerate(labels):
         files = sorted(good[label])  # sorted: the same lists on every platform
         # A generator per class: new images in one class leave the others' split as it was.
         rng = random.Random(f"{seed}/{label}")
         split_of = _assign(files, previous, rng, val_ratio, test_ratio)
-        kept += sum(f in previous for f in files)
         for f in files:
             lists[split_of[f]].append((f, index))
+        held = set(split_of.values())
+        if (val_ratio and "val" not in held) or (test_ratio and "test" not in held):
+            small.append(f"{label} ({len(files)})")
 
     for split, entries in lists.items():
         write_text_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
     write_labels_file(root / LABELS_FILE, labels)
 
-    counts = {split: len(entries) for split, entries in lists.items()}
-    # Said, not refused: a folder made for a class still to be collected is common.
-    empty = [d.name for d in _class_dirs(root) if d.name not in good]
     return SplitResult(
-        labels=labels, counts=counts, skipped=sorted(skipped), empty=empty, kept=kept
+        labels=labels,
+        counts={split: len(entries) for split, entries in lists.items()},
+        skipped=sorted(skipped),
+        # Said, not refused: a folder made for a class still to be collected is common.
+        empty=[d.name for d in _class_dirs(root) if d.name not in good],
+        kept=sum(rel in previous for files in good.values() for rel in files),
+        ignored=_ignored(root),
+        small=small,
+    )
+
+
+def _ignored(root: Path) -> list[str]:
+    """What the class folders hold besides images a split takes: other files (``.tiff``,
+    ``.gif``) and sub-folders; hidden ones are no one's images."""
+    return sorted(
+        _readable_name(p.relative_to(root).as_posix())
+        for d in _class_dirs(root)
+        for p in d.iterdir()
+        if not p.name.startswith(".") and (p.is_dir() or not is_image_file(p))
     )
 
 
@@ -213,8 +245,7 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     unlisted = [p.relative_to(root).as_posix() for p in _find_images(root) if p not in listed]
     if not unlisted:
         return None
-    names = ", ".join(_readable_name(rel) for rel in unlisted[:shown])
-    more = f" and {len(unlisted) - shown} more" if len(unlisted) > shown else ""
+    names = some([_readable_name(rel) for rel in unlisted], shown)
     known = set(read_labels(root)) if (root / LABELS_FILE).is_file() else set()
     new_classes = sorted({rel.split("/")[0] for rel in unlisted} - known)
     classes = (
@@ -223,7 +254,7 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     given = Path(dataset_dir)  # the folder named as the user named it
     return (
         f"{len(unlisted)} images in {given} are in no split list (added since the split, or "
-        f"unreadable then): {names}{more}{classes}. Training uses the lists as they are; "
+        f"unreadable then): {names}{classes}. Training uses the lists as they are; "
         f"`python -m train split {given}` adds them (listed images keep their split)"
     )
 
