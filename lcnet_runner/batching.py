@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 logger = logging.getLogger(__name__)
 # A turn of an idle event loop takes ~10 µs; a turn that ran a request handler takes far longer.
@@ -44,6 +44,14 @@ class BatchStats:
 
 class BatcherClosedError(RuntimeError):
     """Raised for calls after close()."""
+
+
+class _Entry(NamedTuple, Generic[T, R]):
+    """A queued item, the future its caller awaits, and when it was queued."""
+
+    item: T
+    future: asyncio.Future[R]
+    queued_at: float
 
 
 class AdaptiveBatcher(Generic[T, R]):
@@ -74,7 +82,7 @@ class AdaptiveBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._process_here = process_here
         self._name = name
-        self._queue: deque[tuple[T, asyncio.Future[R], float]] = deque()
+        self._queue: deque[_Entry[T, R]] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # One engine thread: the engine is not re-entrant, and its own threads do the math.
@@ -93,7 +101,7 @@ class AdaptiveBatcher(Generic[T, R]):
             self._start_worker(loop)
         now = time.perf_counter()
         futures = [loop.create_future() for _ in items]
-        self._queue.extend((item, fut, now) for item, fut in zip(items, futures, strict=True))
+        self._queue.extend(_Entry(item, fut, now) for item, fut in zip(items, futures, strict=True))
         self._wakeup.set()
         results = await asyncio.gather(*futures, return_exceptions=True)
         for result in results:
@@ -107,7 +115,7 @@ class AdaptiveBatcher(Generic[T, R]):
         belongs to the first loop that waits on it, and what was queued on a loop that has gone
         can never be answered there."""
         self._wakeup = asyncio.Event()
-        self._queue = deque(entry for entry in self._queue if entry[1].get_loop() is loop)
+        self._queue = deque(entry for entry in self._queue if entry.future.get_loop() is loop)
         self._task = loop.create_task(self._worker(), name=self._name)
 
     def warm_up(self, batches: Iterable[list[T]]) -> None:
@@ -139,11 +147,13 @@ class AdaptiveBatcher(Generic[T, R]):
                     raise  # our caller gave up; the worker goes on draining
         self._executor.shutdown(wait=True)
 
-    def _take(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
+    def _take(self) -> list[_Entry[T, R]]:
+        batch: list[_Entry[T, R]] = []
         while self._queue and len(batch) < self._max_batch_size:
             entry = self._queue.popleft()
-            if not entry[1].cancelled():  # the caller went away (client disconnected)
+            if not entry.future.cancelled():  # the caller went away (client disconnected)
                 batch.append(entry)
+        return batch
 
     async def _loop_is_busy(self) -> bool:
         """Yield once; other callbacks ran meanwhile if that took more than a few microseconds."""
@@ -151,7 +161,7 @@ class AdaptiveBatcher(Generic[T, R]):
         await asyncio.sleep(0)
         return time.perf_counter() - start > _IDLE_TURN_S
 
-    async def _next_batch(self) -> list[tuple[T, asyncio.Future[R], float]]:
+    async def _next_batch(self) -> list[_Entry[T, R]]:
         while not self._queue and not self._closed:
             self._wakeup.clear()
             await self._wakeup.wait()
@@ -162,12 +172,10 @@ class AdaptiveBatcher(Generic[T, R]):
         while len(self._queue) < self._max_batch_size and time.perf_counter() < deadline:
             if not await self._loop_is_busy():
                 break
-        batch: list[tuple[T, asyncio.Future[R], float]] = []
-        self._take(batch)
-        return batch
+        return self._take()
 
     async def _worker(self) -> None:
-        batch: list[tuple[T, asyncio.Future[R], float]] = []
+        batch: list[_Entry[T, R]] = []
         try:
             while not (self._closed and not self._queue):
                 batch = await self._next_batch()
@@ -178,21 +186,19 @@ class AdaptiveBatcher(Generic[T, R]):
             self._fail_waiting(batch, exc)
             raise
 
-    def _fail_waiting(
-        self, batch: list[tuple[T, asyncio.Future[R], float]], why: BaseException
-    ) -> None:
+    def _fail_waiting(self, batch: list[_Entry[T, R]], why: BaseException) -> None:
         """Fail the batch taken and everything queued with BatcherClosedError."""
         message = f"{self._name} stopped ({type(why).__name__}) before answering"
-        for _, fut, _ in [*batch, *self._queue]:
-            if not fut.done():
-                fut.set_exception(BatcherClosedError(message))
+        for entry in [*batch, *self._queue]:
+            if not entry.future.done():
+                entry.future.set_exception(BatcherClosedError(message))
         self._queue.clear()
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future[R], float]]) -> None:
+    async def _run(self, batch: list[_Entry[T, R]]) -> None:
         """Run one batch (on the loop via ``process_here``, else in the engine thread) and hand
         each caller its result, or the batch's error."""
         loop = asyncio.get_running_loop()
-        items = [entry[0] for entry in batch]
+        items = [entry.item for entry in batch]
         start = time.perf_counter()
         try:
             here = self._process_here(items) if self._process_here else None
@@ -205,13 +211,13 @@ class AdaptiveBatcher(Generic[T, R]):
                 )
         except Exception as exc:  # a bad batch fails its callers, never the batcher
             error = _futurable(exc, self._name)
-            for _, fut, _ in batch:
-                if not fut.done():
-                    fut.set_exception(error)
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(error)
         else:
-            for (_, fut, _), result in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():
+                    entry.future.set_result(result)
         self._report(batch, start)
 
     def _process_safely(self, items: list[T]) -> Sequence[R]:
@@ -222,11 +228,12 @@ class AdaptiveBatcher(Generic[T, R]):
         except StopIteration as exc:
             raise _futurable(exc, self._name) from exc
 
-    def _report(self, batch: list[tuple[T, asyncio.Future[R], float]], start: float) -> None:
+    def _report(self, batch: list[_Entry[T, R]], start: float) -> None:
         run_s = time.perf_counter() - start
         if self._on_batch is not None:
+            waits = tuple(start - entry.queued_at for entry in batch)
             try:
-                self._on_batch(BatchStats(len(batch), tuple(start - e[2] for e in batch), run_s))
+                self._on_batch(BatchStats(len(batch), waits, run_s))
             except Exception:
                 logger.exception("%s: on_batch callback failed", self._name)
 
