@@ -26,7 +26,7 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import handlers, http_api
+from . import handlers, http_api, paddlex_api
 from .artifact import (
     ModelArtifact,
     ModelNotFoundError,
@@ -148,10 +148,10 @@ class LCNetService:
             work = http_api.classify_batch(request, runner, self.settings)
             return await http_api.answer(work, runner.tag)
 
-    @http_app.post("/image-classification", **http_api.PADDLEX_DOC)
+    @http_app.post("/image-classification", **paddlex_api.PADDLEX_DOC)
     async def paddlex_classify(self, request: Request) -> JSONResponse:
         with self.served.pinned() as runner:
-            return await http_api.paddlex_classify(request, runner, self.settings)
+            return await paddlex_api.paddlex_classify(request, runner, self.settings)
 
     @http_app.get("/model", **http_api.MODEL_DOC)
     async def model_info(self) -> JSONResponse:
