@@ -62,8 +62,7 @@ def test_two_processes_train_to_the_bar_and_store_one_version(two_processes: tup
     result, save_dir = two_processes
     assert "training with 2 data-parallel processes" in result.stderr
     report = summary(result.stdout)
-    # 36 val and 18 test images (one error: 2.8 and 5.6 points); chance is 0.33
-    assert report["val_top1"] >= 0.85 and report["test_top1"] >= 0.8
+    assert report["val_top1"] >= 0.85 and report["test_top1"] >= 0.85
     assert [str(m.tag) for m in bentoml.models.list("dist")] == [report["tag"]]
     assert bentoml.models.get(report["tag"]).info.metadata["train_images"] == 126
     # Each rank trained on its own half of the 126 training images; rank 0 says so on the

@@ -116,15 +116,14 @@ def split_dataset(
     if len(labels) == 1:
         raise DatasetError(f"needs at least 2 classes, found 1: {labels[0]!r}")
 
+    rng = random.Random(seed)
     lists: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
     small = []
     for index, label in enumerate(labels):
-        files = sorted(good[label])  # sorted: the same lists on every platform
-        # A generator per class: new images in one class leave the others' split as it was.
-        rng = random.Random(f"{seed}/{label}")
-        split_of = _assign(files, previous, rng, val_ratio, test_ratio)
-        for f in files:
-            lists[split_of[f]].append((f, index))
+        files = sorted(good[label])  # sorted first so the shuffle is platform-independent
+        split_of = _assign(files, previous.get(label, {}), rng, val_ratio, test_ratio)
+        for f, split in split_of.items():
+            lists[split].append((f, index))
         held = set(split_of.values())
         if (val_ratio and "val" not in held) or (test_ratio and "test" not in held):
             small.append(f"{label} ({len(files)})")
@@ -139,7 +138,7 @@ def split_dataset(
         skipped=sorted(skipped),
         # Said, not refused: a folder made for a class still to be collected is common.
         empty=[d.name for d in _class_dirs(root) if d.name not in good],
-        kept=sum(rel in previous for files in good.values() for rel in files),
+        kept=sum(rel in previous.get(label, {}) for label in labels for rel in good[label]),
         ignored=_ignored(root),
         small=small,
     )
@@ -156,17 +155,17 @@ def _ignored(root: Path) -> list[str]:
     )
 
 
-def _listed_splits(root: Path) -> dict[str, str]:
-    """Which split the folder's list files give each image (``class/file.jpg``); {} without
-    lists."""
-    listed: dict[str, str] = {}
+def _listed_splits(root: Path) -> dict[str, dict[str, str]]:
+    """Per class folder, the split the folder's list files give each of its images
+    (``class/file.jpg``), in the lists' order; {} without lists."""
+    listed: dict[str, dict[str, str]] = {}
     for split in SPLITS:
         path = root / f"{split}_list.txt"
         if path.is_file():
             for line in read_lines(path):
                 rel = line.rpartition(" ")[0]
                 if rel:
-                    listed.setdefault(rel, split)
+                    listed.setdefault(rel.partition("/")[0], {}).setdefault(rel, split)
     return listed
 
 
@@ -177,10 +176,12 @@ def _assign(
     val_ratio: float,
     test_ratio: float,
 ) -> dict[str, str]:
-    """Each of a class's files' split: one listed before keeps it (moved into training, an image
-    a model was evaluated on would score it unfairly), new ones fill val and test up to the
-    ratios, in a random order, and the rest trains."""
-    split_of = {f: previous[f] for f in files if f in previous}
+    """Each of a class's files' split, listed ones first: one listed before (``previous``: the
+    class's) keeps it (moved into training, an image a model was evaluated on would score it
+    unfairly); new ones, shuffled, fill val and test up to the ratios, and the rest trains."""
+    present = set(files)
+    # In the order the lists gave them: a second split of an unchanged folder writes the same files
+    split_of = {f: split for f, split in previous.items() if f in present}
     new = [f for f in files if f not in split_of]
     rng.shuffle(new)
     n_val, n_test = _split_sizes(len(files), val_ratio, test_ratio)
