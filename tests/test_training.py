@@ -159,6 +159,29 @@ def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path:
     assert len(decoded) == 5 and decoded.skipped == [str(broken)]
 
 
+def test_a_class_left_without_training_images_stops_the_run(
+    colour_dataset: Path, tmp_path: Path
+) -> None:
+    """A class folder gone since the split: its files are skipped (missing), and the run stops
+    instead of storing a model that answers that class at random."""
+    dataset = tmp_path / "colours"
+    shutil.copytree(colour_dataset, dataset)
+    gone = CLASS_NAMES[1]
+    shutil.rmtree(dataset / gone)
+    args = [*tiny_fit(epochs=1), "--save-dir", str(tmp_path / "run"), "--name", "untrained"]
+    result = run_cli("train", "fit", str(dataset), *args, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: no training image left for 1 classes: {gone}; split the folder again "
+        "(python -m train split)"
+    )
+    lines = result.stderr.splitlines()
+    skipped = next(line for line in lines if line.startswith("train: skipped "))
+    assert "images missing or unreadable" in skipped and skipped.endswith("more")  # 5 shown
+    with pytest.raises(bentoml.exceptions.NotFound):  # nothing stored
+        bentoml.models.list("untrained")
+
+
 def test_learning_rate_schedules() -> None:
     seed = FitConfig()  # the seed's lr 0.01, decayed ×0.1 at epochs 4, 6, 8
     lrs = [learning_rate(seed, epoch) for epoch in range(10)]

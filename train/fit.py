@@ -44,6 +44,7 @@ from .split import (
     DatasetError,
     read_labels,
     read_split,
+    some,
     split_dataset,
     unlisted_note,
 )
@@ -191,8 +192,10 @@ def load_splits(
         split = load_split(samples, config.preprocess, config.cache, name=name, dataset=dataset,
                            workers=workers, builder=distributed.local_main(rank))  # fmt: skip
         if split.skipped:
-            log(f"{name}: skipped {len(split.skipped)} unreadable images: "
-                + ", ".join(split.skipped))  # fmt: skip
+            log(f"{name}: skipped {len(split.skipped)} images missing or unreadable: "
+                f"{some(split.skipped)}")  # fmt: skip
+        if name == "train":
+            _refuse_untrained_classes(split, labels)
         if name == "train" and rank.world > 1:
             split = split.subset(distributed.shard(range(len(split)), rank))
             if not rank.main:  # rank 0's console shows what one process would, no more
@@ -204,6 +207,17 @@ def load_splits(
     if not splits.get("train"):
         raise ValueError(f"{dataset}: the train split has no readable images")
     return labels, splits
+
+
+def _refuse_untrained_classes(train: DecodedSplit, labels: list[str]) -> None:
+    """ValueError when a class has no training image left (its files gone or broken since the
+    split): the model would answer it at random, yet be stored as knowing it."""
+    trained = set(np.unique(train.labels).tolist())
+    if untrained := [label for i, label in enumerate(labels) if i not in trained]:
+        raise ValueError(
+            f"no training image left for {len(untrained)} classes: {some(untrained)}; split "
+            "the folder again (python -m train split)"
+        )
 
 
 @dataclass
