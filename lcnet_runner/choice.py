@@ -43,6 +43,7 @@ from .artifact import (
     SELF_CHECK_FILE,
     ModelArtifact,
     cache_dir,
+    load_folder,
     write_text_atomic,
 )
 from .child import run_python
@@ -200,8 +201,6 @@ def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
 
 def _race_here(order: dict[str, Any]) -> None:
     """The child's side: race, then print the record on the last stdout line."""
-    from .artifact import load_folder
-
     record: dict[str, Any] = {}
     artifact = load_folder(order["path"], tag=order["tag"])
     requested = [Variant.parse(v) for v in order["requested"]]

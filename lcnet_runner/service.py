@@ -21,6 +21,7 @@ from typing import Annotated
 
 import bentoml
 import yaml
+from bentoml._internal.context import server_context
 from fastapi import Header
 from pydantic import Field
 from starlette.requests import Request
@@ -35,6 +36,9 @@ from .artifact import (
     verify_checksums,
 )
 from .choice import refuse_unusable
+from .metrics import PrometheusObserver, ReloadCounter
+from .reload import Reloader, ServedModel
+from .runner import LCNetRunner
 from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
@@ -104,9 +108,6 @@ class LCNetService:
     _refuse_unusable_variant(model, AT_DEFINITION)
 
     def __init__(self) -> None:
-        from .metrics import PrometheusObserver, ReloadCounter
-        from .reload import Reloader, ServedModel
-
         self.settings = ServingSettings.from_env()
         self.observer = PrometheusObserver(self.model.tag.name)
         self.served = ServedModel(
@@ -124,9 +125,7 @@ class LCNetService:
             )
         self.grpc_server = None
 
-    def _runner(self, artifact: ModelArtifact):
-        from .runner import LCNetRunner
-
+    def _runner(self, artifact: ModelArtifact) -> LCNetRunner:
         config = self.settings.runner
         runner = LCNetRunner(artifact, config, self.observer)
         logger.info(
@@ -234,8 +233,6 @@ def _stop_the_server(why: str) -> None:
     """Stop the whole `bentoml serve` — as a port taken by another process stops it — rather
     than let BentoML restart a worker that cannot start, again and again. Not as a dependency:
     that server is someone else's service, which BentoML keeps up without ours."""
-    from bentoml._internal.context import server_context
-
     logger.error("error: %s", why)
     if server_context.worker_index is not None and not handlers.serving_as_dependency():
         os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
