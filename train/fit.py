@@ -46,6 +46,7 @@ from .split import (
     read_split,
     some,
     split_dataset,
+    split_list,
     unlisted_note,
 )
 
@@ -166,7 +167,7 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if config.int8:
         require_int8_extra()
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
-    if not (dataset / "train_list.txt").is_file():
+    if not split_list(dataset, "train").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
         for line in result.notes():
@@ -186,7 +187,7 @@ def load_splits(
     workers = config.workers or default_threads()
     splits = {}
     for name in SPLITS if rank.main else ["train"]:
-        samples = read_split(dataset, name) if (dataset / f"{name}_list.txt").is_file() else []
+        samples = read_split(dataset, name) if split_list(dataset, name).is_file() else []
         if not samples:
             continue
         split = load_split(samples, config.preprocess, config.cache, name=name, dataset=dataset,

@@ -73,6 +73,11 @@ def some(names: list[str], shown: int = 5) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def split_list(dataset_dir: str | Path, split: str) -> Path:
+    """Where a split's list lives: ``DATASET/{split}_list.txt`` (PaddleX's name)."""
+    return Path(dataset_dir) / f"{split}_list.txt"
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible regular file with a known image extension (any case)."""
     return (
@@ -129,7 +134,7 @@ def split_dataset(
             small.append(f"{label} ({len(files)})")
 
     for split, entries in lists.items():
-        write_text_atomic(root / f"{split}_list.txt", "".join(f"{f} {i}\n" for f, i in entries))
+        write_text_atomic(split_list(root, split), "".join(f"{f} {i}\n" for f, i in entries))
     write_labels_file(root / LABELS_FILE, labels)
 
     return SplitResult(
@@ -160,7 +165,7 @@ def _listed_splits(root: Path) -> dict[str, dict[str, str]]:
     (``class/file.jpg``), in the lists' order; {} without lists."""
     listed: dict[str, dict[str, str]] = {}
     for split in SPLITS:
-        path = root / f"{split}_list.txt"
+        path = split_list(root, split)
         if path.is_file():
             for line in read_lines(path):
                 rel = line.rpartition(" ")[0]
@@ -205,7 +210,7 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     """``(absolute image path, label index)`` pairs from ``{split}_list.txt``."""
     # Normalised: `../ds` and `/data/ds` are one dataset (one decoded cache, one `cache list` name).
     root = Path(os.path.abspath(dataset_dir))
-    path = root / f"{split}_list.txt"
+    path = split_list(root, split)
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
     entries = []
@@ -240,7 +245,7 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     listed = {
         path
         for split in SPLITS
-        if (root / f"{split}_list.txt").is_file()
+        if split_list(root, split).is_file()
         for path, _ in read_split(root, split)
     }
     unlisted = [p.relative_to(root).as_posix() for p in _find_images(root) if p not in listed]
