@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -182,18 +181,11 @@ def forget_stopped_owner(port: int) -> None:
             owner_file(port).unlink()
 
 
-def server_id(pid: int) -> str:
-    """A process named so that a later process reusing its pid is another one."""
-    import psutil
-
-    return f"{pid}:{psutil.Process(pid).create_time():.3f}"
-
-
 def _alive(server: str) -> bool:
     import psutil
 
     try:
-        return server_id(int(server.partition(":")[0])) == server
+        return handlers.server_id(int(server.partition(":")[0])) == server
     except (psutil.Error, ValueError):
         return False
 
@@ -203,7 +195,7 @@ async def start_grpc_server(
 ) -> grpc.aio.Server:
     """The gRPC server of one worker; raises GrpcPortTakenError when another server's workers
     hold the port, or it cannot be bound (another program holds it)."""
-    claim_port(settings.grpc_port, server_id(os.getppid()))
+    claim_port(settings.grpc_port, handlers.this_server())
     options = [
         ("grpc.so_reuseport", 1),  # every worker binds the same port; the kernel picks one
         ("grpc.max_receive_message_length", settings.max_body_bytes),

@@ -28,6 +28,18 @@ def serving_as_dependency() -> bool:
     return server_context.service_type == "service"
 
 
+def server_id(pid: int) -> str:
+    """A process named so that a later process reusing its pid is another one."""
+    import psutil
+
+    return f"{pid}:{psutil.Process(pid).create_time():.3f}"
+
+
+def this_server() -> str:
+    """The `bentoml serve` this worker belongs to: its arbiter, the worker's parent."""
+    return server_id(os.getppid())
+
+
 class RequestError(Exception):
     """A client error: an HTTP status (gRPC maps it to a status code, INVALID_ARGUMENT for most)
     and a message safe to return."""

@@ -28,7 +28,6 @@ import ctypes
 import gc
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import handlers
 from .artifact import ModelArtifact, bentoml_home, load_folder, verify_checksums, write_text_atomic
 from .child import run_python
 from .runner import LCNetRunner
@@ -114,10 +114,7 @@ def release_memory() -> None:
 def request_file(model_name: str) -> Path:
     """Where ``POST /admin/reload`` records the wanted version for this server's workers: next to
     the store, one file per server (its arbiter's pid and start time) and model name."""
-    import psutil
-
-    arbiter = psutil.Process(os.getppid())
-    server = f"{arbiter.pid}-{int(arbiter.create_time())}"
+    server = handlers.this_server().replace(":", "-")
     return Path(bentoml_home()) / "lcnet-reload" / f"{model_name}-{server}.json"
 
 
