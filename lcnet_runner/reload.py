@@ -129,7 +129,7 @@ def _write_record(path: Path, record: dict) -> None:
     write_text_atomic(path, json.dumps(record))
 
 
-def stored(tag: str):
+def find_stored(tag: str):
     """The stored model ``tag`` names: a version from whichever store has it; ``name`` or
     ``name:latest``, the newest version in any. The stores are BentoML's and, when BentoML
     serves a Bento's own (in a container: the models packed in it), the one at BENTOML_HOME too,
@@ -157,7 +157,7 @@ def resolve(tag: str) -> str:
     import bentoml
 
     try:
-        return str(stored(tag).tag)
+        return str(find_stored(tag).tag)
     except bentoml.exceptions.NotFound:
         raise LookupError(f"{tag} is not in the BentoML store") from None
     except bentoml.exceptions.BentoMLException as err:  # e.g. "Invalid Tag x:y:z"
@@ -181,10 +181,11 @@ class Reloader:
         self.watch, self.interval_s = watch, interval_s
         self.make_runner, self.on_result = make_runner, on_result
         self.status = ReloadStatus(tag=served.tag)
-        self.requests = request_file(model_name)
-        self.swapped_in = self.requests.with_suffix(".served.json")  # the last version swapped in
+        self.request_path = request_file(model_name)
+        # the last version swapped in
+        self.swapped_in = self.request_path.with_suffix(".served.json")
         self._request_id: str | None = None
-        self._request_file: tuple[int, int] | None = None  # (inode, mtime) last read
+        self._request_stamp: tuple[int, int] | None = None  # (inode, mtime) last read
         self._request_at = 0.0  # when the last request acted on was made
         self._latest_seen = served.tag if watch else None
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
@@ -206,7 +207,7 @@ class Reloader:
         tag = resolve(tag or f"{self.model_name}:latest")
         if tag.split(":")[0] != self.model_name:
             raise ValueError(f"this server serves {self.model_name!r}, not {tag!r}")
-        write_request(self.requests, tag)
+        write_request(self.request_path, tag)
         return tag
 
     async def _run(self) -> None:
@@ -231,14 +232,14 @@ class Reloader:
         """The tag of a request not acted on yet (every request is acted on once). The file is
         read only when it was replaced: each request is written to a new inode."""
         try:
-            stat = self.requests.stat()
-            if (stat.st_ino, stat.st_mtime_ns) == self._request_file:
+            stat = self.request_path.stat()
+            if (stat.st_ino, stat.st_mtime_ns) == self._request_stamp:
                 return None
-            request = json.loads(self.requests.read_text(encoding="utf-8"))
+            request = json.loads(self.request_path.read_text(encoding="utf-8"))
             request_id, at, tag = request["id"], float(request["at"]), str(request["tag"])
         except (OSError, ValueError, LookupError, TypeError):  # being replaced, or not a request
             return None
-        self._request_file = (stat.st_ino, stat.st_mtime_ns)
+        self._request_stamp = (stat.st_ino, stat.st_mtime_ns)
         if request_id == self._request_id:
             return None
         self._request_id, self._request_at = request_id, at
@@ -248,7 +249,7 @@ class Reloader:
         """The store's newest version, when it changed since the last look and was created after
         the last request: a request for an older version outranks a version stored before it."""
         try:
-            model = stored(f"{self.model_name}:latest")  # both stores read once per look
+            model = find_stored(f"{self.model_name}:latest")  # both stores read once per look
             newest = str(model.tag)
             if newest == self._latest_seen:
                 return None
@@ -299,7 +300,7 @@ class Reloader:
             self.status = failure
 
     def _load(self, tag: str) -> LCNetRunner:
-        artifact = load_folder(stored(tag).path, tag=tag)
+        artifact = load_folder(find_stored(tag).path, tag=tag)
         if not verify_checksums(artifact.path):
             try_load_in_child(artifact.path)  # stored before checksums were recorded
         return self.make_runner(artifact)

@@ -430,12 +430,12 @@ def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkey
     reloader = Reloader(
         ServedModel(Runner()), NAME, watch=False, interval_s=1, make_runner=lambda _: None
     )
-    reloader.requests.parent.mkdir(parents=True, exist_ok=True)
+    reloader.request_path.parent.mkdir(parents=True, exist_ok=True)
     for text in ("[]", '{"id": "a", "at": "soon", "tag": "x"}', '"tag"', "{}", "{"):
-        reloader.requests.write_text(text)
-        os.utime(reloader.requests, ns=(0, len(text)))  # a new mtime: read again
+        reloader.request_path.write_text(text)
+        os.utime(reloader.request_path, ns=(0, len(text)))  # a new mtime: read again
         assert reloader._requested() is None, text
-    write_request(reloader.requests, f"{NAME}:v2")
+    write_request(reloader.request_path, f"{NAME}:v2")
     assert reloader._requested() == f"{NAME}:v2"
 
 
@@ -471,7 +471,7 @@ def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monk
         )
         monkeypatch.setattr(reloader, "_load", load)
         reloader.start()
-        reload.write_request(reloader.requests, f"{NAME}:v2")
+        reload.write_request(reloader.request_path, f"{NAME}:v2")
         states = []
         for _ in range(300):
             await asyncio.sleep(0.01)
