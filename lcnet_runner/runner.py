@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from .batching import AdaptiveBatcher, BatchStats
 from .engines import default_threads, matching_variants
 from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
 from .preprocess import MAX_PIXELS, ImageSource, preprocess
+from .ranges import check_ranges
 
 
 class RunnerObserver(Protocol):
@@ -67,26 +68,6 @@ RUNNER_RANGES = {
     "max_delay_ms": (0, 60_000),
     "max_pixels": (1, math.inf),
 }
-
-
-def check_ranges(
-    config: object, ranges: dict[str, tuple[float, float]], label: Callable[[str], str] = str
-) -> None:
-    """ValueError naming the first field of ``config`` outside its range in ``ranges``."""
-    for name, (low, high) in ranges.items():
-        value = getattr(config, name)
-        if not in_range(value, low, high):
-            raise ValueError(range_error(label(name), value, low, high))
-
-
-def in_range(value: float, low: float, high: float) -> bool:
-    """Both ends included; NaN is in no range, and infinity in none either."""
-    return not math.isinf(value) and low <= value <= high
-
-
-def range_error(name: str, value: object, low: float, high: float) -> str:
-    allowed = f">= {low}" if high == math.inf else f"from {low} to {high}"
-    return f"{name}={value!r}: must be {allowed}"
 
 
 class LCNetRunner:

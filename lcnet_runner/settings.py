@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, fields
 
 from .artifact import DEFAULT_MODEL
 from .engines import default_threads
-from .runner import RUNNER_RANGES, RunnerConfig, check_ranges, in_range, range_error
+from .ranges import check_ranges, in_range, range_error
+from .runner import RUNNER_RANGES, RunnerConfig
 
 RELOAD_MODES = ("off", "watch", "request")
 # How long BentoML lets an HTTP request run; a gRPC call in flight on a connection past its age

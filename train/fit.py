@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lcnet_runner.engines import default_threads
 from lcnet_runner.preprocess import PreprocessConfig, normalize
-from lcnet_runner.runner import check_ranges
+from lcnet_runner.ranges import check_ranges
 
 from . import distributed, pretrained
 from .data import AugmentConfig, DecodedSplit, log, sample_crops, train_batches
