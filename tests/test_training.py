@@ -19,7 +19,7 @@ from PIL import Image
 
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
-from train.fit import FitConfig, initial_state, learning_rate
+from train.fit import FitConfig, initial_state, learning_rate, prepare
 from train.plots import confusion_matrix
 from train.report import report
 from train.split import read_split
@@ -180,6 +180,17 @@ def test_a_class_left_without_training_images_stops_the_run(
     assert "images missing or unreadable" in skipped and skipped.endswith("more")  # 5 shown
     with pytest.raises(bentoml.exceptions.NotFound):  # nothing stored
         bentoml.models.list("untrained")
+
+
+def test_a_run_says_it_replaces_an_earlier_runs_checkpoint(
+    colour_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "last.pdckpt").write_bytes(b"an interrupted run's")
+    prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none"))
+    said = capsys.readouterr().err
+    assert f"{tmp_path} holds an earlier run's checkpoint, which this run replaces" in said
+    prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none", resume=True))
+    assert "replaces" not in capsys.readouterr().err
 
 
 def test_learning_rate_schedules() -> None:

@@ -164,6 +164,9 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(save_dir))
     if config.resume and not (save_dir / CHECKPOINT).is_file():
         raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
+    if not config.resume and (save_dir / CHECKPOINT).is_file():
+        log(f"{save_dir} holds an earlier run's checkpoint, which this run replaces "
+            "(--resume continues that run instead)")  # fmt: skip
     if config.int8:
         require_int8_extra()
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
@@ -302,6 +305,9 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
         check_same_run(checkpoint, labels, config, path)
         state.restore(checkpoint)
         log(f"resuming from epoch {state.epochs_done} of {path}")
+        if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
+            log(f"that run finished its {config.epochs} epochs: nothing to train, it is only "
+                "exported and stored (a higher --epochs trains on)")  # fmt: skip
     elif weights is not None:
         report = pretrained.load_weights(model, weights)
         skipped = ", ".join(report.skipped) or "none"
