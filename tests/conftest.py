@@ -132,16 +132,22 @@ def bentoml_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProc
     )  # fmt: skip
 
 
-def refused_start(env: dict[str, str]) -> str:
-    """The last line `bentoml serve .` prints when it refuses to start; on loopback ports, and
-    a server that starts after all is stopped (and fails the test)."""
+def refusal(env: dict[str, str]) -> str:
+    """What `bentoml serve .` prints when it refuses to start (it exits: a server that restarts
+    its workers forever would time out); on loopback ports, and a server that starts after all
+    is stopped (and fails the test)."""
     server = Server(".", env)
     try:
         with pytest.raises(AssertionError, match="exited early"):
             server.wait_ready(timeout=300)
     finally:
         server.stop()
-    return server.output().strip().splitlines()[-1]
+    return server.output()
+
+
+def refused_start(env: dict[str, str]) -> str:
+    """The last line of ``refusal``: the reason, when the server's own check refused."""
+    return refusal(env).strip().splitlines()[-1]
 
 
 def workers(server: Server) -> list[int]:

@@ -24,14 +24,18 @@ def _probs(model: str | Path, trained: dict) -> np.ndarray:
     return np.stack([[p["score"] for p in r] for r in predictor.predict(paths, top_k=3)])
 
 
-def test_import_checkpoint_reproduces_the_model(trained: dict) -> None:
-    labels = trained["dataset"] / "labels.txt"
+def import_checkpoint(trained: dict, name: str, labels: Path) -> str:
+    """The trained run's best checkpoint stored as ``name`` with ``labels``; its tag."""
     result = run_cli(
-        "train", "import", str(trained["save_dir"] / "best.pdparams"), "--name", "imported-ckpt",
+        "train", "import", str(trained["save_dir"] / "best.pdparams"), "--name", name,
         "--model", "PPLCNet_x0_25", "--labels", str(labels), "--input-size", "32",
         "--resize-short", "36",
     )  # fmt: skip
-    tag = result.stdout.strip().split()[-1]
+    return result.stdout.strip().split()[-1]
+
+
+def test_import_checkpoint_reproduces_the_model(trained: dict) -> None:
+    tag = import_checkpoint(trained, "imported-ckpt", trained["dataset"] / "labels.txt")
     assert tag.startswith("imported-ckpt:")
     np.testing.assert_allclose(
         _probs(tag, trained), _probs(trained["export_dir"], trained), atol=1e-5
@@ -42,12 +46,7 @@ def test_paddleclas_label_files_lose_their_indices(trained: dict, tmp_path: Path
     """PaddleClas's class_id_map_file puts each class's index first ("0 tench, Tinca tinca")."""
     labels = tmp_path / "class_id_map.txt"
     labels.write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASS_NAMES)))
-    result = run_cli(
-        "train", "import", str(trained["save_dir"] / "best.pdparams"), "--name", "paddleclas",
-        "--model", "PPLCNet_x0_25", "--labels", str(labels), "--input-size", "32",
-        "--resize-short", "36",
-    )  # fmt: skip
-    tag = result.stdout.strip().split()[-1]
+    tag = import_checkpoint(trained, "paddleclas", labels)
     assert Predictor(tag, threads=1).labels == tuple(CLASS_NAMES)
 
 
