@@ -97,22 +97,7 @@ def split_dataset(
     _check_ratios(val_ratio, test_ratio)
     root = _check_dir(Path(dataset_dir))
     previous = {} if reshuffle else _listed_splits(root)
-    candidates = _find_images(root)
-    if not candidates:
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise DatasetError(f"no images found in {root} (expected <class>/<image> with {exts})")
-
-    good: dict[str, list[str]] = {}
-    skipped: list[str] = []
-    for path in tqdm(
-        candidates, desc="Verifying images", unit="img", disable=None, file=sys.stderr
-    ):
-        rel = path.relative_to(root).as_posix()
-        if _storable(rel) and _is_readable(path):
-            good.setdefault(path.parent.name, []).append(rel)
-        else:
-            skipped.append(_readable_name(rel))
-
+    good, skipped = _readable_images(root)
     # Classes are defined by readable images, so a class whose files are all broken
     # cannot end up as a label with no samples.
     labels = sorted(good)
@@ -147,6 +132,26 @@ def split_dataset(
         ignored=_ignored(root),
         small=small,
     )
+
+
+def _readable_images(root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """Each class folder's readable images (``class/file.jpg``), and the images that are not
+    (each opened: unreadable ones are left out and listed, never a crash later)."""
+    candidates = _find_images(root)
+    if not candidates:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise DatasetError(f"no images found in {root} (expected <class>/<image> with {exts})")
+    good: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for path in tqdm(
+        candidates, desc="Verifying images", unit="img", disable=None, file=sys.stderr
+    ):
+        rel = path.relative_to(root).as_posix()
+        if _storable(rel) and _is_readable(path):
+            good.setdefault(path.parent.name, []).append(rel)
+        else:
+            skipped.append(_readable_name(rel))
+    return good, skipped
 
 
 def _ignored(root: Path) -> list[str]:
