@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,18 @@ def test_evaluate_unknown_tag(tmp_path: Path) -> None:
     data = two_classes(tmp_path / "two")
     result = run_cli("train", "evaluate", "nope:latest", "--dataset", str(data), check=False)
     assert "not in the BentoML store" in one_error_line(result)
+
+
+def test_evaluate_on_a_split_that_lists_nothing(trained: dict, tmp_path: Path) -> None:
+    """A split too small for a test image (--test-ratio 0, or tiny classes): said as such, not
+    as images that could not be read."""
+    data = tmp_path / "data"
+    shutil.copytree(trained["dataset"], data)
+    (data / "test_list.txt").write_text("")
+    result = run_cli("train", "evaluate", trained["tag"], "--dataset", str(data), check=False)
+    assert one_error_line(result) == (
+        f"error: the test split of {data} lists no images (split with a larger --test-ratio)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,9 @@ def decode_labelled_split(
             f"labels ({len(labels)} classes); use the dataset it was trained for"
         )
     samples = read_split(dataset, split)
+    if not samples:
+        raise ValueError(f"the {split} split of {dataset} lists no images (split with a larger "
+                         f"--{split}-ratio)")  # fmt: skip
     select = None
     if limit is not None and len(samples) > limit:
         select = sorted(np.random.default_rng(seed).permutation(len(samples))[:limit])
