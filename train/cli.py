@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from lcnet_runner.artifact import ModelNotFoundError
@@ -23,7 +24,7 @@ from lcnet_runner.cli import (
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
 from .pretrained import PretrainedError
-from .split import DatasetError
+from .split import SPLITS, DatasetError
 
 # Errors that mean "the user asked for something impossible": one line, exit code 2.
 USER_ERRORS = (
@@ -96,13 +97,20 @@ def cache_config(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .fit import FitConfig
-    from .model import SCALES
-
     description = __doc__.splitlines()[0]  # the rest is for readers of this file
     parser = argparse.ArgumentParser(prog="python -m train", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_dataset_commands(sub)
+    _add_fit(sub)
+    _add_model_commands(sub)
+    p = sub.add_parser("cache", help="list or delete decoded caches (never pretrained weights)")
+    p.set_defaults(func=run_cache)
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("--cache-dir", default="", help="default: $LCNET_CACHE or ~/.cache/lcnet-bento")
+    return parser
 
+
+def _add_dataset_commands(sub) -> None:
     p = sub.add_parser("demo-data", help="write a synthetic shapes dataset (ImageNet layout)")
     p.set_defaults(func=run_demo_data)
     p.add_argument("out_dir", type=Path)
@@ -121,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="split afresh; by default images already listed keep their split",
     )
+
+
+def _add_fit(sub) -> None:
+    from .fit import FitConfig
+    from .model import SCALES
 
     d = FitConfig()
     p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store")
@@ -173,25 +186,36 @@ def build_parser() -> argparse.ArgumentParser:
         "each gets >= 8 images a step)",
     )
 
+
+MODEL_SOURCE = "store tag (pplcnet:latest) or exported folder"
+
+
+def _measured_on(p: argparse.ArgumentParser, split: str, split_help: str | None = None) -> None:
+    """The labelled images a command measures a model on: a dataset's split, decoded (cached)."""
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--split", default=split, choices=SPLITS, help=split_help)
+    p.add_argument("--threads", type=non_negative_int, default=None)
+    add_cache_arguments(p)
+
+
+def _add_model_commands(sub) -> None:
+    """The commands that take a stored or exported model."""
     p = sub.add_parser("evaluate", help="accuracy of a stored or exported model on a split")
     p.set_defaults(func=run_evaluate)
-    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
-    p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("model", help=MODEL_SOURCE)
     # A named variant is measured whatever its guard figures say, next to paddle fp32.
     add_engine_arguments(p, skip_guard=False)
-    p.add_argument("--threads", type=non_negative_int, default=None)
+    _measured_on(p, "test")
     p.add_argument(
         "--confusion-matrix",
         default="confusion_matrix.png",
         metavar="PNG",
         help="where to write the confusion matrix (default: ./confusion_matrix.png)",
     )
-    add_cache_arguments(p)
 
     p = sub.add_parser("export", help="add another inference format to a stored or exported model")
     p.set_defaults(func=run_export)
-    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
+    p.add_argument("model", help=MODEL_SOURCE)
     p.add_argument(
         "--format",
         choices=("onnx", "openvino"),
@@ -203,25 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="measure every engine/precision against paddle fp32 (the accuracy guard)"
     )
     p.set_defaults(func=run_verify)
-    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
-    p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--split", default="val", choices=("train", "val", "test"))
-    p.add_argument("--threads", type=non_negative_int, default=None)
-    add_cache_arguments(p)
+    p.add_argument("model", help=MODEL_SOURCE)
+    _measured_on(p, "val")
 
     p = sub.add_parser("quantize", help="add an INT8 OpenVINO variant, then verify (int8 extra)")
     p.set_defaults(func=run_quantize)
-    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
-    p.add_argument("--dataset", type=Path, required=True, help="calibrates on its train split")
+    p.add_argument("model", help=MODEL_SOURCE)
+    _measured_on(p, "val", "where the accuracy guard is measured (it calibrates on train)")
     p.add_argument("--calibration-images", type=int, default=300)
-    p.add_argument("--split", default="val", choices=("train", "val", "test"),
-                   help="where the accuracy guard is measured")  # fmt: skip
-    p.add_argument("--threads", type=non_negative_int, default=None)
-    add_cache_arguments(p)
 
     p = sub.add_parser("report", help="summary of a stored or exported model")
     p.set_defaults(func=run_report)
-    p.add_argument("model", help="store tag (pplcnet:latest) or exported folder")
+    p.add_argument("model", help=MODEL_SOURCE)
 
     p = sub.add_parser("import", help="store a PaddleClas .pdparams or an exported folder")
     p.set_defaults(func=run_import)
@@ -231,12 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, help="class names, one per line")
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--resize-short", type=int, default=256)
-
-    p = sub.add_parser("cache", help="list or delete decoded caches (never pretrained weights)")
-    p.set_defaults(func=run_cache)
-    p.add_argument("action", choices=("list", "clear"))
-    p.add_argument("--cache-dir", default="", help="default: $LCNET_CACHE or ~/.cache/lcnet-bento")
-    return parser
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -266,11 +277,10 @@ def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
     from .fit import FitConfig, fit, prepare
 
-    skip = ("command", "dataset", "procs", "argv", "func")
-    options = {k: v for k, v in vars(args).items() if k not in skip}
-    options["save_dir"] = str(options["save_dir"])
-    # Validated here, before any rank starts: a rank's error would only reach its log file.
-    config = FitConfig(**options)
+    # Every option fit's config has (others, such as --procs, are the launcher's), validated
+    # here, before any rank starts: a rank's error would only reach its log file.
+    options = {f.name: getattr(args, f.name) for f in fields(FitConfig) if hasattr(args, f.name)}
+    config = FitConfig(**{**options, "save_dir": str(args.save_dir)})
     prepare(Path(args.dataset), config)  # once: ranks would each download and split, into one file
     fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
     if distributed.run_data_parallel(
