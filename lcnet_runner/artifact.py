@@ -232,7 +232,7 @@ def _preprocess_from_ops(ops: dict[str, dict[str, Any]]) -> PreprocessConfig:
         ops.get("CropImage", {}),
         ops.get("NormalizeImage", {}),
     )
-    crop_size = int(crop.get("size", 224))
+    crop_size = int(crop.get("size", 224))  # PaddleX's CropImage default, as for backend below
     if "resize_short" not in resize:
         raise ModelNotFoundError(
             f"{INFERENCE_YML}: only ResizeImage with resize_short is supported"
