@@ -94,23 +94,8 @@ async def classify_batch(
 def served_model_info(
     runner: LCNetRunner, settings: ServingSettings, reloader: Reloader | None = None
 ) -> dict[str, Any]:
-    artifact = runner.predictor.artifact
-    info = artifact.info
     return {
-        "tag": artifact.tag,
-        "architecture": info.get("architecture"),
-        "labels": list(artifact.labels),
-        "input_size": artifact.preprocess.crop_size,
-        "preprocess": artifact.preprocess.to_dict(),
-        "engine": runner.predictor.variant.engine,
-        "precision": runner.predictor.variant.precision,
-        "engine_choice": runner.predictor.choice.summary(),
-        "threads": runner.config.threads,
-        "solo_threads": runner.predictor.solo_threads,
-        "max_batch_size": runner.config.max_batch_size,
-        "max_delay_ms": runner.config.max_delay_ms,
-        "val_top1": info.get("val_top1"),
-        "test_top1": info.get("test_top1"),
+        **runner.describe(),
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
             "max_pixels": settings.runner.max_pixels,

@@ -88,8 +88,7 @@ class LCNetRunner:
             race_in_child=True,  # a serving process keeps only the engine it serves
         )
         self.labels = self.predictor.labels
-        artifact = self.predictor.artifact
-        self.tag = artifact.tag or str(artifact.path)  # the version, shown with every answer
+        self.tag = self.predictor.artifact.name  # the version, shown with every answer
         self._observer = observer
         self._batcher: AdaptiveBatcher[np.ndarray, np.ndarray] = AdaptiveBatcher(
             self._infer,
@@ -151,6 +150,27 @@ class LCNetRunner:
         if self._observer:
             self._observer.decoded(time.perf_counter() - start)
         return crop
+
+    def describe(self) -> dict[str, Any]:
+        """What this runner serves and how: the model, its engine and its batching (``/model``
+        shows it, with the server's limits and reload state)."""
+        artifact, predictor = self.predictor.artifact, self.predictor
+        return {
+            "tag": artifact.tag,
+            "architecture": artifact.info.get("architecture"),
+            "labels": list(artifact.labels),
+            "input_size": artifact.preprocess.crop_size,
+            "preprocess": artifact.preprocess.to_dict(),
+            "engine": predictor.variant.engine,
+            "precision": predictor.variant.precision,
+            "engine_choice": predictor.choice.summary(),
+            "threads": self.config.threads,
+            "solo_threads": predictor.solo_threads,
+            "max_batch_size": self.config.max_batch_size,
+            "max_delay_ms": self.config.max_delay_ms,
+            "val_top1": artifact.info.get("val_top1"),
+            "test_top1": artifact.info.get("test_top1"),
+        }
 
     def _format(self, probs: Sequence[np.ndarray], top_k: int) -> list[list[Prediction]]:
         return top_k_predictions(np.stack(probs), self.labels, top_k)
