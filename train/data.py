@@ -9,10 +9,7 @@ in a memory-mapped cache on disk (``decoded_cache``); evaluation then takes the 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,33 +42,6 @@ class AugmentConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop scale must satisfy 0 < MIN <= MAX <= 1, got {low},{high}")
-
-
-def log(message: str) -> None:
-    """Progress on stderr; in a data-parallel run only rank 0 talks."""
-    if os.environ.get("PADDLE_TRAINER_ID", "0") == "0":
-        print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def progress_to_stderr() -> Iterator[None]:
-    """What a library prints on stdout meanwhile goes to stderr, at the file descriptor (from
-    Python and C++ alike: paddle2onnx's progress, NNCF's progress bars), so that stdout keeps
-    only what a command prints as its result (fit's JSON summary, piped to jq)."""
-    sys.stdout.flush()
-    # fd 1, and in rank 0 of a data-parallel run the console's, which Python's stdout writes to
-    # there (take_console)
-    fds = sorted({1, sys.stdout.fileno()})
-    saved = [os.dup(fd) for fd in fds]
-    try:
-        for fd in fds:
-            os.dup2(2, fd)
-        yield
-    finally:
-        sys.stdout.flush()
-        for fd, copy in zip(fds, saved, strict=True):
-            os.dup2(copy, fd)
-            os.close(copy)
 
 
 @dataclass

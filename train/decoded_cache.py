@@ -46,7 +46,8 @@ from lcnet_runner.preprocess import (
     short_side_size,
 )
 
-from .data import DecodedSplit, decode_split, decode_stream, log
+from .console import log
+from .data import DecodedSplit, decode_split, decode_stream
 
 FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights

@@ -21,7 +21,7 @@ from lcnet_runner.artifact import (
 )
 from lcnet_runner.preprocess import PreprocessConfig
 
-from .data import progress_to_stderr
+from .console import progress_to_stderr
 
 
 class WithSoftmax(paddle.nn.Layer):

@@ -31,7 +31,8 @@ from lcnet_runner.preprocess import PreprocessConfig, normalize
 from lcnet_runner.ranges import check_ranges
 
 from . import distributed, pretrained
-from .data import AugmentConfig, DecodedSplit, log, sample_crops, train_batches
+from .console import log
+from .data import AugmentConfig, DecodedSplit, sample_crops, train_batches
 from .decoded_cache import RAM_MB, CacheConfig, load_split
 from .evaluate import dygraph_metrics, dygraph_scores
 from .export import base_info, export_inference, export_onnx, save_to_store

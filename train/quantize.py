@@ -18,7 +18,8 @@ import numpy as np
 from lcnet_runner.artifact import INT8_FILE, load_folder
 from lcnet_runner.preprocess import normalize
 
-from .data import progress_to_stderr, sample_crops
+from .console import progress_to_stderr
+from .data import sample_crops
 from .decoded_cache import CacheConfig
 from .evaluate import decode_labelled_split
 from .export import export_openvino, revise
