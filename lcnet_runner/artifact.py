@@ -313,19 +313,25 @@ def load_artifact(model: str | Path | ModelArtifact = DEFAULT_MODEL) -> ModelArt
         return load_folder(model)
     if isinstance(model, Path) or os.sep in str(model):
         raise ModelNotFoundError(f"no model folder at {model}")
+    stored = _stored(str(model))
+    return load_folder(stored.path, tag=str(stored.tag))
+
+
+def _stored(tag: str):
+    """The store's model ``tag`` names; ModelNotFoundError when it has none, or ``tag`` is no
+    store tag."""
     import bentoml  # slow to import; only needed for store tags
     from bentoml.exceptions import BentoMLException, NotFound
 
     try:
-        stored = bentoml.models.get(str(model))
+        return bentoml.models.get(tag)
     except NotFound:
         raise ModelNotFoundError(
-            f"model {model!r} is not in the BentoML store ({bentoml_home()}); "
+            f"model {tag!r} is not in the BentoML store ({bentoml_home()}); "
             "train one with `python -m train fit DATASET` or list them with `bentoml models list`"
         ) from None
     except BentoMLException as err:
-        raise ModelNotFoundError(f"invalid model tag {model!r}: {err}") from None
-    return load_folder(stored.path, tag=str(stored.tag))
+        raise ModelNotFoundError(f"invalid model tag {tag!r}: {err}") from None
 
 
 # Store tags as asked (``pplcnet:latest``) → the versions they named when `bentoml serve`
@@ -342,20 +348,11 @@ def pinned_model(tag: str):
     store has no such model."""
     import bentoml
     from bentoml._internal.context import server_context
-    from bentoml.exceptions import BentoMLException, NotFound
 
     pinned = json.loads(os.environ.get(PINNED_ENV) or "{}")
     if tag in pinned and server_context.worker_index is not None:
         return bentoml.models.BentoModel(pinned[tag])
-    try:
-        version = str(bentoml.models.get(tag).tag)
-    except NotFound:
-        raise ModelNotFoundError(
-            f"model {tag!r} is not in the BentoML store ({bentoml_home()}); train one with "
-            "`python -m train fit DATASET` or list them with `bentoml models list`"
-        ) from None
-    except BentoMLException as err:
-        raise ModelNotFoundError(f"invalid model tag {tag!r}: {err}") from None
+    version = str(_stored(tag).tag)
     os.environ[PINNED_ENV] = json.dumps({**pinned, tag: version})
     return bentoml.models.BentoModel(version)
 
