@@ -50,9 +50,9 @@ def read_label_names(path: Path) -> list[str]:
     return names
 
 
-def _classes_of(checkpoint: Path) -> int | None:
+def _classes_of(state: dict) -> int | None:
     """The class count of a PP-LCNet checkpoint's classifier (None if it has none)."""
-    bias = read_state_dict(checkpoint).get("fc.bias")
+    bias = state.get("fc.bias")
     return None if bias is None else int(bias.shape[0])
 
 
@@ -144,14 +144,15 @@ def import_model(
                     "importing a .pdparams checkpoint needs --model (one of "
                     f"{', '.join(SCALES)}) and --labels FILE"
                 )
-            classes = _classes_of(source)
+            state = read_state_dict(source)  # a pickle: read once
+            classes = _classes_of(state)
             if classes is not None and classes != len(label_list):
                 raise ValueError(
                     f"{source} classifies {classes} classes, --labels {labels} names "
                     f"{len(label_list)}"
                 )
             network = build_model(model, num_classes=len(label_list))
-            load_weights(network, source, strict=True)
+            load_weights(network, source, strict=True, state=state)
             preprocess = PreprocessConfig(crop_size=input_size, resize_short=resize_short)
             info = {**base_info(model, label_list, preprocess), "imported_from": source.name}
             export_inference(

@@ -100,10 +100,13 @@ def read_state_dict(path: Path) -> dict:
     return state
 
 
-def load_weights(model: paddle.nn.Layer, path: Path, *, strict: bool = False) -> LoadReport:
+def load_weights(
+    model: paddle.nn.Layer, path: Path, *, strict: bool = False, state: dict | None = None
+) -> LoadReport:
     """Copy matching parameters; mismatched shapes (a classifier for another class count) are
-    skipped and reported. ``strict`` turns any skip into an error (importing a finished model)."""
-    state = read_state_dict(path)
+    skipped and reported. ``strict`` turns any skip into an error (importing a finished model).
+    ``state``: the file's, when the caller has read it already."""
+    state = read_state_dict(path) if state is None else state
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and list(v.shape) == list(own[k].shape)}
     skipped = tuple(sorted(set(own) - set(usable)))
