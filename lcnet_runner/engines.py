@@ -59,7 +59,7 @@ class Engine(Protocol):
     precisions: ClassVar[tuple[str, ...]]  # what it can run, the one place that says so
     releases_gil: ClassVar[bool]  # while it runs: other threads (decoding, HTTP) go on
 
-    def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str): ...
+    def __init__(self, artifact: ModelArtifact, threads: int, precision: str): ...
 
     def predict(self, crops: np.ndarray) -> np.ndarray: ...  # uint8 NHWC → N×classes
 
@@ -215,14 +215,14 @@ class PaddleEngine:
     precisions = ("fp32",)
     releases_gil = False
 
-    def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
+    def __init__(self, artifact: ModelArtifact, threads: int, precision: str):
         inference = _import_paddle_inference()
         config = inference.Config(str(artifact.program_file), str(artifact.params_file))
         config.disable_gpu()
         config.enable_mkldnn()
         # Paddle otherwise picks its own thread count; oversubscribed cores are the most
         # common CPU serving slowdown, so the caller decides.
-        config.set_cpu_math_library_num_threads(threads or default_threads())
+        config.set_cpu_math_library_num_threads(threads)
         config.disable_glog_info()
         self._preprocess = artifact.preprocess
         self._predictor = inference.create_predictor(config)
@@ -242,10 +242,10 @@ class OnnxRuntimeEngine:
     precisions = ("fp32",)
     releases_gil = True
 
-    def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
+    def __init__(self, artifact: ModelArtifact, threads: int, precision: str):
         ort = _require("onnxruntime", "onnx")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or default_threads()
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: paddle2onnx graphs trigger harmless warnings
         # Spinning threads burn ~2× the CPU per image and run slower when workers share cores.
@@ -265,13 +265,13 @@ class OpenVinoEngine:
     precisions = ("fp32", "bf16", "int8")
     releases_gil = True
 
-    def __init__(self, artifact: ModelArtifact, threads: int | None, precision: str):
+    def __init__(self, artifact: ModelArtifact, threads: int, precision: str):
         ov = _require("openvino", "openvino")
         core = ov.Core()
         config = {
             # int8: the quantized convolutions run int8 whatever the hint; the rest stays f32.
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "INFERENCE_NUM_THREADS": threads or default_threads(),
+            "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             # OpenVINO pins its threads to cores as if it had the machine to itself, and every
             # process picks the same ones: both serving workers' 1-thread engines ran on core 0
@@ -337,11 +337,13 @@ def matching_variants(engine: str = AUTO, precision: str = AUTO) -> list[Variant
 
 
 def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None = None) -> Engine:
+    """``variant``'s engine for ``artifact`` on ``threads`` (None or 0: every core this process
+    may use). ValueError, in one line, for a variant this CPU or this model cannot run."""
     (checked,) = matching_variants(variant.engine, variant.precision)
     if reason := cpu_lacks(checked):
         raise ValueError(reason)
     try:
-        return ENGINES[checked.engine](artifact, threads, checked.precision)
+        return ENGINES[checked.engine](artifact, threads or default_threads(), checked.precision)
     except ValueError:
         raise
     # A file the engine refuses (ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError): the

@@ -64,6 +64,24 @@ def test_split_cli_writes_lists_with_paddlex_aliases(tmp_path: Path) -> None:
     assert (data / "labels.txt").read_text() == "a\nb\n"
 
 
+def test_split_and_help_start_without_paddle(tmp_path: Path) -> None:
+    """Paddle and matplotlib take ~2.5 s to import: only the commands that train or run a
+    model load them."""
+    data = two_classes(tmp_path / "two", per_class=4)
+    script = (
+        "import sys; from train.cli import main\n"
+        "for argv in (['split', sys.argv[1]], ['fit', '--help'], ['cache', '--help']):\n"
+        "    try: main(argv)\n"
+        "    except SystemExit: pass\n"
+        "print(sorted({'paddle', 'matplotlib'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(data)], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=True,
+    )  # fmt: skip
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
 def test_fit_unknown_model_lists_valid_names(tmp_path: Path) -> None:
     data = two_classes(tmp_path / "two")
     line = one_error_line(run_cli("train", "fit", str(data), "--model", "PPLCNet_x9", check=False))

@@ -9,7 +9,8 @@ import paddle
 import pytest
 from conftest import FIXTURES
 
-from train.model import SCALES, build_model, make_divisible
+from train.config import SCALES
+from train.model import build_model, make_divisible
 
 OFFICIAL = json.loads((FIXTURES / "pplcnet_paddleclas_state_dict_keys.json").read_text())
 # Trainable parameters with 1000 classes, as PaddleClas counts them.

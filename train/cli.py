@@ -132,8 +132,7 @@ def _add_dataset_commands(sub) -> None:
 
 
 def _add_fit(sub) -> None:
-    from .fit import FitConfig
-    from .model import SCALES
+    from .config import SCALES, FitConfig
 
     d = FitConfig()
     p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store")
@@ -275,7 +274,8 @@ def run_split(args: argparse.Namespace) -> None:
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .fit import FitConfig, fit, prepare
+    from .config import FitConfig
+    from .fit import fit, prepare
 
     # Every option fit's config has (others, such as --procs, are the launcher's), validated
     # here, before any rank starts: a rank's error would only reach its log file.

@@ -20,24 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bentoml
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
 from lcnet_runner.engines import default_threads
-from lcnet_runner.preprocess import PreprocessConfig, normalize
-from lcnet_runner.ranges import check_ranges
+from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
+from .config import FitConfig
 from .console import log
-from .data import AugmentConfig, DecodedSplit, sample_crops, train_batches
-from .decoded_cache import RAM_MB, CacheConfig, load_split
+from .data import DecodedSplit, sample_crops, train_batches
+from .decoded_cache import load_split
 from .evaluate import dygraph_metrics, dygraph_scores
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .guard import describe, guard_figures, record_guard
-from .model import build_model, scale_of
+from .model import build_model
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
 from .quantize import CALIBRATION_IMAGES, quantize_openvino, require_int8_extra
 from .split import (
@@ -57,81 +56,6 @@ HISTORY = "history.json"
 CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 EXPORT_DIR = "inference"
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Training settings; the defaults are the seed's (PaddleX 2 PPLCNet tutorial)."""
-
-    model: str = "PPLCNet_x1_0"
-    epochs: int = 10
-    batch_size: int = 4
-    lr: float = 0.01
-    schedule: str = "piecewise"  # or "cosine"
-    lr_decay_epochs: tuple[int, ...] = (4, 6, 8)  # piecewise: ×0.1 at each
-    warmup_epochs: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4  # L2, not applied to batch-norm parameters
-    input_size: int = 224
-    resize_short: int = 256
-    resize_backend: str = "cv2"  # OpenCV (PaddleX's default) or "pil"; saved with the model
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
-    pretrained: str = "imagenet"  # imagenet | imagenet-ssld | none | PATH.pdparams
-    seed: int = 0
-    workers: int = 0  # decoding threads; 0 = one per core
-    cache_dir: str = ""  # decoded caches go in CACHE_DIR/decoded; "" = LCNET_CACHE
-    ram_cache_mb: float = RAM_MB  # splits decoding to less stay in RAM; 0 = all on disk
-    threads: int = 0  # Paddle compute threads; 0 = one per core
-    early_stop_patience: int = 0  # epochs without a better val top-1 before stopping; 0 = off
-    save_dir: str = "output/pplcnet"
-    name: str = "pplcnet"  # BentoML store model name
-    resume: bool = False
-    int8: bool = False  # also store an INT8 OpenVINO variant (needs the int8 extra)
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("piecewise", "cosine"):
-            raise ValueError(f"schedule must be 'piecewise' or 'cosine', got {self.schedule!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch size must be >= 1")
-        scale_of(self.model)  # unknown names fail before any data is read
-        check_ranges(self, FIT_RANGES, lambda name: "--" + name.replace("_", "-"))
-        try:
-            bentoml.Tag(self.name)  # what the store takes, known before the run, not after it
-        except ValueError as err:
-            raise ValueError(f"--name: {err}") from None
-        CacheConfig(ram_mb=self.ram_cache_mb)  # so does a negative --ram-cache-mb
-        _ = self.preprocess, self.augment  # and bad sizes or crop scale, not mid-run
-
-    @property
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(crop_size=self.input_size, resize_short=self.resize_short,
-                                backend=self.resize_backend)  # fmt: skip
-
-    @property
-    def cache(self) -> CacheConfig:
-        return CacheConfig(Path(self.cache_dir) if self.cache_dir else None, self.ram_cache_mb)
-
-    @property
-    def augment(self) -> AugmentConfig:
-        return AugmentConfig(
-            input_size=self.input_size, crop_scale=tuple(self.crop_scale), hflip=self.hflip
-        )
-
-
-# What each number may be, both ends included (see lcnet_runner.runner.RUNNER_RANGES): an lr of
-# NaN trained a NaN model that passed the guard and was stored; a seed of -1 was Paddle's
-# traceback.
-FIT_RANGES = {
-    "lr": (1e-9, 100),
-    "momentum": (0, 1),
-    "weight_decay": (0, 1),
-    "warmup_epochs": (0, math.inf),
-    "early_stop_patience": (0, math.inf),
-    "seed": (0, 2**32 - 1),
-    "workers": (0, 1024),
-    "threads": (0, 1024),
-}
 
 
 def learning_rate(config: FitConfig, epoch: float) -> float:

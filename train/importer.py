@@ -30,8 +30,9 @@ from lcnet_runner.artifact import (
 )
 from lcnet_runner.preprocess import PreprocessConfig
 
+from .config import SCALES
 from .export import base_info, export_inference, export_onnx, save_to_store
-from .model import SCALES, build_model
+from .model import build_model
 from .pretrained import load_weights, read_state_dict
 
 

@@ -11,6 +11,8 @@ from paddle import nn
 from paddle.nn.initializer import KaimingNormal
 from paddle.regularizer import L2Decay
 
+from .config import scale_of
+
 # One row per depthwise-separable block:
 #   (kernel size, in channels, out channels, stride, squeeze-excitation)
 # Channels are for scale 1.0 and get multiplied by the scale, rounded to a multiple of 8.
@@ -24,30 +26,11 @@ STAGES: tuple[tuple[str, tuple[tuple[int, int, int, int, bool], ...]], ...] = (
 STEM_CHANNELS = 16
 CLASS_EXPAND = 1280  # the "bigger 1x1 conv after GAP" that PP-LCNet adds before the classifier
 
-SCALES: dict[str, float] = {
-    "PPLCNet_x0_25": 0.25,
-    "PPLCNet_x0_35": 0.35,
-    "PPLCNet_x0_5": 0.5,
-    "PPLCNet_x0_75": 0.75,
-    "PPLCNet_x1_0": 1.0,
-    "PPLCNet_x1_5": 1.5,
-    "PPLCNet_x2_0": 2.0,
-    "PPLCNet_x2_5": 2.5,
-}
-
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     """Round channels to a multiple of ``divisor`` without dropping more than 10 % (PaddleClas)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def scale_of(name: str) -> float:
-    """The width multiplier of a model name; unknown names list the valid ones."""
-    try:
-        return SCALES[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SCALES)}") from None
 
 
 class ConvBNLayer(nn.Layer):

@@ -12,12 +12,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import paddle
+from typing import TYPE_CHECKING
 
 from lcnet_runner.artifact import cache_dir
 
-from .model import SCALES
+from .config import SCALES
+
+if TYPE_CHECKING:
+    import paddle
 
 _BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com/dygraph/legendary_models"
 # PaddleClas publishes SSLD-distilled weights only for these scales.
@@ -89,6 +91,8 @@ def resolve(spec: str, architecture: str) -> Path | None:
 
 def read_state_dict(path: Path) -> dict:
     """A PaddleClas ``.pdparams`` or one of our checkpoints (its ``model`` entry)."""
+    import paddle  # here, not at the top: the CLI imports PretrainedError to report it
+
     try:
         state = paddle.load(str(path))
     except Exception as err:  # paddle raises many types for a bad file
