@@ -39,7 +39,7 @@ from .choice import refuse_unusable
 from .metrics import PrometheusObserver, ReloadCounter
 from .reload import Reloader, ServedModel
 from .runner import LCNetRunner
-from .settings import REQUEST_TIMEOUT_S, ServingSettings
+from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SERVICE_NAME = "lcnet"
@@ -52,7 +52,6 @@ http_app = http_api.create_app(AT_DEFINITION.cors_origins)
 TopK = Annotated[int, Field(ge=1, description="how many classes to return, best first")]
 
 MODEL_ENV = "LCNET_MODEL"
-GRPC_PORT_ENV = "LCNET_GRPC_PORT"
 
 
 def _packed_version() -> str | None:
@@ -221,7 +220,7 @@ def _serves_grpc(settings: ServingSettings) -> bool:
     second server's port clashes with it) unless LCNET_GRPC_PORT is set."""
     if not settings.grpc_port:
         return False
-    if handlers.serving_as_dependency() and GRPC_PORT_ENV not in os.environ:
+    if handlers.serving_as_dependency() and not is_set("grpc_port", os.environ):
         logger.info(
             "gRPC off: %s serves as a dependency; LCNET_GRPC_PORT turns it on", SERVICE_NAME
         )

@@ -64,7 +64,7 @@ class ServingSettings:
             raise ValueError("LCNET_BODY_TIMEOUT_S must be > 0")
         if self.reload_interval_s <= 0:
             raise ValueError("LCNET_RELOAD_INTERVAL_S must be > 0")
-        check_ranges(self, SETTINGS_RANGES, _variable)
+        check_ranges(self, SETTINGS_RANGES, env_variable)
 
     @property
     def worker_count(self) -> int:
@@ -102,8 +102,14 @@ SETTINGS_RANGES = {
 _ENV_RANGES = {**RUNNER_RANGES, **SETTINGS_RANGES}
 
 
-def _variable(name: str) -> str:
-    return f"LCNET_{name.upper()}"
+def env_variable(field_name: str) -> str:
+    """The environment variable a settings field is read from."""
+    return f"LCNET_{field_name.upper()}"
+
+
+def is_set(field_name: str, environ: Mapping[str, str]) -> bool:
+    """Whether ``environ`` sets the field: blank is unset, as everywhere in these settings."""
+    return bool(environ.get(env_variable(field_name), "").strip())
 
 
 def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()) -> dict:
@@ -112,14 +118,14 @@ def _read(config: type, environ: Mapping[str, str], skip: set[str] = frozenset()
     unset."""
     values = {}
     for spec in fields(config):
-        raw = environ.get(f"LCNET_{spec.name.upper()}", "").strip()
+        raw = environ.get(env_variable(spec.name), "").strip()
         if spec.name in skip or not raw:
             continue
         values[spec.name] = value = _parse(spec.name, raw, type(getattr(config, spec.name)))
         bounds = _ENV_RANGES.get(spec.name)
         if bounds is not None and not in_range(value, *bounds):
             # here, to name the variable: RunnerConfig knows nothing of the environment
-            raise ValueError(range_error(_variable(spec.name), raw, *bounds))
+            raise ValueError(range_error(env_variable(spec.name), raw, *bounds))
     return values
 
 
@@ -129,17 +135,17 @@ def _parse(name: str, raw: str, kind: type) -> object:
         return 0
     if kind is bool:
         if word not in _TRUE | _FALSE:
-            raise ValueError(f"{_variable(name)}={raw!r} is not 1 or 0")
+            raise ValueError(f"{env_variable(name)}={raw!r} is not 1 or 0")
         return word in _TRUE
     try:
         value = kind(raw)
     except ValueError:
         noun = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{_variable(name)}={raw!r} is not {noun}") from None
+        raise ValueError(f"{env_variable(name)}={raw!r} is not {noun}") from None
     # float() reads "nan" and "inf": NaN passes every "> 0" check (all its comparisons are
     # false) and an endless duration overflows where it becomes milliseconds.
     if kind is float and not math.isfinite(value):
-        raise ValueError(f"{_variable(name)}={raw!r} is not a finite number")
+        raise ValueError(f"{env_variable(name)}={raw!r} is not a finite number")
     return value
 
 
