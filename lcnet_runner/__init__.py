@@ -8,13 +8,20 @@ import warnings
 # Paddle warns about a missing C++ compiler cache at import; it never compiles anything here.
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
-from .artifact import ModelArtifact, ModelNotFoundError, load_artifact, pinned_model
+from .artifact import (
+    InvalidModelError,
+    ModelArtifact,
+    ModelNotFoundError,
+    load_artifact,
+    pinned_model,
+)
 from .predictor import Predictor, TopKError
 from .preprocess import InvalidImageError, PreprocessConfig
 from .runner import LCNetRunner, RunnerConfig
 
 __all__ = [
     "InvalidImageError",
+    "InvalidModelError",
     "LCNetRunner",
     "ModelArtifact",
     "ModelNotFoundError",

@@ -70,6 +70,12 @@ class ModelNotFoundError(LookupError):
     """A model tag or folder that cannot be loaded; the message says what to do."""
 
 
+class InvalidModelError(ModelNotFoundError):
+    """A model that is there but cannot be used: a file changed since it was stored, an
+    ``inference.yml`` or ``model_info.json`` that does not read, labels that do not fit. A
+    ModelNotFoundError too, so that code catching every model that cannot load still does."""
+
+
 @dataclass(frozen=True)
 class ModelArtifact:
     path: Path
@@ -115,7 +121,7 @@ def read_labels_file(path: Path) -> tuple[str, ...]:
     folders may have them), empty lines are not names."""
     labels = tuple(line for line in read_lines(path) if line)
     if not labels:
-        raise ModelNotFoundError(f"{path}: no class names (expected one per line)")
+        raise InvalidModelError(f"{path}: no class names (expected one per line)")
     return labels
 
 
@@ -177,29 +183,27 @@ def write_metadata(
 
 
 def read_inference_yml(folder: Path) -> dict[str, Any]:
-    """A folder's ``inference.yml`` as a mapping; a file that is not one is a ModelNotFoundError
+    """A folder's ``inference.yml`` as a mapping; a file that is not one is an InvalidModelError
     saying so on one line (it may come from another tool, or from a hand edit)."""
     path = folder / INFERENCE_YML
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ModelNotFoundError(
-            f"{path} is not valid YAML: {' '.join(str(err).split())}"
-        ) from None
+        raise InvalidModelError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(config, dict):
-        raise ModelNotFoundError(f"{path}: expected a mapping, got {type(config).__name__}")
+        raise InvalidModelError(f"{path}: expected a mapping, got {type(config).__name__}")
     return config
 
 
 def yml_section(config: dict[str, Any], *keys: str) -> dict[str, Any]:
     """``config[keys[0]][keys[1]]…``: missing or empty (``PostProcess:`` with nothing after it,
-    which YAML reads as null) is ``{}``; anything but a mapping is a ModelNotFoundError."""
+    which YAML reads as null) is ``{}``; anything but a mapping is an InvalidModelError."""
     section: Any = config
     for depth, key in enumerate(keys, 1):
         section = section.get(key) or {}
         if not isinstance(section, dict):
             where = ".".join(keys[:depth])
-            raise ModelNotFoundError(f"{INFERENCE_YML}: {where} must be a mapping")
+            raise InvalidModelError(f"{INFERENCE_YML}: {where} must be a mapping")
     return section
 
 
@@ -208,7 +212,7 @@ def preprocess_from_inference_yml(config: dict[str, Any]) -> PreprocessConfig:
     try:
         return _preprocess_from_ops(_transform_ops(config))
     except (TypeError, ValueError) as err:  # a value of the wrong kind: "abc" for a size
-        raise ModelNotFoundError(f"{INFERENCE_YML}: {err}") from None
+        raise InvalidModelError(f"{INFERENCE_YML}: {err}") from None
 
 
 def _transform_ops(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -216,12 +220,10 @@ def _transform_ops(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ops: dict[str, dict[str, Any]] = {}
     for op in yml_section(config, "PreProcess").get("transform_ops") or []:
         if not isinstance(op, dict) or len(op) != 1:
-            raise ModelNotFoundError(
-                f"{INFERENCE_YML}: each transform op must be `name: arguments`"
-            )
+            raise InvalidModelError(f"{INFERENCE_YML}: each transform op must be `name: arguments`")
         ((name, args),) = op.items()
         if not isinstance(args or {}, dict):
-            raise ModelNotFoundError(f"{INFERENCE_YML}: the arguments of {name} must be a mapping")
+            raise InvalidModelError(f"{INFERENCE_YML}: the arguments of {name} must be a mapping")
         ops[name] = args or {}
     return ops
 
@@ -234,15 +236,13 @@ def _preprocess_from_ops(ops: dict[str, dict[str, Any]]) -> PreprocessConfig:
     )
     crop_size = int(crop.get("size", 224))  # PaddleX's CropImage default, as for backend below
     if "resize_short" not in resize:
-        raise ModelNotFoundError(
-            f"{INFERENCE_YML}: only ResizeImage with resize_short is supported"
-        )
+        raise InvalidModelError(f"{INFERENCE_YML}: only ResizeImage with resize_short is supported")
     scale = float(norm.get("scale", 1.0 / 255.0))
     if abs(scale - 1.0 / 255.0) > 1e-6:
-        raise ModelNotFoundError(f"{INFERENCE_YML}: NormalizeImage scale {scale} is not 1/255")
+        raise InvalidModelError(f"{INFERENCE_YML}: NormalizeImage scale {scale} is not 1/255")
     interpolation = str(resize.get("interpolation", "LINEAR")).upper()
     if interpolation not in _FROM_PADDLEX_INTERPOLATION:
-        raise ModelNotFoundError(f"{INFERENCE_YML}: unsupported interpolation {interpolation}")
+        raise InvalidModelError(f"{INFERENCE_YML}: unsupported interpolation {interpolation}")
     return PreprocessConfig(
         crop_size=crop_size,
         resize_short=int(resize["resize_short"]),
@@ -258,7 +258,7 @@ def _read_labels(folder: Path, config: dict[str, Any]) -> tuple[str, ...]:
         return read_labels_file(folder / LABELS_FILE)
     label_list = yml_section(config, "PostProcess", "Topk").get("label_list")
     if not label_list:
-        raise ModelNotFoundError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
+        raise InvalidModelError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
     return tuple(str(label) for label in label_list)
 
 
@@ -269,9 +269,9 @@ def _read_info(path: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelNotFoundError(f"{path} is not valid JSON: {err}") from None
+        raise InvalidModelError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(info, dict):
-        raise ModelNotFoundError(f"{path}: expected a JSON object, got {type(info).__name__}")
+        raise InvalidModelError(f"{path}: expected a JSON object, got {type(info).__name__}")
     return info
 
 
@@ -392,7 +392,7 @@ def verify_checksums(folder: Path) -> bool:
         digest, _, name = line.partition("  ")
         path = folder / name
         if not path.is_file() or _sha256(path) != digest:
-            raise ModelNotFoundError(
+            raise InvalidModelError(
                 f"{folder.name}/{name} is missing, truncated or changed since it was stored "
                 f"(checked against {CHECKSUM_FILE})"
             )

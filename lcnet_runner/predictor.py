@@ -13,7 +13,7 @@ from typing import TypedDict
 import numpy as np
 from bentoml.exceptions import InvalidArgument
 
-from .artifact import DEFAULT_MODEL, ModelArtifact, ModelNotFoundError, load_artifact
+from .artifact import DEFAULT_MODEL, InvalidModelError, ModelArtifact, load_artifact
 from .choice import Choice, choose
 from .engines import (
     AUTO,
@@ -165,7 +165,7 @@ class Predictor:
         crop = preprocess(np.zeros((8, 8, 3), np.uint8), self.preprocess_config)
         width = self.infer(crop[None]).shape[-1]
         if width != len(self.labels):
-            raise ModelNotFoundError(
+            raise InvalidModelError(
                 f"{self.artifact.name}: the model outputs {width} classes but has "
                 f"{len(self.labels)} labels"
             )

@@ -77,7 +77,7 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
     try:
         return pinned_model(tag)
     except ModelNotFoundError as err:
-        raise ModelNotFoundError(f"{err} (LCNET_MODEL names the model to serve)") from None
+        raise type(err)(f"{err} (LCNET_MODEL names the model to serve)") from None
 
 
 def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: ServingSettings) -> None:

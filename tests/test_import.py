@@ -14,7 +14,7 @@ import yaml
 from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 
 from lcnet_runner import Predictor
-from lcnet_runner.artifact import ModelNotFoundError, load_folder
+from lcnet_runner.artifact import InvalidModelError, load_folder
 from train.split import read_split
 
 
@@ -159,7 +159,7 @@ def test_a_broken_folder_file_is_one_error_line(trained: dict, tmp_path: Path, n
     folder = tmp_path / "broken"
     shutil.copytree(trained["export_dir"], folder)
     (folder / file).write_text(text, "utf-8")
-    with pytest.raises(ModelNotFoundError, match=re.escape(message)):
+    with pytest.raises(InvalidModelError, match=re.escape(message)):
         load_folder(folder)
 
 

@@ -17,7 +17,7 @@ from bentoml.exceptions import InvalidArgument
 from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
-from lcnet_runner import ModelNotFoundError, Predictor
+from lcnet_runner import InvalidModelError, ModelNotFoundError, Predictor
 from lcnet_runner.engines import cores_free, cpu_quota, default_threads
 from lcnet_runner.predictor import EngineOutputError, TopKError, top_k_predictions
 from lcnet_runner.preprocess import normalize, preprocess
@@ -124,7 +124,7 @@ def test_unknown_tag_and_broken_folders_fail_at_load(trained: dict, tmp_path: Pa
     shutil.copytree(trained["export_dir"], mismatched)
     with open(mismatched / "labels.txt", "a", encoding="utf-8") as f:
         f.write("extra\n")
-    with pytest.raises(ModelNotFoundError, match="outputs 3 classes but has 4 labels"):
+    with pytest.raises(InvalidModelError, match="outputs 3 classes but has 4 labels"):
         Predictor(mismatched)
 
 

@@ -23,7 +23,7 @@ from conftest import CLASS_NAMES, model_info_from, replacement, workers
 
 from lcnet_runner.artifact import (
     PARAMS_FILE,
-    ModelNotFoundError,
+    InvalidModelError,
     load_folder,
     verify_checksums,
     write_checksums,
@@ -193,7 +193,8 @@ def test_new_versions_swap_in_under_load_without_a_failed_request(
         bad = save_corrupt_version(trained)
         failed = settled_reload_state(server, "failed")
         assert failed["tag"] == bad, failed
-        assert PARAMS_FILE in failed["error"] and "truncated" in failed["error"]
+        assert failed["error"].startswith("InvalidModelError: ") and PARAMS_FILE in failed["error"]
+        assert "truncated" in failed["error"]
         time.sleep(1)
         # On request, back to an older version (the watcher does not undo it: nothing newer).
         assert admin_reload(server, TOKEN, {"tag": first}).status_code == 202
@@ -392,7 +393,7 @@ def test_checksums_catch_a_changed_file_and_ignore_bentomls_own(tmp_path: Path) 
     (tmp_path / "model.yaml").write_text("rewritten")
     assert verify_checksums(tmp_path)
     (tmp_path / "inference.pdiparams").write_bytes(b"weights" * 50)
-    with pytest.raises(ModelNotFoundError, match="inference.pdiparams is missing, truncated"):
+    with pytest.raises(InvalidModelError, match="inference.pdiparams is missing, truncated"):
         verify_checksums(tmp_path)
 
 

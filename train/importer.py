@@ -108,7 +108,7 @@ def _copy_folder(
         artifact = load_folder(folder)
         architecture = model or _architecture_from_yml(folder)
     except ModelNotFoundError as err:  # a file the user can fix: name theirs, not our copy
-        raise ModelNotFoundError(str(err).replace(str(folder), str(source))) from None
+        raise type(err)(str(err).replace(str(folder), str(source))) from None
     info = artifact.info or {
         **base_info(architecture, list(artifact.labels), artifact.preprocess),
         "imported_from": source.name,
