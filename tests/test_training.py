@@ -17,9 +17,10 @@ import pytest
 from conftest import CLASS_NAMES, COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
 from PIL import Image
 
+import train.fit
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
-from train.fit import FitConfig, initial_state, learning_rate, prepare
+from train.fit import FitConfig, end_of_epoch, initial_state, learning_rate, pick_best, prepare
 from train.plots import confusion_matrix
 from train.report import report
 from train.split import read_split
@@ -149,6 +150,45 @@ def test_resume_refuses_a_checkpoint_of_another_run(
         initial_state(again, labels, None)
     assert "another --save-dir" in str(raised.value) and "\n" not in str(raised.value)
     assert initial_state(dataclasses.replace(first, resume=True), ["a", "b"], None)
+
+
+def _weights(state) -> dict[str, np.ndarray]:
+    return {name: tensor.numpy() for name, tensor in state.model.state_dict().items()}
+
+
+def test_a_kill_between_the_checkpoint_and_best_weights_keeps_them_together(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each epoch that improves writes last.pdckpt and best.pdparams: a run killed between the
+    two must still store the weights of the epoch its metrics name (it stored another epoch's,
+    scoring what no epoch in its history scored)."""
+    config = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path))
+    labels, stats = ["a", "b"], {"loss": 1.0, "top1": 0.5, "images_per_s": 1.0}
+    state = initial_state(config, labels, None)
+    end_of_epoch(state, 0, stats, None, labels, config)  # no val split: every epoch improves
+    first = _weights(state)
+    for param in state.model.parameters():  # what the second epoch's training changes
+        param.set_value(param + 1.0)
+    second = _weights(state)
+    saved = []
+
+    def killed_after_one_file(obj, path: Path) -> None:
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path.name)
+        paddle.save(obj, str(path))
+
+    monkeypatch.setattr(train.fit, "save_atomic", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        end_of_epoch(state, 1, stats, None, labels, config)
+    monkeypatch.undo()
+
+    resumed = initial_state(dataclasses.replace(config, resume=True), labels, None)
+    pick_best(resumed, {}, labels, config)
+    expected = second if resumed.best_epoch == 1 else first
+    assert all(np.array_equal(w, expected[name]) for name, w in _weights(resumed).items())
+    best_file = paddle.load(str(tmp_path / "best.pdparams"))
+    assert all(np.array_equal(best_file[name].numpy(), w) for name, w in expected.items())
 
 
 def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path: Path) -> None:

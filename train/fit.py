@@ -160,13 +160,21 @@ class TrainingState:
     epochs_done: int = 0
     best_epoch: int = -1  # 0-based, as in checkpoints
     best_score: float = -math.inf  # val top-1, or the epoch index when there is no val split
+    # The best epoch's weights (copies), saved inside last.pdckpt: one atomic file says which
+    # epoch was best and holds its weights, so a run killed between writing the checkpoint and
+    # best.pdparams cannot store one epoch's weights with another epoch's metrics.
+    best_weights: dict[str, np.ndarray] | None = None
 
     def checkpoint(self, labels: list[str], config: FitConfig) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epochs_done - 1,
-            "best": {"score": self.best_score, "epoch": self.best_epoch},
+            "best": {
+                "score": self.best_score,
+                "epoch": self.best_epoch,
+                "weights": self.best_weights,
+            },  # fmt: skip
             "history": self.history,
             "labels": labels,
             "config": dataclasses.asdict(config),
@@ -179,6 +187,11 @@ class TrainingState:
         self.epochs_done = checkpoint["epoch"] + 1
         self.best_score = checkpoint["best"]["score"]
         self.best_epoch = checkpoint["best"]["epoch"]
+        self.best_weights = checkpoint["best"].get("weights")  # None: an older release's
+
+    def keep_best(self, epoch: int, score: float) -> None:
+        self.best_score, self.best_epoch = score, epoch
+        self.best_weights = {name: t.numpy() for name, t in self.model.state_dict().items()}
 
 
 def check_same_run(
@@ -323,10 +336,12 @@ def end_of_epoch(
     state.epochs_done = epoch + 1
     # Without a validation split every epoch "improves", so the last one is kept.
     score = val["top1"] if val else epoch
-    if score > state.best_score:
-        state.best_score, state.best_epoch = score, epoch
-        save_atomic(state.model.state_dict(), save_dir / BEST_WEIGHTS)
+    improved = score > state.best_score
+    if improved:
+        state.keep_best(epoch, score)
     save_atomic(state.checkpoint(labels, config), save_dir / CHECKPOINT)
+    if improved:  # after the checkpoint, which pick_best trusts over this file
+        save_atomic(state.model.state_dict(), save_dir / BEST_WEIGHTS)
     log(
         f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
         f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
@@ -346,7 +361,11 @@ def pick_best(
     measure them on the test split (the metrics; {} without a test split)."""
     save_dir = Path(config.save_dir)
     (save_dir / HISTORY).write_text(json.dumps(state.history, indent=2) + "\n")
-    state.model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
+    if state.best_weights is None:  # resumed from an older release's checkpoint
+        state.model.set_state_dict(paddle.load(str(save_dir / BEST_WEIGHTS)))
+    else:  # and best.pdparams made to agree, had a run been killed before writing it
+        state.model.set_state_dict(state.best_weights)
+        save_atomic(state.model.state_dict(), save_dir / BEST_WEIGHTS)
     return dygraph_metrics(state.model, splits.get("test"), labels, config.preprocess)
 
 
