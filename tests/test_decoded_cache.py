@@ -93,6 +93,33 @@ def test_a_changed_file_invalidates_the_cache(tmp_path: Path) -> None:
     assert load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data").decoded > 0
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: os.truncate(folder / PIXELS, 1000),
+        lambda folder: os.truncate(folder / PIXELS, 0),
+        lambda folder: (folder / INDEX).write_bytes(b"not a zip"),
+        lambda folder: (folder / META).write_text("{"),
+    ],
+    ids=["truncated", "emptied", "index", "meta"],
+)
+def test_a_damaged_cache_is_decoded_again(tmp_path: Path, damage, capsys) -> None:
+    """A cache whose files no longer agree (a disk fault, a bad copy) failed every later run
+    mid-epoch ("cannot mmap an empty file") until `cache clear`: it is made again instead."""
+    samples = small_dataset(tmp_path / "data")
+    disk = CacheConfig(tmp_path / "cache", ram_mb=0)
+    first = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    expected = [np.array(image) for image in first.images]
+    [entry] = list_caches(disk)
+    damage(entry.folder)
+    again = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert again.decoded == len(samples)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, again.images, strict=True))
+    assert "is damaged" in capsys.readouterr().err
+    reused = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert reused.decoded == 0
+
+
 def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(tmp_path: Path) -> None:
     """A PNG announcing an 8·10^7 × 1 image (under Pillow's bomb limit): resized to a short side
     of 36 it would take ~3·10^11 bytes, which no test disk has; nothing is decoded or written."""

@@ -29,6 +29,7 @@ import mmap
 import os
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ BLOCK_BYTES = 8 << 20  # a block of the quasi-random order: one sequential read 
 
 class CacheSpaceError(ValueError):
     """The cache's disk lacks room; the message is one line saying what to do."""
+
+
+class DamagedCacheError(ValueError):
+    """A complete cache whose files no longer agree with its meta.json (a disk fault, a bad
+    copy, a truncated file): rebuilt, never read."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,10 @@ def load_split(
     Says on stderr which it chose."""
     folder = cache.folder / cache_key(samples, preprocess)
     if folder.is_dir():
-        return _reused(folder, name, select)
+        try:
+            return _reused(folder, name, select)
+        except DamagedCacheError as err:
+            _discard(folder, name, err)
     if select is not None:
         return decode_split([samples[i] for i in select], preprocess, workers=workers, desc=name)
     estimate = estimate_bytes(samples, preprocess.resize_short)
@@ -180,6 +189,17 @@ def _reused(folder: Path, name: str, select: Sequence[int] | None = None) -> Dec
     log(f"{name}: {len(split)} images, {size_text(size)} decoded → disk cache {folder} (reused)"
         + _order_note(split))  # fmt: skip
     return split
+
+
+def _discard(folder: Path, name: str, damage: DamagedCacheError) -> None:
+    """Delete a damaged cache so that it is made again, unless another process (a data-parallel
+    rank) already has: under the lock, the cache is checked once more."""
+    with _locked(folder):
+        try:
+            open_cache(folder)
+        except DamagedCacheError:
+            shutil.rmtree(folder, ignore_errors=True)
+            log(f"{name}: {damage}; deleted, decoding the split again")
 
 
 def _waited(folder: Path, name: str) -> DecodedSplit:
@@ -352,10 +372,9 @@ def _write_index(
 
 def open_cache(folder: Path, select: Sequence[int] | None = None) -> tuple[DecodedSplit, int]:
     """A complete cache as a DecodedSplit of memory-mapped images (``select``: only these
-    entries of its split list), and the cache's size in bytes."""
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    with np.load(folder / INDEX) as index:
-        positions, shapes, labels = index["positions"], index["shapes"], index["labels"]
+    entries of its split list), and the cache's size in bytes. DamagedCacheError when its files
+    do not agree with each other."""
+    meta, positions, shapes, labels = _checked_files(folder)
     entries = np.arange(len(labels)) if select is None else np.asarray(select, np.int64)
     kept = entries[shapes[entries, 0] > 0]
     pixels = None
@@ -372,6 +391,27 @@ def open_cache(folder: Path, select: Sequence[int] | None = None) -> tuple[Decod
     with contextlib.suppress(OSError):
         os.utime(folder / META)
     return split, meta["bytes"]
+
+
+def _checked_files(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    """meta.json and the index, checked against each other and the pixels file's size (a
+    truncated file failed mid-epoch as "offset must be non-negative", in every later run)."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        with np.load(folder / INDEX) as index:
+            positions, shapes, labels = index["positions"], index["shapes"], index["labels"]
+        pixels_bytes = (folder / PIXELS).stat().st_size if meta["bytes"] else 0
+        ends = positions + _image_bytes(shapes)
+        agree = (
+            len(positions) == len(shapes) == len(labels) == len(meta["skipped"]) + meta["images"]
+            and pixels_bytes == meta["bytes"]
+            and (ends.max(initial=0) <= pixels_bytes)
+        )
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise DamagedCacheError(f"the decoded cache {folder} is damaged ({err})") from None
+    if not agree:
+        raise DamagedCacheError(f"the decoded cache {folder} is damaged (its files disagree)")
+    return meta, positions, shapes, labels
 
 
 def _unreadable(meta: dict[str, Any], entries: np.ndarray, shapes: np.ndarray) -> list[str]:
