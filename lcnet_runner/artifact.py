@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # or a crash soon after may leave an empty file (XFS, ext4)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -344,14 +347,24 @@ def pinned_model(tag: str):
     """A ``bentoml.models.BentoModel`` for ``tag`` at the version it names when `bentoml serve`
     starts. Declared on a service class, it packs the model into a Bento; a worker, including one
     BentoML restarts after a newer version was stored, loads that version rather than resolving
-    ``:latest`` again and serving another model than its siblings. ModelNotFoundError when the
-    store has no such model."""
+    ``:latest`` again and serving another model than its siblings. If that version has left the
+    store since (deleted after a rollout), such a worker starts on what ``tag`` names now, rather
+    than fail at every restart: its reloader, if on, then brings it to its siblings' version.
+    ModelNotFoundError when the store has no such model."""
     import bentoml
     from bentoml._internal.context import server_context
 
     pinned = json.loads(os.environ.get(PINNED_ENV) or "{}")
     if tag in pinned and server_context.worker_index is not None:
-        return bentoml.models.BentoModel(pinned[tag])
+        try:
+            return bentoml.models.BentoModel(str(_stored(pinned[tag]).tag))
+        except ModelNotFoundError:
+            now = str(_stored(tag).tag)
+            logging.getLogger("bentoml.lcnet").warning(
+                "%s, the version this server started on, is no longer in the store: this "
+                "worker starts on %s", pinned[tag], now,
+            )  # fmt: skip
+            return bentoml.models.BentoModel(now)
     version = str(_stored(tag).tag)
     os.environ[PINNED_ENV] = json.dumps({**pinned, tag: version})
     return bentoml.models.BentoModel(version)

@@ -310,11 +310,26 @@ def locked_cache(key: str) -> Iterator[dict[str, Any]]:
     path = folder / f"{key}.json"
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        cache = json.loads(path.read_text()) if path.is_file() else {}
+        cache = _read_race(path)
         before = dict(cache)
         yield cache
         if cache != before:
             write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
+
+
+def _read_race(path: Path) -> dict[str, Any]:
+    """A cached race, or {} (race again) when there is none or it does not read: a cache must
+    never stop a model from loading (an emptied file failed every load of every worker)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(record, dict) and {"ranking", "race", "not_runnable"} <= record.keys():
+            return record
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        pass
+    logger.warning("%s is no engine race: racing again", path)
+    return {}
 
 
 def _writable(folder: Path) -> Path:

@@ -83,7 +83,10 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
 def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: ServingSettings) -> None:
     """Check the model's files and a named engine/precision (accuracy guard, self-check on this
     CPU) before any worker starts: BentoML restarts a worker that fails to initialise forever, so
-    the same error would otherwise scroll by and the server never become ready."""
+    the same error would otherwise scroll by and the server never become ready. Once, where the
+    service is defined (`bentoml serve`'s own process): a worker loads the model anyway."""
+    if server_context.worker_index is not None:
+        return
     stored = bentoml.models.get(model.tag)
     verify_checksums(Path(stored.path))
     artifact = load_folder(stored.path, tag=str(model.tag))
@@ -210,7 +213,7 @@ class LCNetService:
         if self.reloader is not None:
             await self.reloader.stop()
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace=5)
+            await self.grpc_server.stop()
         await self.served.close()
 
 

@@ -236,6 +236,20 @@ def test_a_new_version_reuses_the_race_and_checks_its_own_accuracy(
     assert "fails the accuracy guard" in second.skipped[winner]
 
 
+@pytest.mark.parametrize("damage", ["", "{", "[]", '{"ranking": []}'])
+def test_a_cached_race_that_does_not_read_is_run_again(
+    folder: Path, tmp_path: Path, damage: str
+) -> None:
+    """An emptied or damaged race file (a crash on some file systems) failed every load of the
+    model (JSONDecodeError, in every serving worker) until someone deleted it."""
+    Predictor(folder, threads=1)
+    (record,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
+    record.write_text(damage)
+    again = Predictor(folder, threads=1).choice
+    assert again.race["cached"] is False and str(again.variant) in PASSED
+    assert json.loads(record.read_text())["ranking"]
+
+
 def test_a_variant_that_failed_for_one_version_is_raced_for_the_next(
     folder: Path, tmp_path: Path
 ) -> None:

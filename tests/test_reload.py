@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import bentoml
 import grpc
 import httpx
 import pytest
@@ -323,6 +324,11 @@ def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
                             timeout=deadline - time.monotonic())  # fmt: skip
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'lcnet_model_reloads_total{model="asked",result="ok"} 2.0' in metrics
+        # The version the server started on, deleted now that nobody serves it: a worker
+        # restarted after a crash starts anyway (it failed at every restart, forever).
+        bentoml.models.delete(first)
+        image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+        assert_a_restarted_worker_serves(server, image, newer)
     finally:
         server.stop()
 
