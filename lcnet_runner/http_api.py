@@ -28,7 +28,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
@@ -302,7 +301,10 @@ async def admin_reload(
     authorization: str | None,
     settings: ServingSettings,
     reloader: Reloader | None,
+    version: str,
 ) -> JSONResponse:
+    """``POST /admin/reload``; ``version``: the one serving, in the answer's header."""
+    headers = {handlers.VERSION_HEADER: version}
     try:
         handlers.check_admin(settings, authorization)
         body = await read_body(request, 4096, settings.body_timeout_s)
@@ -313,21 +315,17 @@ async def admin_reload(
         accepted = handlers.request_reload(reloader, asked.tag)
     except Exception as err:
         status, message = failure(err)
-        return JSONResponse({"error": message}, status_code=status)
-    return JSONResponse(accepted, status_code=202)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse(accepted, status_code=202, headers=headers)
 
 
 async def _ui(request: Request) -> FileResponse:
     return FileResponse(UI_DIR / "index.html")
 
 
-def create_app(cors_origins: str = "") -> FastAPI:
-    """The app the service mounts at ``/``; the service adds the API routes as its own methods.
-    Cross-origin browser calls are refused unless ``cors_origins`` lists the origins."""
+def create_app() -> FastAPI:
+    """The app the service mounts at ``/``; the service adds the API routes as its own methods."""
     app = FastAPI(title="lcnet", docs_url=None, redoc_url=None, openapi_url=None)
-    origins = [origin.strip() for origin in cors_origins.split(",") if origin.strip()]
-    if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"])
     # A page to try the model: static files shipped in the package, no build, no CDN.
     app.add_api_route("/ui", _ui, methods=["GET"], include_in_schema=False)
     app.mount("/ui/static", StaticFiles(directory=UI_DIR), name="ui")
@@ -356,23 +354,18 @@ class DirectRoutes:
     The routes stay declared on the mounted FastAPI app, which documents them in ``/docs.json``
     and serves every other request; its layers in between (mount, routing, dependency
     injection, exception middleware) only pass the raw request through to these methods, and
-    cost ~6 % of the throughput at 32 clients here (docs/benchmarks.md). Browsers' cross-origin
-    calls (an ``Origin`` header) take FastAPI's path, where the CORS middleware is."""
+    cost ~6 % of the throughput at 32 clients here (docs/benchmarks.md)."""
 
     def __init__(self, app, routes: dict[str, str]):
         self.app, self.routes = app, routes
 
     async def __call__(self, scope, receive, send) -> None:
         name = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if name is None or scope["method"] != "POST" or _has_header(scope, b"origin"):
+        if name is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         route = getattr(get_current_service(), name)
         response = await route(Request(scope, receive))
         await response(scope, receive, send)
-
-
-def _has_header(scope, name: bytes) -> bool:
-    return any(key == name for key, _ in scope["headers"])
 
 
 # The fast routes: path → name of the service's route method (DirectRoutes hands them over).
@@ -432,7 +425,8 @@ class TypedApiGuard:
                 raise RequestError(422, "send exactly one file in 'image'")
             body, content_type = _multipart_body(field, images, handlers.parse_top_k(top_k))
         except RequestError as err:
-            response = JSONResponse({"error": str(err)}, status_code=err.status)
+            headers = {handlers.VERSION_HEADER: get_current_service().served.tag}
+            response = JSONResponse({"error": str(err)}, status_code=err.status, headers=headers)
             return await response(scope, receive, send)
         headers = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")

@@ -24,6 +24,7 @@ import yaml
 from bentoml._internal.context import server_context
 from fastapi import Header
 from pydantic import Field
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -44,7 +45,7 @@ from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SERVICE_NAME = "lcnet"
 AT_DEFINITION = ServingSettings.from_env()
-http_app = http_api.create_app(AT_DEFINITION.cors_origins)
+http_app = http_api.create_app()
 
 
 # The typed routes' top_k, documented with its bound (TypedApiGuard refuses 0 over HTTP with
@@ -166,7 +167,9 @@ class LCNetService:
     async def admin_reload(
         self, request: Request, authorization: str | None = Header(None, include_in_schema=False)
     ) -> JSONResponse:
-        return await http_api.admin_reload(request, authorization, self.settings, self.reloader)
+        return await http_api.admin_reload(
+            request, authorization, self.settings, self.reloader, self.served.tag
+        )
 
     # Typed API for BentoML's clients: `client.predict(image=Path("cat.jpg"), top_k=3)`. The
     # same runner, batches and checks (handlers) as the fast routes; an HTTP body was checked and
@@ -240,6 +243,13 @@ def _stop_the_server(why: str) -> None:
         os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
 
 
+# Outermost of ours, so that every answer to a listed origin carries CORS headers, the fast
+# routes' and the guard's refusals included (BentoML's own CORS comes after its service's
+# middlewares: inside them, where the fast routes never pass).
+if AT_DEFINITION.cors_origin_list:
+    LCNetService.add_asgi_middleware(
+        CORSMiddleware, allow_origins=AT_DEFINITION.cors_origin_list, allow_methods=["GET", "POST"]
+    )
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
 LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)
 # The fast routes' requests go straight to their methods.

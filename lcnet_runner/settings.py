@@ -25,7 +25,7 @@ class ServingSettings:
     variables stay flat (``LCNET_ENGINE``, ``LCNET_THREADS``, ...). Defaults are safe and fast
     on 2 cores."""
 
-    model: str = DEFAULT_MODEL  # store tag (or exported folder) to serve
+    model: str = DEFAULT_MODEL  # the store tag to serve (`python -m train import` stores a folder)
     runner: RunnerConfig = RunnerConfig()  # engine, precision, threads, batching, pixel limit
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_body_bytes: int = 20 * 1024 * 1024
@@ -47,6 +47,11 @@ class ServingSettings:
     admin_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
+        if os.sep in self.model:
+            raise ValueError(
+                f"LCNET_MODEL={self.model!r}: the server serves a store tag (name or name:version);"
+                f" store a folder with `python -m train import {self.model}`"
+            )
         if self.reload not in RELOAD_MODES:
             raise ValueError(f"LCNET_RELOAD={self.reload!r}: use one of {', '.join(RELOAD_MODES)}")
         if self.reload == "watch" and not self.model_name:
@@ -74,11 +79,13 @@ class ServingSettings:
     @property
     def model_name(self) -> str | None:
         """The store name whose newest version ``model`` follows (``name`` or ``name:latest``);
-        None for a pinned version or a folder."""
+        None for a pinned version."""
         name, _, version = self.model.partition(":")
-        if os.sep in self.model or version not in ("", "latest"):
-            return None
-        return name
+        return name if version in ("", "latest") else None
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:

@@ -223,6 +223,7 @@ def test_admin_routes_need_the_token(servers, trained: dict) -> None:
     assert admin_reload(server, None).status_code == 401
     refused = admin_reload(server, "not-the-token")
     assert refused.status_code == 403 and refused.json() == {"error": "wrong admin token"}
+    assert refused.headers["x-model-version"].startswith(f"{NAME}:")  # what serves, as elsewhere
     another = admin_reload(server, TOKEN, {"tag": trained["tag"]})  # stored, another name
     assert another.status_code == 422 and f"serves {NAME!r}" in another.json()["error"]
     unknown = admin_reload(server, TOKEN, {"tag": f"{NAME}:nosuchversion"})
