@@ -29,14 +29,23 @@ class ClientError(RuntimeError):
 
 
 def encode(image: Image_) -> bytes:
-    """Files are sent as they are; PIL images as PNG (lossless)."""
+    """Files are sent as they are; PIL images losslessly: as PNG, or as TIFF in the modes PNG
+    cannot hold (CMYK, F, I, LAB...), which the server reads as it would the same file; the
+    few TIFF cannot hold either (HSV, premultiplied RGBa) as RGB."""
     if isinstance(image, bytes):
         return image
-    if isinstance(image, Image.Image):
+    if not isinstance(image, Image.Image):
+        return Path(image).read_bytes()
+    for container in ("PNG", "TIFF"):
         buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        return buffer.getvalue()
-    return Path(image).read_bytes()
+        try:
+            image.save(buffer, container)
+            return buffer.getvalue()
+        except OSError:  # "cannot write mode CMYK as PNG"
+            pass
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 class Client:

@@ -87,8 +87,12 @@ async def classify_batch(
     if not images:
         raise RequestError(422, "no images")
     if len(images) > settings.max_batch_images:
-        raise RequestError(413, f"at most {settings.max_batch_images} images per request")
+        raise too_many_images(settings)
     return await runner.aclassify_batch(images, top_k)
+
+
+def too_many_images(settings: ServingSettings) -> RequestError:
+    return RequestError(413, f"at most {settings.max_batch_images} images per request")
 
 
 def served_model_info(

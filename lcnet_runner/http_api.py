@@ -104,7 +104,11 @@ async def read_upload(
 ) -> tuple[list[bytes], str | None]:
     """The files in ``field`` and the raw ``top_k`` of a multipart request: a text field, or
     else the query string's (as for an image sent as the body)."""
-    if not _media_type(request).startswith("multipart/form-data"):
+    media_type = _media_type(request)
+    if media_type.startswith("application/x-www-form-urlencoded"):  # a form without its file
+        # (what BentoML's own client sends for predict_batch(images=[]))
+        raise RequestError(422, f"missing file field {field!r} (send multipart/form-data)")
+    if not media_type.startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
     _refuse_declared_excess(request, limit)
@@ -118,8 +122,9 @@ async def read_upload(
         async with _body_arriving(settings.body_timeout_s):
             form = await parser.parse()
     except MultiPartException as err:
-        status = 413 if "Too many files" in err.message else 400
-        raise RequestError(status, f"malformed multipart body: {err.message}") from None
+        if "Too many files" in err.message:
+            raise handlers.too_many_images(settings) from None
+        raise RequestError(400, f"malformed multipart body: {err.message}") from None
     try:
         values = form.getlist(field)
         if not values:

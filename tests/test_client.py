@@ -171,3 +171,18 @@ def test_empty_batch_against_the_service(server: Server, scheme: str, status) ->
             client.classify_batch([])
         assert (err.value.status, err.value.message) == (status, "no images")
         assert len(client.classify_batch([_png()])) == 1
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_pil_images_in_any_mode_are_sent(server: Server, scheme: str) -> None:
+    """PNG holds neither CMYK (a JPEG from print work) nor F or I: the client raised a bare
+    OSError for images the server reads. Each is answered as the same image sent as a file."""
+    rgb = Image.new("RGB", (24, 24), (40, 180, 60))
+    with Client(server.url if scheme == "http" else server.grpc_url) as client:
+        for mode in ("CMYK", "F", "I", "LAB", "HSV", "RGBa"):
+            image = rgb.convert("RGBA").convert(mode) if mode == "RGBa" else rgb.convert(mode)
+            assert client.classify(image, top_k=2), mode
+        cmyk = io.BytesIO()
+        rgb.convert("CMYK").save(cmyk, "JPEG", quality=95)
+        as_file = client.classify(cmyk.getvalue(), top_k=2)
+        assert client.classify(Image.open(io.BytesIO(cmyk.getvalue())), top_k=2) == as_file

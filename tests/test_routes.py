@@ -200,7 +200,8 @@ BAD_REQUESTS = [
         422,
         id="typed-path-as-text",
     ),
-    pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 415, id="typed-urlencoded"),
+    # a form without its file: what BentoML's client sends for predict_batch(images=[])
+    pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 422, id="typed-urlencoded"),
     # BentoML's internal type from a client: refused, with our body (BentoML's is a JSON list)
     pytest.param("/predict", body(b"x", "application/vnd.bentoml+pickle"), 415, id="typed-pickle"),
     # BentoML reads a look-alike of its internal type as JSON, with no limit on the body
@@ -222,6 +223,15 @@ def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -
     assert response.status_code == status, response.text
     if status != 200:
         assert set(response.json()) == JSON_ERROR and response.json()["error"]
+
+
+@pytest.mark.parametrize("path", ["/classify_batch", "/predict_batch"])
+def test_too_many_images_are_said_as_over_grpc(client: TestClient, path: str) -> None:
+    """The multipart parser's own words were "malformed multipart body: Too many files"."""
+    response = client.post(path, files=[("images", ("a.png", png()))] * 5)
+    assert (response.status_code, response.json()) == (
+        413, {"error": "at most 4 images per request"}
+    )  # fmt: skip
 
 
 def test_model_route_describes_the_served_model(client: TestClient, trained: dict) -> None:
