@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -108,8 +109,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         # 16-bit and float greyscale: PIL's own convert clips at 255, so scale instead.
         pixels = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if pixels.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(pixels * (255.0 / peak), 0, 255).astype(np.uint8))
+        scaled = np.rint(pixels * (255.0 / _white(image.mode, pixels.max(initial=0))))
+        image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -117,6 +118,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _white(mode: str, brightest: float) -> float:
+    """The value white has in a greyscale image of ``mode``: 65535 in a 16-bit file whatever its
+    pixels (a dark one was brightened 257×); in modes that do not say their range, what the
+    brightest pixel suggests: floats up to 1 (a float TIFF), else 16 or 8 bits ("I" and "F" are
+    also what Pillow makes of 8-bit images)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    if mode == "F" and brightest <= 1.0:
+        return 1.0
+    return 65535.0 if brightest > 255 else 255.0
 
 
 def _checked(array: np.ndarray) -> np.ndarray:
@@ -209,12 +222,12 @@ def _decode_errors(source: ImageSource) -> Iterator[None]:
 def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -> Image.Image:
     """The image opened (header read, nothing decoded), its size checked, a large JPEG drafted
     to decode at the smallest DCT scale that keeps its short side >= ``short_side``."""
-    if isinstance(source, _ENCODED):
-        if not source:
-            raise InvalidImageError("empty image data")
-        opened = Image.open(io.BytesIO(source))
-    else:
-        opened = Image.open(source)
+    if isinstance(source, _ENCODED) and not source:
+        raise InvalidImageError("empty image data")
+    try:
+        opened = Image.open(io.BytesIO(source) if isinstance(source, _ENCODED) else source)
+    except Image.DecompressionBombError as err:  # over twice Pillow's own limit: ours is lower
+        raise ImageTooLargeError(_over_pillows_limit(err, max_pixels)) from None
     try:
         _check_pixels(opened, max_pixels)
     except ImageTooLargeError:
@@ -225,6 +238,16 @@ def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -
         scale = short_side / min(width, height)
         opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     return opened
+
+
+def _over_pillows_limit(err: Image.DecompressionBombError, max_pixels: int | None) -> str:
+    """Our words for Pillow's refusal, with the limit that holds: ours, or Pillow's where it is
+    lower (``Image.MAX_IMAGE_PIXELS`` × 2, which Pillow checks before we can)."""
+    pillows = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    limit = min(max_pixels, pillows) if max_pixels else pillows
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    count = found.group(1) if found else "more"
+    return f"image has {count} pixels, more than the limit of {limit}"
 
 
 def _jpeg_file_bytes(image: Image.Image) -> bytes | None:

@@ -110,6 +110,23 @@ def test_any_mode_becomes_rgb(mode: str) -> None:
         assert 0 < np.asarray(decoded).mean() < 250
 
 
+@pytest.mark.parametrize(
+    "pixels, container, expected",
+    [
+        (np.full((8, 8), 250, np.uint16), "PNG", 1),  # a dark 16-bit image stays dark (it was 250)
+        (np.full((8, 8), 256, np.uint16), "PNG", 1),  # and one level brighter alike (it was 1)
+        (np.full((8, 8), 65535, np.uint16), "PNG", 255),
+        (np.full((8, 8), 0.5, np.float32), "TIFF", 128),  # a float image in 0..1 (it was black)
+        (np.full((8, 8), 200.0, np.float32), "TIFF", 200),  # what Pillow makes of 8-bit as F
+    ],
+)
+def test_greyscale_beyond_8_bits_is_scaled_by_its_range(
+    pixels: np.ndarray, container: str, expected: int
+) -> None:
+    decoded = np.asarray(load_image(encode(Image.fromarray(pixels), container)))
+    assert decoded.min() == decoded.max() == expected
+
+
 def test_transparency_is_composited_on_white() -> None:
     clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     assert np.asarray(load_image(encode(clear)))[0, 0].tolist() == [255, 255, 255]
@@ -221,6 +238,19 @@ def test_the_pixel_limit_is_checked_from_the_header_for_files_and_pil_images() -
         with pytest.raises(ImageTooLargeError, match="100x60 pixels, more than the limit of 5999"):
             preprocess(source, CONFIG, max_pixels=5999)
         assert preprocess(source, CONFIG, max_pixels=6000).shape == (32, 32, 3)
+
+
+def test_an_image_past_pillows_own_limit_names_the_limit_that_holds() -> None:
+    """Pillow refuses over twice its MAX_IMAGE_PIXELS before we see the header: the message
+    said "could be decompression bomb DOS attack" with Pillow's figure, not the server's."""
+    header = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(header, "PNG")  # 400 million pixels, a few hundred KB
+    with pytest.raises(ImageTooLargeError) as refused:
+        preprocess(header.getvalue(), CONFIG, max_pixels=40_000_000)
+    assert str(refused.value) == "image has 400000000 pixels, more than the limit of 40000000"
+    pillows = 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError, match=f"more than the limit of {pillows}$"):
+        preprocess(header.getvalue(), CONFIG, max_pixels=10**9)  # Pillow's is lower here
 
 
 def test_arrays_must_be_hwc_uint8() -> None:
