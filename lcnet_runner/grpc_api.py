@@ -34,7 +34,8 @@ SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
 # What a client's mistake is called in gRPC: these, or INVALID_ARGUMENT for the others (400, 408,
-# 413, 422); a server fault is INTERNAL.
+# 413, 422); a server fault is INTERNAL. (A message past the size limit never reaches this code:
+# gRPC itself answers RESOURCE_EXHAUSTED.)
 _STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
@@ -157,7 +158,7 @@ def claim_port(port: int, server: str) -> None:
             fcntl.flock(owner, fcntl.LOCK_EX)
             owner.seek(0)
             holder = owner.read().strip()
-            if holder and holder != server and _alive(holder):
+            if holder and holder != server and handlers.server_alive(holder):
                 pid = holder.partition(":")[0]
                 raise GrpcPortTakenError(
                     f"gRPC port {port} is served by another server (pid {pid}): choose another "
@@ -178,17 +179,8 @@ def owner_file(port: int) -> Path:
 def forget_stopped_owner(port: int) -> None:
     """Remove ``port``'s record when the server it names has stopped (a live one keeps it)."""
     with contextlib.suppress(OSError):
-        if not _alive(owner_file(port).read_text(encoding="utf-8").strip()):
+        if not handlers.server_alive(owner_file(port).read_text(encoding="utf-8").strip()):
             owner_file(port).unlink()
-
-
-def _alive(server: str) -> bool:
-    import psutil
-
-    try:
-        return handlers.server_id(int(server.partition(":")[0])) == server
-    except (psutil.Error, ValueError):
-        return False
 
 
 @dataclass(frozen=True)

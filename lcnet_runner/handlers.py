@@ -35,6 +35,16 @@ def server_id(pid: int) -> str:
     return f"{pid}:{psutil.Process(pid).create_time():.3f}"
 
 
+def server_alive(server: str) -> bool:
+    """Whether the process ``server_id`` named is still running (not another with its pid)."""
+    import psutil
+
+    try:
+        return server_id(int(server.partition(":")[0])) == server
+    except (psutil.Error, ValueError):
+        return False
+
+
 def this_server() -> str:
     """The `bentoml serve` this worker belongs to: its arbiter, the worker's parent."""
     return server_id(os.getppid())

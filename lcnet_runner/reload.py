@@ -118,6 +118,19 @@ def request_file(model_name: str) -> Path:
     return Path(bentoml_home()) / "lcnet-reload" / f"{model_name}-{server}.json"
 
 
+def forget_stopped_servers() -> None:
+    """Delete the records (request and served version) of servers that have stopped: every run
+    of a server left its two files behind for good."""
+    for path in (Path(bentoml_home()) / "lcnet-reload").glob("*.json"):
+        # <model name>-<pid>-<start time>[.served].json (request_file)
+        name_pid_start = path.name.removesuffix(".json").removesuffix(".served").rsplit("-", 2)
+        if len(name_pid_start) != 3 or not name_pid_start[1].isdigit():
+            continue  # not a record of ours
+        _, pid, started = name_pid_start
+        if not handlers.server_alive(f"{pid}:{started}"):
+            path.unlink(missing_ok=True)
+
+
 def write_request(path: Path, tag: str) -> None:
     _write_record(path, {"id": uuid.uuid4().hex, "tag": tag, "at": time.time()})
 
@@ -192,6 +205,8 @@ class Reloader:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        with contextlib.suppress(OSError):
+            forget_stopped_servers()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lcnet-reloader")
 
     async def stop(self) -> None:

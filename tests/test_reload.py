@@ -12,6 +12,8 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ import httpx
 import pytest
 from conftest import CLASS_NAMES, model_info_from, replacement, workers
 
+from lcnet_runner import handlers
 from lcnet_runner.artifact import (
     PARAMS_FILE,
     InvalidModelError,
@@ -31,7 +34,7 @@ from lcnet_runner.artifact import (
     write_labels_file,
 )
 from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
-from lcnet_runner.reload import REQUEST_POLL_S
+from lcnet_runner.reload import REQUEST_POLL_S, forget_stopped_servers
 from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
 from train.export import revise, save_to_store
@@ -424,6 +427,25 @@ def test_stopping_the_reloader_waits_until_it_has_ended() -> None:
         return reloader._task.done()
 
     assert asyncio.run(start_and_stop())
+
+
+def test_the_records_of_stopped_servers_are_deleted(tmp_path: Path, monkeypatch) -> None:
+    """Each server run left a request file and a served record behind, for good."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    folder = tmp_path / "lcnet-reload"
+    folder.mkdir()
+    stopped = subprocess.Popen([sys.executable, "-c", "pass"])
+    stopped_id = handlers.server_id(stopped.pid)
+    stopped.wait()
+    live_id = handlers.server_id(os.getpid())
+    names = {
+        server: [f"my-model-{server.replace(':', '-')}{end}" for end in (".json", ".served.json")]
+        for server in (stopped_id, live_id)
+    }
+    for name in [*names[stopped_id], *names[live_id], "notes.json"]:
+        (folder / name).write_text("{}")
+    forget_stopped_servers()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names[live_id], "notes.json"])
 
 
 def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkeypatch) -> None:
