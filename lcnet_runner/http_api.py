@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import bentoml
 from bentoml import get_current_service  # bentoml.X is a lazy import on every access
-from fastapi import FastAPI
-from pydantic import BaseModel, ValidationError
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -267,8 +268,34 @@ CLASSIFY_BATCH_DOC = {
         **_errors(400, 408, 413, 415, 422, 500),
     },  # fmt: skip
 }
+
+
+class ModelInfoOut(BaseModel):
+    """What ``GET /model`` answers (``handlers.served_model_info``), for the OpenAPI document."""
+
+    model_config = ConfigDict(extra="allow")
+    tag: str
+    architecture: str | None
+    labels: list[str]
+    input_size: int
+    preprocess: dict[str, Any]
+    engine: str
+    precision: str
+    engine_choice: dict[str, Any]  # the variant, its self-check, auto's race, what could not serve
+    threads: int
+    solo_threads: int | None  # a lone image on every core, when the engine releases the GIL
+    max_batch_size: int
+    max_delay_ms: float
+    val_top1: float | None
+    test_top1: float | None
+    limits: dict[str, int | float]
+    reload: dict[str, Any]  # mode, and the last reload's state, tag and error
+    worker: dict[str, int | None]  # which worker answered: each speaks for itself
+
+
 MODEL_DOC = {
-    "summary": "The served model: tag, labels, preprocessing, engine choice, limits, reload state"
+    "summary": "The served model: tag, labels, preprocessing, engine choice, limits, reload state",
+    "responses": {200: {"model": ModelInfoOut}},
 }
 
 
@@ -288,6 +315,9 @@ RELOAD_DOC = {
     "`GET /model` shows `reload.state` (loading, idle, failed) and the `X-Model-Version` header "
     "of every answer the version that produced it.",
     "status_code": 202,
+    # For the document only (its security scheme lets Swagger's "Try it out" send the token);
+    # the route checks the header itself, as gRPC's metadata (handlers.check_admin).
+    "dependencies": [Security(HTTPBearer(auto_error=False, scheme_name="adminToken"))],
     "openapi_extra": {
         "requestBody": {
             "required": False,

@@ -81,6 +81,7 @@ class PaddleXResponse(BaseModel):
     errorCode: int
     errorMsg: str
     result: PaddleXResult | None = None
+    error: str | None = None  # on a refusal: errorMsg again, under our routes' key
 
 
 PADDLEX_DOC = {
@@ -93,8 +94,6 @@ PADDLEX_DOC = {
     },  # fmt: skip
     "responses": {
         200: {"model": PaddleXResponse},
-        400: {"model": PaddleXResponse},
-        413: {"model": PaddleXResponse},
-        422: {"model": PaddleXResponse},
+        **{status: {"model": PaddleXResponse} for status in (400, 408, 413, 422, 500)},
     },  # fmt: skip
 }

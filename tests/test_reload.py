@@ -239,7 +239,9 @@ def test_admin_routes_need_the_token(servers, trained: dict) -> None:
     for body, status in ((b"{", 422), (b"x" * 5000, 413)):  # malformed, over the 4 kB limit
         response = httpx.post(f"{server.url}/admin/reload", content=body, headers=authorized)
         assert response.status_code == status and set(response.json()) == {"error"}
-    assert "/admin/reload" in httpx.get(f"{server.url}/docs.json").json()["paths"]
+    document = httpx.get(f"{server.url}/docs.json").json()
+    assert document["paths"]["/admin/reload"]["post"]["security"] == [{"adminToken": []}]
+    assert document["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
     assert "lcnet.v1.Admin" in grpc_services(server)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = lcnet_pb2_grpc.AdminStub(channel)

@@ -235,7 +235,12 @@ def test_too_many_images_are_said_as_over_grpc(client: TestClient, path: str) ->
 
 
 def test_model_route_describes_the_served_model(client: TestClient, trained: dict) -> None:
+    from lcnet_runner.http_api import ModelInfoOut
+
     info = client.get("/model").json()
+    ModelInfoOut.model_validate(info, strict=False)  # what /docs.json says it answers
+    documented = client.get("/docs.json").json()["paths"]["/model"]["get"]["responses"]["200"]
+    assert documented["content"]["application/json"]["schema"]
     assert info["tag"] == trained["tag"] and info["labels"] == CLASS_NAMES
     assert info["limits"]["max_batch_images"] == 4  # the instance's settings
     assert info["engine_choice"]["variant"] == f"{info['engine']}/{info['precision']}"
