@@ -120,6 +120,17 @@ def test_a_damaged_cache_is_decoded_again(tmp_path: Path, damage, capsys) -> Non
     assert reused.decoded == 0
 
 
+def test_a_rank_waiting_for_a_cache_nobody_builds_says_so(tmp_path: Path) -> None:
+    """A file changed between two ranks' looks at the dataset gives them two keys: the builder
+    made its own and the other rank waited, silently, for ever."""
+    from train.split import DatasetError
+
+    folder = CacheConfig(tmp_path / "cache").folder / "key-that-nobody-builds"
+    folder.parent.mkdir(parents=True)
+    with pytest.raises(DatasetError, match="did the dataset change while the training processes"):
+        decoded_cache._waited(folder, "train", wait_s=1.0)
+
+
 def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(tmp_path: Path) -> None:
     """A PNG announcing an 8·10^7 × 1 image (under Pillow's bomb limit): resized to a short side
     of 36 it would take ~3·10^11 bytes, which no test disk has; nothing is decoded or written."""

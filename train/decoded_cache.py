@@ -49,6 +49,7 @@ from lcnet_runner.preprocess import (
 
 from .console import log
 from .data import DecodedSplit, decode_split, decode_stream
+from .split import DatasetError
 
 FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
@@ -65,6 +66,7 @@ AFTER_DECODE = ("crop_size", "mean", "std")
 HEADER_SAMPLE = 256  # files whose headers estimate a split's decoded size
 DISK_MARGIN = 512 << 20  # bytes left free on the cache's disk
 BLOCK_BYTES = 8 << 20  # a block of the quasi-random order: one sequential read of ~8 MiB
+BUILDER_WAIT_S = 300.0  # for the builder rank to take a cache's lock (it needs seconds)
 
 
 class CacheSpaceError(ValueError):
@@ -202,14 +204,22 @@ def _discard(folder: Path, name: str, damage: DamagedCacheError) -> None:
             log(f"{name}: {damage}; deleted, decoding the split again")
 
 
-def _waited(folder: Path, name: str) -> DecodedSplit:
+def _waited(folder: Path, name: str, wait_s: float = BUILDER_WAIT_S) -> DecodedSplit:
     """A data-parallel rank other than the builder: wait until the cache is complete. The lock
     is held by the builder for the whole build; polling covers a builder that has not taken it
-    yet (if it dies, the launcher stops every rank)."""
+    yet (if it dies, the launcher stops every rank). A cache that nobody starts building within
+    ``wait_s`` is another key than the builder's: a file changed between the ranks' looks at the
+    dataset, and waiting on would hang the run without a word."""
+    deadline = time.monotonic() + wait_s
     while True:
-        with _locked(folder):
+        with _locked(folder):  # waits here while the builder builds
             if folder.is_dir():
                 return _reused(folder, name)
+        if time.monotonic() > deadline:
+            raise DatasetError(
+                f"{name}: no process started decoding {folder.name} in {wait_s:.0f} s: did the "
+                "dataset change while the training processes started? Run the command again"
+            )
         time.sleep(0.5)
 
 
