@@ -9,6 +9,15 @@ import warnings
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and editors
+    from .config import SCALES, FitConfig
+    from .evaluate import evaluate
+    from .fit import fit
+    from .importer import import_model
+    from .model import build_model
+    from .split import split_dataset
 
 # Where each public name lives. Imported on first use (PEP 562), so that `python -m train split`
 # and every `--help` start without loading Paddle and matplotlib (~2.4 s).
@@ -21,7 +30,7 @@ _HOMES = {
     "build_model": "model",
     "split_dataset": "split",
 }
-__all__ = sorted(_HOMES)
+__all__ = ["SCALES", "FitConfig", "build_model", "evaluate", "fit", "import_model", "split_dataset"]
 
 
 def __getattr__(name: str):
