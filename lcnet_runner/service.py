@@ -52,8 +52,6 @@ http_app = http_api.create_app()
 # 422; BentoML checks a call from another service).
 TopK = Annotated[int, Field(ge=1, description="how many classes to return, best first")]
 
-MODEL_ENV = "LCNET_MODEL"
-
 
 def _packed_version() -> str | None:
     """The model version packed in the Bento this module was imported from; None outside a
@@ -73,7 +71,7 @@ def _model_reference(tag: str) -> bentoml.models.BentoModel:
     """Declared on the class so `bentoml build` packs the model, pinned to the version the server
     starts on (``pinned_model``); a missing model is one clear message instead of a BentoCloud
     lookup error."""
-    if MODEL_ENV not in os.environ:
+    if not is_set("model", os.environ):
         tag = _packed_version() or tag
     try:
         return pinned_model(tag)
