@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lcnet_runner")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify images and print the latency block")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="store tag or exported folder")
+    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"store tag or exported folder (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--top-k", type=positive_int, default=1)
     p.add_argument("--batch-size", type=positive_int, default=1)
     # Negative counts are not refused by every engine (Paddle, ONNX Runtime) nor the same way.

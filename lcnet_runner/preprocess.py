@@ -332,6 +332,13 @@ def _where(source: ImageSource) -> str:
     return f"{source}: " if isinstance(source, (str, Path)) else ""
 
 
+def default_resize_short(crop_size: int) -> int:
+    """The short side an image is resized to before the center crop, unless told: PaddleClas's
+    256 for a 224 crop, in proportion for others (73 for 64): a 64 px model resized to 256 would
+    see only the middle 1/16 of each photo."""
+    return round(crop_size * 256 / 224)
+
+
 def short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) with the short side scaled to ``size``, rounded like PaddleX's
     ResizeByShort."""

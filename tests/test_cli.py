@@ -82,6 +82,23 @@ def test_split_and_help_start_without_paddle(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize(
+    "args, resize_short, decay",
+    [
+        ([], 256, (4, 6, 8)),  # the seed's: PaddleClas's 256 for 224, decay at 4, 6, 8 of 10
+        (["--input-size", "64"], 73, (4, 6, 8)),  # 256 would serve the middle 1/16 of a photo
+        (["--input-size", "64", "--resize-short", "72"], 72, (4, 6, 8)),
+        (["--epochs", "30"], 256, (12, 18, 24)),  # not 22 epochs at 1/1000
+        (["--epochs", "30", "--lr-decay-epochs", "5,9"], 256, (5, 9)),
+    ],
+)
+def test_fit_derives_what_it_is_not_told(args: list[str], resize_short: int, decay) -> None:
+    from train.cli import build_parser, fit_config
+
+    config = fit_config(build_parser().parse_args(["fit", "data", *args]))
+    assert (config.resize_short, config.lr_decay_epochs) == (resize_short, decay)
+
+
 def test_fit_unknown_model_lists_valid_names(tmp_path: Path) -> None:
     data = two_classes(tmp_path / "two")
     line = one_error_line(run_cli("train", "fit", str(data), "--model", "PPLCNet_x9", check=False))

@@ -118,12 +118,15 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("--image-size", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("split", help="split DATASET/<class>/<images> into train/val/test lists")
+    p = sub.add_parser("split", help="split DATASET/<class>/<images> into train/val/test lists",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.set_defaults(func=run_split)
-    p.add_argument("dataset", type=Path)
-    p.add_argument("--val-ratio", "--val_value", type=_ratio, default=0.2)
-    p.add_argument("--test-ratio", "--test_value", type=_ratio, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dataset", type=Path, help="a folder of class folders of images")
+    p.add_argument("--val-ratio", "--val_value", type=_ratio, default=0.2,
+                   help="each class's share for validation")  # fmt: skip
+    p.add_argument("--test-ratio", "--test_value", type=_ratio, default=0.1,
+                   help="each class's share for the final test")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="the order images are drawn in")
     p.add_argument(
         "--reshuffle",
         action="store_true",
@@ -135,29 +138,70 @@ def _add_fit(sub) -> None:
     from .config import SCALES, FitConfig
 
     d = FitConfig()
-    p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store")
+    p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.set_defaults(func=run_fit)
-    p.add_argument("dataset", type=Path)
+    p.add_argument("dataset", type=Path, help="the split folder (python -m train split)")
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(SCALES)}")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--schedule", choices=("piecewise", "cosine"), default=d.schedule)
-    p.add_argument("--lr-decay-epochs", type=_ints, default=d.lr_decay_epochs, metavar="E,E,...")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--input-size", type=int, default=d.input_size)
-    p.add_argument("--resize-short", type=int, default=d.resize_short)
-    p.add_argument("--resize-backend", choices=RESIZE_BACKENDS, default=d.resize_backend,
-                   help="what resizes, in training and wherever the model serves")  # fmt: skip
-    p.add_argument("--crop-scale", type=_pair, default=d.crop_scale, metavar="MIN,MAX")
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the train split")
     p.add_argument(
-        "--pretrained",
-        default=d.pretrained,
-        help="imagenet | imagenet-ssld | none | PATH.pdparams (default: imagenet)",
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="images a step, all processes together (16+: data-parallel on 2 cores)",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument(
+        "--schedule",
+        choices=("piecewise", "cosine"),
+        default=d.schedule,
+        help="how the learning rate falls",
+    )
+    p.add_argument(
+        "--lr-decay-epochs",
+        type=_ints,
+        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it
+        metavar="E,E,...",
+        help="piecewise: ×0.1 after each (default: at 40, 60, 80 %% of --epochs)",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=d.warmup_epochs,
+        help="epochs the learning rate rises from 0",
+    )
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2")
+    p.add_argument("--input-size", type=int, default=d.input_size, help="the model's input, px")
+    p.add_argument(
+        "--resize-short",
+        type=int,
+        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it
+        help="short side before the center crop where the model evaluates and serves "
+        "(default: --input-size × 256/224)",
+    )
+    p.add_argument(
+        "--resize-backend",
+        choices=RESIZE_BACKENDS,
+        default=d.resize_backend,
+        help="what resizes, in training and wherever the model serves",
+    )
+    p.add_argument(
+        "--crop-scale",
+        type=_pair,
+        default=d.crop_scale,
+        metavar="MIN,MAX",
+        help="training's random crops: their share of the image's area",
+    )
+    p.add_argument(
+        "--hflip",
+        action=argparse.BooleanOptionalAction,
+        default=d.hflip,
+        help="training's random horizontal flips",
+    )
+    p.add_argument(
+        "--pretrained", default=d.pretrained, help="imagenet | imagenet-ssld | none | PATH.pdparams"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="the split order and augmentation")
     p.add_argument(
         "--workers",
         type=non_negative_int,
@@ -168,8 +212,15 @@ def _add_fit(sub) -> None:
         "--threads", type=non_negative_int, default=d.threads, help="Paddle threads (0: all cores)"
     )
     add_cache_arguments(p)
-    p.add_argument("--early-stop-patience", type=int, default=d.early_stop_patience)
-    p.add_argument("--save-dir", default=d.save_dir)
+    p.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=d.early_stop_patience,
+        help="stop after this many epochs without a better val top-1 (0: never)",
+    )
+    p.add_argument(
+        "--save-dir", default=d.save_dir, help="checkpoints, history, plots and the export"
+    )
     p.add_argument("--name", default=d.name, help="model name in the BentoML store")
     p.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pdckpt")
     p.add_argument(
@@ -177,13 +228,9 @@ def _add_fit(sub) -> None:
         action="store_true",
         help="also store an INT8 OpenVINO variant calibrated on training images (int8 extra)",
     )
-    p.add_argument(
-        "--procs",
-        type=_procs,
-        default="auto",
-        help="data-parallel processes on this machine: N, or auto (one per core while "
-        "each gets >= 8 images a step)",
-    )
+    p.add_argument("--procs", type=_procs, default="auto",
+                   help="data-parallel processes on this machine: N, or auto (one per core while "
+                   "each gets >= 8 images a step)")  # fmt: skip
 
 
 MODEL_SOURCE = "store tag (pplcnet:latest) or exported folder"
@@ -245,8 +292,13 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--name", default="pplcnet")
     p.add_argument("--model", help="architecture, e.g. PPLCNet_x1_0 (needed for .pdparams)")
     p.add_argument("--labels", type=Path, help="class names, one per line")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--resize-short", type=int, default=256)
+    p.add_argument("--input-size", type=int, default=224, help=".pdparams: the model's input, px")
+    p.add_argument(
+        "--resize-short",
+        type=int,
+        default=0,
+        help=".pdparams: short side before the center crop (0: input size × 256/224)",
+    )
 
 
 def run_demo_data(args: argparse.Namespace) -> None:
@@ -272,15 +324,21 @@ def run_split(args: argparse.Namespace) -> None:
         print(line)
 
 
+def fit_config(args: argparse.Namespace):
+    """The FitConfig of `fit`'s arguments: every option it has (others, such as --procs, are the
+    launcher's); those not given (--resize-short, --lr-decay-epochs) it derives."""
+    from .config import FitConfig
+
+    options = {f.name: getattr(args, f.name) for f in fields(FitConfig) if hasattr(args, f.name)}
+    return FitConfig(**{**options, "save_dir": str(args.save_dir)})
+
+
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .config import FitConfig
     from .fit import fit, prepare
 
-    # Every option fit's config has (others, such as --procs, are the launcher's), validated
-    # here, before any rank starts: a rank's error would only reach its log file.
-    options = {f.name: getattr(args, f.name) for f in fields(FitConfig) if hasattr(args, f.name)}
-    config = FitConfig(**{**options, "save_dir": str(args.save_dir)})
+    # Validated here, before any rank starts: a rank's error would only reach its log file.
+    config = fit_config(args)
     prepare(Path(args.dataset), config)  # once: ranks would each download and split, into one file
     fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
     if distributed.run_data_parallel(

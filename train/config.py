@@ -12,7 +12,7 @@ from pathlib import Path
 
 import bentoml
 
-from lcnet_runner.preprocess import PreprocessConfig
+from lcnet_runner.preprocess import PreprocessConfig, default_resize_short
 from lcnet_runner.ranges import check_ranges
 
 from .data import AugmentConfig
@@ -39,6 +39,12 @@ def scale_of(name: str) -> float:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SCALES)}") from None
 
 
+def decay_epochs(epochs: int) -> tuple[int, ...]:
+    """Where the piecewise schedule divides the learning rate by 10: at 40, 60 and 80 % of the
+    run, so that a longer run (the first thing one tries) does not spend its end at 1/1000."""
+    return tuple(sorted({max(1, round(share * epochs)) for share in (0.4, 0.6, 0.8)}))
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Training settings; the defaults are the seed's (PaddleX 2 PPLCNet tutorial)."""
@@ -48,12 +54,13 @@ class FitConfig:
     batch_size: int = 4
     lr: float = 0.01
     schedule: str = "piecewise"  # or "cosine"
-    lr_decay_epochs: tuple[int, ...] = (4, 6, 8)  # piecewise: ×0.1 at each
+    # piecewise: ×0.1 at each; () = at 40, 60 and 80 % of the epochs (the seed's 4, 6, 8 of 10)
+    lr_decay_epochs: tuple[int, ...] = ()
     warmup_epochs: int = 0
     momentum: float = 0.9
     weight_decay: float = 1e-4  # L2, not applied to batch-norm parameters
     input_size: int = 224
-    resize_short: int = 256
+    resize_short: int = 0  # 0: input_size × 256/224 (256 for 224, as PaddleClas evaluates)
     resize_backend: str = "cv2"  # OpenCV (PaddleX's default) or "pil"; saved with the model
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: bool = True
@@ -70,6 +77,11 @@ class FitConfig:
     int8: bool = False  # also store an INT8 OpenVINO variant (needs the int8 extra)
 
     def __post_init__(self) -> None:
+        # What the defaults depend on, resolved once: a frozen dataclass sets its own fields so.
+        if not self.resize_short:
+            object.__setattr__(self, "resize_short", default_resize_short(self.input_size))
+        if not self.lr_decay_epochs:
+            object.__setattr__(self, "lr_decay_epochs", decay_epochs(self.epochs))
         if self.schedule not in ("piecewise", "cosine"):
             raise ValueError(f"schedule must be 'piecewise' or 'cosine', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -28,7 +28,7 @@ from lcnet_runner.artifact import (
     write_text_atomic,
     yml_section,
 )
-from lcnet_runner.preprocess import PreprocessConfig
+from lcnet_runner.preprocess import PreprocessConfig, default_resize_short
 
 from .config import SCALES
 from .export import base_info, export_inference, export_onnx, save_to_store
@@ -124,7 +124,7 @@ def import_model(
     model: str | None = None,
     labels: str | Path | None = None,
     input_size: int = 224,
-    resize_short: int = 256,
+    resize_short: int = 0,  # 0: input_size × 256/224
 ) -> str:
     """Store ``source`` as a new version of ``name``; returns the tag.
 
@@ -154,7 +154,9 @@ def import_model(
                 )
             network = build_model(model, num_classes=len(label_list))
             load_weights(network, source, strict=True, state=state)
-            preprocess = PreprocessConfig(crop_size=input_size, resize_short=resize_short)
+            preprocess = PreprocessConfig(
+                crop_size=input_size, resize_short=resize_short or default_resize_short(input_size)
+            )
             info = {**base_info(model, label_list, preprocess), "imported_from": source.name}
             export_inference(
                 network,
