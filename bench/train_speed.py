@@ -5,7 +5,7 @@
 Five loops on the same model, batch and input size, interleaved over several rounds (machines
 here are noisy; medians are compared):
   bare     forward/backward/step on one pre-made tensor batch: the ceiling
-  fit      train.fit.train_one_epoch on the decoded in-memory cache (random resized crop, flip,
+  fit      train.training.train_one_epoch on the decoded in-memory cache (random resized crop, flip,
            normalize): what `python -m train fit` runs on a small split
   disk     the same on the memory-mapped disk cache (train.decoded_cache), in the page cache
   cold     the same, the cache evicted from the page cache first: read from disk as it trains
@@ -32,9 +32,9 @@ from lcnet_runner.preprocess import decode_resized, normalize
 from train.data import DecodedSplit, decode_split
 from train.decoded_cache import PIXELS, CacheConfig, load_split
 from train.demo_data import write_demo_dataset
-from train.fit import FitConfig, train_one_epoch
 from train.model import build_model
 from train.split import read_split, split_dataset
+from train.training import FitConfig, train_one_epoch
 
 
 def step(model, optimizer, x: paddle.Tensor, y: paddle.Tensor) -> None:

@@ -15,6 +15,7 @@ import bentoml
 import pytest
 from conftest import ROOT, run_cli, tiny_fit
 
+from lcnet_runner.engines import default_threads
 from train.distributed import LAUNCHER_LOG, Rank, auto_procs, run_data_parallel, shard
 
 # 8 images per rank and step; more epochs because a global batch of 16 takes half the steps.
@@ -51,9 +52,12 @@ def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder() -> None:
     assert auto_procs(batch_size=32, cores=2) == 2
 
 
-def test_one_process_or_a_rank_trains_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_process_or_a_rank_trains_itself(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     assert not run_data_parallel([], "1", 64, 0, "unused")
+    assert capsys.readouterr().err == ""  # asked for
     assert not run_data_parallel([], "auto", 4, 0, "unused")  # < 8 images a rank: one process
+    if default_threads() > 1:  # and said why, with what would use every core
+        assert "training in 1 process: a batch of 4" in capsys.readouterr().err
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")  # already started by the launcher
     assert not run_data_parallel([], "2", 64, 0, "unused")
 

@@ -280,7 +280,7 @@ def test_fit_int8_without_the_extra_fails_before_training(
     colour_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The missing extra is the edge we fake: nncf 'not installed'."""
-    from train.fit import FitConfig, fit
+    from train.training import FitConfig, fit
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(

@@ -82,10 +82,10 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
     }
     assert result.notes() == [
         "skipped 2 unreadable images: cat/truncated.jpg, cat/zero.jpg",
-        "skipped 1 class folders with no readable image: empty",
+        "skipped 1 class folder with no readable image: empty",
         "ignored 2 files or folders in class folders that are not bmp/jpeg/jpg/png/webp images "
         "(images go straight into their class folder): cat/notes.txt, empty/nested",
-        f"1 classes have too few images for one in val or test: {UNICODE_CLASS} (4)",
+        f"1 class has too few images for one in val or test: {UNICODE_CLASS} (4)",
     ]
     assert read_labels(dataset) == result.labels
     assert (dataset / "labels.txt").read_text(encoding="utf-8") == "cat\ndog house\nünïcødé 猫\n"
@@ -300,13 +300,15 @@ def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
     leave them out in silence: fit says so where it reads the lists (once, on rank 0), and keeps
     the lists as they are."""
     from train.distributed import SINGLE, Rank
-    from train.fit import FitConfig, load_splits
+    from train.training import FitConfig, load_splits
 
     split_dataset(dataset)
     lists = {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS}
     config = FitConfig(ram_cache_mb=64)
     load_splits(dataset, config, SINGLE)
-    assert "cat/truncated.jpg, cat/zero.jpg." in capsys.readouterr().err  # unreadable then
+    err = capsys.readouterr().err  # unreadable then, and now: a split would not take them either
+    assert "2 unreadable images in" in err and "cat/truncated.jpg, cat/zero.jpg (fix or" in err
+    assert "python -m train split" not in err
 
     (dataset / "cat" / "truncated.jpg").unlink()
     (dataset / "cat" / "zero.jpg").unlink()
@@ -315,10 +317,11 @@ def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
     for i in range(4):
         _save(dataset / "bird" / f"{i}.jpg")
     load_splits(dataset, config, Rank(1, 2))
-    assert "no split list" not in capsys.readouterr().err
+    assert "added since the split" not in capsys.readouterr().err
     labels, _ = load_splits(dataset, config, SINGLE)
     err = capsys.readouterr().err
     assert "5 images in" in err and "bird/0.jpg, bird/1.jpg, bird/2.jpg and 2 more" in err
+    assert "python -m train split" in err
     assert "class folders not in labels.txt: bird." in err
     assert "bird" not in labels
     assert {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS} == lists

@@ -17,13 +17,13 @@ import pytest
 from conftest import CLASS_NAMES, COLOUR_CLASSES, ROOT, TINY_EPOCHS, run_cli, tiny_fit
 from PIL import Image
 
-import train.fit
+import train.training
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
-from train.fit import FitConfig, end_of_epoch, initial_state, learning_rate, pick_best, prepare
 from train.plots import confusion_matrix
 from train.report import report
 from train.split import read_split
+from train.training import FitConfig, end_of_epoch, initial_state, learning_rate, pick_best, prepare
 
 
 def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
@@ -178,7 +178,7 @@ def test_a_kill_between_the_checkpoint_and_best_weights_keeps_them_together(
         saved.append(path.name)
         paddle.save(obj, str(path))
 
-    monkeypatch.setattr(train.fit, "save_atomic", killed_after_one_file)
+    monkeypatch.setattr(train.training, "save_atomic", killed_after_one_file)
     with pytest.raises(KeyboardInterrupt):
         end_of_epoch(state, 1, stats, None, labels, config)
     monkeypatch.undo()
@@ -231,6 +231,16 @@ def test_a_run_says_it_replaces_an_earlier_runs_checkpoint(
     assert f"{tmp_path} holds an earlier run's checkpoint, which this run replaces" in said
     prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none", resume=True))
     assert "replaces" not in capsys.readouterr().err
+
+
+def test_the_package_hands_out_its_functions() -> None:
+    """The README's Python API: train.fit and train.evaluate are functions, also once their
+    modules are imported (a submodule named like a function replaced it on the package)."""
+    import train
+    import train.evaluation  # noqa: F401  (what any import of them does)
+
+    assert callable(train.fit) and callable(train.evaluate) and callable(train.build_model)
+    assert {name for name in train.__all__ if not hasattr(train, name)} == set()
 
 
 def test_learning_rate_schedules() -> None:

@@ -11,29 +11,24 @@ warnings.filterwarnings("ignore", message="No ccache found", category=UserWarnin
 import importlib
 from typing import TYPE_CHECKING
 
+from .config import SCALES, FitConfig
+from .split import split_dataset
+
 if TYPE_CHECKING:  # what __getattr__ hands out, for type checkers and editors
-    from .config import SCALES, FitConfig
-    from .evaluate import evaluate
-    from .fit import fit
+    from .evaluation import evaluate
     from .importer import import_model
     from .model import build_model
-    from .split import split_dataset
+    from .training import fit
 
-# Where each public name lives. Imported on first use (PEP 562), so that `python -m train split`
-# and every `--help` start without loading Paddle and matplotlib (~2.4 s).
-_HOMES = {
-    "evaluate": "evaluate",
-    "FitConfig": "config",
-    "fit": "fit",
-    "import_model": "importer",
-    "SCALES": "config",
-    "build_model": "model",
-    "split_dataset": "split",
-}
+# The functions that need Paddle, imported on first use (PEP 562), so that `python -m train
+# split` and every `--help` start without loading Paddle and matplotlib (~2.4 s). No name here
+# is also a submodule's: importing that submodule would replace the function on the package.
+_LAZY = {"evaluate": "evaluation", "fit": "training", "import_model": "importer",
+         "build_model": "model"}  # fmt: skip
 __all__ = ["SCALES", "FitConfig", "build_model", "evaluate", "fit", "import_model", "split_dataset"]
 
 
 def __getattr__(name: str):
-    if name not in _HOMES:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -335,7 +335,7 @@ def fit_config(args: argparse.Namespace):
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .fit import fit, prepare
+    from .training import fit, prepare
 
     # Validated here, before any rank starts: a rank's error would only reach its log file.
     config = fit_config(args)
@@ -353,7 +353,7 @@ def run_fit(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     metrics = evaluate(args.model, args.dataset, args.split, engine=args.engine,
                       precision=args.precision, threads=args.threads,

@@ -106,7 +106,14 @@ def run_data_parallel(
     """``fit --procs N|auto``: re-run ``fit`` with several ranks when that means more than one
     process and this is not a rank already; True when it did. A failed run exits with its code."""
     count = auto_procs(batch_size) if procs == "auto" else int(procs)
-    if count <= 1 or "PADDLE_TRAINERS_NUM" in os.environ:
+    if "PADDLE_TRAINERS_NUM" in os.environ:
+        return False
+    if count <= 1:
+        if procs == "auto" and default_threads() > 1:  # the README's speed-up, missed unseen
+            enough = MIN_BATCH_PER_RANK * default_threads()
+            print(f"training in 1 process: a batch of {batch_size} gives each core fewer than "
+                  f"{MIN_BATCH_PER_RANK} images a step (--batch-size {enough} trains on "
+                  f"{default_threads()} processes)", file=sys.stderr)  # fmt: skip
         return False
     threads = threads or max(1, default_threads() // count)
     log_dir = Path(save_dir) / "logs"

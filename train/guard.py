@@ -21,7 +21,7 @@ from lcnet_runner.predictor import each_variant
 
 from .data import DecodedSplit, sample_crops
 from .decoded_cache import CacheConfig
-from .evaluate import decode_labelled_split, split_scores
+from .evaluation import decode_labelled_split, split_scores
 from .export import revise
 
 

@@ -21,7 +21,7 @@ from lcnet_runner.preprocess import normalize
 from .console import progress_to_stderr
 from .data import sample_crops
 from .decoded_cache import CacheConfig
-from .evaluate import decode_labelled_split
+from .evaluation import decode_labelled_split
 from .export import export_openvino, revise
 from .guard import guard_figures, record_guard
 from .split import read_split

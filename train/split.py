@@ -14,6 +14,7 @@ import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,16 +56,22 @@ class SplitResult:
             lines.append(f"kept the split of {self.kept} images already listed, {new} new "
                          "distributed (--reshuffle splits afresh)")  # fmt: skip
         exts = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+        small_verb = "has" if len(self.small) == 1 else "have"
         left_out = {
-            "skipped {} unreadable images": self.skipped,
-            "skipped {} class folders with no readable image": self.empty,
-            f"ignored {{}} files or folders in class folders that are not {exts} images "
-            "(images go straight into their class folder)": self.ignored,
-            "{} classes have too few images for one in val or test": self.small,
-        }
-        lines += [f"{what.format(len(names))}: {some(names)}"
-                  for what, names in left_out.items() if names]  # fmt: skip
-        return lines
+            f"skipped {counted(self.skipped, 'unreadable image')}": self.skipped,
+            f"skipped {counted(self.empty, 'class folder')} with no readable image": self.empty,
+            f"ignored {counted(self.ignored, 'file or folder', 'files or folders')} in class "
+            f"folders that are not {exts} images (images go straight into their class folder)":
+                self.ignored,
+            f"{counted(self.small, 'class', 'classes')} {small_verb} too few images for one in "
+            "val or test": self.small,
+        }  # fmt: skip
+        return lines + [f"{what}: {some(names)}" for what, names in left_out.items() if names]
+
+
+def counted(items: Sequence[object], one: str, many: str | None = None) -> str:
+    """``3 images``, ``1 image``: how many ``items`` there are, named in the right number."""
+    return f"{len(items)} {one if len(items) == 1 else many or one + 's'}"
 
 
 def some(names: list[str], shown: int = 5) -> str:
@@ -242,7 +249,7 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
 
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
-    """A line for the user when the folder holds images no split list names: added since it was
+    """Lines for the user when the folder holds images no split list names: added since it was
     split (a new class folder included), or left out by the split as unreadable. Training keeps
     the lists as they are (the same val and test split every run is what makes runs
     comparable), so they would be left out of it in silence. None when every image is listed."""
@@ -253,21 +260,31 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
         if split_list(root, split).is_file()
         for path, _ in read_split(root, split)
     }
-    unlisted = [p.relative_to(root).as_posix() for p in _find_images(root) if p not in listed]
-    if not unlisted:
-        return None
-    names = some([_readable_name(rel) for rel in unlisted], shown)
-    known = set(read_labels(root)) if (root / LABELS_FILE).is_file() else set()
-    new_classes = sorted({rel.split("/")[0] for rel in unlisted} - known)
-    classes = (
-        f"; class folders not in {LABELS_FILE}: {', '.join(new_classes)}" if new_classes else ""
-    )
+    unlisted = [path for path in _find_images(root) if path not in listed]
+    # The unreadable ones the split left out, as it would again: advising a split looped back.
+    unreadable = [path for path in unlisted if not _is_readable(path)]
+    new = [path for path in unlisted if path not in unreadable]
     given = Path(dataset_dir)  # the folder named as the user named it
-    return (
-        f"{len(unlisted)} images in {given} are in no split list (added since the split, or "
-        f"unreadable then): {names}{classes}. Training uses the lists as they are; "
-        f"`python -m train split {given}` adds them (listed images keep their split)"
-    )
+    lines = []
+    if new:
+        known = set(read_labels(root)) if (root / LABELS_FILE).is_file() else set()
+        new_classes = sorted({path.relative_to(root).parts[0] for path in new} - known)
+        classes = f"; class folders not in {LABELS_FILE}: {', '.join(new_classes)}"
+        lines.append(
+            f"{counted(new, 'image')} in {given} added since the split: "
+            f"{_names(root, new, shown)}{classes if new_classes else ''}. Training uses the lists "
+            f"as they are; `python -m train split {given}` adds them (listed images keep their "
+            "split)"
+        )
+    if unreadable:
+        lines.append(f"{counted(unreadable, 'unreadable image')} in {given}, in no split list: "
+                     f"{_names(root, unreadable, shown)} (fix or delete "
+                     f"{'it' if len(unreadable) == 1 else 'them'})")  # fmt: skip
+    return "\n".join(lines) or None
+
+
+def _names(root: Path, paths: list[Path], shown: int) -> str:
+    return some([_readable_name(path.relative_to(root).as_posix()) for path in paths], shown)
 
 
 def _check_ratios(val_ratio: float, test_ratio: float) -> None:

@@ -33,7 +33,7 @@ from .config import FitConfig
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
-from .evaluate import dygraph_metrics, dygraph_scores
+from .evaluation import dygraph_metrics, dygraph_scores
 from .export import base_info, export_inference, export_onnx, save_to_store
 from .guard import describe, guard_figures, record_guard
 from .model import build_model
