@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from .predictor import Prediction, TopKError, checked_top_k
+from .preprocess import PREMULTIPLIED
 
 Image_ = Union[str, Path, bytes, Image.Image]
 
@@ -31,7 +32,7 @@ class ClientError(RuntimeError):
 def encode(image: Image_) -> bytes:
     """Files are sent as they are; PIL images losslessly: as PNG, or as TIFF in the modes PNG
     cannot hold (CMYK, F, I, LAB...), which the server reads as it would the same file; the
-    few TIFF cannot hold either (HSV, premultiplied RGBa) as RGB."""
+    few TIFF cannot hold either as RGB (HSV), or with plain alpha (premultiplied RGBa, La)."""
     if isinstance(image, bytes):
         return image
     if not isinstance(image, Image.Image):
@@ -44,7 +45,7 @@ def encode(image: Image_) -> bytes:
         except OSError:  # "cannot write mode CMYK as PNG"
             pass
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, "PNG")
+    image.convert(PREMULTIPLIED.get(image.mode, "RGB")).save(buffer, "PNG")
     return buffer.getvalue()
 
 

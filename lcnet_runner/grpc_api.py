@@ -191,8 +191,9 @@ class GrpcServer:
     health: health.aio.HealthServicer
 
     async def stop(self) -> None:
-        """Health says NOT_SERVING (a balancer stops sending), then calls in flight get as long
-        to finish as BentoML gives an HTTP request (5 s cut a 12 s batch off)."""
+        """Calls in flight get as long to finish as BentoML gives an HTTP request (5 s cut a 12 s
+        batch off). Health's Watch streams are told NOT_SERVING first; a probe calling Check
+        finds the port closed, as an HTTP probe does."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=REQUEST_TIMEOUT_S)
 

@@ -98,6 +98,7 @@ def _media_type(request: Request) -> str:
 # What a body that is the image itself is sent as (``curl --data-binary @cat.jpg -H
 # 'Content-Type: image/jpeg'``): one image, no multipart envelope to parse.
 RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
+FORM_TYPE = "application/x-www-form-urlencoded"  # a form that cannot hold a file
 
 
 async def read_upload(
@@ -106,7 +107,7 @@ async def read_upload(
     """The files in ``field`` and the raw ``top_k`` of a multipart request: a text field, or
     else the query string's (as for an image sent as the body)."""
     media_type = _media_type(request)
-    if media_type.startswith("application/x-www-form-urlencoded"):  # a form without its file
+    if media_type.startswith(FORM_TYPE):  # a form without its file
         # (what BentoML's own client sends for predict_batch(images=[]))
         raise RequestError(422, f"missing file field {field!r} (send multipart/form-data)")
     if not media_type.startswith("multipart/form-data"):
@@ -198,7 +199,7 @@ async def classify(request: Request, runner: LCNetRunner, settings: ServingSetti
     if content_type.startswith(RAW_IMAGE_TYPES):
         image = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         return await handlers.classify(runner, image, request.query_params.get("top_k"))
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.startswith(("multipart/form-data", FORM_TYPE)):  # a form: read_upload's
         raise RequestError(415, "send the image as the body (Content-Type image/* or "
                                 "application/octet-stream) or as the file field 'image' of "
                                 "multipart/form-data")  # fmt: skip

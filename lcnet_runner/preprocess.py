@@ -104,6 +104,11 @@ class PreprocessConfig:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
 
+# Modes whose colours are premultiplied by their alpha → the same image with plain alpha (Pillow
+# converts these to nothing else: "La" to "L" or "RGB" is refused).
+PREMULTIPLIED = {"RGBa": "RGBA", "La": "LA"}
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited onto white, as viewers show it."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -113,6 +118,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    image = image.convert(PREMULTIPLIED[image.mode]) if image.mode in PREMULTIPLIED else image
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -28,6 +28,8 @@ import ctypes
 import gc
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -115,13 +117,23 @@ def request_file(model_name: str) -> Path:
     """Where ``POST /admin/reload`` records the wanted version for this server's workers: next to
     the store, one file per server (its arbiter's pid and start time) and model name."""
     server = handlers.this_server().replace(":", "-")
-    return Path(bentoml_home()) / "lcnet-reload" / f"{model_name}-{server}.json"
+    return _records_folder() / f"{model_name}-{server}.json"
+
+
+def _records_folder() -> Path:
+    """The records of this host's servers: one folder per host name and PID namespace, since
+    servers in other containers may share the store, and only here can a pid be looked up."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # not Linux
+        namespace = 0
+    return Path(bentoml_home()) / "lcnet-reload" / f"{socket.gethostname()}-{namespace}"
 
 
 def forget_stopped_servers() -> None:
-    """Delete the records (request and served version) of servers that have stopped: every run
-    of a server left its two files behind for good."""
-    for path in (Path(bentoml_home()) / "lcnet-reload").glob("*.json"):
+    """Delete the records (request and served version) of this host's servers that have stopped:
+    every run of a server left its two files behind for good."""
+    for path in _records_folder().glob("*.json"):
         # <model name>-<pid>-<start time>[.served].json (request_file)
         name_pid_start = path.name.removesuffix(".json").removesuffix(".served").rsplit("-", 2)
         if len(name_pid_start) != 3 or not name_pid_start[1].isdigit():

@@ -246,7 +246,11 @@ def _stop_the_server(why: str) -> None:
 # middlewares: inside them, where the fast routes never pass).
 if AT_DEFINITION.cors_origin_list:
     LCNetService.add_asgi_middleware(
-        CORSMiddleware, allow_origins=AT_DEFINITION.cors_origin_list, allow_methods=["GET", "POST"]
+        CORSMiddleware,
+        allow_origins=AT_DEFINITION.cors_origin_list,
+        allow_methods=["GET", "POST"],
+        allow_headers=["Authorization", "Content-Type"],  # the admin token; an image as the body
+        expose_headers=[handlers.VERSION_HEADER],  # or a page's script cannot read it
     )
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
 LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from lcnet_runner.client import Client, ClientError
+from lcnet_runner.preprocess import load_pixels
 from lcnet_runner.testing import Server
 
 
@@ -173,15 +174,27 @@ def test_empty_batch_against_the_service(server: Server, scheme: str, status) ->
         assert len(client.classify_batch([_png()])) == 1
 
 
+def encode_png(pixels) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_pil_images_in_any_mode_are_sent(server: Server, scheme: str) -> None:
     """PNG holds neither CMYK (a JPEG from print work) nor F or I: the client raised a bare
-    OSError for images the server reads. Each is answered as the same image sent as a file."""
+    OSError for images the server reads. Each is answered as the pixels a Predictor takes from
+    it (premultiplied alpha was sent as black where a Predictor sees white)."""
     rgb = Image.new("RGB", (24, 24), (40, 180, 60))
+    rgb.paste((200, 30, 30), (0, 0, 12, 24))  # two colours: each mode keeps them apart
+    half_clear = rgb.convert("RGBA")
+    half_clear.putalpha(128)
     with Client(server.url if scheme == "http" else server.grpc_url) as client:
-        for mode in ("CMYK", "F", "I", "LAB", "HSV", "RGBa"):
-            image = rgb.convert("RGBA").convert(mode) if mode == "RGBa" else rgb.convert(mode)
-            assert client.classify(image, top_k=2), mode
+        for mode in ("CMYK", "F", "I", "LAB", "HSV", "RGBa", "La"):
+            image = (half_clear if mode in ("RGBa", "La") else rgb).convert(mode)
+            # what the server answers for the pixels a Predictor would take from this image
+            as_decoded = encode_png(load_pixels(image))
+            assert client.classify(image, top_k=2) == client.classify(as_decoded, top_k=2), mode
         cmyk = io.BytesIO()
         rgb.convert("CMYK").save(cmyk, "JPEG", quality=95)
         as_file = client.classify(cmyk.getvalue(), top_k=2)

@@ -34,7 +34,7 @@ from lcnet_runner.artifact import (
     write_labels_file,
 )
 from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
-from lcnet_runner.reload import REQUEST_POLL_S, forget_stopped_servers
+from lcnet_runner.reload import REQUEST_POLL_S, forget_stopped_servers, request_file
 from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
 from train.export import revise, save_to_store
@@ -432,10 +432,15 @@ def test_stopping_the_reloader_waits_until_it_has_ended() -> None:
 
 
 def test_the_records_of_stopped_servers_are_deleted(tmp_path: Path, monkeypatch) -> None:
-    """Each server run left a request file and a served record behind, for good."""
+    """Each server run left a request file and a served record behind, for good. Only this
+    host's are judged: a server in another container sharing the store has pids this one
+    cannot see, and its records must stay (its restarted workers rejoin by them)."""
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
-    folder = tmp_path / "lcnet-reload"
-    folder.mkdir()
+    folder = request_file("my-model").parent
+    folder.mkdir(parents=True)
+    elsewhere = folder.parent / "another-host-4026531836"
+    elsewhere.mkdir()
+    (elsewhere / "my-model-1-1700000000.000.json").write_text("{}")
     stopped = subprocess.Popen([sys.executable, "-c", "pass"])
     stopped_id = handlers.server_id(stopped.pid)
     stopped.wait()
@@ -448,6 +453,7 @@ def test_the_records_of_stopped_servers_are_deleted(tmp_path: Path, monkeypatch)
         (folder / name).write_text("{}")
     forget_stopped_servers()
     assert sorted(p.name for p in folder.iterdir()) == sorted([*names[live_id], "notes.json"])
+    assert [p.name for p in elsewhere.iterdir()] == ["my-model-1-1700000000.000.json"]
 
 
 def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkeypatch) -> None:

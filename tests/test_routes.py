@@ -81,9 +81,13 @@ def test_cors_allows_the_origins_listed_and_no_other(client: TestClient, trained
             answer = client.post(path, files={field: ("a.jpg", image)}, headers={"Origin": origin})
             assert answer.status_code == 200, (path, answer.text)
             assert ("access-control-allow-origin" in answer.headers) is allows, path
-    # a refusal too, or the page cannot read why
+    # a refusal too, or the page cannot read why; and the version header, readable by the page
     refused = client.post("/predict", content=b"x", headers={"Origin": SHOP})
     assert refused.status_code == 415 and refused.headers["access-control-allow-origin"] == SHOP
+    assert "x-model-version" in refused.headers["access-control-expose-headers"].lower()
+    for path, header in (("/classify", "content-type"), ("/admin/reload", "authorization")):
+        asked = {"Origin": SHOP, **preflight, "Access-Control-Request-Headers": header}
+        assert client.options(path, headers=asked).status_code == 200, path  # was 400
 
 
 def test_classify_batch_keeps_order(client: TestClient, trained: dict) -> None:
@@ -128,7 +132,7 @@ BAD_REQUESTS = [
         "/classify", {"files": {"image": ("a.jpg", b"not an image")}}, 400, id="undecodable"
     ),
     pytest.param("/classify", {"files": {"image": ("a.jpg", b"")}}, 400, id="empty"),
-    pytest.param("/classify", {"data": {"image": "http://127.0.0.1/x.jpg"}}, 415, id="text-url"),
+    pytest.param("/classify", {"data": {"image": "http://127.0.0.1/x.jpg"}}, 422, id="text-url"),
     pytest.param(
         "/classify",
         {"files": {"image": ("a.png", png())}, "data": {"top_k": "0"}},
@@ -202,6 +206,7 @@ BAD_REQUESTS = [
     ),
     # a form without its file: what BentoML's client sends for predict_batch(images=[])
     pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 422, id="typed-urlencoded"),
+    pytest.param("/classify", {"data": {"top_k": "3"}}, 422, id="urlencoded"),
     # BentoML's internal type from a client: refused, with our body (BentoML's is a JSON list)
     pytest.param("/predict", body(b"x", "application/vnd.bentoml+pickle"), 415, id="typed-pickle"),
     # BentoML reads a look-alike of its internal type as JSON, with no limit on the body

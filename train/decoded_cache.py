@@ -197,6 +197,8 @@ def _discard(folder: Path, name: str, damage: DamagedCacheError) -> None:
     """Delete a damaged cache so that it is made again, unless another process (a data-parallel
     rank) already has: under the lock, the cache is checked once more."""
     with _locked(folder):
+        if not folder.is_dir():  # another rank deleted it already
+            return
         try:
             open_cache(folder)
         except DamagedCacheError:
