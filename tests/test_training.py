@@ -191,6 +191,23 @@ def test_a_kill_between_the_checkpoint_and_best_weights_keeps_them_together(
     assert all(np.array_equal(best_file[name].numpy(), w) for name, w in expected.items())
 
 
+def test_a_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
+    """Its "best" holds no weights: the best epoch's come from best.pdparams, as they did."""
+    config = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path))
+    labels, stats = ["a", "b"], {"loss": 1.0, "top1": 0.5, "images_per_s": 1.0}
+    state = initial_state(config, labels, None)
+    end_of_epoch(state, 0, stats, None, labels, config)
+    best = _weights(state)
+    for param in state.model.parameters():  # a later epoch that did not improve
+        param.set_value(param + 1.0)
+    old = state.checkpoint(labels, config)
+    del old["best"]["weights"]
+    paddle.save(old, str(tmp_path / "last.pdckpt"))
+    resumed = initial_state(dataclasses.replace(config, resume=True), labels, None)
+    pick_best(resumed, {}, labels, config)
+    assert all(np.array_equal(w, best[name]) for name, w in _weights(resumed).items())
+
+
 def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path: Path) -> None:
     samples = read_split(colour_dataset, "train")[:5]
     broken = tmp_path / "broken.jpg"
