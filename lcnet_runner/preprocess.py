@@ -198,10 +198,18 @@ def load_pixels(
         return np.asarray(_decoded_by_pillow(opened)) if pixels is None else pixels
 
 
-def image_size(source: ImageSource) -> tuple[int, int]:
-    """(width, height) of an encoded image from its header, nothing decoded; InvalidImageError
-    for what Pillow cannot open."""
-    with _decode_errors(source), _open(source, None, None) as opened:
+def image_size(
+    source: ImageSource, short_side: int | None = None, max_pixels: int | None = None
+) -> tuple[int, int]:
+    """(width, height) of an image from its header, nothing decoded: the size it decodes to,
+    a JPEG drafted to ``short_side`` included; InvalidImageError for what Pillow cannot open,
+    ImageTooLargeError past ``max_pixels``."""
+    if isinstance(source, np.ndarray):
+        return source.shape[1], source.shape[0]
+    if isinstance(source, Image.Image):
+        _check_pixels(source, max_pixels)
+        return source.size
+    with _decode_errors(source), _open(source, max_pixels, short_side) as opened:
         return opened.size
 
 

@@ -24,7 +24,7 @@ from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
 from .engines import default_threads, matching_variants
 from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
-from .preprocess import MAX_PIXELS, ImageSource, preprocess
+from .preprocess import MAX_PIXELS, ImageSource, ImageTooLargeError, image_size, preprocess
 from .ranges import check_ranges
 
 
@@ -52,6 +52,9 @@ class RunnerConfig:
     # requests reach the loop one at a time, batches 2.4 → 5.3 and +7–10 % at 32 clients.
     max_delay_ms: float = 10.0
     max_pixels: int = MAX_PIXELS  # decoded image size limit (decompression bombs)
+    # What the images of one request may decode to in all: 64 PNGs just under max_pixels held
+    # a worker for a minute (and answered 504); this is ~4 s of decoding.
+    max_batch_pixels: int = 4 * MAX_PIXELS
 
     def __post_init__(self) -> None:
         matching_variants(self.engine, self.precision)  # an unknown name: what exists instead
@@ -67,6 +70,7 @@ RUNNER_RANGES = {
     "max_batch_size": (1, 1024),
     "max_delay_ms": (0, 60_000),
     "max_pixels": (1, math.inf),
+    "max_batch_pixels": (1, math.inf),
 }
 
 
@@ -187,6 +191,7 @@ class LCNetRunner:
         top_k = checked_top_k(top_k)
         if not images:
             return []
+        self._check_batch_pixels(images)
         crops = []
         for image in images:
             crops.append(self.decode(image))
@@ -195,6 +200,17 @@ class LCNetRunner:
             # and a SIGTERM meanwhile would drop them as not yet started).
             await asyncio.sleep(0)
         return self._format(await self._batcher.call_many(crops), top_k)
+
+    def _check_batch_pixels(self, images: Sequence[ImageSource]) -> None:
+        """ImageTooLargeError, from the headers alone, when the images would decode to more than
+        ``max_batch_pixels`` (a JPEG counts at the reduced scale it decodes at)."""
+        short_side, each = self.predictor.preprocess_config.resize_short, self.config.max_pixels
+        total = sum(math.prod(image_size(image, short_side, each)) for image in images)
+        if total > self.config.max_batch_pixels:
+            raise ImageTooLargeError(
+                f"the {len(images)} images decode to {total} pixels in all, more than the limit "
+                f"of {self.config.max_batch_pixels} a request: send them in smaller batches"
+            )
 
     async def close(self) -> None:
         await self._batcher.close()

@@ -150,3 +150,30 @@ def test_every_batch_size_is_warmed_in_the_thread_that_runs_batches(
 
     asyncio.run(serve())
     assert len(engine_threads) == 1 and ran[-1] == (3, engine_threads.pop())
+
+
+def test_a_batch_is_refused_from_its_headers_past_its_pixel_budget(trained: dict) -> None:
+    """64 PNGs just under the per-image limit held a worker for a minute (then 504): a request
+    is refused at once, before any decoding, when its images would decode to more in all."""
+    import io
+
+    from PIL import Image
+
+    from lcnet_runner.preprocess import ImageTooLargeError
+
+    big = io.BytesIO()
+    Image.new("RGB", (1000, 1000)).save(big, "PNG")  # 1 M pixels; a JPEG counts drafted
+    photo = io.BytesIO()
+    Image.new("RGB", (4000, 3000)).save(photo, "JPEG")  # decodes at 1/8: 500×375
+
+    async def main(images: list[bytes]) -> list:
+        config = RunnerConfig(max_pixels=20_000_000, max_batch_pixels=2_500_000)
+        runner = LCNetRunner(trained["export_dir"], config)
+        try:
+            return await runner.aclassify_batch(images)
+        finally:
+            await runner.close()
+
+    assert len(asyncio.run(main([big.getvalue()] * 2 + [photo.getvalue()] * 2))) == 4
+    with pytest.raises(ImageTooLargeError, match="the 3 images decode to 3000000 pixels in all"):
+        asyncio.run(main([big.getvalue()] * 3))
