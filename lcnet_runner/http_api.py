@@ -163,15 +163,23 @@ def failure(err: Exception) -> tuple[int, str]:
     return status, str(err)
 
 
+def refusal(body: Any, status: int, version: str) -> JSONResponse:
+    """An error answer with the version serving; after a body that did not arrive in time (408)
+    the connection is closed, or its slow client trickled on into it after the answer."""
+    headers = {handlers.VERSION_HEADER: version}
+    if status == 408:
+        headers["Connection"] = "close"
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 async def answer(work: Awaitable[Any], version: str) -> JSONResponse:
     """A route's answer, or ``{"error"}`` with the status of ``failure``; either way with the
     model version that answered."""
-    headers = {handlers.VERSION_HEADER: version}
     try:
-        return JSONResponse(await work, headers=headers)
+        return JSONResponse(await work, headers={handlers.VERSION_HEADER: version})
     except Exception as err:
         status, message = failure(err)
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
+        return refusal({"error": message}, status, version)
 
 
 async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context) -> Any:
@@ -340,7 +348,6 @@ async def admin_reload(
     version: str,
 ) -> JSONResponse:
     """``POST /admin/reload``; ``version``: the one serving, in the answer's header."""
-    headers = {handlers.VERSION_HEADER: version}
     try:
         handlers.check_admin(settings, authorization)
         body = await read_body(request, 4096, settings.body_timeout_s)
@@ -351,8 +358,8 @@ async def admin_reload(
         accepted = handlers.request_reload(reloader, asked.tag)
     except Exception as err:
         status, message = failure(err)
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-    return JSONResponse(accepted, status_code=202, headers=headers)
+        return refusal({"error": message}, status, version)
+    return JSONResponse(accepted, status_code=202, headers={handlers.VERSION_HEADER: version})
 
 
 async def _ui(request: Request) -> FileResponse:
@@ -409,6 +416,31 @@ FAST_ROUTES = {"/classify": "classify", "/classify_batch": "classify_batch",
                "/image-classification": "paddlex_classify"}  # fmt: skip
 
 
+class EscapedControls(logging.Filter):
+    """Control characters (CR, LF, ESC...) in a record's message written as escapes: BentoML's
+    access log writes a request's decoded path as it is, so a URL with %0a added a log line of
+    its sender's choosing, and %1b terminal escapes. The message is formatted once, here."""
+
+    CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        record.msg, record.args = self.CONTROLS.sub(_escaped, message), ()
+        return True
+
+
+def _escaped(control: re.Match) -> str:
+    return control.group().encode("unicode_escape").decode("ascii")
+
+
+def escape_access_log() -> None:
+    """Put EscapedControls on BentoML's access log (once: defining the service again, as tests
+    do, must not stack them)."""
+    access = logging.getLogger("bentoml.access")
+    if not any(isinstance(f, EscapedControls) for f in access.filters):
+        access.addFilter(EscapedControls())
+
+
 def tracing_config(service_name: str) -> dict[str, Any]:
     """The service's default ``tracing`` config: the fast routes left out of OpenTelemetry
     unless BentoML's config (a file or overrides, loaded when bentoml is imported) names an
@@ -461,9 +493,8 @@ class TypedApiGuard:
                 raise RequestError(422, "send exactly one file in 'image'")
             body, content_type = _multipart_body(field, images, handlers.parse_top_k(top_k))
         except RequestError as err:
-            headers = {handlers.VERSION_HEADER: get_current_service().served.tag}
-            response = JSONResponse({"error": str(err)}, status_code=err.status, headers=headers)
-            return await response(scope, receive, send)
+            version = get_current_service().served.tag
+            return await refusal({"error": str(err)}, err.status, version)(scope, receive, send)
         headers = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
         ]

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from . import handlers
 from .handlers import RequestError
-from .http_api import failure, invalid_request, read_body
+from .http_api import failure, invalid_request, read_body, refusal
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -29,7 +29,6 @@ class PaddleXRequest(BaseModel):
 
 async def paddlex_classify(request: Request, runner: LCNetRunner, settings: ServingSettings):
     log_id = uuid.uuid4().hex
-    headers = {handlers.VERSION_HEADER: runner.tag}
     try:
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         try:
@@ -44,12 +43,12 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
     except Exception as err:
         status, message = failure(err)
         error = {"logId": log_id, "errorCode": status, "errorMsg": message, "error": message}
-        return JSONResponse(error, status, headers=headers)
+        return refusal(error, status, runner.tag)
     categories = [{"id": p["category_id"], "name": p["category"], "score": p["score"]}
                   for p in predictions]  # fmt: skip
     result = {"categories": categories, "image": None}
     answer = {"logId": log_id, "errorCode": 0, "errorMsg": "Success", "result": result}
-    return JSONResponse(answer, headers=headers)
+    return JSONResponse(answer, headers={handlers.VERSION_HEADER: runner.tag})
 
 
 def _base64_image(text: str) -> bytes:

@@ -252,6 +252,7 @@ if AT_DEFINITION.cors_origin_list:
         allow_headers=["Authorization", "Content-Type"],  # the admin token; an image as the body
         expose_headers=[handlers.VERSION_HEADER],  # or a page's script cannot read it
     )
+http_api.escape_access_log()
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
 LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)
 # The fast routes' requests go straight to their methods.

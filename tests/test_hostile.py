@@ -307,16 +307,14 @@ def impatient(trained: dict):
 )
 def test_a_body_that_stalls_gets_408(impatient: Server, path: str, content_type: str) -> None:
     """Content-Length promises 2,600 bytes, 10 arrive, then nothing: a 408 with a JSON message
-    once the body timeout passes, where BentoML's own timeout answered 504 after 60 s."""
+    once the body timeout passes, where BentoML's own timeout answered 504 after 60 s; and the
+    connection closed after it (a slow client trickled on into it)."""
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
             "Content-Length: 2600\r\n\r\n")  # fmt: skip
     with socket.create_connection(("127.0.0.1", impatient.http_port), timeout=20) as sock:
         sock.sendall(head.encode() + b"--x\r\nabcde")
         answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
+        while chunk := sock.recv(4096):  # to the end: the server closes the connection
             answer += chunk
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line.split()[1] == b"408", answer

@@ -476,3 +476,15 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_fault(
     client.portal.call(client.app, scope, receive, send)
     assert sent[0]["status"] == 499
     assert "request failed" not in caplog.text
+
+
+def test_the_access_log_escapes_control_characters(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """BentoML logs a request's decoded path as it is: %0a in a URL wrote a log line of the
+    sender's choosing (and %1b, terminal escapes)."""
+    with caplog.at_level("INFO", logger="bentoml.access"):
+        client.get("/x%0a2026-12-02 [ERROR] [entoml.lcnet] forged%1b[2K")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "bentoml.access"]
+    assert "\n" not in line and "\x1b" not in line
+    assert "/x\\n2026-12-02 [ERROR] [entoml.lcnet] forged\\x1b[2K" in line
