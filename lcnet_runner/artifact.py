@@ -262,6 +262,11 @@ def _read_labels(folder: Path, config: dict[str, Any]) -> tuple[str, ...]:
     label_list = yml_section(config, "PostProcess", "Topk").get("label_list")
     if not label_list:
         raise InvalidModelError(f"{folder}: no {LABELS_FILE} and no label_list in {INFERENCE_YML}")
+    # Names, not structures: a 1 KB file of YAML aliases is a list of 10^9 entries to str().
+    if not isinstance(label_list, list) or not all(
+        isinstance(label, (str, int, float)) for label in label_list
+    ):
+        raise InvalidModelError(f"{INFERENCE_YML}: label_list must be a list of class names")
     return tuple(str(label) for label in label_list)
 
 

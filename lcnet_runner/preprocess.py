@@ -34,6 +34,9 @@ from bentoml.exceptions import InvalidArgument
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 40_000_000  # default limit of an image's pixels, decoded or resized
+# A model's largest input and resize: a hostile inference.yml's 100000 px crop was stored, then
+# asked 447 GiB at warm-up (PP-LCNet is used at 224; PaddleClas's largest eval size is 448).
+MAX_SIDE = 4096
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESAMPLE_FILTERS = {
@@ -85,10 +88,10 @@ class PreprocessConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        if self.crop_size < 1 or self.resize_short < self.crop_size:
+        if not 1 <= self.crop_size <= self.resize_short <= MAX_SIDE:
             raise ValueError(
-                f"need 1 <= crop_size <= resize_short, got crop_size={self.crop_size}, "
-                f"resize_short={self.resize_short}"
+                f"need 1 <= crop_size <= resize_short <= {MAX_SIDE}, got "
+                f"crop_size={self.crop_size}, resize_short={self.resize_short}"
             )
         if self.interpolation not in RESAMPLE_FILTERS:
             raise ValueError(f"interpolation must be one of {', '.join(RESAMPLE_FILTERS)}")

@@ -148,6 +148,12 @@ BROKEN_FILES = {
         "  - CropImage: {size: 32}\n  - NormalizeImage: {std: [0, 0, 0]}\n",
         "std must be positive",
     ),
+    "sizes past any model": (  # stored, then 447 GiB asked at warm-up
+        "inference.yml",
+        "PreProcess:\n  transform_ops:\n  - ResizeImage: {resize_short: 200000}\n"
+        "  - CropImage: {size: 100000}\n",
+        "resize_short <= 4096",
+    ),
     "info not JSON": ("model_info.json", "{", "is not valid JSON"),
     "info a list": ("model_info.json", "[]", "expected a JSON object, got list"),
 }
@@ -160,6 +166,22 @@ def test_a_broken_folder_file_is_one_error_line(trained: dict, tmp_path: Path, n
     shutil.copytree(trained["export_dir"], folder)
     (folder / file).write_text(text, "utf-8")
     with pytest.raises(InvalidModelError, match=re.escape(message)):
+        load_folder(folder)
+
+
+def test_labels_that_are_no_names_are_refused_at_once(trained: dict, tmp_path: Path) -> None:
+    """1 KB of nested YAML aliases is a label list of 10^9 entries: turning them into names
+    hung `import`, `report` and a server's start."""
+    folder = tmp_path / "laughs"
+    shutil.copytree(trained["export_dir"], folder)
+    (folder / "labels.txt").unlink()
+    levels = "".join(f"  a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))
+    yml = (folder / "inference.yml").read_text(encoding="utf-8")
+    (folder / "inference.yml").write_text(
+        yml + "bomb:\n  a0: &a0 [x]\n" + levels + "PostProcess:\n  Topk:\n    label_list: [*a8]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(InvalidModelError, match="label_list must be a list of class names"):
         load_folder(folder)
 
 

@@ -357,3 +357,10 @@ def test_a_file_whose_pillow_plugin_fails_oddly_is_skipped(tmp_path: Path, monke
     result = split_dataset(tmp_path)
     assert result.skipped == ["a/odd.png"]
     assert sum(result.counts.values()) == 6
+
+
+def test_file_names_are_printed_with_their_control_characters_escaped(dataset: Path) -> None:
+    """A name holding ESC[2K and CR erased, on a terminal, the warning that named it."""
+    (dataset / "cat" / "x\x1b[2K\rall images OK.jpg").write_bytes(b"not an image")
+    notes = "\n".join(split_dataset(dataset).notes())
+    assert "cat/x\\x1b[2K\\rall images OK.jpg" in notes and "\x1b" not in notes

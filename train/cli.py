@@ -199,7 +199,10 @@ def _add_fit(sub) -> None:
         help="training's random horizontal flips",
     )
     p.add_argument(
-        "--pretrained", default=d.pretrained, help="imagenet | imagenet-ssld | none | PATH.pdparams"
+        "--pretrained",
+        default=d.pretrained,
+        help="imagenet | imagenet-ssld | none | PATH.pdparams (a pickle: it runs code, so only "
+        "files you trust)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="the split order and augmentation")
     p.add_argument(
@@ -222,7 +225,8 @@ def _add_fit(sub) -> None:
         "--save-dir", default=d.save_dir, help="checkpoints, history, plots and the export"
     )
     p.add_argument("--name", default=d.name, help="model name in the BentoML store")
-    p.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last.pdckpt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from SAVE_DIR/last.pdckpt (a pickle, as .pdparams)")  # fmt: skip
     p.add_argument(
         "--int8",
         action="store_true",
@@ -286,7 +290,10 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=run_report)
     p.add_argument("model", help=MODEL_SOURCE)
 
-    p = sub.add_parser("import", help="store a PaddleClas .pdparams or an exported folder")
+    p = sub.add_parser(
+        "import",
+        help="store a PaddleClas .pdparams (a pickle: only files you trust) or an exported folder",
+    )
     p.set_defaults(func=run_import)
     p.add_argument("source", type=Path)
     p.add_argument("--name", default="pplcnet")

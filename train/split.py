@@ -330,8 +330,10 @@ def _storable(rel: str) -> bool:
 
 
 def _readable_name(rel: str) -> str:
-    """A skipped file's name as it can be printed: bytes that are not UTF-8 as \\xNN."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A file's name as it can be printed: bytes that are not UTF-8 as \\xNN, and control
+    characters escaped (a name with ESC[2K and CR erased the warning that named it)."""
+    text = rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _is_readable(path: Path) -> bool:
