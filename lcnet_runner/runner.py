@@ -24,7 +24,14 @@ from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
 from .engines import default_threads, matching_variants
 from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
-from .preprocess import MAX_PIXELS, ImageSource, ImageTooLargeError, image_size, preprocess
+from .preprocess import (
+    MAX_PIXELS,
+    ImageSource,
+    ImageTooLargeError,
+    InvalidImageError,
+    image_size,
+    preprocess,
+)
 from .ranges import check_ranges
 
 
@@ -187,14 +194,18 @@ class LCNetRunner:
     async def aclassify_batch(
         self, images: Sequence[ImageSource], top_k: int = 1
     ) -> list[list[Prediction]]:
-        """All images are decoded first, so one bad image fails the request before any work."""
+        """All images are decoded first, so one bad image fails the request before any work;
+        its error says which image it was."""
         top_k = checked_top_k(top_k)
         if not images:
             return []
         self._check_batch_pixels(images)
         crops = []
-        for image in images:
-            crops.append(self.decode(image))
+        for index, image in enumerate(images):
+            try:
+                crops.append(self.decode(image))
+            except InvalidImageError as err:
+                raise _naming(err, index, len(images)) from None
             # Decoding holds the worker's event loop: between images, let it read the other
             # connections' requests (64 large images would otherwise stall them for seconds,
             # and a SIGTERM meanwhile would drop them as not yet started).
@@ -205,7 +216,12 @@ class LCNetRunner:
         """ImageTooLargeError, from the headers alone, when the images would decode to more than
         ``max_batch_pixels`` (a JPEG counts at the reduced scale it decodes at)."""
         short_side, each = self.predictor.preprocess_config.resize_short, self.config.max_pixels
-        total = sum(math.prod(image_size(image, short_side, each)) for image in images)
+        total = 0
+        for index, image in enumerate(images):
+            try:
+                total += math.prod(image_size(image, short_side, each))
+            except InvalidImageError as err:
+                raise _naming(err, index, len(images)) from None
         if total > self.config.max_batch_pixels:
             raise ImageTooLargeError(
                 f"the {len(images)} images decode to {total} pixels in all, more than the limit "
@@ -214,3 +230,9 @@ class LCNetRunner:
 
     async def close(self) -> None:
         await self._batcher.close()
+
+
+def _naming(err: InvalidImageError, index: int, count: int) -> InvalidImageError:
+    """``err`` said of the ``index``-th of ``count`` images: one bad image fails a batch, and
+    the caller of 64 could not tell which (its kind, a 400 or a 413, stays)."""
+    return type(err)(f"image {index + 1} of {count}: {err}")

@@ -168,7 +168,7 @@ REQUESTS = {
     "top_k text": ("/classify", upload(top_k="three"), 422),
     "top_k huge (clamped)": ("/classify", upload(top_k="99999"), 200),
     "json body": ("/classify", {"json": {"image": "aGVsbG8="}}, 415),
-    "url-encoded form": ("/classify", {"data": {"image": "x"}}, 415),
+    "url-encoded form": ("/classify", {"data": {"image": "x"}}, 422),  # a form, without the file
     "no content type": ("/classify", {"content": b"abc"}, 415),
     "empty multipart": ("/classify", raw(b"--x--\r\n"), 422),
     "garbage multipart": ("/classify", raw(b"--x\r\n\r\n"), 400),

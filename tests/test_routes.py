@@ -231,6 +231,15 @@ def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -
 
 
 @pytest.mark.parametrize("path", ["/classify_batch", "/predict_batch"])
+def test_a_bad_image_in_a_batch_is_named(client: TestClient, path: str) -> None:
+    """One bad image fails the whole batch: which one, or a caller of 64 must bisect."""
+    files = [("images", ("a.png", png())), ("images", ("b.jpg", b"\xff\xd8 truncated"))]
+    response = client.post(path, files=files)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("image 2 of 2: ")
+
+
+@pytest.mark.parametrize("path", ["/classify_batch", "/predict_batch"])
 def test_too_many_images_are_said_as_over_grpc(client: TestClient, path: str) -> None:
     """The multipart parser's own words were "malformed multipart body: Too many files"."""
     response = client.post(path, files=[("images", ("a.png", png()))] * 5)

@@ -128,7 +128,7 @@ BAD_HTTP = [
     ("empty file", "/classify", {"files": {"image": ("a.jpg", b"")}}, 400),
     ("url instead of file", "/classify",
      {"files": {"x": PNG}, "data": {"image": "http://127.0.0.1:9/x.jpg"}}, 422),
-    ("url-encoded form", "/classify", {"data": {"image": "abc"}}, 415),
+    ("url-encoded form", "/classify", {"data": {"image": "abc"}}, 422),  # a form without its file
     ("misspelt field", "/classify", {"files": {"imgae": PNG}}, 422),
     ("top_k zero", "/classify", {"files": {"image": PNG}, "data": {"top_k": "0"}}, 422),
     ("top_k text", "/classify", {"files": {"image": PNG}, "data": {"top_k": "x"}}, 422),
