@@ -7,6 +7,8 @@ import warnings
 
 # Paddle warns about a missing C++ compiler cache at import; it never compiles anything here.
 warnings.filterwarnings("ignore", message="No ccache found", category=UserWarning)
+# Paddle's batch norm says so at every training run's first step, as if something were wrong.
+warnings.filterwarnings("ignore", message="When training, we now always track global mean")
 
 import importlib
 from typing import TYPE_CHECKING

@@ -23,6 +23,7 @@ from lcnet_runner.cli import (
 )
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
+from .console import log
 from .pretrained import PretrainedError
 from .split import SPLITS, DatasetError
 
@@ -342,7 +343,7 @@ def fit_config(args: argparse.Namespace):
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .training import fit, prepare
+    from .training import CONFUSION, CURVES, fit, prepare
 
     # Validated here, before any rank starts: a rank's error would only reach its log file.
     config = fit_config(args)
@@ -357,6 +358,13 @@ def run_fit(args: argparse.Namespace) -> None:
         return
     print(f"saved {summary['tag']} to the BentoML store")
     print(json_line(summary))
+    plots = [str(path) for name in (CURVES, CONFUSION)
+             if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
+    log(
+        f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
+        f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
+        "bentoml serve ."
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
