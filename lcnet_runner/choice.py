@@ -85,7 +85,8 @@ class Choice:
         """One line for logs and the CLI."""
         text = f"{self.variant}"
         if self.race:
-            speeds = ", ".join(f"{v} {s:.0f}" for v, s in self.race["images_per_s"].items())
+            speeds = ", ".join(f"{v} {s:.0f}" + (" (not usable)" if v in self.skipped else "")
+                               for v, s in self.race["images_per_s"].items())  # fmt: skip
             text += (
                 f" (fastest usable here at batch {self.race['batch']}, {self.race['threads']} "
                 f"thread(s), img/s: {speeds}; {'cached' if self.race['cached'] else 'raced now'})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,7 @@ def test_a_new_version_reuses_the_race_and_checks_its_own_accuracy(
     assert second.race["images_per_s"] == first.race["images_per_s"]
     assert str(second.variant) != winner
     assert "fails the accuracy guard" in second.skipped[winner]
+    assert re.search(rf"{re.escape(winner)} \d+ \(not usable\)", second.describe())  # in the log
 
 
 @pytest.mark.parametrize("damage", ["", "{", "[]", '{"ranking": []}'])
