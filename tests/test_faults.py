@@ -140,10 +140,12 @@ def test_sigterm_lets_in_flight_requests_finish(trained: dict) -> None:
 def test_sigterm_lets_a_long_grpc_call_finish(trained: dict) -> None:
     """A gRPC call running when SIGTERM comes gets as long as an HTTP request to finish (it was
     cut off after 5 s, `UNAVAILABLE: Cancelling all calls`). 24 flat 6000×6000 PNGs: ~0.5 s of
-    decoding each on one worker."""
+    decoding each on one worker (past the default batch budget, raised here)."""
     from lcnet_runner.client import Client
 
-    server = Server(".", {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1"}).wait_ready()
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1",
+           "LCNET_MAX_BATCH_PIXELS": str(10**9)}  # fmt: skip
+    server = Server(".", env).wait_ready()
     big = io.BytesIO()
     Image.new("RGB", (6000, 6000), (30, 120, 200)).save(big, "PNG")
     started = threading.Event()
