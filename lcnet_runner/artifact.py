@@ -362,7 +362,8 @@ def pinned_model(tag: str):
     pinned = json.loads(os.environ.get(PINNED_ENV) or "{}")
     if tag in pinned and server_context.worker_index is not None:
         try:
-            return bentoml.models.BentoModel(str(_stored(pinned[tag]).tag))
+            _stored(pinned[tag])  # still there
+            return bentoml.models.BentoModel(pinned[tag])
         except ModelNotFoundError:
             now = str(_stored(tag).tag)
             logging.getLogger("bentoml.lcnet").warning(

@@ -11,9 +11,10 @@ BentoML: tests and scripts can drive it directly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,10 +203,8 @@ class LCNetRunner:
         self._check_batch_pixels(images)
         crops = []
         for index, image in enumerate(images):
-            try:
+            with _naming(index, len(images)):
                 crops.append(self.decode(image))
-            except InvalidImageError as err:
-                raise _naming(err, index, len(images)) from None
             # Decoding holds the worker's event loop: between images, let it read the other
             # connections' requests (64 large images would otherwise stall them for seconds,
             # and a SIGTERM meanwhile would drop them as not yet started).
@@ -218,10 +217,8 @@ class LCNetRunner:
         short_side, each = self.predictor.preprocess_config.resize_short, self.config.max_pixels
         total = 0
         for index, image in enumerate(images):
-            try:
+            with _naming(index, len(images)):
                 total += math.prod(image_size(image, short_side, each))
-            except InvalidImageError as err:
-                raise _naming(err, index, len(images)) from None
         if total > self.config.max_batch_pixels:
             raise ImageTooLargeError(
                 f"the {len(images)} images decode to {total} pixels in all, more than the limit "
@@ -232,7 +229,12 @@ class LCNetRunner:
         await self._batcher.close()
 
 
-def _naming(err: InvalidImageError, index: int, count: int) -> InvalidImageError:
-    """``err`` said of the ``index``-th of ``count`` images: one bad image fails a batch, and
-    the caller of 64 could not tell which (its kind, a 400 or a 413, stays)."""
-    return type(err)(f"image {index + 1} of {count}: {err}")
+@contextlib.contextmanager
+def _naming(index: int, count: int) -> Iterator[None]:
+    """An InvalidImageError raised inside, said of the ``index``-th of ``count`` images: one bad
+    image fails a batch, and the caller of 64 could not tell which (its kind, a 400 or a 413,
+    stays)."""
+    try:
+        yield
+    except InvalidImageError as err:
+        raise type(err)(f"image {index + 1} of {count}: {err}") from None

@@ -109,11 +109,11 @@ def run_data_parallel(
     if "PADDLE_TRAINERS_NUM" in os.environ:
         return False
     if count <= 1:
-        if procs == "auto" and default_threads() > 1:  # the README's speed-up, missed unseen
-            enough = MIN_BATCH_PER_RANK * default_threads()
+        cores = default_threads()
+        if procs == "auto" and cores > 1:  # the README's speed-up, missed unseen
             print(f"training in 1 process: a batch of {batch_size} gives each core fewer than "
-                  f"{MIN_BATCH_PER_RANK} images a step (--batch-size {enough} trains on "
-                  f"{default_threads()} processes)", file=sys.stderr)  # fmt: skip
+                  f"{MIN_BATCH_PER_RANK} images a step (--batch-size {MIN_BATCH_PER_RANK * cores} "
+                  f"trains on {cores} processes)", file=sys.stderr)  # fmt: skip
         return False
     threads = threads or max(1, default_threads() // count)
     log_dir = Path(save_dir) / "logs"
