@@ -9,9 +9,13 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .artifact import DEFAULT_MODEL, ModelNotFoundError
 from .preprocess import InvalidImageError
+
+if TYPE_CHECKING:  # the Predictor's engines load on first use: `train --help` imports this module
+    from .predictor import Prediction, Predictor, Timings
 
 
 def json_line(value: object) -> str:
@@ -91,31 +95,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict(args: argparse.Namespace) -> None:
+    """Classify every image; one that cannot be decoded is answered with its error and the others
+    are still classified (``InvalidImageError`` at the end: exit code 2, one line)."""
     from .predictor import Predictor, Timings
 
     missing = [str(path) for path in args.images if not path.is_file()]
-    if missing:  # before the slow model load
+    if missing:  # before the slow model load: a typo, not an image to skip
         what = "not a file" if all(Path(p).exists() for p in missing) else "no such image"
         raise FileNotFoundError(f"{what}: {', '.join(missing)}")
     targets = annotation_targets(args.images, args.annotate) if args.annotate else []
-    images = list(args.images)
     predictor = Predictor(
         args.model, engine=args.engine, precision=args.precision, threads=args.threads,
         batch_size=args.batch_size, skip_guard=args.skip_guard,
     )  # fmt: skip
-    results = predictor.predict(images, top_k=args.top_k)
-    for path, result in zip(args.images, results, strict=True):
-        print(json_line({"image": str(path), "predictions": result}))
-    if args.annotate:
-        write_annotated(args.images, results, targets)
-    timings = predictor.timings
-    if args.benchmark:  # report the repeated runs only: the first one includes warm-up
+    answers, timings = classify_each(predictor, args.images, args.top_k)
+    for path, answer in zip(args.images, answers, strict=True):
+        key = "error" if isinstance(answer, str) else "predictions"
+        print(json_line({"image": str(path), key: answer}))
+    good = [i for i, answer in enumerate(answers) if not isinstance(answer, str)]
+    if args.annotate and good:
+        if len(args.images) > 1:  # several are drawn into one folder
+            args.annotate.mkdir(parents=True, exist_ok=True)
+        for i in good:
+            write_annotated(args.images[i], answers[i], targets[i])
+    if args.benchmark and good:  # the repeated runs only: the first one includes warm-up
         print(f"engine: {predictor.choice.describe()}")
         timings = Timings()
         for _ in range(args.benchmark):
-            predictor.predict(images, top_k=args.top_k)
+            predictor.predict([args.images[i] for i in good], top_k=args.top_k)
             timings += predictor.timings
-    print(timings.latency_block(args.batch_size))
+    if good:
+        print(timings.latency_block(args.batch_size))
+    failed = [answer for answer in answers if isinstance(answer, str)]
+    if failed:
+        others = len(failed) - 1
+        also = f" (and {others} other image{'s' * (others > 1)} not classified)" if others else ""
+        raise InvalidImageError(failed[0] + also)
+
+
+def classify_each(
+    predictor: Predictor, images: list[Path], top_k: int
+) -> tuple[list[list[Prediction] | str], Timings]:
+    """Per image, its predictions or why it could not be decoded (a message naming it), and the
+    timings of what was classified: a batch with a bad image is classified again image by image,
+    so one broken file among a thousand loses nothing but itself."""
+    from .predictor import Timings
+
+    answers: list[list[Prediction] | str] = []
+    timings = Timings()
+    for start in range(0, len(images), predictor.batch_size):
+        chunk = images[start : start + predictor.batch_size]
+        try:
+            answers.extend(predictor.predict(chunk, top_k=top_k))
+            timings += predictor.timings
+        except InvalidImageError:  # which one(s)? each image of the batch on its own
+            for image in chunk:
+                try:
+                    answers.append(predictor.predict(image, top_k=top_k))
+                    timings += predictor.timings
+                except InvalidImageError as err:
+                    answers.append(str(err))
+    return answers, timings
 
 
 # Written into every drawing --annotate saves: a file with it is one predict may replace.
@@ -159,15 +199,12 @@ def _drawn(path: Path) -> bool:
         return False
 
 
-def write_annotated(images: list[Path], results: list, targets: list[Path]) -> None:
+def write_annotated(image: Path, predictions: list[Prediction], target: Path) -> None:
     from .annotate import annotate
     from .preprocess import load_image
 
-    if len(images) > 1:
-        targets[0].parent.mkdir(parents=True, exist_ok=True)
-    for path, result, target in zip(images, results, targets, strict=True):
-        annotate(load_image(path), result).save(target, quality=92, comment=ANNOTATED_MARK)
-        print(f"wrote {target}", file=sys.stderr)
+    annotate(load_image(image), predictions).save(target, quality=92, comment=ANNOTATED_MARK)
+    print(f"wrote {target}", file=sys.stderr)
 
 
 def error_line(err: Exception) -> str:

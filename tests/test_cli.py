@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -145,6 +146,41 @@ def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content, sa
     result = run_cli("lcnet_runner", "predict", str(path), "--model", model, check=False)
     line = one_error_line(result)
     assert name in line and says in line
+
+
+def test_predict_classifies_the_others_around_a_bad_image(trained: dict, tmp_path: Path) -> None:
+    """One broken file in a batch loses nothing but itself: every image gets its line, in order,
+    the good ones drawn and timed; the exit code and one line on stderr say what failed."""
+    good = _images(tmp_path / "in", 3)
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(Path(good[0]).read_bytes()[:60])  # a truncated PNG: its header reads
+    images = [good[0], str(bad), good[1], good[2]]
+    out = tmp_path / "drawn"
+    args = ["--model", trained["export_dir"], "--batch-size", "2", "--annotate", str(out)]
+    result = run_cli("lcnet_runner", "predict", *images, *args, check=False)
+    assert result.returncode == 2
+    written = [f"wrote {out / name}" for name in ("0.jpg", "1.jpg", "2.jpg")]
+    *drawn, error = result.stderr.splitlines()
+    assert drawn == written and error.startswith(f"error: {bad}: cannot decode image")
+    lines = result.stdout.splitlines()
+    answers = [json.loads(line) for line in lines[:4]]
+    assert [a["image"] for a in answers] == images
+    assert "error" in answers[1] and str(bad) in answers[1]["error"]
+    assert all(len(a["predictions"]) == 1 for a in answers[:1] + answers[2:])
+    assert "img_num: 3," in result.stdout  # the latency block: the three classified
+
+
+def test_predict_says_how_many_more_failed(trained: dict, tmp_path: Path) -> None:
+    images = _images(tmp_path, 1)
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"hello")
+        images.append(str(tmp_path / name))
+    result = run_cli("lcnet_runner", "predict", *images, "--model", trained["export_dir"],
+                     check=False)  # fmt: skip
+    line = one_error_line(result)
+    assert line.startswith(f"error: {tmp_path / 'a.jpg'}: not an image format")
+    assert line.endswith("(and 1 other image not classified)")
+    assert '"predictions"' in result.stdout.splitlines()[0]
 
 
 def test_predict_missing_model_folder(tmp_path: Path) -> None:
