@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import handlers
+from . import handlers, servers
 from .protos import lcnet_pb2, lcnet_pb2_grpc
 from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
@@ -158,7 +158,7 @@ def claim_port(port: int, server: str) -> None:
             fcntl.flock(owner, fcntl.LOCK_EX)
             owner.seek(0)
             holder = owner.read().strip()
-            if holder and holder != server and handlers.server_alive(holder):
+            if holder and holder != server and servers.server_alive(holder):
                 pid = holder.partition(":")[0]
                 raise GrpcPortTakenError(
                     f"gRPC port {port} is served by another server (pid {pid}): choose another "
@@ -179,7 +179,7 @@ def owner_file(port: int) -> Path:
 def forget_stopped_owner(port: int) -> None:
     """Remove ``port``'s record when the server it names has stopped (a live one keeps it)."""
     with contextlib.suppress(OSError):
-        if not handlers.server_alive(owner_file(port).read_text(encoding="utf-8").strip()):
+        if not servers.server_alive(owner_file(port).read_text(encoding="utf-8").strip()):
             owner_file(port).unlink()
 
 
@@ -203,7 +203,7 @@ async def start_grpc_server(
 ) -> GrpcServer:
     """The gRPC server of one worker; raises GrpcPortTakenError when another server's workers
     hold the port, or it cannot be bound (another program holds it)."""
-    claim_port(settings.grpc_port, handlers.this_server())
+    claim_port(settings.grpc_port, servers.this_server())
     options = [
         ("grpc.so_reuseport", 1),  # every worker binds the same port; the kernel picks one
         ("grpc.max_receive_message_length", settings.max_body_bytes),

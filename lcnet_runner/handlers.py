@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bentoml._internal.context import server_context
+from bentoml.exceptions import InvalidArgument
 
 from .predictor import Prediction, TopKError, checked_top_k
-from .preprocess import ImageTooLargeError, InvalidImageError
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -19,35 +19,6 @@ if TYPE_CHECKING:
     from .reload import Reloader
 
 VERSION_HEADER = "X-Model-Version"  # on every answer: the model version that produced it
-
-
-def serving_as_dependency() -> bool:
-    """Whether this worker serves ours as a dependency of another service (``bentoml.depends``),
-    not as the service `bentoml serve` was started for: BentoML's own reading of its server
-    context, where it chooses ``is_main``."""
-    return server_context.service_type == "service"
-
-
-def server_id(pid: int) -> str:
-    """A process named so that a later process reusing its pid is another one."""
-    import psutil
-
-    return f"{pid}:{psutil.Process(pid).create_time():.3f}"
-
-
-def server_alive(server: str) -> bool:
-    """Whether the process ``server_id`` named is still running (not another with its pid)."""
-    import psutil
-
-    try:
-        return server_id(int(server.partition(":")[0])) == server
-    except (psutil.Error, ValueError):
-        return False
-
-
-def this_server() -> str:
-    """The `bentoml serve` this worker belongs to: its arbiter, the worker's parent."""
-    return server_id(os.getppid())
 
 
 class RequestError(Exception):
@@ -60,13 +31,13 @@ class RequestError(Exception):
 
 
 def client_error_status(error: Exception) -> int | None:
-    """The HTTP status for a client's mistake, or None for a server fault."""
+    """The HTTP status for a client's mistake, or None for a server fault. The runner's own
+    client errors (a bad image, too many pixels, a bad ``top_k``) are BentoML InvalidArguments
+    and carry the status BentoML answers them with in anyone's service: the same one here."""
     if isinstance(error, RequestError):
         return error.status
-    if isinstance(error, ImageTooLargeError):
-        return 413
-    if isinstance(error, InvalidImageError):
-        return 400
+    if isinstance(error, InvalidArgument):
+        return int(error.error_code)
     return None
 
 

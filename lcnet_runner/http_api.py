@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
-from . import handlers
+from . import handlers, servers
 from .handlers import RequestError, client_error_status
 from .runner import LCNetRunner
 from .settings import ServingSettings
@@ -196,7 +196,7 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
         if status is None:
             raise
         ctx.response.status_code = status
-        if handlers.serving_as_dependency():
+        if servers.serving_as_dependency():
             return PlainTextResponse(str(err), status_code=status)
         return JSONResponse({"error": str(err)}, status_code=status)
 
@@ -482,7 +482,7 @@ class TypedApiGuard:
         if field is None or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         if _internal(scope):
-            if handlers.serving_as_dependency():
+            if servers.serving_as_dependency():
                 return await self.app(scope, receive, send)
             # BentoML refuses it here too, but with a JSON list for a body
             message = f"{PICKLE_TYPE.decode()} is only for calls between services"

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import handlers
+from . import servers
 from .artifact import ModelArtifact, bentoml_home, load_folder, verify_checksums, write_text_atomic
 from .child import run_python
 from .runner import LCNetRunner
@@ -115,9 +115,19 @@ def release_memory() -> None:
 
 def request_file(model_name: str) -> Path:
     """Where ``POST /admin/reload`` records the wanted version for this server's workers: next to
-    the store, one file per server (its arbiter's pid and start time) and model name."""
-    server = handlers.this_server().replace(":", "-")
-    return _records_folder() / f"{model_name}-{server}.json"
+    the store, one file per server (its arbiter's pid and start time) and model name, beside
+    which each worker records the version it swapped in (``.served.json``)."""
+    server = servers.this_server()  # pid:start, a file name's pid-start
+    return _records_folder() / f"{model_name}-{server.replace(':', '-')}.json"
+
+
+def _record_server(record: Path) -> str | None:
+    """The server a record of ``request_file``'s is named after (``pid:start``), read back from
+    ``<model name>-<pid>-<start>[.served].json``; None for another file."""
+    name_pid_start = record.name.removesuffix(".json").removesuffix(".served").rsplit("-", 2)
+    if len(name_pid_start) != 3 or not name_pid_start[1].isdigit():
+        return None
+    return f"{name_pid_start[1]}:{name_pid_start[2]}"
 
 
 def _records_folder() -> Path:
@@ -134,12 +144,8 @@ def forget_stopped_servers() -> None:
     """Delete the records (request and served version) of this host's servers that have stopped:
     every run of a server left its two files behind for good."""
     for path in _records_folder().glob("*.json"):
-        # <model name>-<pid>-<start time>[.served].json (request_file)
-        name_pid_start = path.name.removesuffix(".json").removesuffix(".served").rsplit("-", 2)
-        if len(name_pid_start) != 3 or not name_pid_start[1].isdigit():
-            continue  # not a record of ours
-        _, pid, started = name_pid_start
-        if not handlers.server_alive(f"{pid}:{started}"):
+        server = _record_server(path)
+        if server is not None and not servers.server_alive(server):
             path.unlink(missing_ok=True)
 
 

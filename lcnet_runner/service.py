@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import handlers, http_api, paddlex_api
+from . import handlers, http_api, paddlex_api, servers
 from .artifact import (
     ModelArtifact,
     ModelNotFoundError,
@@ -224,7 +224,7 @@ def _serves_grpc(settings: ServingSettings) -> bool:
     second server's port clashes with it) unless LCNET_GRPC_PORT is set."""
     if not settings.grpc_port:
         return False
-    if handlers.serving_as_dependency() and not is_set("grpc_port", os.environ):
+    if servers.serving_as_dependency() and not is_set("grpc_port", os.environ):
         logger.info(
             "gRPC off: %s serves as a dependency; LCNET_GRPC_PORT turns it on", SERVICE_NAME
         )
@@ -237,7 +237,7 @@ def _stop_the_server(why: str) -> None:
     than let BentoML restart a worker that cannot start, again and again. Not as a dependency:
     that server is someone else's service, which BentoML keeps up without ours."""
     logger.error("error: %s", why)
-    if server_context.worker_index is not None and not handlers.serving_as_dependency():
+    if server_context.worker_index is not None and not servers.serving_as_dependency():
         os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
 
 

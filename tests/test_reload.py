@@ -24,7 +24,6 @@ import httpx
 import pytest
 from conftest import CLASS_NAMES, model_info_from, replacement, workers
 
-from lcnet_runner import handlers
 from lcnet_runner.artifact import (
     PARAMS_FILE,
     InvalidModelError,
@@ -35,6 +34,7 @@ from lcnet_runner.artifact import (
 )
 from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
 from lcnet_runner.reload import REQUEST_POLL_S, forget_stopped_servers, request_file
+from lcnet_runner.servers import server_id
 from lcnet_runner.settings import ServingSettings
 from lcnet_runner.testing import Server
 from train.export import revise, save_to_store
@@ -442,9 +442,9 @@ def test_the_records_of_stopped_servers_are_deleted(tmp_path: Path, monkeypatch)
     elsewhere.mkdir()
     (elsewhere / "my-model-1-1700000000.000.json").write_text("{}")
     stopped = subprocess.Popen([sys.executable, "-c", "pass"])
-    stopped_id = handlers.server_id(stopped.pid)
+    stopped_id = server_id(stopped.pid)
     stopped.wait()
-    live_id = handlers.server_id(os.getpid())
+    live_id = server_id(os.getpid())
     names = {
         server: [f"my-model-{server.replace(':', '-')}{end}" for end in (".json", ".served.json")]
         for server in (stopped_id, live_id)

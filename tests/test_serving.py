@@ -274,7 +274,7 @@ def test_a_grpc_port_is_claimed_by_one_live_server(tmp_path, monkeypatch) -> Non
     dead one's claim is taken over, and a temp folder that cannot be written never stops a
     server."""
     from lcnet_runner.grpc_api import GrpcPortTakenError, claim_port
-    from lcnet_runner.handlers import server_id
+    from lcnet_runner.servers import server_id
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     me, other = server_id(os.getpid()), server_id(os.getppid())

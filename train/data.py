@@ -185,7 +185,8 @@ def sample_crops(split: DecodedSplit, count: int, crop_size: int, seed: int = 0)
 def eval_batches(
     split: DecodedSplit, crop_size: int, batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Center crops in order — exactly ``lcnet_runner.preprocess.eval_crop`` of each file."""
+    """Center crops in order: exactly serving's ``lcnet_runner.preprocess.preprocess()`` of each
+    file (the split holds ``decode_resized``'s pixels, draft decoding included: decode_or_none)."""
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size]
         crops = np.stack([center_crop(image, crop_size) for image in images])
