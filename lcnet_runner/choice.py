@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,50 @@ RACE_BATCH = 16
 RACE_SECONDS = 0.4  # per variant, after one warm-up batch; at least RACE_MIN_BATCHES
 RACE_MIN_BATCHES = 3
 # Part of every race's key: bump it when what an engine does per image changes (2: OpenVINO
-# normalizes inside its graph), so that races cached with the old engines are run again.
-RACE_REVISION = 2
+# normalizes inside its graph), so that races cached with the old engines are run again, or when
+# the cached record changes its layout (3: a Race's fields).
+RACE_REVISION = 3
+
+
+@dataclass
+class Race:
+    """What an engine race found on this machine, as it is cached: the variants that ran,
+    fastest first, and why the others could not."""
+
+    images_per_s: dict[str, float]  # variant → batch-16 img/s, fastest first
+    not_runnable: dict[str, str]  # variant → why it did not run (not installed, not this CPU...)
+    batch: int
+    threads: int
+    cpu: dict[str, Any]
+    # The model files raced: a variant that failed on other files (another version's, damaged)
+    # is raced again for these.
+    raced_for: list | None = None
+    cached: bool = field(default=False, compare=False)  # read from the cache, not raced now
+
+    @property
+    def ranking(self) -> list[str]:
+        return list(self.images_per_s)
+
+    def with_raced_again(self, again: Race) -> Race:
+        """This race with ``again``'s variants (its failures, raced again) in their places."""
+        speeds = {**self.images_per_s, **again.images_per_s}
+        ranked = dict(sorted(speeds.items(), key=lambda item: item[1], reverse=True))
+        return replace(self, images_per_s=ranked, not_runnable=again.not_runnable)
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: value for name, value in asdict(self).items() if name != "cached"}
+
+    @classmethod
+    def from_json(cls, record: Any) -> Race:
+        """TypeError when ``record`` is not one ``to_json`` wrote."""
+        if not isinstance(record, dict):
+            raise TypeError(f"a race is a JSON object, not {type(record).__name__}")
+        return cls(**record)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``/model`` shows of it."""
+        return {"batch": self.batch, "threads": self.threads, "images_per_s": self.images_per_s,
+                "cpu": self.cpu, "cached": self.cached}  # fmt: skip
 
 
 @dataclass
@@ -77,7 +119,7 @@ class Choice:
     variant: Variant
     engine: Engine
     self_check: dict[str, Any] | None = None  # None: skipped (no sample, reference, skip_guard)
-    race: dict[str, Any] | None = None  # auto among several: img/s per variant, where cached
+    race: Race | None = None  # auto among several: the race that ranked them
     skipped: dict[str, str] = field(default_factory=dict)  # variant → why it could not serve
     unchecked: bool = False  # skip_guard: neither the guard nor the self-check applied
 
@@ -86,10 +128,10 @@ class Choice:
         text = f"{self.variant}"
         if self.race:
             speeds = ", ".join(f"{v} {s:.0f}" + (" (not usable)" if v in self.skipped else "")
-                               for v, s in self.race["images_per_s"].items())  # fmt: skip
+                               for v, s in self.race.images_per_s.items())  # fmt: skip
             text += (
-                f" (fastest usable here at batch {self.race['batch']}, {self.race['threads']} "
-                f"thread(s), img/s: {speeds}; {'cached' if self.race['cached'] else 'raced now'})"
+                f" (fastest usable here at batch {self.race.batch}, {self.race.threads} "
+                f"thread(s), img/s: {speeds}; {'cached' if self.race.cached else 'raced now'})"
             )
         if self.self_check:
             text += f"; self-check passed ({self.self_check['agreement']:.0%} agreement)"
@@ -100,7 +142,8 @@ class Choice:
         return text
 
     def summary(self) -> dict[str, Any]:
-        return {"variant": str(self.variant), "self_check": self.self_check, "race": self.race,
+        race = self.race.summary() if self.race else None
+        return {"variant": str(self.variant), "self_check": self.self_check, "race": race,
                 "not_usable": self.skipped}  # fmt: skip
 
 
@@ -121,59 +164,61 @@ def choose(
     requested = matching_variants(engine, precision)
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)
-    with locked_cache(race_key(artifact, requested, threads)) as record:
-        raced_now, loaded, files = not record, {}, _files_of(artifact)
-        if raced_now:
-            loaded = _race_into(record, artifact, requested, threads, race_in_child)
-        elif record.get("not_runnable") and record.get("raced_for") != files:
-            loaded = _race_failed_again(record, artifact, threads, race_in_child)
-        if not record["ranking"]:  # raised inside: nothing is cached, the next process races
-            reasons = "; ".join(f"{v}: {why}" for v, why in record["not_runnable"].items())
+    files: list = _files_of(artifact)
+    with locked_cache(race_key(artifact, requested, threads)) as cache:
+        race, loaded = cache.race, {}
+        if race is None:
+            race, loaded = _race_into(artifact, requested, threads, race_in_child)
+        elif race.not_runnable and race.raced_for != files:
+            # A cached race's failures belong to the files that failed (another version's,
+            # damaged or stale), not to the network the race is keyed by: race them again here.
+            failed = [Variant.parse(name) for name in race.not_runnable]
+            again, loaded = _race_into(artifact, failed, threads, race_in_child)
+            race = race.with_raced_again(again)
+        if not race.ranking:  # raised inside: nothing is cached, the next process races
+            reasons = "; ".join(f"{v}: {why}" for v, why in race.not_runnable.items())
             raise AccuracyGuardError(f"no variant of {artifact.name} runs here: {reasons}")
-        record["raced_for"] = files
-    chosen = _fastest_usable(artifact, record, threads, skip_guard, loaded)
-    chosen.race["cached"] = not raced_now
-    return chosen
+        cache.race = replace(race, raced_for=files)
+    return _fastest_usable(artifact, cache.race, threads, skip_guard, loaded)
 
 
-def _race_into(record, artifact, requested, threads, in_child: bool) -> dict[str, Engine]:
-    """Race ``requested`` into ``record``, here or in a child; the engines loaded here."""
+def _race_into(
+    artifact: ModelArtifact, requested: list[Variant], threads: int | None, in_child: bool
+) -> tuple[Race, dict[str, Engine]]:
+    """Race ``requested``, here or in a child; the engines loaded here."""
     if in_child:
-        record.update(_race_in_child(artifact, requested, threads))
-        return {}
-    return _race(artifact, requested, threads, record)
-
-
-def _race_failed_again(record, artifact, threads, in_child: bool) -> dict[str, Engine]:
-    """A cached race's failures belong to the files that failed (another version's, damaged or
-    stale), not to the network the race is keyed by: this version's files of those variants are
-    raced now, and each that runs joins the ranking."""
-    again: dict[str, Any] = {}
-    failed = [Variant.parse(name) for name in record["not_runnable"]]
-    loaded = _race_into(again, artifact, failed, threads, in_child)
-    speeds = {**record["race"]["images_per_s"], **again["race"]["images_per_s"]}
-    record["ranking"] = sorted(speeds, key=speeds.get, reverse=True)
-    record["race"]["images_per_s"] = {name: speeds[name] for name in record["ranking"]}
-    record["not_runnable"] = again["not_runnable"]
-    return loaded
+        return _race_in_child(artifact, requested, threads), {}
+    return _race(artifact, requested, threads)
 
 
 def _files_of(artifact: ModelArtifact) -> list:
     """The files the engines read, as the race found them: the version that raced."""
-    files = []
-    for name in [artifact.program_file.name, artifact.params_file.name, *DERIVED_FILES]:
+    names = [artifact.program_file.name, artifact.params_file.name, *DERIVED_FILES]
+    return [artifact.tag, str(artifact.path), _file_stats(artifact, names)]
+
+
+def _file_stats(artifact: ModelArtifact, names: list[str]) -> list[list]:
+    """``[name, size, mtime_ns]`` of each of the model's files ``names`` that exists."""
+    stats = []
+    for name in names:
         with contextlib.suppress(FileNotFoundError):
             stat = (artifact.path / name).stat()
-            files.append([name, stat.st_size, stat.st_mtime_ns])
-    return [artifact.tag, str(artifact.path), files]
+            stats.append([name, stat.st_size, stat.st_mtime_ns])
+    return stats
 
 
-def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loaded) -> Choice:
+def _fastest_usable(
+    artifact: ModelArtifact,
+    race: Race,
+    threads: int | None,
+    skip_guard: bool,
+    loaded: dict[str, Engine],
+) -> Choice:
     """The first variant of a race's ranking that passes this model's guard and self-check,
     with why every other could not serve (``loaded``: engines the race left, to reuse)."""
-    skipped = dict(record.get("not_runnable") or {})
+    skipped = dict(race.not_runnable)
     chosen = None
-    for name in record["ranking"]:
+    for name in race.ranking:
         variant = Variant.parse(name)
         try:
             if chosen is None:
@@ -185,28 +230,27 @@ def _fastest_usable(artifact, record: dict[str, Any], threads, skip_guard, loade
     if chosen is None:
         reasons = "; ".join(f"{v}: {why}" for v, why in skipped.items())
         raise AccuracyGuardError(f"no usable variant of {artifact.name}: {reasons}")
-    chosen.race, chosen.skipped = dict(record["race"]), skipped
+    chosen.race, chosen.skipped = race, skipped
     return chosen
 
 
-def _race_in_child(artifact, requested, threads) -> dict[str, Any]:
-    """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``); its record."""
+def _race_in_child(artifact: ModelArtifact, requested: list[Variant], threads: int | None) -> Race:
+    """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``)."""
     order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
              "requested": [str(v) for v in requested]}  # fmt: skip
     try:
         printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
     except ChildProcessError as err:
         raise AccuracyGuardError(f"the engine race failed: {err}") from None
-    return json.loads(printed.strip().splitlines()[-1])
+    return Race.from_json(json.loads(printed.strip().splitlines()[-1]))
 
 
 def _race_here(order: dict[str, Any]) -> None:
-    """The child's side: race, then print the record on the last stdout line."""
-    record: dict[str, Any] = {}
+    """The child's side: race, then print the race on the last stdout line."""
     artifact = load_folder(order["path"], tag=order["tag"])
     requested = [Variant.parse(v) for v in order["requested"]]
-    _race(artifact, requested, order["threads"], record)
-    print(json.dumps(record))
+    race, _ = _race(artifact, requested, order["threads"])
+    print(json.dumps(race.to_json()))
 
 
 def refuse_unusable(
@@ -240,9 +284,11 @@ def load(
     return Choice(variant, engine, self_check=self_check(artifact, variant, engine.predict))
 
 
-def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Engine]:
+def _race(
+    artifact: ModelArtifact, requested: list[Variant], threads: int | None
+) -> tuple[Race, dict[str, Engine]]:
     """Time every requested variant that runs here, whatever its guard figures (speed is not
-    accuracy), into ``record``; returns the loaded engines."""
+    accuracy); the race and the engines it loaded."""
     loaded, speeds, not_runnable = {}, {}, {}
     for variant in requested:
         try:
@@ -256,14 +302,14 @@ def _race(artifact, requested, threads, record: dict[str, Any]) -> dict[str, Eng
         else:
             loaded[str(variant)] = engine
     ranking = sorted(speeds, key=speeds.get, reverse=True)
-    race = {
-        "batch": RACE_BATCH,
-        "threads": threads or default_threads(),
-        "images_per_s": {v: round(speeds[v], 1) for v in ranking},
-        "cpu": cpu_features(),
-    }
-    record.update(ranking=ranking, race=race, not_runnable=not_runnable)
-    return loaded
+    race = Race(
+        images_per_s={v: round(speeds[v], 1) for v in ranking},
+        not_runnable=not_runnable,
+        batch=RACE_BATCH,
+        threads=threads or default_threads(),
+        cpu=cpu_features(),
+    )
+    return race, loaded
 
 
 def images_per_second(engine: Engine, crop_size: int) -> float:
@@ -287,11 +333,8 @@ def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | N
     if architecture:
         work = [architecture, artifact.preprocess.crop_size, len(artifact.labels), present]
     else:  # e.g. an imported folder: its own files
-        work = [str(artifact.path.resolve())]
-        for name in [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]:
-            with contextlib.suppress(FileNotFoundError):
-                stat = (artifact.path / name).stat()
-                work.append((name, stat.st_size, stat.st_mtime_ns))
+        names = [artifact.program_file.name, artifact.params_file.name, INFO_FILE, *present]
+        work = [str(artifact.path.resolve()), *_file_stats(artifact, names)]
     versions = {}
     for package in ("paddlepaddle", "onnxruntime", "openvino"):
         try:
@@ -303,34 +346,39 @@ def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | N
     return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:24]
 
 
+@dataclass
+class _CachedRace:
+    """The cached race for a key (None: none yet), read under the cache's lock."""
+
+    race: Race | None
+
+
 @contextmanager
-def locked_cache(key: str) -> Iterator[dict[str, Any]]:
-    """The cached race for ``key`` (empty when none), held under an exclusive file lock; what
-    the caller puts in it is written back atomically."""
+def locked_cache(key: str) -> Iterator[_CachedRace]:
+    """The cached race for ``key``, held under an exclusive file lock; a race the caller sets is
+    written back atomically."""
     folder = _writable(cache_dir() / "engine-choice")
     path = folder / f"{key}.json"
     with open(folder / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        cache = _read_race(path)
-        before = dict(cache)
-        yield cache
-        if cache != before:
-            write_text_atomic(path, json.dumps(cache, indent=2) + "\n")
+        cached = _read_race(path)
+        slot = _CachedRace(cached)
+        yield slot
+        if slot.race is not None and slot.race != cached:
+            write_text_atomic(path, json.dumps(slot.race.to_json(), indent=2) + "\n")
 
 
-def _read_race(path: Path) -> dict[str, Any]:
-    """A cached race, or {} (race again) when there is none or it does not read: a cache must
+def _read_race(path: Path) -> Race | None:
+    """A cached race, or None (race again) when there is none or it does not read: a cache must
     never stop a model from loading (an emptied file failed every load of every worker)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(record, dict) and {"ranking", "race", "not_runnable"} <= record.keys():
-            return record
+        return replace(Race.from_json(json.loads(path.read_text(encoding="utf-8"))), cached=True)
     except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
+        return None
+    except (OSError, ValueError, TypeError):
         pass
     logger.warning("%s is no engine race: racing again", path)
-    return {}
+    return None
 
 
 def _writable(folder: Path) -> Path:

@@ -106,7 +106,7 @@ def test_a_variant_wrong_on_this_cpu_is_refused_and_auto_falls_back(
     for name, engine in (("paddle", PaddleEngine), ("openvino", OpenVinoEngine)):
         monkeypatch.setitem(ENGINES, name, slowed(engine))
     auto = Predictor(folder, threads=1)
-    assert list(auto.choice.race["images_per_s"])[0] == "onnxruntime/fp32"  # fastest, yet wrong
+    assert list(auto.choice.race.images_per_s)[0] == "onnxruntime/fp32"  # fastest, yet wrong
     assert str(auto.variant) != "onnxruntime/fp32"
     assert "fails its self-check" in auto.choice.skipped["onnxruntime/fp32"]
     assert auto.choice.self_check is None or auto.choice.self_check["passed"]
@@ -155,10 +155,10 @@ def test_auto_skips_an_engine_that_refuses_a_damaged_file(
 def test_the_slowest_variant_is_never_chosen(folder: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(ENGINES, "openvino", slowed(OpenVinoEngine))
     choice = Predictor(folder, threads=1).choice
-    speeds = choice.race["images_per_s"]
+    speeds = choice.race.images_per_s
     assert PASSED <= set(speeds)
     assert str(choice.variant) == max(speeds, key=speeds.get) != "openvino/fp32"
-    assert choice.race["cached"] is False and choice.race["threads"] == 1
+    assert choice.race.cached is False and choice.race.threads == 1
 
 
 def test_a_model_without_a_sample_skips_its_self_check(folder: Path) -> None:
@@ -189,7 +189,7 @@ def test_every_process_serves_the_same_choice(folder: Path, tmp_path: Path) -> N
     assert len(chosen) == 1, lines
     assert sorted("raced now" in line for line in lines) == [False, True], lines
     (cached,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
-    ranking = json.loads(cached.read_text())["ranking"]
+    ranking = list(json.loads(cached.read_text())["images_per_s"])
     assert chosen.pop() == next(v for v in ranking if v in PASSED) and str(REFERENCE) in ranking
 
 
@@ -197,7 +197,7 @@ RUNNER = """
 import sys
 from lcnet_runner.runner import LCNetRunner
 runner = LCNetRunner.from_model(sys.argv[1], threads=1)
-print(runner.predictor.variant, "paddle" in sys.modules, runner.predictor.choice.race["cached"])
+print(runner.predictor.variant, "paddle" in sys.modules, runner.predictor.choice.race.cached)
 """
 
 
@@ -213,7 +213,7 @@ def test_a_serving_runner_races_in_a_child_and_keeps_only_its_engine(
     variant, paddle_loaded, cached = result.stdout.split()
     assert paddle_loaded == str(variant == "paddle/fp32") and cached == "False"
     (record,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
-    ranking = json.loads(record.read_text())["ranking"]
+    ranking = list(json.loads(record.read_text())["images_per_s"])
     assert variant == next(v for v in ranking if v in PASSED) and PASSED <= set(ranking)
 
 
@@ -226,13 +226,13 @@ def test_a_new_version_reuses_the_race_and_checks_its_own_accuracy(
     monkeypatch.setitem(ENGINES, "paddle", slowed(PaddleEngine))  # the winner is not the reference
     first = Predictor(folder, threads=1).choice
     winner = str(first.variant)
-    assert first.race["cached"] is False and winner != str(REFERENCE)
+    assert first.race.cached is False and winner != str(REFERENCE)
     version_2 = tmp_path / "version-2"  # other files, elsewhere: a new version in the store
     shutil.copytree(folder, version_2)
     set_guard(version_2, {"onnxruntime/fp32": PASS, "openvino/fp32": PASS, winner: FAIL})
     second = Predictor(version_2, threads=1).choice
-    assert second.race["cached"] is True
-    assert second.race["images_per_s"] == first.race["images_per_s"]
+    assert second.race.cached is True
+    assert second.race.images_per_s == first.race.images_per_s
     assert str(second.variant) != winner
     assert "fails the accuracy guard" in second.skipped[winner]
     assert re.search(rf"{re.escape(winner)} \d+ \(not usable\)", second.describe())  # in the log
@@ -248,8 +248,8 @@ def test_a_cached_race_that_does_not_read_is_run_again(
     (record,) = (tmp_path / "cache" / "engine-choice").glob("*.json")
     record.write_text(damage)
     again = Predictor(folder, threads=1).choice
-    assert again.race["cached"] is False and str(again.variant) in PASSED
-    assert json.loads(record.read_text())["ranking"]
+    assert again.race.cached is False and str(again.variant) in PASSED
+    assert list(json.loads(record.read_text())["images_per_s"])
 
 
 def test_a_variant_that_failed_for_one_version_is_raced_for_the_next(
@@ -263,11 +263,11 @@ def test_a_variant_that_failed_for_one_version_is_raced_for_the_next(
     onnx.write_bytes(onnx.read_bytes()[:5000])
     first = Predictor(folder, threads=1).choice
     assert "InvalidProtobuf" in first.skipped["onnxruntime/fp32"]
-    assert "onnxruntime/fp32" not in first.race["images_per_s"]
+    assert "onnxruntime/fp32" not in first.race.images_per_s
 
     second = Predictor(healthy, threads=1).choice
-    assert second.race["cached"] is True
-    assert "onnxruntime/fp32" in second.race["images_per_s"]
+    assert second.race.cached is True
+    assert "onnxruntime/fp32" in second.race.images_per_s
     assert "onnxruntime/fp32" not in second.skipped
 
 
@@ -300,10 +300,9 @@ def test_an_engine_error_over_several_lines_is_reported_on_one(
             )
 
     monkeypatch.setitem(ENGINES, "openvino", Refuses)
-    record: dict = {}
-    _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1, record)
-    (reason,) = record["not_runnable"].values()
-    assert len(reason.splitlines()) == 1 and record["ranking"] == []
+    race, _ = _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1)
+    (reason,) = race.not_runnable.values()
+    assert len(reason.splitlines()) == 1 and race.ranking == []
     assert "RuntimeError: Exception from" in reason and "Got: -1" in reason
 
 
@@ -322,7 +321,7 @@ def test_when_no_variant_runs_nothing_is_cached(folder: Path, monkeypatch) -> No
         ):
             choose(load_folder(folder), engine="openvino", threads=1)
     monkeypatch.setitem(ENGINES, "openvino", OpenVinoEngine)
-    assert choose(load_folder(folder), engine="openvino", threads=1).race["cached"] is False
+    assert choose(load_folder(folder), engine="openvino", threads=1).race.cached is False
 
 
 def test_a_variant_that_loads_then_fails_to_run_loses_only_its_place(
@@ -337,7 +336,7 @@ def test_a_variant_that_loads_then_fails_to_run_loses_only_its_place(
     monkeypatch.setitem(ENGINES, "onnxruntime", FailsToRun)
     auto = Predictor(folder, threads=1)
     assert str(auto.variant) != "onnxruntime/fp32"
-    assert "onnxruntime/fp32" not in auto.choice.race["images_per_s"]
+    assert "onnxruntime/fp32" not in auto.choice.race.images_per_s
     assert auto.choice.skipped["onnxruntime/fp32"] == "RuntimeError: kernel not available"
 
 

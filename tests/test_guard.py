@@ -143,7 +143,7 @@ def test_fit_records_the_guard_and_auto_uses_it(trained: dict) -> None:
     # runs here (speed is not accuracy), and each faster one says why it does not serve
     choice = Predictor(trained["tag"], threads=1).choice
     passed = {name for name, f in measured.items() if f["passed"]} | {str(REFERENCE)}
-    ranking = list(choice.race["images_per_s"])
+    ranking = list(choice.race.images_per_s)
     assert str(choice.variant) in passed
     assert set(ranking[: ranking.index(str(choice.variant))]) <= set(choice.skipped)
     assert "accuracy guard on" in trained["stderr"]
@@ -177,7 +177,7 @@ def test_a_failing_variant_is_refused_unless_overridden(folder: Path) -> None:
         LCNetRunner(folder, RunnerConfig(engine="onnxruntime", precision="fp32"))
     assert str(Predictor(folder, precision="fp32", threads=1).variant) != "onnxruntime/fp32"
     auto = Predictor(folder, threads=1).choice  # times it, does not serve it
-    assert "onnxruntime/fp32" in auto.race["images_per_s"]
+    assert "onnxruntime/fp32" in auto.race.images_per_s
     assert "fails the accuracy guard" in auto.skipped["onnxruntime/fp32"]
     forced = Predictor(folder, engine="onnxruntime", precision="fp32", skip_guard=True, threads=1)
     assert str(forced.variant) == "onnxruntime/fp32"

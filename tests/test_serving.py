@@ -63,12 +63,12 @@ def test_model_info_endpoint(server: Server, trained: dict) -> None:
     # auto: the fastest here of the variants that passed the guard; the workers raced once and
     # this process (1 thread, like a worker) reads the same cached answer
     choice = Predictor(trained["tag"], threads=1).choice
-    assert choice.race["cached"] and (info["engine"], info["precision"]) == (
+    assert choice.race.cached and (info["engine"], info["precision"]) == (
         choice.variant.engine, choice.variant.precision,
     )  # fmt: skip
     served = info["engine_choice"]
     assert served["variant"] == str(choice.variant)
-    assert served["race"]["images_per_s"] == choice.race["images_per_s"]
+    assert served["race"]["images_per_s"] == choice.race.images_per_s
     assert info["input_size"] == 32 and info["threads"] == 1
     assert info["val_top1"] == trained["val_top1"] and info["test_top1"] == trained["test_top1"]
 
