@@ -12,6 +12,7 @@ from itertools import groupby
 from pathlib import Path
 
 import bentoml
+import psutil
 import pytest
 from conftest import ROOT, run_cli, tiny_fit
 
@@ -112,10 +113,18 @@ def test_resume_works_distributed(colour_dataset: Path, tmp_path: Path) -> None:
     assert len(bentoml.models.list("dist-resume")) == 2
 
 
-def test_ctrl_c_leaves_stdout_clean(colour_dataset: Path, tmp_path: Path) -> None:
-    """Ctrl+C reaches the whole process group; the launcher then ends the ranks with SIGTERM,
-    and Paddle's fatal-signal handler in rank 0 dumped a C++ stack onto the console's stdout,
-    which carries only the result."""
+@pytest.mark.parametrize(
+    "signalled, stop, code, last_line",
+    [("group", signal.SIGINT, 130, "interrupted"),  # a terminal's Ctrl+C
+     ("pid", signal.SIGTERM, 143, "stopped (SIGTERM)")],  # kill, timeout, a job scheduler
+)  # fmt: skip
+def test_a_stopped_fit_stops_its_ranks_and_leaves_stdout_clean(
+    colour_dataset: Path, tmp_path: Path, signalled: str, stop: int, code: int, last_line: str
+) -> None:
+    """A signal to `fit` ends the launcher and every rank before `fit` exits: killed by pid, it
+    said "interrupted" while its ranks trained on and later stored a model. Its stdout carries
+    only the result: the launcher ends the ranks with SIGTERM, and Paddle's fatal-signal handler
+    in rank 0 dumped a C++ stack onto it."""
     args = [*DIST_FIT, "--epochs", "200", "--save-dir", str(tmp_path / "run")]
     command = [sys.executable, "-m", "train", "fit", str(colour_dataset), *args]
     with subprocess.Popen(
@@ -128,11 +137,13 @@ def test_ctrl_c_leaves_stdout_clean(colour_dataset: Path, tmp_path: Path) -> Non
                     break
             else:
                 pytest.fail(f"fit ended before its first epoch: {fit.wait()}")
-            os.killpg(fit.pid, signal.SIGINT)
+            launched = psutil.Process(fit.pid).children(recursive=True)  # launcher and ranks
+            (os.killpg if signalled == "group" else os.kill)(fit.pid, stop)
             stdout, stderr = fit.communicate(timeout=120)
         finally:
             if fit.poll() is None:
                 os.killpg(fit.pid, signal.SIGKILL)
-    assert fit.returncode == 130, stderr
+    assert fit.returncode == code, stderr
+    assert [p for p in launched if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
     assert stdout == "", stdout
-    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert stderr.strip().splitlines()[-1] == last_line

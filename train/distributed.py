@@ -16,12 +16,14 @@ Measured on 2 cores: 2 processes × 1 thread train PP-LCNet 1.6–1.9× faster t
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -158,8 +160,43 @@ def launch(fit_args: Sequence[str], procs: int, log_dir: Path, threads: int) -> 
         env[CONSOLE_ENV] = address = os.path.join(private, "console")
         server.bind(address)
         server.listen()
-        with subprocess.Popen(command, env=env, stdout=chatter, stderr=subprocess.STDOUT) as proc:
-            return lend_console(server, proc)
+        # A session of its own: a signal for `fit` reaches the launcher only through
+        # ``stopped_together``, once, whoever sent it (a terminal signals its whole group).
+        with (
+            subprocess.Popen(
+                command, env=env, stdout=chatter, stderr=subprocess.STDOUT, start_new_session=True
+            ) as proc,
+            stopped_together(proc) as received,
+        ):
+            code = lend_console(server, proc)
+    if received:  # the launcher and its ranks have ended: now `fit` ends as it was told
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"stopped ({signal.Signals(received[0]).name})", file=sys.stderr)
+        raise SystemExit(128 + received[0])
+    return code
+
+
+@contextlib.contextmanager
+def stopped_together(launcher: subprocess.Popen) -> Iterator[list[int]]:
+    """While the launcher runs, SIGINT and SIGTERM sent to `fit` (Ctrl+C, ``kill``, ``timeout``,
+    a job scheduler) go on to the launcher, which ends its ranks (a second signal: within 10 s).
+    Yields the signals received. Without this, a `fit` killed by pid said "interrupted" while
+    its ranks trained on and later stored a model."""
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            launcher.send_signal(signum)
+
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {stop: signal.signal(stop, forward) for stop in stops}
+    try:
+        yield received
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 def lend_console(server: socket.socket, launcher: subprocess.Popen) -> int:
