@@ -93,6 +93,26 @@ def test_a_changed_file_invalidates_the_cache(tmp_path: Path) -> None:
     assert load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data").decoded > 0
 
 
+def test_a_file_replaced_with_its_size_and_mtime_kept_invalidates_the_cache(
+    tmp_path: Path,
+) -> None:
+    """`cp -p`, `tar x`, `rsync -t`: same size, same mtime, other pixels (a BMP's size is its
+    dimensions'), and the old pixels were trained on."""
+    samples = small_dataset(tmp_path / "data")
+    path = samples[0][0].with_suffix(".bmp")
+    Image.new("RGB", (48, 40), (255, 0, 0)).save(path)
+    samples[0] = (path, samples[0][1])
+    disk = CacheConfig(tmp_path / "cache", ram_mb=0)
+    load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    before = path.stat()
+    Image.new("RGB", (48, 40), (0, 0, 255)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    again = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert again.decoded == len(samples)
+    assert np.array_equal(again.images[0], decode_split([samples[0]], TINY).images[0])
+
+
 @pytest.mark.parametrize(
     "damage",
     [

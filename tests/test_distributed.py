@@ -44,11 +44,14 @@ def two_processes(colour_dataset: Path, tmp_path_factory: pytest.TempPathFactory
     return run_cli("train", "fit", str(colour_dataset), *args), save_dir
 
 
-def test_shards_are_disjoint_equal_and_cover_all_but_the_remainder() -> None:
+def test_shards_are_equal_and_hold_every_item() -> None:
+    """11 images on 3 ranks: 4 each, the first one trained twice; the last (in a list sorted by
+    class, maybe a class's only image) is trained."""
     items = list(range(11))
     shards = [shard(items, Rank(i, 3)) for i in range(3)]
-    assert [len(s) for s in shards] == [3, 3, 3]
-    assert sorted(sum(shards, [])) == list(range(9))
+    assert [len(s) for s in shards] == [4, 4, 4]
+    assert sorted(sum(shards, [])) == [0, *range(11)]
+    assert [shard(range(6), Rank(i, 2)) for i in range(2)] == [[0, 2, 4], [1, 3, 5]]
     assert auto_procs(batch_size=4, cores=2) == 1  # the seed's batch stays in one process
     assert auto_procs(batch_size=32, cores=2) == 2
 

@@ -56,6 +56,7 @@ class DecodedSplit:
     # > 0: train in quasi-random order, shuffled blocks of this many images consecutive on disk
     # (a cache larger than RAM is then read sequentially); 0: a plain permutation.
     block_images: int = 0
+    whole: int = 0  # a subset's (a rank's shard): the images of the split it was taken from
 
     def __len__(self) -> int:
         return len(self.images)
@@ -65,7 +66,9 @@ class DecodedSplit:
         ids = np.asarray(ids, dtype=np.int64)
         take = getattr(self.images, "take", None)  # a mapped cache keeps its disk positions
         images = take(ids) if take else [self.images[i] for i in ids]
-        return DecodedSplit(images, self.labels[ids], [], self.decoded, self.block_images)
+        return DecodedSplit(
+            images, self.labels[ids], [], self.decoded, self.block_images, self.whole or len(self)
+        )
 
     def training_order(self, rng: np.random.Generator) -> np.ndarray:
         """A new order each epoch; the same draws from ``rng`` whatever backs the images when

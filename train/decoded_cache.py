@@ -8,8 +8,8 @@ one is decoded once, streaming, into ``<cache root>/decoded/<key>/``::
     meta.json    dataset, split, image count, size, preprocessing, the unreadable files
 
 and memory-mapped: its pages are the kernel's page cache, reclaimable, not the process's memory.
-The key hashes every file's (path, size, mtime_ns, label) and the preprocessing fields that shape
-the decode, so a changed file or resize makes a new cache (the stale one of that split is
+The key hashes every file's (path, size, mtime_ns, ctime_ns, label) and the preprocessing fields
+that shape the decode, so a changed file or resize makes a new cache (the stale one of that split is
 removed). A cache is built in a hidden folder beside its final name and renamed when complete (a
 killed build is never used), under a file lock so two processes never build the same one:
 ``fit``, ``--resume``, ``evaluate``, ``verify``, ``quantize`` and every data-parallel rank reuse
@@ -120,18 +120,22 @@ class MappedImages(Sequence[np.ndarray]):
 
 
 def cache_key(samples: Sequence[tuple[Path, int]], preprocess: PreprocessConfig) -> str:
-    """What the decoded pixels depend on: each file's path, size, mtime and label, and the
-    preprocessing fields that shape the decode."""
+    """What the decoded pixels depend on: each file's path, size, times and label, and the
+    preprocessing fields that shape the decode. The change time too: a file replaced by one of
+    the same size with its modification time kept (``cp -p``, ``tar x``, ``rsync -t``) kept the
+    old pixels; nothing but the kernel sets ctime, so a write or a rename always moves it."""
     digest = hashlib.sha256()
     shaping = {k: v for k, v in preprocess.to_dict().items() if k not in AFTER_DECODE}
     digest.update(json.dumps({"format": FORMAT, "preprocess": shaping}, sort_keys=True).encode())
     for path, label in samples:
         try:
             stat = os.stat(path)
-            size, mtime = stat.st_size, stat.st_mtime_ns
+            times = f"{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
+            size = stat.st_size
         except OSError:  # missing now: decoded as unreadable, and a new file makes a new key
-            size = mtime = -1
-        digest.update(f"{os.fsdecode(path)}\0{size}\0{mtime}\0{label}\n".encode("utf-8", "replace"))
+            size, times = -1, "-1"
+        entry = f"{os.fsdecode(path)}\0{size}\0{times}\0{label}\n"
+        digest.update(entry.encode("utf-8", "replace"))
     return digest.hexdigest()[:24]
 
 

@@ -73,10 +73,13 @@ def local_main(rank: Rank) -> bool:
 
 
 def shard(items: Sequence[T], rank: Rank) -> list[T]:
-    """Disjoint, equal-size shards (the remainder, < world items, is left out) so every rank runs
-    the same number of steps — a rank with one batch more would wait forever in all-reduce."""
-    usable = len(items) // rank.world * rank.world
-    return list(items[:usable][rank.index :: rank.world])
+    """Equal-size shards that together hold every item, so every rank runs the same number of
+    steps (a rank with one batch more would wait forever in all-reduce): as PyTorch's
+    DistributedSampler does, the first items fill up the last shards (fewer than ``world``, each
+    trained twice an epoch). Leaving the remainder out lost the same last images every epoch:
+    in a list sorted by class, a last class of one image was never trained."""
+    padded = [*items, *items[: -len(items) % rank.world]]
+    return padded[rank.index :: rank.world]
 
 
 def all_reduce(values: Sequence[float], rank: Rank, op: str = "sum") -> list[float]:

@@ -495,6 +495,6 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     if not rank.main:
         return {"rank": rank.index}
     test = pick_best(state, splits, labels, config)
-    train_images = len(splits["train"]) * rank.world
+    train_images = splits["train"].whole or len(splits["train"])  # a shard's: its split's
     info = model_info(config, dataset, labels, state, train_images, test, time.time() - started)
     return package(state, splits, labels, config, info)
