@@ -350,7 +350,9 @@ PINNED_ENV = "LCNET_PINNED"
 
 def pinned_model(tag: str):
     """A ``bentoml.models.BentoModel`` for ``tag`` at the version it names when `bentoml serve`
-    starts. Declared on a service class, it packs the model into a Bento; a worker, including one
+    starts; served from a Bento, a name or ``name:latest`` names the version the Bento packed,
+    not whatever is newest in the store where it runs. Declared on a service class, it packs the
+    model into a Bento; a worker, including one
     BentoML restarts after a newer version was stored, loads that version rather than resolving
     ``:latest`` again and serving another model than its siblings. If that version has left the
     store since (deleted after a rollout), such a worker starts on what ``tag`` names now, rather
@@ -359,6 +361,7 @@ def pinned_model(tag: str):
     import bentoml
     from bentoml._internal.context import server_context
 
+    tag = _packed_version_of(tag)
     pinned = json.loads(os.environ.get(PINNED_ENV) or "{}")
     if tag in pinned and server_context.worker_index is not None:
         try:
@@ -374,6 +377,39 @@ def pinned_model(tag: str):
     version = str(_stored(tag).tag)
     os.environ[PINNED_ENV] = json.dumps({**pinned, tag: version})
     return bentoml.models.BentoModel(version)
+
+
+def serving_bento() -> dict[str, Any] | None:
+    """The ``bento.yaml`` of the Bento whose service BentoML is importing, None elsewhere:
+    BentoML imports it (in `bentoml serve` and in each worker) with the Bento's ``src/`` folder
+    as the working directory, next to that file."""
+    here = Path.cwd()
+    if here.name != "src":  # BentoML's BENTO_PROJECT_DIR_NAME
+        return None
+    try:
+        info = yaml.safe_load((here.parent / "bento.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def packed_tags(bento: dict[str, Any], service: str | None = None) -> list[str]:
+    """The model versions a Bento packed (``service``: for that service of it only)."""
+    services = bento.get("services") or []
+    entries = [] if service else list(bento.get("models") or [])
+    for entry in services if isinstance(services, list) else []:
+        if isinstance(entry, dict) and service in (None, entry.get("name")):
+            entries += entry.get("models") or []
+    return [str(entry["tag"]) for entry in entries if isinstance(entry, dict) and "tag" in entry]
+
+
+def _packed_version_of(tag: str) -> str:
+    """``tag``, or in a Bento, the version it packed of a name asked without a version (or as
+    ``:latest``): what the Bento was built and tested with."""
+    name, _, version = tag.partition(":")
+    bento = serving_bento() if version in ("", "latest") else None
+    packed = [t for t in packed_tags(bento) if t.partition(":")[0] == name] if bento else []
+    return packed[0] if packed else tag
 
 
 def cache_dir() -> Path:

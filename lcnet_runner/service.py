@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated
 
 import bentoml
-import yaml
 from bentoml._internal.context import server_context
 from fastapi import Header
 from pydantic import Field
@@ -33,7 +32,9 @@ from .artifact import (
     ModelArtifact,
     ModelNotFoundError,
     load_folder,
+    packed_tags,
     pinned_model,
+    serving_bento,
     verify_checksums,
 )
 from .choice import refuse_unusable
@@ -54,17 +55,12 @@ TopK = Annotated[int, Field(ge=1, description="how many classes to return, best 
 
 
 def _packed_version() -> str | None:
-    """The model version packed in the Bento this module was imported from; None outside a
-    Bento. BentoML imports a Bento's service from its ``src/`` folder, next to ``bento.yaml``:
-    a Bento serves the version it was built with, not whatever ``pplcnet:latest`` is where it
-    runs (in a container its own store holds nothing else)."""
-    bento_yaml = Path(__file__).resolve().parents[2] / "bento.yaml"
-    try:
-        info = yaml.safe_load(bento_yaml.read_text(encoding="utf-8"))
-        (service,) = [s for s in info["services"] if s["name"] == SERVICE_NAME]
-        return str(service["models"][0]["tag"])
-    except (OSError, yaml.YAMLError, LookupError, TypeError, ValueError):
-        return None
+    """The model version packed for this service in the Bento being served; None outside a
+    Bento. A Bento serves the model it was built with, whatever its name, when LCNET_MODEL is
+    not set where it runs (in a container its own store holds nothing else)."""
+    bento = serving_bento()
+    packed = packed_tags(bento, SERVICE_NAME) if bento else []
+    return packed[0] if packed else None
 
 
 def _model_reference(tag: str) -> bentoml.models.BentoModel:

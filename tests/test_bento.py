@@ -10,8 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import ROOT, bentoml_cli, refused_start
 
+from lcnet_runner.artifact import PINNED_ENV, pinned_model
 from lcnet_runner.client import Client
 from lcnet_runner.testing import Server
 from train.export import revise
@@ -45,6 +47,30 @@ def test_built_bento_serves_its_model(
             assert client.classify(image)[0]["category"] == "green"
     finally:
         server.stop()
+        bentoml.models.delete(newer)
+
+
+def test_pinned_model_in_a_bento_names_the_version_it_packed(
+    trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's service built into a Bento (README section 7) served a newer version of the
+    name from the store it ran beside, one the Bento never packed; a version asked as such is
+    still served as asked. BentoML imports a Bento's service from its src/ folder."""
+    import bentoml
+
+    name = trained["tag"].split(":")[0]
+    bento = {"services": [{"name": "mine", "models": [{"tag": trained["tag"]}]}]}
+    (tmp_path / "bento.yaml").write_text(yaml.safe_dump(bento))
+    (tmp_path / "src").mkdir()
+    monkeypatch.setenv(PINNED_ENV, "{}")
+    newer = revise(trained["tag"], lambda folder: None)
+    try:
+        assert str(pinned_model(name).tag) == newer  # outside a Bento: the newest
+        monkeypatch.chdir(tmp_path / "src")
+        assert str(pinned_model(name).tag) == trained["tag"]
+        assert str(pinned_model(f"{name}:latest").tag) == trained["tag"]
+        assert str(pinned_model(newer).tag) == newer
+    finally:
         bentoml.models.delete(newer)
 
 

@@ -4,8 +4,10 @@
 
 Each worker holds one runner per model (in-process, batching on its own); the service's own
 ``@bentoml.api`` calls them. The ``BentoModel`` references (``pinned_model``) make ``bentoml
-build`` pack both models; ``lcnet_runner`` is not on PyPI, so a bentofile for this service lists
-it under ``python.packages`` (``lcnet-bento @ git+<your clone>``) or includes a copy of it. An
+build`` pack both models, and a Bento serves the versions it packed (a Bento does not record
+the variables it was built with: its container needs the same LCNET_MODEL_A/B). ``lcnet_runner``
+is not on PyPI, so a bentofile for this service lists it under ``python.packages``
+(``lcnet-bento @ git+<your clone>``) or includes a copy of it. An
 undecodable upload is BentoML's InvalidArgument (400), and each runner's batch sizes and
 latencies are on ``/metrics`` under its own ``model`` label: its side and tag (``a/pplcnet:…``),
 so two versions of one model, the usual A/B, stay apart.
