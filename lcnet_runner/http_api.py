@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import secrets
@@ -107,8 +108,9 @@ async def read_upload(
     """The files in ``field`` and the raw ``top_k`` of a multipart request: a text field, or
     else the query string's (as for an image sent as the body)."""
     media_type = _media_type(request)
-    if media_type.startswith(FORM_TYPE):  # a form without its file
-        # (what BentoML's own client sends for predict_batch(images=[]))
+    # A form without its file, or nothing at all: what BentoML's own client sends for
+    # predict_batch(images=[]), with top_k and without.
+    if media_type.startswith(FORM_TYPE) or not media_type and _declared_empty(request):
         raise RequestError(422, f"missing file field {field!r} (send multipart/form-data)")
     if not media_type.startswith("multipart/form-data"):
         raise RequestError(415, "send multipart/form-data with the image as a file field")
@@ -144,6 +146,11 @@ async def read_upload(
         return [await v.read() for v in values], top_k
     finally:
         await form.close()
+
+
+def _declared_empty(request: Request) -> bool:
+    headers = request.headers
+    return headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
 
 
 def invalid_request(err: ValidationError) -> RequestError:
@@ -254,11 +261,14 @@ def _multipart_or_raw(field: str) -> dict[str, Any]:
     return doc
 
 
+# What the routes' error statuses mean, in /docs.json (as ErrorOut: {"error": "..."}).
+ERROR_MEANINGS = {400: "undecodable image or malformed body", 408: "the body arrived too slowly",
+                  413: "too large (body, pixels, images)", 415: "another content type",
+                  422: "missing or invalid field", 500: "server fault (no internals)"}  # fmt: skip
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    meaning = {400: "undecodable image or malformed body", 408: "the body arrived too slowly",
-               413: "too large (body, pixels, images)", 415: "another content type",
-               422: "missing or invalid field", 500: "server fault (no internals)"}  # fmt: skip
-    return {s: {"model": ErrorOut, "description": meaning[s]} for s in statuses}
+    return {s: {"model": ErrorOut, "description": ERROR_MEANINGS[s]} for s in statuses}
 
 
 CLASSIFY_DOC = {
@@ -472,15 +482,23 @@ class TypedApiGuard:
     text where a file belongs (server-side request forgery) and names its temporary files after
     the uploaded file name. So the body is parsed here first, with the fast routes' parser and
     limits: anything malformed gets the usual 4xx ``{"error"}``; what passes is re-encoded with
-    only the file field(s) — plain names, no text values — and ``top_k``, and handed on."""
+    only the file field(s) — plain names, no text values — and ``top_k``, and handed on. Another
+    method gets a JSON 405, and ``/docs.json`` lists the errors these routes really answer."""
 
     def __init__(self, app, settings: ServingSettings):
         self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send) -> None:
         field = TYPED_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if field is None or scope["method"] != "POST":
+        if field is None:
+            if scope["type"] == "http" and scope.get("path") == "/docs.json":
+                return await _documented(self.app, scope, receive, send)
             return await self.app(scope, receive, send)
+        if scope["method"] != "POST":  # BentoML's 405 is plain text
+            version = get_current_service().served.tag
+            refused = refusal({"error": "Method Not Allowed"}, 405, version)
+            refused.headers["Allow"] = "POST"
+            return await refused(scope, receive, send)
         if _internal(scope):
             if servers.serving_as_dependency():
                 return await self.app(scope, receive, send)
@@ -508,6 +526,34 @@ class TypedApiGuard:
             return message
 
         await self.app({**scope, "headers": headers}, replay, send)
+
+
+async def _documented(app, scope, receive, send) -> None:
+    """``/docs.json`` with the typed routes' errors as they are: BentoML lists its own
+    exceptions' (400, 404, 500) for every ``@bentoml.api``, while these answer what this guard
+    and the handlers refuse with, as the fast routes do, and never 404."""
+    start, chunks = {}, []
+
+    async def keep(message) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+        else:
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, keep)
+    body = b"".join(chunks)
+    if start.get("status") == 200:
+        spec = json.loads(body)
+        errors = {str(status): {"description": meaning, "content": {"application/json": {
+                      "schema": {"$ref": "#/components/schemas/ErrorOut"}}}}
+                  for status, meaning in ERROR_MEANINGS.items()}  # fmt: skip
+        for path in TYPED_ROUTES:
+            if operation := spec.get("paths", {}).get(path, {}).get("post"):
+                operation["responses"] = {"200": operation["responses"].get("200"), **errors}
+        body = json.dumps(spec).encode()
+    headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+    await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 PICKLE_TYPE = b"application/vnd.bentoml+pickle"  # what BentoML's services send each other

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import importlib
 import io
+import json
 import os
 
 import numpy as np
@@ -204,8 +205,13 @@ BAD_REQUESTS = [
         422,
         id="typed-path-as-text",
     ),
-    # a form without its file: what BentoML's client sends for predict_batch(images=[])
+    # a form without its file, or no body at all: what BentoML's client sends for
+    # predict_batch(images=[]), with top_k and without
     pytest.param("/predict_batch", {"data": {"images": "/etc/passwd"}}, 422, id="typed-urlencoded"),
+    pytest.param("/predict_batch", {}, 422, id="typed-nothing"),
+    pytest.param("/classify_batch", {}, 422, id="nothing"),
+    # /classify's 415 says both ways to send one image: as the body, or as a file field
+    pytest.param("/classify", {}, 415, id="nothing-for-one"),
     pytest.param("/classify", {"data": {"top_k": "3"}}, 422, id="urlencoded"),
     # BentoML's internal type from a client: refused, with our body (BentoML's is a JSON list)
     pytest.param("/predict", body(b"x", "application/vnd.bentoml+pickle"), 415, id="typed-pickle"),
@@ -288,9 +294,17 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
     for path in ("/predict", "/predict_batch", "/image-classification"):  # typed, PaddleX
         assert "post" in paths[path], path
     for path in ("/predict", "/predict_batch"):  # BentoML's schema: the bound on top_k
-        body = paths[path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        post = paths[path]["post"]
+        body = post["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert body["properties"]["top_k"]["minimum"] == 1
-        assert "415 not multipart" in paths[path]["post"]["description"]
+        assert "415 not multipart" in post["description"]
+        # the errors they answer, as the fast routes' (BentoML lists 400, 404, 500 for any)
+        assert set(post["responses"]) == {"200", "400", "408", "413", "415", "422", "500"}
+        error = post["responses"]["413"]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/ErrorOut"}
+        assert "PredictionOut" in json.dumps(post["responses"]["200"])
+        refused = client.get(path)
+        assert (refused.status_code, refused.json()) == (405, {"error": "Method Not Allowed"})
     assert not any(path.startswith("/ui") for path in paths)
     schemas = spec["components"]["schemas"]
     assert set(schemas["PredictionOut"]["properties"]) == {"category_id", "category", "score"}

@@ -237,6 +237,9 @@ def test_bentoml_clients_call_the_typed_api(server: Server, trained: dict) -> No
     with bentoml.SyncHTTPClient(server.url) as client:
         assert client.predict(image=image, top_k=3) == want
         assert client.predict_batch(images=[image, image], top_k=3) == [want, want]
+        for top_k in ({}, {"top_k": 2}):  # an empty body, or a url-encoded form: a 422 each
+            with pytest.raises(bentoml.exceptions.UnprocessableEntity, match="missing file"):
+                client.predict_batch(images=[], **top_k)
 
     async def call_async() -> list:
         async with bentoml.AsyncHTTPClient(server.url) as client:
