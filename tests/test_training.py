@@ -21,9 +21,18 @@ import train.training
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
 from train.plots import confusion_matrix
+from train.pretrained import PretrainedError
 from train.report import report
-from train.split import read_split
-from train.training import FitConfig, end_of_epoch, initial_state, learning_rate, pick_best, prepare
+from train.split import read_labels, read_split
+from train.training import (
+    FitConfig,
+    check_same_run,
+    end_of_epoch,
+    initial_state,
+    learning_rate,
+    pick_best,
+    prepare,
+)
 
 
 def test_fit_reaches_a_real_accuracy_bar(trained: dict) -> None:
@@ -80,12 +89,14 @@ def test_resume_continues_from_the_last_checkpoint(trained: dict, tmp_path: Path
     (save_dir / "inference" / "left_by_an_earlier_run.npz").write_bytes(b"stale")
     more = TINY_EPOCHS + 1
     args = [*tiny_fit(epochs=more), "--save-dir", str(save_dir), "--resume"]
+    trained_for = paddle.load(str(save_dir / "last.pdckpt"))["training_s"]
     result = run_cli("train", "fit", str(trained["dataset"]), *args)
     assert f"resuming from epoch {TINY_EPOCHS}" in result.stderr
     assert f"epoch {more}/{more}" in result.stderr and f"epoch 1/{more}" not in result.stderr
     history = json.loads((save_dir / "history.json").read_text())
     assert len(history) == more
     summary = json.loads(result.stdout.splitlines()[-1])
+    assert summary["training_time_s"] > trained_for  # the first run's time, and this one's
     assert summary["tag"] != trained["tag"]  # a new store version, the old one untouched
     assert bentoml.models.get(trained["tag"]).info.metadata["epochs"] == TINY_EPOCHS
     stored = Path(bentoml.models.get(summary["tag"]).path)
@@ -146,10 +157,34 @@ def test_resume_refuses_a_checkpoint_of_another_run(
     state = initial_state(first, ["a", "b"], None)
     paddle.save(state.checkpoint(["a", "b"], first), str(tmp_path / "last.pdckpt"))
     again = dataclasses.replace(first, model=model, resume=True)
+    checkpoint = paddle.load(str(tmp_path / "last.pdckpt"))
     with pytest.raises(ValueError, match=match) as raised:
-        initial_state(again, labels, None)
+        check_same_run(checkpoint, labels, again, tmp_path / "last.pdckpt")
     assert "another --save-dir" in str(raised.value) and "\n" not in str(raised.value)
-    assert initial_state(dataclasses.replace(first, resume=True), ["a", "b"], None)
+    check_same_run(checkpoint, ["a", "b"], first, tmp_path / "last.pdckpt")
+
+
+def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(
+    colour_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """prepare() runs before the splits are decoded (minutes, for a large dataset): a checkpoint
+    of another run, one that does not read, or weights that are no checkpoint fail there. A
+    resume with other training settings says which."""
+    first = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path))
+    labels = read_labels(colour_dataset)
+    paddle.save(initial_state(first, labels, None).checkpoint(labels, first),
+                str(tmp_path / "last.pdckpt"))  # fmt: skip
+    with pytest.raises(ValueError, match="is a PPLCNet_x0_25 checkpoint, not PPLCNet_x0_35"):
+        prepare(colour_dataset, dataclasses.replace(first, model="PPLCNet_x0_35", resume=True))
+    prepare(colour_dataset, dataclasses.replace(first, resume=True, epochs=3, lr=0.5))
+    assert ("resuming with other settings than that run: --epochs 3 (that run: 10), "
+            "--lr 0.5 (that run: 0.01)") in capsys.readouterr().err  # fmt: skip
+    with pytest.raises(PretrainedError, match="cannot read weights from"):
+        prepare(colour_dataset, FitConfig(pretrained=str(colour_dataset / "labels.txt"),
+                                          save_dir=str(tmp_path / "new")))  # fmt: skip
+    (tmp_path / "last.pdckpt").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="--resume: cannot read"):
+        prepare(colour_dataset, dataclasses.replace(first, resume=True))
 
 
 def _weights(state) -> dict[str, np.ndarray]:
@@ -242,8 +277,11 @@ def test_a_class_left_without_training_images_stops_the_run(
 def test_a_run_says_it_replaces_an_earlier_runs_checkpoint(
     colour_dataset: Path, tmp_path: Path, capsys
 ) -> None:
-    (tmp_path / "last.pdckpt").write_bytes(b"an interrupted run's")
-    prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none"))
+    config = FitConfig(save_dir=str(tmp_path), pretrained="none")
+    labels = read_labels(colour_dataset)  # an interrupted run's
+    paddle.save(initial_state(config, labels, None).checkpoint(labels, config),
+                str(tmp_path / "last.pdckpt"))  # fmt: skip
+    prepare(colour_dataset, config)
     said = capsys.readouterr().err
     assert f"{tmp_path} holds an earlier run's checkpoint, which this run replaces" in said
     prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none", resume=True))

@@ -458,6 +458,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_resumable(args)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resumable(args: argparse.Namespace) -> str:
+    """What a `fit` stopped after a finished epoch can do next; "" for the other commands."""
+    from .config import CHECKPOINT
+
+    checkpoint = Path(args.save_dir) / CHECKPOINT if args.func is run_fit else None
+    if checkpoint is None or not checkpoint.is_file():
+        return ""
+    return f" (the same command with --resume goes on from {checkpoint})"

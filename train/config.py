@@ -18,6 +18,8 @@ from lcnet_runner.ranges import check_ranges
 from .data import AugmentConfig
 from .decoded_cache import RAM_MB, CacheConfig
 
+CHECKPOINT = "last.pdckpt"  # in the save folder: the full state --resume goes on from
+
 # PP-LCNet's widths, by the names PaddleClas gives its models.
 SCALES: dict[str, float] = {
     "PPLCNet_x0_25": 0.25,

@@ -29,7 +29,7 @@ from lcnet_runner.engines import default_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import FitConfig
+from .config import CHECKPOINT, FitConfig
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -50,7 +50,6 @@ from .split import (
     unlisted_note,
 )
 
-CHECKPOINT = "last.pdckpt"  # full state for --resume
 BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
 HISTORY = "history.json"
 CURVES = "curves.png"
@@ -78,8 +77,9 @@ def save_atomic(obj: Any, path: Path) -> None:
 def prepare(dataset: Path, config: FitConfig) -> Path | None:
     """Whatever can fail before the training, done first (data-parallel: by the launcher,
     before any rank starts), cheapest first: the dataset folder, the save folder, the checkpoint
-    to resume, the int8 extra, the pretrained weights (downloaded once into the cache; returned)
-    and the split lists (made when missing).
+    to resume, the int8 extra, the pretrained weights (downloaded once into the cache; read once
+    here, returned), the split lists (made when missing), then whether the checkpoint is this
+    run's: all before the splits are decoded, which can take long.
     Ranks find all of it: N of them would write the same files at once."""
     if not dataset.is_dir():
         raise DatasetError(f"dataset directory not found: {dataset}")
@@ -95,12 +95,50 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if config.int8:
         require_int8_extra()
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
+    if weights is not None:
+        pretrained.read_state_dict(weights)  # a file that is no checkpoint, said now
     if not split_list(dataset, "train").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
         for line in result.notes():
             log(line)
+    if config.resume:
+        path = save_dir / CHECKPOINT
+        try:
+            checkpoint = paddle.load(str(path))
+        except Exception as err:  # paddle raises many types for a bad file
+            raise ValueError(f"--resume: cannot read {path}: {err}") from None
+        check_same_run(checkpoint, read_labels(dataset), config, path)
+        if changed := changed_settings(checkpoint.get("config", {}), config):
+            log(f"resuming with other settings than that run: {changed}")
     return weights
+
+
+# What shapes the training itself, and so what a resume may change knowingly (said, not refused:
+# a higher --epochs is how a finished run trains on).
+TRAINING_SETTINGS = (
+    "epochs", "batch_size", "lr", "schedule", "lr_decay_epochs", "warmup_epochs", "momentum",
+    "weight_decay", "crop_scale", "hflip", "seed",
+)  # fmt: skip
+
+
+def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
+    """``--lr 0.5 (that run: 0.1), ...`` for the training settings that differ from a
+    checkpoint's; "" when none does (or an older checkpoint did not record them)."""
+    now = dataclasses.asdict(config)
+    changed = [
+        f"--{key.replace('_', '-')} {_flag_value(now[key])} (that run: {_flag_value(saved[key])})"
+        for key in TRAINING_SETTINGS
+        if key in saved and _flag_value(saved[key]) != _flag_value(now[key])
+    ]
+    return ", ".join(changed)
+
+
+def _flag_value(value: Any) -> str:
+    """A setting as its flag takes it (a checkpoint keeps tuples as lists)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def load_splits(
@@ -164,6 +202,13 @@ class TrainingState:
     # epoch was best and holds its weights, so a run killed between writing the checkpoint and
     # best.pdparams cannot store one epoch's weights with another epoch's metrics.
     best_weights: dict[str, np.ndarray] | None = None
+    # Training time: what the runs this one resumes spent, and when this one started.
+    earlier_s: float = 0.0
+    started: float = field(default_factory=time.time)
+
+    @property
+    def training_s(self) -> float:
+        return self.earlier_s + time.time() - self.started
 
     def checkpoint(self, labels: list[str], config: FitConfig) -> dict[str, Any]:
         return {
@@ -178,6 +223,7 @@ class TrainingState:
             "history": self.history,
             "labels": labels,
             "config": dataclasses.asdict(config),
+            "training_s": self.training_s,
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -188,6 +234,7 @@ class TrainingState:
         self.best_score = checkpoint["best"]["score"]
         self.best_epoch = checkpoint["best"]["epoch"]
         self.best_weights = checkpoint["best"].get("weights")  # None: an older release's
+        self.earlier_s = checkpoint.get("training_s", 0.0)
 
     def keep_best(self, epoch: int, score: float) -> None:
         self.best_score, self.best_epoch = score, epoch
@@ -238,14 +285,13 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
     )
     state = TrainingState(model, optimizer)
     path = Path(config.save_dir) / CHECKPOINT
-    if config.resume:  # prepare() found the checkpoint
-        checkpoint = paddle.load(str(path))
-        check_same_run(checkpoint, labels, config, path)
-        state.restore(checkpoint)
+    if config.resume:  # prepare() found the checkpoint and checked it is this run's
+        state.restore(paddle.load(str(path)))
         log(f"resuming from epoch {state.epochs_done} of {path}")
         if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
-            log(f"that run finished its {config.epochs} epochs: nothing to train, it is only "
-                "exported and stored (a higher --epochs trains on)")  # fmt: skip
+            log(f"that run trained {state.epochs_done} epochs, --epochs {config.epochs}: "
+                "nothing to train, it is only exported and stored "
+                "(a higher --epochs trains on)")  # fmt: skip
     elif weights is not None:
         report = pretrained.load_weights(model, weights)
         skipped = ", ".join(report.skipped) or "none"
@@ -490,11 +536,12 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     paddle.base.core.set_num_threads(config.threads or default_threads())
     labels, splits = load_splits(dataset, config, rank)
     state = initial_state(config, labels, weights)
+    state.started = started
 
     train(state, splits, labels, config, rank)
     if not rank.main:
         return {"rank": rank.index}
     test = pick_best(state, splits, labels, config)
     train_images = splits["train"].whole or len(splits["train"])  # a shard's: its split's
-    info = model_info(config, dataset, labels, state, train_images, test, time.time() - started)
+    info = model_info(config, dataset, labels, state, train_images, test, state.training_s)
     return package(state, splits, labels, config, info)
