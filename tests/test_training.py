@@ -176,7 +176,9 @@ def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(
                 str(tmp_path / "last.pdckpt"))  # fmt: skip
     with pytest.raises(ValueError, match="is a PPLCNet_x0_25 checkpoint, not PPLCNet_x0_35"):
         prepare(colour_dataset, dataclasses.replace(first, model="PPLCNet_x0_35", resume=True))
-    prepare(colour_dataset, dataclasses.replace(first, resume=True, epochs=3, lr=0.5))
+    again = dataclasses.replace(first, resume=True, epochs=3, lr=0.5)
+    prepare(colour_dataset, again)
+    initial_state(again, labels, None)
     assert ("resuming with other settings than that run: --epochs 3 (that run: 10), "
             "--lr 0.5 (that run: 0.01)") in capsys.readouterr().err  # fmt: skip
     with pytest.raises(PretrainedError, match="cannot read weights from"):
@@ -281,11 +283,11 @@ def test_a_run_says_it_replaces_an_earlier_runs_checkpoint(
     labels = read_labels(colour_dataset)  # an interrupted run's
     paddle.save(initial_state(config, labels, None).checkpoint(labels, config),
                 str(tmp_path / "last.pdckpt"))  # fmt: skip
-    prepare(colour_dataset, config)
+    initial_state(config, labels, None)
     said = capsys.readouterr().err
     assert f"{tmp_path} holds an earlier run's checkpoint, which this run replaces" in said
-    prepare(colour_dataset, FitConfig(save_dir=str(tmp_path), pretrained="none", resume=True))
-    assert "replaces" not in capsys.readouterr().err
+    initial_state(dataclasses.replace(config, resume=True), labels, None)
+    assert "which this run replaces" not in capsys.readouterr().err
 
 
 def test_the_package_hands_out_its_functions() -> None:

@@ -89,9 +89,6 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(save_dir))
     if config.resume and not (save_dir / CHECKPOINT).is_file():
         raise ValueError(f"--resume: no checkpoint at {save_dir / CHECKPOINT}")
-    if not config.resume and (save_dir / CHECKPOINT).is_file():
-        log(f"{save_dir} holds an earlier run's checkpoint, which this run replaces "
-            "(--resume continues that run instead)")  # fmt: skip
     if config.int8:
         require_int8_extra()
     weights = None if config.resume else pretrained.resolve(config.pretrained, config.model)
@@ -109,8 +106,6 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
         except Exception as err:  # paddle raises many types for a bad file
             raise ValueError(f"--resume: cannot read {path}: {err}") from None
         check_same_run(checkpoint, read_labels(dataset), config, path)
-        if changed := changed_settings(checkpoint.get("config", {}), config):
-            log(f"resuming with other settings than that run: {changed}")
     return weights
 
 
@@ -286,13 +281,19 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
     state = TrainingState(model, optimizer)
     path = Path(config.save_dir) / CHECKPOINT
     if config.resume:  # prepare() found the checkpoint and checked it is this run's
-        state.restore(paddle.load(str(path)))
+        checkpoint = paddle.load(str(path))
+        state.restore(checkpoint)
         log(f"resuming from epoch {state.epochs_done} of {path}")
+        if changed := changed_settings(checkpoint.get("config", {}), config):
+            log(f"resuming with other settings than that run: {changed}")
         if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
             log(f"that run trained {state.epochs_done} epochs, --epochs {config.epochs}: "
                 "nothing to train, it is only exported and stored "
                 "(a higher --epochs trains on)")  # fmt: skip
-    elif weights is not None:
+    elif path.is_file():
+        log(f"{path.parent} holds an earlier run's checkpoint, which this run replaces "
+            "(--resume continues that run instead)")  # fmt: skip
+    if weights is not None:
         report = pretrained.load_weights(model, weights)
         skipped = ", ".join(report.skipped) or "none"
         log(f"loaded {report.loaded} tensors from {weights}; re-initialised: {skipped}")
