@@ -46,8 +46,7 @@ def cpu_kind() -> str:
     """This machine as every benchmark's first line names it (docs/benchmarks.md writes it next to
     each figure: engine rankings differ between CPU kinds): the CPU model, the flags the engines'
     speed depends on, and the cores."""
-    from lcnet_runner.engines import default_threads
-    from lcnet_runner.guard import cpu_features
+    from lcnet_runner.hardware import cpu_features, default_threads
 
     cpu, usable = cpu_features(), default_threads()
     cores = f"{usable} cores" + (f" of {os.cpu_count()}" if usable != os.cpu_count() else "")

@@ -52,7 +52,7 @@ from common import (
     throughput,
 )
 
-from lcnet_runner.engines import default_threads
+from lcnet_runner.hardware import default_threads
 from lcnet_runner.testing import Server
 
 

@@ -55,11 +55,11 @@ from .engines import (
     Variant,
     cpu_lacks,
     create_engine,
-    default_threads,
     error_text,
     matching_variants,
 )
-from .guard import AccuracyGuardError, check, cpu_features, self_check
+from .guard import AccuracyGuardError, check, self_check
+from .hardware import cpu_features, default_threads, resolve_threads
 
 logger = logging.getLogger("lcnet_runner")
 RACE_BATCH = 16
@@ -306,7 +306,7 @@ def _race(
         images_per_s={v: round(speeds[v], 1) for v in ranking},
         not_runnable=not_runnable,
         batch=RACE_BATCH,
-        threads=threads or default_threads(),
+        threads=resolve_threads(threads),
         cpu=cpu_features(),
     )
     return race, loaded
@@ -341,7 +341,7 @@ def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | N
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    material = [work, cpu_features(), default_threads(), threads or default_threads(),
+    material = [work, cpu_features(), default_threads(), resolve_threads(threads),
                 [str(v) for v in requested], sorted(ENGINES), versions, RACE_REVISION]  # fmt: skip
     return hashlib.sha256(json.dumps(material, default=str).encode()).hexdigest()[:24]
 

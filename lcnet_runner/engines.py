@@ -19,8 +19,6 @@ Unlike Paddle, ONNX Runtime and OpenVINO release the GIL while they run.
 from __future__ import annotations
 
 import ctypes
-import math
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from .artifact import INT8_FILE, ONNX_FILE, OPENVINO_FILE, ModelArtifact
+from .hardware import cpu_supports_bf16, resolve_threads
 from .preprocess import PreprocessConfig, normalize
 
 AUTO = "auto"  # any engine / any precision: the Predictor chooses (lcnet_runner.choice)
@@ -69,68 +68,6 @@ def cpu_lacks(variant: Variant) -> str | None:
     if variant.precision == "bf16" and not cpu_supports_bf16():
         return "bf16 needs a CPU with avx512_bf16 or AMX; this one has neither"
     return None
-
-
-def default_threads() -> int:
-    """All cores this process may use: its CPU affinity (taskset, a container's cpuset), which
-    ``os.cpu_count()`` ignores, and no more than its CPU quota, rounded up (``docker run --cpus
-    2``, a Kubernetes CPU limit), which the affinity does not show: a container limited to 2 CPUs
-    on a 64-core host would otherwise start 64 workers, each with its model."""
-    affinity = hasattr(os, "sched_getaffinity")
-    cores = (len(os.sched_getaffinity(0)) if affinity else os.cpu_count()) or 1
-    quota = cpu_quota()
-    return min(cores, max(1, math.ceil(quota))) if quota else cores
-
-
-def cpu_quota(
-    cgroups: Path = Path("/sys/fs/cgroup"), own: Path = Path("/proc/self/cgroup")
-) -> float | None:
-    """Cores' worth of CPU time this process's cgroup may use (cgroup v2 ``cpu.max``, v1
-    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``); None when unlimited or unknown. The cgroup's
-    own folder first, then the mount's root: a container sees its own cgroup there."""
-    try:
-        memberships = [line.split(":", 2) for line in own.read_text().splitlines()]
-    except OSError:
-        return None
-    for _, controllers, path in (m for m in memberships if len(m) == 3):
-        if controllers == "":
-            folders, files = [cgroups], ("cpu.max",)
-        elif "cpu" in controllers.split(","):
-            folders = [cgroups / "cpu", cgroups / "cpu,cpuacct"]
-            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
-        else:
-            continue
-        for folder in [f / path.lstrip("/") for f in folders] + folders:
-            try:  # v2 has "quota period" in one file ("max period": unlimited), v1 two files
-                values = " ".join((folder / name).read_text().strip() for name in files).split()
-                quota, period = float(values[0]), float(values[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            return quota / period if quota > 0 and period > 0 else None
-    return None
-
-
-def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:
-    """Whether no more threads are runnable on the machine right now than it has ``cores``, the
-    caller included (``/proc/loadavg``'s run queue, a snapshot). A lone image takes every core
-    only then: once another worker is busy its second thread would wait for a core while both
-    engines' threads spin, and a few requests wait 3–5× the median (docs/benchmarks.md). A CPU
-    average over a window cannot tell: at 1 client the two workers take turns, each half busy.
-    Without ``/proc`` (not Linux): True, every lone image on every core."""
-    try:
-        with open(loadavg) as file:
-            running = int(file.read().split()[3].partition("/")[0])
-    except (OSError, ValueError, IndexError):
-        return True
-    return running <= cores
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _require(module: str, extra: str):
@@ -343,7 +280,7 @@ def create_engine(variant: Variant, artifact: ModelArtifact, threads: int | None
     if reason := cpu_lacks(checked):
         raise ValueError(reason)
     try:
-        return ENGINES[checked.engine](artifact, threads or default_threads(), checked.precision)
+        return ENGINES[checked.engine](artifact, resolve_threads(threads), checked.precision)
     except ValueError:
         raise
     # A file the engine refuses (ONNX Runtime's InvalidProtobuf, OpenVINO's RuntimeError): the

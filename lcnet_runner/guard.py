@@ -23,6 +23,7 @@ import numpy as np
 
 from .artifact import SELF_CHECK_FILE, ModelArtifact
 from .engines import REFERENCE, Variant
+from .hardware import cpu_features
 
 MAX_TOP1_DROP_PT = 0.5
 MIN_AGREEMENT = 0.99
@@ -37,9 +38,6 @@ SELF_CHECK_IMAGES = 64
 SELF_CHECK_CLEAR_MARGIN = 0.2  # reference top-1 minus top-2 probability
 SELF_CHECK_MIN_AGREEMENT = 0.95  # on the clear images
 SELF_CHECK_MAX_SCORE_DIFF = 0.05  # mean |Δ probability| of the reference's top class
-# CPU features that decide which kernels (and so which answers) a variant gets.
-CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-                "amx_int8")  # fmt: skip
 
 
 class AccuracyGuardError(ValueError):
@@ -127,22 +125,6 @@ def _figures_of(artifact: ModelArtifact, variant: Variant, figures: Any) -> tupl
             raise _damaged(artifact, variant, f"its guard entry's {key!r} is {value!r}")
         numbers.append(float(value))
     return numbers[0], numbers[1]
-
-
-def cpu_features() -> dict[str, Any]:
-    """This CPU's model name and the flags that matter to the engines (recorded with figures)."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model": model, "flags": [f for f in CPU_FEATURES if f in flags]}
 
 
 def write_self_check(folder: Path, crops: np.ndarray, reference_probs: np.ndarray) -> None:

@@ -22,10 +22,9 @@ from .engines import (
     Engine,
     Variant,
     all_variants,
-    cores_free,
     create_engine,
-    default_threads,
 )
+from .hardware import cores_free, default_threads, resolve_threads
 from .preprocess import ImageSource, preprocess
 
 
@@ -153,7 +152,7 @@ class Predictor:
         serving worker runs 1 thread so that workers decode in parallel under load, yet a lone
         request should use every core. Only for engines that release the GIL (with Paddle the
         worker's event loop would stall)."""
-        more = (solo_threads or 0) > (threads or default_threads())
+        more = (solo_threads or 0) > resolve_threads(threads)
         if not more or not ENGINES[self.variant.engine].releases_gil:
             return None
         return create_engine(self.variant, self.artifact, solo_threads)
@@ -172,7 +171,7 @@ class Predictor:
 
     def takes_every_core(self, images: int) -> bool:
         """Whether a batch of ``images`` runs on the solo engine now: a lone image while no more
-        threads are runnable than there are cores (``engines.cores_free``)."""
+        threads are runnable than there are cores (``hardware.cores_free``)."""
         return self.solo_engine is not None and images == 1 and cores_free(self._cores)
 
     def infer(self, crops: np.ndarray, *, solo: bool | None = None) -> np.ndarray:

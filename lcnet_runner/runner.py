@@ -23,7 +23,8 @@ import numpy as np
 
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
-from .engines import default_threads, matching_variants
+from .engines import matching_variants
+from .hardware import resolve_threads
 from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
 from .preprocess import (
     MAX_PIXELS,
@@ -96,7 +97,7 @@ class LCNetRunner:
             precision=config.precision,
             threads=config.threads,
             skip_guard=config.skip_guard,
-            solo_threads=config.solo_threads or default_threads(),
+            solo_threads=resolve_threads(config.solo_threads),
             race_in_child=True,  # a serving process keeps only the engine it serves
         )
         self.labels = self.predictor.labels

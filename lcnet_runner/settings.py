@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
 from .artifact import DEFAULT_MODEL
-from .engines import default_threads
+from .hardware import default_threads, resolve_threads
 from .ranges import check_ranges, in_range, range_error
 from .runner import RUNNER_RANGES, RunnerConfig
 
@@ -73,7 +73,7 @@ class ServingSettings:
 
     @property
     def worker_count(self) -> int:
-        threads = self.runner.threads or default_threads()  # 0: an engine on every core
+        threads = resolve_threads(self.runner.threads)  # 0: an engine on every core
         return self.workers or max(1, default_threads() // threads)
 
     @property

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import ROOT, run_cli, tiny_fit
 
-from lcnet_runner.engines import default_threads
+from lcnet_runner.hardware import default_threads
 from train.distributed import LAUNCHER_LOG, Rank, auto_procs, run_data_parallel, shard
 
 # 8 images per rank and step; more epochs because a global batch of 16 takes half the steps.

@@ -16,7 +16,7 @@ import pytest
 from conftest import run_cli
 
 from lcnet_runner import Predictor
-from lcnet_runner.engines import cpu_supports_bf16
+from lcnet_runner.hardware import cpu_supports_bf16
 from lcnet_runner.preprocess import preprocess
 from train.split import read_split
 

@@ -18,8 +18,8 @@ from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
 from lcnet_runner import InvalidModelError, ModelNotFoundError, Predictor
-from lcnet_runner.engines import cores_free, cpu_quota, default_threads
 from lcnet_runner.handlers import RequestError, client_error_status
+from lcnet_runner.hardware import cores_free, cpu_quota, default_threads
 from lcnet_runner.predictor import EngineOutputError, TopKError, top_k_predictions
 from lcnet_runner.preprocess import ImageTooLargeError, InvalidImageError, normalize, preprocess
 from train.model import build_model
@@ -221,16 +221,16 @@ def test_cpu_quota_is_read_from_the_process_cgroup(
 
 def test_default_threads_are_the_cores_allowed_and_no_more_than_the_quota(monkeypatch) -> None:
     """`docker run --cpus 2` on a 64-core host: 2 workers' worth, not 64."""
-    from lcnet_runner import engines
+    from lcnet_runner import hardware
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(engines, "cpu_quota", lambda: None)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: None)
     assert default_threads() == cores
-    monkeypatch.setattr(engines, "cpu_quota", lambda: 0.5)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: 0.5)
     assert default_threads() == 1
-    monkeypatch.setattr(engines, "cpu_quota", lambda: cores - 0.5)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: cores - 0.5)
     assert default_threads() == cores
-    monkeypatch.setattr(engines, "cpu_quota", lambda: 1000.0)
+    monkeypatch.setattr(hardware, "cpu_quota", lambda: 1000.0)
     assert default_threads() == cores
 
 

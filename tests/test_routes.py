@@ -17,7 +17,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from lcnet_runner import Predictor
-from lcnet_runner.engines import default_threads
+from lcnet_runner.hardware import default_threads
 
 JSON_ERROR = {"error"}
 

@@ -31,7 +31,7 @@ from typing import TypeVar
 import paddle
 import paddle.distributed as dist
 
-from lcnet_runner.engines import default_threads
+from lcnet_runner.hardware import default_threads, resolve_threads
 
 T = TypeVar("T")
 # Below this many images per rank and step, batch-norm statistics get too noisy to split a batch.
@@ -101,7 +101,7 @@ def broadcast_flag(flag: bool, rank: Rank) -> bool:
 
 def auto_procs(batch_size: int, cores: int | None = None) -> int:
     """One process per core, as long as each still gets MIN_BATCH_PER_RANK images a step."""
-    cores = cores or default_threads()
+    cores = resolve_threads(cores)
     return max(1, min(cores, batch_size // MIN_BATCH_PER_RANK))
 
 

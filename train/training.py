@@ -25,7 +25,7 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
-from lcnet_runner.engines import default_threads
+from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
@@ -145,7 +145,7 @@ def load_splits(
     labels = read_labels(dataset)
     if rank.main and (note := unlisted_note(dataset)):
         log(note)
-    workers = config.workers or default_threads()
+    workers = resolve_threads(config.workers)
     splits = {}
     for name in SPLITS if rank.main else ["train"]:
         samples = read_split(dataset, name) if split_list(dataset, name).is_file() else []
@@ -534,7 +534,7 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     started = time.time()
     rank = distributed.init()
     paddle.seed(config.seed)  # the same initial weights on every rank
-    paddle.base.core.set_num_threads(config.threads or default_threads())
+    paddle.base.core.set_num_threads(resolve_threads(config.threads))
     labels, splits = load_splits(dataset, config, rank)
     state = initial_state(config, labels, weights)
     state.started = started
