@@ -18,11 +18,12 @@ A model in the BentoML store is such a folder, with the same facts as store labe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,18 +98,26 @@ def paddlex_model_name(architecture: str) -> str:
     return architecture.replace("PPLCNet", "PP-LCNet", 1)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + ``os.replace`` so readers never see a half-written file."""
-    # A plain open() (rather than mkstemp) keeps the usual umask-based permissions.
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; once the block ends it is synced to disk and
+    renamed over ``path``, so that readers (and a run after a crash) see the old file or the
+    new one, never half of one. Nothing is left behind when the block fails."""
+    # A plain name (rather than mkstemp) keeps the usual umask-based permissions.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # or a crash soon after may leave an empty file (XFS, ext4)
+        yield tmp
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())  # or a crash soon after may leave an empty file (XFS, ext4)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` written to ``path`` whole or not at all (``replaced_atomically``)."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def read_lines(path: Path) -> list[str]:

@@ -25,6 +25,7 @@ import paddle
 import paddle.nn.functional as F
 from tqdm import tqdm
 
+from lcnet_runner.artifact import replaced_atomically
 from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
@@ -69,9 +70,8 @@ def learning_rate(config: FitConfig, epoch: float) -> float:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """A run killed mid-save leaves the previous file intact."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    paddle.save(obj, str(tmp))
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        paddle.save(obj, str(tmp))
 
 
 def prepare(dataset: Path, config: FitConfig) -> Path | None:
