@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .artifact import DEFAULT_MODEL, ModelNotFoundError
-from .preprocess import InvalidImageError
+from .preprocess import IMAGE_EXTENSIONS, InvalidImageError, is_image_file
 
 if TYPE_CHECKING:  # the Predictor's engines load on first use: `train --help` imports this module
     from .predictor import Prediction, Predictor, Timings
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lcnet_runner")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="classify images and print the latency block")
-    p.add_argument("images", nargs="+", type=Path, help="image files")
+    p.add_argument("images", nargs="+", type=Path, help="image files, or folders of them")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"store tag or exported folder (default: {DEFAULT_MODEL})")  # fmt: skip
     p.add_argument("--top-k", type=positive_int, default=1)
@@ -99,6 +99,7 @@ def predict(args: argparse.Namespace) -> None:
     are still classified (``InvalidImageError`` at the end: exit code 2, one line)."""
     from .predictor import Predictor, Timings
 
+    args.images = images_in(args.images)
     missing = [str(path) for path in args.images if not path.is_file()]
     if missing:  # before the slow model load: a typo, not an image to skip
         what = "not a file" if all(Path(p).exists() for p in missing) else "no such image"
@@ -131,6 +132,21 @@ def predict(args: argparse.Namespace) -> None:
         others = len(failed) - 1
         also = f" (and {others} other image{'s' * (others > 1)} not classified)" if others else ""
         raise InvalidImageError(failed[0] + also)
+
+
+def images_in(paths: list[Path]) -> list[Path]:
+    """The images named: a folder stands for the image files directly inside it, by name (as
+    PaddleX's predict takes a folder); ValueError for a folder with none."""
+    images = []
+    for path in paths:
+        if not path.is_dir():
+            images.append(path)
+        elif found := sorted(p for p in path.iterdir() if is_image_file(p)):
+            images += found
+        else:
+            kinds = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+            raise ValueError(f"{path}: a folder with no {kinds} image in it")
+    return images
 
 
 def classify_each(

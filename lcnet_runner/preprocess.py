@@ -55,6 +55,9 @@ CV2_FILTERS = {
 }
 RESIZE_BACKENDS = ("cv2", "pil")
 
+# The files a dataset folder or `predict FOLDER` takes as images (any case).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
 ImageSource = Union[str, Path, bytes, Image.Image, np.ndarray]
 _ENCODED = (bytes, bytearray, memoryview)  # an encoded image (a file's content) in memory
 
@@ -139,6 +142,13 @@ def _white(mode: str, brightest: float) -> float:
     if mode == "F" and brightest <= 1.0:
         return 1.0
     return 65535.0 if brightest > 255 else 255.0
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible regular file with a known image extension (any case)."""
+    return (
+        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
 
 
 def _checked(array: np.ndarray) -> np.ndarray:

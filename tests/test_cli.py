@@ -134,7 +134,7 @@ def test_evaluate_on_a_split_that_lists_nothing(trained: dict, tmp_path: Path) -
 @pytest.mark.parametrize(
     "name, content, says",
     [("missing.jpg", None, "no such image"), ("text.jpg", b"hello", "not an image format"),
-     ("folder", "dir", "not a file")],
+     ("folder", "dir", "a folder with no bmp/jpeg/jpg/png/webp image in it")],
 )  # fmt: skip
 def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content, says: str) -> None:
     path = tmp_path / name
@@ -168,6 +168,17 @@ def test_predict_classifies_the_others_around_a_bad_image(trained: dict, tmp_pat
     assert "error" in answers[1] and str(bad) in answers[1]["error"]
     assert all(len(a["predictions"]) == 1 for a in answers[:1] + answers[2:])
     assert "img_num: 3," in result.stdout  # the latency block: the three classified
+
+
+def test_predict_takes_a_folder_of_images(trained: dict, tmp_path: Path) -> None:
+    """As PaddleX's predict does: the image files directly inside, by name."""
+    images = _images(tmp_path / "in", 2)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "sub").mkdir()
+    result = run_cli("lcnet_runner", "predict", str(tmp_path / "in"), "--model",
+                     trained["export_dir"])  # fmt: skip
+    answers = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [a["image"] for a in answers] == images
 
 
 def test_predict_says_how_many_more_failed(trained: dict, tmp_path: Path) -> None:

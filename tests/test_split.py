@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lcnet_runner.preprocess import is_image_file
 from train.split import (
     SPLITS,
     DatasetError,
     SplitResult,
-    is_image_file,
     read_labels,
     read_split,
     split_dataset,

@@ -27,9 +27,8 @@ from lcnet_runner.artifact import (
     write_labels_file,
     write_text_atomic,
 )
-from lcnet_runner.preprocess import InvalidImageError, load_pixels
+from lcnet_runner.preprocess import IMAGE_EXTENSIONS, InvalidImageError, is_image_file, load_pixels
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 SPLITS = ("train", "val", "test")
 
 
@@ -83,13 +82,6 @@ def some(names: list[str], shown: int = 5) -> str:
 def split_list(dataset_dir: str | Path, split: str) -> Path:
     """Where a split's list lives: ``DATASET/{split}_list.txt`` (PaddleX's name)."""
     return Path(dataset_dir) / f"{split}_list.txt"
-
-
-def is_image_file(path: Path) -> bool:
-    """True for a visible regular file with a known image extension (any case)."""
-    return (
-        not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-    )
 
 
 def split_dataset(
