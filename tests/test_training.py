@@ -266,7 +266,7 @@ def test_a_class_left_without_training_images_stops_the_run(
     result = run_cli("train", "fit", str(dataset), *args, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: no training image left for 1 classes: {gone}; split the folder again "
+        f"error: no training image left for 1 class: {gone}; split the folder again "
         "(python -m train split)"
     )
     lines = result.stderr.splitlines()

@@ -43,6 +43,7 @@ from .quantize import CALIBRATION_IMAGES, quantize_openvino, require_int8_extra
 from .split import (
     SPLITS,
     DatasetError,
+    counted,
     read_labels,
     read_split,
     some,
@@ -154,7 +155,7 @@ def load_splits(
         split = load_split(samples, config.preprocess, config.cache, name=name, dataset=dataset,
                            workers=workers, builder=distributed.local_main(rank))  # fmt: skip
         if split.skipped:
-            log(f"{name}: skipped {len(split.skipped)} images missing or unreadable: "
+            log(f"{name}: skipped {counted(split.skipped, 'image')} missing or unreadable: "
                 f"{some(split.skipped)}")  # fmt: skip
         if name == "train":
             _refuse_untrained_classes(split, labels)
@@ -177,7 +178,8 @@ def _refuse_untrained_classes(train: DecodedSplit, labels: list[str]) -> None:
     trained = set(np.unique(train.labels).tolist())
     if untrained := [label for i, label in enumerate(labels) if i not in trained]:
         raise ValueError(
-            f"no training image left for {len(untrained)} classes: {some(untrained)}; split "
+            f"no training image left for {counted(untrained, 'class', 'classes')}: "
+            f"{some(untrained)}; split "
             "the folder again (python -m train split)"
         )
 
