@@ -179,8 +179,7 @@ def _refuse_untrained_classes(train: DecodedSplit, labels: list[str]) -> None:
     if untrained := [label for i, label in enumerate(labels) if i not in trained]:
         raise ValueError(
             f"no training image left for {counted(untrained, 'class', 'classes')}: "
-            f"{some(untrained)}; split "
-            "the folder again (python -m train split)"
+            f"{some(untrained)}; split the folder again (python -m train split)"
         )
 
 
