@@ -27,7 +27,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from . import handlers, http_api, paddlex_api, servers
+from . import handlers, http_api, middleware, paddlex_api, servers
 from .artifact import (
     ModelArtifact,
     ModelNotFoundError,
@@ -98,7 +98,7 @@ def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: Serving
     # BentoML's access log decodes the request's Content-Type as UTF-8 after the answer's
     # headers went out: one byte past ASCII there and the answer's body was lost.
     logging={"access": {"request_content_type": False}},
-    tracing=http_api.tracing_config(SERVICE_NAME),
+    tracing=middleware.tracing_config(SERVICE_NAME),
 )
 class LCNetService:
     model = _model_reference(AT_DEFINITION.model)
@@ -248,8 +248,8 @@ if AT_DEFINITION.cors_origin_list:
         allow_headers=["Authorization", "Content-Type"],  # the admin token; an image as the body
         expose_headers=[handlers.VERSION_HEADER],  # or a page's script cannot read it
     )
-http_api.escape_access_log()
+middleware.escape_access_log()
 # Before BentoML's own IO on the typed routes (limits: the definition-time settings).
-LCNetService.add_asgi_middleware(http_api.TypedApiGuard, settings=AT_DEFINITION)
+LCNetService.add_asgi_middleware(middleware.TypedApiGuard, settings=AT_DEFINITION)
 # The fast routes' requests go straight to their methods.
-LCNetService.add_asgi_middleware(http_api.DirectRoutes, routes=http_api.FAST_ROUTES)
+LCNetService.add_asgi_middleware(middleware.DirectRoutes, routes=middleware.FAST_ROUTES)

@@ -440,7 +440,7 @@ def test_fast_routes_skip_fastapi_and_answer_as_through_it(
     and answer as FastAPI's path does, errors included."""
     import bentoml
 
-    from lcnet_runner.http_api import FAST_ROUTES
+    from lcnet_runner.middleware import FAST_ROUTES
     from lcnet_runner.service import http_app
 
     bound = []
