@@ -176,11 +176,11 @@ def refusal(body: Any, status: int, version: str) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def answer(work: Awaitable[Any], version: str) -> JSONResponse:
-    """A route's answer, or ``{"error"}`` with the status of ``failure``; either way with the
-    model version that answered."""
+async def answer(work: Awaitable[Any], version: str, status: int = 200) -> JSONResponse:
+    """A route's answer (with ``status``), or ``{"error"}`` with the status of ``failure``;
+    either way with the model version that answered."""
     try:
-        return JSONResponse(await work, headers={handlers.VERSION_HEADER: version})
+        return JSONResponse(await work, status, headers={handlers.VERSION_HEADER: version})
     except Exception as err:
         status, message = failure(err)
         return refusal({"error": message}, status, version)
@@ -355,18 +355,22 @@ async def admin_reload(
     version: str,
 ) -> JSONResponse:
     """``POST /admin/reload``; ``version``: the one serving, in the answer's header."""
+    return await answer(_reload(request, authorization, settings, reloader), version, 202)
+
+
+async def _reload(
+    request: Request,
+    authorization: str | None,
+    settings: ServingSettings,
+    reloader: Reloader | None,
+) -> dict[str, str]:
+    handlers.check_admin(settings, authorization)
+    body = await read_body(request, 4096, settings.body_timeout_s)
     try:
-        handlers.check_admin(settings, authorization)
-        body = await read_body(request, 4096, settings.body_timeout_s)
-        try:
-            asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
-        except ValidationError as err:
-            raise invalid_request(err) from None
-        accepted = handlers.request_reload(reloader, asked.tag)
-    except Exception as err:
-        status, message = failure(err)
-        return refusal({"error": message}, status, version)
-    return JSONResponse(accepted, status_code=202, headers={handlers.VERSION_HEADER: version})
+        asked = ReloadIn.model_validate_json(body) if body.strip() else ReloadIn()
+    except ValidationError as err:
+        raise invalid_request(err) from None
+    return handlers.request_reload(reloader, asked.tag)
 
 
 async def _ui(request: Request) -> FileResponse:
