@@ -233,6 +233,28 @@ def test_fit_options_are_checked_before_data_parallel_ranks_start(
     assert not (tmp_path / "o" / "logs").exists()  # no launcher started
 
 
+@pytest.mark.parametrize("procs", ["1", "2"])
+def test_a_second_fit_into_one_save_dir_is_refused(tmp_path: Path, procs: str) -> None:
+    """Two runs wrote one checkpoint, export and history together, and each stored a version
+    (a killed data-parallel fit's ranks, trained on, met its --resume there)."""
+    import fcntl
+
+    from train.training import FIT_LOCK
+
+    data, save_dir = two_classes(tmp_path / "two"), tmp_path / "run"
+    run_cli("train", "split", str(data))
+    save_dir.mkdir()
+    with open(save_dir / FIT_LOCK, "w") as running:  # a fit writing there
+        fcntl.flock(running, fcntl.LOCK_EX)
+        args = ["--procs", procs, "--batch-size", "16", "--pretrained", "none",
+                "--save-dir", str(save_dir)]  # fmt: skip
+        line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
+    assert line == (
+        f"error: another fit is writing to {save_dir}: wait for it to end, or choose another "
+        "--save-dir"
+    )
+
+
 @pytest.mark.parametrize("procs", ["0", "-2", "abc", "1025"])
 def test_procs_is_a_count_or_auto(tmp_path: Path, procs: str) -> None:
     """argparse's usage, then its error line (before: 0 and -2 trained on 1 process unsaid)."""

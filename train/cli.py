@@ -343,15 +343,17 @@ def fit_config(args: argparse.Namespace):
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .training import CONFUSION, CURVES, fit, prepare
+    from .training import CONFUSION, CURVES, fit, prepare, writing_to
 
     # Validated here, before any rank starts: a rank's error would only reach its log file.
     config = fit_config(args)
     prepare(Path(args.dataset), config)  # once: ranks would each download and split, into one file
     fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
-    if distributed.run_data_parallel(
-        fit_args, args.procs, args.batch_size, args.threads, args.save_dir
-    ):
+    with writing_to(Path(config.save_dir)):  # the launcher's, while its ranks train
+        launched = distributed.run_data_parallel(
+            fit_args, args.procs, args.batch_size, args.threads, args.save_dir
+        )
+    if launched:
         return
     summary = fit(args.dataset, config)
     if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports

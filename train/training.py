@@ -7,8 +7,10 @@ accuracy guard, store). A checkpoint is a plain dict holding everything needed t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import itertools
 import json
 import math
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,10 +56,31 @@ from .split import (
 )
 
 BEST_WEIGHTS = "best.pdparams"  # weights only: loads in PaddleClas too
+FIT_LOCK = ".fit.lock"  # held by the fit writing to the folder
 HISTORY = "history.json"
 CURVES = "curves.png"
 CONFUSION = "confusion_matrix.png"
 EXPORT_DIR = "inference"
+
+
+@contextlib.contextmanager
+def writing_to(save_dir: Path) -> Iterator[None]:
+    """Holds ``save_dir`` for one `fit` (ValueError while another holds it): two runs writing to
+    one folder wrote one checkpoint, export and history together, and each stored a version. A
+    data-parallel rank does not take it: the `fit` that launched it holds it."""
+    if "PADDLE_TRAINERS_NUM" in os.environ:
+        yield
+        return
+    save_dir.mkdir(parents=True, exist_ok=True)
+    with open(save_dir / FIT_LOCK, "w") as lock:  # released when the file closes
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another fit is writing to {save_dir}: wait for it to end, or choose another "
+                "--save-dir"
+            ) from None
+        yield
 
 
 def learning_rate(config: FitConfig, epoch: float) -> float:
@@ -530,7 +554,11 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
     """
     config = dataclasses.replace(config or FitConfig(), **overrides)
-    dataset = Path(dataset)
+    with writing_to(Path(config.save_dir)):
+        return _fit(Path(dataset), config)
+
+
+def _fit(dataset: Path, config: FitConfig) -> dict[str, Any]:
     weights = prepare(dataset, config)  # data-parallel: done by the launcher, found here
     started = time.time()
     rank = distributed.init()
