@@ -20,6 +20,7 @@ goes on from the last such checkpoint instead of decoding everything again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -368,19 +369,15 @@ def _write_index(
         out.flush()
         os.fsync(out.fileno())
     skipped = [os.fsdecode(samples[i][0]) for i in np.flatnonzero(shapes[:, 0] == 0)]
-    meta = {
-        "format": FORMAT,
-        "dataset": os.fsdecode(os.path.abspath(dataset)),
-        "split": name,
-        "images": len(samples) - len(skipped),
-        "bytes": int(sizes.sum()),
-        "preprocess": preprocess.to_dict(),
-        "skipped": skipped,
-    }
-    with open(temp / META, "w", encoding="utf-8") as out:
-        json.dump(meta, out, indent=1, ensure_ascii=False)
-        out.flush()
-        os.fsync(out.fileno())
+    meta = CacheMeta(
+        dataset=os.fsdecode(os.path.abspath(dataset)),
+        split=name,
+        images=len(samples) - len(skipped),
+        bytes=int(sizes.sum()),
+        preprocess=preprocess.to_dict(),
+        skipped=skipped,
+    )
+    meta.write(temp)
     for leftover in (SHAPES_WRITTEN, PROGRESS):
         (temp / leftover).unlink(missing_ok=True)
     _fsync_dir(temp)
@@ -394,33 +391,33 @@ def open_cache(folder: Path, select: Sequence[int] | None = None) -> tuple[Decod
     entries = np.arange(len(labels)) if select is None else np.asarray(select, np.int64)
     kept = entries[shapes[entries, 0] > 0]
     pixels = None
-    if meta["bytes"]:
+    if meta.bytes:
         with open(folder / PIXELS, "rb") as file:
             pixels = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     images = MappedImages(pixels, positions[kept], shapes[kept])
-    skipped = meta["skipped"] if select is None else _unreadable(meta, entries, shapes)
+    skipped = meta.skipped if select is None else _unreadable(meta, entries, shapes)
     split = DecodedSplit(images, labels[kept], skipped, decoded=0)
-    if meta["bytes"] > _physical_memory() // 2:
-        mean = meta["bytes"] / max(1, meta["images"])
+    if meta.bytes > _physical_memory() // 2:
+        mean = meta.bytes / max(1, meta.images)
         split.block_images = max(1, round(BLOCK_BYTES / mean))
     # "last used" for `cache list`; a read-only cache is still usable.
     with contextlib.suppress(OSError):
         os.utime(folder / META)
-    return split, meta["bytes"]
+    return split, meta.bytes
 
 
-def _checked_files(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+def _checked_files(folder: Path) -> tuple[CacheMeta, np.ndarray, np.ndarray, np.ndarray]:
     """meta.json and the index, checked against each other and the pixels file's size (a
     truncated file failed mid-epoch as "offset must be non-negative", in every later run)."""
     try:
-        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        meta = CacheMeta.read(folder)
         with np.load(folder / INDEX) as index:
             positions, shapes, labels = index["positions"], index["shapes"], index["labels"]
-        pixels_bytes = (folder / PIXELS).stat().st_size if meta["bytes"] else 0
+        pixels_bytes = (folder / PIXELS).stat().st_size if meta.bytes else 0
         ends = positions + _image_bytes(shapes)
         agree = (
-            len(positions) == len(shapes) == len(labels) == len(meta["skipped"]) + meta["images"]
-            and pixels_bytes == meta["bytes"]
+            len(positions) == len(shapes) == len(labels) == len(meta.skipped) + meta.images
+            and pixels_bytes == meta.bytes
             and (ends.max(initial=0) <= pixels_bytes)
         )
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
@@ -430,11 +427,44 @@ def _checked_files(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray
     return meta, positions, shapes, labels
 
 
-def _unreadable(meta: dict[str, Any], entries: np.ndarray, shapes: np.ndarray) -> list[str]:
+def _unreadable(meta: CacheMeta, entries: np.ndarray, shapes: np.ndarray) -> list[str]:
     """The unreadable files among ``entries`` (meta.json lists them in split order)."""
     unreadable = np.flatnonzero(shapes[:, 0] == 0)
-    path_of = dict(zip(unreadable.tolist(), meta["skipped"], strict=True))
+    path_of = dict(zip(unreadable.tolist(), meta.skipped, strict=True))
     return [path_of[i] for i in entries.tolist() if i in path_of]
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """A cache's ``meta.json``: where its images come from, how many, their size in bytes, the
+    preprocessing they were decoded with and the files that could not be decoded."""
+
+    dataset: str  # the dataset folder, absolute
+    split: str
+    images: int  # decoded; the unreadable ones are ``skipped``
+    bytes: int  # of pixels.u8
+    preprocess: dict[str, Any]  # PreprocessConfig.to_dict()
+    skipped: list[str]
+    format: int = FORMAT
+
+    @property
+    def decoding(self) -> dict[str, Any]:
+        """The preprocessing the pixels depend on (what the cache's key holds of it)."""
+        return {k: v for k, v in self.preprocess.items() if k not in AFTER_DECODE}
+
+    def write(self, folder: Path) -> None:
+        with open(folder / META, "w", encoding="utf-8") as out:
+            json.dump(dataclasses.asdict(self), out, indent=1, ensure_ascii=False)
+            out.flush()
+            os.fsync(out.fileno())
+
+    @classmethod
+    def read(cls, folder: Path) -> CacheMeta:
+        """OSError, ValueError or TypeError when ``folder`` holds no meta.json of this layout."""
+        fields = json.loads((folder / META).read_text(encoding="utf-8"))
+        if not isinstance(fields, dict):
+            raise TypeError(f"{folder / META} is not a JSON object")
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -461,12 +491,11 @@ def list_caches(cache: CacheConfig) -> list[CacheEntry]:
         if not folder.is_dir() or folder.name.endswith(BUILDING):
             continue
         try:
-            meta = json.loads((folder / META).read_text(encoding="utf-8"))
+            meta = CacheMeta.read(folder)
             used = (folder / META).stat().st_mtime
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             continue  # not one of ours
-        entries.append(CacheEntry(folder, meta["dataset"], meta["split"], meta["images"],
-                                  meta["bytes"], used))  # fmt: skip
+        entries.append(CacheEntry(folder, meta.dataset, meta.split, meta.images, meta.bytes, used))
     return sorted(entries, key=lambda entry: -entry.last_used)
 
 
@@ -511,20 +540,14 @@ def _stale_caches(folder: Path) -> Iterator[Path]:
     """Other caches of the same dataset, split and decode: made before the files changed. The
     decode is compared without the fields of AFTER_DECODE, as the key leaves them out: a cache
     first built for another crop size is one of them."""
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    meta = CacheMeta.read(folder)
     for entry in list_caches(CacheConfig(root=folder.parent.parent)):
         if entry.folder == folder:
             continue
-        other = json.loads((entry.folder / META).read_text(encoding="utf-8"))
-        same_split = all(other.get(k) == meta[k] for k in ("dataset", "split"))
-        if same_split and _decoding(other) == _decoding(meta):
+        other = CacheMeta.read(entry.folder)
+        same_split = (other.dataset, other.split) == (meta.dataset, meta.split)
+        if same_split and other.decoding == meta.decoding:
             yield entry.folder
-
-
-def _decoding(meta: dict) -> dict:
-    """The preprocessing a cache's pixels depend on (what its key holds of it)."""
-    preprocess = meta.get("preprocess") or {}
-    return {k: v for k, v in preprocess.items() if k not in AFTER_DECODE}
 
 
 @contextmanager
