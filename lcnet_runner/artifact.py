@@ -361,9 +361,9 @@ def pinned_model(tag: str):
     """A ``bentoml.models.BentoModel`` for ``tag`` at the version it names when `bentoml serve`
     starts; served from a Bento, a name or ``name:latest`` names the version the Bento packed,
     not whatever is newest in the store where it runs. Declared on a service class, it packs the
-    model into a Bento; a worker, including one
-    BentoML restarts after a newer version was stored, loads that version rather than resolving
-    ``:latest`` again and serving another model than its siblings. If that version has left the
+    model into a Bento; a worker, including one BentoML restarts after a newer version was
+    stored, loads that version rather than resolving ``:latest`` again and serving another model
+    than its siblings. If that version has left the
     store since (deleted after a rollout), such a worker starts on what ``tag`` names now, rather
     than fail at every restart: its reloader, if on, then brings it to its siblings' version.
     ModelNotFoundError when the store has no such model."""
