@@ -403,18 +403,22 @@ def serving_bento() -> dict[str, Any] | None:
 
 
 def packed_tags(bento: dict[str, Any], service: str | None = None) -> list[str]:
-    """The model versions a Bento packed (``service``: for that service of it only)."""
+    """The model versions a Bento packed (``service``: for that service of it only), the newest
+    first, as ``:latest`` named them when it was built."""
     services = bento.get("services") or []
     entries = [] if service else list(bento.get("models") or [])
     for entry in services if isinstance(services, list) else []:
         if isinstance(entry, dict) and service in (None, entry.get("name")):
             entries += entry.get("models") or []
-    return [str(entry["tag"]) for entry in entries if isinstance(entry, dict) and "tag" in entry]
+    models = [entry for entry in entries if isinstance(entry, dict) and "tag" in entry]
+    models.sort(key=lambda model: str(model.get("creation_time", "")), reverse=True)
+    return [str(model["tag"]) for model in models]
 
 
 def _packed_version_of(tag: str) -> str:
-    """``tag``, or in a Bento, the version it packed of a name asked without a version (or as
-    ``:latest``): what the Bento was built and tested with."""
+    """``tag``, or in a Bento, the newest version it packed of a name asked without a version (or
+    as ``:latest``): what the Bento was built and tested with (an A/B pair of an old version and
+    ``:latest`` packs two)."""
     name, _, version = tag.partition(":")
     bento = serving_bento() if version in ("", "latest") else None
     packed = [t for t in packed_tags(bento) if t.partition(":")[0] == name] if bento else []

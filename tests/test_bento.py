@@ -59,19 +59,27 @@ def test_pinned_model_in_a_bento_names_the_version_it_packed(
     import bentoml
 
     name = trained["tag"].split(":")[0]
-    bento = {"services": [{"name": "mine", "models": [{"tag": trained["tag"]}]}]}
+    packed = [{"tag": trained["tag"], "creation_time": "2026-01-02T00:00:00+00:00"}]
+    bento = {"services": [{"name": "mine", "models": packed}]}
     (tmp_path / "bento.yaml").write_text(yaml.safe_dump(bento))
     (tmp_path / "src").mkdir()
     monkeypatch.setenv(PINNED_ENV, "{}")
     newer = revise(trained["tag"], lambda folder: None)
+    newest = revise(trained["tag"], lambda folder: None)
     try:
-        assert str(pinned_model(name).tag) == newer  # outside a Bento: the newest
+        assert str(pinned_model(name).tag) == newest  # outside a Bento: the newest
         monkeypatch.chdir(tmp_path / "src")
         assert str(pinned_model(name).tag) == trained["tag"]
         assert str(pinned_model(f"{name}:latest").tag) == trained["tag"]
-        assert str(pinned_model(newer).tag) == newer
+        assert str(pinned_model(newest).tag) == newest
+        # an A/B pair of an old version and :latest packs two: :latest is the newer of them
+        packed.append({"tag": newer, "creation_time": "2026-01-03T00:00:00+00:00"})
+        (tmp_path / "bento.yaml").write_text(yaml.safe_dump(bento))
+        assert str(pinned_model(f"{name}:latest").tag) == newer
+        assert str(pinned_model(trained["tag"]).tag) == trained["tag"]
     finally:
         bentoml.models.delete(newer)
+        bentoml.models.delete(newest)
 
 
 def test_a_bento_with_its_own_models_reloads_from_the_mounted_store(
