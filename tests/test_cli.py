@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,6 +233,27 @@ def test_fit_options_are_checked_before_data_parallel_ranks_start(
     line = one_error_line(run_cli("train", "fit", str(data), *args, check=False))
     assert message in line
     assert not (tmp_path / "o" / "logs").exists()  # no launcher started
+
+
+def test_a_stopped_fit_says_resume_only_for_a_checkpoint_of_its_own(tmp_path: Path) -> None:
+    """A checkpoint an earlier run left is that run's: resuming it as the hint said failed (other
+    architecture) or, worse, went on with the old run."""
+    import argparse
+
+    from train.cli import resumable, run_fit
+
+    checkpoint = tmp_path / "last.pdckpt"
+    checkpoint.write_bytes(b"an earlier run's")
+    os.utime(checkpoint, (1e9, 1e9))
+    fit = argparse.Namespace(func=run_fit, save_dir=str(tmp_path), resume=False)
+    started = time.time()
+    assert resumable(fit, started) == ""
+    assert resumable(argparse.Namespace(**{**vars(fit), "resume": True}), started).endswith(
+        f"--resume goes on from {checkpoint})"
+    )
+    checkpoint.touch()  # this run's first epoch
+    assert resumable(fit, started) == f" (the same command with --resume goes on from {checkpoint})"
+    assert resumable(argparse.Namespace(func=print), started) == ""
 
 
 @pytest.mark.parametrize("procs", ["1", "2"])

@@ -52,6 +52,9 @@ def test_shards_are_equal_and_hold_every_item() -> None:
     assert [len(s) for s in shards] == [4, 4, 4]
     assert sorted(sum(shards, [])) == [0, *range(11)]
     assert [shard(range(6), Rank(i, 2)) for i in range(2)] == [[0, 2, 4], [1, 3, 5]]
+    # fewer images than ranks: still one each (a rank with none would wait in all-reduce)
+    assert [shard([7], Rank(i, 3)) for i in range(3)] == [[7], [7], [7]]
+    assert [shard([], Rank(i, 2)) for i in range(2)] == [[], []]
     assert auto_procs(batch_size=4, cores=2) == 1  # the seed's batch stays in one process
     assert auto_procs(batch_size=32, cores=2) == 2
 
@@ -117,18 +120,20 @@ def test_resume_works_distributed(colour_dataset: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "signalled, stop, code, last_line",
-    [("group", signal.SIGINT, 130, "interrupted"),  # a terminal's Ctrl+C
-     ("pid", signal.SIGTERM, 143, "stopped (SIGTERM)")],  # kill, timeout, a job scheduler
+    "signalled, stop, procs, code, last_line",
+    [("group", signal.SIGINT, "2", 130, "interrupted"),  # a terminal's Ctrl+C
+     ("pid", signal.SIGTERM, "2", 143, "stopped (SIGTERM)"),  # kill, timeout, a job scheduler
+     ("pid", signal.SIGTERM, "1", 143, "stopped (SIGTERM)")],  # it ended without a word
 )  # fmt: skip
 def test_a_stopped_fit_stops_its_ranks_and_leaves_stdout_clean(
-    colour_dataset: Path, tmp_path: Path, signalled: str, stop: int, code: int, last_line: str
-) -> None:
+    colour_dataset: Path, tmp_path: Path, signalled: str, stop: int, procs: str, code: int,
+    last_line: str,
+) -> None:  # fmt: skip
     """A signal to `fit` ends the launcher and every rank before `fit` exits: killed by pid, it
     said "interrupted" while its ranks trained on and later stored a model. Its stdout carries
     only the result: the launcher ends the ranks with SIGTERM, and Paddle's fatal-signal handler
     in rank 0 dumped a C++ stack onto it."""
-    args = [*DIST_FIT, "--epochs", "200", "--save-dir", str(tmp_path / "run")]
+    args = [*DIST_FIT, "--epochs", "200", "--procs", procs, "--save-dir", str(tmp_path / "run")]
     command = [sys.executable, "-m", "train", "fit", str(colour_dataset), *args]
     with subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

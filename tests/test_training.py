@@ -26,6 +26,7 @@ from train.report import report
 from train.split import read_labels, read_split
 from train.training import (
     FitConfig,
+    changed_settings,
     check_same_run,
     end_of_epoch,
     initial_state,
@@ -162,6 +163,21 @@ def test_resume_refuses_a_checkpoint_of_another_run(
         check_same_run(checkpoint, labels, again, tmp_path / "last.pdckpt")
     assert "another --save-dir" in str(raised.value) and "\n" not in str(raised.value)
     check_same_run(checkpoint, ["a", "b"], first, tmp_path / "last.pdckpt")
+
+
+def test_a_resume_says_what_was_changed_not_what_followed() -> None:
+    """A higher --epochs is how a finished run trains on: the decay epochs derived from it follow
+    and are not a change of the user's (nor with a cosine schedule, which has none)."""
+    saved = dataclasses.asdict(FitConfig(epochs=3))  # decay derived: (1, 2)
+    assert changed_settings(saved, FitConfig(epochs=4)) == "--epochs 4 (that run: 3)"
+    named = FitConfig(epochs=4, lr_decay_epochs=(3,))
+    assert changed_settings(saved, named) == (
+        "--epochs 4 (that run: 3), --lr-decay-epochs 3 (that run: 1,2)"
+    )
+    cosine = dataclasses.asdict(FitConfig(epochs=3, schedule="cosine"))
+    resumed = FitConfig(epochs=4, schedule="cosine", lr_decay_epochs=(3,))
+    assert changed_settings(cosine, resumed) == "--epochs 4 (that run: 3)"
+    assert changed_settings({}, FitConfig()) == ""  # an older checkpoint: nothing to compare
 
 
 def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(

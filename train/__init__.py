@@ -30,6 +30,10 @@ _LAZY = {"evaluate": "evaluation", "fit": "training", "import_model": "importer"
 __all__ = ["SCALES", "FitConfig", "build_model", "evaluate", "fit", "import_model", "split_dataset"]
 
 
+def __dir__() -> list[str]:  # what an editor or the REPL completes: the lazy names too
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -23,7 +24,7 @@ from lcnet_runner.cli import (
 )
 from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
 
-from .console import log
+from .console import Stopped, log, sigterm_stops
 from .pretrained import PretrainedError
 from .split import SPLITS, DatasetError
 
@@ -345,28 +346,32 @@ def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
     from .training import CONFUSION, CURVES, fit, prepare, writing_to
 
-    # Validated here, before any rank starts: a rank's error would only reach its log file.
-    config = fit_config(args)
-    prepare(Path(args.dataset), config)  # once: ranks would each download and split, into one file
-    fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
-    with writing_to(Path(config.save_dir)):  # the launcher's, while its ranks train
-        launched = distributed.run_data_parallel(
-            fit_args, args.procs, args.batch_size, args.threads, args.save_dir
+    # Paddle sets a SIGTERM handler of its own as it loads (a stack dump, then death): ours
+    # replaces it.
+    with sigterm_stops():
+        # Validated here, before any rank starts: a rank's error would only reach its log file;
+        # prepared once: ranks would each download and split, into one file.
+        config = fit_config(args)
+        prepare(Path(args.dataset), config)
+        fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
+        with writing_to(Path(config.save_dir)):  # the launcher's, while its ranks train
+            launched = distributed.run_data_parallel(
+                fit_args, args.procs, args.batch_size, args.threads, args.save_dir
+            )
+        if launched:
+            return
+        summary = fit(args.dataset, config)
+        if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
+            return
+        print(f"saved {summary['tag']} to the BentoML store")
+        print(json_line(summary))
+        plots = [str(path) for name in (CURVES, CONFUSION)
+                 if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
+        log(
+            f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
+            f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
+            "bentoml serve ."
         )
-    if launched:
-        return
-    summary = fit(args.dataset, config)
-    if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
-        return
-    print(f"saved {summary['tag']} to the BentoML store")
-    print(json_line(summary))
-    plots = [str(path) for name in (CURVES, CONFUSION)
-             if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
-    log(
-        f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
-        f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
-        "bentoml serve ."
-    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -452,6 +457,7 @@ def run_import(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    started = time.time()
     try:
         args.func(args)
     except BrokenPipeError:
@@ -460,16 +466,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted{_resumable(args)}", file=sys.stderr)
+        print(f"interrupted{resumable(args, started)}", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(f"stopped ({stop}){resumable(args, started)}", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 
-def _resumable(args: argparse.Namespace) -> str:
-    """What a `fit` stopped after a finished epoch can do next; "" for the other commands."""
+def resumable(args: argparse.Namespace, started: float) -> str:
+    """What a stopped `fit` can do next, when it wrote a checkpoint after ``started`` (or was a
+    resume already): one left by an earlier run is that run's; "" for the other commands."""
     from .config import CHECKPOINT
 
-    checkpoint = Path(args.save_dir) / CHECKPOINT if args.func is run_fit else None
-    if checkpoint is None or not checkpoint.is_file():
+    if args.func is not run_fit:
+        return ""
+    checkpoint = Path(args.save_dir) / CHECKPOINT
+    try:
+        written_now = checkpoint.stat().st_mtime >= started
+    except OSError:  # none
+        return ""
+    if not (args.resume or written_now):
         return ""
     return f" (the same command with --resume goes on from {checkpoint})"

@@ -1,10 +1,12 @@
 """Where a training command's words go: progress on stderr, from rank 0 only in a data-parallel
-run; stdout keeps only the command's result (fit's JSON summary, piped to jq)."""
+run; stdout keeps only the command's result (fit's JSON summary, piped to jq). And how it ends
+when a signal stops it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -34,3 +36,34 @@ def progress_to_stderr() -> Iterator[None]:
         for fd, copy in zip(fds, saved, strict=True):
             os.dup2(copy, fd)
             os.close(copy)
+
+
+class Stopped(BaseException):
+    """The command was told to stop by SIGTERM (``kill``, ``timeout``, a job scheduler), which
+    ends it as Ctrl+C's KeyboardInterrupt does: what it holds is released on the way out, and it
+    says so. Not an Exception, as KeyboardInterrupt is not: a handler of errors must let it
+    through (a decoded-cache build deletes its work on an error, and keeps it for the next run
+    when stopped)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises Stopped in the main thread meanwhile (Python's default ends the process
+    where it stands, without a word). Not in a data-parallel rank: its launcher ends it so, and
+    the `fit` that started them speaks for all."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signum)
+
+    if "PADDLE_TRAINERS_NUM" in os.environ:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -33,6 +33,8 @@ import paddle.distributed as dist
 
 from lcnet_runner.hardware import default_threads, resolve_threads
 
+from .console import Stopped
+
 T = TypeVar("T")
 # Below this many images per rank and step, batch-norm statistics get too noisy to split a batch.
 MIN_BATCH_PER_RANK = 8
@@ -78,7 +80,8 @@ def shard(items: Sequence[T], rank: Rank) -> list[T]:
     DistributedSampler does, the first items fill up the last shards (fewer than ``world``, each
     trained twice an epoch). Leaving the remainder out lost the same last images every epoch:
     in a list sorted by class, a last class of one image was never trained."""
-    padded = [*items, *items[: -len(items) % rank.world]]
+    count = len(items)
+    padded = [items[i % count] for i in range(-(-count // rank.world) * rank.world)]
     return padded[rank.index :: rank.world]
 
 
@@ -173,10 +176,7 @@ def launch(fit_args: Sequence[str], procs: int, log_dir: Path, threads: int) -> 
         ):
             code = lend_console(server, proc)
     if received:  # the launcher and its ranks have ended: now `fit` ends as it was told
-        if received[0] == signal.SIGINT:
-            raise KeyboardInterrupt
-        print(f"stopped ({signal.Signals(received[0]).name})", file=sys.stderr)
-        raise SystemExit(128 + received[0])
+        raise KeyboardInterrupt if received[0] == signal.SIGINT else Stopped(received[0])
     return code
 
 

@@ -33,7 +33,7 @@ from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import CHECKPOINT, FitConfig
+from .config import CHECKPOINT, FitConfig, decay_epochs
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -144,12 +144,19 @@ TRAINING_SETTINGS = (
 
 def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
     """``--lr 0.5 (that run: 0.1), ...`` for the training settings that differ from a
-    checkpoint's; "" when none does (or an older checkpoint did not record them)."""
+    checkpoint's; "" when none does (or an older checkpoint did not record them). The decay
+    epochs only when one run named them: derived from --epochs on both sides, they follow it."""
     now = dataclasses.asdict(config)
+    derived = "epochs" in saved and all(
+        _flag_value(run["lr_decay_epochs"]) == _flag_value(decay_epochs(run["epochs"]))
+        for run in (saved, now)
+    )
     changed = [
         f"--{key.replace('_', '-')} {_flag_value(now[key])} (that run: {_flag_value(saved[key])})"
         for key in TRAINING_SETTINGS
-        if key in saved and _flag_value(saved[key]) != _flag_value(now[key])
+        if key in saved
+        and _flag_value(saved[key]) != _flag_value(now[key])
+        and not (key == "lr_decay_epochs" and (derived or config.schedule == "cosine"))
     ]
     return ", ".join(changed)
 
