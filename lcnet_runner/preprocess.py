@@ -254,12 +254,13 @@ def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -
     try:
         opened = Image.open(io.BytesIO(source) if isinstance(source, _ENCODED) else source)
     except Image.DecompressionBombError as err:  # over twice Pillow's own limit: ours is lower
-        raise ImageTooLargeError(_over_pillows_limit(err, max_pixels)) from None
+        message = _over_pillows_limit(err, max_pixels)
+        raise ImageTooLargeError(f"{_where(source)}{message}") from None
     try:
         _check_pixels(opened, max_pixels)
-    except ImageTooLargeError:
+    except ImageTooLargeError as err:
         opened.close()
-        raise
+        raise ImageTooLargeError(f"{_where(source)}{err}") from None
     width, height = opened.size
     if short_side is not None and opened.format == "JPEG":
         scale = short_side / min(width, height)

@@ -232,15 +232,20 @@ def test_undecodable_bytes_raise_invalid_image(data: bytes) -> None:
         load_image(data)
 
 
-def test_the_pixel_limit_is_checked_from_the_header_for_files_and_pil_images() -> None:
+def test_the_pixel_limit_is_checked_from_the_header_for_files_and_pil_images(
+    tmp_path: Path,
+) -> None:
     data = encode(photo(100, 60), "JPEG")
     for source in (data, Image.open(io.BytesIO(data))):
         with pytest.raises(ImageTooLargeError, match="100x60 pixels, more than the limit of 5999"):
             preprocess(source, CONFIG, max_pixels=5999)
         assert preprocess(source, CONFIG, max_pixels=6000).shape == (32, 32, 3)
+    (path := tmp_path / "big.jpg").write_bytes(data)  # a file is named, as for its other errors
+    with pytest.raises(ImageTooLargeError, match=f"^{path}: image is 100x60 pixels"):
+        preprocess(path, CONFIG, max_pixels=5999)
 
 
-def test_an_image_past_pillows_own_limit_names_the_limit_that_holds() -> None:
+def test_an_image_past_pillows_own_limit_names_the_limit_that_holds(tmp_path: Path) -> None:
     """Pillow refuses over twice its MAX_IMAGE_PIXELS before we see the header: the message
     said "could be decompression bomb DOS attack" with Pillow's figure, not the server's."""
     header = io.BytesIO()
@@ -251,6 +256,9 @@ def test_an_image_past_pillows_own_limit_names_the_limit_that_holds() -> None:
     pillows = 2 * Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLargeError, match=f"more than the limit of {pillows}$"):
         preprocess(header.getvalue(), CONFIG, max_pixels=10**9)  # Pillow's is lower here
+    (path := tmp_path / "bomb.png").write_bytes(header.getvalue())
+    with pytest.raises(ImageTooLargeError, match=f"^{path}: image has 400000000 pixels"):
+        preprocess(path, CONFIG)
 
 
 def test_arrays_must_be_hwc_uint8() -> None:

@@ -203,6 +203,10 @@ def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(
     (tmp_path / "last.pdckpt").write_bytes(b"damaged")
     with pytest.raises(ValueError, match="--resume: cannot read"):
         prepare(colour_dataset, dataclasses.replace(first, resume=True))
+    weights = initial_state(first, labels, None).model.state_dict()  # best.pdparams copied over
+    paddle.save(weights, str(tmp_path / "last.pdckpt"))
+    with pytest.raises(ValueError, match="is not a checkpoint fit wrote"):
+        prepare(colour_dataset, dataclasses.replace(first, resume=True))
 
 
 def _weights(state) -> dict[str, np.ndarray]:

@@ -130,9 +130,14 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
             checkpoint = paddle.load(str(path))
         except Exception as err:  # paddle raises many types for a bad file
             raise ValueError(f"--resume: cannot read {path}: {err}") from None
+        if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+            raise ValueError(f"--resume: {path} is not a checkpoint fit wrote (weights alone?)")
         check_same_run(checkpoint, read_labels(dataset), config, path)
     return weights
 
+
+# What every checkpoint holds since the first release (TrainingState.restore reads them).
+CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "best", "history"}
 
 # What shapes the training itself, and so what a resume may change knowingly (said, not refused:
 # a higher --epochs is how a finished run trains on).
