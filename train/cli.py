@@ -344,7 +344,7 @@ def fit_config(args: argparse.Namespace):
 
 def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
-    from .training import CONFUSION, CURVES, fit, prepare, writing_to
+    from .training import CONFUSION, CURVES, fit_prepared, prepare, writing_to
 
     # Paddle sets a SIGTERM handler of its own as it loads (a stack dump, then death): ours
     # replaces it.
@@ -352,15 +352,15 @@ def run_fit(args: argparse.Namespace) -> None:
         # Validated here, before any rank starts: a rank's error would only reach its log file;
         # prepared once: ranks would each download and split, into one file.
         config = fit_config(args)
-        prepare(Path(args.dataset), config)
+        weights = prepare(Path(args.dataset), config)
         fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
-        with writing_to(Path(config.save_dir)):  # the launcher's, while its ranks train
-            launched = distributed.run_data_parallel(
+        # The launcher's while its ranks train, else this process's while it trains.
+        with writing_to(Path(config.save_dir)):
+            if distributed.run_data_parallel(
                 fit_args, args.procs, args.batch_size, args.threads, args.save_dir
-            )
-        if launched:
-            return
-        summary = fit(args.dataset, config)
+            ):
+                return
+            summary = fit_prepared(Path(args.dataset), config, weights)
         if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
             return
         print(f"saved {summary['tag']} to the BentoML store")

@@ -566,12 +566,14 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
     """
     config = dataclasses.replace(config or FitConfig(), **overrides)
+    dataset = Path(dataset)
     with writing_to(Path(config.save_dir)):
-        return _fit(Path(dataset), config)
+        return fit_prepared(dataset, config, prepare(dataset, config))
 
 
-def _fit(dataset: Path, config: FitConfig) -> dict[str, Any]:
-    weights = prepare(dataset, config)  # data-parallel: done by the launcher, found here
+def fit_prepared(dataset: Path, config: FitConfig, weights: Path | None) -> dict[str, Any]:
+    """``fit`` once ``prepare`` returned ``weights``, in the process holding the save folder (the
+    CLI prepares once, before it decides to launch ranks; a rank finds the launcher's work)."""
     started = time.time()
     rank = distributed.init()
     paddle.seed(config.seed)  # the same initial weights on every rank
