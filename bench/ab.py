@@ -3,6 +3,7 @@
     python bench/ab.py REV [--clients 32] [--bursts 10] [--seconds 4] [--env LCNET_X=1 ...]
     python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1] [--protocol grpc]
     python bench/ab.py --other-protocol body          # one server, two ways to send the JPEG
+    python bench/ab.py REV --clients 8 --beside png   # and one client sending large images
 
 With REV (a commit, branch or tag), checks it out in a temporary git worktree and serves the same
 model (x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
@@ -11,7 +12,9 @@ worker importing its own tree's code; without, both servers run this tree and th
 ``--env`` goes to both. Then it loads them in turn with N closed-loop clients
 sending the 500×375 JPEG (HTTP: to /classify; gRPC: Classify, a channel each), in short bursts
 whose order alternates, and prints each pair's throughput ratio (this ÷ the other), their median
-and how many pairs this one won.
+and how many pairs this one won. With ``--beside KIND`` one more client sends large images
+(``common.large_image``) in every burst, and the JPEG clients' p99 latencies are compared too:
+what a large upload does to everyone else's requests.
 
 Why bursts: this machine's speed drifts by tens of percent within minutes, and two servers
 measured one after the other compare two machines (in one A/B of whole runs, the same change
@@ -29,7 +32,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import PROTOCOLS, ROOT, cpu_kind, load, make_store, photo_jpeg, rotated, servers_up
+from common import (
+    LARGE_KINDS,
+    PROTOCOLS,
+    ROOT,
+    cpu_kind,
+    large_image,
+    load,
+    make_store,
+    photo_jpeg,
+    rotated,
+    servers_up,
+)
 
 from lcnet_runner.testing import Server
 
@@ -69,6 +83,7 @@ def main() -> None:
     parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for both servers")
     parser.add_argument("--other-env", nargs="*", default=[], help="KEY=VALUE for the other")
     parser.add_argument("--other-protocol", choices=PROTOCOLS, help="how the other is loaded")
+    parser.add_argument("--beside", choices=LARGE_KINDS, help="one more client, large images")
     args = parser.parse_args()
     print(cpu_kind())
     if not (args.revision or args.other_env or args.other_protocol):
@@ -93,27 +108,46 @@ def main() -> None:
 def compare(sides: dict[str, tuple[Server, str]], image: bytes, args: argparse.Namespace) -> None:
     """``sides``: name → (server, protocol), two of them, loaded in alternated bursts."""
 
+    beside = large_image(args.beside) if args.beside else None
+
     def burst(name: str, seconds: float) -> dict:
         server, protocol = sides[name]
-        return load(server, protocol, image, args.clients, seconds, args.max_requests)
+        return load(server, protocol, image, args.clients, seconds, args.max_requests,
+                    beside=beside)  # fmt: skip
 
     this, other = sides
     for name in sides:  # warm-up: the first requests of a server are its slowest
         burst(name, 1.0)
-    ratios = []
+    ratios, p99_ratios = [], []
     for i in range(args.bursts):
         got = {name: burst(name, args.seconds) for name in rotated((this, other), i)}
         ratios.append(got[this]["rps"] / got[other]["rps"])
-        errors = got[this]["errors"] + got[other]["errors"]
-        print(f"burst {i}: this {got[this]['rps']:6.1f} req/s, p50 {got[this]['p50_ms']:6.1f} ms"
-              f" | {other} {got[other]['rps']:6.1f} req/s, p50 {got[other]['p50_ms']:6.1f} ms"
+        p99_ratios.append(got[this]["p99_ms"] / got[other]["p99_ms"])
+        errors = sum(
+            side["errors"] + side.get("beside", {}).get("errors", 0) for side in got.values()
+        )
+        print(f"burst {i}: this {_side(got[this])} | {other} {_side(got[other])}"
               f" | ratio {ratios[-1]:.3f}, errors {errors}", flush=True)  # fmt: skip
-    wins = sum(ratio > 1 for ratio in ratios)
-    print(
-        f"{args.clients} {args.protocol} clients: this ÷ {other} = "
-        f"{statistics.median(ratios):.3f} (median of {len(ratios)} pairs, "
-        f"{min(ratios):.2f}–{max(ratios):.2f}); this ahead in {wins}"
+    clients = f"{args.clients} {args.protocol} clients" + (
+        f" beside {args.beside}" if beside else ""
     )
+    print(f"{clients}: this ÷ {other} = {_median(ratios)}; this ahead in "
+          f"{sum(ratio > 1 for ratio in ratios)}")  # fmt: skip
+    if beside:
+        print(f"p99 of the JPEG clients, this ÷ {other} = {_median(p99_ratios)}; this lower in "
+              f"{sum(ratio < 1 for ratio in p99_ratios)}")  # fmt: skip
+
+
+def _side(got: dict) -> str:
+    text = f"{got['rps']:6.1f} req/s, p50 {got['p50_ms']:6.1f} ms, p99 {got['p99_ms']:6.1f} ms"
+    if "beside" in got:
+        text += f", large {got['beside']['rps']:4.1f}/s"
+    return text
+
+
+def _median(ratios: list[float]) -> str:
+    return (f"{statistics.median(ratios):.3f} (median of {len(ratios)} pairs, "
+            f"{min(ratios):.2f}–{max(ratios):.2f})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -114,6 +114,26 @@ def throughput(call: Callable[[], object], items_per_call: int, seconds: float) 
 
 def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
     """A photo-sized JPEG with texture, so decoding costs what a real photo costs."""
+    buffer = io.BytesIO()
+    photo(width, height).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def large_image(kind: str) -> bytes:
+    """What users also send: a 12 MP phone photo ("photo", 4032×3024 JPEG) or a 4 MP PNG
+    ("png", 2400×1800, e.g. a screenshot or an export from an editor)."""
+    if kind == "photo":
+        return photo_jpeg(4032, 3024)
+    buffer = io.BytesIO()
+    photo(2400, 1800).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+LARGE_KINDS = ("photo", "png")
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """Smooth gradients, noise and a few shapes: costs what a real photo costs to decode."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width]
     base = np.stack([x * 0.4, y * 0.6, (x + y) * 0.2], axis=-1) + rng.normal(
@@ -126,9 +146,7 @@ def photo_jpeg(width: int = 500, height: int = 375) -> bytes:
         draw.ellipse(
             (x0, y0, x0 + 50, y0 + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3))
         )
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return image
 
 
 def make_store(model: str, int8: bool = False) -> str:
@@ -252,10 +270,14 @@ def summarize(out: list[tuple[int, float]], elapsed: float) -> dict[str, Any]:
 Client = Callable[[float, list[int], list], Awaitable[None]]  # (until, budget, out) → one client
 
 
-def run_clients(client: Client, clients: int, seconds: float, max_requests: int) -> dict[str, Any]:
+def run_clients(
+    client: Client, clients: int, seconds: float, max_requests: int, beside: Client | None = None
+) -> dict[str, Any]:
     """``clients`` concurrent copies of ``client``, each sending its next request when the
-    previous one answers, for at most ``seconds`` and ``max_requests`` in all."""
+    previous one answers, for at most ``seconds`` and ``max_requests`` in all. ``beside``: one
+    more client alongside (e.g. sending large images), summarized apart as ``"beside"``."""
     out: list[tuple[int, float]] = []
+    beside_out: list[tuple[int, float]] = []
     budget = [max_requests]
 
     async def staggered(i: int):
@@ -264,13 +286,18 @@ def run_clients(client: Client, clients: int, seconds: float, max_requests: int)
 
     async def run() -> float:
         start = time.perf_counter()
-        await asyncio.gather(*(staggered(i) for i in range(clients)))
+        extra = [beside(until, [max_requests], beside_out)] if beside else []
+        await asyncio.gather(*(staggered(i) for i in range(clients)), *extra)
         return time.perf_counter() - start
 
     until, cpu_before = time.perf_counter() + seconds, time.process_time()
     elapsed = asyncio.run(run())
     # The load generator shares the machine with the server: what it took is not the server's.
-    return {**summarize(out, elapsed), "client_cores": (time.process_time() - cpu_before) / elapsed}
+    summary = {
+        **summarize(out, elapsed),
+        "client_cores": (time.process_time() - cpu_before) / elapsed,
+    }
+    return {**summary, "beside": summarize(beside_out, elapsed)} if beside else summary
 
 
 def closed_loop(
@@ -287,19 +314,26 @@ PROTOCOLS = ("http", "grpc", "body")  # what ``load`` sends: see there
 
 def load(
     server: Any, protocol: str, image: bytes, clients: int, seconds: float, max_requests: int,
-    *, path: str = "/classify", per_connection: int = 5,
+    *, path: str = "/classify", per_connection: int = 5, beside: bytes | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """``clients`` closed-loop clients sending ``image`` to ``server`` (a
     ``lcnet_runner.testing.Server``): over "grpc" (``Classify``, a channel each), "http" (a
-    multipart POST to ``path``) or "body" (the JPEG as the whole body of a POST to ``path``)."""
-    if protocol == "grpc":
-        client = functools.partial(grpc_client, server.grpc_port, image)
-        return run_clients(client, clients, seconds, max_requests)
-    if protocol == "body":
-        request = post(server.http_port, path, "image/jpeg", image)
-    else:
-        request = multipart([image], server.http_port, path=path)
-    return closed_loop(server.http_port, request, clients, seconds, max_requests, per_connection)
+    multipart POST to ``path``) or "body" (the image as the whole body of a POST to ``path``).
+    ``beside``: one more client sends this image alongside, the same way (``run_clients``)."""
+
+    def client(image: bytes) -> Client:
+        if protocol == "grpc":
+            return functools.partial(grpc_client, server.grpc_port, image)
+        if protocol == "body":
+            request = post(server.http_port, path, "image/jpeg", image)  # the server sniffs it
+        else:
+            request = multipart([image], server.http_port, path=path)
+        return functools.partial(
+            http_client, server.http_port, request, per_connection=per_connection
+        )
+
+    extra = client(beside) if beside is not None else None
+    return run_clients(client(image), clients, seconds, max_requests, extra)
 
 
 def mean_batch_size(url: str) -> float:

@@ -211,6 +211,18 @@ def load_pixels(
         return np.asarray(_decoded_by_pillow(opened)) if pixels is None else pixels
 
 
+def is_small_jpeg(source: ImageSource, max_bytes: int) -> bool:
+    """Whether ``source`` is a JPEG file's content of at most ``max_bytes``. libjpeg-turbo
+    decodes a JPEG in time about proportional to its file (1.3 ms for an 88 KB photo, 4 ms for
+    a flat 12 MP one of 184 KB, drafted); other formats take time per pixel, which a small file
+    does not bound (a 127 KB PNG of 40 MP decodes in over a second)."""
+    return (
+        isinstance(source, _ENCODED)
+        and len(source) <= max_bytes
+        and bytes(source[:3]) == b"\xff\xd8\xff"  # SOI and a marker's first byte
+    )
+
+
 def image_size(
     source: ImageSource, short_side: int | None = None, max_pixels: int | None = None
 ) -> tuple[int, int]:

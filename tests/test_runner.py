@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
+from dataclasses import replace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from lcnet_runner import Predictor
 from lcnet_runner.batching import BatchStats
@@ -122,6 +126,59 @@ def test_a_lone_image_on_every_core_runs_on_the_event_loops_thread(trained: dict
     for answer in (pair[0], pair[1], busy):  # 1 thread or 2, the same answer
         assert answer[0]["category_id"] == lone[0]["category_id"]
         assert answer[0]["score"] == pytest.approx(lone[0]["score"], abs=1e-5)
+
+
+class ThreadRecorder(Recorder):
+    """Where each image was decoded: the observer hears of it in the decoding thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def decoded(self, seconds: float) -> None:
+        self.threads.append(threading.current_thread().name)
+
+
+def test_only_small_jpegs_decode_on_the_event_loop(trained: dict) -> None:
+    """A JPEG up to inline_decode_bytes decodes on the loop that read it; a PNG, a larger JPEG
+    and an array decode on the runner's decode thread, and the loop serves others meanwhile
+    (here: a small JPEG sent while a large PNG decodes is answered first). Same answers."""
+    small = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG", compress_level=1)
+    large_png = buffer.getvalue()  # 5.8 MB: tens of ms to decode
+    pixels = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"))
+    inputs = {"small JPEG": small, "large PNG": large_png, "array": pixels}
+    expected = Predictor(trained["export_dir"], threads=1).predict(list(inputs.values()))
+    config = RunnerConfig(inline_decode_bytes=len(small), skip_guard=True)
+    recorder = ThreadRecorder()
+    runner = LCNetRunner(trained["export_dir"], config, recorder)
+    finished: list[str] = []
+
+    async def classify(name: str, image) -> list:
+        answer = await runner.aclassify(image)
+        finished.append(name)
+        return answer
+
+    async def main() -> list:
+        answers = [await classify(name, image) for name, image in inputs.items()]
+        large = asyncio.create_task(classify("large PNG", large_png))
+        await asyncio.sleep(0)  # the PNG is on the decode thread now
+        await classify("small JPEG", small)
+        await large
+        return answers
+
+    answers = asyncio.run(main())
+    assert recorder.threads[:3] == ["MainThread", "lcnet-decode_0", "lcnet-decode_0"]
+    assert finished[3:] == ["small JPEG", "large PNG"]
+    for got, want in zip(answers, expected, strict=True):
+        assert got[0]["category_id"] == want[0]["category_id"]
+        assert got[0]["score"] == pytest.approx(want[0]["score"], abs=1e-5)
+    runner = LCNetRunner(trained["export_dir"], replace(config, inline_decode_bytes=0), recorder)
+    asyncio.run(runner.aclassify(small))
+    assert recorder.threads[-1] == "lcnet-decode_0"  # 0: every image on the decode thread
+    asyncio.run(runner.close())
 
 
 def test_every_batch_size_is_warmed_in_the_thread_that_runs_batches(
