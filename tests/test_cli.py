@@ -183,6 +183,18 @@ def test_predict_takes_a_folder_of_images(trained: dict, tmp_path: Path) -> None
     assert [a["image"] for a in answers] == images
 
 
+def test_predict_classifies_a_huge_image_without_pillows_warning(
+    trained: dict, tmp_path: Path
+) -> None:
+    """The user's own files have no pixel limit; Pillow's "could be decompression bomb DOS
+    attack" past 89 M pixels is noise on a CLI's stderr."""
+    huge = tmp_path / "scan.png"
+    Image.new("1", (9500, 9500)).save(huge)  # 90 M pixels; 12 KB
+    result = run_cli("lcnet_runner", "predict", str(huge), "--model", trained["export_dir"])
+    assert '"predictions"' in result.stdout
+    assert result.stderr == ""
+
+
 def test_predict_says_how_many_more_failed(trained: dict, tmp_path: Path) -> None:
     images = _images(tmp_path, 1)
     for name in ("a.jpg", "b.jpg"):
