@@ -102,6 +102,32 @@ def test_fit_derives_what_it_is_not_told(args: list[str], resize_short: int, dec
     assert (config.resize_short, config.lr_decay_epochs) == (resize_short, decay)
 
 
+@pytest.mark.parametrize(
+    "changes, args",
+    [
+        ({"epochs": 3}, ["--epochs", "3"]),  # the README's example: decay at 4, 6, 8 never came
+        ({"epochs": 40}, ["--epochs", "40"]),
+        ({"input_size": 64}, ["--input-size", "64"]),
+        ({"input_size": 64, "resize_short": 120}, ["--input-size", "64", "--resize-short", "120"]),
+        ({"epochs": 30, "lr_decay_epochs": (5, 9)}, ["--epochs", "30", "--lr-decay-epochs", "5,9"]),
+    ],
+)
+def test_the_python_api_derives_what_the_cli_derives(changes: dict, args: list[str]) -> None:
+    """``train.fit(dir, **changes)`` changes FitConfig's defaults as the flags do; copying the
+    defaults' derived fields kept the decay epochs and resize of 10 epochs at 224 px."""
+    from train.cli import build_parser, fit_config
+    from train.config import FitConfig
+
+    cli = fit_config(build_parser().parse_args(["fit", "data", *args]))
+    api = FitConfig().changed(**changes)
+    assert (api.resize_short, api.lr_decay_epochs) == (cli.resize_short, cli.lr_decay_epochs)
+    again = api.changed(epochs=50, input_size=96)  # derived from 3 epochs at 64 px: again
+    if "lr_decay_epochs" not in changes:
+        assert again.lr_decay_epochs == (20, 30, 40)
+    if "resize_short" not in changes:
+        assert again.resize_short == 110
+
+
 def test_fit_unknown_model_lists_valid_names(tmp_path: Path) -> None:
     data = two_classes(tmp_path / "two")
     line = one_error_line(run_cli("train", "fit", str(data), "--model", "PPLCNet_x9", check=False))

@@ -6,9 +6,12 @@ heavy is imported (``python -m train split`` and every ``--help`` start in ~0.5 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bentoml
 
@@ -47,6 +50,13 @@ def decay_epochs(epochs: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(share * epochs)) for share in (0.4, 0.6, 0.8)}))
 
 
+# The settings FitConfig derives when left blank: name → (derived from, how, blank).
+DERIVED: dict[str, tuple[str, Callable[[int], Any], Any]] = {
+    "resize_short": ("input_size", default_resize_short, 0),
+    "lr_decay_epochs": ("epochs", decay_epochs, ()),
+}
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """Training settings; the defaults are the seed's (PaddleX 2 PPLCNet tutorial)."""
@@ -80,10 +90,9 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         # What the defaults depend on, resolved once: a frozen dataclass sets its own fields so.
-        if not self.resize_short:
-            object.__setattr__(self, "resize_short", default_resize_short(self.input_size))
-        if not self.lr_decay_epochs:
-            object.__setattr__(self, "lr_decay_epochs", decay_epochs(self.epochs))
+        for name, (source, derive, blank) in DERIVED.items():
+            if getattr(self, name) == blank:
+                object.__setattr__(self, name, derive(getattr(self, source)))
         if self.schedule not in ("piecewise", "cosine"):
             raise ValueError(f"schedule must be 'piecewise' or 'cosine', got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -96,6 +105,16 @@ class FitConfig:
             raise ValueError(f"--name: {err}") from None
         CacheConfig(ram_mb=self.ram_cache_mb)  # so does a negative --ram-cache-mb
         _ = self.preprocess, self.augment  # and bad sizes or crop scale, not mid-run
+
+    def changed(self, **changes: Any) -> FitConfig:
+        """A copy with ``changes``, in which what this config derived from a setting that
+        changes is derived again: ``FitConfig().changed(epochs=40)`` decays the learning rate
+        at 16, 24 and 32, not at the 4, 6 and 8 of the default 10 epochs."""
+        for name, (source, derive, blank) in DERIVED.items():
+            derived_here = getattr(self, name) == derive(getattr(self, source))
+            if source in changes and name not in changes and derived_here:
+                changes[name] = blank
+        return dataclasses.replace(self, **changes)
 
     @property
     def preprocess(self) -> PreprocessConfig:

@@ -565,7 +565,7 @@ def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) 
     Started by ``paddle.distributed.launch`` it trains data-parallel; only rank 0 evaluates,
     checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
     """
-    config = dataclasses.replace(config or FitConfig(), **overrides)
+    config = (config or FitConfig()).changed(**overrides)
     dataset = Path(dataset)
     with writing_to(Path(config.save_dir)):
         return fit_prepared(dataset, config, prepare(dataset, config))
