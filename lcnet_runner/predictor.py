@@ -182,12 +182,24 @@ class Predictor:
         return engine.predict(crops)
 
     def predict(
-        self, images: ImageSource | Sequence[ImageSource], top_k: int = 1, *, bgr: bool = False
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        top_k: int = 1,
+        *,
+        bgr: bool | None = None,
     ) -> list[Prediction] | list[list[Prediction]]:
-        """One image → its top-k list; a list of images → one top-k list per image."""
+        """One image → its top-k list; a list of images → one top-k list per image. ``bgr``:
+        the channel order of array images, which an array does not carry, so it must be said:
+        True for OpenCV's (``cv2.imread``, what PaddleX's Predictor takes), False for RGB (PIL,
+        imageio). A cv2 array read as RGB was answered wrong, and confidently."""
         top_k = checked_top_k(top_k)
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
+        if bgr is None and any(isinstance(image, np.ndarray) for image in batch):
+            raise ValueError(
+                "say the channel order of array images: bgr=True for OpenCV's (cv2.imread, as "
+                "PaddleX takes them), bgr=False for RGB (PIL, imageio)"
+            )
         timings = Timings(images=len(batch))
         results: list[list[Prediction]] = []
         for start in range(0, len(batch), self.batch_size):

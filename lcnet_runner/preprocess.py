@@ -155,6 +155,11 @@ def _checked(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or not array.size:
         raise InvalidImageError(
             f"arrays must be HxWx3 uint8 with pixels, got shape {array.shape} dtype {array.dtype}"
+            + (
+                " (PaddleX 2 took float32: pass cv2.imread's uint8 array as it is)"
+                if array.dtype == np.float32
+                else ""
+            )  # fmt: skip
         )
     return array
 

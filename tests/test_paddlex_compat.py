@@ -22,7 +22,7 @@ def test_paddlex_create_model_agrees_on_top1(trained: dict) -> None:
         for path, _ in read_split(trained["dataset"], "test")
     ]
     for image in images:
-        expected = ours.predict(image, top_k=1)[0]
+        expected = ours.predict(image, top_k=1, bgr=False)[0]
         # PaddleX takes BGR arrays; batch_size=1 because 3.7.2 mixes ids across a batch.
         (result,) = list(theirs.predict(image[:, :, ::-1].copy(), batch_size=1))
         assert int(np.ravel(result["class_ids"])[0]) == expected["category_id"]

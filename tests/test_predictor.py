@@ -66,9 +66,14 @@ def test_every_input_kind_gives_the_same_answer(predictor: Predictor, split_imag
     rgb = np.asarray(Image.open(path).convert("RGB"))
     expected = predictor.predict(path)
     assert len(expected) == 1
-    for source in (str(path), path.read_bytes(), Image.open(path), rgb):
+    for source in (str(path), path.read_bytes(), Image.open(path)):
         assert predictor.predict(source) == expected
+    assert predictor.predict(rgb, bgr=False) == expected
     assert predictor.predict(rgb[:, :, ::-1].copy(), bgr=True) == expected
+    with pytest.raises(ValueError, match="bgr=True for OpenCV's"):  # cv2.imread read as RGB
+        predictor.predict([path, rgb])  # was answered wrong, confidently
+    with pytest.raises(InvalidImageError, match="PaddleX 2 took float32"):
+        predictor.predict(rgb.astype(np.float32), bgr=True)
     pair = predictor.predict([path, path], top_k=2)
     assert predictor.timings.images == 2 and predictor.timings.inference_s > 0
     assert pair == [predictor.predict(path, top_k=2)] * 2

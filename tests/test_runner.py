@@ -150,7 +150,7 @@ def test_only_small_jpegs_decode_on_the_event_loop(trained: dict) -> None:
     large_png = buffer.getvalue()  # 5.8 MB: tens of ms to decode
     pixels = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"))
     inputs = {"small JPEG": small, "large PNG": large_png, "array": pixels}
-    expected = Predictor(trained["export_dir"], threads=1).predict(list(inputs.values()))
+    expected = Predictor(trained["export_dir"], threads=1).predict(list(inputs.values()), bgr=False)
     config = RunnerConfig(inline_decode_bytes=len(small), skip_guard=True)
     recorder = ThreadRecorder()
     runner = LCNetRunner(trained["export_dir"], config, recorder)
