@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import bentoml
@@ -20,7 +21,7 @@ from PIL import Image
 import train.training
 from lcnet_runner.artifact import load_folder
 from train.data import decode_split
-from train.plots import confusion_matrix
+from train.plots import _drawable, confusion_matrix, plot_confusion_matrix
 from train.pretrained import PretrainedError
 from train.report import report
 from train.split import read_labels, read_split
@@ -352,6 +353,17 @@ def test_report_answers_what_is_this_model(trained: dict) -> None:
 def test_confusion_matrix_counts() -> None:
     counts = confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3)
     assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_class_names_no_font_here_draws_become_their_ids(tmp_path: Path) -> None:
+    """Chinese class names (PaddleX's users have many) were drawn as boxes, with a warning per
+    glyph: a CJK font draws them where one is installed, else the axes show category ids."""
+    assert _drawable(["cat", "dog (2)"], ["DejaVu Sans"])
+    assert not _drawable(["猫", "dog"], ["DejaVu Sans"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_confusion_matrix(np.eye(2, dtype=int), ["猫", "狗"], tmp_path / "cm.png")
+    assert Image.open(path).format == "PNG"
 
 
 def versions(name: str) -> list:

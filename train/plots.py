@@ -40,6 +40,36 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
+# Tried in turn for each glyph (matplotlib falls back per glyph): its own DejaVu Sans, then the
+# CJK fonts Linux, Windows and macOS ship, for PaddleX's many users with Chinese class names.
+FONT_FAMILIES = ("DejaVu Sans", "Noto Sans CJK SC", "WenQuanYi Zen Hei", "Source Han Sans SC",
+                 "Microsoft YaHei", "SimHei", "PingFang SC")  # fmt: skip
+
+
+def _font_families() -> list[str]:
+    """The families of FONT_FAMILIES installed here."""
+    from matplotlib import font_manager
+
+    found = []
+    for family in FONT_FAMILIES:
+        try:
+            font_manager.findfont(family, fallback_to_default=False)
+        except ValueError:
+            continue
+        found.append(family)
+    return found
+
+
+def _drawable(labels: Sequence[str], families: Sequence[str]) -> bool:
+    """Whether ``families`` have a glyph for every character of ``labels``."""
+    from matplotlib import font_manager, ft2font
+
+    chars = {ord(char) for label in labels for char in label}
+    for family in families:
+        chars -= set(ft2font.FT2Font(font_manager.findfont(family)).get_charmap())
+    return not chars
+
+
 def plot_confusion_matrix(
     counts: np.ndarray, labels: Sequence[str], path: str | Path, title: str = "confusion matrix"
 ) -> Path:
@@ -58,12 +88,20 @@ def plot_confusion_matrix(
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     colorbar = figure.colorbar(image, ax=axes, shrink=0.8)
     colorbar.set_label("share of the true class", fontsize=big)
-    axes.set_xticks(range(n), labels, rotation=90 if n > 6 else 0, fontsize=fontsize)
-    axes.set_yticks(range(n), labels, fontsize=fontsize)
+    families = _font_families()
+    names = labels if _drawable(labels, families) else [str(i) for i in range(n)]
+    ticks = {"fontsize": fontsize, "fontfamily": families}
+    axes.set_xticks(range(n), names, rotation=90 if n > 6 else 0, **ticks)
+    axes.set_yticks(range(n), names, **ticks)
     axes.set_xlabel("predicted", fontsize=big)
     axes.set_ylabel("true", fontsize=big)
     top1 = np.trace(counts) / max(counts.sum(), 1)
-    axes.set_title(f"{title} (n={counts.sum()}, top-1 {top1:.3f})", fontsize=big)
+    title = f"{title} (n={counts.sum()}, top-1 {top1:.3f})"
+    if names is not labels:  # boxes for every name would tell no row from another
+        title += (
+            "\nclasses by category_id (the order of labels.txt): no font here draws their names"
+        )
+    axes.set_title(title, fontsize=big)
     if n <= 30:
         for i in range(n):
             for j in range(n):
