@@ -308,6 +308,7 @@ def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
     if missing:
         raise ModelNotFoundError(
             f"{folder} is not an exported model folder: missing {', '.join(missing)}"
+            + _paddlex2_hint(folder)
         )
     config = read_inference_yml(folder)
     info = _read_info(folder / INFO_FILE)
@@ -319,6 +320,18 @@ def load_folder(folder: str | Path, tag: str | None = None) -> ModelArtifact:
         preprocess=preprocess_from_inference_yml(config),
         info=info,
         tag=tag,
+    )
+
+
+def _paddlex2_hint(folder: Path) -> str:
+    """How to go on from a PaddleX 2 export (model.pdmodel, model.yml), which is not read: its
+    model.yml describes the transforms in a schema of its own."""
+    if not any((folder / name).is_file() for name in ("model.pdmodel", "model.yml")):
+        return ""
+    return (
+        " (a PaddleX 2 export: import its checkpoint instead, `python -m train import "
+        "best_model/model.pdparams --model PPLCNet_x1_0 --labels labels.txt`, or export it "
+        "again with PaddleX 3)"
     )
 
 

@@ -239,6 +239,17 @@ def test_predict_missing_model_folder(tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(image)
     result = run_cli("lcnet_runner", "predict", str(image), "--model", str(tmp_path), check=False)
     assert "not an exported model folder" in one_error_line(result)
+    assert "PaddleX 2" not in one_error_line(result)
+
+
+def test_a_paddlex2_export_says_how_to_import_it(tmp_path: Path) -> None:
+    """PaddleX 2 exported model.pdmodel + model.yml (its own schema): not read, and said so."""
+    for name in ("model.pdmodel", "model.pdiparams", "model.yml"):
+        (tmp_path / name).write_bytes(b"")
+    result = run_cli("train", "import", str(tmp_path), "--name", "px2", check=False)
+    line = one_error_line(result)
+    assert "not an exported model folder" in line
+    assert "a PaddleX 2 export: import its checkpoint instead" in line
 
 
 @pytest.mark.parametrize(
