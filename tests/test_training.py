@@ -465,4 +465,8 @@ def test_a_val_split_left_with_no_readable_image_is_as_if_absent(
     result = run_cli("train", "fit", str(data), *tiny_fit(epochs=1), "--save-dir",
                      str(tmp_path / "run"), "--name", "no-val")  # fmt: skip
     assert "val: skipped" in result.stderr
+    assert "no val images (val_list.txt lists none readable): the last epoch is kept" in (
+        result.stderr
+    )
+    assert "val_top1 —  val_top5 —" in result.stderr  # not Python's None
     assert json.loads(result.stdout.splitlines()[-1])["tag"].startswith("no-val:")

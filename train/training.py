@@ -388,12 +388,18 @@ def train(
     # A resumed run draws new augmentations instead of replaying the first epochs'.
     resumed = [state.epochs_done] if state.epochs_done else []
     rng = np.random.default_rng([config.seed, rank.index, *resumed])
+    if rank.main and "val" not in splits:
+        log("no val images (val_list.txt lists none readable): the last epoch is kept")
     for epoch in range(state.epochs_done, config.epochs):
         stats = train_one_epoch(network, state.optimizer, splits["train"], config, epoch, rng, rank)
         # Rank 0 alone validates and checkpoints; its early-stop decision reaches every rank.
         stop = rank.main and end_of_epoch(state, epoch, stats, splits.get("val"), labels, config)
         if distributed.broadcast_flag(stop, rank):
             break
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
 
 
 def end_of_epoch(
@@ -428,8 +434,8 @@ def end_of_epoch(
         save_atomic(state.model.state_dict(), save_dir / BEST_WEIGHTS)
     log(
         f"epoch {epoch + 1}/{config.epochs}  lr {row['lr']:.5f}  loss {stats['loss']:.4f}  "
-        f"train_top1 {stats['top1']:.3f}  val_top1 {row['val_top1']}  "
-        f"val_top5 {row['val_top5']}  {stats['images_per_s']:.0f} img/s"
+        f"train_top1 {stats['top1']:.3f}  val_top1 {_share(row['val_top1'])}  "
+        f"val_top5 {_share(row['val_top5'])}  {stats['images_per_s']:.0f} img/s"
     )
     patience = config.early_stop_patience
     if patience and epoch - state.best_epoch >= patience:
