@@ -50,6 +50,16 @@ def test_paddleclas_label_files_lose_their_indices(trained: dict, tmp_path: Path
     assert Predictor(tag, threads=1).labels == tuple(CLASS_NAMES)
 
 
+def test_the_python_api_takes_the_class_names_themselves(trained: dict) -> None:
+    """``train.import_model(..., labels=[...])`` (the README's call) raised a TypeError."""
+    import train
+
+    tag = train.import_model(trained["export_dir"], name="listed", labels=["sky", "grass", "fire"])
+    assert Predictor(tag, threads=1).labels == ("sky", "grass", "fire")
+    with pytest.raises(ValueError, match="^labels: each class needs its own name"):
+        train.import_model(trained["export_dir"], name="listed", labels=["a", "a", "b"])
+
+
 def test_import_paddleclas_style_folder(trained: dict, tmp_path: Path) -> None:
     """A PaddleClas export: no labels.txt or model_info.json, labels only in inference.yml."""
     folder = tmp_path / "paddleclas_export"

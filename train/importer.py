@@ -10,6 +10,7 @@ import errno
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,21 @@ from .model import build_model
 from .pretrained import load_weights, read_state_dict
 
 
-def read_label_names(path: Path) -> list[str]:
-    """``--labels``: one class name a line, in class-index order. PaddleClas's own label files
-    (``class_id_map_file``: ``0 tench, Tinca tinca``) put each class's index first; when every
-    line starts with its own index, 0, 1, 2…, the indices are dropped, or every answer would
-    name ``0 tench``. Names must differ: two classes of one name cannot be told apart."""
-    names = list(read_labels_file(path))
+def read_label_names(labels: str | Path | Sequence[str]) -> list[str]:
+    """``--labels``: a file of one class name a line, in class-index order (or, from Python, the
+    names themselves). PaddleClas's own label files (``class_id_map_file``: ``0 tench, Tinca
+    tinca``) put each class's index first; when every line starts with its own index, 0, 1,
+    2…, the indices are dropped, or every answer would name ``0 tench``. Names must differ:
+    two classes of one name cannot be told apart."""
+    from_file = isinstance(labels, (str, Path))
+    names = list(read_labels_file(Path(labels))) if from_file else [str(n) for n in labels]
     numbered = [line.partition(" ") for line in names]
     if all(index == str(i) and name for i, (index, _, name) in enumerate(numbered)):
         names = [name for _, _, name in numbered]
     if twice := sorted(name for name, count in Counter(names).items() if count > 1):
         shown = ", ".join(repr(name) for name in twice[:3])
-        raise ValueError(f"--labels {path}: each class needs its own name; named twice: {shown}")
+        where = f"--labels {labels}" if from_file else "labels"
+        raise ValueError(f"{where}: each class needs its own name; named twice: {shown}")
     return names
 
 
@@ -122,19 +126,20 @@ def import_model(
     *,
     name: str = "pplcnet",
     model: str | None = None,
-    labels: str | Path | None = None,
+    labels: str | Path | Sequence[str] | None = None,
     input_size: int = 224,
     resize_short: int = 0,  # 0: input_size × 256/224
 ) -> str:
     """Store ``source`` as a new version of ``name``; returns the tag.
 
     ``source`` is an exported folder (labels from ``labels.txt``, ``inference.yml`` or ``labels``)
-    or a ``.pdparams`` checkpoint, which needs ``model`` (e.g. ``PPLCNet_x1_0``) and ``labels``.
+    or a ``.pdparams`` checkpoint, which needs ``model`` (e.g. ``PPLCNet_x1_0``) and ``labels``:
+    a labels file's path, or the class names in class-index order.
     """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(errno.ENOENT, "no such model folder or .pdparams file", str(source))
-    label_list = read_label_names(Path(labels)) if labels else None
+    label_list = read_label_names(labels) if labels else None
     with tempfile.TemporaryDirectory(prefix="lcnet-import-") as tmp:
         folder = Path(tmp) / "model"
         if source.is_dir():
