@@ -263,26 +263,70 @@ def _decode_errors(source: ImageSource) -> Iterator[None]:
         raise InvalidImageError(f"{_where(source)}cannot decode image ({kind})") from None
 
 
+# With a pixel limit, an image is someone else's (a server's request): only formats Pillow opens
+# by their header are read. ICO and ICNS decode their largest image as they open, before its size
+# is known: a 685 KB ICO of 169 M pixels took 1.7 s and 640 MiB before its refusal.
+# (A JPEG opens as MPO when it holds several pictures, as phones' do.)
+LIMITED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA", "JPEG2000", "AVIF")
+# A progressive JPEG decodes every one of its scans over every block: a 264 KB file of 410 scans
+# held a worker 26 s. Encoders write ~10 (libjpeg's progressive script: 10 in colour, 6 in grey).
+MAX_JPEG_SCANS = 64
+
+
 def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -> Image.Image:
     """The image opened (header read, nothing decoded), its size checked, a large JPEG drafted
-    to decode at the smallest DCT scale that keeps its short side >= ``short_side``."""
+    to decode at the smallest DCT scale that keeps its short side >= ``short_side``. With a
+    ``max_pixels``, only LIMITED_FORMATS and JPEGs of at most MAX_JPEG_SCANS scans."""
     if isinstance(source, _ENCODED) and not source:
         raise InvalidImageError("empty image data")
+    formats = _limited_formats() if max_pixels is not None else None
     try:
-        opened = Image.open(io.BytesIO(source) if isinstance(source, _ENCODED) else source)
+        opened = Image.open(io.BytesIO(source) if isinstance(source, _ENCODED) else source,
+                            formats=formats)  # fmt: skip
     except Image.DecompressionBombError as err:  # over twice Pillow's own limit: ours is lower
         message = _over_pillows_limit(err, max_pixels)
         raise ImageTooLargeError(f"{_where(source)}{message}") from None
+    except UnidentifiedImageError:
+        if formats is None:
+            raise
+        raise InvalidImageError(
+            f"{_where(source)}not an image format the server reads (JPEG, PNG, WebP, GIF, BMP, "
+            "TIFF, PNM, TGA, JPEG 2000, AVIF)"
+        ) from None
     try:
         _check_pixels(opened, max_pixels)
-    except ImageTooLargeError as err:
+        if max_pixels is not None and opened.format in ("JPEG", "MPO"):
+            _check_scans(opened, source)
+    except InvalidImageError as err:
         opened.close()
-        raise ImageTooLargeError(f"{_where(source)}{err}") from None
+        raise type(err)(f"{_where(source)}{err}") from None
     width, height = opened.size
     if short_side is not None and opened.format == "JPEG":
         scale = short_side / min(width, height)
         opened.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
     return opened
+
+
+def _limited_formats() -> list[str]:
+    """LIMITED_FORMATS this Pillow reads (AVIF needs a build with libavif)."""
+    Image.init()  # registers every plugin, the first time only
+    return [name for name in LIMITED_FORMATS if name in Image.OPEN]
+
+
+def _check_scans(opened: Image.Image, source: ImageSource) -> None:
+    """InvalidImageError for a JPEG of more than MAX_JPEG_SCANS scans. Each scan starts with an
+    SOS marker (FF DA), which entropy-coded data cannot hold (its FF bytes are stuffed), so
+    counting them costs ~10 µs for a photo; an EXIF thumbnail's few count too."""
+    if isinstance(source, _ENCODED):
+        data = source if isinstance(source, (bytes, bytearray)) else bytes(source)
+    else:
+        opened.fp.seek(0)  # Pillow seeks back to the scan it decodes from
+        data = opened.fp.read()
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImageError(
+            f"JPEG of {scans} scans, more than the limit of {MAX_JPEG_SCANS} (encoders write ~10)"
+        )
 
 
 def _over_pillows_limit(err: Image.DecompressionBombError, max_pixels: int | None) -> str:

@@ -241,11 +241,12 @@ class LCNetRunner:
         for index, image in enumerate(images):
             with _naming(index, len(images)):
                 total += math.prod(image_size(image, short_side, each))
-        if total > self.config.max_batch_pixels:
-            raise ImageTooLargeError(
-                f"the {len(images)} images decode to {total} pixels in all, more than the limit "
-                f"of {self.config.max_batch_pixels} a request: send them in smaller batches"
-            )
+            if total > self.config.max_batch_pixels:  # the rest need not even be opened
+                raise ImageTooLargeError(
+                    f"the {len(images)} images decode to more than the limit of "
+                    f"{self.config.max_batch_pixels} pixels a request (the first {index + 1}: "
+                    f"{total}): send them in smaller batches"
+                )
 
     async def close(self) -> None:
         await self._batcher.close()

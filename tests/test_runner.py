@@ -232,5 +232,10 @@ def test_a_batch_is_refused_from_its_headers_past_its_pixel_budget(trained: dict
             await runner.close()
 
     assert len(asyncio.run(main([big.getvalue()] * 2 + [photo.getvalue()] * 2))) == 4
-    with pytest.raises(ImageTooLargeError, match="the 3 images decode to 3000000 pixels in all"):
+    with pytest.raises(
+        ImageTooLargeError, match=r"limit of 2500000 pixels a request \(the first 3: 3000000\)"
+    ):
         asyncio.run(main([big.getvalue()] * 3))
+    # Counted up to the first image past the limit: the last is not even opened.
+    with pytest.raises(ImageTooLargeError, match=r"the 4 images .* \(the first 3: 3000000\)"):
+        asyncio.run(main([big.getvalue()] * 3 + [b"not even an image"]))
