@@ -53,7 +53,7 @@ from .engines import (
     REFERENCE,
     Engine,
     Variant,
-    cpu_lacks,
+    cannot_run,
     create_engine,
     error_text,
     matching_variants,
@@ -256,11 +256,16 @@ def _race_here(order: dict[str, Any]) -> None:
 def refuse_unusable(
     artifact: ModelArtifact, engine: str, precision: str, skip_guard: bool = False
 ) -> None:
-    """Raise the one-line error a named variant would raise at load (guard figures, then its
-    self-check on this CPU) without keeping anything loaded; ``auto`` always finds a variant."""
+    """Raise the one-line error a named variant would raise at load (its file and this CPU,
+    then, unless skipped, its guard figures and its self-check here) without keeping anything
+    loaded; ``auto`` always finds a variant."""
     requested = matching_variants(engine, precision)
-    if len(requested) == 1 and not skip_guard and requested[0] != REFERENCE:
-        check(artifact, requested[0])  # the reference has no figures and no self-check
+    if len(requested) != 1 or requested[0] == REFERENCE:  # the reference: no figures, no check
+        return
+    if reason := cannot_run(requested[0], artifact):
+        raise ValueError(reason)
+    if not skip_guard:
+        check(artifact, requested[0])
         if (artifact.path / SELF_CHECK_FILE).is_file():
             load(artifact, requested[0], 1, skip_guard)
 
@@ -274,8 +279,8 @@ def load(
 ) -> Choice:
     """One variant: what this CPU can do, its stored guard figures, the engine (``engine``: one
     already loaded), then the self-check here."""
-    if reason := cpu_lacks(variant):
-        raise ValueError(reason)
+    if reason := cannot_run(variant, artifact):  # before the figures: a missing file is no
+        raise ValueError(reason)  # "not checked", which skip_guard would not mend
     if not skip_guard:
         check(artifact, variant)
     engine = engine or create_engine(variant, artifact, threads)

@@ -70,6 +70,19 @@ def cpu_lacks(variant: Variant) -> str | None:
     return None
 
 
+def cannot_run(variant: Variant, artifact: ModelArtifact) -> str | None:
+    """Why ``variant`` cannot run ``artifact`` here, found without loading anything: this CPU,
+    or a file the model lacks (an INT8 variant never made). None: ``create_engine`` goes on."""
+    try:
+        if variant.engine == "onnxruntime":
+            _onnx_file(artifact)
+        elif variant.engine == "openvino":
+            _openvino_file(artifact, variant.precision)
+    except ValueError as err:
+        return str(err)
+    return cpu_lacks(variant)
+
+
 def _require(module: str, extra: str):
     try:
         return __import__(module)

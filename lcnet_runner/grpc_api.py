@@ -229,8 +229,9 @@ async def start_grpc_server(
         server.add_insecure_port(address)
     except RuntimeError:  # "Failed to bind": a program other than a server of ours holds it
         raise GrpcPortTakenError(
-            f"gRPC cannot listen on {address}, taken or not allowed: choose another port with "
-            "LCNET_GRPC_PORT, or turn gRPC off with LCNET_GRPC_PORT=0"
+            f"gRPC cannot listen on {address}: the port is taken, or {settings.grpc_host} is no "
+            "address of this machine: choose another with LCNET_GRPC_PORT or LCNET_GRPC_HOST, "
+            "or turn gRPC off with LCNET_GRPC_PORT=0"
         ) from None
     await server.start()
     logger.info("gRPC %s listening on %s", SERVICE_NAME, address)

@@ -12,6 +12,7 @@ from bentoml._internal.context import server_context
 from bentoml.exceptions import InvalidArgument
 
 from .predictor import Prediction, TopKError, checked_top_k
+from .reload import UnreadableModelError
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -83,7 +84,9 @@ def served_model_info(
         **runner.describe(),
         "limits": {
             "max_body_bytes": settings.max_body_bytes,
+            "body_timeout_s": settings.body_timeout_s,
             "max_pixels": settings.runner.max_pixels,
+            "max_batch_pixels": settings.runner.max_batch_pixels,
             "max_batch_images": settings.max_batch_images,
         },
         "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
@@ -117,4 +120,6 @@ def request_reload(reloader: Reloader | None, tag: str | None) -> dict[str, str]
         raise RequestError(422, str(err)) from None
     except LookupError:
         raise RequestError(404, f"model {tag!r} is not in the BentoML store") from None
+    except UnreadableModelError as err:  # the store's fault, not the request's
+        raise RequestError(409, str(err)) from None
     return {"tag": resolved, "state": "requested", "serving": reloader.served.tag}

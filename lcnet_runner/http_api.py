@@ -113,7 +113,7 @@ async def read_upload(
         raise RequestError(415, "send multipart/form-data with the image as a file field")
     limit = settings.max_body_bytes
     _refuse_declared_excess(request, limit)
-    parser = MultiPartParser(
+    parser = _WholeBodyParser(
         request.headers,
         _limited(request, limit),
         max_files=settings.max_batch_images,
@@ -127,6 +127,8 @@ async def read_upload(
             raise handlers.too_many_images(settings) from None
         raise RequestError(400, f"malformed multipart body: {err.message}") from None
     try:
+        if not parser.ended:
+            raise RequestError(400, "malformed multipart body: it ends before its closing boundary")
         values = form.getlist(field)
         if not values:
             raise RequestError(422, f"missing file field {field!r}")
@@ -143,6 +145,17 @@ async def read_upload(
         return [await v.read() for v in values], top_k
     finally:
         await form.close()
+
+
+class _WholeBodyParser(MultiPartParser):
+    """Starlette's multipart parser, which also tells whether the body reached its closing
+    boundary (python-multipart calls ``on_end`` there alone). Starlette drops a part left
+    unfinished in silence, and a cut-off upload was answered "missing file field"."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
 
 
 def _declared_empty(request: Request) -> bool:

@@ -188,11 +188,21 @@ def resolve(tag: str) -> str:
     import bentoml
 
     try:
+        bentoml.Tag.from_taglike(tag)
+    except (bentoml.exceptions.BentoMLException, ValueError) as err:  # "Invalid Tag x:y:z"
+        raise ValueError(f"{tag!r} is not a store tag such as 'name:version': {err}") from None
+    try:
         return str(find_stored(tag).tag)
     except bentoml.exceptions.NotFound:
         raise LookupError(f"{tag} is not in the BentoML store") from None
-    except bentoml.exceptions.BentoMLException as err:  # e.g. "Invalid Tag x:y:z"
-        raise ValueError(f"{tag!r} is not a store tag such as 'name:version': {err}") from None
+    except bentoml.exceptions.BentoMLException as err:  # e.g. "malformed model.yaml"
+        raise UnreadableModelError(
+            f"{tag}: its store entry cannot be read ({err}): store that version again"
+        ) from None
+
+
+class UnreadableModelError(RuntimeError):
+    """A version in the store whose entry BentoML cannot read (its own ``model.yaml``)."""
 
 
 class Reloader:

@@ -7,7 +7,13 @@ is another server.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
 from bentoml._internal.context import server_context
 
@@ -39,3 +45,28 @@ def server_alive(server: str) -> bool:
 def this_server() -> str:
     """The `bentoml serve` this worker belongs to: its arbiter, the worker's parent."""
     return server_id(os.getppid())
+
+
+def stop_server(why: str) -> None:
+    """Stop this worker's whole `bentoml serve` (a worker that cannot start is otherwise
+    restarted forever), and have it exit with 1: stopped by SIGTERM alone it exited 0, which a
+    supervisor restarting on failure takes for a clean stop."""
+    with contextlib.suppress(OSError):  # no temp folder to write: it stops all the same
+        _stop_file(this_server()).write_text(why, encoding="utf-8")
+    os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
+
+
+def exit_1_if_stopped() -> None:
+    """At the exit of `bentoml serve`'s own process (``atexit``): exit 1 when a worker stopped it
+    (``stop_server``). Last of the exit handlers, so flushing what it skips itself."""
+    stopped = _stop_file(server_id(os.getpid()))
+    if stopped.is_file():
+        stopped.unlink(missing_ok=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _stop_file(server: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"lcnet-stop-{server.replace(':', '-')}"

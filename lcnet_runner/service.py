@@ -13,9 +13,11 @@ exporter). Everything else — the runner, its engine choice, the limits — bel
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
-import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +47,23 @@ from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
 SERVICE_NAME = "lcnet"
-AT_DEFINITION = ServingSettings.from_env()
+
+
+@contextlib.contextmanager
+def _refusing_to_serve() -> Iterator[None]:
+    """What stops the service at start (a setting out of range, a model missing, a variant
+    refused) as BentoML's one line, ``Error: [serve] `serve` failed: <ours>``, exit code 1: as
+    itself, it was the last line of a 60-line traceback through click and importlib."""
+    try:
+        yield
+    except (ValueError, ModelNotFoundError) as err:
+        raise bentoml.exceptions.BentoMLException(str(err)) from None
+
+
+with _refusing_to_serve():
+    AT_DEFINITION = ServingSettings.from_env()
+if server_context.worker_index is None:  # `bentoml serve`'s own process: what its exit says
+    atexit.register(servers.exit_1_if_stopped)
 http_app = http_api.create_app()
 
 
@@ -101,8 +119,9 @@ def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: Serving
     tracing=middleware.tracing_config(SERVICE_NAME),
 )
 class LCNetService:
-    model = _model_reference(AT_DEFINITION.model)
-    _refuse_unusable_variant(model, AT_DEFINITION)
+    with _refusing_to_serve():
+        model = _model_reference(AT_DEFINITION.model)
+        _refuse_unusable_variant(model, AT_DEFINITION)
 
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
@@ -229,12 +248,12 @@ def _serves_grpc(settings: ServingSettings) -> bool:
 
 
 def _stop_the_server(why: str) -> None:
-    """Stop the whole `bentoml serve` — as a port taken by another process stops it — rather
-    than let BentoML restart a worker that cannot start, again and again. Not as a dependency:
-    that server is someone else's service, which BentoML keeps up without ours."""
+    """Stop the whole `bentoml serve`, exit code 1 — as a port taken by another process stops
+    it — rather than let BentoML restart a worker that cannot start, again and again. Not as a
+    dependency: that server is someone else's service, which BentoML keeps up without ours."""
     logger.error("error: %s", why)
     if server_context.worker_index is not None and not servers.serving_as_dependency():
-        os.kill(os.getppid(), signal.SIGTERM)  # a worker: its parent is the server
+        servers.stop_server(why)
 
 
 # Outermost of ours, so that every answer to a listed origin carries CORS headers, the fast

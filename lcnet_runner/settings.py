@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 
@@ -65,6 +66,11 @@ class ServingSettings:
             # HTTP headers arrive as Latin-1 and gRPC metadata takes ASCII only: such a token
             # could never be sent right.
             raise ValueError("LCNET_ADMIN_TOKEN must be printable ASCII")
+        if self.grpc_port and not _resolves(self.grpc_host):
+            raise ValueError(
+                f"LCNET_GRPC_HOST={self.grpc_host!r} is neither an IP address nor a host name "
+                "this machine resolves"
+            )
         if self.body_timeout_s <= 0:
             raise ValueError("LCNET_BODY_TIMEOUT_S must be > 0")
         if self.reload_interval_s <= 0:
@@ -154,6 +160,14 @@ def _parse(name: str, raw: str, kind: type) -> object:
     if kind is float and not math.isfinite(value):
         raise ValueError(f"{env_variable(name)}={raw!r} is not a finite number")
     return value
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host.removeprefix("[").removesuffix("]"), None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -142,6 +142,8 @@ def refusal(env: dict[str, str]) -> str:
             server.wait_ready(timeout=300)
     finally:
         server.stop()
+    # 0 would tell a supervisor that restarts on failure (systemd, docker) of a clean stop
+    assert server.process.returncode == 1, server.process.returncode
     return server.output()
 
 

@@ -200,6 +200,22 @@ def test_serve_refuses_a_failing_variant_before_starting_workers(folder: Path) -
     assert "openvino/bf16 fails the accuracy guard" in refused_start(env)
 
 
+def test_a_variant_the_model_lacks_is_refused_at_start_even_unguarded(folder: Path) -> None:
+    """LCNET_SKIP_GUARD=1, which the "not checked" error of a missing INT8 variant suggested,
+    skipped every start-up check: the workers failed on the missing file and were restarted
+    forever (260 times in 10 minutes)."""
+    from train.export import save_to_store
+
+    for file in (folder / INT8_FILE, (folder / INT8_FILE).with_suffix(".bin")):
+        file.unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="has no INT8 variant; make one with"):
+        Predictor(folder, engine="openvino", precision="int8")  # not "not been checked"
+    tag = save_to_store(folder, "no-int8", load_folder(folder).info)
+    env = {"LCNET_MODEL": tag, "LCNET_ENGINE": "openvino", "LCNET_PRECISION": "int8",
+           "LCNET_SKIP_GUARD": "1"}  # fmt: skip
+    assert "has no INT8 variant; make one with" in refused_start(env)
+
+
 def test_an_unchecked_variant_is_refused_and_auto_falls_back(folder: Path) -> None:
     info = load_folder(folder).info
     write_info(folder, {k: v for k, v in info.items() if k != GUARD_KEY})

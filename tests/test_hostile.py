@@ -371,6 +371,7 @@ def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str)
         ("LCNET_MAX_PIXELS", "0", "must be >= 1"),
         ("LCNET_MAX_BATCH_IMAGES", "0", "must be >= 1"),
         ("LCNET_WORKERS", "x", "is not a whole number"),
+        ("LCNET_GRPC_HOST", "999.1.1.1", "neither an IP address nor a host name"),  # exited 0
         # a folder: a traceback about BentoML tags
         ("LCNET_MODEL", "output/pplcnet/inference", "store a folder with `python -m train import"),
     ],

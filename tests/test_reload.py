@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import bentoml
 import grpc
@@ -475,6 +476,29 @@ def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkey
         assert reloader._requested() is None, text
     write_request(reloader.request_path, f"{NAME}:v2")
     assert reloader._requested() == f"{NAME}:v2"
+
+
+def test_a_store_entry_bentoml_cannot_read_is_not_the_requests_fault(trained: dict) -> None:
+    """A damaged model.yaml (BentoML's own, which files.sha256 does not cover) was answered 422,
+    "not a store tag": the operator's request blamed for the store."""
+    from lcnet_runner.handlers import RequestError, request_reload
+    from lcnet_runner.reload import resolve
+
+    tag = save_to_store(
+        Path(trained["export_dir"]), "damaged", load_folder(trained["export_dir"]).info
+    )
+    folder = Path(bentoml.models.get(tag).path)
+    try:
+        (folder / "model.yaml").write_text("")
+        reloader = SimpleNamespace(request=resolve)  # what Reloader.request does first
+        with pytest.raises(RequestError) as refused:
+            request_reload(reloader, tag)
+        assert refused.value.status == 409
+        assert f"{tag}: its store entry cannot be read" in str(refused.value)
+        with pytest.raises(ValueError, match="is not a store tag"):
+            resolve("x:y:z")
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monkeypatch) -> None:

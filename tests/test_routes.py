@@ -228,6 +228,24 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("path", ["/classify", "/classify_batch", "/predict"])
+def test_an_upload_cut_off_before_its_closing_boundary_is_said_so(
+    client: TestClient, path: str
+) -> None:
+    """Starlette drops an unfinished part in silence: it was "missing file field 'image'"."""
+    field = "images" if path == "/classify_batch" else "image"
+    part = (f'--x\r\nContent-Disposition: form-data; name="{field}"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + png()  # fmt: skip
+    for cut_off in (part, part + b"\r\n--x"):
+        response = client.post(path, **body(cut_off, f"{MULTIPART}; boundary=x"))
+        assert response.status_code == 400, response.text
+        assert response.json() == {
+            "error": "malformed multipart body: it ends before its closing boundary"
+        }
+    whole = client.post(path, **body(part + b"\r\n--x--\r\n", f"{MULTIPART}; boundary=x"))
+    assert whole.status_code == 200, whole.text
+
+
 @pytest.mark.parametrize("path, kwargs, status", BAD_REQUESTS)
 def test_bad_requests_get_a_json_4xx(client: TestClient, path, kwargs, status) -> None:
     response = client.post(path, **kwargs)
