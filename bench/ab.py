@@ -4,6 +4,7 @@
     python bench/ab.py --other-env LCNET_SOLO_THREADS=1 [--clients 1] [--protocol grpc]
     python bench/ab.py --other-protocol body          # one server, two ways to send the JPEG
     python bench/ab.py REV --clients 8 --beside png   # and one client sending large images
+    python bench/ab.py REV --clients 8 --image photo  # every client sending 12 MP photos
 
 With REV (a commit, branch or tag), checks it out in a temporary git worktree and serves the same
 model (x1.0 with random weights and INT8, guard skipped, defaults otherwise) from both trees, each
@@ -14,7 +15,8 @@ sending the 500×375 JPEG (HTTP: to /classify; gRPC: Classify, a channel each), 
 whose order alternates, and prints each pair's throughput ratio (this ÷ the other), their median
 and how many pairs this one won. With ``--beside KIND`` one more client sends large images
 (``common.large_image``) in every burst, and the JPEG clients' p99 latencies are compared too:
-what a large upload does to everyone else's requests.
+what a large upload does to everyone else's requests. ``--image KIND`` has every client send a
+large image instead of the JPEG.
 
 Why bursts: this machine's speed drifts by tens of percent within minutes, and two servers
 measured one after the other compare two machines (in one A/B of whole runs, the same change
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--other-env", nargs="*", default=[], help="KEY=VALUE for the other")
     parser.add_argument("--other-protocol", choices=PROTOCOLS, help="how the other is loaded")
     parser.add_argument("--beside", choices=LARGE_KINDS, help="one more client, large images")
+    parser.add_argument("--image", choices=LARGE_KINDS, help="what every client sends instead")
     args = parser.parse_args()
     print(cpu_kind())
     if not (args.revision or args.other_env or args.other_protocol):
@@ -93,7 +96,7 @@ def main() -> None:
     other = " ".join(filter(None, [args.revision, *args.other_env, args.other_protocol]))
 
     tag = make_store(args.model, int8=True)
-    image = photo_jpeg()
+    image = large_image(args.image) if args.image else photo_jpeg()
     with checkout(args.revision) as tree:
         starts = {"this": lambda: serve(ROOT, tag, env)}
         if args.revision or args.other_env:

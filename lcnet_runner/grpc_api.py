@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import handlers, servers
+from .metrics import GrpcCallMetrics
 from .protos import lcnet_pb2, lcnet_pb2_grpc
 from .settings import REQUEST_TIMEOUT_S, ServingSettings
 
@@ -108,14 +110,17 @@ class AdminServicer(lcnet_pb2_grpc.AdminServicer):
         return lcnet_pb2.ReloadResponse(**await _call(context, reload()))
 
 
-def _add_servicer(server: grpc.aio.Server, name: str, servicer: object) -> None:
+def _add_servicer(
+    server: grpc.aio.Server, name: str, servicer: object, calls: GrpcCallMetrics
+) -> None:
     """Register ``servicer`` as the generated ``add_*Servicer_to_server`` does, except that a
     request that is not a valid protobuf message is the client's mistake, INVALID_ARGUMENT: gRPC
-    parses it before any servicer code runs and answers UNKNOWN with the parser's exception."""
+    parses it before any servicer code runs and answers UNKNOWN with the parser's exception.
+    Each call is counted in ``calls`` (BentoML's request metrics count HTTP alone)."""
     service = lcnet_pb2.DESCRIPTOR.services_by_name[name.rpartition(".")[2]]
     methods = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            _refusing_malformed(getattr(servicer, method.name)),
+            _measured(_refusing_malformed(getattr(servicer, method.name)), method.name, calls),
             request_deserializer=_parsed_or_none(getattr(lcnet_pb2, method.input_type.name)),
             response_serializer=getattr(lcnet_pb2, method.output_type.name).SerializeToString,
         )
@@ -140,6 +145,20 @@ def _refusing_malformed(method: Callable[[Any, Any], Awaitable[Any]]):
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed protobuf message")
         return await method(request, context)
+
+    return call
+
+
+def _measured(
+    method: Callable[[Any, Any], Awaitable[Any]], name: str, calls: GrpcCallMetrics
+) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def call(request, context):
+        start = time.perf_counter()
+        try:
+            return await method(request, context)
+        finally:  # an abort (every refusal) raises: its code is the context's
+            calls.record(name, (context.code() or grpc.StatusCode.OK).name,
+                         time.perf_counter() - start)  # fmt: skip
 
     return call
 
@@ -214,10 +233,11 @@ async def start_grpc_server(
             ("grpc.max_connection_age_grace_ms", 1000 * REQUEST_TIMEOUT_S),
         ]
     server = grpc.aio.server(options=options)
-    _add_servicer(server, SERVICE_NAME, ClassifierServicer(served, settings, reloader))
+    calls = GrpcCallMetrics()
+    _add_servicer(server, SERVICE_NAME, ClassifierServicer(served, settings, reloader), calls)
     services = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if settings.admin_token:
-        _add_servicer(server, ADMIN_SERVICE_NAME, AdminServicer(settings, reloader))
+        _add_servicer(server, ADMIN_SERVICE_NAME, AdminServicer(settings, reloader), calls)
         services.append(ADMIN_SERVICE_NAME)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -64,3 +64,23 @@ class ReloadCounter:
 
     def count(self, result: str) -> None:
         self._reloads(model=self._model, result=result).inc()
+
+
+class GrpcCallMetrics:
+    """gRPC calls by method and status code, and their seconds by method: BentoML's own request
+    metrics (``bentoml_service_request_*``) count HTTP alone."""
+
+    def __init__(self) -> None:
+        self._calls = _metric(
+            "Counter", "lcnet_grpc_requests",
+            "gRPC calls by method (Classify, ClassifyBatch, ModelInfo, Reload) and status code",
+            labelnames=("method", "code"),
+        ).labels  # fmt: skip
+        self._seconds = _metric(
+            "Histogram", "lcnet_grpc_request_duration_seconds", "Seconds per gRPC call, by method",
+            labelnames=("method",), buckets=_LATENCY_BUCKETS,
+        ).labels  # fmt: skip
+
+    def record(self, method: str, code: str, seconds: float) -> None:
+        self._calls(method=method, code=code).inc()
+        self._seconds(method=method).observe(seconds)

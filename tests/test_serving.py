@@ -82,6 +82,30 @@ def test_bentoml_endpoints_keep_working(server: Server) -> None:
     assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
 
 
+def _grpc_calls(server: Server, code: str) -> float:
+    """Classify calls answered ``code``, summed over workers from /metrics."""
+    text = httpx.get(f"{server.url}/metrics").text
+    lines = re.findall(r"^lcnet_grpc_requests_total\{([^}]*)\} (\S+)", text, re.M)
+    return sum(float(v) for labels, v in lines
+               if f'code="{code}"' in labels and 'method="Classify"' in labels)  # fmt: skip
+
+
+def test_grpc_calls_are_counted_by_method_and_code(server: Server, images: list[bytes]) -> None:
+    """BentoML's request metrics count HTTP alone: gRPC traffic and its refusals were nowhere."""
+    ok, refused = _grpc_calls(server, "OK"), _grpc_calls(server, "INVALID_ARGUMENT")
+    with Client(server.grpc_url) as client:
+        for _ in range(3):
+            client.classify(images[0])
+        with pytest.raises(ClientError):
+            client.classify(b"not an image")
+    assert _grpc_calls(server, "OK") == ok + 3
+    assert _grpc_calls(server, "INVALID_ARGUMENT") == refused + 1
+    text = httpx.get(f"{server.url}/metrics").text
+    assert re.search(
+        r'^lcnet_grpc_request_duration_seconds_count\{[^}]*method="Classify"', text, re.M
+    )
+
+
 def _batch_histogram(server: Server) -> tuple[float, float]:
     """(batches formed, batches of size 1) summed over workers from /metrics."""
     text = httpx.get(f"{server.url}/metrics").text
