@@ -96,8 +96,8 @@ def test_another_service_composes_ours_with_depends(trained: dict) -> None:
         # (BentoML 1.4 puts an error it answers in a list: [{"error": ...}])
         refused = httpx.post(f"{server.url}/tag_product", files={"photo": ("a.txt", b"words")})
         assert refused.status_code == 400
-        [answer] = refused.json()
-        assert answer["error"].startswith("not an image format the server reads (JPEG, PNG")
+        [said] = refused.json()
+        assert said["error"].startswith("not an image format the server reads (JPEG, PNG")
     finally:
         server.stop()
     (best,) = Predictor(trained["tag"], threads=1).predict(photo, top_k=1)

@@ -144,14 +144,13 @@ def test_only_small_jpegs_decode_on_the_event_loop(trained: dict) -> None:
     and an array decode on the runner's decode thread, and the loop serves others meanwhile
     (here: a small JPEG sent while a large PNG decodes is answered first). Same answers."""
     small = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
-    noise = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, "PNG", compress_level=1)
-    large_png = buffer.getvalue()  # 5.8 MB: tens of ms to decode
     pixels = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((1600, 1200)).save(buffer, "PNG", compress_level=1)
+    large_png = buffer.getvalue()  # 2 M pixels: tens of ms to decode
     inputs = {"small JPEG": small, "large PNG": large_png, "array": pixels}
     expected = Predictor(trained["export_dir"], threads=1).predict(list(inputs.values()), bgr=False)
-    config = RunnerConfig(inline_decode_bytes=len(small), skip_guard=True)
+    config = RunnerConfig(inline_decode_bytes=len(small))  # the variant the Predictor chose
     recorder = ThreadRecorder()
     runner = LCNetRunner(trained["export_dir"], config, recorder)
     finished: list[str] = []
