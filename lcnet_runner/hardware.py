@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +93,3 @@ def cores_free(cores: int, loadavg: str = "/proc/loadavg") -> bool:
     except (OSError, ValueError, IndexError):
         return True
     return running <= cores
-
-
-def lower_this_threads_priority(by: int = 10) -> None:
-    """The calling thread yields the cores to the process's other threads while they want them
-    (Linux, where each thread has its own nice value; elsewhere nothing changes: the call would
-    apply to the whole process)."""
-    if sys.platform != "linux":
-        return
-    thread = threading.get_native_id()
-    try:
-        os.setpriority(
-            os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + by)
-        )
-    except OSError:  # not allowed here (a sandbox): the same work, at the same priority
-        pass

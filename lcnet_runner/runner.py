@@ -25,7 +25,7 @@ import numpy as np
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
 from .engines import matching_variants
-from .hardware import lower_this_threads_priority, resolve_threads
+from .hardware import resolve_threads
 from .predictor import Prediction, Predictor, checked_top_k, top_k_predictions
 from .preprocess import (
     MAX_PIXELS,
@@ -121,11 +121,7 @@ class LCNetRunner:
         )
         # One thread, so large images decode one at a time per worker, as they did on the
         # event loop: their pixels are most of what a worker's memory holds under hostile load.
-        # At a lower priority: a large image takes the cores the small requests leave, so its
-        # sender waits for it rather than everyone else.
-        self._decoder = ThreadPoolExecutor(
-            1, thread_name_prefix="lcnet-decode", initializer=lower_this_threads_priority
-        )
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="lcnet-decode")
         self._warm_up()
 
     @classmethod
