@@ -66,11 +66,13 @@ class RunnerConfig:
     # What the images of one request may decode to in all: 64 PNGs just under max_pixels held
     # a worker for a minute (and answered 504); this is ~4 s of decoding.
     max_batch_pixels: int = 4 * MAX_PIXELS
-    # A JPEG of up to this many bytes decodes on the event loop that read it (~1.3 ms for a
-    # 500×375 photo: a hop to a thread would cost more than it spares); every other image
-    # decodes on the runner's decode thread, so that a phone photo (~40 ms) or a 12 MP PNG
-    # (~0.6 s) does not stop the worker reading and answering other requests. 0: all there.
-    inline_decode_bytes: int = 256 * 1024
+    # A JPEG of up to this many bytes decodes on the event loop that read it: libjpeg-turbo
+    # decodes it in time about proportional to its file (at reduced scale, ~13 ms a MB: ~20 ms
+    # for a 12 MP phone photo), and photos sent one after another were 9–23 % fewer a second
+    # through a thread (docs/benchmarks.md). Every other image decodes on the runner's decode
+    # thread, as its time grows with its pixels whatever its file's size (a 4 MP PNG ~60 ms,
+    # 40 MP ~1 s), so the worker goes on reading and answering other requests. 0: all there.
+    inline_decode_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         matching_variants(self.engine, self.precision)  # an unknown name: what exists instead
