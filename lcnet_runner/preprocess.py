@@ -153,13 +153,13 @@ def is_image_file(path: Path) -> bool:
 
 def _checked(array: np.ndarray) -> np.ndarray:
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3 or not array.size:
+        paddlex2 = array.dtype == np.float32  # what PaddleX 2's Predictor took
+        hint = (
+            " (PaddleX 2 took float32: pass cv2.imread's uint8 array as it is)" if paddlex2 else ""
+        )
         raise InvalidImageError(
             f"arrays must be HxWx3 uint8 with pixels, got shape {array.shape} dtype {array.dtype}"
-            + (
-                " (PaddleX 2 took float32: pass cv2.imread's uint8 array as it is)"
-                if array.dtype == np.float32
-                else ""
-            )  # fmt: skip
+            f"{hint}"
         )
     return array
 

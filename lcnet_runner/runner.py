@@ -178,9 +178,9 @@ class LCNetRunner:
         return crop
 
     async def _decoded(self, image: ImageSource) -> np.ndarray:
-        """``decode`` where it costs least: a small JPEG right here, on the event loop; anything
-        else on the decode thread (Pillow, libjpeg-turbo and OpenCV let go of the GIL), while
-        the loop goes on serving other requests."""
+        """``decode`` where it costs least: a JPEG up to ``inline_decode_bytes`` right here, on
+        the event loop; anything else on the decode thread (Pillow, libjpeg-turbo and OpenCV let
+        go of the GIL), while the loop goes on serving other requests."""
         if is_small_jpeg(image, self.config.inline_decode_bytes):
             return self.decode(image)
         loop = asyncio.get_running_loop()
@@ -229,8 +229,8 @@ class LCNetRunner:
         for index, image in enumerate(images):
             with _naming(index, len(images)):
                 crops.append(await self._decoded(image))
-            # A small JPEG's decode holds the worker's event loop: between images, let it read
-            # the other connections' requests (64 of them would otherwise stall them, and a
+            # A JPEG's decode holds the worker's event loop: between images, let it read the
+            # other connections' requests (64 of them would otherwise stall them, and a
             # SIGTERM meanwhile would drop them as not yet started).
             await asyncio.sleep(0)
         return self._format(await self._batcher.call_many(crops), top_k)
