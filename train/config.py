@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,14 @@ DERIVED: dict[str, tuple[str, Callable[[int], Any], Any]] = {
     "resize_short": ("input_size", default_resize_short, 0),
     "lr_decay_epochs": ("epochs", decay_epochs, ()),
 }
+
+
+def holds_derived(values: Mapping[str, Any], name: str) -> bool:
+    """Whether ``values`` (a FitConfig's fields, or a checkpoint's record of them: tuples as
+    lists) hold for the DERIVED setting ``name`` what FitConfig derives from its source."""
+    source, derive, _ = DERIVED[name]
+    value = values[name]
+    return (tuple(value) if isinstance(value, list) else value) == derive(values[source])
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,8 @@ class FitConfig:
         """A copy with ``changes``, in which what this config derived from a setting that
         changes is derived again: ``FitConfig().changed(epochs=40)`` decays the learning rate
         at 16, 24 and 32, not at the 4, 6 and 8 of the default 10 epochs."""
-        for name, (source, derive, blank) in DERIVED.items():
-            derived_here = getattr(self, name) == derive(getattr(self, source))
-            if source in changes and name not in changes and derived_here:
+        for name, (source, _, blank) in DERIVED.items():
+            if source in changes and name not in changes and holds_derived(vars(self), name):
                 changes[name] = blank
         return dataclasses.replace(self, **changes)
 

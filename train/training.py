@@ -33,7 +33,7 @@ from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import CHECKPOINT, FitConfig, decay_epochs
+from .config import CHECKPOINT, FitConfig, holds_derived
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -153,8 +153,7 @@ def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
     epochs only when one run named them: derived from --epochs on both sides, they follow it."""
     now = dataclasses.asdict(config)
     derived = "epochs" in saved and all(
-        _flag_value(run["lr_decay_epochs"]) == _flag_value(decay_epochs(run["epochs"]))
-        for run in (saved, now)
+        holds_derived(run, "lr_decay_epochs") for run in (saved, now)
     )
     changed = [
         f"--{key.replace('_', '-')} {_flag_value(now[key])} (that run: {_flag_value(saved[key])})"
