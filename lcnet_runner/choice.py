@@ -262,12 +262,13 @@ def refuse_unusable(
     requested = matching_variants(engine, precision)
     if len(requested) != 1 or requested[0] == REFERENCE:  # the reference: no figures, no check
         return
-    if reason := cannot_run(requested[0], artifact):
+    variant = requested[0]
+    if not skip_guard and (artifact.path / SELF_CHECK_FILE).is_file():
+        load(artifact, variant, 1, skip_guard)  # its file, this CPU, its figures, the self-check
+    elif reason := cannot_run(variant, artifact):
         raise ValueError(reason)
-    if not skip_guard:
-        check(artifact, requested[0])
-        if (artifact.path / SELF_CHECK_FILE).is_file():
-            load(artifact, requested[0], 1, skip_guard)
+    elif not skip_guard:
+        check(artifact, variant)
 
 
 def load(

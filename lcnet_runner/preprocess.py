@@ -291,8 +291,7 @@ def _open(source: ImageSource, max_pixels: int | None, short_side: int | None) -
         if formats is None:
             raise
         raise InvalidImageError(
-            f"{_where(source)}not an image format the server reads (JPEG, PNG, WebP, GIF, BMP, "
-            "TIFF, PNM, TGA, JPEG 2000, AVIF)"
+            f"{_where(source)}not an image format the server reads ({', '.join(formats)})"
         ) from None
     try:
         _check_pixels(opened, max_pixels)
