@@ -8,9 +8,14 @@ swaps in) reports to the same ones under its own label.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .batching import BatchStats
+
+if TYPE_CHECKING:
+    from .runner import LCNetRunner
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = tuple(float(2**i) for i in range(9))  # 1 … 256 images
@@ -19,9 +24,13 @@ STAGES = ("decode", "queue_wait", "inference")
 
 @functools.cache
 def _metric(kind: str, name: str, documentation: str, **spec: Any) -> Any:
-    import bentoml  # its metrics work across BentoML's worker processes
+    # Imported once a worker runs, not with this module: BentoML sets the folder where its
+    # workers' metrics meet (PROMETHEUS_MULTIPROC_DIR) as a worker starts, after importing the
+    # service, and prometheus_client reads it at import (what bentoml.metrics, deprecated in
+    # BentoML 1.4.40 for prometheus_client itself, deferred too).
+    import prometheus_client
 
-    return getattr(bentoml.metrics, kind)(name=name, documentation=documentation, **spec)
+    return getattr(prometheus_client, kind)(name=name, documentation=documentation, **spec)
 
 
 class PrometheusObserver:
@@ -64,6 +73,42 @@ class ReloadCounter:
 
     def count(self, result: str) -> None:
         self._reloads(model=self._model, result=result).inc()
+
+
+class ServedVersions:
+    """How many workers serve each version of one model, and on which variant: a reload's
+    rollout as it goes, where each worker's ``/model`` speaks for itself alone. Each worker sets
+    1 for what it serves, 0 for what it served; ``/metrics`` sums the live workers."""
+
+    def __init__(self, model: str) -> None:
+        self._workers = _metric(
+            "Gauge", "lcnet_model_served_workers",
+            "Workers serving each model version, and on which engine variant",
+            labelnames=("model", "version", "variant"), multiprocess_mode="livesum",
+        ).labels  # fmt: skip
+        self._model = model
+        forget_dead_workers()
+
+    def serving(self, runner: LCNetRunner, serving: bool) -> None:
+        version = runner.tag.rpartition(":")[2]
+        variant = str(runner.predictor.variant)
+        self._workers(model=self._model, version=version, variant=variant).set(int(serving))
+
+
+def forget_dead_workers() -> None:
+    """Drop the live-gauge files of workers that are gone. A worker that exits marks its own
+    (BentoML does, as it stops); one killed (OOM, SIGKILL) cannot, and its last values would
+    be summed for as long as the server runs. The worker started in its place clears them."""
+    import prometheus_client.multiprocess
+    import psutil
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    for file in Path(folder).glob("gauge_live*_*.db"):
+        pid = file.stem.rpartition("_")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            prometheus_client.multiprocess.mark_process_dead(int(pid), folder)
 
 
 class GrpcCallMetrics:

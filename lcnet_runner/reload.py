@@ -64,10 +64,16 @@ class _Version:
 
 
 class ServedModel:
-    """The runner a worker serves now. Used from the worker's event loop only."""
+    """The runner a worker serves now. Used from the worker's event loop only. ``on_serving`` is
+    told each runner that starts (True) or stops (False) being the one served: a metric of the
+    versions the workers serve."""
 
-    def __init__(self, runner: LCNetRunner):
+    def __init__(
+        self, runner: LCNetRunner, on_serving: Callable[[LCNetRunner, bool], None] | None = None
+    ):
         self._current = _Version(runner)
+        self._on_serving = on_serving or (lambda runner, serving: None)
+        self._on_serving(runner, True)
 
     @property
     def runner(self) -> LCNetRunner:
@@ -92,6 +98,8 @@ class ServedModel:
     async def swap(self, runner: LCNetRunner) -> None:
         """Serve ``runner`` from the next request on; close the old one once it is unused."""
         old, self._current = self._current, _Version(runner)
+        self._on_serving(old.runner, False)  # first: a swap to the same version ends served
+        self._on_serving(runner, True)
         if old.in_flight:
             old.drained.clear()
             await old.drained.wait()
@@ -100,6 +108,7 @@ class ServedModel:
         release_memory()
 
     async def close(self) -> None:
+        self._on_serving(self._current.runner, False)
         await self._current.runner.close()
 
 

@@ -40,7 +40,7 @@ from .artifact import (
     verify_checksums,
 )
 from .choice import refuse_unusable
-from .metrics import PrometheusObserver, ReloadCounter
+from .metrics import PrometheusObserver, ReloadCounter, ServedVersions
 from .reload import Reloader, ServedModel
 from .runner import LCNetRunner
 from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
@@ -127,7 +127,8 @@ class LCNetService:
         self.settings = ServingSettings.from_env()
         self.observer = PrometheusObserver(self.model.tag.name)
         self.served = ServedModel(
-            self._runner(load_folder(self.model.path, tag=str(self.model.tag)))
+            self._runner(load_folder(self.model.path, tag=str(self.model.tag))),
+            on_serving=ServedVersions(self.model.tag.name).serving,
         )
         self.reloader = None
         if self.settings.reload != "off":

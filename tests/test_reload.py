@@ -24,6 +24,7 @@ import grpc
 import httpx
 import pytest
 from conftest import CLASS_NAMES, model_info_from, replacement, workers
+from prometheus_client.parser import text_string_to_metric_families
 
 from lcnet_runner.artifact import (
     PARAMS_FILE,
@@ -129,6 +130,30 @@ class SteadyLoad:
 
 def model_info(server: Server) -> dict:
     return httpx.get(f"{server.url}/model").json()
+
+
+def served_workers(server: Server, model: str) -> dict[str, float]:
+    """``/metrics``' count of the workers serving each version of ``model``, each on the
+    variant ``/model`` names."""
+    info = model_info(server)
+    variant = f"{info['engine']}/{info['precision']}"
+    text = httpx.get(f"{server.url}/metrics").text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples if family.name == "lcnet_model_served_workers" else []:
+            if sample.labels["model"] == model:
+                assert sample.labels["variant"] == variant, sample
+                counts[f"{model}:{sample.labels['version']}"] = sample.value
+    return counts
+
+
+def until_served_workers(server: Server, model: str, expected: dict, timeout: float = 60) -> None:
+    """Until ``/metrics`` counts ``expected`` workers per version: a replaced worker's count
+    arrives as it starts."""
+    until = time.monotonic() + timeout
+    while (counts := served_workers(server, model)) != expected and time.monotonic() < until:
+        time.sleep(0.5)
+    assert counts == expected
 
 
 def settled_reload_state(server: Server, state: str, timeout: float = 60) -> dict:
@@ -322,6 +347,7 @@ def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
         newer = save_version(first, [f"asked {name}" for name in CLASS_NAMES])
         time.sleep(4 * REQUEST_POLL_S)  # what `watch` would have been given to find it
         assert {model_info(server)["tag"] for _ in range(8)} == {first}
+        assert served_workers(server, "asked") == {first: 2}
         response = admin_reload(server, TOKEN)
         assert response.status_code == 202
         assert response.json() == {"tag": newer, "state": "requested", "serving": first}
@@ -331,11 +357,14 @@ def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
                             timeout=deadline - time.monotonic())  # fmt: skip
         metrics = httpx.get(f"{server.url}/metrics").text
         assert 'lcnet_model_reloads_total{model="asked",result="ok"} 2.0' in metrics
+        assert served_workers(server, "asked") == {newer: 2, first: 0}
         # The version the server started on, deleted now that nobody serves it: a worker
         # restarted after a crash starts anyway (it failed at every restart, forever).
         bentoml.models.delete(first)
         image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
         assert_a_restarted_worker_serves(server, image, newer)
+        # the killed worker, which could not take its count back, is no longer counted
+        until_served_workers(server, "asked", {newer: 2, first: 0})
     finally:
         server.stop()
 
