@@ -378,7 +378,8 @@ def pinned_model(tag: str):
     stored, loads that version rather than resolving ``:latest`` again and serving another model
     than its siblings. If that version has left the
     store since (deleted after a rollout), such a worker starts on what ``tag`` names now, rather
-    than fail at every restart: its reloader, if on, then brings it to its siblings' version.
+    than fail at every restart; with reloading on, the workers then end on one version
+    (``reload.Reloader._successor``).
     ModelNotFoundError when the store has no such model."""
     import bentoml
     from bentoml._internal.context import server_context

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from bentoml._internal.context import server_context
 from bentoml.exceptions import InvalidArgument
 
+from .artifact import ModelNotFoundError
 from .predictor import Prediction, TopKError, checked_top_k
 from .reload import UnreadableModelError
 from .runner import LCNetRunner
@@ -118,8 +119,8 @@ def request_reload(reloader: Reloader | None, tag: str | None) -> dict[str, str]
         resolved = reloader.request(tag or None)
     except ValueError as err:
         raise RequestError(422, str(err)) from None
-    except LookupError:
-        raise RequestError(404, f"model {tag!r} is not in the BentoML store") from None
+    except ModelNotFoundError as err:
+        raise RequestError(404, str(err)) from None
     except UnreadableModelError as err:  # the store's fault, not the request's
         raise RequestError(409, str(err)) from None
     return {"tag": resolved, "state": "requested", "serving": reloader.served.tag}

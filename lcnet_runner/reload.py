@@ -38,7 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import servers
-from .artifact import ModelArtifact, bentoml_home, load_folder, verify_checksums, write_text_atomic
+from .artifact import (
+    ModelArtifact,
+    ModelNotFoundError,
+    bentoml_home,
+    load_folder,
+    verify_checksums,
+    write_text_atomic,
+)
 from .child import run_python
 from .runner import LCNetRunner
 
@@ -203,11 +210,23 @@ def resolve(tag: str) -> str:
     try:
         return str(find_stored(tag).tag)
     except bentoml.exceptions.NotFound:
-        raise LookupError(f"{tag} is not in the BentoML store") from None
-    except bentoml.exceptions.BentoMLException as err:  # e.g. "malformed model.yaml"
+        raise ModelNotFoundError(f"{tag} is not in the BentoML store") from None
+    # A damaged model.yaml raises whatever its reader meets: BentoML's "malformed model.yaml",
+    # YAML's ScannerError, cattrs' validation errors, a KeyError for a missing field...
+    except Exception as err:
         raise UnreadableModelError(
-            f"{tag}: its store entry cannot be read ({err}): store that version again"
+            f"{tag}: its store entry cannot be read ({type(err).__name__}: {err}): store that "
+            "version again"
         ) from None
+
+
+def in_store(tag: str) -> bool:
+    """Whether the store still holds ``tag`` (a version may be deleted after a rollout)."""
+    try:
+        find_stored(tag)
+    except Exception:  # not there, or no longer readable: not a version to move to
+        return False
+    return True
 
 
 class UnreadableModelError(RuntimeError):
@@ -231,12 +250,16 @@ class Reloader:
         self.watch, self.interval_s = watch, interval_s
         self.make_runner, self.on_result = make_runner, on_result
         self.status = ReloadStatus(tag=served.tag)
+        self.started_on = served.tag  # what a worker restarted now starts on, if still stored
         self.request_path = request_file(model_name)
         # the last version swapped in
         self.swapped_in = self.request_path.with_suffix(".served.json")
         self._request_id: str | None = None
         self._request_stamp: tuple[int, int] | None = None  # (inode, mtime) last read
         self._request_at = 0.0  # when the last request acted on was made
+        self._request_tag: str | None = None  # and the version it named
+        self._store_error: str | None = None  # why the last look at the store failed
+        self._left_store: str | None = None  # a served version found gone from the store
         self._latest_seen = served.tag if watch else None
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         self._task: asyncio.Task[None] | None = None
@@ -270,6 +293,8 @@ class Reloader:
                 if self.watch and time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + self.interval_s
                     wanted = await asyncio.to_thread(self._newest) or wanted
+                if wanted is None and self._served_left_the_store():
+                    wanted = await asyncio.to_thread(self._successor)
                 if wanted == self.served.tag:
                     self.status = ReloadStatus("idle", wanted)  # e.g. back to it after a failure
                 elif wanted is not None:
@@ -294,7 +319,7 @@ class Reloader:
         self._request_stamp = (stat.st_ino, stat.st_mtime_ns)
         if request_id == self._request_id:
             return None
-        self._request_id, self._request_at = request_id, at
+        self._request_id, self._request_at, self._request_tag = request_id, at, tag
         return tag
 
     def _newest(self) -> str | None:
@@ -302,15 +327,59 @@ class Reloader:
         the last request: a request for an older version outranks a version stored before it."""
         try:
             model = find_stored(f"{self.model_name}:latest")  # both stores read once per look
-            newest = str(model.tag)
-            if newest == self._latest_seen:
-                return None
-            after_the_request = model.info.creation_time.timestamp() > self._request_at
-            self._latest_seen = newest
-            return newest if after_the_request else None
-        except Exception as err:  # a store being written to; look again next time
-            logger.warning("reload: cannot read the store: %s", err)
+        except Exception as err:  # a store entry being written, or damaged: looked at again
+            self._cannot_read_the_store(err)
             return None
+        if self._store_error is not None:  # readable again: what failed was the look
+            self._store_error = None
+            if self.status.error and self.status.error.startswith("cannot read the store"):
+                self.status = ReloadStatus("idle", self.served.tag)
+        newest = str(model.tag)
+        if newest == self._latest_seen:
+            return None
+        after_the_request = model.info.creation_time.timestamp() > self._request_at
+        self._latest_seen = newest
+        return newest if after_the_request else None
+
+    def _cannot_read_the_store(self, err: Exception) -> None:
+        """Said once per cause, in the log, ``/model`` and the failed count: it was a warning
+        every interval, and nothing an operator looks at."""
+        why = f"cannot read the store: {type(err).__name__}: {err}"
+        if why == self._store_error:
+            return
+        self._store_error = why
+        logger.warning("reload: %s", why)
+        self.status = ReloadStatus("failed", f"{self.model_name}:latest", why)
+        self._count("failed")
+
+    def _served_left_the_store(self) -> bool:
+        """Whether the served version's folder has left the store since this worker loaded it
+        (a stat per look; once per version)."""
+        if (
+            self.served.tag == self._left_store
+            or self.served.runner.predictor.artifact.path.is_dir()
+        ):
+            return False
+        self._left_store = self.served.tag
+        return True
+
+    def _successor(self) -> str | None:
+        """What to serve once the served version has left the store (deleted after a rollout),
+        where a worker restarted now cannot load it: what that worker comes to serve by the same
+        rule, so the two end on one version. The newest stored, when watching and it is later
+        than the last request; else the last request's version, if still stored; else the
+        version this worker started on (the server's), or the newest when that left too."""
+        logger.warning("reload: %s is no longer in the store", self.served.tag)
+        try:
+            newest = find_stored(f"{self.model_name}:latest")
+        except Exception as err:
+            self._cannot_read_the_store(err)
+            return None
+        if self.watch and newest.info.creation_time.timestamp() > self._request_at:
+            return str(newest.tag)
+        if self._request_tag is not None and in_store(self._request_tag):
+            return self._request_tag
+        return self.started_on if in_store(self.started_on) else str(newest.tag)
 
     async def reload(self, tag: str) -> bool:
         """Load ``tag`` and swap it in; False if it failed (the served version stays)."""
@@ -323,6 +392,7 @@ class Reloader:
             logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
             self._count("failed")
             return False
+        _warn_of_other_classes(self.served.runner, runner)
         await self.served.swap(runner)
         self.status = ReloadStatus("idle", tag)
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
@@ -347,9 +417,12 @@ class Reloader:
             return
         self._rejoin_at = time.monotonic() + self._rejoin_wait_s
         self._rejoin_wait_s = min(2 * self._rejoin_wait_s, REJOIN_RETRY_S[1])
+        if not await asyncio.to_thread(in_store, theirs):  # deleted since: never loads again
+            return  # (the others move off it too: _successor)
         failure = self.status
-        if await self.reload(theirs) and theirs != failure.tag:
-            self.status = failure
+        await self.reload(theirs)
+        if theirs != failure.tag:  # /model says what failed, as the others' do (reload logged
+            self.status = failure  # the rejoin's own failure)
 
     def _load(self, tag: str) -> LCNetRunner:
         artifact = load_folder(find_stored(tag).path, tag=tag)
@@ -363,6 +436,17 @@ class Reloader:
 
     def describe(self) -> dict:
         return asdict(self.status)
+
+
+def _warn_of_other_classes(served: LCNetRunner, new: LCNetRunner) -> None:
+    """A new version may have other classes (one added, one dropped: a retrain's business),
+    but a client that keeps ``category_id``s reads them against the old list from now on."""
+    if list(new.labels) != list(served.labels):
+        logger.warning(
+            "reload: %s has other classes than %s (%d: %s; were %d): category_id %s",
+            new.tag, served.tag, len(new.labels), ", ".join(new.labels[:8]), len(served.labels),
+            "changes meaning for clients",
+        )  # fmt: skip
 
 
 def try_load_in_child(folder: Path) -> None:

@@ -128,6 +128,18 @@ class SteadyLoad:
         raise AssertionError(f"answers did not switch to {tag}: {self.answers[-5:]}")
 
 
+class FakeRunner:
+    """A runner as ServedModel and Reloader see it: its tag, labels, the folder it was loaded
+    from (one that exists: still in the store), and close()."""
+
+    def __init__(self, tag: str):
+        self.tag, self.labels = tag, CLASS_NAMES
+        self.predictor = SimpleNamespace(artifact=SimpleNamespace(path=Path.cwd()))
+
+    async def close(self) -> None:
+        pass
+
+
 def model_info(server: Server) -> dict:
     return httpx.get(f"{server.url}/model").json()
 
@@ -369,6 +381,33 @@ def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
         server.stop()
 
 
+def test_workers_end_on_one_version_after_the_served_one_leaves_the_store(trained: dict) -> None:
+    """Deleted after a rollout, the served version can no longer be loaded by a worker BentoML
+    restarts: the restarted one started on the server's first version and tried the deleted
+    one for good, the other went on serving it from memory, and answers came from two models
+    at random. Both now end on the server's first version (what the restarted one can load)."""
+    info = load_folder(trained["export_dir"]).info
+    first = save_to_store(trained["export_dir"], "leaving", info)
+    env = {"LCNET_MODEL": "leaving", "LCNET_WORKERS": "2", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    server = Server(".", env).wait_ready()
+    try:
+        rolled_out = save_version(first, [f"leaving {name}" for name in CLASS_NAMES])
+        assert admin_reload(server, TOKEN, {"tag": rolled_out}).status_code == 202
+        until_served_workers(server, "leaving", {rolled_out: 2, first: 0})
+        bentoml.models.delete(rolled_out)
+        victim = workers(server)[0]
+        os.kill(victim, signal.SIGKILL)
+        replacement(server, victim, 2)
+        until_served_workers(server, "leaving", {first: 2, rolled_out: 0})
+        image = (trained["dataset"] / "green" / "1.jpg").read_bytes()
+        with SteadyLoad(server, image) as load:
+            time.sleep(2)
+        assert {version for _, _, ok, version, _, _ in load.answers if ok} == {first}
+    finally:
+        server.stop()
+
+
 def assert_a_restarted_worker_serves(server: Server, image: bytes, expected: str) -> None:
     """Kill a worker: the one started in its place comes to serve ``expected`` (its own
     ``/model`` says so, once it has looked at the store and the request file), and then every
@@ -444,14 +483,8 @@ def test_stopping_the_reloader_waits_until_it_has_ended() -> None:
     between."""
     from lcnet_runner.reload import Reloader, ServedModel
 
-    class Runner:
-        tag = f"{NAME}:v1"
-
-        async def close(self) -> None:
-            pass
-
     async def start_and_stop() -> bool:
-        served = ServedModel(Runner())
+        served = ServedModel(FakeRunner(f"{NAME}:v1"))
         reloader = Reloader(served, NAME, watch=False, interval_s=1, make_runner=lambda _: None)
         reloader.start()
         await asyncio.sleep(0.05)
@@ -492,11 +525,12 @@ def test_a_request_file_that_is_no_request_is_passed_over(tmp_path: Path, monkey
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path))  # where the request files are
     from lcnet_runner.reload import Reloader, ServedModel, write_request
 
-    class Runner:
-        tag = f"{NAME}:v1"
-
     reloader = Reloader(
-        ServedModel(Runner()), NAME, watch=False, interval_s=1, make_runner=lambda _: None
+        ServedModel(FakeRunner(f"{NAME}:v1")),
+        NAME,
+        watch=False,
+        interval_s=1,
+        make_runner=lambda _: None,
     )
     reloader.request_path.parent.mkdir(parents=True, exist_ok=True)
     for text in ("[]", '{"id": "a", "at": "soon", "tag": "x"}', '"tag"', "{}", "{"):
@@ -517,17 +551,28 @@ def test_a_store_entry_bentoml_cannot_read_is_not_the_requests_fault(trained: di
         Path(trained["export_dir"]), "damaged", load_folder(trained["export_dir"]).info
     )
     folder = Path(bentoml.models.get(tag).path)
+    written = (folder / "model.yaml").read_text()
+    without_name = "".join(line for line in written.splitlines(True) if line[:5] != "name:")
+    reloader = SimpleNamespace(request=resolve)  # what Reloader.request does first
     try:
-        (folder / "model.yaml").write_text("")
-        reloader = SimpleNamespace(request=resolve)  # what Reloader.request does first
-        with pytest.raises(RequestError) as refused:
-            request_reload(reloader, tag)
-        assert refused.value.status == 409
-        assert f"{tag}: its store entry cannot be read" in str(refused.value)
+        # empty, cut off half-way (YAML's own error), a field missing (a KeyError, once taken
+        # for "not in the store", and answered 404 for "model None")
+        for damaged in ("", written[: len(written) // 2], without_name):
+            (folder / "model.yaml").write_text(damaged)
+            with pytest.raises(RequestError) as refused:
+                request_reload(reloader, tag)
+            assert refused.value.status == 409, (damaged, refused.value)
+            assert f"{tag}: its store entry cannot be read" in str(refused.value)
         with pytest.raises(ValueError, match="is not a store tag"):
             resolve("x:y:z")
     finally:
         shutil.rmtree(folder)
+    with pytest.raises(RequestError) as refused:  # no tag: the newest of the name, said so
+        request_reload(SimpleNamespace(request=lambda tag: resolve(tag or "nothing:latest")), None)
+    assert (refused.value.status, str(refused.value)) == (
+        404,
+        "nothing:latest is not in the BentoML store",
+    )
 
 
 def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monkeypatch) -> None:
@@ -539,24 +584,17 @@ def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monk
 
     monkeypatch.setattr(reload, "REQUEST_POLL_S", 0.01)
     monkeypatch.setattr(reload, "REJOIN_RETRY_S", (0.2, 1.0))
-
-    class Runner:
-        def __init__(self, tag: str):
-            self.tag = tag
-
-        async def close(self) -> None:
-            pass
-
+    monkeypatch.setattr(reload, "in_store", lambda tag: True)  # the store's edge
     loads = []
 
-    def load(tag: str) -> Runner:  # the store's edge: the first load of v2 here fails
+    def load(tag: str) -> FakeRunner:  # the store's edge: the first load of v2 here fails
         loads.append(tag)
         if len(loads) == 1:
             raise MemoryError("a passing failure")
-        return Runner(tag)
+        return FakeRunner(tag)
 
     async def request_v2_and_wait() -> list:
-        served = reload.ServedModel(Runner(f"{NAME}:v1"))
+        served = reload.ServedModel(FakeRunner(f"{NAME}:v1"))
         reloader = reload.Reloader(
             served, NAME, watch=False, interval_s=1, make_runner=lambda _: None
         )
@@ -577,3 +615,32 @@ def test_a_worker_whose_reload_failed_here_only_tries_again(tmp_path: Path, monk
     states = asyncio.run(request_v2_and_wait())
     assert ("failed", f"{NAME}:v1") in states  # served v1 meanwhile, said so
     assert states[-1] == ("idle", f"{NAME}:v2") and loads == [f"{NAME}:v2"] * 2
+
+
+def test_a_store_that_cannot_be_read_is_said_once(tmp_path: Path, monkeypatch) -> None:
+    """Watching, a store entry BentoML cannot read was a log warning at every look (39 in two
+    minutes) and nothing in /model or /metrics: now once per cause, in all three, until a look
+    reads the store again."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    from lcnet_runner import reload
+
+    counted = []
+    reloader = reload.Reloader(
+        reload.ServedModel(FakeRunner(f"{NAME}:v1")), NAME, watch=True, interval_s=1,
+        make_runner=lambda _: None, on_result=counted.append,
+    )  # fmt: skip
+
+    def damaged(tag: str):
+        raise KeyError("name")
+
+    monkeypatch.setattr(reload, "find_stored", damaged)
+    assert [reloader._newest(), reloader._newest()] == [None, None]
+    assert counted == ["failed"]
+    assert reloader.describe() == {
+        "state": "failed", "tag": f"{NAME}:latest",
+        "error": "cannot read the store: KeyError: 'name'",
+    }  # fmt: skip
+    stored = SimpleNamespace(tag=f"{NAME}:v1", info=SimpleNamespace(creation_time=None))
+    monkeypatch.setattr(reload, "find_stored", lambda tag: stored)
+    assert reloader._newest() is None  # the version served: nothing to load
+    assert reloader.describe() == {"state": "idle", "tag": f"{NAME}:v1", "error": None}
