@@ -7,9 +7,18 @@ import subprocess
 import sys
 
 
+class ChildFailedError(ChildProcessError):
+    """The child ended with an error (or was killed by a signal); what it printed until then."""
+
+    def __init__(self, message: str, stdout: str):
+        super().__init__(message)
+        self.stdout = stdout
+
+
 def run_python(args: list[str], timeout_s: float) -> str:
-    """``python *args`` in a fresh interpreter; its stdout. ChildProcessError with the last line
-    of its stderr when it fails, or when it has not finished within ``timeout_s``."""
+    """``python *args`` in a fresh interpreter; its stdout. ChildFailedError with the last line
+    of its stderr (or its exit code) when it fails; ChildProcessError when it has not finished
+    within ``timeout_s``."""
     try:
         done = subprocess.run(
             [sys.executable, *args], capture_output=True, text=True, timeout=timeout_s
@@ -17,6 +26,9 @@ def run_python(args: list[str], timeout_s: float) -> str:
     except subprocess.TimeoutExpired:
         raise ChildProcessError(f"no answer within {timeout_s:g} s") from None
     if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
-        raise ChildProcessError(lines[-1])
+        if done.returncode < 0:  # killed: whatever it wrote last is not why
+            why = f"killed by signal {-done.returncode}"
+        else:
+            why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise ChildFailedError(why, done.stdout)
     return done.stdout

@@ -5,6 +5,9 @@ bounded timing of batch-16 throughput at the serving thread count. Batch 16 beca
 throughput-bound under load (the batcher forms full batches then); a lone request is fast on any
 variant. Rankings differ between CPU kinds (bf16 needs avx512_bf16/AMX, INT8 gains most with
 VNNI, ONNX Runtime beat OpenVINO fp32 on an AVX2-only EPYC), so no order is written down here.
+The variants are timed in interleaved rounds, each keeping its median (a machine's drift hits
+them alike), and a lower precision ranks above a higher one only when it is PRECISION_MARGIN
+faster per step (fp32 → bf16 → int8): within the race's noise, the more precise variant serves.
 The model then serves the first variant of the ranking that passed the accuracy guard (the
 figures stored with it) and its self-check here; Paddle fp32, the reference, always does.
 
@@ -25,10 +28,11 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
@@ -46,7 +50,7 @@ from .artifact import (
     load_folder,
     write_text_atomic,
 )
-from .child import run_python
+from .child import ChildFailedError, run_python
 from .engines import (
     AUTO,
     ENGINES,
@@ -58,17 +62,23 @@ from .engines import (
     error_text,
     matching_variants,
 )
-from .guard import AccuracyGuardError, check, self_check
+from .guard import AccuracyGuardError, check, self_check, self_check_text
 from .hardware import cpu_features, default_threads, resolve_threads
 
 logger = logging.getLogger("lcnet_runner")
 RACE_BATCH = 16
-RACE_SECONDS = 0.4  # per variant, after one warm-up batch; at least RACE_MIN_BATCHES
-RACE_MIN_BATCHES = 3
+RACE_SECONDS = 0.4  # per variant in all, after one warm-up batch
+RACE_ROUNDS = 3  # each variant once per round, in turn; at least RACE_MIN_BATCHES a round
+RACE_MIN_BATCHES = 1
+# How much faster a variant one precision step lower (fp32 → bf16 → int8) must be to rank
+# above: one race's figures of a variant spread by ±5-10 % on a quiet machine, and a tie (bf16
+# 8,238 against fp32 8,229 img/s) went to the less precise one.
+PRECISION_MARGIN = 0.10
+PRECISIONS = ("fp32", "bf16", "int8")  # most precise first
 # Part of every race's key: bump it when what an engine does per image changes (2: OpenVINO
 # normalizes inside its graph), so that races cached with the old engines are run again, or when
-# the cached record changes its layout (3: a Race's fields).
-RACE_REVISION = 3
+# the cached record changes its layout or meaning (3: a Race's fields; 4: rounds, the margin).
+RACE_REVISION = 4
 
 
 @dataclass
@@ -76,7 +86,7 @@ class Race:
     """What an engine race found on this machine, as it is cached: the variants that ran,
     fastest first, and why the others could not."""
 
-    images_per_s: dict[str, float]  # variant → batch-16 img/s, fastest first
+    images_per_s: dict[str, float]  # variant → batch-16 img/s, in ranking order (ranked())
     not_runnable: dict[str, str]  # variant → why it did not run (not installed, not this CPU...)
     batch: int
     threads: int
@@ -92,9 +102,8 @@ class Race:
 
     def with_raced_again(self, again: Race) -> Race:
         """This race with ``again``'s variants (its failures, raced again) in their places."""
-        speeds = {**self.images_per_s, **again.images_per_s}
-        ranked = dict(sorted(speeds.items(), key=lambda item: item[1], reverse=True))
-        return replace(self, images_per_s=ranked, not_runnable=again.not_runnable)
+        speeds = ranked({**self.images_per_s, **again.images_per_s})
+        return replace(self, images_per_s=speeds, not_runnable=again.not_runnable)
 
     def to_json(self) -> dict[str, Any]:
         return {name: value for name, value in asdict(self).items() if name != "cached"}
@@ -131,10 +140,11 @@ class Choice:
                                for v, s in self.race.images_per_s.items())  # fmt: skip
             text += (
                 f" (fastest usable here at batch {self.race.batch}, {self.race.threads} "
-                f"thread(s), img/s: {speeds}; {'cached' if self.race.cached else 'raced now'})"
+                f"thread(s), a lower precision only when {PRECISION_MARGIN:.0%} faster; img/s: "
+                f"{speeds}; {'cached' if self.race.cached else 'raced now'})"
             )
         if self.self_check:
-            text += f"; self-check passed ({self.self_check['agreement']:.0%} agreement)"
+            text += f"; self-check passed ({self_check_text(self.self_check)})"
         elif self.unchecked:
             text += "; accuracy guard and self-check skipped (skip_guard)"
         elif self.self_check is None and self.variant != REFERENCE:
@@ -235,22 +245,50 @@ def _fastest_usable(
 
 
 def _race_in_child(artifact: ModelArtifact, requested: list[Variant], threads: int | None) -> Race:
-    """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``)."""
-    order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
-             "requested": [str(v) for v in requested]}  # fmt: skip
-    try:
-        printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
-    except ChildProcessError as err:
-        raise AccuracyGuardError(f"the engine race failed: {err}") from None
-    return Race.from_json(json.loads(printed.strip().splitlines()[-1]))
+    """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``). A variant that
+    crashes it (a native fault: OpenVINO's bf16 under ONEDNN_MAX_CPU_ISA=AVX2) is not runnable
+    here, and the others race again without it: it stopped every worker from starting."""
+    crashed: dict[str, str] = {}
+    remaining = list(requested)
+    while remaining:
+        order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
+                 "requested": [str(v) for v in remaining]}  # fmt: skip
+        try:
+            printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
+        except ChildFailedError as err:
+            culprit = _running_when_it_ended(err.stdout)
+            if culprit is None:
+                raise AccuracyGuardError(f"the engine race failed: {err}") from None
+            crashed[culprit] = f"crashed the engine race ({err})"
+            remaining = [v for v in remaining if str(v) != culprit]
+            continue
+        except ChildProcessError as err:  # no answer in time
+            raise AccuracyGuardError(f"the engine race failed: {err}") from None
+        race = Race.from_json(json.loads(printed.strip().splitlines()[-1]))
+        return replace(race, not_runnable={**race.not_runnable, **crashed})
+    return Race({}, crashed, RACE_BATCH, resolve_threads(threads), cpu_features())
+
+
+def _running_when_it_ended(printed: str) -> str | None:
+    """The variant a race child said it was running last (``_announce``), if any."""
+    lines = [line for line in printed.splitlines() if line.startswith(RUNNING)]
+    return lines[-1][len(RUNNING) :].strip() if lines else None
+
+
+RUNNING = "racing: "  # a child's line before each variant's load and timing
 
 
 def _race_here(order: dict[str, Any]) -> None:
-    """The child's side: race, then print the race on the last stdout line."""
+    """The child's side: race, saying which variant runs before each native step (a crash
+    names it), then print the race on the last stdout line."""
     artifact = load_folder(order["path"], tag=order["tag"])
     requested = [Variant.parse(v) for v in order["requested"]]
-    race, _ = _race(artifact, requested, order["threads"])
+    race, _ = _race(artifact, requested, order["threads"], announce=_announce)
     print(json.dumps(race.to_json()))
+
+
+def _announce(variant: str) -> None:
+    print(f"{RUNNING}{variant}", flush=True)
 
 
 def refuse_unusable(
@@ -291,25 +329,35 @@ def load(
 
 
 def _race(
-    artifact: ModelArtifact, requested: list[Variant], threads: int | None
+    artifact: ModelArtifact,
+    requested: list[Variant],
+    threads: int | None,
+    announce: Callable[[str], None] = lambda variant: None,
 ) -> tuple[Race, dict[str, Engine]]:
     """Time every requested variant that runs here, whatever its guard figures (speed is not
-    accuracy); the race and the engines it loaded."""
-    loaded, speeds, not_runnable = {}, {}, {}
+    accuracy), in RACE_ROUNDS interleaved rounds; the race and the engines it loaded."""
+    crop_size = artifact.preprocess.crop_size
+    batch = np.random.default_rng(0).integers(0, 256, (RACE_BATCH, crop_size, crop_size, 3),
+                                              dtype=np.uint8)  # fmt: skip
+    loaded, rounds, not_runnable = {}, {}, {}
     for variant in requested:
+        announce(str(variant))
         try:
             engine = create_engine(variant, artifact, threads)
-            speeds[str(variant)] = images_per_second(engine, artifact.preprocess.crop_size)
+            engine.predict(batch)  # warm-up: kernels are built for the first batch of a shape
         # not installed, no such file, not on this CPU, a damaged file (ONNX Runtime's
         # InvalidProtobuf, OpenVINO's RuntimeError), or an engine that loads, then fails to run:
         # auto goes on with the others
         except Exception as err:
             not_runnable[str(variant)] = error_text(err)
         else:
-            loaded[str(variant)] = engine
-    ranking = sorted(speeds, key=speeds.get, reverse=True)
+            loaded[str(variant)], rounds[str(variant)] = engine, []
+    for _ in range(RACE_ROUNDS):
+        for name, engine in loaded.items():
+            announce(name)
+            rounds[name].append(images_per_second(engine, batch, RACE_SECONDS / RACE_ROUNDS))
     race = Race(
-        images_per_s={v: round(speeds[v], 1) for v in ranking},
+        images_per_s=ranked({name: round(statistics.median(r), 1) for name, r in rounds.items()}),
         not_runnable=not_runnable,
         batch=RACE_BATCH,
         threads=resolve_threads(threads),
@@ -318,16 +366,25 @@ def _race(
     return race, loaded
 
 
-def images_per_second(engine: Engine, crop_size: int) -> float:
-    """Batch-16 throughput of an engine alone, bounded in time (~RACE_SECONDS)."""
-    shape = (RACE_BATCH, crop_size, crop_size, 3)
-    batch = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    engine.predict(batch)  # warm-up: kernels are built for the first batch of a shape
+def images_per_second(engine: Engine, batch: np.ndarray, seconds: float) -> float:
+    """Throughput of an engine alone on ``batch``, bounded in time (~``seconds``)."""
     runs, start = 0, time.perf_counter()
-    while runs < RACE_MIN_BATCHES or time.perf_counter() - start < RACE_SECONDS:
+    while runs < RACE_MIN_BATCHES or time.perf_counter() - start < seconds:
         engine.predict(batch)
         runs += 1
-    return RACE_BATCH * runs / (time.perf_counter() - start)
+    return len(batch) * runs / (time.perf_counter() - start)
+
+
+def ranked(speeds: dict[str, float]) -> dict[str, float]:
+    """``speeds`` in ranking order: by speed, each precision step down (fp32 → bf16 → int8)
+    counted PRECISION_MARGIN slower, so a lower precision ranks first only when it is that
+    much faster."""
+
+    def merit(name: str) -> float:
+        steps = PRECISIONS.index(Variant.parse(name).precision)
+        return speeds[name] / (1 + PRECISION_MARGIN) ** steps
+
+    return {name: speeds[name] for name in sorted(speeds, key=merit, reverse=True)}
 
 
 def race_key(artifact: ModelArtifact, requested: list[Variant], threads: int | None) -> str:

@@ -28,7 +28,7 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from .artifact import INT8_FILE, ONNX_FILE, OPENVINO_FILE, ModelArtifact
-from .hardware import cpu_supports_bf16, resolve_threads
+from .hardware import cpu_supports_bf16, isa_cap, resolve_threads
 from .preprocess import PreprocessConfig, normalize
 
 AUTO = "auto"  # any engine / any precision: the Predictor chooses (lcnet_runner.choice)
@@ -66,6 +66,8 @@ class Engine(Protocol):
 def cpu_lacks(variant: Variant) -> str | None:
     """Why this CPU cannot run ``variant`` at all (checked before anything is loaded)."""
     if variant.precision == "bf16" and not cpu_supports_bf16():
+        if cap := isa_cap():
+            return f"bf16 needs avx512_bf16 or AMX, and ONEDNN_MAX_CPU_ISA={cap} turns them off"
         return "bf16 needs a CPU with avx512_bf16 or AMX; this one has neither"
     return None
 

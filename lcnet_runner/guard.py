@@ -133,22 +133,33 @@ def write_self_check(folder: Path, crops: np.ndarray, reference_probs: np.ndarra
 
 
 def self_check_figures(reference: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
-    """A variant's probabilities on the sample against the stored reference's, and the bar."""
+    """A variant's probabilities on the sample against the stored reference's, and the bar.
+    ``agreement`` is None when no sample image has a clear top class (a model barely trained):
+    then only the scores are compared (it read 100 %, of nothing)."""
     ranked = np.sort(reference, axis=1)
     clear = ranked[:, -1] - ranked[:, -2] >= SELF_CHECK_CLEAR_MARGIN
     top = reference.argmax(1)
     agree = probs.argmax(1) == top
-    agreement = float(agree[clear].mean()) if clear.any() else 1.0
+    agreement = round(float(agree[clear].mean()), 4) if clear.any() else None
     rows = np.arange(len(top))
     score_diff = float(np.abs(probs[rows, top] - reference[rows, top]).mean())
     return {
         "images": len(top),
         "clear": int(clear.sum()),
-        "agreement": round(agreement, 4),
+        "agreement": agreement,
         "mean_score_diff": round(score_diff, 4),
-        "passed": agreement >= SELF_CHECK_MIN_AGREEMENT - 1e-9
+        "passed": (agreement is None or agreement >= SELF_CHECK_MIN_AGREEMENT - 1e-9)
         and score_diff <= SELF_CHECK_MAX_SCORE_DIFF + 1e-9,
     }
+
+
+def self_check_text(figures: Mapping[str, Any]) -> str:
+    """The figures in words, for the log, the CLI and a refusal."""
+    scores = f"mean score change {figures['mean_score_diff']:.3f}"
+    if figures["agreement"] is None:
+        return f"top-1 not compared: none of {figures['images']} sample images is clear; {scores}"
+    clear = f"{figures['clear']} clear sample images"
+    return f"top-1 agreement {100 * figures['agreement']:.1f} % on {clear}, {scores}"
 
 
 def self_check(
@@ -166,11 +177,9 @@ def self_check(
     if not figures["passed"]:
         raise AccuracyGuardError(
             f"{variant} fails its self-check on this CPU ({cpu_features()['model']}) for "
-            f"{artifact.name}: top-1 agreement {100 * figures['agreement']:.1f} % on "
-            f"{figures['clear']} clear sample images "
-            f"(bar: {100 * SELF_CHECK_MIN_AGREEMENT:.0f} %), "
-            f"mean score change {figures['mean_score_diff']:.3f} "
-            f"(bar: {SELF_CHECK_MAX_SCORE_DIFF}); its stored guard figures were measured on "
+            f"{artifact.name}: {self_check_text(figures)} (bars: "
+            f"{100 * SELF_CHECK_MIN_AGREEMENT:.0f} % and {SELF_CHECK_MAX_SCORE_DIFF}); its "
+            "stored guard figures were measured on "
             "another CPU: run `python -m train verify` here, use another engine/precision, or "
             "accept it with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )

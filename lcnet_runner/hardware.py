@@ -16,8 +16,25 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "am
                 "amx_int8")  # fmt: skip
 
 
+# oneDNN's own cap on the instructions its kernels use (Paddle's and OpenVINO's CPU kernels), set
+# to work around a kernel's fault: below AVX512_CORE_BF16 bf16 runs on reference kernels
+# (OpenVINO's crashed), as absent as on a CPU without it.
+ISA_CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                      "AVX512_CORE_VNNI"}  # fmt: skip
+
+
+def isa_cap() -> str | None:
+    """oneDNN's instruction-set cap from the environment, if any (``AVX2``...)."""
+    for variable in ISA_CAP_VARIABLES:
+        if value := os.environ.get(variable, "").strip().upper():
+            return value
+    return None
+
+
 def cpu_features() -> dict[str, Any]:
-    """This CPU's model name and the flags that matter to the engines (recorded with figures)."""
+    """This CPU's model name and the flags that matter to the engines (recorded with figures),
+    and oneDNN's instruction-set cap when one is set."""
     model, flags = "unknown", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -29,11 +46,13 @@ def cpu_features() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"model": model, "flags": [f for f in CPU_FEATURES if f in flags]}
+    features = {"model": model, "flags": [f for f in CPU_FEATURES if f in flags]}
+    return features | ({"isa_cap": cap} if (cap := isa_cap()) else {})
 
 
 def cpu_supports_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()["flags"]))
+    has_it = bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()["flags"]))
+    return has_it and isa_cap() not in _CAPS_WITHOUT_BF16
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
-from lcnet_runner.choice import _race, choose, race_key
+from lcnet_runner.choice import PRECISION_MARGIN, _race, choose, race_key, ranked
 from lcnet_runner.engines import (
     ENGINES,
     REFERENCE,
@@ -28,7 +28,7 @@ from lcnet_runner.engines import (
     Variant,
     matching_variants,
 )
-from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, self_check_figures
+from lcnet_runner.guard import GUARD_KEY, AccuracyGuardError, self_check_figures, self_check_text
 
 PASS = {"top1": 0.9, "top1_drop_pt": 0.0, "agreement": 1.0, "max_score_diff": 0.0, "passed": True}
 FAIL = {"top1": 0.8, "top1_drop_pt": 10.0, "agreement": 0.9, "max_score_diff": 0.5, "passed": False}
@@ -94,6 +94,12 @@ def test_self_check_bar_ignores_near_ties_but_not_flips() -> None:
     assert not self_check_figures(reference, clear_flipped)["passed"]
     drifted = reference + np.array([[-0.1, 0.1]])  # same top-1, scores 0.1 off
     assert not self_check_figures(reference, drifted)["passed"]
+    # no clear image: top-1 is not compared (it read 100 %), the scores still are
+    flat = np.array([[0.55, 0.45], [0.45, 0.55]])
+    unclear = self_check_figures(flat, flat + np.array([[-0.02, 0.02]]))
+    assert (unclear["clear"], unclear["agreement"], unclear["passed"]) == (0, None, True)
+    assert self_check_text(unclear).startswith("top-1 not compared: none of 2 sample images")
+    assert not self_check_figures(flat, flat + np.array([[0.1, -0.1]]))["passed"]
 
 
 def test_a_variant_wrong_on_this_cpu_is_refused_and_auto_falls_back(
@@ -300,7 +306,8 @@ def test_an_engine_error_over_several_lines_is_reported_on_one(
             )
 
     monkeypatch.setitem(ENGINES, "openvino", Refuses)
-    race, _ = _race(SimpleNamespace(name="m"), [Variant("openvino", "fp32")], 1)
+    model = SimpleNamespace(name="m", preprocess=SimpleNamespace(crop_size=8))
+    race, _ = _race(model, [Variant("openvino", "fp32")], 1)
     (reason,) = race.not_runnable.values()
     assert len(reason.splitlines()) == 1 and race.ranking == []
     assert "RuntimeError: Exception from" in reason and "Got: -1" in reason
@@ -359,3 +366,50 @@ def test_a_named_variant_its_engine_refuses_is_one_line(
         f"onnxruntime/fp32 cannot load {folder}: RuntimeError: [ONNXRuntimeError] : 7 : "
         "INVALID_PROTOBUF : Protobuf parsing failed."
     )
+
+
+def test_a_lower_precision_ranks_first_only_when_clearly_faster() -> None:
+    """Within a race's noise the more precise variant serves (a tie, bf16 8,238 against fp32
+    8,229 img/s, went to bf16); PRECISION_MARGIN faster per step, the lower one does."""
+    tie = {"openvino/int8": 1010.0, "openvino/bf16": 1005.0, "openvino/fp32": 1000.0}
+    assert list(ranked(tie)) == ["openvino/fp32", "openvino/bf16", "openvino/int8"]
+    faster = 1000.0 * (1 + PRECISION_MARGIN) * 1.01
+    assert list(ranked({"openvino/fp32": 1000.0, "openvino/bf16": faster}))[0] == "openvino/bf16"
+    two_steps = {"paddle/fp32": 1000.0, "openvino/int8": faster}  # one step's margin: not two
+    assert list(ranked(two_steps))[0] == "paddle/fp32"
+    fp32 = {"paddle/fp32": 1000.0, "onnxruntime/fp32": 1001.0}  # same precision: speed alone
+    assert list(ranked(fp32))[0] == "onnxruntime/fp32"
+
+
+CRASH_OPENVINO_FP32 = """
+import os, signal
+from lcnet_runner import engines
+
+class Crashes(engines.OpenVinoEngine):
+    def __init__(self, artifact, threads, precision):
+        if precision == "fp32":
+            os.kill(os.getpid(), signal.SIGSEGV)  # a native fault, as OpenVINO's can be
+        super().__init__(artifact, threads, precision)
+
+engines.ENGINES["openvino"] = Crashes
+"""
+
+
+def test_a_variant_that_crashes_the_race_is_not_runnable_and_the_rest_serve(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A native crash of one variant in the race's child stopped every worker from starting
+    ("the engine race failed: exit code -11"), at every restart: it is that variant's failure
+    alone, cached as such."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CRASH_OPENVINO_FP32)  # in the child only
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    )
+    choice = choose(load_folder(folder), threads=1, race_in_child=True)
+    why = choice.race.not_runnable["openvino/fp32"]
+    assert why == "crashed the engine race (killed by signal 11)"
+    assert "openvino/fp32" not in choice.race.ranking and str(choice.variant) in PASSED
+    assert choice.skipped["openvino/fp32"] == why
+    assert choose(load_folder(folder), threads=1, race_in_child=True).race.cached

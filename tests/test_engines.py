@@ -181,3 +181,22 @@ print("handled" if handled else "lost")
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert (done.returncode, done.stdout.strip()) == (0, "handled"), done.stderr[-2000:]
+
+
+def test_onednns_instruction_cap_turns_bf16_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONEDNN_MAX_CPU_ISA=AVX2 (set to work around a kernel's fault) leaves bf16 to oneDNN's
+    reference kernels, where OpenVINO's crashed: bf16 is refused as on a CPU without it, and
+    the cap is part of what the race and the figures record of the CPU."""
+    from lcnet_runner.engines import Variant, cpu_lacks
+    from lcnet_runner.hardware import cpu_features
+
+    bf16 = Variant("openvino", "bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert cpu_lacks(bf16) == (
+        "bf16 needs avx512_bf16 or AMX, and ONEDNN_MAX_CPU_ISA=AVX2 turns them off"
+    )
+    assert cpu_features()["isa_cap"] == "AVX2" and not cpu_supports_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    assert cpu_supports_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()["flags"]))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert "isa_cap" not in cpu_features()

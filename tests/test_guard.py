@@ -240,6 +240,26 @@ def test_verify_measures_in_place(trained: dict, folder: Path) -> None:
     assert mismatch.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_verify_keeps_the_figures_of_what_this_cpu_cannot_run(
+    trained: dict, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify on a CPU without bf16 erased the bf16 figures measured on one with AMX, and a
+    server with AMX then never served bf16 ("has not been checked"): they are kept, said so."""
+    set_figures(folder, openvino_bf16=PASS)
+    earlier = load_folder(folder).info[GUARD_KEY]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # bf16 off, as on a CPU without it
+    result = run_cli("train", "verify", str(folder), "--dataset", str(trained["dataset"]),
+                     "--split", "test")  # fmt: skip
+    variants = load_folder(folder).info[GUARD_KEY]["variants"]
+    assert variants["openvino/bf16"] == {
+        **PASS, "kept_from": {key: earlier[key] for key in ("cpu", "split", "images")}
+    }  # fmt: skip
+    assert "kept_from" not in variants["openvino/fp32"]  # measured here
+    why = "bf16 needs avx512_bf16 or AMX, and ONEDNN_MAX_CPU_ISA=AVX2 turns them off"
+    assert f"openvino/bf16      not measured here: {why}" in result.stdout
+    assert f"kept from {earlier['split']} on {earlier['cpu']['model']}" in result.stdout
+
+
 @needs_int8
 def test_quantize_stores_a_new_version_with_int8(trained: dict, tmp_path: Path) -> None:
     result = run_cli("train", "quantize", trained["tag"], "--dataset", str(trained["dataset"]),

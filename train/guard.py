@@ -31,10 +31,16 @@ def guard_figures(
     """Top-1 loss and agreement of each variant that runs here (engine installed, its file
     present, the CPU able), against Paddle fp32 on the same images. Also writes the self-check
     sample into ``folder``: some of these images with Paddle fp32's scores, which the chosen
-    variant must reproduce on the machine that serves (lcnet_runner.guard.self_check)."""
-    reference, variants = None, {}
+    variant must reproduce on the machine that serves (lcnet_runner.guard.self_check).
+
+    A variant that does not run here keeps the figures the folder's earlier guard has of it
+    (``kept_from`` says where): ``verify`` on an AVX2 machine erased bf16's, measured with AMX,
+    and a server with AMX then never served bf16."""
+    artifact = load_folder(folder)
+    reference, variants, not_here = None, {}, {}
     # Paddle fp32 comes first; each other variant is compared with it on the same images.
-    for variant, predictor in each_variant(load_folder(folder), threads=threads):
+    skipped = lambda variant, why: not_here.__setitem__(str(variant), why)  # noqa: E731
+    for variant, predictor in each_variant(artifact, threads=threads, on_skip=skipped):
         scores = split_scores(predictor, split)
         if variant == REFERENCE:
             reference = scores
@@ -50,7 +56,21 @@ def guard_figures(
         "max_top1_drop_pt": MAX_TOP1_DROP_PT,
         "min_agreement": MIN_AGREEMENT,
         "cpu": cpu_features(),  # the kernels that gave these figures; self-checks cover others
-        "variants": variants,
+        "variants": {**variants, **_kept_figures(artifact.info.get(GUARD_KEY), not_here)},
+        "not_measured": not_here,  # variant → why it did not run here
+    }
+
+
+def _kept_figures(earlier: Any, not_here: dict[str, str]) -> dict[str, Any]:
+    """The earlier guard's figures of the variants that did not run here: still those of these
+    weights (verify and quantize keep them; fit's new weights come without a guard)."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("variants"), dict):
+        return {}
+    where = {key: earlier.get(key) for key in ("cpu", "split", "images")}
+    return {
+        name: {**figures, "kept_from": figures.get("kept_from", where)}
+        for name, figures in earlier["variants"].items()
+        if name in not_here and isinstance(figures, dict)
     }
 
 
@@ -67,11 +87,17 @@ def describe(figures: dict[str, Any]) -> str:
         f"accuracy guard on {figures['images']} {figures['split']} images "
         f"(paddle/fp32 top-1 {100 * figures['reference_top1']:.1f} %):"
     )
-    rows = [
-        f"  {name:18s} {'passed' if f['passed'] else 'FAILED':6s}  top-1 {100 * f['top1']:.1f} % "
-        f"({0.0 - f['top1_drop_pt']:+.2f} pt), agreement {100 * f['agreement']:.1f} %"
-        for name, f in figures["variants"].items()
-    ]
+    rows = []
+    for name, f in figures["variants"].items():
+        row = (f"  {name:18s} {'passed' if f['passed'] else 'FAILED':6s}  top-1 "
+               f"{100 * f['top1']:.1f} % ({0.0 - f['top1_drop_pt']:+.2f} pt), agreement "
+               f"{100 * f['agreement']:.1f} %")  # fmt: skip
+        if kept := f.get("kept_from"):
+            cpu = (kept.get("cpu") or {}).get("model", "another CPU")
+            row += f", kept from {kept.get('split')} on {cpu}"
+        rows.append(row)
+    for name, why in figures.get("not_measured", {}).items():
+        rows.append(f"  {name:18s} not measured here: {why}")
     return "\n".join([head, *rows] if rows else [head, "  no other engine installed"])
 
 
