@@ -20,7 +20,13 @@ from PIL import Image
 from lcnet_runner.preprocess import PreprocessConfig
 from train import decoded_cache
 from train.cli import main
-from train.data import AugmentConfig, block_shuffled, decode_split, train_batches
+from train.data import (
+    AugmentConfig,
+    block_shuffled,
+    decode_or_none,
+    decode_split,
+    train_batches,
+)
 from train.decoded_cache import (
     BUILDING,
     INDEX,
@@ -152,21 +158,41 @@ def test_a_rank_waiting_for_a_cache_nobody_builds_says_so(tmp_path: Path) -> Non
 
 
 def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(tmp_path: Path) -> None:
-    """A PNG announcing an 8·10^7 × 1 image (under Pillow's bomb limit): resized to a short side
-    of 36 it would take ~3·10^11 bytes, which no test disk has; nothing is decoded or written."""
+    """A PNG announcing a 30,000 × 1 image, listed 200,000 times: resized to a short side of 36
+    each would take 117 MB (no sliver: under the 40 MP decode_or_none skips), the split ~23 TB,
+    which no test disk has; nothing is decoded or written."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         crc = zlib.crc32(kind + data)
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
     png = tmp_path / "wide.png"
-    header = struct.pack(">IIBBBBB", 8 * 10**7, 1, 8, 2, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", 30_000, 1, 8, 2, 0, 0, 0)
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"")
                     + chunk(b"IEND", b""))  # fmt: skip
     cache = CacheConfig(tmp_path / "cache", ram_mb=0)
     with pytest.raises(CacheSpaceError, match="free space, pass --cache-dir on a larger disk"):
-        load_split([(png, 0)], TINY, cache, name="train", dataset=tmp_path)
+        load_split([(png, 0)] * 200_000, TINY, cache, name="train", dataset=tmp_path)
     assert [p.suffix for p in cache.folder.iterdir()] == [".lock"]
+
+
+def test_a_sliver_the_decode_skips_is_left_out_of_the_size_estimate(tmp_path: Path, capsys) -> None:
+    """A 1×200,000 PNG (600 kB decoded, 9 kB on disk) resized to a short side of 36 would be
+    36×7,200,000: decode_or_none skips it. Counted in the estimate, it made a split of a few
+    hundred kB look like ~200 MB: sent to a disk cache, or refused for lack of room."""
+    samples = small_dataset(tmp_path / "data")
+    sliver = tmp_path / "data" / "green" / "sliver.png"
+    Image.new("RGB", (1, 200_000)).save(sliver)
+    with_sliver = [*samples, (sliver, 1)]
+    assert decode_or_none(sliver, TINY) is None
+    estimate = decoded_cache.estimate_bytes(with_sliver, TINY.resize_short)
+    assert estimate == pytest.approx(
+        decoded_cache.estimate_bytes(samples, TINY.resize_short) * len(with_sliver) / len(samples)
+    )
+    split = load_split(with_sliver, TINY, CacheConfig(tmp_path / "cache"), name="train",
+                       dataset=tmp_path / "data")  # fmt: skip
+    assert isinstance(split.images, list) and split.skipped == [str(sliver)]
+    assert "decoded → kept in RAM" in capsys.readouterr().err
 
 
 def test_block_shuffled_order_reads_blocks_sequentially() -> None:

@@ -26,7 +26,12 @@ from lcnet_runner.preprocess import (
     center_crop,
     decode_resized,
     resize,
+    short_side_size,
 )
+
+# Pixels past which an image resized to its short side is a sliver that the decode skips (and the
+# size estimate of a split leaves out: both ask ``resized_size``).
+MAX_RESIZED_PIXELS = MAX_PIXELS
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,20 @@ def block_shuffled(positions: np.ndarray, block: int, rng: np.random.Generator) 
     )
 
 
+def resized_size(width: int, height: int, resize_short: int) -> tuple[int, int] | None:
+    """(width, height) of a ``width``×``height`` image resized to its short side, or None for a
+    sliver that ``decode_or_none`` skips: over MAX_RESIZED_PIXELS, the limit it decodes with."""
+    size = short_side_size(width, height, resize_short)
+    return None if size[0] * size[1] > MAX_RESIZED_PIXELS else size
+
+
 def decode_or_none(path: Path, config: PreprocessConfig) -> np.ndarray | None:
     """The same decode as serving's preprocess(), draft scaling included; None if unreadable,
-    or a sliver that resized would be too large to hold (1×20,000 → 256×5,120,000: 3.9 GB). A
-    large photo trains as it always did: serving's limit on decoded pixels is not applied."""
+    or a sliver that resized would be too large to hold (1×20,000 → 256×5,120,000: 3.9 GB; see
+    ``resized_size``). A large photo trains as it always did: serving's limit on decoded pixels
+    is not applied."""
     try:
-        return decode_resized(path, config, max_resized_pixels=MAX_PIXELS)
+        return decode_resized(path, config, max_resized_pixels=MAX_RESIZED_PIXELS)
     except (InvalidImageError, OSError):
         return None
 
