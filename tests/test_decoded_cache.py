@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -275,6 +276,41 @@ def test_an_interrupted_build_goes_on_from_its_last_checkpoint(
     assert all(np.array_equal(a, b) for a, b in zip(split.images, in_ram.images, strict=True))
     (built,) = list_caches(disk)
     assert sorted(p.name for p in built.folder.iterdir()) == sorted([INDEX, META, PIXELS])
+
+
+def test_a_killed_build_goes_on_where_the_disk_holds_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build the disk had room for, killed: its kept files already took part of that room.
+    The next run needs only the rest, not the whole estimate on top of them."""
+    samples = small_dataset(tmp_path / "data")
+    disk = CacheConfig(tmp_path / "cache", ram_mb=0)
+    monkeypatch.setattr(decoded_cache, "CHECKPOINT_BYTES", 1)  # a checkpoint after every image
+    decode_stream = decoded_cache.decode_stream
+
+    def interrupted(paths, config, workers):
+        for n, image in enumerate(decode_stream(paths, config, workers)):
+            if n == len(samples) // 2:
+                raise KeyboardInterrupt
+            yield image
+
+    monkeypatch.setattr(decoded_cache, "decode_stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    monkeypatch.setattr(decoded_cache, "decode_stream", decode_stream)
+    (kept,) = decoded_cache.unfinished_builds(disk)
+    written = decoded_cache.folder_bytes(kept)
+    # The disk as the killed build left it: room for what is left, not for the whole split.
+    needed = decoded_cache.estimate_bytes(samples, TINY.resize_short) + decoded_cache.DISK_MARGIN
+    usage = shutil.disk_usage(tmp_path)._replace(free=needed - written // 2)
+    monkeypatch.setattr(decoded_cache.shutil, "disk_usage", lambda _: usage._replace(free=0))
+    with pytest.raises(
+        CacheSpaceError, match=r"needs ≈\S+ MB more \(a killed build's \S+ kB kept\)"
+    ):
+        load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    monkeypatch.setattr(decoded_cache.shutil, "disk_usage", lambda _: usage)
+    split = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    assert split.decoded == len(samples) - len(samples) // 2 and len(split) == len(samples)
 
 
 def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) -> None:

@@ -245,13 +245,16 @@ def _build(
     with _locked(folder):
         if folder.is_dir():  # another process built it while this one waited for the lock
             return _reused(folder, name)
+        temp = folder.with_name(folder.name + BUILDING)
+        # A killed build's files are part of the estimate and already off the free space: a
+        # build killed at 15 of 20 GB needed 15 GB more than it had been allowed to start with.
+        written = folder_bytes(temp)
         free = shutil.disk_usage(folder.parent).free
-        if estimate + DISK_MARGIN > free:
-            raise CacheSpaceError(_no_room(name, estimate, folder.parent, free))
+        if estimate - written + DISK_MARGIN > free:
+            raise CacheSpaceError(_no_room(name, estimate, folder.parent, free, written))
         log(f"{name}: {len(samples)} images, ≈{size_text(estimate)} decoded → disk cache {folder} "
             f"(building; {size_text(free)} free)")  # fmt: skip
         started = time.perf_counter()
-        temp = folder.with_name(folder.name + BUILDING)
         try:
             temp.mkdir(exist_ok=True)  # may hold a killed build's checkpoint
             decoded = _write(temp, samples, preprocess, workers, name, dataset)
@@ -600,11 +603,12 @@ def _order_note(split: DecodedSplit) -> str:
             "consecutive images")  # fmt: skip
 
 
-def _no_room(name: str, estimate: int, where: Path, free: int) -> str:
-    need = size_text(estimate + DISK_MARGIN)
-    return (f"the decoded {name} split needs ≈{need} on {where} (with {size_text(DISK_MARGIN)} "
-            f"to spare) but it has {size_text(free)} free: free space, pass --cache-dir on a "
-            "larger disk, or lower --resize-short")  # fmt: skip
+def _no_room(name: str, estimate: int, where: Path, free: int, written: int = 0) -> str:
+    need = size_text(estimate - written + DISK_MARGIN)
+    more = f" more (a killed build's {size_text(written)} kept)" if written else ""
+    return (f"the decoded {name} split needs ≈{need}{more} on {where} (with "
+            f"{size_text(DISK_MARGIN)} to spare) but it has {size_text(free)} free: free space, "
+            "pass --cache-dir on a larger disk, or lower --resize-short")  # fmt: skip
 
 
 def size_text(count: float) -> str:
