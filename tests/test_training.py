@@ -20,6 +20,7 @@ from PIL import Image
 
 import train.training
 from lcnet_runner.artifact import load_folder
+from train import distributed
 from train.data import decode_split
 from train.plots import _drawable, confusion_matrix, plot_confusion_matrix
 from train.pretrained import PretrainedError
@@ -32,6 +33,7 @@ from train.training import (
     end_of_epoch,
     initial_state,
     learning_rate,
+    load_splits,
     pick_best,
     prepare,
 )
@@ -264,6 +266,33 @@ def test_a_checkpoint_of_the_previous_release_resumes(tmp_path: Path) -> None:
     resumed = initial_state(dataclasses.replace(config, resume=True), labels, None)
     pick_best(resumed, {}, labels, config)
     assert all(np.array_equal(w, best[name]) for name, w in _weights(resumed).items())
+
+
+def _trained_weights(dataset: Path, config: FitConfig) -> dict[str, np.ndarray]:
+    """fit_prepared's training alone (no export, no store), in this process: with the layer names
+    a new process gives (the optimizer's saved state is keyed by them)."""
+    paddle.seed(config.seed)
+    paddle.base.core.set_num_threads(1)
+    labels, splits = load_splits(dataset, config, distributed.SINGLE)
+    with paddle.utils.unique_name.guard():
+        state = initial_state(config, labels, None)
+        train.training.train(state, splits, labels, config, distributed.SINGLE)
+    return _weights(state)
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
+    colour_dataset: Path, tmp_path: Path
+) -> None:
+    """2 epochs, then --resume to 3: the same model as 3 epochs at once (the augmentation and
+    dropout draws of epoch 3 depend on the epoch, not on where the process started)."""
+    config = FitConfig(model="PPLCNet_x0_25", pretrained="none", input_size=32, resize_short=36,
+                       batch_size=16, lr_decay_epochs=(1, 2), epochs=3, workers=1,
+                       save_dir=str(tmp_path / "whole"))  # fmt: skip
+    whole = _trained_weights(colour_dataset, config)
+    parts = dataclasses.replace(config, save_dir=str(tmp_path / "parts"))
+    _trained_weights(colour_dataset, dataclasses.replace(parts, epochs=2))
+    resumed = _trained_weights(colour_dataset, dataclasses.replace(parts, resume=True))
+    assert all(np.array_equal(resumed[name], w) for name, w in whole.items())
 
 
 def test_corrupt_images_are_skipped_and_reported(colour_dataset: Path, tmp_path: Path) -> None:

@@ -374,6 +374,16 @@ def train_one_epoch(
     return {"loss": loss_sum / seen, "top1": correct / seen, "images_per_s": seen / elapsed}
 
 
+def seed_epoch(seed: int, rank: int, epoch: int) -> np.random.Generator:
+    """One epoch's randomness, from (seed, rank, epoch) alone: the order and augmentation draws
+    (returned) and Paddle's generator, which the head's dropout draws from (seeded here). Every
+    epoch draws afresh, and a run resumed at epoch k trains it as an uninterrupted run does: a
+    stream seeded once per run could not be picked up where a checkpoint left it."""
+    augmentation, dropout = np.random.SeedSequence([seed, rank, epoch]).spawn(2)
+    paddle.seed(int(dropout.generate_state(1)[0]))
+    return np.random.default_rng(augmentation)
+
+
 def train(
     state: TrainingState,
     splits: dict[str, DecodedSplit],
@@ -384,12 +394,10 @@ def train(
     """Epochs of (train on every rank, then on rank 0 validate, checkpoint and log) until the
     last one or an early stop."""
     network = paddle.DataParallel(state.model) if rank.world > 1 else state.model
-    # A resumed run draws new augmentations instead of replaying the first epochs'.
-    resumed = [state.epochs_done] if state.epochs_done else []
-    rng = np.random.default_rng([config.seed, rank.index, *resumed])
     if rank.main and "val" not in splits:
         log("no val images (val_list.txt lists none readable): the last epoch is kept")
     for epoch in range(state.epochs_done, config.epochs):
+        rng = seed_epoch(config.seed, rank.index, epoch)
         stats = train_one_epoch(network, state.optimizer, splits["train"], config, epoch, rng, rank)
         # Rank 0 alone validates and checkpoints; its early-stop decision reaches every rank.
         stop = rank.main and end_of_epoch(state, epoch, stats, splits.get("val"), labels, config)
