@@ -25,7 +25,7 @@ from train.data import decode_split
 from train.plots import _drawable, confusion_matrix, plot_confusion_matrix
 from train.pretrained import PretrainedError
 from train.report import report
-from train.split import read_labels, read_split
+from train.split import _readable_name, read_labels, read_split, split_list, split_record
 from train.training import (
     FitConfig,
     changed_settings,
@@ -57,6 +57,8 @@ def test_fit_writes_checkpoints_history_plots_and_export(trained: dict) -> None:
     save_dir: Path = trained["save_dir"]
     for name in ("last.pdckpt", "best.pdparams", "history.json"):
         assert (save_dir / name).is_file(), name
+    # the split it trained on, which a --resume checks
+    assert paddle.load(str(save_dir / "last.pdckpt"))["split"] == split_record(trained["dataset"])
     stored = Path(bentoml.models.get(trained["tag"]).path)
     for folder in (save_dir, stored):  # the plots travel with the model version
         for name, min_width in (("curves.png", 900), ("confusion_matrix.png", 400)):
@@ -210,6 +212,54 @@ def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(
     paddle.save(weights, str(tmp_path / "last.pdckpt"))
     with pytest.raises(ValueError, match="is not a checkpoint fit wrote"):
         prepare(colour_dataset, dataclasses.replace(first, resume=True))
+
+
+def test_a_resume_refuses_val_or_test_images_that_run_trained_on(
+    colour_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """A `split --reshuffle` between a run and its resume moved trained images into val/test:
+    their scores would flatter the model. Refused before anything is decoded; other changes of
+    the lists are said; an older checkpoint, which records no split, still resumes."""
+    data = tmp_path / "colours"
+    shutil.copytree(colour_dataset, data)
+    save_dir = tmp_path / "run"
+    first = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(save_dir))
+    labels = read_labels(data)
+    state = initial_state(first, labels, None)
+    state.split = split_record(data)
+    checkpoint = state.checkpoint(labels, first)
+    paddle.save(checkpoint, str(save_dir / "last.pdckpt"))
+    resume = dataclasses.replace(first, resume=True)
+    train_lines, val_lines, test_lines = (
+        split_list(data, name).read_text(encoding="utf-8").splitlines(keepends=True)
+        for name in ("train", "val", "test")
+    )
+
+    split_list(data, "val").write_text("".join(val_lines[1:]), encoding="utf-8")
+    prepare(data, resume)
+    said = capsys.readouterr().err
+    assert ("resuming on split lists changed since that run (val: 0 added, 1 removed): its "
+            "earlier epochs were trained and scored on the old ones") in said  # fmt: skip
+
+    moved = train_lines[0]
+    split_list(data, "train").write_text("".join(train_lines[1:]), encoding="utf-8")
+    split_list(data, "test").write_text("".join([*test_lines, moved]), encoding="utf-8")
+    args = ["--model", "PPLCNet_x0_25", "--pretrained", "none", "--save-dir", str(save_dir)]
+    result = run_cli("train", "fit", str(data), *args, "--resume", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --resume: 1 val or test image of {data} trained in the run of "
+        f"{save_dir / 'last.pdckpt'}: {_readable_name(moved.rpartition(' ')[0])}; its scores "
+        "would flatter it. Restore that run's split lists, or leave out --resume to start over"
+    )
+
+    del checkpoint["split"]  # as the previous release wrote it
+    paddle.save(checkpoint, str(save_dir / "last.pdckpt"))
+    prepare(data, resume)
+    assert (
+        "records no split (an older release's checkpoint): whether the val and test images "
+        "stayed out of that run's training could not be checked" in capsys.readouterr().err
+    )
 
 
 def _weights(state) -> dict[str, np.ndarray]:

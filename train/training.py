@@ -50,8 +50,11 @@ from .split import (
     read_labels,
     read_split,
     some,
+    split_changes,
     split_dataset,
     split_list,
+    split_record,
+    trained_on,
     unlisted_note,
 )
 
@@ -133,6 +136,7 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
         if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
             raise ValueError(f"--resume: {path} is not a checkpoint fit wrote (weights alone?)")
         check_same_run(checkpoint, read_labels(dataset), config, path)
+        check_same_split(checkpoint.get("split"), dataset, path)
     return weights
 
 
@@ -236,6 +240,8 @@ class TrainingState:
     # Training time: what the runs this one resumes spent, and when this one started.
     earlier_s: float = 0.0
     started: float = field(default_factory=time.time)
+    # The split lists this run trains on (split.split_record): a resume checks them.
+    split: dict[str, Any] = field(default_factory=dict)
 
     @property
     def training_s(self) -> float:
@@ -255,6 +261,7 @@ class TrainingState:
             "labels": labels,
             "config": dataclasses.asdict(config),
             "training_s": self.training_s,
+            "split": self.split,
         }
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
@@ -287,6 +294,25 @@ def check_same_run(
     if saved != labels:
         changes = label_changes(saved, labels)
         raise ValueError(f"--resume: {path} was trained on other classes ({changes}); {fix}")
+
+
+def check_same_split(saved: dict[str, Any] | None, dataset: Path, path: Path) -> None:
+    """ValueError when a val or test image of the lists now was in the train list of the run
+    ``path`` holds: its scores would be measured on images it trained on (a `split --reshuffle`
+    since). Any other change of the lists is said: earlier epochs were scored on the old ones."""
+    if not saved:
+        log(f"{path} records no split (an older release's checkpoint): whether the val and test "
+            "images stayed out of that run's training could not be checked")  # fmt: skip
+        return
+    if leaked := trained_on(saved, dataset):
+        raise ValueError(
+            f"--resume: {counted(leaked, 'val or test image')} of {dataset} trained in the run "
+            f"of {path}: {some(leaked)}; its scores would flatter it. Restore that run's split "
+            "lists, or leave out --resume to start over"
+        )
+    if changes := split_changes(saved, dataset):
+        log(f"resuming on split lists changed since that run ({'; '.join(changes)}): its "
+            "earlier epochs were trained and scored on the old ones")  # fmt: skip
 
 
 def label_changes(saved: list[str], current: list[str]) -> str:
@@ -594,6 +620,7 @@ def fit_prepared(dataset: Path, config: FitConfig, weights: Path | None) -> dict
     labels, splits = load_splits(dataset, config, rank)
     state = initial_state(config, labels, weights)
     state.started = started
+    state.split = split_record(dataset) if rank.main else {}
 
     train(state, splits, labels, config, rank)
     if not rank.main:
