@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import bentoml
 import numpy as np
@@ -183,6 +184,40 @@ def test_a_resume_says_what_was_changed_not_what_followed() -> None:
     resumed = FitConfig(epochs=4, schedule="cosine", lr_decay_epochs=(3,))
     assert changed_settings(cosine, resumed) == "--epochs 4 (that run: 3)"
     assert changed_settings({}, FitConfig()) == ""  # an older checkpoint: nothing to compare
+
+
+def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> None:
+    """--input-size, --resize-short and --resize-backend shape the decoded pixels and the served
+    model: left out on --resume, they are that run's (the defaults re-decoded every split and
+    stored a model serving at 256/cv2 that trained at 72/pil); given, a change is said."""
+    from train.cli import build_parser, fit_config
+
+    def config(*args: str) -> FitConfig:
+        return fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(tmp_path),
+                                                     "--resume", *args]))  # fmt: skip
+
+    def saved_run(**settings: Any) -> dict[str, Any]:
+        run = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path),
+                        **settings)  # fmt: skip
+        paddle.save(initial_state(run, ["a", "b"], None).checkpoint(["a", "b"], run),
+                    str(tmp_path / "last.pdckpt"))  # fmt: skip
+        return dataclasses.asdict(run)
+
+    saved = saved_run(input_size=64, resize_short=72, resize_backend="pil")
+    kept = config()
+    assert (kept.input_size, kept.resize_short, kept.resize_backend) == (64, 72, "pil")
+    assert changed_settings(saved, kept) == ""
+    told = config("--resize-short", "80", "--resize-backend", "cv2")
+    assert changed_settings(saved, told) == (
+        "--resize-short 80 (that run: 72), --resize-backend cv2 (that run: pil)"
+    )
+    saved = saved_run(input_size=64)  # resize-short derived: 73
+    larger = config("--input-size", "96")  # derived again, not kept: 110
+    assert (larger.resize_short, changed_settings(saved, larger)) == (
+        110, "--input-size 96 (that run: 64)"
+    )  # fmt: skip
+    fresh = fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(tmp_path)]))
+    assert (fresh.input_size, fresh.resize_short, fresh.resize_backend) == (224, 256, "cv2")
 
 
 def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(

@@ -173,19 +173,25 @@ def _add_fit(sub) -> None:
         help="epochs the learning rate rises from 0",
     )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2")
-    p.add_argument("--input-size", type=int, default=d.input_size, help="the model's input, px")
+    p.add_argument(
+        "--input-size",
+        type=int,
+        default=argparse.SUPPRESS,  # absent unless given: --resume keeps that run's
+        help=f"the model's input, px (default: {d.input_size}; with --resume, that run's)",
+    )
     p.add_argument(
         "--resize-short",
         type=int,
-        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it
+        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it, or --resume keeps
         help="short side before the center crop where the model evaluates and serves "
-        "(default: --input-size × 256/224)",
+        "(default: --input-size × 256/224; with --resume, that run's)",
     )
     p.add_argument(
         "--resize-backend",
         choices=RESIZE_BACKENDS,
-        default=d.resize_backend,
-        help="what resizes, in training and wherever the model serves",
+        default=argparse.SUPPRESS,  # absent unless given: --resume keeps that run's
+        help=f"what resizes, in training and wherever the model serves (default: "
+        f"{d.resize_backend}; with --resume, that run's)",
     )
     p.add_argument(
         "--crop-scale",
@@ -335,11 +341,17 @@ def run_split(args: argparse.Namespace) -> None:
 
 def fit_config(args: argparse.Namespace):
     """The FitConfig of `fit`'s arguments: every option it has (others, such as --procs, are the
-    launcher's); those not given (--resize-short, --lr-decay-epochs) it derives."""
-    from .config import FitConfig
+    launcher's); those not given (--resize-short, --lr-decay-epochs) it derives, and with
+    --resume the input size, resize-short and backend not given are that run's."""
+    from .config import FitConfig, resumed_config
 
     options = {f.name: getattr(args, f.name) for f in fields(FitConfig) if hasattr(args, f.name)}
-    return FitConfig(**{**options, "save_dir": str(args.save_dir)})
+    options["save_dir"] = str(args.save_dir)
+    if not args.resume:
+        return FitConfig(**options)
+    from .training import saved_config
+
+    return resumed_config(options, saved_config(Path(args.save_dir)))
 
 
 def run_fit(args: argparse.Namespace) -> None:

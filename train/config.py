@@ -139,6 +139,23 @@ class FitConfig:
         )
 
 
+# Settings that shape the decoded pixels and the model as it serves: on --resume, those not given
+# are the checkpoint's run's (a flag's default re-decoded every split into new caches, trained the
+# last epochs on other pixels and stored the model with a preprocessing it barely trained with).
+KEPT_ON_RESUME = ("input_size", "resize_short", "resize_backend")
+
+
+def resumed_config(options: Mapping[str, Any], saved: Mapping[str, Any]) -> FitConfig:
+    """The FitConfig of ``options`` (FitConfig fields) on --resume: a KEPT_ON_RESUME setting
+    absent from them (not given) is ``saved``'s, the checkpoint's run's; one given changes that
+    run's as FitConfig.changed does (a new input size derives a new resize-short, unless that
+    run named its own)."""
+    kept = {name: saved[name] for name in KEPT_ON_RESUME if name in saved}
+    given = {name: options[name] for name in KEPT_ON_RESUME if name in options}
+    others = {name: value for name, value in options.items() if name not in KEPT_ON_RESUME}
+    return FitConfig(**others, **kept).changed(**given)
+
+
 # What each number may be, both ends included (see lcnet_runner.runner.RUNNER_RANGES): an lr of
 # NaN trained a NaN model that passed the guard and was stored; a seed of -1 was Paddle's
 # traceback.

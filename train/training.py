@@ -33,7 +33,7 @@ from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import CHECKPOINT, FitConfig, holds_derived
+from .config import CHECKPOINT, DERIVED, KEPT_ON_RESUME, FitConfig, holds_derived
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -140,6 +140,17 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     return weights
 
 
+def saved_config(save_dir: Path) -> dict[str, Any]:
+    """The settings of the run whose checkpoint ``save_dir`` holds; {} when there is none that
+    reads (prepare() says why) or it records none (an older release's)."""
+    try:
+        checkpoint = paddle.load(str(save_dir / CHECKPOINT))
+    except Exception:  # paddle raises many types for a bad file
+        return {}
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 # What every checkpoint holds since the first release (TrainingState.restore reads them).
 CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "best", "history"}
 
@@ -147,24 +158,27 @@ CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "best", "history"}
 # a higher --epochs is how a finished run trains on).
 TRAINING_SETTINGS = (
     "epochs", "batch_size", "lr", "schedule", "lr_decay_epochs", "warmup_epochs", "momentum",
-    "weight_decay", "crop_scale", "hflip", "seed",
+    "weight_decay", "crop_scale", "hflip", "seed", *KEPT_ON_RESUME,
 )  # fmt: skip
 
 
 def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
     """``--lr 0.5 (that run: 0.1), ...`` for the training settings that differ from a
-    checkpoint's; "" when none does (or an older checkpoint did not record them). The decay
-    epochs only when one run named them: derived from --epochs on both sides, they follow it."""
+    checkpoint's; "" when none does (or an older checkpoint did not record them). A DERIVED
+    setting (decay epochs, resize-short) only when one run named it: derived on both sides, it
+    follows its source (--epochs, --input-size), which is said."""
     now = dataclasses.asdict(config)
-    derived = "epochs" in saved and all(
-        holds_derived(run, "lr_decay_epochs") for run in (saved, now)
-    )
+    follows = {
+        name
+        for name, (source, _, _) in DERIVED.items()
+        if {name, source} <= saved.keys() and all(holds_derived(run, name) for run in (saved, now))
+    }
+    if config.schedule == "cosine":  # decays without them
+        follows.add("lr_decay_epochs")
     changed = [
         f"--{key.replace('_', '-')} {_flag_value(now[key])} (that run: {_flag_value(saved[key])})"
         for key in TRAINING_SETTINGS
-        if key in saved
-        and _flag_value(saved[key]) != _flag_value(now[key])
-        and not (key == "lr_decay_epochs" and (derived or config.schedule == "cosine"))
+        if key in saved and key not in follows and _flag_value(saved[key]) != _flag_value(now[key])
     ]
     return ", ".join(changed)
 
