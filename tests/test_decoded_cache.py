@@ -337,6 +337,40 @@ def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) 
     assert capsys.readouterr().err == "error: --ram-cache-mb must be a number >= 0, got -1.0\n"
 
 
+def test_caches_no_run_will_use_again_are_marked_and_pruned(tmp_path: Path, capsys) -> None:
+    """Only a cache of the same split and decode was removed when its files changed: one of
+    another resize-short, of a split list since reshuffled, of a deleted dataset stayed for
+    good, unmarked, and only `cache clear` (all of them) removed it."""
+    samples = small_dataset(tmp_path / "data")
+    cache = CacheConfig(tmp_path / "cache", ram_mb=0)
+    other_decode = PreprocessConfig(crop_size=32, resize_short=40)
+    for config in (TINY, other_decode):
+        load_split(samples, config, cache, name="train", dataset=tmp_path / "data")
+    gone = small_dataset(tmp_path / "gone")
+    load_split(gone, TINY, cache, name="train", dataset=tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")
+    assert sorted(entry.stale or "" for entry in list_caches(cache)) == [
+        "",
+        "",
+        "its dataset is gone",
+    ]
+    train_list = tmp_path / "data" / "train_list.txt"
+    train_list.write_text("".join(train_list.read_text().splitlines(True)[1:]))  # one image out
+    stale = {entry.folder: entry.stale for entry in list_caches(cache) if entry.stale}
+    assert sorted(stale.values()) == ["its dataset is gone", *["train_list.txt changed since"] * 2]
+    capsys.readouterr()
+    assert main(["cache", "list", "--cache-dir", str(cache.root)]) == 0
+    assert capsys.readouterr().out.count("  stale: ") == 3
+    # a build of the changed split removes its stale caches, whatever their decode
+    load_split(read_split(tmp_path / "data", "train"), TINY, cache, name="train",
+               dataset=tmp_path / "data")  # fmt: skip
+    assert [entry.stale for entry in list_caches(cache)] == [None, "its dataset is gone"]
+    assert main(["cache", "clear", "--stale", "--cache-dir", str(cache.root)]) == 0
+    assert capsys.readouterr().out.startswith("removed 1 stale decoded caches")
+    [kept] = list_caches(cache)
+    assert (kept.dataset, kept.stale) == (str(tmp_path / "data"), None)
+
+
 def test_cache_list_while_a_build_finishes(
     tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:

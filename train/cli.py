@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_cache)
     p.add_argument("action", choices=("list", "clear"))
     p.add_argument("--cache-dir", default="", help="default: $LCNET_CACHE or ~/.cache/lcnet-bento")
+    p.add_argument("--stale", action="store_true",
+                   help="clear: only the caches `list` marks stale (dataset or split list gone, "
+                        "or the list changed since)")  # fmt: skip
     return parser
 
 
@@ -441,9 +444,9 @@ def run_cache(args: argparse.Namespace) -> None:
         total = size_text(sum(entry.bytes for entry in entries))
         print(f"{len(entries)} decoded caches, {total}, in {cache.folder}")
     else:
-        count, freed = clear_caches(cache)
-        print(f"removed {count} decoded caches ({size_text(freed)}) from {cache.folder}; "
-              "pretrained weights and engine choices kept")  # fmt: skip
+        count, freed = clear_caches(cache, stale_only=args.stale)
+        print(f"removed {count} {'stale ' * args.stale}decoded caches ({size_text(freed)}) from "
+              f"{cache.folder}; pretrained weights and engine choices kept")  # fmt: skip
 
 
 def run_report(args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ from lcnet_runner.preprocess import (
 
 from .console import log
 from .data import DecodedSplit, decode_split, decode_stream, resized_size
-from .split import DatasetError
+from .split import DatasetError, split_list
 
 FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
@@ -381,6 +381,7 @@ def _write_index(
         bytes=int(sizes.sum()),
         preprocess=preprocess.to_dict(),
         skipped=skipped,
+        list_digest=list_digest(Path(dataset), name),
     )
     meta.write(temp)
     for leftover in (SHAPES_WRITTEN, PROGRESS):
@@ -451,6 +452,20 @@ class CacheMeta:
     preprocess: dict[str, Any]  # PreprocessConfig.to_dict()
     skipped: list[str]
     format: int = FORMAT
+    list_digest: str | None = None  # of the split list it was built from (None: before this)
+
+    def staleness(self) -> str | None:
+        """Why no run will use this cache again (its dataset or its split list gone, or that list
+        changed since: a reshuffle); None when one may. A file changed under an unchanged list
+        makes a new key too, which a build of that split finds (``_stale_caches``)."""
+        if not Path(self.dataset).is_dir():
+            return "its dataset is gone"
+        digest = list_digest(Path(self.dataset), self.split)
+        if digest is None:
+            return f"{self.split}_list.txt is gone"
+        if self.list_digest is not None and digest != self.list_digest:
+            return f"{self.split}_list.txt changed since"
+        return None
 
     @property
     def decoding(self) -> dict[str, Any]:
@@ -482,11 +497,13 @@ class CacheEntry:
     images: int
     bytes: int
     last_used: float  # seconds since the epoch
+    stale: str | None = None  # why no run will use it again (CacheMeta.staleness)
 
     def line(self) -> str:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.last_used))
+        stale = f"  stale: {self.stale}" if self.stale else ""
         return (f"{self.folder.name}  {self.dataset}  {self.split:5s}  {self.images:>9,d} images"
-                f"  {size_text(self.bytes):>9s}  last used {used}")  # fmt: skip
+                f"  {size_text(self.bytes):>9s}  last used {used}{stale}")  # fmt: skip
 
 
 def list_caches(cache: CacheConfig) -> list[CacheEntry]:
@@ -500,19 +517,25 @@ def list_caches(cache: CacheConfig) -> list[CacheEntry]:
             used = (folder / META).stat().st_mtime
         except (OSError, ValueError, TypeError):
             continue  # not one of ours
-        entries.append(CacheEntry(folder, meta.dataset, meta.split, meta.images, meta.bytes, used))
+        entries.append(CacheEntry(folder, meta.dataset, meta.split, meta.images, meta.bytes, used,
+                                  meta.staleness()))  # fmt: skip
     return sorted(entries, key=lambda entry: -entry.last_used)
 
 
-def clear_caches(cache: CacheConfig) -> tuple[int, int]:
+def clear_caches(cache: CacheConfig, stale_only: bool = False) -> tuple[int, int]:
     """Delete every decoded cache (complete, or left by a killed build) that no process is
-    building; the pretrained weights and engine choices beside them stay. (count, bytes)."""
+    building, or (``stale_only``) the complete ones no run will use again; the pretrained
+    weights and engine choices beside them stay. (count, bytes)."""
     count = freed = 0
     for entry in list_caches(cache):
+        if stale_only and not entry.stale:
+            continue
         with _locked(entry.folder, wait=False) as mine:
             if mine:
                 shutil.rmtree(entry.folder, ignore_errors=True)
                 count, freed = count + 1, freed + entry.bytes
+    if stale_only:
+        return count, freed
     for temp in unfinished_builds(cache):
         with _locked(temp.with_name(temp.name[: -len(BUILDING)]), wait=False) as mine:
             if mine:  # not being built right now: a killed build's leftovers
@@ -542,17 +565,24 @@ def folder_bytes(folder: Path) -> int:
 
 
 def _stale_caches(folder: Path) -> Iterator[Path]:
-    """Other caches of the same dataset, split and decode: made before the files changed. The
-    decode is compared without the fields of AFTER_DECODE, as the key leaves them out: a cache
-    first built for another crop size is one of them."""
+    """Other caches of the same dataset and split that no run will use again: of the same
+    decode, made before the files changed (the decode compared without the fields of
+    AFTER_DECODE, as the key leaves them out: a cache first built for another crop size is one
+    of them); of any decode, made from a split list since changed (a reshuffle)."""
     meta = CacheMeta.read(folder)
     for entry in list_caches(CacheConfig(root=folder.parent.parent)):
-        if entry.folder == folder:
+        if entry.folder == folder or (entry.dataset, entry.split) != (meta.dataset, meta.split):
             continue
-        other = CacheMeta.read(entry.folder)
-        same_split = (other.dataset, other.split) == (meta.dataset, meta.split)
-        if same_split and other.decoding == meta.decoding:
+        if entry.stale or CacheMeta.read(entry.folder).decoding == meta.decoding:
             yield entry.folder
+
+
+def list_digest(dataset: Path, split: str) -> str | None:
+    """The SHA-256 of a split's list file as it is now; None when it has none."""
+    try:
+        return hashlib.sha256(split_list(dataset, split).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 @contextmanager
