@@ -3,6 +3,7 @@ throwaway interpreter, so that a serving worker sees an exception instead of dyi
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -10,9 +11,18 @@ import sys
 class ChildFailedError(ChildProcessError):
     """The child ended with an error (or was killed by a signal); what it printed until then."""
 
-    def __init__(self, message: str, stdout: str):
+    def __init__(self, message: str, stdout: str, returncode: int):
         super().__init__(message)
-        self.stdout = stdout
+        self.stdout, self.returncode = stdout, returncode
+
+    @property
+    def native_fault(self) -> bool:
+        """Killed by its own fault (a segfault, an illegal instruction, an abort), not by
+        someone else's signal (the OOM killer's SIGKILL, a SIGTERM)."""
+        return -self.returncode in FAULT_SIGNALS
+
+
+FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
 def run_python(args: list[str], timeout_s: float) -> str:
@@ -30,5 +40,5 @@ def run_python(args: list[str], timeout_s: float) -> str:
             why = f"killed by signal {-done.returncode}"
         else:
             why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise ChildFailedError(why, done.stdout)
+        raise ChildFailedError(why, done.stdout, done.returncode)
     return done.stdout

@@ -256,7 +256,9 @@ def _race_in_child(artifact: ModelArtifact, requested: list[Variant], threads: i
         try:
             printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
         except ChildFailedError as err:
-            culprit = _running_when_it_ended(err.stdout)
+            # Only its own fault is the variant's: a race killed from outside (the OOM killer,
+            # a stop) says nothing of it, and is not cached.
+            culprit = _running_when_it_ended(err.stdout) if err.native_fault else None
             if culprit is None:
                 raise AccuracyGuardError(f"the engine race failed: {err}") from None
             crashed[culprit] = f"crashed the engine race ({err})"

@@ -290,6 +290,12 @@ class Reloader:
         while True:
             try:
                 wanted = self._requested()
+                if wanted not in (None, self.served.tag) and not await asyncio.to_thread(
+                    in_store, wanted
+                ):  # e.g. read by a worker restarted after the others moved off it
+                    logger.info("reload: %s, the last request's, left the store: passed over",
+                                wanted)  # fmt: skip
+                    wanted = None
                 if self.watch and time.monotonic() >= next_watch:
                     next_watch = time.monotonic() + self.interval_s
                     wanted = await asyncio.to_thread(self._newest) or wanted
@@ -353,15 +359,10 @@ class Reloader:
         self._count("failed")
 
     def _served_left_the_store(self) -> bool:
-        """Whether the served version's folder has left the store since this worker loaded it
-        (a stat per look; once per version)."""
-        if (
-            self.served.tag == self._left_store
-            or self.served.runner.predictor.artifact.path.is_dir()
-        ):
-            return False
-        self._left_store = self.served.tag
-        return True
+        """Whether the served version's folder has left the store since this worker loaded it,
+        and no successor was found for it yet (a stat per look)."""
+        served = self.served
+        return served.tag != self._left_store and not served.runner.predictor.artifact.path.is_dir()
 
     def _successor(self) -> str | None:
         """What to serve once the served version has left the store (deleted after a rollout),
@@ -369,17 +370,20 @@ class Reloader:
         rule, so the two end on one version. The newest stored, when watching and it is later
         than the last request; else the last request's version, if still stored; else the
         version this worker started on (the server's), or the newest when that left too."""
-        logger.warning("reload: %s is no longer in the store", self.served.tag)
         try:
             newest = find_stored(f"{self.model_name}:latest")
-        except Exception as err:
+        except Exception as err:  # looked for again next time
             self._cannot_read_the_store(err)
             return None
         if self.watch and newest.info.creation_time.timestamp() > self._request_at:
-            return str(newest.tag)
-        if self._request_tag is not None and in_store(self._request_tag):
-            return self._request_tag
-        return self.started_on if in_store(self.started_on) else str(newest.tag)
+            successor = str(newest.tag)
+        elif self._request_tag is not None and in_store(self._request_tag):
+            successor = self._request_tag
+        else:
+            successor = self.started_on if in_store(self.started_on) else str(newest.tag)
+        logger.warning("reload: %s left the store: moving to %s", self.served.tag, successor)
+        self._left_store = self.served.tag  # once: a successor that fails is not retried
+        return successor
 
     async def reload(self, tag: str) -> bool:
         """Load ``tag`` and swap it in; False if it failed (the served version stays)."""

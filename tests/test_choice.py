@@ -388,11 +388,21 @@ from lcnet_runner import engines
 class Crashes(engines.OpenVinoEngine):
     def __init__(self, artifact, threads, precision):
         if precision == "fp32":
-            os.kill(os.getpid(), signal.SIGSEGV)  # a native fault, as OpenVINO's can be
+            os.kill(os.getpid(), signal.{signal})
         super().__init__(artifact, threads, precision)
 
 engines.ENGINES["openvino"] = Crashes
 """
+
+
+def crash_openvino_fp32_in_children(tmp_path: Path, monkeypatch, signal: str) -> None:
+    """Child processes (the race's) die of ``signal`` as they load openvino/fp32."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(CRASH_OPENVINO_FP32.format(signal=signal))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    )
 
 
 def test_a_variant_that_crashes_the_race_is_not_runnable_and_the_rest_serve(
@@ -401,15 +411,21 @@ def test_a_variant_that_crashes_the_race_is_not_runnable_and_the_rest_serve(
     """A native crash of one variant in the race's child stopped every worker from starting
     ("the engine race failed: exit code -11"), at every restart: it is that variant's failure
     alone, cached as such."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(CRASH_OPENVINO_FP32)  # in the child only
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
-    )
+    crash_openvino_fp32_in_children(tmp_path, monkeypatch, "SIGSEGV")  # a native fault
     choice = choose(load_folder(folder), threads=1, race_in_child=True)
     why = choice.race.not_runnable["openvino/fp32"]
     assert why == "crashed the engine race (killed by signal 11)"
     assert "openvino/fp32" not in choice.race.ranking and str(choice.variant) in PASSED
     assert choice.skipped["openvino/fp32"] == why
     assert choose(load_folder(folder), threads=1, race_in_child=True).race.cached
+
+
+def test_a_race_killed_from_outside_blames_no_variant(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The OOM killer's SIGKILL (or a stop) mid-race says nothing of the variant being timed:
+    the race fails, nothing is cached, the next start races again."""
+    crash_openvino_fp32_in_children(tmp_path, monkeypatch, "SIGKILL")
+    with pytest.raises(AccuracyGuardError, match="the engine race failed: killed by signal 9"):
+        choose(load_folder(folder), threads=1, race_in_child=True)
+    assert list((tmp_path / "cache" / "engine-choice").glob("*.json")) == []

@@ -355,6 +355,8 @@ def test_caches_no_run_will_use_again_are_marked_and_pruned(tmp_path: Path, caps
         "its dataset is gone",
     ]
     train_list = tmp_path / "data" / "train_list.txt"
+    train_list.write_bytes(train_list.read_bytes().replace(b"\n", b"\r\n") + b"\r\n")
+    assert [entry.stale for entry in list_caches(cache)].count(None) == 2  # the same entries
     train_list.write_text("".join(train_list.read_text().splitlines(True)[1:]))  # one image out
     stale = {entry.folder: entry.stale for entry in list_caches(cache) if entry.stale}
     assert sorted(stale.values()) == ["its dataset is gone", *["train_list.txt changed since"] * 2]

@@ -26,11 +26,19 @@ from train.data import decode_split
 from train.plots import _drawable, confusion_matrix, plot_confusion_matrix
 from train.pretrained import PretrainedError
 from train.report import report
-from train.split import _readable_name, read_labels, read_split, split_list, split_record
+from train.split import (
+    _readable_name,
+    read_labels,
+    read_split,
+    split_list,
+    split_record,
+    trained_on,
+)
 from train.training import (
     FitConfig,
     changed_settings,
     check_same_run,
+    config_of,
     end_of_epoch,
     initial_state,
     learning_rate,
@@ -218,6 +226,10 @@ def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> N
     )  # fmt: skip
     fresh = fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(tmp_path)]))
     assert (fresh.input_size, fresh.resize_short, fresh.resize_backend) == (224, 256, "cv2")
+    # the Python API alike: train.fit(dataset, resume=True, ...) keeps what its keywords leave out
+    saved_run(input_size=64, resize_short=72, resize_backend="pil")
+    api = config_of({"save_dir": str(tmp_path), "resume": True, "epochs": 4})
+    assert (api.input_size, api.resize_short, api.resize_backend, api.epochs) == (64, 72, "pil", 4)
 
 
 def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(
@@ -287,6 +299,15 @@ def test_a_resume_refuses_val_or_test_images_that_run_trained_on(
         f"{save_dir / 'last.pdckpt'}: {_readable_name(moved.rpartition(' ')[0])}; its scores "
         "would flatter it. Restore that run's split lists, or leave out --resume to start over"
     )
+
+    # The same move over two resumes: out of train in the first, into val in the next. Each
+    # resumed run records what the runs before it trained on, not only its own train list.
+    split_list(data, "test").write_text("".join(test_lines), encoding="utf-8")
+    after_the_first = split_record(data, earlier=checkpoint["split"])
+    assert trained_on(after_the_first, data) == []
+    split_list(data, "val").write_text("".join([*val_lines, moved]), encoding="utf-8")
+    assert trained_on(after_the_first, data) == [_readable_name(moved.rpartition(" ")[0])]
+    assert trained_on(split_record(data), data) == []  # its own train list alone: not seen
 
     del checkpoint["split"]  # as the previous release wrote it
     paddle.save(checkpoint, str(save_dir / "last.pdckpt"))

@@ -346,15 +346,11 @@ def fit_config(args: argparse.Namespace):
     """The FitConfig of `fit`'s arguments: every option it has (others, such as --procs, are the
     launcher's); those not given (--resize-short, --lr-decay-epochs) it derives, and with
     --resume the input size, resize-short and backend not given are that run's."""
-    from .config import FitConfig, resumed_config
+    from .config import FitConfig
+    from .training import config_of
 
     options = {f.name: getattr(args, f.name) for f in fields(FitConfig) if hasattr(args, f.name)}
-    options["save_dir"] = str(args.save_dir)
-    if not args.resume:
-        return FitConfig(**options)
-    from .training import saved_config
-
-    return resumed_config(options, saved_config(Path(args.save_dir)))
+    return config_of({**options, "save_dir": str(args.save_dir)})
 
 
 def run_fit(args: argparse.Namespace) -> None:

@@ -49,7 +49,7 @@ from lcnet_runner.preprocess import (
 
 from .console import log
 from .data import DecodedSplit, decode_split, decode_stream, resized_size
-from .split import DatasetError, split_list
+from .split import DatasetError, list_digest
 
 FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
@@ -575,14 +575,6 @@ def _stale_caches(folder: Path) -> Iterator[Path]:
             continue
         if entry.stale or CacheMeta.read(entry.folder).decoding == meta.decoding:
             yield entry.folder
-
-
-def list_digest(dataset: Path, split: str) -> str | None:
-    """The SHA-256 of a split's list file as it is now; None when it has none."""
-    try:
-        return hashlib.sha256(split_list(dataset, split).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 @contextmanager

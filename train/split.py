@@ -284,20 +284,30 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
 IMAGE_ID_BYTES = 8
 
 
-def split_record(dataset_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{split: {"digest": hex, "images": hex}}`` of the lists as they are now."""
-    record = {}
+def split_record(dataset_dir: str | Path, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{split: {"digest": hex, "images": hex}}`` of the lists as they are now, and under
+    ``"trained_before"`` the images the runs ``earlier`` records (a resumed run's checkpoint)
+    trained on that the train list no longer holds: an image taken out of train by one resume
+    and put in val by the next was scored as unseen."""
+    record: dict[str, Any] = {}
     for name in SPLITS:
         entries = _list_entries(dataset_dir, name)
         digest = hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
         images = b"".join(sorted(_image_id(rel) for rel in _listed_paths(entries))).hex()
         record[name] = {"digest": digest, "images": images}
+    before = _trained_ids(earlier) - _image_ids(record["train"]["images"]) if earlier else set()
+    record["trained_before"] = b"".join(sorted(before)).hex()
     return record
 
 
-def trained_on(record: dict[str, dict[str, Any]], dataset_dir: str | Path) -> list[str]:
-    """The val and test images of the lists now that were in ``record``'s train list."""
-    trained = _image_ids(record["train"]["images"])
+def _trained_ids(record: dict[str, Any]) -> set[bytes]:
+    """Every image the runs ``record`` speaks for trained on."""
+    return _image_ids(record["train"]["images"]) | _image_ids(record.get("trained_before", ""))
+
+
+def trained_on(record: dict[str, Any], dataset_dir: str | Path) -> list[str]:
+    """The val and test images of the lists now that the runs of ``record`` trained on."""
+    trained = _trained_ids(record)
     return [
         _readable_name(rel)
         for name in ("val", "test")
@@ -318,6 +328,16 @@ def split_changes(record: dict[str, dict[str, Any]], dataset_dir: str | Path) ->
         what = f"{added} added, {removed} removed" if added or removed else "labels changed"
         changes.append(f"{name}: {what}")
     return changes
+
+
+def list_digest(dataset_dir: str | Path, name: str) -> str | None:
+    """SHA-256 of a split list's entries in their order, blank lines and line ends aside: what
+    ``read_split`` (and so a decoded cache's key) takes of it; None when it cannot be read."""
+    try:
+        entries = [line for line in read_lines(split_list(dataset_dir, name)) if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
 
 
 def _list_entries(dataset_dir: str | Path, name: str) -> list[str]:

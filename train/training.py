@@ -33,7 +33,7 @@ from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import CHECKPOINT, DERIVED, KEPT_ON_RESUME, FitConfig, holds_derived
+from .config import CHECKPOINT, DERIVED, KEPT_ON_RESUME, FitConfig, holds_derived, resumed_config
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -138,6 +138,14 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
         check_same_run(checkpoint, read_labels(dataset), config, path)
         check_same_split(checkpoint.get("split"), dataset, path)
     return weights
+
+
+def config_of(options: dict[str, Any]) -> FitConfig:
+    """The FitConfig of the settings given (FitConfig's fields; the CLI's flags, ``fit``'s
+    keywords); with ``resume``, the KEPT_ON_RESUME ones not given are the checkpoint's run's."""
+    if not options.get("resume"):
+        return FitConfig(**options)
+    return resumed_config(options, saved_config(Path(options.get("save_dir", FitConfig.save_dir))))
 
 
 def saved_config(save_dir: Path) -> dict[str, Any]:
@@ -287,6 +295,7 @@ class TrainingState:
         self.best_epoch = checkpoint["best"]["epoch"]
         self.best_weights = checkpoint["best"].get("weights")  # None: an older release's
         self.earlier_s = checkpoint.get("training_s", 0.0)
+        self.split = checkpoint.get("split") or {}  # what the runs before this one trained on
 
     def keep_best(self, epoch: int, score: float) -> None:
         self.best_score, self.best_epoch = score, epoch
@@ -614,11 +623,13 @@ def package(
 
 def fit(dataset: str | Path, config: FitConfig | None = None, **overrides: Any) -> dict[str, Any]:
     """Train, evaluate, export and store a PP-LCNet; returns the summary printed as JSON.
+    ``overrides`` are FitConfig's fields; with ``resume=True`` and no ``config``, the input size
+    and resize settings not among them are the resumed run's (``config_of``).
 
     Started by ``paddle.distributed.launch`` it trains data-parallel; only rank 0 evaluates,
     checkpoints, exports and stores (the other ranks return ``{"rank": i}``).
     """
-    config = (config or FitConfig()).changed(**overrides)
+    config = config.changed(**overrides) if config is not None else config_of(overrides)
     dataset = Path(dataset)
     with writing_to(Path(config.save_dir)):
         return fit_prepared(dataset, config, prepare(dataset, config))
@@ -634,7 +645,7 @@ def fit_prepared(dataset: Path, config: FitConfig, weights: Path | None) -> dict
     labels, splits = load_splits(dataset, config, rank)
     state = initial_state(config, labels, weights)
     state.started = started
-    state.split = split_record(dataset) if rank.main else {}
+    state.split = split_record(dataset, earlier=state.split) if rank.main else {}
 
     train(state, splits, labels, config, rank)
     if not rank.main:
