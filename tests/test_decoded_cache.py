@@ -249,6 +249,26 @@ def test_a_killed_build_is_never_used_and_goes_on_from_its_checkpoint(tmp_path: 
     assert all(np.array_equal(a, b) for a, b in zip(split.images, in_ram.images, strict=True))
 
 
+def interrupt_a_build(
+    samples: list, disk: CacheConfig, dataset: Path, after: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Build ``samples``' cache and stop it with Ctrl+C after ``after`` images, with a checkpoint
+    after every image (what a killed build keeps)."""
+    monkeypatch.setattr(decoded_cache, "CHECKPOINT_BYTES", 1)
+    decode_stream = decoded_cache.decode_stream
+
+    def interrupted(paths, config, workers):
+        for n, image in enumerate(decode_stream(paths, config, workers)):
+            if n == after:
+                raise KeyboardInterrupt
+            yield image
+
+    monkeypatch.setattr(decoded_cache, "decode_stream", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_split(samples, TINY, disk, name="train", dataset=dataset)
+    monkeypatch.setattr(decoded_cache, "decode_stream", decode_stream)
+
+
 def test_an_interrupted_build_goes_on_from_its_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,20 +276,8 @@ def test_an_interrupted_build_goes_on_from_its_last_checkpoint(
     cache is the one an uninterrupted build makes."""
     samples = small_dataset(tmp_path / "data")
     disk = CacheConfig(tmp_path / "cache", ram_mb=0)
-    monkeypatch.setattr(decoded_cache, "CHECKPOINT_BYTES", 1)  # a checkpoint after every image
-    decode_stream = decoded_cache.decode_stream
-
-    def interrupted(paths, config, workers):
-        for n, image in enumerate(decode_stream(paths, config, workers)):
-            if n == 5:
-                raise KeyboardInterrupt
-            yield image
-
-    monkeypatch.setattr(decoded_cache, "decode_stream", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
+    interrupt_a_build(samples, disk, tmp_path / "data", after=5, monkeypatch=monkeypatch)
     assert list_caches(disk) == []
-    monkeypatch.setattr(decoded_cache, "decode_stream", decode_stream)
     split = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
     assert split.decoded == len(samples) - 5 and len(split) == len(samples)
     in_ram = decode_split(samples, TINY, workers=1)
@@ -285,19 +293,8 @@ def test_a_killed_build_goes_on_where_the_disk_holds_only_the_rest(
     The next run needs only the rest, not the whole estimate on top of them."""
     samples = small_dataset(tmp_path / "data")
     disk = CacheConfig(tmp_path / "cache", ram_mb=0)
-    monkeypatch.setattr(decoded_cache, "CHECKPOINT_BYTES", 1)  # a checkpoint after every image
-    decode_stream = decoded_cache.decode_stream
-
-    def interrupted(paths, config, workers):
-        for n, image in enumerate(decode_stream(paths, config, workers)):
-            if n == len(samples) // 2:
-                raise KeyboardInterrupt
-            yield image
-
-    monkeypatch.setattr(decoded_cache, "decode_stream", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
-    monkeypatch.setattr(decoded_cache, "decode_stream", decode_stream)
+    half = len(samples) // 2
+    interrupt_a_build(samples, disk, tmp_path / "data", after=half, monkeypatch=monkeypatch)
     (kept,) = decoded_cache.unfinished_builds(disk)
     written = decoded_cache.folder_bytes(kept)
     # The disk as the killed build left it: room for what is left, not for the whole split.
@@ -310,7 +307,7 @@ def test_a_killed_build_goes_on_where_the_disk_holds_only_the_rest(
         load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
     monkeypatch.setattr(decoded_cache.shutil, "disk_usage", lambda _: usage)
     split = load_split(samples, TINY, disk, name="train", dataset=tmp_path / "data")
-    assert split.decoded == len(samples) - len(samples) // 2 and len(split) == len(samples)
+    assert split.decoded == len(samples) - half and len(split) == len(samples)
 
 
 def test_cache_cli_lists_and_clears_only_decoded_caches(tmp_path: Path, capsys) -> None:

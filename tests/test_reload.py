@@ -347,14 +347,19 @@ def test_a_restarted_worker_serves_what_the_others_serve(servers, trained: dict)
     assert settled_reload_state(server, "failed")["tag"] == bad  # the new worker says so too
 
 
+def request_mode_server(trained: dict, name: str) -> tuple[str, Server]:
+    """The trained model stored as ``name``, and a 2-worker server of it that reloads on
+    request; the version stored."""
+    first = save_to_store(trained["export_dir"], name, load_folder(trained["export_dir"]).info)
+    env = {"LCNET_MODEL": name, "LCNET_WORKERS": "2", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    return first, Server(".", env).wait_ready()
+
+
 def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
     """LCNET_RELOAD=request: a newer version in the store is not served until POST
     /admin/reload, whose empty body means the newest; every worker swaps and counts it."""
-    info = load_folder(trained["export_dir"]).info
-    first = save_to_store(trained["export_dir"], "asked", info)
-    env = {"LCNET_MODEL": "asked", "LCNET_WORKERS": "2", "LCNET_RELOAD": "request",
-           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
-    server = Server(".", env).wait_ready()
+    first, server = request_mode_server(trained, "asked")
     try:
         newer = save_version(first, [f"asked {name}" for name in CLASS_NAMES])
         time.sleep(4 * REQUEST_POLL_S)  # what `watch` would have been given to find it
@@ -386,11 +391,7 @@ def test_workers_end_on_one_version_after_the_served_one_leaves_the_store(traine
     restarts: the restarted one started on the server's first version and tried the deleted
     one for good, the other went on serving it from memory, and answers came from two models
     at random. Both now end on the server's first version (what the restarted one can load)."""
-    info = load_folder(trained["export_dir"]).info
-    first = save_to_store(trained["export_dir"], "leaving", info)
-    env = {"LCNET_MODEL": "leaving", "LCNET_WORKERS": "2", "LCNET_RELOAD": "request",
-           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
-    server = Server(".", env).wait_ready()
+    first, server = request_mode_server(trained, "leaving")
     try:
         rolled_out = save_version(first, [f"leaving {name}" for name in CLASS_NAMES])
         assert admin_reload(server, TOKEN, {"tag": rolled_out}).status_code == 202
