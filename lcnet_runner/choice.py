@@ -83,8 +83,8 @@ RACE_REVISION = 4
 
 @dataclass
 class Race:
-    """What an engine race found on this machine, as it is cached: the variants that ran,
-    fastest first, and why the others could not."""
+    """What an engine race found on this machine, as it is cached: the variants that ran, in
+    ranking order (``ranked``), and why the others could not."""
 
     images_per_s: dict[str, float]  # variant → batch-16 img/s, in ranking order (ranked())
     not_runnable: dict[str, str]  # variant → why it did not run (not installed, not this CPU...)
