@@ -170,7 +170,8 @@ def choose(
 
     ``race_in_child`` races in a child process (servers: a worker that loaded every engine to
     race them would keep ~300 MiB of libraries it never uses, Paddle's above all); by default
-    the race runs here (the CLIs, and test doubles at the engine seam)."""
+    the race runs here (test doubles at the engine seam; the CLIs race in a child too, where an
+    engine's native fault is that variant's failure, not the command's)."""
     requested = matching_variants(engine, precision)
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)

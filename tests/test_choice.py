@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
@@ -418,6 +419,19 @@ def test_a_variant_that_crashes_the_race_is_not_runnable_and_the_rest_serve(
     assert "openvino/fp32" not in choice.race.ranking and str(choice.variant) in PASSED
     assert choice.skipped["openvino/fp32"] == why
     assert choose(load_folder(folder), threads=1, race_in_child=True).race.cached
+
+
+def test_the_cli_survives_a_variant_that_crashes_its_race(
+    trained: dict, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m lcnet_runner predict` raced in its own process: an engine's segfault there
+    ended the command with no message. It races in a child, as a server does."""
+    crash_openvino_fp32_in_children(tmp_path, monkeypatch, "SIGSEGV")  # this CLI's process too
+    image = trained["dataset"] / "green" / "1.jpg"
+    result = run_cli("lcnet_runner", "predict", str(image), "--model", str(folder), "--threads",
+                     "1", "--benchmark", "1")  # fmt: skip
+    assert '"predictions"' in result.stdout
+    assert "openvino/fp32" not in result.stdout.split("engine: ")[1].split(" ")[0]
 
 
 def test_a_race_killed_from_outside_blames_no_variant(

@@ -128,7 +128,7 @@ def evaluate(
     # A variant named outright is measured whatever its guard figures say: this is how to see them.
     named = engine != AUTO and precision != AUTO
     predictor = Predictor(model, engine=engine, precision=precision, threads=threads,
-                          skip_guard=named)  # fmt: skip
+                          skip_guard=named, race_in_child=True)  # fmt: skip
     decoded = decode_labelled_split(dataset, split, predictor.labels, predictor.preprocess_config,
                                     cache=cache)  # fmt: skip
     probs = split_scores(predictor, decoded)
