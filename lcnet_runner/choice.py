@@ -256,17 +256,16 @@ def _race_in_child(artifact: ModelArtifact, requested: list[Variant], threads: i
                  "requested": [str(v) for v in remaining]}  # fmt: skip
         try:
             printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
-        except ChildFailedError as err:
+        except ChildProcessError as err:  # it failed, or gave no answer in time
             # Only its own fault is the variant's: a race killed from outside (the OOM killer,
             # a stop) says nothing of it, and is not cached.
-            culprit = _running_when_it_ended(err.stdout) if err.native_fault else None
+            fault = isinstance(err, ChildFailedError) and err.native_fault
+            culprit = _running_when_it_ended(err.stdout) if fault else None
             if culprit is None:
                 raise AccuracyGuardError(f"the engine race failed: {err}") from None
             crashed[culprit] = f"crashed the engine race ({err})"
             remaining = [v for v in remaining if str(v) != culprit]
             continue
-        except ChildProcessError as err:  # no answer in time
-            raise AccuracyGuardError(f"the engine race failed: {err}") from None
         race = Race.from_json(json.loads(printed.strip().splitlines()[-1]))
         return replace(race, not_runnable={**race.not_runnable, **crashed})
     return Race({}, crashed, RACE_BATCH, resolve_threads(threads), cpu_features())

@@ -51,8 +51,9 @@ def cpu_features() -> dict[str, Any]:
 
 
 def cpu_supports_bf16() -> bool:
-    has_it = bool({"avx512_bf16", "amx_bf16"} & set(cpu_features()["flags"]))
-    return has_it and isa_cap() not in _CAPS_WITHOUT_BF16
+    features = cpu_features()
+    has_it = bool({"avx512_bf16", "amx_bf16"} & set(features["flags"]))
+    return has_it and features.get("isa_cap") not in _CAPS_WITHOUT_BF16
 
 
 def resolve_threads(threads: int | None) -> int:

@@ -337,9 +337,9 @@ class Reloader:
             self._cannot_read_the_store(err)
             return None
         if self._store_error is not None:  # readable again: what failed was the look
-            self._store_error = None
-            if self.status.error and self.status.error.startswith("cannot read the store"):
+            if self.status.error == self._store_error:
                 self.status = ReloadStatus("idle", self.served.tag)
+            self._store_error = None
         newest = str(model.tag)
         if newest == self._latest_seen:
             return None
@@ -447,9 +447,9 @@ def _warn_of_other_classes(served: LCNetRunner, new: LCNetRunner) -> None:
     but a client that keeps ``category_id``s reads them against the old list from now on."""
     if list(new.labels) != list(served.labels):
         logger.warning(
-            "reload: %s has other classes than %s (%d: %s; were %d): category_id %s",
+            "reload: %s has other classes than %s (%d: %s; were %d): category_id changes "
+            "meaning for clients",
             new.tag, served.tag, len(new.labels), ", ".join(new.labels[:8]), len(served.labels),
-            "changes meaning for clients",
         )  # fmt: skip
 
 

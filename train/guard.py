@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lcnet_runner.artifact import load_folder, write_info
-from lcnet_runner.engines import REFERENCE
+from lcnet_runner.engines import REFERENCE, Variant
 from lcnet_runner.guard import (
     GUARD_KEY,
     MAX_TOP1_DROP_PT,
@@ -39,7 +39,10 @@ def guard_figures(
     artifact = load_folder(folder)
     reference, variants, not_here = None, {}, {}
     # Paddle fp32 comes first; each other variant is compared with it on the same images.
-    skipped = lambda variant, why: not_here.__setitem__(str(variant), why)  # noqa: E731
+
+    def skipped(variant: Variant, why: str) -> None:
+        not_here[str(variant)] = why
+
     for variant, predictor in each_variant(artifact, threads=threads, on_skip=skipped):
         scores = split_scores(predictor, split)
         if variant == REFERENCE:

@@ -292,9 +292,8 @@ def split_record(dataset_dir: str | Path, earlier: dict[str, Any] | None = None)
     record: dict[str, Any] = {}
     for name in SPLITS:
         entries = _list_entries(dataset_dir, name)
-        digest = hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
         images = b"".join(sorted(_image_id(rel) for rel in _listed_paths(entries))).hex()
-        record[name] = {"digest": digest, "images": images}
+        record[name] = {"digest": _digest(entries), "images": images}
     before = _trained_ids(earlier) - _image_ids(record["train"]["images"]) if earlier else set()
     record["trained_before"] = b"".join(sorted(before)).hex()
     return record
@@ -337,6 +336,10 @@ def list_digest(dataset_dir: str | Path, name: str) -> str | None:
         entries = [line for line in read_lines(split_list(dataset_dir, name)) if line.strip()]
     except (OSError, UnicodeDecodeError):
         return None
+    return _digest(entries)
+
+
+def _digest(entries: list[str]) -> str:
     return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
 
 
