@@ -7,6 +7,7 @@ feed the same runner (and batches) as HTTP ones. The servicer only translates me
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -154,13 +155,24 @@ def _measured(
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def call(request, context):
         start = time.perf_counter()
+        code = None
         try:
             return await method(request, context)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            code = _cancelled_code(context)
+            raise
         finally:  # an abort (every refusal) raises: its code is the context's
-            calls.record(name, (context.code() or grpc.StatusCode.OK).name,
-                         time.perf_counter() - start)  # fmt: skip
+            code = code or (context.code() or grpc.StatusCode.OK).name
+            calls.record(name, code, time.perf_counter() - start)
 
     return call
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+    """What ended a call gRPC cancelled under it: its deadline, when that has passed (to within
+    the moment the cancellation took to arrive), or else its client."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left < 0.05 else "CANCELLED"
 
 
 class GrpcPortTakenError(RuntimeError):

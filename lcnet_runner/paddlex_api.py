@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse
 
 from . import handlers
 from .handlers import RequestError
-from .http_api import failure, invalid_request, read_body, refusal
+from .http_api import failure, invalid_request, read_body, refusal, unless_client_left
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -39,7 +39,7 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
             raise RequestError(422, "topk must be > 0")
         image = _base64_image(asked.image)
         top_k = asked.topk or min(5, len(runner.labels))  # PaddleX's Topk default
-        predictions = await runner.aclassify(image, top_k)
+        predictions = await unless_client_left(request, runner.aclassify(image, top_k))
     except Exception as err:
         status, message = failure(err)
         error = {"logId": log_id, "errorCode": status, "errorMsg": message, "error": message}

@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from conftest import CLASS_NAMES, refusal, workers
@@ -104,6 +105,71 @@ def test_grpc_calls_are_counted_by_method_and_code(server: Server, images: list[
     assert re.search(
         r'^lcnet_grpc_request_duration_seconds_count\{[^}]*method="Classify"', text, re.M
     )
+
+
+def _slow_png() -> bytes:
+    """A 25-megapixel PNG of a few hundred KB: ~0.3 s to decode, so a call is still in the
+    server when its client gives up."""
+    row = (np.arange(5000) % 256).astype(np.uint8)
+    pixels = np.broadcast_to(row[None, :, None], (5000, 5000, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _eventually(read, want: float, timeout_s: float = 20.0) -> float:
+    """``read()`` once it equals ``want`` (what a worker records after a call ends), or its last
+    value when ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while (got := read()) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def test_grpc_calls_ended_by_their_client_are_not_counted_ok(server: Server) -> None:
+    """A call past its deadline, or cancelled, was counted as OK: a dashboard showed 100 %
+    success while clients timed out."""
+    import grpc
+
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+
+    late, cancelled = _grpc_calls(server, "DEADLINE_EXCEEDED"), _grpc_calls(server, "CANCELLED")
+    request = lcnet_pb2.ClassifyRequest(image=_slow_png())
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = lcnet_pb2_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Classify(request, timeout=0.1)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        call = stub.Classify.future(request)
+        time.sleep(0.1)
+        assert call.cancel()
+    assert _eventually(lambda: _grpc_calls(server, "DEADLINE_EXCEEDED"), late + 1) == late + 1
+    assert _eventually(lambda: _grpc_calls(server, "CANCELLED"), cancelled + 1) == cancelled + 1
+
+
+def _http_answers(server: Server, status: int) -> float:
+    """/classify answers of ``status`` as BentoML's metrics count them, summed over workers."""
+    text = httpx.get(f"{server.url}/metrics").text
+    lines = re.findall(r"^bentoml_service_request_total\{([^}]*)\} (\S+)", text, re.M)
+    wanted = (f'http_response_code="{status}"', 'endpoint="/classify"')
+    return sum(float(v) for labels, v in lines if all(w in labels for w in wanted))
+
+
+def test_a_client_that_leaves_before_its_answer_is_not_served(server: Server) -> None:
+    """Clients that sent their image and hung up (a timeout, a retry) were decoded and run for
+    nobody and counted as 200: a burst of them kept the workers busy long after they left. Now
+    each is dropped where it waits and counted as 499."""
+    gone = _http_answers(server, 499)
+    body = _slow_png()
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    clients = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(4)]
+    for client in clients:
+        client.sendall(head + body)
+    time.sleep(0.1)
+    for client in clients:
+        client.close()
+    assert _eventually(lambda: _http_answers(server, 499), gone + 4) == gone + 4
 
 
 def _batch_histogram(server: Server) -> tuple[float, float]:
