@@ -12,7 +12,9 @@ import contextlib
 import fcntl
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -214,19 +216,46 @@ def forget_stopped_owner(port: int) -> None:
             owner_file(port).unlink()
 
 
-@dataclass(frozen=True)
+@dataclass
 class GrpcServer:
     """One worker's gRPC server and the health service that speaks for it."""
 
     server: grpc.aio.Server
     health: health.aio.HealthServicer
+    stopping: asyncio.Task | None = None
 
     async def stop(self) -> None:
         """Calls in flight get as long to finish as BentoML gives an HTTP request (5 s cut a 12 s
         batch off). Health's Watch streams are told NOT_SERVING first; a probe calling Check
         finds the port closed, as an HTTP probe does."""
+        await self.begin_stop()
+
+    def begin_stop(self) -> asyncio.Task:
+        if self.stopping is None:
+            self.stopping = asyncio.ensure_future(self._stop())
+        return self.stopping
+
+    async def _stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=REQUEST_TIMEOUT_S)
+
+    def stop_with_http(self) -> None:
+        """Begin ``stop`` on the signals that stop the worker's HTTP server (uvicorn's handlers,
+        called after this one). BentoML runs shutdown hooks only once HTTP's last request has
+        been answered: meanwhile gRPC took new calls and its health said SERVING, and its own
+        grace began only then, twice what a pod's termination grace allows."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # no signals here (a test client's lifespan thread)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            http_stop = signal.getsignal(signum)
+            if callable(http_stop):  # else nothing stops HTTP gracefully on it: nor gRPC
+
+                def begin(sig: int, frame: Any, http_stop: Callable = http_stop) -> None:
+                    loop.call_soon_threadsafe(self.begin_stop)
+                    http_stop(sig, frame)
+
+                signal.signal(signum, begin)
 
 
 async def start_grpc_server(

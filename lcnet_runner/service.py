@@ -222,6 +222,7 @@ class LCNetService:
             except GrpcPortTakenError as err:
                 _stop_the_server(str(err))
                 raise
+            self.grpc_server.stop_with_http()
         if self.reloader is not None:
             self.reloader.start()
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pytest
 from conftest import model_info_from, replacement, workers
 from PIL import Image
 
@@ -137,11 +138,13 @@ def test_sigterm_lets_in_flight_requests_finish(trained: dict) -> None:
     assert answered > sent + 0.5
 
 
-def test_sigterm_lets_a_long_grpc_call_finish(trained: dict) -> None:
+def test_sigterm_lets_a_long_grpc_call_finish_and_refuses_new_ones(trained: dict) -> None:
     """A gRPC call running when SIGTERM comes gets as long as an HTTP request to finish (it was
     cut off after 5 s, `UNAVAILABLE: Cancelling all calls`). 24 flat 6000×6000 PNGs: ~0.5 s of
-    decoding each on one worker (past the default batch budget, raised here)."""
-    from lcnet_runner.client import Client
+    decoding each on one worker (past the default batch budget, raised here). New calls are
+    refused from SIGTERM on, as new HTTP connections are: they were taken for as long as an
+    HTTP request was still in flight, and gRPC's grace began only after it."""
+    from lcnet_runner.client import Client, ClientError
 
     env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1",
            "LCNET_MAX_BATCH_PIXELS": str(10**9)}  # fmt: skip
@@ -156,14 +159,24 @@ def test_sigterm_lets_a_long_grpc_call_finish(trained: dict) -> None:
             answers = client.classify_batch([big.getvalue()] * 24)
         return len(answers), time.monotonic()
 
+    def http_call() -> int:
+        files = [("images", ("a.png", big.getvalue()))] * 4
+        return httpx.post(f"{server.url}/classify_batch", files=files, timeout=120).status_code
+
     try:
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(2) as pool:
             answer = pool.submit(call)
             assert started.wait(timeout=30)
-            time.sleep(1.0)  # the call is being decoded
+            http_answer = pool.submit(http_call)
+            time.sleep(1.0)  # both are being decoded
             sent = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            with Client(server.grpc_url, timeout=10) as late, pytest.raises(ClientError) as err:
+                late.classify(jpeg(64))
+            assert err.value.status == "UNAVAILABLE"
             count, answered = answer.result()
+            assert http_answer.result() == 200
         assert server.process.wait(timeout=90) == 0
     finally:
         server.stop()
