@@ -38,14 +38,16 @@ logger = logging.getLogger("bentoml.lcnet.grpc")  # BentoML shows its own logger
 SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 ADMIN_SERVICE_NAME = lcnet_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 VERSION_KEY = handlers.VERSION_HEADER.lower()  # gRPC metadata keys are lowercase
-# What a client's mistake is called in gRPC: these, or INVALID_ARGUMENT for the others (400, 408,
-# 413, 422); a server fault is INTERNAL. (A message past the size limit never reaches this code:
-# gRPC itself answers RESOURCE_EXHAUSTED.)
+# What a refusal is called in gRPC: these, or INVALID_ARGUMENT for the others (400, 408, 413,
+# 422); a server fault is INTERNAL. A busy worker is UNAVAILABLE, which gRPC's retry policies
+# retry. (A message past the size limit never reaches this code: gRPC itself answers
+# RESOURCE_EXHAUSTED.)
 _STATUS_CODES = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -57,7 +59,7 @@ async def _call(context: grpc.aio.ServicerContext, work):
     try:
         return await work
     except Exception as err:
-        status = handlers.client_error_status(err)
+        status = handlers.refusal_status(err)
         if status is None:
             logger.exception("gRPC request failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bentoml._internal.context import server_context
-from bentoml.exceptions import InvalidArgument
+from bentoml.exceptions import InvalidArgument, ServiceUnavailable
 
 from .artifact import ModelNotFoundError
 from .predictor import Prediction, TopKError, checked_top_k
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .reload import Reloader
 
 VERSION_HEADER = "X-Model-Version"  # on every answer: the model version that produced it
+# On a 503 (the worker busy): when to try again. A second: a worker answers hundreds of images.
+RETRY_AFTER_S = 1
 
 
 class RequestError(Exception):
@@ -32,13 +34,14 @@ class RequestError(Exception):
         self.status = status
 
 
-def client_error_status(error: Exception) -> int | None:
-    """The HTTP status for a client's mistake, or None for a server fault. The runner's own
-    client errors (a bad image, too many pixels, a bad ``top_k``) are BentoML InvalidArguments
-    and carry the status BentoML answers them with in anyone's service: the same one here."""
+def refusal_status(error: Exception) -> int | None:
+    """The HTTP status of a request refused: for the client's mistake (4xx), or while the worker
+    is too busy to take it (503, RunnerBusyError); None for a server fault. The runner's own
+    refusals (a bad image, too many pixels, a bad ``top_k``, busy) are BentoML exceptions and
+    carry the status BentoML answers them with in anyone's service: the same one here."""
     if isinstance(error, RequestError):
         return error.status
-    if isinstance(error, InvalidArgument):
+    if isinstance(error, (InvalidArgument, ServiceUnavailable)):
         return int(error.error_code)
     return None
 

@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
 from . import handlers, servers
-from .handlers import RequestError, client_error_status
+from .handlers import RequestError, refusal_status
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -171,9 +171,10 @@ def invalid_request(err: ValidationError) -> RequestError:
 
 
 def failure(err: Exception) -> tuple[int, str]:
-    """The status and message a route answers an exception with: a client's mistake keeps its
-    4xx and message; anything else is logged and becomes a 500 without internals."""
-    status = client_error_status(err)
+    """The status and message a route answers an exception with: a refusal keeps its status
+    and message (a client's mistake, 4xx; a busy worker, 503); anything else is logged and
+    becomes a 500 without internals."""
+    status = refusal_status(err)
     if status is None:
         logger.exception("request failed")
         return 500, "internal error"
@@ -181,12 +182,18 @@ def failure(err: Exception) -> tuple[int, str]:
 
 
 def refusal(body: Any, status: int, version: str) -> JSONResponse:
-    """An error answer with the version serving; after a body that did not arrive in time (408)
-    the connection is closed, or its slow client trickled on into it after the answer."""
-    headers = {handlers.VERSION_HEADER: version}
-    if status == 408:
-        headers["Connection"] = "close"
+    """An error answer with the version serving, and what its status calls for: a 408 closes
+    the connection, a 503 says when to retry."""
+    headers = {handlers.VERSION_HEADER: version, **_refusal_headers(status)}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _refusal_headers(status: int) -> dict[str, str]:
+    if status == 408:  # or the slow client trickles on into it after the answer
+        return {"Connection": "close"}
+    if status == 503:  # the worker is busy: when to try again
+        return {"Retry-After": str(handlers.RETRY_AFTER_S)}
+    return {}
 
 
 async def answer(work: Awaitable[Any], version: str, status: int = 200) -> JSONResponse:
@@ -209,10 +216,11 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
     try:
         return await work
     except Exception as err:
-        status = client_error_status(err)
+        status = refusal_status(err)
         if status is None:
             raise
         ctx.response.status_code = status
+        ctx.response.headers.update(_refusal_headers(status))
         if servers.serving_as_dependency():
             return PlainTextResponse(str(err), status_code=status)
         return JSONResponse({"error": str(err)}, status_code=status)
@@ -299,9 +307,15 @@ def _multipart_or_raw(field: str) -> dict[str, Any]:
 
 
 # What the routes' error statuses mean, in /docs.json (as ErrorOut: {"error": "..."}).
-ERROR_MEANINGS = {400: "undecodable image or malformed body", 408: "the body arrived too slowly",
-                  413: "too large (body, pixels, images)", 415: "another content type",
-                  422: "missing or invalid field", 500: "server fault (no internals)"}  # fmt: skip
+ERROR_MEANINGS = {
+    400: "undecodable image or malformed body",
+    408: "the body arrived too slowly",
+    413: "too large (body, pixels, images)",
+    415: "another content type",
+    422: "missing or invalid field",
+    500: "server fault (no internals)",
+    503: "the worker is busy (LCNET_MAX_QUEUED_IMAGES): retry after Retry-After",
+}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -313,7 +327,7 @@ CLASSIFY_DOC = {
     "openapi_extra": _multipart_or_raw("image"),
     "responses": {
         200: {"model": list[PredictionOut], "description": "top-k classes, best first"},
-        **_errors(400, 408, 413, 415, 422, 500),
+        **_errors(400, 408, 413, 415, 422, 500, 503),
     },  # fmt: skip
 }
 CLASSIFY_BATCH_DOC = {
@@ -321,7 +335,7 @@ CLASSIFY_BATCH_DOC = {
     "openapi_extra": _multipart("images", many=True),
     "responses": {
         200: {"model": list[list[PredictionOut]], "description": "one list per image"},
-        **_errors(400, 408, 413, 415, 422, 500),
+        **_errors(400, 408, 413, 415, 422, 500, 503),
     },  # fmt: skip
 }
 

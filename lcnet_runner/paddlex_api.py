@@ -93,6 +93,6 @@ PADDLEX_DOC = {
     },  # fmt: skip
     "responses": {
         200: {"model": PaddleXResponse},
-        **{status: {"model": PaddleXResponse} for status in (400, 408, 413, 422, 500)},
+        **{status: {"model": PaddleXResponse} for status in (400, 408, 413, 422, 500, 503)},
     },  # fmt: skip
 }

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from bentoml.exceptions import ServiceUnavailable
 
 from .artifact import DEFAULT_MODEL, ModelArtifact
 from .batching import AdaptiveBatcher, BatchStats
@@ -37,6 +38,12 @@ from .preprocess import (
     preprocess,
 )
 from .ranges import check_ranges
+
+
+class RunnerBusyError(ServiceUnavailable):
+    """The runner already holds ``max_queued_images``: retry shortly. BentoML's
+    ServiceUnavailable, so that in any ``@bentoml.api`` that embeds the runner BentoML answers
+    503 with the message, not 500."""
 
 
 class RunnerObserver(Protocol):
@@ -73,6 +80,12 @@ class RunnerConfig:
     # thread, as its time grows with its pixels whatever its file's size (a 4 MP PNG ~60 ms,
     # 40 MP ~1 s), so the worker goes on reading and answering other requests. 0: all there.
     inline_decode_bytes: int = 8 * 1024 * 1024
+    # Images a worker holds at once, from a request's admission to its answer (decoding, queued,
+    # in a batch); while it holds this many, a new request is refused at once, 503 with
+    # Retry-After (gRPC UNAVAILABLE), for a client or balancer to retry elsewhere: past it the
+    # queue only grows in wait, up to BentoML's 60 s timeout (504). 512 small photos are 2-9 s
+    # of a worker on 2 cores; the benchmarks' 64 clients hold at most 256 in all.
+    max_queued_images: int = 512
 
     def __post_init__(self) -> None:
         matching_variants(self.engine, self.precision)  # an unknown name: what exists instead
@@ -90,6 +103,7 @@ RUNNER_RANGES = {
     "max_pixels": (1, math.inf),
     "max_batch_pixels": (1, math.inf),
     "inline_decode_bytes": (0, math.inf),
+    "max_queued_images": (1, math.inf),
 }
 
 
@@ -124,6 +138,7 @@ class LCNetRunner:
         # One thread, so large images decode one at a time per worker, as they did on the
         # event loop: their pixels are most of what a worker's memory holds under hostile load.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="lcnet-decode")
+        self._held_images = 0  # admitted, not yet answered (``_holding``)
         self._warm_up()
 
     @classmethod
@@ -204,6 +219,7 @@ class LCNetRunner:
             "max_batch_size": self.config.max_batch_size,
             "max_delay_ms": self.config.max_delay_ms,
             "inline_decode_bytes": self.config.inline_decode_bytes,
+            "max_queued_images": self.config.max_queued_images,
             "val_top1": artifact.info.get("val_top1"),
             "test_top1": artifact.info.get("test_top1"),
         }
@@ -213,7 +229,8 @@ class LCNetRunner:
 
     async def aclassify(self, image: ImageSource, top_k: int = 1) -> list[Prediction]:
         top_k = checked_top_k(top_k)
-        probs = await self._batcher(await self._decoded(image))
+        with self._holding(1):
+            probs = await self._batcher(await self._decoded(image))
         return self._format([probs], top_k)[0]
 
     async def aclassify_batch(
@@ -225,15 +242,33 @@ class LCNetRunner:
         if not images:
             return []
         self._check_batch_pixels(images)
-        crops = []
-        for index, image in enumerate(images):
-            with _naming(index, len(images)):
-                crops.append(await self._decoded(image))
-            # A JPEG's decode holds the worker's event loop: between images, let it read the
-            # other connections' requests (64 of them would otherwise stall them, and a
-            # SIGTERM meanwhile would drop them as not yet started).
-            await asyncio.sleep(0)
-        return self._format(await self._batcher.call_many(crops), top_k)
+        with self._holding(len(images)):
+            crops = []
+            for index, image in enumerate(images):
+                with _naming(index, len(images)):
+                    crops.append(await self._decoded(image))
+                # A JPEG's decode holds the worker's event loop: between images, let it read the
+                # other connections' requests (64 of them would otherwise stall them, and a
+                # SIGTERM meanwhile would drop them as not yet started).
+                await asyncio.sleep(0)
+            probs = await self._batcher.call_many(crops)
+        return self._format(probs, top_k)
+
+    @contextlib.contextmanager
+    def _holding(self, count: int) -> Iterator[None]:
+        """``count`` images held meanwhile; RunnerBusyError (503) at once while the worker
+        already holds ``max_queued_images``. A request is admitted whole when there is any room:
+        a batch larger than the room left would otherwise never pass."""
+        if self._held_images >= self.config.max_queued_images:
+            raise RunnerBusyError(
+                f"the server is busy: {self._held_images} images are waiting on this worker "
+                f"(at most {self.config.max_queued_images}); retry shortly"
+            )
+        self._held_images += count
+        try:
+            yield
+        finally:
+            self._held_images -= count
 
     def _check_batch_pixels(self, images: Sequence[ImageSource]) -> None:
         """ImageTooLargeError, from the headers alone, when the images would decode to more than

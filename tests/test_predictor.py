@@ -18,7 +18,7 @@ from conftest import CLASS_NAMES, PADDLE_FP32, run_cli
 from PIL import Image
 
 from lcnet_runner import InvalidModelError, ModelNotFoundError, Predictor
-from lcnet_runner.handlers import RequestError, client_error_status
+from lcnet_runner.handlers import RequestError, refusal_status
 from lcnet_runner.hardware import cores_free, cpu_quota, default_threads
 from lcnet_runner.predictor import EngineOutputError, TopKError, top_k_predictions
 from lcnet_runner.preprocess import ImageTooLargeError, InvalidImageError, normalize, preprocess
@@ -106,7 +106,7 @@ def test_non_finite_engine_output_is_a_server_error(bad: float, top_k: int) -> N
     probs = np.array([[0.2, 0.3, 0.5], [0.1, bad, 0.6]])
     with pytest.raises(EngineOutputError, match=r"non-finite scores .* image\(s\) \[1\]") as err:
         top_k_predictions(probs, "abc", top_k)
-    assert client_error_status(err.value) is None  # a server fault: 500, never the client's
+    assert refusal_status(err.value) is None  # a server fault: 500, never the client's
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_non_finite_engine_output_is_a_server_error(bad: float, top_k: int) -> N
 def test_client_errors_keep_the_status_bentoml_gives_them(error: Exception, status) -> None:
     """Our routes and gRPC answer the runner's errors as BentoML does in anyone's service; a
     TopKError reaching them was a 500."""
-    assert client_error_status(error) == status
+    assert refusal_status(error) == status
 
 
 def test_store_tag_and_folder_give_the_same_answer(trained: dict, split_images) -> None:

@@ -5,11 +5,13 @@ middleware are covered too. Fast; the end-to-end tests keep what only a real ser
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import io
 import json
 import os
 
+import bentoml
 import numpy as np
 import pytest
 from conftest import CLASS_NAMES
@@ -317,7 +319,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         assert body["properties"]["top_k"]["minimum"] == 1
         assert "415 not multipart" in post["description"]
         # the errors they answer, as the fast routes' (BentoML lists 400, 404, 500 for any)
-        assert set(post["responses"]) == {"200", "400", "408", "413", "415", "422", "500"}
+        assert set(post["responses"]) == {"200", "400", "408", "413", "415", "422", "500", "503"}
         error = post["responses"]["413"]["content"]["application/json"]["schema"]
         assert error == {"$ref": "#/components/schemas/ErrorOut"}
         assert "PredictionOut" in json.dumps(post["responses"]["200"])
@@ -529,3 +531,53 @@ def test_the_access_log_escapes_control_characters(
     [line] = [r.getMessage() for r in caplog.records if r.name == "bentoml.access"]
     assert "\n" not in line and "\x1b" not in line
     assert "/x\\n2026-12-02 [ERROR] [entoml.lcnet] forged\\x1b[2K" in line
+
+
+@pytest.fixture
+def busy(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's runner as it is while it holds LCNET_MAX_QUEUED_IMAGES images."""
+    runner = bentoml.get_current_service().served.runner
+    monkeypatch.setattr(runner, "_held_images", runner.config.max_queued_images)
+
+
+@pytest.mark.usefixtures("busy")
+def test_a_busy_worker_answers_503_with_retry_after_on_every_route(
+    client: TestClient, trained: dict
+) -> None:
+    """Before, its queue only grew, and clients waited up to BentoML's timeout (a 504)."""
+    image = ("a.jpg", (trained["dataset"] / "green" / "1.jpg").read_bytes())
+    answers = {
+        path: client.post(path, files={field: image})
+        for path, field in [("/classify", "image"), ("/predict", "image"),
+                            ("/classify_batch", "images"), ("/predict_batch", "images")]
+    }  # fmt: skip
+    base64_image = base64.b64encode(image[1]).decode()
+    answers["/image-classification"] = client.post("/image-classification",
+                                                   json={"image": base64_image})  # fmt: skip
+    for path, answer in answers.items():
+        assert answer.status_code == 503, path
+        assert answer.headers["retry-after"] == "1", path
+        assert answer.json()["error"].startswith("the server is busy: "), path
+    assert answers["/image-classification"].json()["errorCode"] == 503
+    documented = client.get("/docs.json").json()["paths"]
+    assert all("503" in documented[path]["post"]["responses"] for path in answers)
+
+
+@pytest.mark.usefixtures("busy")
+def test_a_busy_worker_is_unavailable_over_grpc(client: TestClient) -> None:
+    """UNAVAILABLE: what gRPC's retry policies retry."""
+    from lcnet_runner.client import Client, ClientError
+    from lcnet_runner.grpc_api import start_grpc_server
+    from lcnet_runner.testing import free_port
+
+    service = bentoml.get_current_service()
+    port = free_port()
+    settings = dataclasses.replace(service.settings, grpc_port=port, grpc_host="127.0.0.1")
+    server = client.portal.call(start_grpc_server, service.served, settings)
+    try:
+        with Client(f"grpc://127.0.0.1:{port}") as grpc_client, pytest.raises(ClientError) as err:
+            grpc_client.classify(png())
+        assert err.value.status == "UNAVAILABLE"
+        assert err.value.message.startswith("the server is busy: ")
+    finally:
+        client.portal.call(server.stop)

@@ -238,3 +238,30 @@ def test_a_batch_is_refused_from_its_headers_past_its_pixel_budget(trained: dict
     # Counted up to the first image past the limit: the last is not even opened.
     with pytest.raises(ImageTooLargeError, match=r"the 4 images .* \(the first 3: 3000000\)"):
         asyncio.run(main([big.getvalue()] * 3 + [b"not even an image"]))
+
+
+def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
+    trained: dict,
+) -> None:
+    """A worker's queue had no bound: past it clients waited up to BentoML's timeout (504). While
+    it holds max_queued_images, a new request is refused before any work, as BentoML's 503; a
+    request is admitted whole while there is any room (a batch larger than the room would never
+    pass), and the room comes back as answers go."""
+    from lcnet_runner.runner import RunnerBusyError
+
+    small = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+    large = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (30, 120, 200)).save(large, "PNG")  # on the decode thread
+
+    async def main() -> None:
+        runner = LCNetRunner(trained["export_dir"], RunnerConfig(max_queued_images=2))
+        first = asyncio.create_task(runner.aclassify_batch([large.getvalue()] * 3))
+        await asyncio.sleep(0)  # the batch holds 3 images, decoding
+        with pytest.raises(RunnerBusyError, match="3 images are waiting") as busy:
+            await runner.aclassify(small)
+        assert busy.value.error_code == 503
+        assert len(await first) == 3
+        assert len(await runner.aclassify(small)) == 1
+        await runner.close()
+
+    asyncio.run(main())
