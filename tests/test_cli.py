@@ -305,6 +305,43 @@ def test_a_stopped_fit_says_resume_only_for_a_checkpoint_of_its_own(tmp_path: Pa
     assert resumable(argparse.Namespace(func=print), started) == ""
 
 
+def test_every_command_stops_on_sigterm_and_so_do_quietly_the_children_it_forks() -> None:
+    """OpenVINO's telemetry, in `export --format openvino`, forks a sender and terminates it
+    after 3 s: with Paddle's SIGTERM handler, which the child inherited, its C++ stack dump
+    reached the command's stdout. And `fit` alone stopped on SIGTERM with a word; the others
+    died of Paddle's handler with the same dump."""
+    script = """
+import multiprocessing, os, signal, sys, time
+import train.export
+from train.cli import main
+
+def wait(ready):
+    ready.set()
+    time.sleep(60)
+
+def add_format(model, format):  # a library that forks a child and terminates it, then a kill
+    ready = multiprocessing.Event()
+    child = multiprocessing.Process(target=wait, args=(ready,), daemon=True)
+    child.start()
+    ready.wait(60)
+    child.terminate()
+    child.join(60)
+    print(f"child ended: {child.exitcode}", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+train.export.add_format = add_format
+sys.exit(main(["export", "any:version", "--format", "openvino"]))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr  # the child's, had it raised Stopped
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip().splitlines()[-2:] == ["child ended: -15", "stopped (SIGTERM)"]
+
+
 @pytest.mark.parametrize("procs", ["1", "2"])
 def test_a_second_fit_into_one_save_dir_is_refused(tmp_path: Path, procs: str) -> None:
     """Two runs wrote one checkpoint, export and history together, and each stored a version

@@ -357,32 +357,29 @@ def run_fit(args: argparse.Namespace) -> None:
     from . import distributed
     from .training import CONFUSION, CURVES, fit_prepared, prepare, writing_to
 
-    # Paddle sets a SIGTERM handler of its own as it loads (a stack dump, then death): ours
-    # replaces it.
-    with sigterm_stops():
-        # Validated here, before any rank starts: a rank's error would only reach its log file;
-        # prepared once: ranks would each download and split, into one file.
-        config = fit_config(args)
-        weights = prepare(Path(args.dataset), config)
-        fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
-        # The launcher's while its ranks train, else this process's while it trains.
-        with writing_to(Path(config.save_dir)):
-            if distributed.run_data_parallel(
-                fit_args, args.procs, args.batch_size, args.threads, args.save_dir
-            ):
-                return
-            summary = fit_prepared(Path(args.dataset), config, weights)
-        if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
+    # Validated here, before any rank starts: a rank's error would only reach its log file;
+    # prepared once: ranks would each download and split, into one file.
+    config = fit_config(args)
+    weights = prepare(Path(args.dataset), config)
+    fit_args = args.argv[args.argv.index("fit") + 1 :]  # each rank re-parses them as given
+    # The launcher's while its ranks train, else this process's while it trains.
+    with writing_to(Path(config.save_dir)):
+        if distributed.run_data_parallel(
+            fit_args, args.procs, args.batch_size, args.threads, args.save_dir
+        ):
             return
-        print(f"saved {summary['tag']} to the BentoML store")
-        print(json_line(summary))
-        plots = [str(path) for name in (CURVES, CONFUSION)
-                 if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
-        log(
-            f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
-            f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
-            "bentoml serve ."
-        )
+        summary = fit_prepared(Path(args.dataset), config, weights)
+    if "tag" not in summary:  # a data-parallel rank other than 0: rank 0 reports
+        return
+    print(f"saved {summary['tag']} to the BentoML store")
+    print(json_line(summary))
+    plots = [str(path) for name in (CURVES, CONFUSION)
+             if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
+    log(
+        f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
+        f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
+        "bentoml serve ."
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -465,12 +462,21 @@ def run_import(args: argparse.Namespace) -> None:
     print(f"imported {args.source} as {tag}")
 
 
+# The commands that load Paddle, which sets a SIGTERM handler of its own as it loads (a C++ stack
+# dump on stdout, then death; a child a library forks inherits it): loaded before sigterm_stops,
+# so that its handler is the one in force. The others start faster without it.
+PADDLE_COMMANDS = ("fit", "evaluate", "export", "verify", "quantize", "import")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     started = time.time()
     try:
-        args.func(args)
+        if args.command in PADDLE_COMMANDS:
+            import paddle  # noqa: F401
+        with sigterm_stops():
+            args.func(args)
     except BrokenPipeError:
         return reader_gone()
     except USER_ERRORS as err:

@@ -50,19 +50,30 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def _child_dies_of_sigterm() -> None:
+    """A child that a library forks while Stopped is in force (OpenVINO's telemetry sender, which
+    it terminates after 3 s) dies of SIGTERM without a word, as it would by default: with the
+    parent's handler its multiprocessing bootstrap printed a Stopped traceback."""
+    if signal.getsignal(signal.SIGTERM) is _stop:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_child_dies_of_sigterm)
+
+
 @contextlib.contextmanager
 def sigterm_stops() -> Iterator[None]:
     """SIGTERM raises Stopped in the main thread meanwhile (Python's default ends the process
     where it stands, without a word). Not in a data-parallel rank: its launcher ends it so, and
     the `fit` that started them speaks for all."""
-
-    def stop(signum: int, _frame: object) -> None:
-        raise Stopped(signum)
-
     if "PADDLE_TRAINERS_NUM" in os.environ:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         yield
     finally:
