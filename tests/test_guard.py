@@ -240,6 +240,23 @@ def test_verify_measures_in_place(trained: dict, folder: Path) -> None:
     assert mismatch.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
+def test_verify_of_a_store_tag_gives_advice_that_names_the_tag(trained: dict, folder: Path) -> None:
+    """verify measures a store version in a temporary copy: its advice for a variant not
+    measured named that copy, gone once the command ended, and the new version kept the text."""
+    from train.export import save_to_store
+
+    for file in (folder / INT8_FILE, (folder / INT8_FILE).with_suffix(".bin")):
+        file.unlink(missing_ok=True)
+    save_to_store(folder, "verify-advice", load_folder(folder).info)
+    result = run_cli("train", "verify", "verify-advice:latest", "--dataset",
+                     str(trained["dataset"]), "--split", "test")  # fmt: skip
+    stored = bentoml.models.get(result.stdout.strip().split()[-1])
+    why = stored.info.metadata[GUARD_KEY]["not_measured"]["openvino/int8"]
+    assert why.startswith("verify-advice:latest has no INT8 variant; make one with `python -m "
+                          "train quantize verify-advice:latest --dataset DIR`")  # fmt: skip
+    assert f"openvino/int8      not measured here: {why}" in result.stdout
+
+
 def test_verify_keeps_the_figures_of_what_this_cpu_cannot_run(
     trained: dict, folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,7 +26,11 @@ from .export import revise
 
 
 def guard_figures(
-    folder: str | Path, split: DecodedSplit, split_name: str, threads: int | None = None
+    folder: str | Path,
+    split: DecodedSplit,
+    split_name: str,
+    threads: int | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Top-1 loss and agreement of each variant that runs here (engine installed, its file
     present, the CPU able), against Paddle fp32 on the same images. Also writes the self-check
@@ -35,8 +39,12 @@ def guard_figures(
 
     A variant that does not run here keeps the figures the folder's earlier guard has of it
     (``kept_from`` says where): ``verify`` on an AVX2 machine erased bf16's, measured with AMX,
-    and a server with AMX then never served bf16."""
-    artifact = load_folder(folder)
+    and a server with AMX then never served bf16.
+
+    ``name`` is what the advice for a variant not measured names (make its file with ...): the
+    model as the user gave it, when ``folder`` is a temporary copy of a store version (its path
+    was gone once the command ended, and kept in the figures). By default the folder."""
+    artifact = load_folder(folder, tag=name)
     reference, variants, not_here = None, {}, {}
     # Paddle fp32 comes first; each other variant is compared with it on the same images.
 
@@ -120,7 +128,7 @@ def verify(
         artifact = load_folder(folder)
         decoded = decode_labelled_split(dataset, split, artifact.labels, artifact.preprocess,
                                         cache=cache)  # fmt: skip
-        figures.update(guard_figures(folder, decoded, split, threads))
+        figures.update(guard_figures(folder, decoded, split, threads, name=str(model)))
         record_guard(folder, figures)
 
     return revise(model, measure), figures
