@@ -147,6 +147,31 @@ def test_evaluate_unknown_tag(tmp_path: Path) -> None:
     assert "not in the BentoML store" in one_error_line(result)
 
 
+@pytest.mark.parametrize(
+    "model_labels, difference",
+    [(("a", "b, round"), "class 1 is 'b' in the dataset, 'b, round' in the model (2 and 2"),
+     (("b", "a"), "class 0 is 'a' in the dataset, 'b' in the model (2 and 2"),
+     (("a", "b", "c"), "class 2 is no class in the dataset, 'c' in the model (2 and 3")],
+)  # fmt: skip
+def test_a_label_mismatch_names_the_first_difference(
+    tmp_path: Path, model_labels: tuple[str, ...], difference: str
+) -> None:
+    """evaluate, verify and quantize said "(4 classes) differs from ... (4 classes)": nothing of
+    which class, when a name or the order differed."""
+    from lcnet_runner.preprocess import PreprocessConfig
+    from train import split_dataset
+    from train.evaluation import decode_labelled_split
+
+    data = two_classes(tmp_path / "two")
+    split_dataset(data)
+    with pytest.raises(ValueError) as refused:
+        decode_labelled_split(data, "val", model_labels, PreprocessConfig())
+    assert str(refused.value) == (
+        f"the dataset's labels.txt differs from the model's labels: {difference} classes); use "
+        "the dataset it was trained for"
+    )
+
+
 def test_evaluate_on_a_split_that_lists_nothing(trained: dict, tmp_path: Path) -> None:
     """A split too small for a test image (--test-ratio 0, or tiny classes): said as such, not
     as images that could not be read."""

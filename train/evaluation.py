@@ -4,6 +4,7 @@ exported one (``evaluate``)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,18 @@ def dygraph_metrics(
     return classification_metrics(dygraph_scores(model, split, preprocess), split.labels, labels)
 
 
+def _first_difference(dataset_labels: Sequence[str], model_labels: Sequence[str]) -> str:
+    """Where the dataset's classes and the model's first differ, in words: a count alone ("4 and 4
+    classes") hid a renamed class or another order."""
+    index, (in_dataset, in_model) = next(
+        (index, pair)
+        for index, pair in enumerate(zip_longest(dataset_labels, model_labels))
+        if pair[0] != pair[1]
+    )
+    named = [repr(name) if name is not None else "no class" for name in (in_dataset, in_model)]
+    return f"class {index} is {named[0]} in the dataset, {named[1]} in the model"
+
+
 def decode_labelled_split(
     dataset: str | Path,
     split: str,
@@ -84,8 +97,9 @@ def decode_labelled_split(
     dataset_labels = read_labels(dataset)
     if list(dataset_labels) != list(labels):
         raise ValueError(
-            f"the dataset's labels.txt ({len(dataset_labels)} classes) differs from the model's "
-            f"labels ({len(labels)} classes); use the dataset it was trained for"
+            f"the dataset's labels.txt differs from the model's labels: "
+            f"{_first_difference(dataset_labels, labels)} ({len(dataset_labels)} and {len(labels)} "
+            "classes); use the dataset it was trained for"
         )
     samples = read_split(dataset, split)
     if not samples:
