@@ -85,6 +85,17 @@ def test_split_and_help_start_without_paddle(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+def test_help_says_each_default_once_as_it_is_typed() -> None:
+    """fit's --help said the cache options' defaults twice ("(default: )" after the words),
+    --crop-scale's as a Python tuple, and "(default: False)" after each flag."""
+    text = " ".join(run_cli("train", "fit", "--help").stdout.split())
+    assert "(default: $LCNET_CACHE or ~/.cache/lcnet-bento) --ram-cache-mb" in text
+    assert "(default 64; 0: every split on disk) --early-stop-patience" in text
+    assert "area (default: 0.08,1.0) --hflip" in text
+    assert "(default: False)" not in text
+    assert "(default: 0.2)" in run_cli("train", "split", "--help").stdout  # the others still
+
+
 @pytest.mark.parametrize(
     "args, resize_short, decay",
     [

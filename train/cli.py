@@ -72,6 +72,17 @@ def _procs(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto or a count from 1 to 1024, got {text!r}")
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help says it in words already (those
+    showed it twice: "(default: $LCNET_CACHE or ~/.cache/lcnet-bento) (default: )") or it is a
+    flag, off unless given ("--resume ... (default: False)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "(default" in (action.help or "") or (action.nargs == 0 and action.default is False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """Where decoded splits are cached, and which stay in RAM (``train.decoded_cache``)."""
     from .decoded_cache import RAM_MB
@@ -124,7 +135,7 @@ def _add_dataset_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("split", help="split DATASET/<class>/<images> into train/val/test lists",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                       formatter_class=DefaultsHelpFormatter)  # fmt: skip
     p.set_defaults(func=run_split)
     p.add_argument("dataset", type=Path, help="a folder of class folders of images")
     p.add_argument("--val-ratio", "--val_value", type=_ratio, default=0.2,
@@ -144,7 +155,7 @@ def _add_fit(sub) -> None:
 
     d = FitConfig()
     p = sub.add_parser("fit", help="train, evaluate, export and save to the BentoML store",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                       formatter_class=DefaultsHelpFormatter)  # fmt: skip
     p.set_defaults(func=run_fit)
     p.add_argument("dataset", type=Path, help="the split folder (python -m train split)")
     p.add_argument("--model", default=d.model, help=f"one of {', '.join(SCALES)}")
@@ -201,7 +212,8 @@ def _add_fit(sub) -> None:
         type=_pair,
         default=d.crop_scale,
         metavar="MIN,MAX",
-        help="training's random crops: their share of the image's area",
+        help=f"training's random crops: their share of the image's area (default: "
+        f"{','.join(map(str, d.crop_scale))})",  # as typed, not a Python tuple
     )
     p.add_argument(
         "--hflip",
