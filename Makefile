@@ -58,7 +58,8 @@ proto: install
 	    lcnet_runner/protos/lcnet.proto
 
 # Every benchmark in docs/benchmarks.md (~1.5 h); each prints ratios measured side by side.
-# Not bench/ab.py, which compares this tree's server with a revision you name.
+# Not bench/ab.py, which compares this tree's server with a revision you name, nor bench/soak.py
+# (docs/reliability.md).
 bench: install
 	$(PY) bench/train_speed.py
 	$(PY) bench/train_scaling.py
