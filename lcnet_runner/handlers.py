@@ -92,6 +92,7 @@ def served_model_info(
             "max_pixels": settings.runner.max_pixels,
             "max_batch_pixels": settings.runner.max_batch_pixels,
             "max_batch_images": settings.max_batch_images,
+            "max_queued_images": settings.runner.max_queued_images,
         },
         "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
         # Each worker answers for itself (its version, its reload): which one this is.

@@ -226,7 +226,6 @@ class LCNetRunner:
             "max_batch_size": self.config.max_batch_size,
             "max_delay_ms": self.config.max_delay_ms,
             "inline_decode_bytes": self.config.inline_decode_bytes,
-            "max_queued_images": self.config.max_queued_images,
             "val_top1": artifact.info.get("val_top1"),
             "test_top1": artifact.info.get("test_top1"),
         }

@@ -283,6 +283,7 @@ def test_model_route_describes_the_served_model(client: TestClient, trained: dic
     assert documented["content"]["application/json"]["schema"]
     assert info["tag"] == trained["tag"] and info["labels"] == CLASS_NAMES
     assert info["limits"]["max_batch_images"] == 4  # the instance's settings
+    assert info["limits"]["max_queued_images"] == 512
     assert info["engine_choice"]["variant"] == f"{info['engine']}/{info['precision']}"
     # a lone image runs on every core unless the engine holds the GIL (paddle)
     cores = default_threads()
