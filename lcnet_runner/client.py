@@ -22,7 +22,8 @@ class ClientError(RuntimeError):
     status (an ``int``) or the gRPC status name, with its ``{"error"}`` / details as ``message``;
     or, over both transports alike, ``"DEADLINE_EXCEEDED"`` when no answer came within the
     timeout and ``"UNAVAILABLE"`` when the server could not be reached or dropped the connection.
-    """
+    A worker too busy to take the request answers 503 over HTTP and ``"UNAVAILABLE"`` over
+    gRPC: both are worth a retry."""
 
     def __init__(self, status: int | str, message: str):
         super().__init__(f"{status}: {message}")

@@ -211,10 +211,15 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
     context's status) the same 4xx ``{"error"}`` as the fast routes for a client's mistake,
     e.g. an undecodable image. Both with the model version that answered. As a dependency, the
     message alone: BentoML's client makes the body its exception's message, which the calling
-    service would otherwise show as JSON inside JSON."""
+    service would otherwise show as JSON inside JSON. Cancelled when the client leaves, as the
+    fast routes' work is."""
     ctx.response.headers[handlers.VERSION_HEADER] = version
     try:
-        return await work
+        request = ctx.request
+    except LookupError:  # called in-process, not over HTTP: no client to leave
+        request = None
+    try:
+        return await (work if request is None else unless_client_left(request, work))
     except Exception as err:
         status = refusal_status(err)
         if status is None:
@@ -228,6 +233,7 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
 
 async def classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     """One image: the body itself (``top_k`` in the query string) or a multipart file field."""
+    runner.refuse_if_busy()  # before its body arrives
     content_type = _media_type(request)
     if content_type.startswith(RAW_IMAGE_TYPES):
         image = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
@@ -244,6 +250,7 @@ async def classify(request: Request, runner: LCNetRunner, settings: ServingSetti
 
 
 async def classify_batch(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
+    runner.refuse_if_busy()
     images, top_k = await read_upload(request, settings, "images")
     work = handlers.classify_batch(runner, settings, images, top_k)
     return await unless_client_left(request, work)

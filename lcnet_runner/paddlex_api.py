@@ -30,6 +30,7 @@ class PaddleXRequest(BaseModel):
 async def paddlex_classify(request: Request, runner: LCNetRunner, settings: ServingSettings):
     log_id = uuid.uuid4().hex
     try:
+        runner.refuse_if_busy()
         body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         try:
             asked = PaddleXRequest.model_validate_json(body)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -47,7 +46,7 @@ from .artifact import (
     write_text_atomic,
 )
 from .child import run_python
-from .runner import LCNetRunner
+from .runner import LCNetRunner, release_free_memory
 
 logger = logging.getLogger("bentoml.lcnet")
 REQUEST_POLL_S = 0.5  # how often a worker looks at the request file (a stat call)
@@ -123,10 +122,7 @@ def release_memory() -> None:
     """Hand a dropped model's memory back to the system: glibc keeps freed blocks in its arenas
     otherwise, and each swap would look like a leak."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_free_memory()
 
 
 def request_file(model_name: str) -> Path:

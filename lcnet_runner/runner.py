@@ -47,9 +47,10 @@ LARGE_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class RunnerBusyError(ServiceUnavailable):
-    """The runner already holds ``max_queued_images``: retry shortly. BentoML's
-    ServiceUnavailable, so that in any ``@bentoml.api`` that embeds the runner BentoML answers
-    503 with the message, not 500."""
+    """The runner already holds ``max_queued_images``: retry shortly. The server answers it 503
+    with Retry-After (gRPC UNAVAILABLE). BentoML's ServiceUnavailable: in one's own
+    ``@bentoml.api`` BentoML answers it 503, with its generic message and a logged traceback, so
+    catch it there (README, "Composing")."""
 
 
 class RunnerObserver(Protocol):
@@ -86,12 +87,10 @@ class RunnerConfig:
     # thread, as its time grows with its pixels whatever its file's size (a 4 MP PNG ~60 ms,
     # 40 MP ~1 s), so the worker goes on reading and answering other requests. 0: all there.
     inline_decode_bytes: int = 8 * 1024 * 1024
-    # Images a worker holds at once, from a request's admission to its answer (decoding, queued,
-    # in a batch); while it holds this many, a new request is refused at once, 503 with
-    # Retry-After (gRPC UNAVAILABLE), for a client or balancer to retry elsewhere: past it the
-    # queue only grows in wait, up to BentoML's 60 s timeout (504). 512 small photos are 2-9 s
-    # of a worker on 2 cores; the benchmarks' 64 clients hold at most 256 in all.
-    max_queued_images: int = 512
+    # Images the runner holds at once, from a request's admission to its answer (decoding,
+    # queued, in a batch); while it holds this many a new request raises RunnerBusyError at once:
+    # past a bound, a queue only grows in wait. 0: no bound. The server sets one (settings.py).
+    max_queued_images: int = 0
 
     def __post_init__(self) -> None:
         matching_variants(self.engine, self.precision)  # an unknown name: what exists instead
@@ -109,7 +108,7 @@ RUNNER_RANGES = {
     "max_pixels": (1, math.inf),
     "max_batch_pixels": (1, math.inf),
     "inline_decode_bytes": (0, math.inf),
-    "max_queued_images": (1, math.inf),
+    "max_queued_images": (0, math.inf),
 }
 
 
@@ -260,16 +259,23 @@ class LCNetRunner:
             probs = await self._batcher.call_many(crops)
         return self._format(probs, top_k)
 
+    def refuse_if_busy(self) -> None:
+        """RunnerBusyError while the runner holds ``max_queued_images``: for a server to refuse
+        a request before it reads its body (a worker that is behind would otherwise take in
+        every upload, whole, only to refuse it)."""
+        limit = self.config.max_queued_images
+        if limit and self._held_images >= limit:
+            raise RunnerBusyError(
+                f"the server is busy: this worker holds {self._held_images} images (its limit is "
+                f"{limit}); retry shortly"
+            )
+
     @contextlib.contextmanager
     def _holding(self, count: int) -> Iterator[None]:
-        """``count`` images held meanwhile; RunnerBusyError (503) at once while the worker
-        already holds ``max_queued_images``. A request is admitted whole when there is any room:
-        a batch larger than the room left would otherwise never pass."""
-        if self._held_images >= self.config.max_queued_images:
-            raise RunnerBusyError(
-                f"the server is busy: {self._held_images} images are waiting on this worker "
-                f"(at most {self.config.max_queued_images}); retry shortly"
-            )
+        """``count`` images held meanwhile, unless ``refuse_if_busy`` refuses them. A request is
+        admitted whole when there is any room: a batch larger than the room left would
+        otherwise never pass."""
+        self.refuse_if_busy()
         self._held_images += count
         try:
             yield
@@ -317,7 +323,7 @@ class LCNetRunner:
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # no glibc (musl, macOS): its malloc gives back by itself
+    except (OSError, AttributeError):  # no glibc (musl, macOS): nothing to call
         return None
 
 

@@ -7,7 +7,7 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from .artifact import DEFAULT_MODEL
 from .hardware import default_threads, resolve_threads
@@ -20,6 +20,13 @@ RELOAD_MODES = ("off", "watch", "request")
 REQUEST_TIMEOUT_S = 60
 
 
+# A served runner's settings where they differ from an embedded one's: its queue is bounded, and
+# a worker that is behind answers 503 at once (for the client or a balancer to retry elsewhere)
+# rather than let clients wait up to BentoML's 60 s timeout (504). 512 small photos are 2-9 s of
+# a worker on 2 cores; the benchmarks' 64 clients hold at most 256 in all.
+SERVED_RUNNER = RunnerConfig(max_queued_images=512)
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     """Each field ``name`` — and each field of ``runner`` — is read from ``LCNET_<NAME>``: the
@@ -27,7 +34,7 @@ class ServingSettings:
     on 2 cores."""
 
     model: str = DEFAULT_MODEL  # the store tag to serve (`python -m train import` stores a folder)
-    runner: RunnerConfig = RunnerConfig()  # engine, precision, threads, batching, pixel limit
+    runner: RunnerConfig = SERVED_RUNNER  # engine, precision, threads, batching, limits
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_body_bytes: int = 20 * 1024 * 1024
     body_timeout_s: float = 30.0  # a request body must have arrived whole by then (else 408)
@@ -98,7 +105,7 @@ class ServingSettings:
         environ = os.environ if environ is None else environ
         runner_values = _read(RunnerConfig, environ)
         try:
-            runner = RunnerConfig(**runner_values)
+            runner = replace(SERVED_RUNNER, **runner_values)
         except ValueError as err:  # what _read cannot check alone: the engine × precision
             raise ValueError(f"LCNET_ENGINE / LCNET_PRECISION: {err}") from None
         return cls(**_read(cls, environ, skip={"runner"}), runner=runner)

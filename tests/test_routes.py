@@ -565,6 +565,28 @@ def test_a_busy_worker_answers_503_with_retry_after_on_every_route(
 
 
 @pytest.mark.usefixtures("busy")
+def test_a_busy_worker_refuses_before_the_body_arrives(client: TestClient) -> None:
+    """A worker that is behind took in every upload, whole, only to refuse it."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 3000),
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"500000")],
+    }  # fmt: skip
+    read, sent = [], []
+
+    async def receive() -> dict:
+        read.append(1)
+        return {"type": "http.disconnect"}  # had the route read, a 499
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    client.portal.call(client.app, scope, receive, send)
+    assert (sent[0]["status"], read) == (503, [])
+
+
+@pytest.mark.usefixtures("busy")
 def test_a_busy_worker_is_unavailable_over_grpc(client: TestClient) -> None:
     """UNAVAILABLE: what gRPC's retry policies retry."""
     from lcnet_runner.client import Client, ClientError

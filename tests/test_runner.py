@@ -257,7 +257,7 @@ def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
         runner = LCNetRunner(trained["export_dir"], RunnerConfig(max_queued_images=2))
         first = asyncio.create_task(runner.aclassify_batch([large.getvalue()] * 3))
         await asyncio.sleep(0)  # the batch holds 3 images, decoding
-        with pytest.raises(RunnerBusyError, match="3 images are waiting") as busy:
+        with pytest.raises(RunnerBusyError, match="holds 3 images") as busy:
             await runner.aclassify(small)
         assert busy.value.error_code == 503
         assert len(await first) == 3
@@ -265,6 +265,12 @@ def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
         await runner.close()
 
     asyncio.run(main())
+    # A runner in one's own service has no bound unless asked; a server's has one.
+    from lcnet_runner.settings import ServingSettings
+
+    assert RunnerConfig().max_queued_images == 0
+    assert ServingSettings.from_env({}).runner.max_queued_images == 512
+    assert ServingSettings.from_env({"LCNET_MAX_QUEUED_IMAGES": "0"}).runner.max_queued_images == 0
 
 
 def test_memory_is_given_back_once_the_last_large_request_is_answered(

@@ -147,29 +147,31 @@ def test_grpc_calls_ended_by_their_client_are_not_counted_ok(server: Server) -> 
     assert _eventually(lambda: _grpc_calls(server, "CANCELLED"), cancelled + 1) == cancelled + 1
 
 
-def _http_answers(server: Server, status: int) -> float:
-    """/classify answers of ``status`` as BentoML's metrics count them, summed over workers."""
+def _http_answers(server: Server, status: int, path: str) -> float:
+    """``path``'s answers of ``status`` as BentoML's metrics count them, summed over workers."""
     text = httpx.get(f"{server.url}/metrics").text
     lines = re.findall(r"^bentoml_service_request_total\{([^}]*)\} (\S+)", text, re.M)
-    wanted = (f'http_response_code="{status}"', 'endpoint="/classify"')
+    wanted = (f'http_response_code="{status}"', f'endpoint="{path}"')
     return sum(float(v) for labels, v in lines if all(w in labels for w in wanted))
 
 
-def test_a_client_that_leaves_before_its_answer_is_not_served(server: Server) -> None:
+@pytest.mark.parametrize("path", ["/classify", "/predict"])
+def test_a_client_that_leaves_before_its_answer_is_not_served(server: Server, path: str) -> None:
     """Clients that sent their image and hung up (a timeout, a retry) were decoded and run for
     nobody and counted as 200: a burst of them kept the workers busy long after they left. Now
     each is dropped where it waits and counted as 499."""
-    gone = _http_answers(server, 499)
-    body = _slow_png()
-    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    gone = _http_answers(server, 499, path)
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    body = part + _slow_png() + b"\r\n--x--\r\n"
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x"
+            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
     clients = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(4)]
     for client in clients:
         client.sendall(head + body)
-    time.sleep(0.1)
+    time.sleep(0.2)
     for client in clients:
         client.close()
-    assert _eventually(lambda: _http_answers(server, 499), gone + 4) == gone + 4
+    assert _eventually(lambda: _http_answers(server, 499, path), gone + 4) == gone + 4
 
 
 def _batch_histogram(server: Server) -> tuple[float, float]:
