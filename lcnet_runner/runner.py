@@ -266,7 +266,7 @@ class LCNetRunner:
         limit = self.config.max_queued_images
         if limit and self._held_images >= limit:
             raise RunnerBusyError(
-                f"the server is busy: this worker holds {self._held_images} images (its limit is "
+                f"the server is busy: this worker holds {self._held_images} image(s) (its limit: "
                 f"{limit}); retry shortly"
             )
 
