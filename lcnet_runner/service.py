@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse
 
 from . import handlers, http_api, middleware, paddlex_api, servers
 from .artifact import (
+    InvalidModelError,
     ModelArtifact,
     ModelNotFoundError,
     load_folder,
@@ -41,7 +42,7 @@ from .artifact import (
 )
 from .choice import refuse_unusable
 from .metrics import PrometheusObserver, ReloadCounter, ServedVersions
-from .reload import Reloader, ServedModel
+from .reload import Reloader, ServedModel, try_load_in_child
 from .runner import LCNetRunner
 from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
 
@@ -101,10 +102,23 @@ def _refuse_unusable_variant(model: bentoml.models.BentoModel, settings: Serving
     if server_context.worker_index is not None:
         return
     stored = bentoml.models.get(model.tag)
-    verify_checksums(Path(stored.path))
+    if not verify_checksums(Path(stored.path)):
+        _try_loading_unchecked(Path(stored.path), str(model.tag))
     artifact = load_folder(stored.path, tag=str(model.tag))
     runner = settings.runner
     refuse_unusable(artifact, runner.engine, runner.precision, runner.skip_guard)
+
+
+def _try_loading_unchecked(folder: Path, tag: str) -> None:
+    """A version stored before checksums were recorded loads once in a child process, as a
+    reload does: damaged, it failed in every worker, which BentoML restarted forever."""
+    try:
+        try_load_in_child(folder)
+    except RuntimeError as err:
+        raise InvalidModelError(
+            f"{tag} was stored before checksums were recorded, and its files do not load ({err}):"
+            " store it again, or serve another version"
+        ) from None
 
 
 @bentoml.asgi_app(http_app, path="/")

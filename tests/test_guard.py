@@ -216,6 +216,22 @@ def test_a_variant_the_model_lacks_is_refused_at_start_even_unguarded(folder: Pa
     assert "has no INT8 variant; make one with" in refused_start(env)
 
 
+def test_a_damaged_version_stored_before_checksums_is_refused_at_start(folder: Path) -> None:
+    """Nothing recorded to check its files against: its workers failed to load it, and BentoML
+    restarted them forever. It loads once in a child process first, as a reload does."""
+    from lcnet_runner.artifact import CHECKSUM_FILE
+    from train.export import save_to_store
+
+    tag = save_to_store(folder, "legacy", load_folder(folder).info)
+    stored = Path(bentoml.models.get(tag).path)
+    (stored / CHECKSUM_FILE).unlink()
+    for weights in [*stored.glob("*.pdiparams"), *stored.glob("*.onnx"), *stored.glob("*.bin")]:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    assert "stored before checksums were recorded, and its files do not load" in refused_start(
+        {"LCNET_MODEL": tag}
+    )
+
+
 def test_an_unchecked_variant_is_refused_and_auto_falls_back(folder: Path) -> None:
     info = load_folder(folder).info
     write_info(folder, {k: v for k, v in info.items() if k != GUARD_KEY})
