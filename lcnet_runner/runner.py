@@ -50,7 +50,7 @@ class RunnerBusyError(ServiceUnavailable):
     """The runner already holds ``max_queued_images``: retry shortly. The server answers it 503
     with Retry-After (gRPC UNAVAILABLE). BentoML's ServiceUnavailable: in one's own
     ``@bentoml.api`` BentoML answers it 503, with its generic message and a logged traceback, so
-    catch it there (README, "Composing")."""
+    catch it there (README, "Embed the runner")."""
 
 
 class RunnerObserver(Protocol):
