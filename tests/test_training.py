@@ -41,6 +41,7 @@ from train.training import (
     config_of,
     end_of_epoch,
     initial_state,
+    kept_schedule,
     learning_rate,
     load_splits,
     pick_best,
@@ -194,22 +195,32 @@ def test_a_resume_says_what_was_changed_not_what_followed() -> None:
     assert changed_settings({}, FitConfig()) == ""  # an older checkpoint: nothing to compare
 
 
+def _fit_config(save_dir: Path, *args: str) -> FitConfig:
+    """The FitConfig `fit data --save-dir SAVE_DIR ARGS` runs with."""
+    from train.cli import build_parser, fit_config
+
+    return fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(save_dir),
+                                                 *args]))  # fmt: skip
+
+
+def _save_run(save_dir: Path, **settings: Any) -> dict[str, Any]:
+    """The settings of a run of ``settings`` whose checkpoint is now in ``save_dir``."""
+    run = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(save_dir), **settings)
+    paddle.save(initial_state(run, ["a", "b"], None).checkpoint(["a", "b"], run),
+                str(save_dir / "last.pdckpt"))  # fmt: skip
+    return dataclasses.asdict(run)
+
+
 def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> None:
     """--input-size, --resize-short and --resize-backend shape the decoded pixels and the served
     model: left out on --resume, they are that run's (the defaults re-decoded every split and
     stored a model serving at 256/cv2 that trained at 72/pil); given, a change is said."""
-    from train.cli import build_parser, fit_config
 
     def config(*args: str) -> FitConfig:
-        return fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(tmp_path),
-                                                     "--resume", *args]))  # fmt: skip
+        return _fit_config(tmp_path, "--resume", *args)
 
     def saved_run(**settings: Any) -> dict[str, Any]:
-        run = FitConfig(model="PPLCNet_x0_25", pretrained="none", save_dir=str(tmp_path),
-                        **settings)  # fmt: skip
-        paddle.save(initial_state(run, ["a", "b"], None).checkpoint(["a", "b"], run),
-                    str(tmp_path / "last.pdckpt"))  # fmt: skip
-        return dataclasses.asdict(run)
+        return _save_run(tmp_path, **settings)
 
     saved = saved_run(input_size=64, resize_short=72, resize_backend="pil")
     kept = config()
@@ -224,12 +235,38 @@ def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> N
     assert (larger.resize_short, changed_settings(saved, larger)) == (
         110, "--input-size 96 (that run: 64)"
     )  # fmt: skip
-    fresh = fit_config(build_parser().parse_args(["fit", "data", "--save-dir", str(tmp_path)]))
+    fresh = _fit_config(tmp_path)
     assert (fresh.input_size, fresh.resize_short, fresh.resize_backend) == (224, 256, "cv2")
     # the Python API alike: train.fit(dataset, resume=True, ...) keeps what its keywords leave out
     saved_run(input_size=64, resize_short=72, resize_backend="pil")
     api = config_of({"save_dir": str(tmp_path), "resume": True, "epochs": 4})
     assert (api.input_size, api.resize_short, api.resize_backend, api.epochs) == (64, 72, "pil", 4)
+
+
+def test_a_resume_keeps_that_runs_decay_epochs_unless_told(tmp_path: Path, capsys) -> None:
+    """The same command resumes the same schedule: decay epochs an older release defaulted to
+    (4, 6, 8 whatever --epochs) or that run named stay, and are said, rather than those --epochs
+    derives today (the resumed run stayed at lr 0.1 where the run it continues had decayed);
+    those that run derived follow a new --epochs; given, a change is said."""
+    saved = _save_run(tmp_path, epochs=200, lr_decay_epochs=(4, 6, 8))
+    same = _fit_config(tmp_path, "--epochs", "200", "--resume")
+    assert (same.lr_decay_epochs, changed_settings(saved, same)) == ((4, 6, 8), "")
+    initial_state(same, ["a", "b"], None)
+    assert ("keeping that run's learning-rate decay at epochs 4,6,8 (--epochs 200 alone derives "
+            "80,120,160; --lr-decay-epochs sets others)") in capsys.readouterr().err  # fmt: skip
+    longer = _fit_config(tmp_path, "--epochs", "300", "--resume")
+    assert (longer.lr_decay_epochs, changed_settings(saved, longer)) == (
+        (4, 6, 8), "--epochs 300 (that run: 200)"
+    )  # fmt: skip
+    told = _fit_config(tmp_path, "--epochs", "200", "--lr-decay-epochs", "80,120,160", "--resume")
+    assert (changed_settings(saved, told), kept_schedule(saved, told)) == (
+        "--lr-decay-epochs 80,120,160 (that run: 4,6,8)", ""
+    )  # fmt: skip
+    saved = _save_run(tmp_path, epochs=3)  # decay derived: (1, 2)
+    again = _fit_config(tmp_path, "--epochs", "4", "--resume")  # derived again: (2, 3)
+    assert (again.lr_decay_epochs, kept_schedule(saved, again)) == ((2, 3), "")
+    api = config_of({"save_dir": str(tmp_path), "resume": True})  # the default 10 epochs
+    assert api.lr_decay_epochs == (4, 6, 8)
 
 
 def test_what_resume_and_pretrained_refuse_is_said_before_anything_is_decoded(

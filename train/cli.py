@@ -176,9 +176,10 @@ def _add_fit(sub) -> None:
     p.add_argument(
         "--lr-decay-epochs",
         type=_ints,
-        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it
+        default=argparse.SUPPRESS,  # absent unless given: FitConfig derives it, or --resume keeps
         metavar="E,E,...",
-        help="piecewise: ×0.1 after each (default: at 40, 60, 80 %% of --epochs)",
+        help="piecewise: ×0.1 after each (default: at 40, 60, 80 %% of --epochs; with --resume, "
+        "that run's)",
     )
     p.add_argument(
         "--warmup-epochs",
@@ -357,7 +358,7 @@ def run_split(args: argparse.Namespace) -> None:
 def fit_config(args: argparse.Namespace):
     """The FitConfig of `fit`'s arguments: every option it has (others, such as --procs, are the
     launcher's); those not given (--resize-short, --lr-decay-epochs) it derives, and with
-    --resume the input size, resize-short and backend not given are that run's."""
+    --resume the input size, resize-short, backend and decay epochs not given are that run's."""
     from .config import FitConfig
     from .training import config_of
 

@@ -139,21 +139,35 @@ class FitConfig:
         )
 
 
-# Settings that shape the decoded pixels and the model as it serves: on --resume, those not given
-# are the checkpoint's run's (a flag's default re-decoded every split into new caches, trained the
-# last epochs on other pixels and stored the model with a preprocessing it barely trained with).
-KEPT_ON_RESUME = ("input_size", "resize_short", "resize_backend")
+# Settings that shape the decoded pixels, the model as it serves and the run's schedule: on
+# --resume, those not given are the checkpoint's run's (a flag's default re-decoded every split
+# into new caches, trained the last epochs on other pixels and stored the model with a
+# preprocessing it barely trained with; an older release's decay epochs, or ones the run named,
+# gave way to those derived from --epochs, so the same command resumed another schedule).
+KEPT_ON_RESUME = ("input_size", "resize_short", "resize_backend", "lr_decay_epochs")
 
 
 def resumed_config(options: Mapping[str, Any], saved: Mapping[str, Any]) -> FitConfig:
     """The FitConfig of ``options`` (FitConfig fields) on --resume: a KEPT_ON_RESUME setting
-    absent from them (not given) is ``saved``'s, the checkpoint's run's; one given changes that
-    run's as FitConfig.changed does (a new input size derives a new resize-short, unless that
-    run named its own)."""
-    kept = {name: saved[name] for name in KEPT_ON_RESUME if name in saved}
-    given = {name: options[name] for name in KEPT_ON_RESUME if name in options}
-    others = {name: value for name, value in options.items() if name not in KEPT_ON_RESUME}
-    return FitConfig(**others, **kept).changed(**given)
+    absent from them (not given) is ``saved``'s, the checkpoint's run's; one given, or a new
+    value of what a kept one derives from, changes that run's as FitConfig.changed does (a new
+    input size derives a new resize-short and a new --epochs new decay epochs, unless that run
+    named its own)."""
+    kept = {name: _as_field(saved[name]) for name in KEPT_ON_RESUME if name in saved}
+    # A kept setting derived from one that is not kept (the decay epochs, from --epochs) starts
+    # from that run's source, so that changed() derives it anew from this run's if that run did.
+    sources = {source for name, (source, _, _) in DERIVED.items()
+               if name in kept and source in saved and source not in KEPT_ON_RESUME}  # fmt: skip
+    that_run = {**options, **{source: saved[source] for source in sources}, **kept}
+    changes = {name: options[name] for name in KEPT_ON_RESUME if name in options}
+    changes |= {source: options.get(source, getattr(FitConfig, source)) for source in sources}
+    return FitConfig(**that_run).changed(**changes)
+
+
+def _as_field(value: Any) -> Any:
+    """A checkpoint's record of a setting as FitConfig holds it (a checkpoint keeps tuples as
+    lists)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 # What each number may be, both ends included (see lcnet_runner.runner.RUNNER_RANGES): an lr of

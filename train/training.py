@@ -33,7 +33,15 @@ from lcnet_runner.hardware import resolve_threads
 from lcnet_runner.preprocess import normalize
 
 from . import distributed, pretrained
-from .config import CHECKPOINT, DERIVED, KEPT_ON_RESUME, FitConfig, holds_derived, resumed_config
+from .config import (
+    CHECKPOINT,
+    DERIVED,
+    KEPT_ON_RESUME,
+    FitConfig,
+    decay_epochs,
+    holds_derived,
+    resumed_config,
+)
 from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
@@ -165,8 +173,8 @@ CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "best", "history"}
 # What shapes the training itself, and so what a resume may change knowingly (said, not refused:
 # a higher --epochs is how a finished run trains on).
 TRAINING_SETTINGS = (
-    "epochs", "batch_size", "lr", "schedule", "lr_decay_epochs", "warmup_epochs", "momentum",
-    "weight_decay", "crop_scale", "hflip", "seed", *KEPT_ON_RESUME,
+    "epochs", "batch_size", "lr", "schedule", "warmup_epochs", "momentum", "weight_decay",
+    "crop_scale", "hflip", "seed", *KEPT_ON_RESUME,
 )  # fmt: skip
 
 
@@ -189,6 +197,20 @@ def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
         if key in saved and key not in follows and _flag_value(saved[key]) != _flag_value(now[key])
     ]
     return ", ".join(changed)
+
+
+def kept_schedule(saved: dict[str, Any], config: FitConfig) -> str:
+    """The line saying a resume decays the learning rate at that run's epochs where --epochs
+    alone would derive others (an older release's default, or decay epochs that run named);
+    "" when it does not."""
+    derived = decay_epochs(config.epochs)
+    if config.schedule != "piecewise" or config.lr_decay_epochs == derived:
+        return ""
+    kept = _flag_value(config.lr_decay_epochs)
+    if _flag_value(saved.get("lr_decay_epochs")) != kept:
+        return ""  # given, and said as a change
+    return (f"keeping that run's learning-rate decay at epochs {kept} (--epochs {config.epochs} "
+            f"alone derives {_flag_value(derived)}; --lr-decay-epochs sets others)")  # fmt: skip
 
 
 def _flag_value(value: Any) -> str:
@@ -371,6 +393,8 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
         log(f"resuming from epoch {state.epochs_done} of {path}")
         if changed := changed_settings(checkpoint.get("config", {}), config):
             log(f"resuming with other settings than that run: {changed}")
+        if kept := kept_schedule(checkpoint.get("config", {}), config):
+            log(kept)
         if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
             log(f"that run trained {state.epochs_done} epochs, --epochs {config.epochs}: "
                 "nothing to train, it is only exported and stored "
