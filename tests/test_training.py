@@ -243,6 +243,21 @@ def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> N
     assert (api.input_size, api.resize_short, api.resize_backend, api.epochs) == (64, 72, "pil", 4)
 
 
+def test_a_resume_of_a_run_from_before_the_resize_backend_goes_on_with_pil(
+    tmp_path: Path, capsys
+) -> None:
+    """A checkpoint whose settings record no resize backend is of a release that resized with
+    PIL alone: its resume trained on, and stored a model serving with, OpenCV's pixels, unsaid."""
+    _save_run(tmp_path, input_size=64)
+    checkpoint = paddle.load(str(tmp_path / "last.pdckpt"))
+    del checkpoint["config"]["resize_backend"]
+    paddle.save(checkpoint, str(tmp_path / "last.pdckpt"))
+    assert _fit_config(tmp_path, "--resume").resize_backend == "pil"
+    initial_state(_fit_config(tmp_path, "--resume", "--resize-backend", "cv2"), ["a", "b"], None)
+    assert ("resuming with other settings than that run: --resize-backend cv2 (that run: pil)"
+            in capsys.readouterr().err)  # fmt: skip
+
+
 def test_a_resume_keeps_that_runs_decay_epochs_unless_told(tmp_path: Path, capsys) -> None:
     """The same command resumes the same schedule: decay epochs an older release defaulted to
     (4, 6, 8 whatever --epochs) or that run named stay, and are said, rather than those --epochs

@@ -163,8 +163,19 @@ def saved_config(save_dir: Path) -> dict[str, Any]:
         checkpoint = paddle.load(str(save_dir / CHECKPOINT))
     except Exception:  # paddle raises many types for a bad file
         return {}
+    return recorded_config(checkpoint)
+
+
+# What a checkpoint's settings lack, an older release's run had: PIL was the only resize before
+# resize_backend was recorded (a resume of such a run went on with OpenCV's pixels, unsaid).
+BEFORE_RECORDED = {"resize_backend": "pil"}
+
+
+def recorded_config(checkpoint: Any) -> dict[str, Any]:
+    """The settings ``checkpoint`` records of its run, with BEFORE_RECORDED's for those an older
+    release did not record; {} when it records none (an older release's)."""
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    return config if isinstance(config, dict) else {}
+    return {**BEFORE_RECORDED, **config} if isinstance(config, dict) else {}
 
 
 # What every checkpoint holds since the first release (TrainingState.restore reads them).
@@ -330,7 +341,7 @@ def check_same_run(
     """ValueError unless ``checkpoint`` has this run's classes (in label-index order) and
     architecture: otherwise a resume trains on a shuffled class mapping or fails inside Paddle."""
     fix = "use another --save-dir, or leave out --resume to start over"
-    saved_model = checkpoint.get("config", {}).get("model", config.model)
+    saved_model = recorded_config(checkpoint).get("model", config.model)
     if saved_model != config.model:
         raise ValueError(
             f"--resume: {path} is a {saved_model} checkpoint, not {config.model}; {fix}"
@@ -391,9 +402,10 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
         checkpoint = paddle.load(str(path))
         state.restore(checkpoint)
         log(f"resuming from epoch {state.epochs_done} of {path}")
-        if changed := changed_settings(checkpoint.get("config", {}), config):
+        saved = recorded_config(checkpoint)
+        if changed := changed_settings(saved, config):
             log(f"resuming with other settings than that run: {changed}")
-        if kept := kept_schedule(checkpoint.get("config", {}), config):
+        if kept := kept_schedule(saved, config):
             log(kept)
         if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
             log(f"that run trained {state.epochs_done} epochs, --epochs {config.epochs}: "
