@@ -3,6 +3,7 @@ once and reused, never used half-built, invalidated by a changed file, shared by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -30,11 +31,13 @@ from train.data import (
 )
 from train.decoded_cache import (
     BUILDING,
+    FORMAT,
     INDEX,
     META,
     PIXELS,
     PROGRESS,
     CacheConfig,
+    CacheMeta,
     CacheSpaceError,
     MappedImages,
     list_caches,
@@ -368,6 +371,38 @@ def test_caches_no_run_will_use_again_are_marked_and_pruned(tmp_path: Path, caps
     assert capsys.readouterr().out.startswith("removed 1 stale decoded caches")
     [kept] = list_caches(cache)
     assert (kept.dataset, kept.stale) == (str(tmp_path / "data"), None)
+
+
+def test_a_cache_of_another_release_is_stale_not_of_a_changed_dataset(
+    tmp_path: Path, capsys
+) -> None:
+    """A release that reckons keys otherwise never finds an older one's caches: they were listed
+    as reusable, kept by `cache clear --stale`, then removed by the next build as made "before
+    the dataset changed", which it had not."""
+    samples = small_dataset(tmp_path / "data")
+    cache = CacheConfig(tmp_path / "cache", ram_mb=0)
+    load_split(samples, TINY, cache, name="train", dataset=tmp_path / "data")
+    [current] = list_caches(cache)
+
+    def made_by(release_format: int) -> Path:
+        old = shutil.copytree(current.folder, current.folder.with_name(f"{release_format:024x}"))
+        dataclasses.replace(CacheMeta.read(old), format=release_format).write(old)
+        return old
+
+    older, newer = made_by(FORMAT - 1), made_by(FORMAT + 1)
+    stale = {entry.folder: entry.stale for entry in list_caches(cache)}
+    assert stale == {current.folder: None, older: f"made by an older release (format {FORMAT - 1})",
+                     newer: f"made by a newer release (format {FORMAT + 1})"}  # fmt: skip
+    capsys.readouterr()
+    assert main(["cache", "clear", "--stale", "--cache-dir", str(cache.root)]) == 0
+    assert capsys.readouterr().out.startswith("removed 2 stale decoded caches")
+    assert [entry.folder for entry in list_caches(cache)] == [current.folder]
+    older = made_by(FORMAT - 1)
+    shutil.rmtree(current.folder)  # so that the next load builds, and removes what is stale
+    load_split(samples, TINY, cache, name="train", dataset=tmp_path / "data")
+    said = capsys.readouterr().err
+    assert f"train: removed {older.name}, made by an older release (format {FORMAT - 1})\n" in said
+    assert "before the dataset changed" not in said
 
 
 def test_cache_list_while_a_build_finishes(

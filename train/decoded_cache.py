@@ -51,7 +51,9 @@ from .console import log
 from .data import DecodedSplit, decode_split, decode_stream, resized_size
 from .split import DatasetError, list_digest
 
-FORMAT = 1  # bump when the files change meaning: old caches are then simply not found
+# Bump when the files or the key's recipe change meaning (2: each file's ctime joined the key):
+# a cache of another format is then stale, and its key not found.
+FORMAT = 2
 DECODED_DIR = "decoded"  # under LCNET_CACHE (or --cache-dir), beside the pretrained weights
 PIXELS, INDEX, META = "pixels.u8", "index.npz", "meta.json"
 BUILDING = ".building"  # suffix of a cache being written; renamed to the key when complete
@@ -275,9 +277,9 @@ def _build(
     seconds = time.perf_counter() - started
     log(f"{name}: {len(split)} images, {size_text(size)} decoded → disk cache {folder} "
         f"(built in {seconds:.1f} s)" + _order_note(split))  # fmt: skip
-    for stale in _stale_caches(folder):
+    for stale, why in _stale_caches(folder):
         shutil.rmtree(stale, ignore_errors=True)
-        log(f"{name}: removed {stale.name}, the cache of this split before the dataset changed")
+        log(f"{name}: removed {stale.name}, {why}")
     return split
 
 
@@ -455,9 +457,13 @@ class CacheMeta:
     list_digest: str | None = None  # of the split list it was built from (None: before this)
 
     def staleness(self) -> str | None:
-        """Why no run will use this cache again (its dataset or its split list gone, or that list
-        changed since: a reshuffle); None when one may. A file changed under an unchanged list
-        makes a new key too, which a build of that split finds (``_stale_caches``)."""
+        """Why no run will use this cache again (made by another release, its dataset or its
+        split list gone, or that list changed since: a reshuffle); None when one may. A file
+        changed under an unchanged list makes a new key too, which a build of that split finds
+        (``_stale_caches``)."""
+        if self.format != FORMAT:  # its key is reckoned otherwise: no run of this release finds it
+            release = "an older" if self.format < FORMAT else "a newer"
+            return f"made by {release} release (format {self.format})"
         if not Path(self.dataset).is_dir():
             return "its dataset is gone"
         digest = list_digest(Path(self.dataset), self.split)
@@ -564,17 +570,21 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def _stale_caches(folder: Path) -> Iterator[Path]:
-    """Other caches of the same dataset and split that no run will use again: of the same
-    decode, made before the files changed (the decode compared without the fields of
-    AFTER_DECODE, as the key leaves them out: a cache first built for another crop size is one
-    of them); of any decode, made from a split list since changed (a reshuffle)."""
+def _stale_caches(folder: Path) -> Iterator[tuple[Path, str]]:
+    """Other caches of the same dataset and split that no run will use again, each with why, for
+    the log: of the same decode, made before the files changed (the decode compared without the
+    fields of AFTER_DECODE, as the key leaves them out: a cache first built for another crop size
+    is one of them); of any decode, made from a split list since changed (a reshuffle) or by
+    another release (the dataset need not have changed)."""
     meta = CacheMeta.read(folder)
     for entry in list_caches(CacheConfig(root=folder.parent.parent)):
         if entry.folder == folder or (entry.dataset, entry.split) != (meta.dataset, meta.split):
             continue
-        if entry.stale or CacheMeta.read(entry.folder).decoding == meta.decoding:
-            yield entry.folder
+        other = CacheMeta.read(entry.folder)
+        if other.format != FORMAT:
+            yield entry.folder, str(entry.stale)
+        elif entry.stale or other.decoding == meta.decoding:
+            yield entry.folder, "the cache of this split before the dataset changed"
 
 
 @contextmanager
