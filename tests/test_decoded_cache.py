@@ -391,18 +391,19 @@ def test_a_cache_of_another_release_is_stale_not_of_a_changed_dataset(
 
     older, newer = made_by(FORMAT - 1), made_by(FORMAT + 1)
     stale = {entry.folder: entry.stale for entry in list_caches(cache)}
-    assert stale == {current.folder: None, older: f"made by an older release (format {FORMAT - 1})",
-                     newer: f"made by a newer release (format {FORMAT + 1})"}  # fmt: skip
+    # A newer release's, installed beside this one (the cache folder is shared), is its own.
+    assert stale == {current.folder: None, newer: None,
+                     older: f"made by an older release (format {FORMAT - 1})"}  # fmt: skip
     capsys.readouterr()
     assert main(["cache", "clear", "--stale", "--cache-dir", str(cache.root)]) == 0
-    assert capsys.readouterr().out.startswith("removed 2 stale decoded caches")
-    assert [entry.folder for entry in list_caches(cache)] == [current.folder]
+    assert capsys.readouterr().out.startswith("removed 1 stale decoded caches")
+    assert {entry.folder for entry in list_caches(cache)} == {current.folder, newer}
     older = made_by(FORMAT - 1)
     shutil.rmtree(current.folder)  # so that the next load builds, and removes what is stale
     load_split(samples, TINY, cache, name="train", dataset=tmp_path / "data")
     said = capsys.readouterr().err
     assert f"train: removed {older.name}, made by an older release (format {FORMAT - 1})\n" in said
-    assert "before the dataset changed" not in said
+    assert "before the dataset changed" not in said and newer.is_dir()
 
 
 def test_cache_list_while_a_build_finishes(

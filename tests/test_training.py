@@ -41,11 +41,11 @@ from train.training import (
     config_of,
     end_of_epoch,
     initial_state,
-    kept_schedule,
     learning_rate,
     load_splits,
     pick_best,
     prepare,
+    schedule_note,
 )
 
 
@@ -243,19 +243,26 @@ def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> N
     assert (api.input_size, api.resize_short, api.resize_backend, api.epochs) == (64, 72, "pil", 4)
 
 
-def test_a_resume_of_a_run_from_before_the_resize_backend_goes_on_with_pil(
+def test_a_resume_of_a_run_from_before_the_resize_backend_goes_on_with_its_own(
     tmp_path: Path, capsys
 ) -> None:
-    """A checkpoint whose settings record no resize backend is of a release that resized with
-    PIL alone: its resume trained on, and stored a model serving with, OpenCV's pixels, unsaid."""
+    """A checkpoint whose settings record no resize backend is of an older release: its resume
+    took today's default, trained on its pixels and stored a model serving with them, unsaid.
+    Before ram_cache_mb was recorded that release resized with PIL, from then on with OpenCV."""
     _save_run(tmp_path, input_size=64)
     checkpoint = paddle.load(str(tmp_path / "last.pdckpt"))
     del checkpoint["config"]["resize_backend"]
     paddle.save(checkpoint, str(tmp_path / "last.pdckpt"))
+    assert _fit_config(tmp_path, "--resume").resize_backend == "cv2"  # it records ram_cache_mb
+    del checkpoint["config"]["ram_cache_mb"]
+    paddle.save(checkpoint, str(tmp_path / "last.pdckpt"))
     assert _fit_config(tmp_path, "--resume").resize_backend == "pil"
     initial_state(_fit_config(tmp_path, "--resume", "--resize-backend", "cv2"), ["a", "b"], None)
-    assert ("resuming with other settings than that run: --resize-backend cv2 (that run: pil)"
-            in capsys.readouterr().err)  # fmt: skip
+    said = capsys.readouterr().err
+    assert (
+        "resuming with other settings than that run: --resize-backend cv2 (that run: pil)" in said
+    )
+    assert "that run's resize backend is not recorded (an older release's)" in said
 
 
 def test_a_resume_keeps_that_runs_decay_epochs_unless_told(tmp_path: Path, capsys) -> None:
@@ -274,12 +281,18 @@ def test_a_resume_keeps_that_runs_decay_epochs_unless_told(tmp_path: Path, capsy
         (4, 6, 8), "--epochs 300 (that run: 200)"
     )  # fmt: skip
     told = _fit_config(tmp_path, "--epochs", "200", "--lr-decay-epochs", "80,120,160", "--resume")
-    assert (changed_settings(saved, told), kept_schedule(saved, told)) == (
+    assert (changed_settings(saved, told), schedule_note(saved, told)) == (
         "--lr-decay-epochs 80,120,160 (that run: 4,6,8)", ""
     )  # fmt: skip
     saved = _save_run(tmp_path, epochs=3)  # decay derived: (1, 2)
-    again = _fit_config(tmp_path, "--epochs", "4", "--resume")  # derived again: (2, 3)
-    assert (again.lr_decay_epochs, kept_schedule(saved, again)) == ((2, 3), "")
+    again = _fit_config(tmp_path, "--epochs", "6", "--resume")  # derived again: (2, 4, 5)
+    assert again.lr_decay_epochs == (2, 4, 5)
+    assert schedule_note(saved, again) == (  # its epoch 4 trains at 10× its epoch 3's rate
+        "learning-rate decay follows --epochs 6: at epochs 2,4,5 (that run: 1,2; "
+        "--lr-decay-epochs 1,2 keeps that run's)"
+    )
+    same = _fit_config(tmp_path, "--epochs", "3", "--resume")
+    assert schedule_note(saved, same) == ""
     api = config_of({"save_dir": str(tmp_path), "resume": True})  # the default 10 epochs
     assert api.lr_decay_epochs == (4, 6, 8)
 

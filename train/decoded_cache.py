@@ -457,13 +457,12 @@ class CacheMeta:
     list_digest: str | None = None  # of the split list it was built from (None: before this)
 
     def staleness(self) -> str | None:
-        """Why no run will use this cache again (made by another release, its dataset or its
+        """Why no run will use this cache again (made by an older release, its dataset or its
         split list gone, or that list changed since: a reshuffle); None when one may. A file
         changed under an unchanged list makes a new key too, which a build of that split finds
         (``_stale_caches``)."""
-        if self.format != FORMAT:  # its key is reckoned otherwise: no run of this release finds it
-            release = "an older" if self.format < FORMAT else "a newer"
-            return f"made by {release} release (format {self.format})"
+        if self.format < FORMAT:  # its key is reckoned otherwise: no run of this release finds it
+            return f"made by an older release (format {self.format})"
         if not Path(self.dataset).is_dir():
             return "its dataset is gone"
         digest = list_digest(Path(self.dataset), self.split)
@@ -575,13 +574,15 @@ def _stale_caches(folder: Path) -> Iterator[tuple[Path, str]]:
     the log: of the same decode, made before the files changed (the decode compared without the
     fields of AFTER_DECODE, as the key leaves them out: a cache first built for another crop size
     is one of them); of any decode, made from a split list since changed (a reshuffle) or by
-    another release (the dataset need not have changed)."""
+    an older release (the dataset need not have changed). A newer release's is left alone."""
     meta = CacheMeta.read(folder)
     for entry in list_caches(CacheConfig(root=folder.parent.parent)):
         if entry.folder == folder or (entry.dataset, entry.split) != (meta.dataset, meta.split):
             continue
         other = CacheMeta.read(entry.folder)
-        if other.format != FORMAT:
+        if other.format > FORMAT:  # a newer release's, installed beside this one: its to judge
+            continue
+        if other.format < FORMAT:
             yield entry.folder, str(entry.stale)
         elif entry.stale or other.decoding == meta.decoding:
             yield entry.folder, "the cache of this split before the dataset changed"

@@ -166,16 +166,21 @@ def saved_config(save_dir: Path) -> dict[str, Any]:
     return recorded_config(checkpoint)
 
 
-# What a checkpoint's settings lack, an older release's run had: PIL was the only resize before
-# resize_backend was recorded (a resume of such a run went on with OpenCV's pixels, unsaid).
-BEFORE_RECORDED = {"resize_backend": "pil"}
-
-
 def recorded_config(checkpoint: Any) -> dict[str, Any]:
-    """The settings ``checkpoint`` records of its run, with BEFORE_RECORDED's for those an older
-    release did not record; {} when it records none (an older release's)."""
+    """The settings ``checkpoint`` records of its run, with what an older release that did not
+    record one of them used; {} when it records none (an older release's)."""
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
-    return {**BEFORE_RECORDED, **config} if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    return {"resize_backend": _backend_before_recorded(config), **config}
+
+
+def _backend_before_recorded(config: dict[str, Any]) -> str:
+    """The resize backend of a run from before resize_backend was recorded (885e533), which a
+    resume of it otherwise took from today's default, unsaid. OpenCV became the default a few
+    commits earlier (7cf4265), shortly before ram_cache_mb was first recorded (9ad82bb): a run
+    that records ram_cache_mb resized with OpenCV; one that does not, most likely with PIL."""
+    return "cv2" if "ram_cache_mb" in config else "pil"
 
 
 # What every checkpoint holds since the first release (TrainingState.restore reads them).
@@ -210,18 +215,27 @@ def changed_settings(saved: dict[str, Any], config: FitConfig) -> str:
     return ", ".join(changed)
 
 
-def kept_schedule(saved: dict[str, Any], config: FitConfig) -> str:
-    """The line saying a resume decays the learning rate at that run's epochs where --epochs
-    alone would derive others (an older release's default, or decay epochs that run named);
-    "" when it does not."""
-    derived = decay_epochs(config.epochs)
-    if config.schedule != "piecewise" or config.lr_decay_epochs == derived:
+def schedule_note(saved: dict[str, Any], config: FitConfig) -> str:
+    """The line saying where a resume decays the learning rate when that is not where that run
+    did, unasked: decay epochs kept where --epochs alone would derive others (an older release's
+    default, or decay epochs that run named), or derived anew from a new --epochs (which can
+    raise the rate again: a finished run's last epoch decayed, the next one not yet); "" else."""
+    if config.schedule != "piecewise" or "lr_decay_epochs" not in saved:
         return ""
-    kept = _flag_value(config.lr_decay_epochs)
-    if _flag_value(saved.get("lr_decay_epochs")) != kept:
-        return ""  # given, and said as a change
-    return (f"keeping that run's learning-rate decay at epochs {kept} (--epochs {config.epochs} "
-            f"alone derives {_flag_value(derived)}; --lr-decay-epochs sets others)")  # fmt: skip
+    now, then = _flag_value(config.lr_decay_epochs), _flag_value(saved["lr_decay_epochs"])
+    derived = decay_epochs(config.epochs)
+    if now == then and config.lr_decay_epochs != derived:
+        return (f"keeping that run's learning-rate decay at epochs {now} (--epochs "
+                f"{config.epochs} alone derives {_flag_value(derived)}; --lr-decay-epochs sets "
+                "others)")  # fmt: skip
+    if (
+        now != then
+        and config.lr_decay_epochs == derived
+        and holds_derived(saved, "lr_decay_epochs")
+    ):
+        return (f"learning-rate decay follows --epochs {config.epochs}: at epochs {now} (that "
+                f"run: {then}; --lr-decay-epochs {then} keeps that run's)")  # fmt: skip
+    return ""  # as that run's, or given: said as a change
 
 
 def _flag_value(value: Any) -> str:
@@ -405,15 +419,18 @@ def initial_state(config: FitConfig, labels: list[str], weights: Path | None) ->
         saved = recorded_config(checkpoint)
         if changed := changed_settings(saved, config):
             log(f"resuming with other settings than that run: {changed}")
-        if kept := kept_schedule(saved, config):
-            log(kept)
+        if note := schedule_note(saved, config):
+            log(note)
+        if saved and "resize_backend" not in checkpoint["config"]:
+            log(f"that run's resize backend is not recorded (an older release's): going on with "
+                f"{config.resize_backend}; --resize-backend sets the other")  # fmt: skip
         if state.epochs_done >= config.epochs:  # e.g. stopped while exporting: store it now
             log(f"that run trained {state.epochs_done} epochs, --epochs {config.epochs}: "
                 "nothing to train, it is only exported and stored "
                 "(a higher --epochs trains on)")  # fmt: skip
     elif path.is_file():
-        log(f"{path.parent} holds an earlier run's checkpoint, which this run replaces "
-            "(--resume continues that run instead)")  # fmt: skip
+        log(f"{path.parent} holds an earlier run's checkpoint, which this run replaces at the "
+            "end of its first epoch (--resume continues that run instead)")  # fmt: skip
     if weights is not None:
         report = pretrained.load_weights(model, weights)
         skipped = ", ".join(report.skipped) or "none"
