@@ -16,8 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from . import handlers, servers
-from .handlers import RequestError
+from .handlers import RequestError, refusal_status
 from .http_api import ERROR_MEANINGS, read_upload, refusal
+from .runner import RunnerBusyError
 from .settings import ServingSettings
 
 
@@ -127,13 +128,14 @@ class TypedApiGuard:
             message = f"{PICKLE_TYPE.decode()} is only for calls between services"
             return await JSONResponse({"error": message}, 415)(scope, receive, send)
         try:
+            get_current_service().served.runner.refuse_if_busy()  # before its body arrives
             images, top_k = await read_upload(Request(scope, receive), self.settings, field)
             if field == "image" and len(images) != 1:
                 raise RequestError(422, "send exactly one file in 'image'")
             body, content_type = _multipart_body(field, images, handlers.parse_top_k(top_k))
-        except RequestError as err:
-            version = get_current_service().served.tag
-            return await refusal({"error": str(err)}, err.status, version)(scope, receive, send)
+        except (RequestError, RunnerBusyError) as err:
+            version, status = get_current_service().served.tag, refusal_status(err)
+            return await refusal({"error": str(err)}, status, version)(scope, receive, send)
         headers = [
             (k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")
         ]

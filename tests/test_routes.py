@@ -565,13 +565,20 @@ def test_a_busy_worker_answers_503_with_retry_after_on_every_route(
 
 
 @pytest.mark.usefixtures("busy")
-def test_a_busy_worker_refuses_before_the_body_arrives(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    "path, content_type",
+    [("/classify", b"image/png"), ("/predict", b"multipart/form-data; boundary=x"),
+     ("/classify_batch", b"multipart/form-data; boundary=x")],
+)  # fmt: skip
+def test_a_busy_worker_refuses_before_the_body_arrives(
+    client: TestClient, path: str, content_type: bytes
+) -> None:
     """A worker that is behind took in every upload, whole, only to refuse it."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 3000),
-        "headers": [(b"content-type", b"image/png"), (b"content-length", b"500000")],
+        "headers": [(b"content-type", content_type), (b"content-length", b"500000")],
     }  # fmt: skip
     read, sent = [], []
 
