@@ -61,8 +61,7 @@ def holds_derived(values: Mapping[str, Any], name: str) -> bool:
     """Whether ``values`` (a FitConfig's fields, or a checkpoint's record of them: tuples as
     lists) hold for the DERIVED setting ``name`` what FitConfig derives from its source."""
     source, derive, _ = DERIVED[name]
-    value = values[name]
-    return (tuple(value) if isinstance(value, list) else value) == derive(values[source])
+    return _as_field(values[name]) == derive(values[source])
 
 
 @dataclass(frozen=True)
@@ -149,19 +148,22 @@ KEPT_ON_RESUME = ("input_size", "resize_short", "resize_backend", "lr_decay_epoc
 
 def resumed_config(options: Mapping[str, Any], saved: Mapping[str, Any]) -> FitConfig:
     """The FitConfig of ``options`` (FitConfig fields) on --resume: a KEPT_ON_RESUME setting
-    absent from them (not given) is ``saved``'s, the checkpoint's run's; one given, or a new
-    value of what a kept one derives from, changes that run's as FitConfig.changed does (a new
-    input size derives a new resize-short and a new --epochs new decay epochs, unless that run
-    named its own)."""
-    kept = {name: _as_field(saved[name]) for name in KEPT_ON_RESUME if name in saved}
-    # A kept setting derived from one that is not kept (the decay epochs, from --epochs) starts
-    # from that run's source, so that changed() derives it anew from this run's if that run did.
-    sources = {source for name, (source, _, _) in DERIVED.items()
-               if name in kept and source in saved and source not in KEPT_ON_RESUME}  # fmt: skip
-    that_run = {**options, **{source: saved[source] for source in sources}, **kept}
-    changes = {name: options[name] for name in KEPT_ON_RESUME if name in options}
-    changes |= {source: options.get(source, getattr(FitConfig, source)) for source in sources}
-    return FitConfig(**that_run).changed(**changes)
+    absent from them (not given) is ``saved``'s, the checkpoint's run's, unless that run derived
+    it (resize-short from the input size, decay epochs from --epochs): then it is derived again,
+    from this run's input size and epochs, as that run's would have been."""
+    kept = {name: _kept(saved, name) for name in KEPT_ON_RESUME
+            if name in saved and name not in options}  # fmt: skip
+    return FitConfig(**options, **kept)
+
+
+def _kept(saved: Mapping[str, Any], name: str) -> Any:
+    """The value a resume keeps of ``saved``'s setting ``name``: blank, for FitConfig to derive
+    again, where that run derived it."""
+    if name in DERIVED:
+        source, _, blank = DERIVED[name]
+        if source in saved and holds_derived(saved, name):
+            return blank
+    return _as_field(saved[name])
 
 
 def _as_field(value: Any) -> Any:
