@@ -495,29 +495,41 @@ def test_fast_routes_skip_fastapi_and_answer_as_through_it(
         assert answer == expected
 
 
-@pytest.mark.parametrize("content_type", [JPEG, f"{MULTIPART}; boundary=x"])
-def test_a_client_that_hangs_up_mid_body_is_no_server_fault(
-    client: TestClient, content_type: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Starlette's ClientDisconnect reached the catch-all: "request failed" with a traceback
-    and a 500 in the log and metrics, a server fault that was none. Now a 499, as nginx logs it."""
+def _post_raw(
+    client: TestClient, path: str, content_type: str, length: int, body: list[bytes]
+) -> tuple[list[dict], int]:
+    """POST ``path`` straight to the ASGI app, declaring ``length`` bytes but sending only the
+    chunks of ``body``, then hanging up: the messages sent back, and how often it was read."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/classify", "raw_path": b"/classify", "query_string": b"",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 3000),
-        "headers": [(b"content-type", content_type.encode()), (b"content-length", b"5000")],
+        "headers": [(b"content-type", content_type.encode()),
+                    (b"content-length", str(length).encode())],
     }  # fmt: skip
-    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n\xff\xd8'
-    arriving = [{"type": "http.request", "body": part, "more_body": True}]
-    sent = []
+    arriving = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in body]
+    sent, reads = [], 0
 
     async def receive() -> dict:
+        nonlocal reads
+        reads += 1
         return arriving.pop(0) if arriving else {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         sent.append(message)
 
     client.portal.call(client.app, scope, receive, send)
+    return sent, reads
+
+
+@pytest.mark.parametrize("content_type", [JPEG, f"{MULTIPART}; boundary=x"])
+def test_a_client_that_hangs_up_mid_body_is_no_server_fault(
+    client: TestClient, content_type: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starlette's ClientDisconnect reached the catch-all: "request failed" with a traceback
+    and a 500 in the log and metrics, a server fault that was none. Now a 499, as nginx logs it."""
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n\xff\xd8'
+    sent, _ = _post_raw(client, "/classify", content_type, 5000, body=[part])
     assert sent[0]["status"] == 499
     assert "request failed" not in caplog.text
 
@@ -567,30 +579,15 @@ def test_a_busy_worker_answers_503_with_retry_after_on_every_route(
 @pytest.mark.usefixtures("busy")
 @pytest.mark.parametrize(
     "path, content_type",
-    [("/classify", b"image/png"), ("/predict", b"multipart/form-data; boundary=x"),
-     ("/classify_batch", b"multipart/form-data; boundary=x")],
+    [("/classify", PNG), ("/predict", f"{MULTIPART}; boundary=x"),
+     ("/classify_batch", f"{MULTIPART}; boundary=x")],
 )  # fmt: skip
 def test_a_busy_worker_refuses_before_the_body_arrives(
-    client: TestClient, path: str, content_type: bytes
+    client: TestClient, path: str, content_type: str
 ) -> None:
     """A worker that is behind took in every upload, whole, only to refuse it."""
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 3000),
-        "headers": [(b"content-type", content_type), (b"content-length", b"500000")],
-    }  # fmt: skip
-    read, sent = [], []
-
-    async def receive() -> dict:
-        read.append(1)
-        return {"type": "http.disconnect"}  # had the route read, a 499
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    client.portal.call(client.app, scope, receive, send)
-    assert (sent[0]["status"], read) == (503, [])
+    sent, read = _post_raw(client, path, content_type, 500_000, body=[])  # had it read: a 499
+    assert (sent[0]["status"], read) == (503, 0)
 
 
 @pytest.mark.usefixtures("busy")
