@@ -83,12 +83,16 @@ def test_bentoml_endpoints_keep_working(server: Server) -> None:
     assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
 
 
+def _counted(server: Server, counter: str, *labels: str) -> float:
+    """``counter``'s series that carry every one of ``labels``, summed over workers."""
+    text = httpx.get(f"{server.url}/metrics").text
+    lines = re.findall(rf"^{counter}\{{([^}}]*)\}} (\S+)", text, re.M)
+    return sum(float(v) for found, v in lines if all(label in found for label in labels))
+
+
 def _grpc_calls(server: Server, code: str) -> float:
     """Classify calls answered ``code``, summed over workers from /metrics."""
-    text = httpx.get(f"{server.url}/metrics").text
-    lines = re.findall(r"^lcnet_grpc_requests_total\{([^}]*)\} (\S+)", text, re.M)
-    return sum(float(v) for labels, v in lines
-               if f'code="{code}"' in labels and 'method="Classify"' in labels)  # fmt: skip
+    return _counted(server, "lcnet_grpc_requests_total", f'code="{code}"', 'method="Classify"')
 
 
 def test_grpc_calls_are_counted_by_method_and_code(server: Server, images: list[bytes]) -> None:
@@ -149,10 +153,8 @@ def test_grpc_calls_ended_by_their_client_are_not_counted_ok(server: Server) -> 
 
 def _http_answers(server: Server, status: int, path: str) -> float:
     """``path``'s answers of ``status`` as BentoML's metrics count them, summed over workers."""
-    text = httpx.get(f"{server.url}/metrics").text
-    lines = re.findall(r"^bentoml_service_request_total\{([^}]*)\} (\S+)", text, re.M)
-    wanted = (f'http_response_code="{status}"', f'endpoint="{path}"')
-    return sum(float(v) for labels, v in lines if all(w in labels for w in wanted))
+    labels = (f'http_response_code="{status}"', f'endpoint="{path}"')
+    return _counted(server, "bentoml_service_request_total", *labels)
 
 
 @pytest.mark.parametrize("path", ["/classify", "/predict"])
