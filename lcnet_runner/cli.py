@@ -123,6 +123,8 @@ def predict(args: argparse.Namespace) -> None:
             args.annotate.mkdir(parents=True, exist_ok=True)
         for i in good:
             write_annotated(args.images[i], answers[i], targets[i])
+    if good:  # `pplcnet:latest` names a version that changes: which one answered
+        print(f"model: {predictor.artifact.name} on {predictor.choice.variant}")
     if args.benchmark and good:  # the repeated runs only: the first one includes warm-up
         print(f"engine: {predictor.choice.describe()}")
         timings = Timings()

@@ -165,6 +165,7 @@ def test_predict_cli_prints_results_and_latency_block(trained: dict, split_image
     lines = result.stdout.splitlines()
     first = json.loads(lines[0])
     assert first["image"] == path and len(first["predictions"]) == 2
+    assert lines[2].startswith(f"model: {trained['tag']} on ")  # the version, the variant
     assert "Inference Time Info" in result.stdout
     assert "img_num: 6, batch_size: 1" in result.stdout
     assert "preprocess_time_per_im(ms)" in lines[-1]
