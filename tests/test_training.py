@@ -235,6 +235,10 @@ def test_a_resume_keeps_that_runs_preprocessing_unless_told(tmp_path: Path) -> N
     assert (larger.resize_short, changed_settings(saved, larger)) == (
         110, "--input-size 96 (that run: 64)"
     )  # fmt: skip
+    saved_run(input_size=64, resize_short=72)  # a kept resize-short the new size outgrows
+    with pytest.raises(ValueError, match=r"^--input-size 96 is larger than --resize-short 72, .*"
+                       r"give --resize-short 110 \(or any >= 96\)$"):  # fmt: skip
+        config("--input-size", "96")
     fresh = _fit_config(tmp_path)
     assert (fresh.input_size, fresh.resize_short, fresh.resize_backend) == (224, 256, "cv2")
     # the Python API alike: train.fit(dataset, resume=True, ...) keeps what its keywords leave out

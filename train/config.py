@@ -106,6 +106,12 @@ class FitConfig:
             raise ValueError("epochs and batch size must be >= 1")
         scale_of(self.model)  # unknown names fail before any data is read
         check_ranges(self, FIT_RANGES, lambda name: "--" + name.replace("_", "-"))
+        if self.input_size > self.resize_short:  # said in flags: on --resume one is that run's
+            raise ValueError(
+                f"--input-size {self.input_size} is larger than --resize-short "
+                f"{self.resize_short}, the short side the crop is cut from; give --resize-short "
+                f"{default_resize_short(self.input_size)} (or any >= {self.input_size})"
+            )
         try:
             bentoml.Tag(self.name)  # what the store takes, known before the run, not after it
         except ValueError as err:
