@@ -568,6 +568,10 @@ def test_class_names_no_font_here_draws_become_their_ids(tmp_path: Path) -> None
         warnings.simplefilter("error")
         path = plot_confusion_matrix(np.eye(2, dtype=int), ["猫", "狗"], tmp_path / "cm.png")
     assert Image.open(path).format == "PNG"
+    # the note under the title is wrapped, not cut by the figure's edges (at 8 classes it was)
+    path = plot_confusion_matrix(np.eye(8, dtype=int), ["猫"] * 8, tmp_path / "cm8.png")
+    top = np.asarray(Image.open(path).convert("L"))[:60]  # the title's rows
+    assert top[:, :2].min() > 250 and top[:, -2:].min() > 250  # white at both edges
 
 
 def versions(name: str) -> list:

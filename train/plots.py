@@ -3,6 +3,7 @@ no display needed)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,9 @@ def plot_confusion_matrix(
     top1 = np.trace(counts) / max(counts.sum(), 1)
     title = f"{title} (n={counts.sum()}, top-1 {top1:.3f})"
     if names is not labels:  # boxes for every name would tell no row from another
-        title += (
-            "\nclasses by category_id (the order of labels.txt): no font here draws their names"
-        )
+        note = "classes by category_id (the order of labels.txt): no font here draws their names"
+        # wrapped to the figure's width (a character is ~0.6 em), not cut at its edges
+        title += "\n" + textwrap.fill(note, width=int((side + 1.5) * 72 / (0.6 * big)))
     axes.set_title(title, fontsize=big)
     if n <= 30:
         for i in range(n):
