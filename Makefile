@@ -73,7 +73,7 @@ bench: install
 	$(PY) bench/memory.py
 	$(PY) bench/reload_memory.py
 	$(PY) bench/vs_peers.py
-	$(PY) bench/train_bigdata.py --images 25000
+	$(PY) bench/train_bigdata.py --images 25000 --ram-images 10000 --steps 30
 
 clean:
 	rm -rf $(DEMO_DIR) $(DEMO_OUT) .pytest_cache

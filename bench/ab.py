@@ -74,7 +74,7 @@ def serve(tree: Path, tag: str, env: dict[str, str]) -> Server:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("revision", nargs="?", help="what this tree is compared with, e.g. main")
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
@@ -82,8 +82,12 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=10, help="pairs of bursts")
     parser.add_argument("--seconds", type=float, default=4.0, help="per burst")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per burst")
-    parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE for both servers")
-    parser.add_argument("--other-env", nargs="*", default=[], help="KEY=VALUE for the other")
+    parser.add_argument(
+        "--env", action="extend", nargs="+", default=[], help="KEY=VALUE for both servers"
+    )
+    parser.add_argument(
+        "--other-env", action="extend", nargs="+", default=[], help="KEY=VALUE for the other"
+    )
     parser.add_argument("--other-protocol", choices=PROTOCOLS, help="how the other is loaded")
     parser.add_argument("--beside", choices=LARGE_KINDS, help="one more client, large images")
     parser.add_argument("--image", choices=LARGE_KINDS, help="what every client sends instead")

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from common import cpu_kind, every_variant, export_random_model, smooth_images, throughput
+from common import (
+    cpu_kind,
+    every_variant,
+    export_random_model,
+    scratch_dir,
+    smooth_images,
+    throughput,
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="PPLCNet_x0_25,PPLCNet_x1_0,PPLCNet_x2_5")
     parser.add_argument("--batches", default="1,8,16,32", help="must include 16")
     parser.add_argument("--threads", type=int, default=2)
@@ -36,7 +41,7 @@ def main() -> None:
         f"{', '.join(map(str, batches))}; agreement = top-1 equal to paddle fp32 on 64 inputs"
     )
     for model in args.models.split(","):
-        folder = Path(tempfile.mkdtemp()) / model
+        folder = scratch_dir() / model
         export_random_model(model, folder, int8=True)
         predictors = every_variant(folder, args.threads)
         probe = smooth_images(64, seed=1)

@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import tempfile
-from pathlib import Path
 
-from common import cpu_kind, export_random_model, smooth_images, throughput
+from common import cpu_kind, export_random_model, scratch_dir, smooth_images, throughput
 
 from lcnet_runner.predictor import Predictor
 from train.quantize import quantize_openvino
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--batches", default="1,16")
@@ -33,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     print(cpu_kind())
 
-    root = Path(tempfile.mkdtemp())
+    root = scratch_dir()
     folders = {"default": root / "default", "overflow fix": root / "fix"}
     export_random_model(args.model, folders["default"])
     shutil.copytree(folders["default"], folders["overflow fix"])

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import psutil
-from common import ROOT, closed_loop, cpu_kind, make_store, multipart, photo_jpeg
+from common import ROOT, closed_loop, cpu_kind, make_store, multipart, photo_jpeg, scratch_dir
 
 from lcnet_runner.testing import Server
 
@@ -53,12 +52,12 @@ def idle_and_loaded(env: dict[str, str], seconds: float) -> tuple[Reading, Readi
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--seconds", type=float, default=2.0, help="per load level")
     args = parser.parse_args()
     print(cpu_kind())
-    os.environ["LCNET_CACHE"] = tempfile.mkdtemp(prefix="lcnet-bench-cache-")  # a fresh race
+    os.environ["LCNET_CACHE"] = str(scratch_dir("lcnet-bench-cache-"))  # a fresh race
     tag = make_store(args.model, int8=True)
     base = {"LCNET_MODEL": tag, "LCNET_SKIP_GUARD": "1"}
     for name, env in (

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from common import cpu_kind, export_random_model, throughput
+from common import cpu_kind, export_random_model, scratch_dir, throughput
 from PIL import Image, ImageFilter
 
 from lcnet_runner import Predictor
@@ -56,12 +54,12 @@ def alternated_ms(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args()
     print(cpu_kind())
     config = PreprocessConfig()
-    folder = Path(tempfile.mkdtemp()) / "model"
+    folder = scratch_dir() / "model"
     export_random_model("PPLCNet_x1_0", folder)
     predictor = Predictor(folder, threads=1)
     crop = preprocess(jpeg(500, 375), config)[None]

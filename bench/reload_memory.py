@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from common import ROOT, cpu_kind, make_store, photo_jpeg
+from common import ROOT, cpu_kind, make_store, photo_jpeg, scratch_dir
 
 from lcnet_runner.artifact import load_folder
 from lcnet_runner.testing import Server
@@ -46,23 +46,20 @@ def wait_for_version(server: Server, image: bytes, tag: str, timeout: float = 18
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--swaps", type=int, default=10)
     parser.add_argument("--race-every-other", action="store_true")
     args = parser.parse_args()
     print(cpu_kind())
     first = make_store(args.model, int8=True)
-    import logging
 
     import bentoml
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
     from train.export import save_to_store
 
     folder = Path(bentoml.models.get(first).path)
-    races = Path(tempfile.mkdtemp(prefix="lcnet-bench-cache-"))  # forgotten without harm
+    races = scratch_dir("lcnet-bench-cache-")
     env = {"LCNET_MODEL": "bench", "LCNET_SKIP_GUARD": "1", "LCNET_RELOAD": "request",
            "LCNET_ADMIN_TOKEN": TOKEN, "LCNET_CACHE": str(races)}  # fmt: skip
     server = Server(str(ROOT), env).wait_ready()

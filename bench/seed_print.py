@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from common import cpu_kind, every_variant, export_random_model, photo_jpeg
+from common import cpu_kind, every_variant, export_random_model, photo_jpeg, scratch_dir
 from PIL import Image
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -29,7 +27,7 @@ def main() -> None:
 
     from lcnet_runner.predictor import Timings
 
-    folder = Path(tempfile.mkdtemp()) / "PPLCNet_x1_0"
+    folder = scratch_dir() / "PPLCNet_x1_0"
     export_random_model("PPLCNet_x1_0", folder, int8=True)
     bgr = np.asarray(Image.open(io.BytesIO(photo_jpeg())).convert("RGB"))[:, :, ::-1].copy()
     for variant, predictor in every_variant(folder, args.threads, batch_size=1).items():

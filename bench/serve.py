@@ -141,7 +141,7 @@ MODES = (("batching", {}), ("no batching", {"LCNET_MAX_BATCH_SIZE": "1"}),
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--seconds", type=float, default=6.0, help="per load level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
@@ -153,8 +153,10 @@ def main() -> None:
         "--variants", default="", help="engine[/precision],... in turn, e.g. auto,paddle/fp32"
     )
     args = parser.parse_args()
-    print(cpu_kind())
     levels = [int(c) for c in args.clients.split(",")]
+    if max(levels) < 2:  # found out only after every level was measured
+        parser.error("--clients: the ratios are taken at a level above 1, e.g. 1,32")
+    print(cpu_kind())
     compared = 32 if 32 in levels else max(levels)  # the level the ratios are taken at
     variants = [parse_variant(v) for v in args.variants.split(",") if v]
     variants = variants or [(args.engine, args.precision)]

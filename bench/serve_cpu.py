@@ -39,13 +39,15 @@ def thread_cpu(root_pid: int) -> Counter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="http")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--max-requests", type=int, default=20_000)
-    parser.add_argument("--env", nargs="*", default=[], help="LCNET_X=value for the server")
+    parser.add_argument(
+        "--env", action="extend", nargs="+", default=[], help="LCNET_X=value for the server"
+    )
     args = parser.parse_args()
     print(cpu_kind())
     tag = make_store(args.model, int8=True)

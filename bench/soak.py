@@ -19,6 +19,7 @@ import random
 import sys
 import time
 
+import httpx
 import psutil
 from common import (
     REQUEST_TIMEOUT_S,
@@ -120,12 +121,12 @@ async def soak(server, image: bytes, requests: int, clients: int, max_seconds: f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=600)
-    parser.add_argument("--engine", default="auto", help="auto serves paddle fp32 here")
+    parser.add_argument("--engine", default="auto", help="auto: the variant the race picks here")
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     print(cpu_kind())
@@ -136,6 +137,8 @@ def main() -> None:
     env = {"LCNET_MODEL": tag, "LCNET_ENGINE": args.engine, "LCNET_PRECISION": args.precision,
            "LCNET_SKIP_GUARD": "1"}  # fmt: skip
     server = Server(str(ROOT), env).wait_ready()
+    served = httpx.get(f"{server.url}/model").json()["engine_choice"]["variant"]
+    print(f"serving {tag} on {served}")
     try:
         result = asyncio.run(
             soak(server, photo_jpeg(), args.requests, args.clients, args.max_seconds)
@@ -159,8 +162,8 @@ def main() -> None:
             f"  {n:<6} " + "  ".join(f"{sizes.get(pid, 0):11.1f}" for pid in samples[max(samples)])
         )
     first, last = samples.get(1000, {}), samples[max(samples)]
-    growth = {pid: round(last[pid] - first[pid], 1) for pid in last if pid in first}
-    print(f"growth from the first to the last thousand requests: {growth} MiB")
+    if growth := {pid: round(last[pid] - first[pid], 1) for pid in last if pid in first}:
+        print(f"growth from the first to the last thousand requests: {growth} MiB")
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def gb(count: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100_000)
     parser.add_argument("--ram-images", type=int, default=20_000,
                         help="images decoded into RAM for the in-memory row")  # fmt: skip

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import cpu_kind
+from common import cpu_kind, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,21 +40,21 @@ def fit_images_per_s(dataset: Path, model: str, size: int, batch: int, procs: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="PPLCNet_x0_25,PPLCNet_x1_0")
     parser.add_argument("--input-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     print(cpu_kind())
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="lcnet-scaling-")
+    os.environ["BENTOML_HOME"] = str(scratch_dir("lcnet-scaling-"))
 
     from train.demo_data import write_demo_dataset
     from train.model import build_model
     from train.split import split_dataset
 
     cores = len(os.sched_getaffinity(0))
-    dataset = Path(tempfile.mkdtemp()) / "data"
+    dataset = scratch_dir() / "data"
     write_demo_dataset(dataset, images_per_class=80, image_size=2 * args.input_size)
     split_dataset(dataset, val_ratio=0.1, test_ratio=0.0)
     print(f"{cores} cores, batch {args.batch_size} (global), {args.input_size} px, "

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
-from pathlib import Path
 
-from common import cpu_kind, every_variant, export_random_model, photo_jpeg, throughput
+from common import cpu_kind, every_variant, export_random_model, photo_jpeg, scratch_dir, throughput
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
@@ -26,7 +24,7 @@ def main() -> None:
     import paddlex
     from paddlex.inference import PaddlePredictorOption
 
-    folder = Path(tempfile.mkdtemp()) / "model"
+    folder = scratch_dir() / "model"
     export_random_model("PPLCNet_x1_0", folder, int8=True)
     image = folder.parent / "photo.jpg"
     image.write_bytes(photo_jpeg())

@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import logging
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from common import (
     photo_jpeg,
     post,
     rotated,
+    scratch_dir,
     servers_up,
 )
 from peers.paddlex_serving import PaddleXServer, patch, pipeline_config, venv_python
@@ -141,7 +140,7 @@ def user_environment(saved: dict[str, str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="PPLCNet_x1_0")
     parser.add_argument("--seconds", type=float, default=8.0, help="per load level")
     parser.add_argument("--max-requests", type=int, default=20_000, help="per load level")
@@ -160,7 +159,6 @@ def main() -> None:
     print(cpu_kind())
     levels = [int(c) for c in args.clients.split(",")]
     saved = dict(os.environ)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # readiness polls, logged at INFO
 
     from lcnet_runner import Predictor
     from lcnet_runner.artifact import cache_dir, load_artifact, paddlex_model_name
@@ -169,7 +167,7 @@ def main() -> None:
     print(f"PaddleX: {patch(python)}")
     tag = make_store(args.model, int8=True)
     folder = load_artifact(tag).path
-    config = pipeline_config(folder, paddlex_model_name(args.model), Path(tempfile.mkdtemp()))
+    config = pipeline_config(folder, paddlex_model_name(args.model), scratch_dir())
     image = photo_jpeg()
     # What `auto` serves at 1 thread: raced once here, read from the cache by both BentoML servers.
     choice = Predictor(tag, threads=1, skip_guard=True).choice
