@@ -18,6 +18,7 @@ A model in the BentoML store is such a folder, with the same facts as store labe
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -122,9 +123,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def read_lines(path: Path) -> list[str]:
     """A text file's lines exactly as written. Not ``str.splitlines()``: it also breaks on
-    characters such as U+2028 that are legal in folder and file names. ``utf-8-sig`` and the
-    ``"\r"`` strip tolerate files edited on Windows."""
-    text = path.read_text(encoding="utf-8-sig")
+    characters such as U+2028 that are legal in folder and file names. The BOM and ``"\r"``
+    strips tolerate files edited on Windows; a file in another encoding is a ValueError
+    naming it."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        # Python's own message names no file: for a labels.txt or list saved as GBK or Latin-1.
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); re-save the file as "
+            "UTF-8"
+        ) from None
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 

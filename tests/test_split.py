@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 from collections import Counter
@@ -276,6 +277,16 @@ def test_a_name_that_is_not_utf8_is_skipped_and_shown_readably(tmp_path: Path) -
     assert result.skipped == ["a/caf\\xe9.jpg"]
     assert sum(result.counts.values()) == 6
     assert "caf" not in (tmp_path / "train_list.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ["labels.txt", "val_list.txt"])
+def test_a_labels_file_or_list_not_in_utf8_is_named(tmp_path: Path, name: str) -> None:
+    """Saved as GBK by a Windows editor: Python's own error named no file."""
+    (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
+    (tmp_path / "val_list.txt").write_text("cat/a.jpg 0\n", encoding="utf-8")
+    (tmp_path / name).write_bytes(codecs.BOM_UTF8 + "cat/a.jpg 0\n中文/b.jpg 1\n".encode("gbk"))
+    with pytest.raises(ValueError, match=rf"{name}:2: not UTF-8 text \(byte 0xd6\); re-save"):
+        read_split(tmp_path, "val")
 
 
 @pytest.mark.parametrize(

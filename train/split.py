@@ -334,7 +334,7 @@ def list_digest(dataset_dir: str | Path, name: str) -> str | None:
     ``read_split`` (and so a decoded cache's key) takes of it; None when it cannot be read."""
     try:
         entries = [line for line in read_lines(split_list(dataset_dir, name)) if line.strip()]
-    except (OSError, UnicodeDecodeError):
+    except (OSError, ValueError):  # ValueError: not UTF-8
         return None
     return _digest(entries)
 
