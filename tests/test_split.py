@@ -174,6 +174,48 @@ def test_a_second_split_keeps_every_listed_images_split(tmp_path: Path) -> None:
     assert dog == {split: {p for p in before[split] if p.parent.name == "dog"} for split in SPLITS}
 
 
+# How hand-made or other tools' lists separate a path from its label (PaddleX 2 reads each).
+LIST_STYLES = {
+    "tab": lambda rel, index: f"{rel}\t{index}",
+    "two spaces": lambda rel, index: f"{rel}  {index}",
+    "trailing space": lambda rel, index: f"{rel} {index} ",
+    "./ prefix": lambda rel, index: f"./{rel} {index}",
+    "CRLF": lambda rel, index: f"{rel} {index}\r",
+}
+
+
+@pytest.mark.parametrize("style", LIST_STYLES)
+def test_lists_written_otherwise_read_alike_and_keep_their_split(tmp_path: Path, style) -> None:
+    """split kept no image's split of such lists (it wrote new ones over them) and fit refused
+    them or found every image missing; a class folder's leading space stays part of its name."""
+    for name in ("cat", " edge"):
+        for i in range(10):
+            _save(tmp_path / name / f"{i}.jpg")
+    split_dataset(tmp_path, seed=1)
+    before = {split: read_split(tmp_path, split) for split in SPLITS}
+    for split in SPLITS:
+        lines = (tmp_path / f"{split}_list.txt").read_text("utf-8").splitlines()
+        restyled = [LIST_STYLES[style](*line.rsplit(" ", 1)) for line in lines]
+        (tmp_path / f"{split}_list.txt").write_text("\n".join(restyled) + "\n", "utf-8")
+    assert {split: read_split(tmp_path, split) for split in SPLITS} == before
+    assert split_dataset(tmp_path, seed=2).kept == 20
+    assert {split: read_split(tmp_path, split) for split in SPLITS} == before
+
+
+def test_a_list_line_split_cannot_read_is_refused_not_skipped(tmp_path: Path) -> None:
+    for name in ("cat", "dog"):
+        for i in range(5):
+            _save(tmp_path / name / f"{i}.jpg")
+    split_dataset(tmp_path)
+    val = tmp_path / "val_list.txt"
+    val.write_text(val.read_text("utf-8") + "dog/9.jpg dog\n", "utf-8")
+    lists = _lists(tmp_path)
+    with pytest.raises(DatasetError, match=r"val_list\.txt:3: expected .* \(--reshuffle splits"):
+        split_dataset(tmp_path)
+    assert _lists(tmp_path) == lists
+    split_dataset(tmp_path, reshuffle=True)  # the way out the error names
+
+
 def test_tiny_classes_keep_a_training_image(tmp_path: Path) -> None:
     _save(tmp_path / "one" / "a.jpg")
     for name in ("a.jpg", "b.jpg"):

@@ -172,11 +172,14 @@ def _listed_splits(root: Path) -> dict[str, dict[str, str]]:
     listed: dict[str, dict[str, str]] = {}
     for split in SPLITS:
         path = split_list(root, split)
-        if path.is_file():
-            for line in read_lines(path):
-                rel = line.rpartition(" ")[0]
-                if rel:
-                    listed.setdefault(rel.partition("/")[0], {}).setdefault(rel, split)
+        if not path.is_file():
+            continue
+        try:
+            entries = read_list(path)
+        except DatasetError as err:  # skipped, its image could move from test into training
+            raise DatasetError(f"{err} (--reshuffle splits afresh, without the lists)") from None
+        for entry in entries:
+            listed.setdefault(entry.rel.partition("/")[0], {}).setdefault(entry.rel, split)
     return listed
 
 
@@ -212,6 +215,44 @@ def read_labels(dataset_dir: str | Path) -> list[str]:
     return list(read_labels_file(path))
 
 
+@dataclass(frozen=True)
+class ListEntry:
+    """One line of a split list: the image's path in the dataset folder (``class/file.jpg``)
+    and its label index."""
+
+    lineno: int
+    rel: str
+    index: int
+
+    def line(self) -> str:
+        """The entry as ``split`` writes it."""
+        return f"{self.rel} {self.index}"
+
+
+def read_list(path: Path) -> list[ListEntry]:
+    """A split list's entries; the one reader of a list's lines (for ``split``, which keeps the
+    listed images' split, ``fit``, ``evaluate`` and what caches and checkpoints record of a list).
+
+    Read as PaddleX 2 reads them (``line.strip().split()``): the label index is the last field,
+    after any white space (a tab, two spaces), and white space after it, a CR or a BOM is no
+    part of the line. Unlike PaddleX the path keeps its inner spaces (class and file names have
+    them) and its leading ones (``split`` writes a class folder " edge" so), and loses a leading
+    ``./``. A line that still does not read is an error naming it: skipped, its image would
+    leave training, or change split, in silence."""
+    entries = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        fields = line.removeprefix("\ufeff").rsplit(maxsplit=1)  # a BOM: lists joined with cat
+        if not fields:
+            continue
+        rel, index = fields if len(fields) == 2 else ("", fields[0])
+        rel = rel.removeprefix("./")
+        # isascii: int() also takes other scripts' digits, and isdigit() superscripts it does not
+        if not rel or not (index.isascii() and index.isdigit()):
+            raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
+        entries.append(ListEntry(lineno, rel, int(index)))
+    return entries
+
+
 def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     """``(absolute image path, label index)`` pairs from ``{split}_list.txt``."""
     # Normalised: `../ds` and `/data/ds` are one dataset (one decoded cache, one `cache list` name).
@@ -219,27 +260,18 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     path = split_list(root, split)
     if not path.is_file():
         raise DatasetError(f"{path} not found; split the dataset first")
-    entries = []
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        # rsplit: file names may contain spaces, the label index never does.
-        rel, _, index = line.rpartition(" ")
-        # isascii: int() also takes other scripts' digits, and isdigit() superscripts it does not
-        if not rel or not (index.isascii() and index.isdigit()):
-            raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
-        entries.append((lineno, rel, int(index)))
+    entries = read_list(path)
     if not entries:
         return []
     # An index past labels.txt would fail deep inside Paddle in training, or miscount silently.
     classes = len(read_labels(root))
-    for lineno, _rel, index in entries:
-        if index >= classes:
+    for entry in entries:
+        if entry.index >= classes:
             raise DatasetError(
-                f"{path}:{lineno}: label index {index} is out of range: {LABELS_FILE} has "
-                f"{classes} classes (0 to {classes - 1})"
+                f"{path}:{entry.lineno}: label index {entry.index} is out of range: {LABELS_FILE} "
+                f"has {classes} classes (0 to {classes - 1})"
             )
-    return [(root / rel, index) for _, rel, index in entries]
+    return [(root / entry.rel, entry.index) for entry in entries]
 
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
@@ -292,8 +324,9 @@ def split_record(dataset_dir: str | Path, earlier: dict[str, Any] | None = None)
     record: dict[str, Any] = {}
     for name in SPLITS:
         entries = _list_entries(dataset_dir, name)
-        images = b"".join(sorted(_image_id(rel) for rel in _listed_paths(entries))).hex()
-        record[name] = {"digest": _digest(entries), "images": images}
+        images = b"".join(sorted(_image_id(entry.rel) for entry in entries)).hex()
+        lines = sorted(entry.line() for entry in entries)  # its order does not matter
+        record[name] = {"digest": _digest(lines), "images": images}
     before = _trained_ids(earlier) - _image_ids(record["train"]["images"]) if earlier else set()
     record["trained_before"] = b"".join(sorted(before)).hex()
     return record
@@ -308,10 +341,10 @@ def trained_on(record: dict[str, Any], dataset_dir: str | Path) -> list[str]:
     """The val and test images of the lists now that the runs of ``record`` trained on."""
     trained = _trained_ids(record)
     return [
-        _readable_name(rel)
+        _readable_name(entry.rel)
         for name in ("val", "test")
-        for rel in _listed_paths(_list_entries(dataset_dir, name))
-        if _image_id(rel) in trained
+        for entry in _list_entries(dataset_dir, name)
+        if _image_id(entry.rel) in trained
     ]
 
 
@@ -330,27 +363,22 @@ def split_changes(record: dict[str, dict[str, Any]], dataset_dir: str | Path) ->
 
 
 def list_digest(dataset_dir: str | Path, name: str) -> str | None:
-    """SHA-256 of a split list's entries in their order, blank lines and line ends aside: what
-    ``read_split`` (and so a decoded cache's key) takes of it; None when it cannot be read."""
+    """SHA-256 of a split list's entries in their order, as ``read_split`` (and so a decoded
+    cache's key) takes them, written as ``split`` writes them; None when it cannot be read."""
     try:
-        entries = [line for line in read_lines(split_list(dataset_dir, name)) if line.strip()]
-    except (OSError, ValueError):  # ValueError: not UTF-8
+        entries = read_list(split_list(dataset_dir, name))
+    except (OSError, ValueError):  # ValueError: not UTF-8, or a line that does not read
         return None
-    return _digest(entries)
+    return _digest([entry.line() for entry in entries])
 
 
 def _digest(entries: list[str]) -> str:
     return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
 
 
-def _list_entries(dataset_dir: str | Path, name: str) -> list[str]:
-    """A list's entries (``class/file.jpg <label>``), sorted: its order does not matter."""
+def _list_entries(dataset_dir: str | Path, name: str) -> list[ListEntry]:
     path = split_list(dataset_dir, name)
-    return sorted(line for line in read_lines(path) if line.strip()) if path.is_file() else []
-
-
-def _listed_paths(entries: list[str]) -> list[str]:
-    return [entry.rpartition(" ")[0] for entry in entries]
+    return read_list(path) if path.is_file() else []
 
 
 def _image_id(rel: str) -> bytes:
