@@ -348,6 +348,36 @@ def test_read_split_rejects_a_label_index_out_of_range_or_not_ascii(
         read_split(tmp_path, "val")
 
 
+@pytest.mark.parametrize(
+    ("labels", "given_to"), [("dog house\ncat\n", "dog house"), ("bird\ncat\ndog house\n", "bird")]
+)
+def test_labels_changed_since_the_split_are_refused(
+    tmp_path: Path, labels: str, given_to: str
+) -> None:
+    """Two lines of labels.txt swapped trained a model answering one class's name for the
+    other's images (val and test top-1 1.0); a line put first was said as "no training image
+    left for 1 class"."""
+    for name in ("cat", "dog house"):
+        for i in range(5):
+            _save(tmp_path / name / f"{i}.jpg")
+    split_dataset(tmp_path)
+    (tmp_path / "labels.txt").write_text(labels, encoding="utf-8")
+    with pytest.raises(DatasetError) as refused:
+        read_split(tmp_path, "train")
+    assert str(refused.value) == (
+        f"{tmp_path / 'train_list.txt'}:1: an image of class folder 'cat' has label index 0, "
+        f"which labels.txt gives to '{given_to}': labels.txt changed since the split; restore "
+        f"it, or split again (python -m train split {tmp_path})"
+    )
+
+
+def test_lists_whose_folders_are_no_class_names_are_taken_as_they_are(tmp_path: Path) -> None:
+    """PaddleX datasets need not keep each class in its own folder."""
+    (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
+    (tmp_path / "val_list.txt").write_text("images/1.jpg 1\nimages/2.jpg 0\n", encoding="utf-8")
+    assert [index for _, index in read_split(tmp_path, "val")] == [1, 0]
+
+
 def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
     """Images added after the split (a new class folder too) are in no list, so training would
     leave them out in silence: fit says so where it reads the lists (once, on rank 0), and keeps

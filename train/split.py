@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shlex
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -263,15 +264,33 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     entries = read_list(path)
     if not entries:
         return []
-    # An index past labels.txt would fail deep inside Paddle in training, or miscount silently.
-    classes = len(read_labels(root))
+    _check_labels(entries, read_labels(root), path, dataset_dir)
+    return [(root / entry.rel, entry.index) for entry in entries]
+
+
+def _check_labels(
+    entries: list[ListEntry], labels: list[str], path: Path, dataset_dir: str | Path
+) -> None:
+    """DatasetError for a label index past ``labels`` (it would fail deep inside Paddle in
+    training, or miscount silently), or one that names another class than the image's class
+    folder: labels.txt reordered or edited since the split, whose model would answer one class's
+    name for another's images. A folder that is no class name is taken as listed: PaddleX
+    datasets need not keep each class in its own folder."""
+    classes = set(labels)
     for entry in entries:
-        if entry.index >= classes:
+        if entry.index >= len(labels):
             raise DatasetError(
                 f"{path}:{entry.lineno}: label index {entry.index} is out of range: {LABELS_FILE} "
-                f"has {classes} classes (0 to {classes - 1})"
+                f"has {len(labels)} classes (0 to {len(labels) - 1})"
             )
-    return [(root / entry.rel, entry.index) for entry in entries]
+        folder, named = entry.rel.partition("/")[0], labels[entry.index]
+        if folder != named and folder in classes:
+            raise DatasetError(
+                f"{path}:{entry.lineno}: an image of class folder '{_readable_name(folder)}' has "
+                f"label index {entry.index}, which {LABELS_FILE} gives to "
+                f"'{_readable_name(named)}': {LABELS_FILE} changed since the split; restore it, "
+                f"or split again (python -m train split {shlex.quote(str(dataset_dir))})"
+            )
 
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
