@@ -67,6 +67,22 @@ def test_split_cli_writes_lists_with_paddlex_aliases(tmp_path: Path) -> None:
     assert (data / "labels.txt").read_text() == "a\nb\n"
 
 
+def test_split_refuses_names_in_gbk_on_a_strict_utf8_stdout(tmp_path: Path, monkeypatch) -> None:
+    """A Windows zip's Chinese class folder, unpacked here (GBK bytes): split said its images
+    unreadable and dropped the class, or, on a strict UTF-8 stdout, crashed naming it after
+    writing the lists."""
+    data = two_classes(tmp_path / "data")
+    gbk = os.fsdecode(bytes(data) + b"/" + "红色".encode("gbk"))
+    Path(gbk).mkdir()
+    Image.new("RGB", (16, 16)).save(Path(gbk) / "0.png")
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
+    line = one_error_line(run_cli("train", "split", str(data), check=False))
+    assert line.startswith("error: 1 class folder named in bytes that are not UTF-8")
+    assert "'\\xba\\xecɫ'; rename it, or unzip the zip again" in line
+    assert "unzip -O GBK, or -O CP936" in line
+    assert not (data / "train_list.txt").exists()
+
+
 def test_split_and_help_start_without_paddle(tmp_path: Path) -> None:
     """Paddle and matplotlib take ~2.5 s to import: only the commands that train or run a
     model load them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -306,19 +307,57 @@ def test_read_split_rejects_malformed_line(tmp_path: Path) -> None:
         read_split(tmp_path, "train")
 
 
-def test_a_name_that_is_not_utf8_is_skipped_and_shown_readably(tmp_path: Path) -> None:
-    """Linux allows any bytes in a file name; one that is not UTF-8 cannot go into a list file,
-    so it is skipped like an unreadable image instead of aborting the whole split."""
+def _save_as(root: Path, rel: bytes) -> None:
+    """An image at ``rel``, bytes as Linux allows them in a name, in ``root``."""
+    path = Path(os.fsdecode(bytes(root) + b"/" + rel))
+    _save(path, size=8)
+
+
+NOT_UTF8_FIX = ("rename it, or unzip the zip again naming the encoding it was made in (unzip -O "
+                "GBK, or -O CP936, for Chinese names from Windows)")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("rel", "says"),
+    [("红色".encode("gbk") + b"/0.jpg",
+      f"1 class folder named in bytes that are not UTF-8, which no list file can hold: "
+      f"'\\xba\\xecɫ'; {NOT_UTF8_FIX}"),
+     (b"a/caf\xe9.jpg", f"1 image named in bytes that are not UTF-8, which no list file can "
+                        f"hold: 'a/caf\\xe9.jpg'; {NOT_UTF8_FIX}"),
+     (b"a/two\nlines.jpg", "1 image with a line break in the name, which no list file can hold: "
+                           "'a/two\\nlines.jpg'; rename it")],
+)  # fmt: skip
+def test_a_name_no_list_can_hold_is_refused_before_any_list_is_written(
+    tmp_path: Path, rel: bytes, says: str
+) -> None:
+    """A zip made on Windows and unpacked here names Chinese folders in GBK bytes (Linux allows
+    any bytes but "/" in a name): skipped as unreadable, a whole class was dropped, split after
+    split, and told to split again."""
     for name in ("a", "b"):
         for i in range(3):
             _save(tmp_path / name / f"{i}.jpg")
-    odd = bytes(tmp_path / "a") + b"/caf\xe9.jpg"
-    Image.new("RGB", (8, 8)).save(odd.decode("utf-8", "surrogateescape"), format="JPEG")
+    _save_as(tmp_path, rel)
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(tmp_path)
+    assert str(refused.value) == says
+    assert not (tmp_path / "train_list.txt").exists()
 
-    result = split_dataset(tmp_path)
-    assert result.skipped == ["a/caf\\xe9.jpg"]
-    assert sum(result.counts.values()) == 6
-    assert "caf" not in (tmp_path / "train_list.txt").read_text(encoding="utf-8")
+
+def test_fit_says_which_unlisted_images_no_list_can_hold(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(tmp_path / name / f"{i}.jpg")
+    split_dataset(tmp_path)
+    _save_as(tmp_path, "红色".encode("gbk") + b"/0.jpg")
+    _save(tmp_path / "new\x1b[2K" / "0.jpg")
+    assert unlisted_note(tmp_path).splitlines() == [
+        f"1 image in {tmp_path} added since the split: new\\x1b[2K/0.jpg; class folders not in "
+        f"labels.txt: new\\x1b[2K. Training uses the lists as they are; `python -m train split "
+        f"{tmp_path}` adds them (listed images keep their split)",
+        f"1 image in {tmp_path}, in no split list, named so that no list file can hold them (not "
+        f"UTF-8, or a line break): \\xba\\xecɫ/0.jpg; `python -m train split {tmp_path}` says "
+        "how to rename them",
+    ]
 
 
 @pytest.mark.parametrize("name", ["labels.txt", "val_list.txt"])
@@ -443,7 +482,8 @@ def test_a_file_whose_pillow_plugin_fails_oddly_is_skipped(tmp_path: Path, monke
 
 
 def test_file_names_are_printed_with_their_control_characters_escaped(dataset: Path) -> None:
-    """A name holding ESC[2K and CR erased, on a terminal, the warning that named it."""
-    (dataset / "cat" / "x\x1b[2K\rall images OK.jpg").write_bytes(b"not an image")
+    """A name holding ESC[2K and ESC[G (or CR, which split refuses in a name) erased, on a
+    terminal, the warning that named it."""
+    (dataset / "cat" / "x\x1b[2K\x1b[Gall images OK.jpg").write_bytes(b"not an image")
     notes = "\n".join(split_dataset(dataset).notes())
-    assert "cat/x\\x1b[2K\\rall images OK.jpg" in notes and "\x1b" not in notes
+    assert "cat/x\\x1b[2K\\x1b[Gall images OK.jpg" in notes and "\x1b" not in notes

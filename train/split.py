@@ -118,7 +118,7 @@ def split_dataset(
             lists[split].append((f, index))
         held = set(split_of.values())
         if (val_ratio and "val" not in held) or (test_ratio and "test" not in held):
-            small.append(f"{label} ({len(files)})")
+            small.append(f"{_readable_name(label)} ({len(files)})")
 
     for split, entries in lists.items():
         write_text_atomic(split_list(root, split), "".join(f"{f} {i}\n" for f, i in entries))
@@ -129,7 +129,7 @@ def split_dataset(
         counts={split: len(entries) for split, entries in lists.items()},
         skipped=sorted(skipped),
         # Said, not refused: a folder made for a class still to be collected is common.
-        empty=[d.name for d in _class_dirs(root) if d.name not in good],
+        empty=[_readable_name(d.name) for d in _class_dirs(root) if d.name not in good],
         kept=sum(rel in previous.get(label, {}) for label in labels for rel in good[label]),
         ignored=_ignored(root),
         small=small,
@@ -143,17 +143,41 @@ def _readable_images(root: Path) -> tuple[dict[str, list[str]], list[str]]:
     if not candidates:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise DatasetError(f"no images found in {root} (expected <class>/<image> with {exts})")
+    _refuse_unlistable_names(root, candidates)
     good: dict[str, list[str]] = {}
     skipped: list[str] = []
     for path in tqdm(
         candidates, desc="Verifying images", unit="img", disable=None, file=sys.stderr
     ):
         rel = path.relative_to(root).as_posix()
-        if _storable(rel) and _is_readable(path):
+        if _is_readable(path):
             good.setdefault(path.parent.name, []).append(rel)
         else:
             skipped.append(_readable_name(rel))
     return good, skipped
+
+
+def _refuse_unlistable_names(root: Path, images: list[Path]) -> None:
+    """DatasetError naming the first class folder, else image, whose name no list file can
+    hold: left out, a class was dropped as "unreadable", split after split. A zip made on
+    Windows names its files in the system's code page (GBK for Chinese), which Linux keeps as
+    bytes that are not UTF-8."""
+    folders = [d.name for d in _class_dirs(root) if not _storable(d.name)]
+    files = [path.relative_to(root).as_posix() for path in images]
+    names = folders or [rel for rel in files if not _storable(rel)]
+    if not names:
+        return
+    what = counted(names, "class folder") if folders else counted(names, "image")
+    shown = some([f"'{_readable_name(name)}'" for name in names], 1)
+    them = "it" if len(names) == 1 else "them"
+    if "\n" in names[0] or "\r" in names[0]:
+        raise DatasetError(f"{what} with a line break in the name, which no list file can hold: "
+                           f"{shown}; rename {them}")  # fmt: skip
+    raise DatasetError(
+        f"{what} named in bytes that are not UTF-8, which no list file can hold: {shown}; rename "
+        f"{them}, or unzip the zip again naming the encoding it was made in (unzip -O "
+        "GBK, or -O CP936, for Chinese names from Windows)"
+    )
 
 
 def _ignored(root: Path) -> list[str]:
@@ -295,9 +319,10 @@ def _check_labels(
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     """Lines for the user when the folder holds images no split list names: added since it was
-    split (a new class folder included), or left out by the split as unreadable. Training keeps
-    the lists as they are (the same val and test split every run is what makes runs
-    comparable), so they would be left out of it in silence. None when every image is listed."""
+    split (a new class folder included), left out by the split as unreadable, or named so that
+    no list file can hold them (a split refuses them). Training keeps the lists as they are (the
+    same val and test split every run is what makes runs comparable), so they would be left out
+    of it in silence. None when every image is listed."""
     root = Path(os.path.abspath(dataset_dir))  # as read_split names the files
     listed = {
         path
@@ -305,16 +330,25 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
         if split_list(root, split).is_file()
         for path, _ in read_split(root, split)
     }
-    unlisted = [path for path in _find_images(root) if path not in listed]
-    # The unreadable ones the split left out, as it would again: advising a split looped back.
-    unreadable = [path for path in unlisted if not _is_readable(path)]
-    new = [path for path in unlisted if path not in unreadable]
+    # The ones a split would leave out or refuse, as it would again: advising it looped back.
+    new, unreadable, unlistable = [], [], []
+    for path in _find_images(root):
+        if path in listed:
+            continue
+        if not _storable(path.relative_to(root).as_posix()):
+            unlistable.append(path)
+        elif not _is_readable(path):
+            unreadable.append(path)
+        else:
+            new.append(path)
     given = Path(dataset_dir)  # the folder named as the user named it
     lines = []
     if new:
         known = set(read_labels(root)) if (root / LABELS_FILE).is_file() else set()
         new_classes = sorted({path.relative_to(root).parts[0] for path in new} - known)
-        classes = f"; class folders not in {LABELS_FILE}: {', '.join(new_classes)}"
+        classes = (
+            f"; class folders not in {LABELS_FILE}: {', '.join(map(_readable_name, new_classes))}"
+        )
         lines.append(
             f"{counted(new, 'image')} in {given} added since the split: "
             f"{_names(root, new, shown)}{classes if new_classes else ''}. Training uses the lists "
@@ -325,6 +359,12 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
         lines.append(f"{counted(unreadable, 'unreadable image')} in {given}, in no split list: "
                      f"{_names(root, unreadable, shown)} (fix or delete "
                      f"{'it' if len(unreadable) == 1 else 'them'})")  # fmt: skip
+    if unlistable:
+        lines.append(
+            f"{counted(unlistable, 'image')} in {given}, in no split list, named so that no list "
+            f"file can hold them (not UTF-8, or a line break): {_names(root, unlistable, shown)}; "
+            f"`python -m train split {shlex.quote(str(given))}` says how to rename them"
+        )
     return "\n".join(lines) or None
 
 
