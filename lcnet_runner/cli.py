@@ -6,16 +6,18 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
 from .artifact import DEFAULT_MODEL, ModelNotFoundError
-from .preprocess import IMAGE_EXTENSIONS, InvalidImageError, is_image_file
+from .preprocess import (
+    IMAGE_EXTENSIONS,
+    InvalidImageError,
+    is_image_file,
+    read_own_images_at_any_size,
+)
 
 if TYPE_CHECKING:  # the Predictor's engines load on first use: `train --help` imports this module
     from .predictor import Prediction, Predictor, Timings
@@ -250,9 +252,7 @@ def reader_gone() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # The user's own files, classified whatever their size: Pillow's warning of a possible
-    # attack past 89 M pixels is noise here (a server has LCNET_MAX_PIXELS, far below it).
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    read_own_images_at_any_size()
     try:
         predict(args)
     except BrokenPipeError:

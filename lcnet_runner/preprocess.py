@@ -144,6 +144,15 @@ def _white(mode: str, brightest: float) -> float:
     return 65535.0 if brightest > 255 else 255.0
 
 
+def read_own_images_at_any_size() -> None:
+    """For a command reading the user's own files (``predict``; ``train``'s split, fit and
+    evaluations): Pillow's limit, a warning of a possible decompression bomb past 89 M pixels
+    and a refusal past 179 M, guards a server against others' files (ours has LCNET_MAX_PIXELS,
+    far below it); a 196 M-pixel panorama is no attack, and a JPEG decodes drafted anyway.
+    For the whole process: a library leaves Pillow's settings to the program that imports it."""
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible regular file with a known image extension (any case)."""
     return (

@@ -83,6 +83,18 @@ def test_split_refuses_names_in_gbk_on_a_strict_utf8_stdout(tmp_path: Path, monk
     assert not (data / "train_list.txt").exists()
 
 
+def test_split_takes_a_huge_photo_without_pillows_warning(tmp_path: Path) -> None:
+    """The dataset is the user's own, as predict's images are: a 196 M-pixel panorama was
+    skipped as "unreadable" (past Pillow's refusal at 179 M) and one of 100 M warned of a
+    "decompression bomb DOS attack"."""
+    data = two_classes(tmp_path / "data")
+    Image.new("L", (14_000, 14_000)).save(data / "a" / "pano.jpg", quality=50)  # 2.3 MB
+    Image.new("L", (10_000, 10_000)).save(data / "b" / "pano.jpg", quality=50)
+    result = run_cli("train", "split", str(data), "--val-ratio", "0", "--test-ratio", "0")
+    assert "train 8, val 0, test 0 images" in result.stdout
+    assert "unreadable" not in result.stdout and result.stderr == ""
+
+
 def test_split_and_help_start_without_paddle(tmp_path: Path) -> None:
     """Paddle and matplotlib take ~2.5 s to import: only the commands that train or run a
     model load them."""

@@ -22,7 +22,11 @@ from lcnet_runner.cli import (
     non_negative_int,
     reader_gone,
 )
-from lcnet_runner.preprocess import RESIZE_BACKENDS, InvalidImageError
+from lcnet_runner.preprocess import (
+    RESIZE_BACKENDS,
+    InvalidImageError,
+    read_own_images_at_any_size,
+)
 
 from .console import Stopped, log, sigterm_stops
 from .pretrained import PretrainedError
@@ -484,6 +488,7 @@ PADDLE_COMMANDS = ("fit", "evaluate", "export", "verify", "quantize", "import")
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    read_own_images_at_any_size()  # a dataset's, as predict's: a panorama is no attack
     started = time.time()
     try:
         if args.command in PADDLE_COMMANDS:
