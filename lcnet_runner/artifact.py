@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,12 @@ class ModelArtifact:
     @property
     def name(self) -> str:
         return self.tag or str(self.path)
+
+    @property
+    def as_argument(self) -> str:
+        """``name`` as a command to paste takes it: a folder's path quoted when it needs it
+        (``'../out/all out/inference'``)."""
+        return shlex.quote(self.name)
 
 
 def paddlex_model_name(architecture: str) -> str:

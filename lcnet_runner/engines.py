@@ -98,8 +98,8 @@ def _onnx_file(artifact: ModelArtifact) -> Path:
     path = artifact.path / ONNX_FILE
     if not path.is_file():
         raise ValueError(
-            f"{artifact.name} has no {ONNX_FILE}; convert it once with "
-            f"`python -m train export {artifact.name} --format onnx` (needs the onnx extra)"
+            f"{artifact.name} has no {ONNX_FILE}; convert it once with `python -m train export "
+            f"{artifact.as_argument} --format onnx` (needs the onnx extra)"
         )
     return path
 
@@ -108,8 +108,8 @@ def _openvino_file(artifact: ModelArtifact, precision: str) -> Path:
     if precision == "int8":
         if not (artifact.path / INT8_FILE).is_file():
             raise ValueError(
-                f"{artifact.name} has no INT8 variant; make one with "
-                f"`python -m train quantize {artifact.name} --dataset DIR` (needs the int8 extra)"
+                f"{artifact.name} has no INT8 variant; make one with `python -m train quantize "
+                f"{artifact.as_argument} --dataset DIR` (needs the int8 extra)"
             )
         return artifact.path / INT8_FILE
     ir = artifact.path / OPENVINO_FILE

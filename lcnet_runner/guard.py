@@ -71,9 +71,9 @@ def check(artifact: ModelArtifact, variant: Variant) -> None:
     figures = guard.get("variants", {}).get(str(variant))
     if figures is None:
         raise AccuracyGuardError(
-            f"{variant} has not been checked against paddle/fp32 on {artifact.name}: "
-            f"run `python -m train verify {artifact.name} --dataset DIR` (or quantize for int8), "
-            "or accept it unchecked with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
+            f"{variant} has not been checked against paddle/fp32 on {artifact.name}: run "
+            f"`python -m train verify {artifact.as_argument} --dataset DIR` (or quantize for "
+            "int8), or accept it unchecked with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
     drop_pt, agreement = _figures_of(artifact, variant, figures)
     if not passes(drop_pt, agreement):
@@ -95,8 +95,8 @@ def _damaged(artifact: ModelArtifact, variant: Variant, what: str) -> AccuracyGu
     variant is not usable (auto falls back), and ``verify`` writes them again."""
     return AccuracyGuardError(
         f"{variant} cannot be checked on {artifact.name}: {what}; run `python -m train verify "
-        f"{artifact.name} --dataset DIR` to measure it again, or accept it unchecked with "
-        "skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
+        f"{artifact.as_argument} --dataset DIR` to measure it again, or accept it unchecked "
+        "with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
     )
 
 

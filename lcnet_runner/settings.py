@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -58,7 +59,7 @@ class ServingSettings:
         if os.sep in self.model:
             raise ValueError(
                 f"LCNET_MODEL={self.model!r}: the server serves a store tag (name or name:version);"
-                f" store a folder with `python -m train import {self.model}`"
+                f" store a folder with `python -m train import {shlex.quote(self.model)}`"
             )
         if self.reload not in RELOAD_MODES:
             raise ValueError(f"LCNET_RELOAD={self.reload!r}: use one of {', '.join(RELOAD_MODES)}")

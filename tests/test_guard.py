@@ -19,6 +19,7 @@ from lcnet_runner.engines import (
     REFERENCE,
     Variant,
     all_variants,
+    cannot_run,
     cpu_supports_bf16,
     matching_variants,
 )
@@ -100,6 +101,24 @@ def test_malformed_guard_figures_make_the_variant_unusable(tmp_path: Path, guard
         check(bare_artifact(tmp_path, guard), INT8)
     check(bare_artifact(tmp_path, guard), REFERENCE)  # the reference needs no figures
     check(bare_artifact(tmp_path, {"variants": {"openvino/int8": GOOD}}), INT8)
+
+
+def test_the_commands_a_refusal_advises_quote_the_model_folder(tmp_path: Path) -> None:
+    """`python -m train quantize ../out/all out/inference --dataset DIR`, pasted into a shell,
+    was two model arguments."""
+    folder = tmp_path / "all out (2)"
+    folder.mkdir()
+    quoted = f"'{folder}'"
+    with pytest.raises(AccuracyGuardError) as unchecked:
+        check(bare_artifact(folder, {"variants": {}}), INT8)
+    with pytest.raises(AccuracyGuardError) as damaged:
+        check(bare_artifact(folder, "not measured"), INT8)
+    no_int8 = cannot_run(INT8, bare_artifact(folder, {}))
+    no_onnx = cannot_run(Variant("onnxruntime", "fp32"), bare_artifact(folder, {}))
+    assert f"`python -m train verify {quoted} --dataset DIR` (or quantize" in str(unchecked.value)
+    assert f"`python -m train verify {quoted} --dataset DIR` to measure" in str(damaged.value)
+    assert f"`python -m train quantize {quoted} --dataset DIR`" in no_int8
+    assert f"`python -m train export {quoted} --format onnx`" in no_onnx
 
 
 def test_a_damaged_self_check_sample_makes_the_variant_unusable(tmp_path: Path) -> None:

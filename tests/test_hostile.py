@@ -374,6 +374,11 @@ def test_a_duration_that_is_no_number_is_refused_at_start(name: str, value: str)
         ("LCNET_GRPC_HOST", "999.1.1.1", "neither an IP address nor a host name"),  # exited 0
         # a folder: a traceback about BentoML tags
         ("LCNET_MODEL", "output/pplcnet/inference", "store a folder with `python -m train import"),
+        (
+            "LCNET_MODEL",
+            "out/my model",
+            "store a folder with `python -m train import 'out/my model'`",
+        ),
     ],
 )
 def test_a_setting_out_of_its_range_is_refused_at_start(

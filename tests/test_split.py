@@ -449,6 +449,17 @@ def test_fit_says_which_images_no_list_names(dataset: Path, capsys) -> None:
     assert {split: (dataset / f"{split}_list.txt").read_bytes() for split in SPLITS} == lists
 
 
+def test_the_split_fit_advises_quotes_the_folder(tmp_path: Path) -> None:
+    """`python -m train split ../ds/my photos (2024)/DATASET`, pasted into a shell, failed."""
+    dataset = tmp_path / "my photos (2024)" / "DATASET"
+    for name in ("a", "b"):
+        for i in range(3):
+            _save(dataset / name / f"{i}.jpg")
+    split_dataset(dataset)
+    _save(dataset / "a" / "new.jpg")
+    assert f"`python -m train split '{dataset}'` adds them" in unlisted_note(dataset)
+
+
 def test_read_split_names_one_dataset_one_way(dataset: Path, monkeypatch) -> None:
     """`../data` and its absolute path give the same file paths: one decoded cache, not two."""
     split_dataset(dataset)

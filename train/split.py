@@ -352,8 +352,8 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
         lines.append(
             f"{counted(new, 'image')} in {given} added since the split: "
             f"{_names(root, new, shown)}{classes if new_classes else ''}. Training uses the lists "
-            f"as they are; `python -m train split {given}` adds them (listed images keep their "
-            "split)"
+            f"as they are; `python -m train split {shlex.quote(str(given))}` adds them (listed "
+            "images keep their split)"
         )
     if unreadable:
         lines.append(f"{counted(unreadable, 'unreadable image')} in {given}, in no split list: "
