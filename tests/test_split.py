@@ -278,6 +278,34 @@ def test_no_images(tmp_path: Path) -> None:
         split_dataset(tmp_path)
 
 
+def test_a_folder_one_level_off_says_where_the_class_folders_are(tmp_path: Path) -> None:
+    """A class folder given (its images straight in it), or the folder around the dataset:
+    "no images found" alone left the user guessing."""
+    for name in ("cat", "dog"):
+        for i in range(3):
+            _save(tmp_path / "wrap" / "pets" / name / f"{i}.jpg")
+    with pytest.raises(DatasetError) as too_deep:
+        split_dataset(tmp_path / "wrap" / "pets" / "cat")
+    assert str(too_deep.value).endswith(
+        "; its images are straight in it: if it is one class's folder, split the folder holding "
+        f"the class folders (python -m train split {tmp_path / 'wrap' / 'pets'})"
+    )
+    with pytest.raises(DatasetError) as too_high:
+        split_dataset(tmp_path / "wrap")
+    assert str(too_high.value).endswith(
+        "; 'pets' holds class folders of images: split it (python -m train split "
+        f"{tmp_path / 'wrap' / 'pets'})"
+    )
+
+
+def test_a_broken_link_is_said_as_one(dataset: Path) -> None:
+    """It was "ignored ... not bmp/jpeg/jpg/png/webp images", a name that is one."""
+    (dataset / "cat" / "gone.jpg").symlink_to(dataset / "nothing.jpg")
+    result = split_dataset(dataset)
+    assert (result.broken, result.ignored) == (["cat/gone.jpg"], ["cat/notes.txt", "empty/nested"])
+    assert "ignored 1 broken link (to nothing): cat/gone.jpg" in result.notes()
+
+
 def test_no_readable_images(tmp_path: Path) -> None:
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()

@@ -47,6 +47,7 @@ class SplitResult:
     empty: list[str] = field(default_factory=list)  # class folders without a readable image
     kept: int = 0  # images whose split an earlier split's lists gave
     ignored: list[str] = field(default_factory=list)  # other files and sub-folders of classes
+    broken: list[str] = field(default_factory=list)  # links in class folders to nothing
     small: list[str] = field(default_factory=list)  # classes too small for a val or test image
 
     def notes(self) -> list[str]:
@@ -65,6 +66,7 @@ class SplitResult:
             f"ignored {counted(self.ignored, 'file or folder', 'files or folders')} in class "
             f"folders that are not {exts} images (images go straight into their class folder)":
                 self.ignored,
+            f"ignored {counted(self.broken, 'broken link')} (to nothing)": self.broken,
             f"{counted(self.small, 'class', 'classes')} {small_verb} too few images for one in "
             "val or test": self.small,
         }  # fmt: skip
@@ -132,6 +134,7 @@ def split_dataset(
         empty=[_readable_name(d.name) for d in _class_dirs(root) if d.name not in good],
         kept=sum(rel in previous.get(label, {}) for label in labels for rel in good[label]),
         ignored=_ignored(root),
+        broken=_broken_links(root),
         small=small,
     )
 
@@ -142,7 +145,9 @@ def _readable_images(root: Path) -> tuple[dict[str, list[str]], list[str]]:
     candidates = _find_images(root)
     if not candidates:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise DatasetError(f"no images found in {root} (expected <class>/<image> with {exts})")
+        raise DatasetError(
+            f"no images found in {root} (expected <class>/<image> with {exts}){_level_hint(root)}"
+        )
     _refuse_unlistable_names(root, candidates)
     good: dict[str, list[str]] = {}
     skipped: list[str] = []
@@ -155,6 +160,25 @@ def _readable_images(root: Path) -> tuple[dict[str, list[str]], list[str]]:
         else:
             skipped.append(_readable_name(rel))
     return good, skipped
+
+
+def _level_hint(root: Path) -> str:
+    """Where to point split when ``root`` is a folder off by one level: a class folder (the
+    images are in it), or a folder around the dataset (its sub-folders hold class folders)."""
+    if any(is_image_file(p) for p in root.iterdir()):
+        parent = shlex.quote(os.path.normpath(os.path.join(root, os.pardir)))
+        return (
+            "; its images are straight in it: if it is one class's folder, split the folder "
+            f"holding the class folders (python -m train split {parent})"
+        )
+    if holders := [d for d in _class_dirs(root) if _find_images(d)]:
+        one, first = len(holders) == 1, shlex.quote(str(holders[0]))
+        names = some([f"'{_readable_name(d.name)}'" for d in holders], 2)
+        return (
+            f"; {names} {'holds' if one else 'hold'} class folders of images: split "
+            f"{'it' if one else 'one of them'} (python -m train split {first})"
+        )
+    return ""
 
 
 def _refuse_unlistable_names(root: Path, images: list[Path]) -> None:
@@ -182,12 +206,23 @@ def _refuse_unlistable_names(root: Path, images: list[Path]) -> None:
 
 def _ignored(root: Path) -> list[str]:
     """What the class folders hold besides images a split takes: other files (``.tiff``,
-    ``.gif``) and sub-folders; hidden ones are no one's images."""
+    ``.gif``) and sub-folders; hidden ones are no one's images, broken links are said apart."""
     return sorted(
         _readable_name(p.relative_to(root).as_posix())
         for d in _class_dirs(root)
         for p in d.iterdir()
-        if not p.name.startswith(".") and (p.is_dir() or not is_image_file(p))
+        if not p.name.startswith(".") and p.exists() and (p.is_dir() or not is_image_file(p))
+    )
+
+
+def _broken_links(root: Path) -> list[str]:
+    """The symbolic links in the class folders whose target is gone (or a loop): "not an
+    image" would send the user looking at a file that is not there."""
+    return sorted(
+        _readable_name(p.relative_to(root).as_posix())
+        for d in _class_dirs(root)
+        for p in d.iterdir()
+        if not p.name.startswith(".") and p.is_symlink() and not p.exists()
     )
 
 
