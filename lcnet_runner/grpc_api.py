@@ -170,20 +170,25 @@ def _measured(
         try:
             return await method(request, context)
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
-            code = _cancelled_code(context)
+            code = _ended_code(context, otherwise="CANCELLED")
             raise
-        finally:  # an abort (every refusal) raises: its code is the context's
+        except Exception:  # an abort (every refusal) has set its code; anything else: gRPC's
+            if context.code() is None:  # e.g. initial metadata sent past the deadline
+                code = _ended_code(context, otherwise="UNKNOWN")
+            raise
+        finally:
             code = code or (context.code() or grpc.StatusCode.OK).name
             calls.record(name, code, time.perf_counter() - start)
 
     return call
 
 
-def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
-    """What ended a call gRPC cancelled under it: its deadline, when that has passed (to within
-    the moment the cancellation took to arrive), or else its client."""
+def _ended_code(context: grpc.aio.ServicerContext, otherwise: str) -> str:
+    """What the client saw of a call that ended under it: its deadline, when that has passed
+    (to within the moment it took to arrive), or else ``otherwise``: CANCELLED when gRPC
+    cancelled it (the client did), UNKNOWN for an exception (what gRPC answers)."""
     left = context.time_remaining()
-    return "DEADLINE_EXCEEDED" if left is not None and left < 0.05 else "CANCELLED"
+    return "DEADLINE_EXCEEDED" if left is not None and left < 0.05 else otherwise
 
 
 class GrpcPortTakenError(RuntimeError):

@@ -151,6 +151,29 @@ def test_grpc_calls_ended_by_their_client_are_not_counted_ok(server: Server) -> 
     assert _eventually(lambda: _grpc_calls(server, "CANCELLED"), cancelled + 1) == cancelled + 1
 
 
+@pytest.mark.parametrize("time_remaining, counted", [(-0.2, "DEADLINE_EXCEEDED"), (5.0, "UNKNOWN")])
+def test_a_grpc_call_that_fails_outside_a_refusal_is_not_counted_ok(
+    time_remaining: float, counted: str
+) -> None:
+    """Sending a call's initial metadata past its deadline raises in the servicer: the client saw
+    DEADLINE_EXCEEDED (UNKNOWN for another exception) and the call was counted OK."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from lcnet_runner.grpc_api import _measured
+
+    recorded = []
+    calls = SimpleNamespace(record=lambda name, code, seconds: recorded.append((name, code)))
+    context = SimpleNamespace(code=lambda: None, time_remaining=lambda: time_remaining)
+
+    async def servicer(request, context):
+        raise RuntimeError("ExecuteBatchError")  # what grpc.aio raises there
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(_measured(servicer, "Classify", calls)(None, context))
+    assert recorded == [("Classify", counted)]
+
+
 def _http_answers(server: Server, status: int, path: str) -> float:
     """``path``'s answers of ``status`` as BentoML's metrics count them, summed over workers."""
     labels = (f'http_response_code="{status}"', f'endpoint="{path}"')
