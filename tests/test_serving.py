@@ -406,3 +406,59 @@ def test_a_grpc_port_is_claimed_by_one_live_server(tmp_path, monkeypatch) -> Non
     claim_port(50123, other)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "missing" / "folder"))
     claim_port(50123, me)
+
+
+def test_a_grpc_refusal_frees_its_image_at_once(trained: dict) -> None:
+    """A refusal aborted inside the except block that caught it, so the error stayed in its own
+    traceback's frame, and with it the request's image, until a garbage-collector pass (a burst
+    of UNAVAILABLE to 14 MB images held +1 GiB for minutes). A grpc.aio server on this thread's
+    loop, as a worker runs it, with a runner that holds its bound."""
+    import asyncio
+    import gc
+    import tracemalloc
+
+    import grpc
+
+    from lcnet_runner import grpc_api
+    from lcnet_runner.metrics import GrpcCallMetrics
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+    from lcnet_runner.reload import ServedModel
+    from lcnet_runner.runner import LCNetRunner, RunnerConfig
+    from lcnet_runner.testing import free_port
+
+    image = bytes(2_000_000)  # any bytes: refused before decoding (gRPC's limit: 4 MB)
+    runner = LCNetRunner(trained["tag"], RunnerConfig(max_queued_images=1))
+    runner._held_images = 1  # as while it holds its bound
+
+    async def refusals() -> tuple[list[str], int]:
+        server, port = grpc.aio.server(), free_port()
+        servicer = grpc_api.ClassifierServicer(
+            ServedModel(runner), ServingSettings.from_env({}), None
+        )
+        grpc_api._add_servicer(server, grpc_api.SERVICE_NAME, servicer, GrpcCallMetrics())
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = lcnet_pb2_grpc.ClassifierStub(channel)
+                request = lcnet_pb2.ClassifyRequest(image=image)
+                gc.collect()
+                gc.disable()
+                tracemalloc.start()
+                for _ in range(5):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Classify(request, timeout=30)
+                    codes.append(err.value.code().name)
+                await asyncio.sleep(0.2)
+                before = tracemalloc.get_traced_memory()[0]
+                gc.collect()
+                return codes, before - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+            await server.stop(None)
+
+    codes, held = asyncio.run(refusals())
+    assert codes == ["UNAVAILABLE"] * 5
+    assert held < len(image), f"{held} bytes freed only by the collector"
