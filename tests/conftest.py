@@ -74,6 +74,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(autouse=True)
+def pillows_limit_restored():
+    """A CLI's ``main`` lifts Pillow's pixel limit for its whole process (the user's own images,
+    ``read_own_images_at_any_size``); run in-process by a test, it lifted it for every later one."""
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+@pytest.fixture(autouse=True)
 def _stays_inside_the_repository():
     seen = len(OUTSIDE_REPOSITORY)
     yield
