@@ -8,7 +8,6 @@ one line and exit code 2."""
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -393,10 +392,10 @@ def run_fit(args: argparse.Namespace) -> None:
     print(json_line(summary))
     plots = [str(path) for name in (CURVES, CONFUSION)
              if (path := Path(config.save_dir) / name).is_file()]  # fmt: skip
-    tag, name = shlex.quote(summary["tag"]), shlex.quote(config.name)  # no-ops for store names
     log(
-        f"plots: {', '.join(plots)}\nnext: python -m train report {tag}  |  python -m "
-        f"lcnet_runner predict --model {tag} IMAGE  |  LCNET_MODEL={name} bentoml serve ."
+        f"plots: {', '.join(plots)}\nnext: python -m train report {summary['tag']}  |  python "
+        f"-m lcnet_runner predict --model {summary['tag']} IMAGE  |  LCNET_MODEL={config.name} "
+        "bentoml serve ."
     )
 
 

@@ -16,7 +16,7 @@ import random
 import shlex
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,22 +207,22 @@ def _refuse_unlistable_names(root: Path, images: list[Path]) -> None:
 def _ignored(root: Path) -> list[str]:
     """What the class folders hold besides images a split takes: other files (``.tiff``,
     ``.gif``) and sub-folders; hidden ones are no one's images, broken links are said apart."""
-    return sorted(
-        _readable_name(p.relative_to(root).as_posix())
-        for d in _class_dirs(root)
-        for p in d.iterdir()
-        if not p.name.startswith(".") and p.exists() and (p.is_dir() or not is_image_file(p))
-    )
+    return _names_in_classes(root, lambda p: p.exists() and (p.is_dir() or not is_image_file(p)))
 
 
 def _broken_links(root: Path) -> list[str]:
     """The symbolic links in the class folders whose target is gone (or a loop): "not an
     image" would send the user looking at a file that is not there."""
+    return _names_in_classes(root, lambda p: p.is_symlink() and not p.exists())
+
+
+def _names_in_classes(root: Path, kept: Callable[[Path], bool]) -> list[str]:
+    """The class folders' entries that are not hidden and ``kept`` takes, named for the user."""
     return sorted(
         _readable_name(p.relative_to(root).as_posix())
         for d in _class_dirs(root)
         for p in d.iterdir()
-        if not p.name.startswith(".") and p.is_symlink() and not p.exists()
+        if not p.name.startswith(".") and kept(p)
     )
 
 
