@@ -95,8 +95,12 @@ def served_model_info(
             "max_queued_images": settings.runner.max_queued_images,
         },
         "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
-        # Each worker answers for itself (its version, its reload): which one this is.
-        "worker": {"index": server_context.worker_index, "pid": os.getpid()},
+        # Each worker answers for itself (its version, its reload, its load): which one this is.
+        "worker": {
+            "index": server_context.worker_index,
+            "pid": os.getpid(),
+            "held_images": runner.held_images,  # against limits.max_queued_images
+        },
     }
 
 

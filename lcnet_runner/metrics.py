@@ -34,7 +34,8 @@ def _metric(kind: str, name: str, documentation: str, **spec: Any) -> Any:
 
 
 class PrometheusObserver:
-    """Batch sizes the runner formed, and per-stage latency: decode, queue wait, inference."""
+    """Batch sizes the runner formed, per-stage latency (decode, queue wait, inference), and the
+    images the runners hold (admitted, not yet answered), summed over the live workers."""
 
     def __init__(self, model: str):
         batch_size = _metric(
@@ -47,8 +48,19 @@ class PrometheusObserver:
             "Seconds per image (decode, queue_wait) or per batch (inference)",
             labelnames=("model", "stage"), buckets=_LATENCY_BUCKETS,
         )  # fmt: skip
+        held_images = _metric(
+            "Gauge", "lcnet_runner_held_images",
+            "Images admitted and not yet answered (decoding, queued, in a batch), all workers: "
+            "a worker refuses requests (503) while it holds LCNET_MAX_QUEUED_IMAGES",
+            labelnames=("model",), multiprocess_mode="livesum",
+        )  # fmt: skip
         self._batch_size = batch_size.labels(model=model)
         self._stage = {stage: stage_seconds.labels(model=model, stage=stage) for stage in STAGES}
+        self._held_images = held_images.labels(model=model)
+
+    def held(self, change: int) -> None:
+        # Added to, never set: while a reload drains, two runners of one worker report here.
+        self._held_images.inc(change)
 
     def decoded(self, seconds: float) -> None:
         self._stage["decode"].observe(seconds)

@@ -31,7 +31,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,11 +101,17 @@ class ServedModel:
             if version.in_flight == 0:
                 version.drained.set()
 
-    async def swap(self, runner: LCNetRunner) -> None:
-        """Serve ``runner`` from the next request on; close the old one once it is unused."""
+    def swap(self, runner: LCNetRunner) -> Coroutine[None, None, None]:
+        """Serve ``runner`` from the next request on, at once; returns the old version's
+        retirement to await: it closes once its last request has answered (a slow upload may
+        take up to the body timeout)."""
         old, self._current = self._current, _Version(runner)
         self._on_serving(old.runner, False)  # first: a swap to the same version ends served
         self._on_serving(runner, True)
+        return self._retire(old)
+
+    @staticmethod
+    async def _retire(old: _Version) -> None:
         if old.in_flight:
             old.drained.clear()
             await old.drained.wait()
@@ -393,13 +399,16 @@ class Reloader:
             self._count("failed")
             return False
         _warn_of_other_classes(self.served.runner, runner)
-        await self.served.swap(runner)
+        retire_the_old_version = self.served.swap(runner)
+        # Said as soon as the new version answers, not once the old one's last request has
+        # (``/model`` read "loading" for as long as a slow upload took).
         self.status = ReloadStatus("idle", tag)
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         logger.info("reload: now serving %s", tag)  # make_runner logged its engine choice
         self._count("ok")
         with contextlib.suppress(OSError):  # the record only helps a restarted worker rejoin
             _write_record(self.swapped_in, {"tag": tag})
+        await retire_the_old_version  # one old version at a time: no third model in memory
         return True
 
     async def _rejoin(self) -> None:

@@ -60,6 +60,10 @@ class RunnerObserver(Protocol):
 
     def batch(self, stats: BatchStats) -> None: ...
 
+    def held(self, change: int) -> None:
+        """The images held (admitted, not yet answered) went up or down by ``change``; optional:
+        observers written before it have no such method."""
+
 
 @dataclass(frozen=True)
 class RunnerConfig:
@@ -144,6 +148,7 @@ class LCNetRunner:
         # event loop: their pixels are most of what a worker's memory holds under hostile load.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="lcnet-decode")
         self._held_images = 0  # admitted, not yet answered (``_holding``)
+        self._on_held = getattr(observer, "held", None)
         self._large_in_flight = 0  # requests of over LARGE_REQUEST_BYTES (``_giving_back_memory``)
         self._warm_up()
 
@@ -276,11 +281,21 @@ class LCNetRunner:
         admitted whole when there is any room: a batch larger than the room left would
         otherwise never pass."""
         self.refuse_if_busy()
-        self._held_images += count
+        self._count_held(count)
         try:
             yield
         finally:
-            self._held_images -= count
+            self._count_held(-count)
+
+    def _count_held(self, change: int) -> None:
+        self._held_images += change
+        if self._on_held is not None:
+            self._on_held(change)
+
+    @property
+    def held_images(self) -> int:
+        """Images admitted and not yet answered: decoding, queued or in a batch."""
+        return self._held_images
 
     @contextlib.contextmanager
     def _giving_back_memory(self, images: Sequence[ImageSource]) -> Iterator[None]:

@@ -135,9 +135,10 @@ class FakeRunner:
     def __init__(self, tag: str):
         self.tag, self.labels = tag, CLASS_NAMES
         self.predictor = SimpleNamespace(artifact=SimpleNamespace(path=Path.cwd()))
+        self.closed = False
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def model_info(server: Server) -> dict:
@@ -652,3 +653,42 @@ def test_a_store_that_cannot_be_read_is_said_once(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(reload, "find_stored", lambda tag: stored)
     assert reloader._newest() is None  # the version served: nothing to load
     assert reloader.describe() == {"state": "idle", "tag": f"{NAME}:v1", "error": None}
+
+
+def test_a_reload_is_said_done_while_the_old_version_drains(tmp_path: Path, monkeypatch) -> None:
+    """The new version answers from the swap on, but ``/model`` read "loading" and the reload
+    went uncounted until the old version's last request had answered (a slow upload: up to the
+    body timeout)."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    from lcnet_runner import reload
+
+    monkeypatch.setattr(reload, "REQUEST_POLL_S", 0.01)
+    monkeypatch.setattr(reload, "in_store", lambda tag: True)  # the store's edge
+    counted = []
+
+    async def reload_while_a_request_holds_v1() -> tuple:
+        v1 = FakeRunner(f"{NAME}:v1")
+        served = reload.ServedModel(v1)
+        reloader = reload.Reloader(
+            served, NAME, watch=False, interval_s=1, make_runner=lambda _: None,
+            on_result=counted.append,
+        )  # fmt: skip
+        monkeypatch.setattr(reloader, "_load", FakeRunner)
+        reloader.start()
+        with served.pinned():  # a request still reading its upload, on v1
+            reload.write_request(reloader.request_path, f"{NAME}:v2")
+            for _ in range(300):
+                await asyncio.sleep(0.01)
+                if served.tag.endswith("v2"):
+                    break
+            await asyncio.sleep(0.05)
+            while_draining = (reloader.describe(), list(counted), v1.closed)
+        await asyncio.sleep(0.05)
+        await reloader.stop()
+        return while_draining, v1.closed
+
+    while_draining, closed_after = asyncio.run(reload_while_a_request_holds_v1())
+    assert while_draining == (
+        {"state": "idle", "tag": f"{NAME}:v2", "error": None}, ["ok"], False
+    )  # fmt: skip
+    assert closed_after  # once its request had answered

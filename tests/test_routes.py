@@ -295,6 +295,7 @@ def test_model_route_describes_the_served_model(client: TestClient, trained: dic
     solo = cores if info["engine"] != "paddle" and cores > info["threads"] else None
     assert info["solo_threads"] == solo
     assert info["worker"]["pid"] == os.getpid()  # in process here; which worker, when served
+    assert info["worker"]["held_images"] == 0  # none admitted and not yet answered
 
 
 def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:

@@ -273,6 +273,49 @@ def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
     assert ServingSettings.from_env({"LCNET_MAX_QUEUED_IMAGES": "0"}).runner.max_queued_images == 0
 
 
+class HeldImages:
+    """An observer that keeps the running count ``held`` reports (the service's is a gauge)."""
+
+    def __init__(self) -> None:
+        self.count, self.seen = 0, []
+
+    def decoded(self, seconds: float) -> None:
+        pass
+
+    def batch(self, stats) -> None:
+        pass
+
+    def held(self, change: int) -> None:
+        self.count += change
+        self.seen.append(self.count)
+
+
+def test_the_images_a_runner_holds_are_counted_for_model_and_metrics(trained: dict) -> None:
+    """How close a worker is to its 503s was nowhere to be seen: ``/model`` shows each worker's
+    count, ``/metrics`` the gauge the observer keeps. Observers written before ``held`` existed
+    still serve."""
+    image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+
+    async def main(observer) -> list[int]:
+        runner = LCNetRunner(trained["export_dir"], RunnerConfig(), observer)
+        batch = asyncio.create_task(runner.aclassify_batch([image] * 3))
+        await asyncio.sleep(0)  # admitted, decoding
+        held_meanwhile = runner.held_images
+        await runner.aclassify(image)
+        await batch
+        await runner.close()
+        return [held_meanwhile, runner.held_images]
+
+    observer = HeldImages()
+    assert asyncio.run(main(observer)) == [3, 0]
+    assert observer.seen == [3, 4, 3, 0] and observer.count == 0
+
+    class Older:  # decoded and batch only
+        decoded, batch = HeldImages.decoded, HeldImages.batch
+
+    assert asyncio.run(main(Older())) == [3, 0]
+
+
 def test_memory_is_given_back_once_the_last_large_request_is_answered(
     trained: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -77,7 +77,9 @@ def test_model_info_endpoint(server: Server, trained: dict) -> None:
 def test_bentoml_endpoints_keep_working(server: Server) -> None:
     for path in ("/readyz", "/livez"):
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
-    assert "lcnet_runner_batch_size" in httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "lcnet_runner_batch_size" in metrics
+    assert re.search(r'^lcnet_runner_held_images\{model="[^"]+"\} 0\.0$', metrics, re.M)
     assert "swagger" in httpx.get(f"{server.url}/").text.lower()
     spec = httpx.get(f"{server.url}/docs.json").json()
     assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
