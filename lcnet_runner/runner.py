@@ -53,6 +53,42 @@ class RunnerBusyError(ServiceUnavailable):
     catch it there (README, "Embed the runner")."""
 
 
+class HeldImages:
+    """The images admitted and not yet answered (decoding, queued, in a batch) against a bound:
+    past it a new request raises RunnerBusyError at once. One runner has its own; a server's
+    runners of one worker share one, so that while a reload drains the old version the worker
+    still holds at most ``limit`` images in all. ``on_change`` is told each rise and fall (a
+    gauge on ``/metrics``). Used from one event loop."""
+
+    def __init__(self, limit: int, on_change: Callable[[int], None] | None = None):
+        self.limit, self.count = limit, 0  # limit 0: no bound
+        self._on_change = on_change
+
+    def refuse_if_busy(self) -> None:
+        if self.limit and self.count >= self.limit:
+            raise RunnerBusyError(
+                f"the server is busy: this worker holds {self.count} image(s) (its limit: "
+                f"{self.limit}); retry shortly"
+            )
+
+    @contextlib.contextmanager
+    def holding(self, count: int) -> Iterator[None]:
+        """``count`` images held meanwhile, unless ``refuse_if_busy`` refuses them. A request is
+        admitted whole when there is any room: a batch larger than the room left would
+        otherwise never pass."""
+        self.refuse_if_busy()
+        self._change(count)
+        try:
+            yield
+        finally:
+            self._change(-count)
+
+    def _change(self, change: int) -> None:
+        self.count += change
+        if self._on_change is not None:
+            self._on_change(change)
+
+
 class RunnerObserver(Protocol):
     """Where the runner reports timings (the service wires Prometheus histograms in)."""
 
@@ -122,6 +158,7 @@ class LCNetRunner:
         model: str | Path | ModelArtifact = DEFAULT_MODEL,
         config: RunnerConfig = RunnerConfig(),
         observer: RunnerObserver | None = None,
+        held: HeldImages | None = None,
     ):
         self.config = config
         self.predictor = Predictor(
@@ -147,8 +184,10 @@ class LCNetRunner:
         # One thread, so large images decode one at a time per worker, as they did on the
         # event loop: their pixels are most of what a worker's memory holds under hostile load.
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="lcnet-decode")
-        self._held_images = 0  # admitted, not yet answered (``_holding``)
-        self._on_held = getattr(observer, "held", None)
+        # Shared when given (a server's worker), so its ``max_queued_images`` is not this one's.
+        if held is None:
+            held = HeldImages(config.max_queued_images, getattr(observer, "held", None))
+        self._held = held
         self._large_in_flight = 0  # requests of over LARGE_REQUEST_BYTES (``_giving_back_memory``)
         self._warm_up()
 
@@ -239,7 +278,7 @@ class LCNetRunner:
 
     async def aclassify(self, image: ImageSource, top_k: int = 1) -> list[Prediction]:
         top_k = checked_top_k(top_k)
-        with self._holding(1), self._giving_back_memory([image]):
+        with self._held.holding(1), self._giving_back_memory([image]):
             probs = await self._batcher(await self._decoded(image))
         return self._format([probs], top_k)[0]
 
@@ -252,7 +291,7 @@ class LCNetRunner:
         if not images:
             return []
         self._check_batch_pixels(images)
-        with self._holding(len(images)), self._giving_back_memory(images):
+        with self._held.holding(len(images)), self._giving_back_memory(images):
             crops = []
             for index, image in enumerate(images):
                 with _naming(index, len(images)):
@@ -268,34 +307,12 @@ class LCNetRunner:
         """RunnerBusyError while the runner holds ``max_queued_images``: for a server to refuse
         a request before it reads its body (a worker that is behind would otherwise take in
         every upload, whole, only to refuse it)."""
-        limit = self.config.max_queued_images
-        if limit and self._held_images >= limit:
-            raise RunnerBusyError(
-                f"the server is busy: this worker holds {self._held_images} image(s) (its limit: "
-                f"{limit}); retry shortly"
-            )
-
-    @contextlib.contextmanager
-    def _holding(self, count: int) -> Iterator[None]:
-        """``count`` images held meanwhile, unless ``refuse_if_busy`` refuses them. A request is
-        admitted whole when there is any room: a batch larger than the room left would
-        otherwise never pass."""
-        self.refuse_if_busy()
-        self._count_held(count)
-        try:
-            yield
-        finally:
-            self._count_held(-count)
-
-    def _count_held(self, change: int) -> None:
-        self._held_images += change
-        if self._on_held is not None:
-            self._on_held(change)
+        self._held.refuse_if_busy()
 
     @property
     def held_images(self) -> int:
-        """Images admitted and not yet answered: decoding, queued or in a batch."""
-        return self._held_images
+        """Images admitted and not yet answered (by every runner sharing this one's count)."""
+        return self._held.count
 
     @contextlib.contextmanager
     def _giving_back_memory(self, images: Sequence[ImageSource]) -> Iterator[None]:

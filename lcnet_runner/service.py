@@ -43,7 +43,7 @@ from .artifact import (
 from .choice import refuse_unusable
 from .metrics import PrometheusObserver, ReloadCounter, ServedVersions
 from .reload import Reloader, ServedModel, try_load_in_child
-from .runner import LCNetRunner
+from .runner import HeldImages, LCNetRunner
 from .settings import REQUEST_TIMEOUT_S, ServingSettings, is_set
 
 logger = logging.getLogger("bentoml.lcnet")  # BentoML shows its own loggers' INFO lines
@@ -140,6 +140,8 @@ class LCNetService:
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
         self.observer = PrometheusObserver(self.model.tag.name)
+        # One bound for the worker: while a reload drains the old version, both runners count.
+        self.held = HeldImages(self.settings.runner.max_queued_images, self.observer.held)
         self.served = ServedModel(
             self._runner(load_folder(self.model.path, tag=str(self.model.tag))),
             on_serving=ServedVersions(self.model.tag.name).serving,
@@ -158,7 +160,7 @@ class LCNetService:
 
     def _runner(self, artifact: ModelArtifact) -> LCNetRunner:
         config = self.settings.runner
-        runner = LCNetRunner(artifact, config, self.observer)
+        runner = LCNetRunner(artifact, config, self.observer, self.held)
         logger.info(
             "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
             runner.tag, runner.predictor.choice.describe(), config.engine, config.precision,

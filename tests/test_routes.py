@@ -588,9 +588,9 @@ def test_a_refused_body_is_freed_at_once(client: TestClient) -> None:
 
 @pytest.fixture
 def busy(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker's runner as it is while it holds LCNET_MAX_QUEUED_IMAGES images."""
-    runner = bentoml.get_current_service().served.runner
-    monkeypatch.setattr(runner, "_held_images", runner.config.max_queued_images)
+    """The worker as it is while it holds LCNET_MAX_QUEUED_IMAGES images."""
+    held = bentoml.get_current_service().held
+    monkeypatch.setattr(held, "count", held.limit)
 
 
 @pytest.mark.usefixtures("busy")

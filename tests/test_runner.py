@@ -273,7 +273,7 @@ def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
     assert ServingSettings.from_env({"LCNET_MAX_QUEUED_IMAGES": "0"}).runner.max_queued_images == 0
 
 
-class HeldImages:
+class HeldCount:
     """An observer that keeps the running count ``held`` reports (the service's is a gauge)."""
 
     def __init__(self) -> None:
@@ -306,14 +306,35 @@ def test_the_images_a_runner_holds_are_counted_for_model_and_metrics(trained: di
         await runner.close()
         return [held_meanwhile, runner.held_images]
 
-    observer = HeldImages()
+    observer = HeldCount()
     assert asyncio.run(main(observer)) == [3, 0]
     assert observer.seen == [3, 4, 3, 0] and observer.count == 0
 
     class Older:  # decoded and batch only
-        decoded, batch = HeldImages.decoded, HeldImages.batch
+        decoded, batch = HeldCount.decoded, HeldCount.batch
 
     assert asyncio.run(main(Older())) == [3, 0]
+
+
+def test_runners_that_share_a_bound_hold_at_most_it_together(trained: dict) -> None:
+    """A server's worker gives every runner it makes one bound: while a reload drains the old
+    version's requests, the new version admitted up to the bound again (twice it in memory)."""
+    from lcnet_runner.runner import HeldImages, RunnerBusyError
+
+    image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
+
+    async def main() -> None:
+        held = HeldImages(limit=2)
+        old, new = (LCNetRunner(trained["export_dir"], RunnerConfig(), held=held) for _ in "ab")
+        draining = asyncio.create_task(old.aclassify_batch([image] * 2))
+        await asyncio.sleep(0)  # the old version holds the bound
+        with pytest.raises(RunnerBusyError, match=r"holds 2 image\(s\) \(its limit: 2\)"):
+            await new.aclassify(image)
+        await draining
+        assert len(await new.aclassify(image)) == 1 and new.held_images == 0
+        await asyncio.gather(old.close(), new.close())
+
+    asyncio.run(main())
 
 
 def test_memory_is_given_back_once_the_last_large_request_is_answered(

@@ -425,12 +425,13 @@ def test_a_grpc_refusal_frees_its_image_at_once(trained: dict) -> None:
     from lcnet_runner.metrics import GrpcCallMetrics
     from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
     from lcnet_runner.reload import ServedModel
-    from lcnet_runner.runner import LCNetRunner, RunnerConfig
+    from lcnet_runner.runner import HeldImages, LCNetRunner, RunnerConfig
     from lcnet_runner.testing import free_port
 
     image = bytes(2_000_000)  # any bytes: refused before decoding (gRPC's limit: 4 MB)
-    runner = LCNetRunner(trained["tag"], RunnerConfig(max_queued_images=1))
-    runner._held_images = 1  # as while it holds its bound
+    held = HeldImages(limit=1)
+    held.count = 1  # as while it holds its bound
+    runner = LCNetRunner(trained["tag"], RunnerConfig(), held=held)
 
     async def refusals() -> tuple[list[str], int]:
         server, port = grpc.aio.server(), free_port()
