@@ -59,7 +59,7 @@ class PrometheusObserver:
         self._held_images = held_images.labels(model=model)
 
     def held(self, change: int) -> None:
-        # Added to, never set: while a reload drains, two runners of one worker report here.
+        # Added to, never set: several runners may report to one observer.
         self._held_images.inc(change)
 
     def decoded(self, seconds: float) -> None:

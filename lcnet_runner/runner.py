@@ -304,7 +304,7 @@ class LCNetRunner:
         return self._format(probs, top_k)
 
     def refuse_if_busy(self) -> None:
-        """RunnerBusyError while the runner holds ``max_queued_images``: for a server to refuse
+        """RunnerBusyError while its HeldImages are at their bound: for a server to refuse
         a request before it reads its body (a worker that is behind would otherwise take in
         every upload, whole, only to refuse it)."""
         self._held.refuse_if_busy()
