@@ -595,3 +595,17 @@ def test_clis_refuse_negative_counts(command: tuple[str, ...], option: str) -> N
     assert result.stdout == ""
     last = result.stderr.strip().splitlines()[-1]
     assert last.endswith(f"argument {option}: must be >= 0, got -1"), result.stderr
+
+
+def test_split_keeps_the_split_of_lists_made_on_windows(tmp_path: Path) -> None:
+    """PaddleX 2 on Windows writes `a\\0.png 0`: split found no listed image, split afresh and
+    wrote new lists over the user's (and fit called every image missing)."""
+    data = two_classes(tmp_path / "data", per_class=10)
+    run_cli("train", "split", str(data), "--seed", "1")
+    val = (data / "val_list.txt").read_text("utf-8")
+    for split in ("train", "val", "test"):
+        listed = data / f"{split}_list.txt"
+        listed.write_text(listed.read_text("utf-8").replace("/", "\\"), "utf-8")
+    result = run_cli("train", "split", str(data), "--seed", "2")
+    assert "kept the split of 20 images already listed, 0 new distributed" in result.stdout
+    assert (data / "val_list.txt").read_text("utf-8") == val

@@ -182,6 +182,7 @@ LIST_STYLES = {
     "trailing space": lambda rel, index: f"{rel} {index} ",
     "./ prefix": lambda rel, index: f"./{rel} {index}",
     "CRLF": lambda rel, index: f"{rel} {index}\r",
+    "Windows": lambda rel, index: rel.replace("/", "\\") + f" {index}\r",  # PaddleX 2 there
 }
 
 
@@ -353,7 +354,9 @@ NOT_UTF8_FIX = ("rename it, or unzip the zip again naming the encoding it was ma
      (b"a/caf\xe9.jpg", f"1 image named in bytes that are not UTF-8, which no list file can "
                         f"hold: 'a/caf\\xe9.jpg'; {NOT_UTF8_FIX}"),
      (b"a/two\nlines.jpg", "1 image with a line break in the name, which no list file can hold: "
-                           "'a/two\\nlines.jpg'; rename it")],
+                           "'a/two\\nlines.jpg'; rename it"),
+     (b"a\\b/0.jpg", "1 class folder with a backslash in the name, which list files read as a "
+                     "folder separator (as Windows writes them): 'a\\b'; rename it")],
 )  # fmt: skip
 def test_a_name_no_list_can_hold_is_refused_before_any_list_is_written(
     tmp_path: Path, rel: bytes, says: str
@@ -383,8 +386,8 @@ def test_fit_says_which_unlisted_images_no_list_can_hold(tmp_path: Path) -> None
         f"labels.txt: new\\x1b[2K. Training uses the lists as they are; `python -m train split "
         f"{tmp_path}` adds them (listed images keep their split)",
         f"1 image in {tmp_path}, in no split list, named so that no list file can hold them (not "
-        f"UTF-8, or a line break): \\xba\\xecɫ/0.jpg; `python -m train split {tmp_path}` says "
-        "how to rename them",
+        f"UTF-8, a line break or a backslash): \\xba\\xecɫ/0.jpg; `python -m train split "
+        f"{tmp_path}` says how to rename them",
     ]
 
 

@@ -183,25 +183,32 @@ def _level_hint(root: Path) -> str:
 
 def _refuse_unlistable_names(root: Path, images: list[Path]) -> None:
     """DatasetError naming the first class folder, else image, whose name no list file can
-    hold: left out, a class was dropped as "unreadable", split after split. A zip made on
-    Windows names its files in the system's code page (GBK for Chinese), which Linux keeps as
-    bytes that are not UTF-8."""
-    folders = [d.name for d in _class_dirs(root) if not _storable(d.name)]
+    hold, and the others of its kind: left out, a class was dropped as "unreadable", split after
+    split. A zip made on Windows names its files in the system's code page (GBK for Chinese),
+    which Linux keeps as bytes that are not UTF-8."""
+    folders = [d.name for d in _class_dirs(root) if _unlistable(d.name)]
     files = [path.relative_to(root).as_posix() for path in images]
-    names = folders or [rel for rel in files if not _storable(rel)]
+    names = folders or [rel for rel in files if _unlistable(rel)]
     if not names:
         return
+    why = _unlistable(names[0])
+    names = [name for name in names if _unlistable(name) == why]
     what = counted(names, "class folder") if folders else counted(names, "image")
     shown = some([f"'{_readable_name(name)}'" for name in names], 1)
     them = "it" if len(names) == 1 else "them"
-    if "\n" in names[0] or "\r" in names[0]:
-        raise DatasetError(f"{what} with a line break in the name, which no list file can hold: "
-                           f"{shown}; rename {them}")  # fmt: skip
-    raise DatasetError(
-        f"{what} named in bytes that are not UTF-8, which no list file can hold: {shown}; rename "
-        f"{them}, or unzip the zip again naming the encoding it was made in (unzip -O "
-        "GBK, or -O CP936, for Chinese names from Windows)"
-    )
+    if why == NOT_UTF8:
+        raise DatasetError(
+            f"{what} named in bytes that are not UTF-8, which no list file can hold: {shown}; "
+            f"rename {them}, or unzip the zip again naming the encoding it was made in (unzip -O "
+            "GBK, or -O CP936, for Chinese names from Windows)"
+        )
+    if why == BACKSLASH:
+        raise DatasetError(
+            f"{what} with a backslash in the name, which list files read as a folder separator "
+            f"(as Windows writes them): {shown}; rename {them}"
+        )
+    raise DatasetError(f"{what} with a line break in the name, which no list file can hold: "
+                       f"{shown}; rename {them}")  # fmt: skip
 
 
 def _ignored(root: Path) -> list[str]:
@@ -297,15 +304,17 @@ def read_list(path: Path) -> list[ListEntry]:
     after any white space (a tab, two spaces), and white space after it, a CR or a BOM is no
     part of the line. Unlike PaddleX the path keeps its inner spaces (class and file names have
     them) and its leading ones (``split`` writes a class folder " edge" so), and loses a leading
-    ``./``. A line that still does not read is an error naming it: skipped, its image would
-    leave training, or change split, in silence."""
+    ``./``. A backslash separates folders, as in the lists PaddleX 2 writes on Windows
+    (``cat\\0001.jpg 0``): a name holding one cannot be listed (``split`` refuses it). A line
+    that still does not read is an error naming it: skipped, its image would leave training, or
+    change split, in silence."""
     entries = []
     for lineno, line in enumerate(read_lines(path), 1):
         fields = line.removeprefix("\ufeff").rsplit(maxsplit=1)  # a BOM: lists joined with cat
         if not fields:
             continue
         rel, index = fields if len(fields) == 2 else ("", fields[0])
-        rel = rel.removeprefix("./")
+        rel = rel.replace("\\", "/").removeprefix("./")
         # isascii: int() also takes other scripts' digits, and isdigit() superscripts it does not
         if not rel or not (index.isascii() and index.isdigit()):
             raise DatasetError(f"{path}:{lineno}: expected '<path> <label_index>', got {line!r}")
@@ -370,7 +379,7 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     for path in _find_images(root):
         if path in listed:
             continue
-        if not _storable(path.relative_to(root).as_posix()):
+        if _unlistable(path.relative_to(root).as_posix()):
             unlistable.append(path)
         elif not _is_readable(path):
             unreadable.append(path)
@@ -397,7 +406,8 @@ def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
     if unlistable:
         lines.append(
             f"{counted(unlistable, 'image')} in {given}, in no split list, named so that no list "
-            f"file can hold them (not UTF-8, or a line break): {_names(root, unlistable, shown)}; "
+            f"file can hold them (not UTF-8, a line break or a backslash): "
+            f"{_names(root, unlistable, shown)}; "
             f"`python -m train split {shlex.quote(str(given))}` says how to rename them"
         )
     return "\n".join(lines) or None
@@ -517,17 +527,24 @@ def _find_images(root: Path) -> list[Path]:
     return sorted(p for d in _class_dirs(root) for p in d.iterdir() if is_image_file(p))
 
 
-def _storable(rel: str) -> bool:
-    """Whether a name fits a line of a UTF-8 list file: no line break, and no bytes that are not
-    UTF-8 (Linux allows both; Python maps such bytes to lone surrogates, which cannot be
+# Why a name cannot be a list's path (``_unlistable``).
+LINE_BREAK, BACKSLASH, NOT_UTF8 = "a line break", "a backslash", "bytes that are not UTF-8"
+
+
+def _unlistable(rel: str) -> str | None:
+    """Why a name does not fit a line of a UTF-8 list file, None when it does: a line break; a
+    backslash, which a list reads as a folder separator (Windows lists); bytes that are not
+    UTF-8 (Linux allows all three; Python maps such bytes to lone surrogates, which cannot be
     written)."""
     if "\n" in rel or "\r" in rel:
-        return False
+        return LINE_BREAK
+    if "\\" in rel:
+        return BACKSLASH
     try:
         rel.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return NOT_UTF8
+    return None
 
 
 def _readable_name(rel: str) -> str:
