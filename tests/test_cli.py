@@ -609,3 +609,18 @@ def test_split_keeps_the_split_of_lists_made_on_windows(tmp_path: Path) -> None:
     result = run_cli("train", "split", str(data), "--seed", "2")
     assert "kept the split of 20 images already listed, 0 new distributed" in result.stdout
     assert (data / "val_list.txt").read_text("utf-8") == val
+
+
+def test_split_refuses_lists_relative_to_the_folder_above(tmp_path: Path) -> None:
+    """`flowers/a/0.png 0` in flowers/train_list.txt: split wrote new lists over them."""
+    data = two_classes(tmp_path / "flowers", per_class=10)
+    run_cli("train", "split", str(data))
+    paths = [data / f"{split}_list.txt" for split in ("train", "val", "test")]
+    for listed in paths:
+        lines = listed.read_text("utf-8").splitlines()
+        listed.write_text("".join(f"flowers/{line}\n" for line in lines), "utf-8")
+    lists = [listed.read_bytes() for listed in paths]
+    line = one_error_line(run_cli("train", "split", str(data), check=False))
+    assert "its paths start with 'flowers/', the dataset folder's own name" in line
+    assert line.endswith(f"sed -i 's#^flowers/##' {' '.join(map(str, paths))}")
+    assert [listed.read_bytes() for listed in paths] == lists

@@ -6,6 +6,8 @@ import codecs
 import io
 import os
 import re
+import shlex
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -445,6 +447,8 @@ def test_lists_whose_folders_are_no_class_names_are_taken_as_they_are(tmp_path: 
     """PaddleX datasets need not keep each class in its own folder."""
     (tmp_path / "labels.txt").write_text("cat\ndog\n", encoding="utf-8")
     (tmp_path / "val_list.txt").write_text("images/1.jpg 1\nimages/2.jpg 0\n", encoding="utf-8")
+    for name in ("1.jpg", "2.jpg"):
+        _save(tmp_path / "images" / name)
     assert [index for _, index in read_split(tmp_path, "val")] == [1, 0]
 
 
@@ -529,3 +533,84 @@ def test_file_names_are_printed_with_their_control_characters_escaped(dataset: P
     (dataset / "cat" / "x\x1b[2K\x1b[Gall images OK.jpg").write_bytes(b"not an image")
     notes = "\n".join(split_dataset(dataset).notes())
     assert "cat/x\\x1b[2K\\x1b[Gall images OK.jpg" in notes and "\x1b" not in notes
+
+
+def _two_classes(root: Path, per_class: int = 10) -> Path:
+    for name in ("cat", "dog"):
+        for i in range(per_class):
+            _save(root / name / f"{i}.jpg", size=8)
+    return root
+
+
+def _rewrite_lists(root: Path, rewrite) -> None:
+    for split in SPLITS:
+        listed = root / f"{split}_list.txt"
+        lines = listed.read_text("utf-8").splitlines()
+        listed.write_text("".join(f"{rewrite(line)}\n" for line in lines), "utf-8")
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "script"),
+    [(lambda line: f"my flowers/{line}", "s#^my flowers/##"),
+     (lambda line: ".\\my flowers\\" + line.replace("/", "\\"), "s#^\\.\\\\my flowers\\\\##")],
+    ids=["slash", "windows"],
+)  # fmt: skip
+def test_lists_relative_to_the_folder_above_are_refused_with_the_fix(
+    tmp_path: Path, rewrite, script: str
+) -> None:
+    """PaddleX users' lists written from the folder above (``flowers/daisy/1.jpg`` in
+    ``flowers/``): split found none of the listed images and wrote new lists over them; fit said
+    every image missing and "no training image left"."""
+    data = _two_classes(tmp_path / "my flowers")
+    split_dataset(data, seed=1)
+    before = {split: read_split(data, split) for split in SPLITS}
+    first = (data / "train_list.txt").read_text("utf-8").split(" ")[0]
+    _rewrite_lists(data, rewrite)
+    lists = _lists(data)
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(data, seed=2)
+    assert _lists(data) == lists
+    paths = " ".join(f"'{data / f'{split}_list.txt'}'" for split in SPLITS)
+    sed = f"sed -i '{script}' {paths}"
+    assert str(refused.value) == (
+        f"{data / 'train_list.txt'}:1: its paths start with 'my flowers/', the dataset folder's "
+        f"own name ('my flowers/{first}'; 14 of 14 listed images are found only without it): "
+        "paths in a list are relative to the folder holding it; drop it from every list, then "
+        f"run again: {sed}"
+    )
+    with pytest.raises(DatasetError, match="its paths start with 'my flowers/'"):
+        read_split(data, "val")  # fit's, evaluate's
+    subprocess.run(shlex.split(sed), check=True)  # the fix, as said
+    assert split_dataset(data, seed=2).kept == 20
+    assert {split: read_split(data, split) for split in SPLITS} == before
+
+
+def test_lists_naming_images_not_there_are_never_written_over(tmp_path: Path) -> None:
+    """Most listed images not in the folder: split wrote new lists over the user's, unsaid."""
+    data = _two_classes(tmp_path)
+    split_dataset(data)
+    for path in data.glob("*/*.jpg"):
+        path.rename(path.with_name(f"img_{path.name}"))
+    lists = _lists(data)
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(data)
+    assert _lists(data) == lists
+    first = lists["train"].split(" ")[0]
+    assert str(refused.value) == (
+        f"{data / 'train_list.txt'}:1: 14 of 14 listed images are not in {data} ('{first}'): "
+        "paths in a list are relative to the folder holding it; fix them, or split afresh with "
+        f"new lists over these (python -m train split {data} --reshuffle)"
+    )
+    assert split_dataset(data, reshuffle=True).counts == {"train": 14, "val": 4, "test": 2}
+
+
+def test_listed_images_deleted_since_are_dropped_and_said(tmp_path: Path) -> None:
+    data = _two_classes(tmp_path)
+    split_dataset(data)
+    for name in ("cat/0.jpg", "cat/1.jpg"):
+        (data / name).unlink()
+    result = split_dataset(data)
+    assert "dropped 2 listed images no class folder holds now: cat/0.jpg, cat/1.jpg" in (
+        result.notes()
+    )
+    assert result.kept == sum(result.counts.values()) == 18

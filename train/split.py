@@ -49,6 +49,7 @@ class SplitResult:
     ignored: list[str] = field(default_factory=list)  # other files and sub-folders of classes
     broken: list[str] = field(default_factory=list)  # links in class folders to nothing
     small: list[str] = field(default_factory=list)  # classes too small for a val or test image
+    dropped: list[str] = field(default_factory=list)  # listed before, in no class folder now
 
     def notes(self) -> list[str]:
         """What was kept and left out, as lines for the user (``split`` prints them, ``fit``
@@ -69,6 +70,8 @@ class SplitResult:
             f"ignored {counted(self.broken, 'broken link')} (to nothing)": self.broken,
             f"{counted(self.small, 'class', 'classes')} {small_verb} too few images for one in "
             "val or test": self.small,
+            f"dropped {counted(self.dropped, 'listed image')} no class folder holds now":
+                self.dropped,
         }  # fmt: skip
         return lines + [f"{what}: {some(names)}" for what, names in left_out.items() if names]
 
@@ -136,6 +139,19 @@ def split_dataset(
         ignored=_ignored(root),
         broken=_broken_links(root),
         small=small,
+        dropped=_dropped(previous, good, skipped),
+    )
+
+
+def _dropped(
+    previous: dict[str, dict[str, str]], good: dict[str, list[str]], skipped: list[str]
+) -> list[str]:
+    """The images the lists named before that the new ones do not, but for the unreadable ones
+    (said as such): deleted since, or moved out of their class folder."""
+    kept = {rel for files in good.values() for rel in files}
+    listed = (rel for files in previous.values() for rel in files)
+    return sorted(
+        name for rel in listed if rel not in kept and (name := _readable_name(rel)) not in skipped
     )
 
 
@@ -245,6 +261,7 @@ def _listed_splits(root: Path) -> dict[str, dict[str, str]]:
             entries = read_list(path)
         except DatasetError as err:  # skipped, its image could move from test into training
             raise DatasetError(f"{err} (--reshuffle splits afresh, without the lists)") from None
+        _check_found(root, path, entries, root)
         for entry in entries:
             listed.setdefault(entry.rel.partition("/")[0], {}).setdefault(entry.rel, split)
     return listed
@@ -333,6 +350,7 @@ def read_split(dataset_dir: str | Path, split: str) -> list[tuple[Path, int]]:
     if not entries:
         return []
     _check_labels(entries, read_labels(root), path, dataset_dir)
+    _check_found(root, path, entries, Path(dataset_dir))
     return [(root / entry.rel, entry.index) for entry in entries]
 
 
@@ -359,6 +377,72 @@ def _check_labels(
                 f"'{_readable_name(named)}': {LABELS_FILE} changed since the split; restore it, "
                 f"or split again (python -m train split {shlex.quote(str(dataset_dir))})"
             )
+
+
+def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) -> None:
+    """DatasetError when most of the images a list names are not in ``root``: its paths are
+    relative to another folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), not images
+    gone since the split. ``split`` wrote new lists over them, and ``fit`` trained on what was
+    left or stopped with "no training image left". A few gone are skipped and said."""
+    missing = [entry for entry in entries if not (root / entry.rel).exists()]
+    if len(missing) * 2 <= len(entries):
+        return
+    first, found = missing[0], f"{len(missing)} of {len(entries)} listed images"
+    if head := _extra_head(root, missing):
+        own = head == Path(os.path.abspath(root)).name  # root may be "."
+        where = "the dataset folder's own name" if own else f"not in {given}"
+        raise DatasetError(
+            f"{path}:{first.lineno}: its paths start with '{_readable_name(head)}/', {where} "
+            f"({_readable_name(first.rel)!r}; {found} are found only without it): paths in a "
+            f"list are relative to the folder holding it; drop it from every list, then run "
+            f"again: {_sed_dropping(head, path, missing, given)}"
+        )
+    raise DatasetError(
+        f"{path}:{first.lineno}: {found} are not in {given} ({_readable_name(first.rel)!r}): "
+        "paths in a list are relative to the folder holding it; fix them, or split afresh with "
+        f"new lists over these (python -m train split {shlex.quote(str(given))} --reshuffle)"
+    )
+
+
+def _extra_head(root: Path, missing: list[ListEntry]) -> str | None:
+    """The first folder of the ``missing`` paths whose dropping finds most of them, or None."""
+    heads = Counter(
+        head
+        for entry in missing
+        for head, _, rest in [entry.rel.partition("/")]
+        if rest and (root / rest).exists()
+    )
+    head, count = heads.most_common(1)[0] if heads else ("", 0)
+    return head if count * 2 > len(missing) else None
+
+
+def _sed_dropping(head: str, path: Path, missing: list[ListEntry], given: Path) -> str:
+    """The command that drops ``head`` and its separator from the start of every line of the
+    folder's lists, quoted: a sed script matching the start as the lines write it (``flowers/``,
+    ``./flowers\\`` from Windows), or any of those when the lines differ."""
+    lines = read_lines(path)
+    starts = {
+        _written_start(lines[entry.lineno - 1], head)
+        for entry in missing
+        if entry.rel.partition("/")[0] == head
+    }
+    any_start = r"\(\.[/\\]\)\{0,1\}" + _bre(head) + r"[/\\]"
+    pattern = _bre(starts.pop()) if len(starts) == 1 else any_start
+    lists = [split_list(given, split) for split in SPLITS if split_list(given, split).is_file()]
+    return shlex.join(["sed", "-i", f"s#^{pattern}##", *map(str, lists)])
+
+
+def _written_start(line: str, head: str) -> str:
+    """How a list ``line`` writes its path's first folder ``head`` and the separator after it
+    (``read_list`` took off a leading ``./`` and read ``\\`` as ``/``)."""
+    line = line.removeprefix("\ufeff")
+    dot = line[:2] if line[:2] in ("./", ".\\") else ""
+    return line[: len(dot) + len(head) + 1]
+
+
+def _bre(text: str) -> str:
+    """``text`` as a sed basic regular expression matching it literally (``#`` its delimiter)."""
+    return "".join(f"\\{c}" if c in "\\.*[]^$#" else c for c in text)
 
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:
