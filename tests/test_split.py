@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -29,8 +31,12 @@ UNICODE_CLASS = "ünïcødé 猫"
 
 
 def _save(path: Path, fmt: str = "JPEG", size: int = 32) -> None:
+    """An image of pixels drawn from its path: no two paths make the same bytes (split says
+    byte-identical images)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), (200, 30, 90)).save(path, format=fmt)
+    seed = hashlib.sha256(os.fsencode(path)).digest()
+    pixels = hashlib.shake_256(seed).digest(3 * size * size)
+    Image.frombytes("RGB", (size, size), pixels).save(path, format=fmt)
 
 
 def _jpeg_bytes(size: int = 64) -> bytes:
@@ -614,3 +620,39 @@ def test_listed_images_deleted_since_are_dropped_and_said(tmp_path: Path) -> Non
         result.notes()
     )
     assert result.kept == sum(result.counts.values()) == 18
+
+
+def test_byte_identical_images_across_splits_or_classes_are_said(tmp_path: Path, capsys) -> None:
+    """A copy of a test image in train overstates test accuracy; one image in two class folders
+    is a labelling error. split said neither, nor did fit."""
+    from train.distributed import SINGLE
+    from train.training import FitConfig, load_splits
+
+    data = _two_classes(tmp_path)
+    split_dataset(data)
+    tested = next(path for path, _ in read_split(data, "test") if path.parent.name == "cat")
+    trained = next(path for path, _ in read_split(data, "train") if path.parent.name == "cat")
+    shutil.copy(tested, data / "cat" / "copy.jpg")  # new: distributed to train
+    shutil.copy(trained, data / "dog" / "from cat.jpg")
+    shutil.copy(trained, data / "cat" / "again.jpg")  # the same class and split: no harm
+    result = split_dataset(data)
+    line = (
+        f"2 images listed more than once, byte for byte, in two splits (which overstates val and "
+        f"test accuracy) or two classes (a labelling error): cat/{trained.name} (train, cat) = "
+        f"dog/from cat.jpg (train, dog) and 1 more copy, cat/copy.jpg (train) = "
+        f"cat/{tested.name} (test); keep one copy"
+    )
+    assert result.notes()[-1] == line
+    load_splits(data, FitConfig(ram_cache_mb=64), SINGLE)
+    assert line in capsys.readouterr().err.splitlines()
+
+
+def test_files_of_one_size_and_head_are_told_apart_by_all_their_bytes(tmp_path: Path) -> None:
+    from train.split import HEAD_BYTES, _same_bytes
+
+    head = bytes(HEAD_BYTES)
+    files = {"a": head + b"1", "b": head + b"2", "c": head + b"1", "d": b"other size"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    paths = [tmp_path / name for name in files] + [tmp_path / "a", tmp_path / "gone"]
+    assert _same_bytes(paths) == [[0, 2, 4]]  # a, c and a listed again

@@ -50,6 +50,7 @@ class SplitResult:
     broken: list[str] = field(default_factory=list)  # links in class folders to nothing
     small: list[str] = field(default_factory=list)  # classes too small for a val or test image
     dropped: list[str] = field(default_factory=list)  # listed before, in no class folder now
+    duplicated: list[str] = field(default_factory=list)  # same bytes in two splits or classes
 
     def notes(self) -> list[str]:
         """What was kept and left out, as lines for the user (``split`` prints them, ``fit``
@@ -73,7 +74,8 @@ class SplitResult:
             f"dropped {counted(self.dropped, 'listed image')} no class folder holds now":
                 self.dropped,
         }  # fmt: skip
-        return lines + [f"{what}: {some(names)}" for what, names in left_out.items() if names]
+        lines += [f"{what}: {some(names)}" for what, names in left_out.items() if names]
+        return lines + [line] if (line := duplicates_line(self.duplicated)) else lines
 
 
 def counted(items: Sequence[object], one: str, many: str | None = None) -> str:
@@ -140,6 +142,7 @@ def split_dataset(
         broken=_broken_links(root),
         small=small,
         dropped=_dropped(previous, good, skipped),
+        duplicated=duplicated(root),
     )
 
 
@@ -443,6 +446,89 @@ def _written_start(line: str, head: str) -> str:
 def _bre(text: str) -> str:
     """``text`` as a sed basic regular expression matching it literally (``#`` its delimiter)."""
     return "".join(f"\\{c}" if c in "\\.*[]^$#" else c for c in text)
+
+
+# What is read of a file to tell it from others of its size before reading it whole: files that
+# differ mostly do so in their first kilobytes (EXIF, tables, the first scans of pixels).
+HEAD_BYTES = 4096
+
+
+def duplicated(dataset_dir: str | Path) -> list[str]:
+    """The images the split lists hold more than once, byte for byte, in two splits (a copy in
+    train overstates val or test accuracy) or two classes (a labelling error), each as
+    ``cat/1.jpg (train) = cat/1 copy.jpg (test)``. Cheap on datasets larger than memory: a stat
+    a file, and only files of one size are read (``_same_bytes``)."""
+    root = Path(os.path.abspath(dataset_dir))  # as read_split names the files
+    labels = read_labels(root)
+    listed = [
+        (path, split, labels[index])
+        for split in SPLITS
+        if split_list(root, split).is_file()
+        for path, index in read_split(root, split)
+    ]
+    found = []
+    for group in _same_bytes([path for path, _, _ in listed]):
+        first, *others = [listed[i] for i in group]
+        # Shown: the first copy and one in another split or class, if any
+        other = next((copy for copy in others if copy[1:] != first[1:]), None)
+        if other is None:
+            continue  # the same image twice in one class's train: no harm to a score
+        two_classes = first[2] != other[2]
+        named = [
+            f"{_readable_name(path.relative_to(root).as_posix())} ({split}"
+            + (f", {_readable_name(label)})" if two_classes else ")")
+            for path, split, label in (first, other)
+        ]
+        more = f" and {counted(others[1:], 'more copy', 'more copies')}" if others[1:] else ""
+        found.append(" = ".join(named) + more)
+    return found
+
+
+def duplicates_line(duplicated: list[str]) -> str | None:
+    """The note on ``duplicated``'s images for the user, None without any."""
+    if not duplicated:
+        return None
+    return (
+        f"{counted(duplicated, 'image')} listed more than once, byte for byte, in two splits "
+        f"(which overstates val and test accuracy) or two classes (a labelling error): "
+        f"{some(duplicated, 3)}; keep one copy"
+    )
+
+
+def _same_bytes(paths: Sequence[Path]) -> list[list[int]]:
+    """Groups of indices of ``paths`` whose files hold the same bytes (a path listed twice is
+    one): by size, then by the first HEAD_BYTES, then by a SHA-256 of the whole file read in
+    chunks; a file is only read when another one has its size."""
+    groups = [list(range(len(paths)))]
+    for key in (_size, _head, _digest_of_file):
+        groups = [same for group in groups for same in _grouped(group, paths, key)]
+    return groups
+
+
+def _grouped(ids: list[int], paths: Sequence[Path], key: Callable[[Path], Any]) -> list[list[int]]:
+    """``ids`` by the ``key`` of their path: the groups of two or more (a file gone or
+    unreadable is in none)."""
+    by_key: dict[Any, list[int]] = {}
+    for i in ids:
+        try:
+            by_key.setdefault(key(paths[i]), []).append(i)
+        except OSError:
+            continue
+    return [group for group in by_key.values() if len(group) > 1]
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return file.read(HEAD_BYTES)
+
+
+def _digest_of_file(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").digest()
 
 
 def unlisted_note(dataset_dir: str | Path, shown: int = 3) -> str | None:

@@ -55,6 +55,8 @@ from .split import (
     SPLITS,
     DatasetError,
     counted,
+    duplicated,
+    duplicates_line,
     read_labels,
     read_split,
     some,
@@ -133,7 +135,8 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if not split_list(dataset, "train").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
         result = split_dataset(dataset, seed=config.seed)
-        for line in result.notes():
+        # Without the duplicates: load_splits says them, on every run of the lists
+        for line in dataclasses.replace(result, duplicated=[]).notes():
             log(line)
     if config.resume:
         path = save_dir / CHECKPOINT
@@ -253,6 +256,8 @@ def load_splits(
     rank its shard of the train split; val and test only on rank 0, which evaluates."""
     labels = read_labels(dataset)
     if rank.main and (note := unlisted_note(dataset)):
+        log(note)
+    if rank.main and (note := duplicates_line(duplicated(dataset))):
         log(note)
     workers = resolve_threads(config.workers)
     splits = {}
