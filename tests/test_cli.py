@@ -624,3 +624,17 @@ def test_split_refuses_lists_relative_to_the_folder_above(tmp_path: Path) -> Non
     assert "its paths start with 'flowers/', the dataset folder's own name" in line
     assert line.endswith(f"sed -i 's#^flowers/##' {' '.join(map(str, paths))}")
     assert [listed.read_bytes() for listed in paths] == lists
+
+
+def test_split_says_classes_out_of_balance(tmp_path: Path) -> None:
+    """A class with 10× the images of another: top-1 alone can hide that the small one fails."""
+    data = two_classes(tmp_path / "data", per_class=2)
+    for i in range(2, 20):
+        Image.new("RGB", (16, 16), (0, i * 10, 0)).save(data / "a" / f"{i}.png")
+    result = run_cli("train", "split", str(data))
+    assert (
+        "classes out of balance: a has 20 images, 10× the 2 of b; top-1 can hide how the small "
+        "classes fare (evaluate's per_class shows each)"
+    ) in result.stdout.splitlines()
+    (data / "a" / "19.png").unlink()  # 9.5×
+    assert "out of balance" not in run_cli("train", "split", str(data)).stdout

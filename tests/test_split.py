@@ -83,6 +83,7 @@ def test_split_counts_labels_and_skipped(dataset: Path) -> None:
         empty=["empty"],  # said, and not a class
         ignored=["cat/notes.txt", "empty/nested"],  # said: a .tiff, or images a level too deep
         small=[f"{UNICODE_CLASS} (4)"],  # no test image
+        class_sizes={"cat": 10, "dog house": 7, UNICODE_CLASS: 4},
     )
     # Per class (n -> val, test): 10 -> 2, 1;  7 -> 1, 1;  4 -> 1, 0.
     assert _labels_per_split(dataset) == {

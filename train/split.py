@@ -33,6 +33,7 @@ from lcnet_runner.artifact import (
 from lcnet_runner.preprocess import IMAGE_EXTENSIONS, InvalidImageError, is_image_file, load_pixels
 
 SPLITS = ("train", "val", "test")
+IMBALANCE = 10  # the largest class with this many times the images of the smallest is said
 
 
 class DatasetError(ValueError):
@@ -51,6 +52,7 @@ class SplitResult:
     small: list[str] = field(default_factory=list)  # classes too small for a val or test image
     dropped: list[str] = field(default_factory=list)  # listed before, in no class folder now
     duplicated: list[str] = field(default_factory=list)  # same bytes in two splits or classes
+    class_sizes: dict[str, int] = field(default_factory=dict)  # readable images of each class
 
     def notes(self) -> list[str]:
         """What was kept and left out, as lines for the user (``split`` prints them, ``fit``
@@ -75,7 +77,24 @@ class SplitResult:
                 self.dropped,
         }  # fmt: skip
         lines += [f"{what}: {some(names)}" for what, names in left_out.items() if names]
-        return lines + [line] if (line := duplicates_line(self.duplicated)) else lines
+        said = [self.imbalance(), duplicates_line(self.duplicated)]
+        return lines + [line for line in said if line]
+
+    def imbalance(self) -> str | None:
+        """The line saying the largest class has IMBALANCE times the images of the smallest or
+        more, None when it has not."""
+        if not self.class_sizes:
+            return None
+        (large, most), (small, least) = (
+            pick(self.class_sizes.items(), key=lambda item: item[1]) for pick in (max, min)
+        )
+        if most < IMBALANCE * least:
+            return None
+        return (
+            f"classes out of balance: {_readable_name(large)} has {most} images, "
+            f"{most / least:.0f}× the {least} of {_readable_name(small)}; top-1 can hide how the "
+            "small classes fare (evaluate's per_class shows each)"
+        )
 
 
 def counted(items: Sequence[object], one: str, many: str | None = None) -> str:
@@ -143,6 +162,7 @@ def split_dataset(
         small=small,
         dropped=_dropped(previous, good, skipped),
         duplicated=duplicated(root),
+        class_sizes={label: len(good[label]) for label in labels},
     )
 
 
