@@ -638,3 +638,25 @@ def test_split_says_classes_out_of_balance(tmp_path: Path) -> None:
     ) in result.stdout.splitlines()
     (data / "a" / "19.png").unlink()  # 9.5×
     assert "out of balance" not in run_cli("train", "split", str(data)).stdout
+
+
+def test_evaluate_names_every_class_one_with_no_test_image_too(
+    trained: dict, tmp_path: Path
+) -> None:
+    """A class with no image in the split was left out of per_class: read as if it did not
+    exist. Now it is there with 0 images and no top-1 (nothing to measure it on)."""
+    from conftest import CLASS_NAMES
+
+    data = tmp_path / "data"
+    shutil.copytree(trained["dataset"], data)
+    test_list = data / "test_list.txt"
+    kept = [line for line in test_list.read_text("utf-8").splitlines() if line.endswith(" 0")]
+    test_list.write_text("".join(f"{line}\n" for line in kept), "utf-8")
+    result = run_cli("train", "evaluate", trained["tag"], "--dataset", str(data), "--engine",
+                     "paddle", "--precision", "fp32", "--confusion-matrix", "")  # fmt: skip
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert list(report["per_class"]) == CLASS_NAMES
+    assert report["per_class_n"] == {CLASS_NAMES[0]: len(kept), CLASS_NAMES[1]: 0,
+                                     CLASS_NAMES[2]: 0}  # fmt: skip
+    assert isinstance(report["per_class"][CLASS_NAMES[0]], float)
+    assert report["per_class"][CLASS_NAMES[1]] is report["per_class"][CLASS_NAMES[2]] is None

@@ -25,24 +25,28 @@ from .split import read_labels, read_split
 def classification_metrics(
     scores: np.ndarray, targets: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, Any]:
-    """top-1, top-5 (or top-C for fewer classes), image count and per-class top-1."""
+    """top-1, top-5 (or top-C for fewer classes), image count, and per class (every one, in
+    label order) its top-1 and its image count: a class with no image has top-1 None, as the
+    whole has with none, never a number (it was left out, unseen in a split too small for it)."""
     n = len(targets)
+    per_class_n = {name: int((targets == i).sum()) for i, name in enumerate(class_names)}
     if n == 0:
-        return {"top1": None, "top5": None, "n": 0, "per_class": {}}
+        return {"top1": None, "top5": None, "n": 0, "per_class": dict.fromkeys(class_names),
+                "per_class_n": per_class_n}  # fmt: skip
     k = min(5, scores.shape[1])
     top_k = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     hit1 = top_k[:, 0] == targets
     hit5 = (top_k == targets[:, None]).any(axis=1)
     per_class = {
-        name: round(float(hit1[targets == i].mean()), 4)
+        name: round(float(hit1[targets == i].mean()), 4) if per_class_n[name] else None
         for i, name in enumerate(class_names)
-        if (targets == i).any()
     }
     return {
         "top1": round(float(hit1.mean()), 4),
         "top5": round(float(hit5.mean()), 4),
         "n": n,
         "per_class": per_class,
+        "per_class_n": per_class_n,
     }
 
 
