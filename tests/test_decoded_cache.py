@@ -456,3 +456,22 @@ def test_two_ranks_share_one_cache(colour_dataset: Path, tmp_path: Path) -> None
     # Rank 1 waited for rank 0's train cache and read its own half of it.
     rank1 = (tmp_path / "run" / "logs" / "workerlog.1").read_text()
     assert "rank 1/2: 63 training images, 0 decoded by this rank" in rank1
+
+
+def test_a_cache_whose_list_does_not_read_is_said_so_not_gone(tmp_path: Path, capsys) -> None:
+    """`cache list` called it "train_list.txt is gone" while the file was there with a line it
+    could not read: the user looked for a lost file."""
+    samples = small_dataset(tmp_path / "data")
+    cache = CacheConfig(tmp_path / "cache", ram_mb=0)
+    load_split(samples, TINY, cache, name="train", dataset=tmp_path / "data")
+    train_list = tmp_path / "data" / "train_list.txt"
+    train_list.write_text(train_list.read_text("utf-8") + "green/0.jpg green\n", "utf-8")
+    capsys.readouterr()
+    assert main(["cache", "list", "--cache-dir", str(cache.root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(
+        f"  stale: its split list cannot be read: {train_list}:25: expected '<path> "
+        "<label_index>', got 'green/0.jpg green'"
+    )
+    train_list.unlink()
+    assert [entry.stale for entry in list_caches(cache)] == ["train_list.txt is gone"]

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lcnet_runner.artifact import cache_dir, write_text_atomic
+from lcnet_runner.cli import error_line
 from lcnet_runner.preprocess import (
     InvalidImageError,
     PreprocessConfig,
@@ -383,12 +384,22 @@ def _write_index(
         bytes=int(sizes.sum()),
         preprocess=preprocess.to_dict(),
         skipped=skipped,
-        list_digest=list_digest(Path(dataset), name),
+        list_digest=_digest_now(Path(dataset), name),
     )
     meta.write(temp)
     for leftover in (SHAPES_WRITTEN, PROGRESS):
         (temp / leftover).unlink(missing_ok=True)
     _fsync_dir(temp)
+
+
+def _digest_now(dataset: Path, name: str) -> str | None:
+    """The split list's digest at the end of a build, None when it no longer reads (edited
+    meanwhile): raised, it deleted the build, whose pixels are no less good (the cache is then
+    never said stale for its list, as one built before digests were kept)."""
+    try:
+        return list_digest(dataset, name)
+    except (OSError, ValueError):
+        return None
 
 
 def open_cache(folder: Path, select: Sequence[int] | None = None) -> tuple[DecodedSplit, int]:
@@ -465,7 +476,10 @@ class CacheMeta:
             return f"made by an older release (format {self.format})"
         if not Path(self.dataset).is_dir():
             return "its dataset is gone"
-        digest = list_digest(Path(self.dataset), self.split)
+        try:
+            digest = list_digest(Path(self.dataset), self.split)
+        except (OSError, ValueError) as err:  # said as "gone", the user looked for a lost file
+            return f"its split list cannot be read: {error_line(err)}"
         if digest is None:
             return f"{self.split}_list.txt is gone"
         if self.list_digest is not None and digest != self.list_digest:

@@ -658,12 +658,12 @@ def split_changes(record: dict[str, dict[str, Any]], dataset_dir: str | Path) ->
 
 def list_digest(dataset_dir: str | Path, name: str) -> str | None:
     """SHA-256 of a split list's entries in their order, as ``read_split`` (and so a decoded
-    cache's key) takes them, written as ``split`` writes them; None when it cannot be read."""
-    try:
-        entries = read_list(split_list(dataset_dir, name))
-    except (OSError, ValueError):  # ValueError: not UTF-8, or a line that does not read
+    cache's key) takes them, written as ``split`` writes them; None when there is no such list.
+    OSError, or ValueError (not UTF-8, a line that does not read), when it cannot be read."""
+    path = split_list(dataset_dir, name)
+    if not path.is_file():
         return None
-    return _digest([entry.line() for entry in entries])
+    return _digest([entry.line() for entry in read_list(path)])
 
 
 def _digest(entries: list[str]) -> str:
