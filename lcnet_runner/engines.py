@@ -32,6 +32,9 @@ from .hardware import cpu_supports_bf16, isa_cap, resolve_threads
 from .preprocess import PreprocessConfig, normalize
 
 AUTO = "auto"  # any engine / any precision: the Predictor chooses (lcnet_runner.choice)
+# The dataset in advice to run a train command: unknown here; train's commands, given one, put it
+# in its place (train.guard.guard_figures).
+DATASET_ARGUMENT = "--dataset DIR"
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def _openvino_file(artifact: ModelArtifact, precision: str) -> Path:
         if not (artifact.path / INT8_FILE).is_file():
             raise ValueError(
                 f"{artifact.name} has no INT8 variant; make one with `python -m train quantize "
-                f"{artifact.as_argument} --dataset DIR` (needs the int8 extra)"
+                f"{artifact.as_argument} {DATASET_ARGUMENT}` (needs the int8 extra)"
             )
         return artifact.path / INT8_FILE
     ir = artifact.path / OPENVINO_FILE

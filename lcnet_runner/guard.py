@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import SELF_CHECK_FILE, ModelArtifact
-from .engines import REFERENCE, Variant
+from .engines import DATASET_ARGUMENT, REFERENCE, Variant
 from .hardware import cpu_features
 
 MAX_TOP1_DROP_PT = 0.5
@@ -72,7 +72,7 @@ def check(artifact: ModelArtifact, variant: Variant) -> None:
     if figures is None:
         raise AccuracyGuardError(
             f"{variant} has not been checked against paddle/fp32 on {artifact.name}: run "
-            f"`python -m train verify {artifact.as_argument} --dataset DIR` (or quantize for "
+            f"`python -m train verify {artifact.as_argument} {DATASET_ARGUMENT}` (or quantize for "
             "int8), or accept it unchecked with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
         )
     drop_pt, agreement = _figures_of(artifact, variant, figures)
@@ -95,7 +95,7 @@ def _damaged(artifact: ModelArtifact, variant: Variant, what: str) -> AccuracyGu
     variant is not usable (auto falls back), and ``verify`` writes them again."""
     return AccuracyGuardError(
         f"{variant} cannot be checked on {artifact.name}: {what}; run `python -m train verify "
-        f"{artifact.as_argument} --dataset DIR` to measure it again, or accept it unchecked "
+        f"{artifact.as_argument} {DATASET_ARGUMENT}` to measure it again, or accept it unchecked "
         "with skip_guard / --skip-guard / LCNET_SKIP_GUARD=1"
     )
 

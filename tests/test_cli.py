@@ -660,3 +660,20 @@ def test_evaluate_names_every_class_one_with_no_test_image_too(
                                      CLASS_NAMES[2]: 0}  # fmt: skip
     assert isinstance(report["per_class"][CLASS_NAMES[0]], float)
     assert report["per_class"][CLASS_NAMES[1]] is report["per_class"][CLASS_NAMES[2]] is None
+
+
+def test_fit_names_the_folder_to_split_again(tmp_path: Path) -> None:
+    """A class left with no training image: `split the folder again (python -m train split)`,
+    the folder known."""
+    data = two_classes(tmp_path / "my data", per_class=10)
+    run_cli("train", "split", str(data))
+    for line in (data / "train_list.txt").read_text("utf-8").splitlines():
+        if line.startswith("b/"):
+            (data / line.split(" ")[0]).write_bytes(b"broken since the split")
+    result = run_cli("train", "fit", str(data), "--pretrained", "none", "--save-dir",
+                     str(tmp_path / "run"), check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: no training image left for 1 class: b; split the folder again (python -m train "
+        f"split '{data}')"
+    )

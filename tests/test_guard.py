@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -288,7 +289,8 @@ def test_verify_of_a_store_tag_gives_advice_that_names_the_tag(trained: dict, fo
     stored = bentoml.models.get(result.stdout.strip().split()[-1])
     why = stored.info.metadata[GUARD_KEY]["not_measured"]["openvino/int8"]
     assert why.startswith("verify-advice:latest has no INT8 variant; make one with `python -m "
-                          "train quantize verify-advice:latest --dataset DIR`")  # fmt: skip
+                          "train quantize verify-advice:latest --dataset "
+                          f"{shlex.quote(str(trained['dataset']))}`")  # fmt: skip
     assert f"openvino/int8      not measured here: {why}" in result.stdout
 
 
@@ -379,3 +381,17 @@ def test_fit_int8_without_the_extra_fails_before_training(
     with pytest.raises(ValueError, match=r"pip install 'lcnet-bento\[int8\]'"):
         fit(colour_dataset, FitConfig(int8=True, pretrained="none", save_dir=str(tmp_path)))
     assert not list(tmp_path.glob("*.pd*"))  # nothing trained or checkpointed
+
+
+def test_report_advice_names_the_model_it_reports_on(folder: Path) -> None:
+    """It said `python -m train export MODEL` and `verify MODEL`, the model being the one asked
+    about (the dataset, which the model does not record, stays DIR)."""
+    info = load_folder(folder).info
+    write_info(folder, {k: v for k, v in info.items() if k != GUARD_KEY})
+    (folder / "inference.onnx").unlink()
+    spaced = folder.rename(folder.with_name("my model"))
+    report = run_cli("train", "report", str(spaced)).stdout
+    assert (f"paddle fp32 only (add inference.onnx: python -m train export '{spaced}' --format "
+            "onnx)") in report  # fmt: skip
+    assert (f"not measured: auto serves paddle fp32 (python -m train verify '{spaced}' --dataset "
+            "DIR)") in report  # fmt: skip

@@ -492,7 +492,7 @@ def test_a_class_left_without_training_images_stops_the_run(
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: no training image left for 1 class: {gone}; split the folder again "
-        "(python -m train split)"
+        f"(python -m train split {dataset})"
     )
     lines = result.stderr.splitlines()
     skipped = next(line for line in lines if line.startswith("train: skipped "))

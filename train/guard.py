@@ -3,11 +3,12 @@ on labelled images (``lcnet_runner.guard`` holds the bar and enforces it at load
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 from lcnet_runner.artifact import load_folder, write_info
-from lcnet_runner.engines import REFERENCE, Variant
+from lcnet_runner.engines import DATASET_ARGUMENT, REFERENCE, Variant
 from lcnet_runner.guard import (
     GUARD_KEY,
     MAX_TOP1_DROP_PT,
@@ -31,6 +32,7 @@ def guard_figures(
     split_name: str,
     threads: int | None = None,
     name: str | None = None,
+    dataset: str | Path | None = None,
 ) -> dict[str, Any]:
     """Top-1 loss and agreement of each variant that runs here (engine installed, its file
     present, the CPU able), against Paddle fp32 on the same images. Also writes the self-check
@@ -43,12 +45,15 @@ def guard_figures(
 
     ``name`` is what the advice for a variant not measured names (make its file with ...): the
     model as the user gave it, when ``folder`` is a temporary copy of a store version (its path
-    was gone once the command ended, and kept in the figures). By default the folder."""
+    was gone once the command ended, and kept in the figures). By default the folder.
+    ``dataset``: the one that advice names, when given (``--dataset DIR`` else)."""
     artifact = load_folder(folder, tag=name)
     reference, variants, not_here = None, {}, {}
     # Paddle fp32 comes first; each other variant is compared with it on the same images.
 
     def skipped(variant: Variant, why: str) -> None:
+        if dataset is not None:
+            why = why.replace(DATASET_ARGUMENT, f"--dataset {shlex.quote(str(dataset))}")
         not_here[str(variant)] = why
 
     for variant, predictor in each_variant(artifact, threads=threads, on_skip=skipped):
@@ -128,7 +133,7 @@ def verify(
         artifact = load_folder(folder)
         decoded = decode_labelled_split(dataset, split, artifact.labels, artifact.preprocess,
                                         cache=cache)  # fmt: skip
-        figures.update(guard_figures(folder, decoded, split, threads, name=str(model)))
+        figures.update(guard_figures(folder, decoded, split, threads, str(model), dataset))
         record_guard(folder, figures)
 
     return revise(model, measure), figures

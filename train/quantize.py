@@ -131,7 +131,7 @@ def quantize(
                                       limit=calibration_images, seed=seed, cache=cache)  # fmt: skip
         quantize_openvino(folder, sample_crops(train, len(train), preprocess.crop_size))
         evaluation = decode_labelled_split(dataset, split, labels, preprocess, cache=cache)
-        figures.update(guard_figures(folder, evaluation, split, threads, name=str(model)))
+        figures.update(guard_figures(folder, evaluation, split, threads, str(model), dataset))
         record_guard(folder, figures)
 
     require_int8_extra()  # these fail before anything is copied

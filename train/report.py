@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lcnet_runner.artifact import INT8_FILE, ONNX_FILE, load_artifact
+from lcnet_runner.artifact import INT8_FILE, ONNX_FILE, ModelArtifact, load_artifact
+from lcnet_runner.engines import DATASET_ARGUMENT
 from lcnet_runner.guard import GUARD_KEY
 
 _SHOWN_CLASSES = 12
@@ -15,19 +16,22 @@ def _percent(value: Any) -> str:
     return "—" if value is None else f"{100 * float(value):.1f} %"
 
 
-def engines_line(folder: Path) -> str:
+def engines_line(artifact: ModelArtifact) -> str:
     """Which engine files this version carries."""
-    if not (folder / ONNX_FILE).is_file():
-        return "paddle fp32 only (add inference.onnx: python -m train export MODEL --format onnx)"
+    if not (artifact.path / ONNX_FILE).is_file():
+        return (f"paddle fp32 only (add inference.onnx: python -m train export "
+                f"{artifact.as_argument} --format onnx)")  # fmt: skip
+    folder = artifact.path
     int8 = ", openvino int8" if (folder / INT8_FILE).is_file() else ""
     return f"paddle fp32 (reference), onnxruntime fp32, openvino fp32/bf16{int8}"
 
 
-def guard_line(info: dict[str, Any]) -> str:
+def guard_line(artifact: ModelArtifact) -> str:
     """Which variants passed the accuracy guard (what ``auto`` may pick)."""
-    guard = info.get(GUARD_KEY)
+    guard = artifact.info.get(GUARD_KEY)
     if not guard:
-        return "not measured: auto serves paddle fp32 (python -m train verify MODEL --dataset DIR)"
+        return (f"not measured: auto serves paddle fp32 (python -m train verify "
+                f"{artifact.as_argument} {DATASET_ARGUMENT})")  # fmt: skip
     verdicts = {True: [], False: []}
     for name, figures in guard["variants"].items():
         verdicts[figures["passed"]].append(f"{name} {100 * figures['agreement']:.1f} %")
@@ -69,8 +73,8 @@ def report(model: str | Path) -> str:
          f"crop scale {info['crop_scale']}, flip {'on' if info.get('hflip') else 'off'}"),
         ("training time", info.get("training_time_s") and f"{info['training_time_s']} s"),
         ("paddle", info.get("paddle_version")),
-        ("engines", engines_line(artifact.path)),
-        ("accuracy guard", guard_line(info)),
+        ("engines", engines_line(artifact)),
+        ("accuracy guard", guard_line(artifact)),
         ("plots", ", ".join(p.name for p in sorted(artifact.path.glob("*.png"))) or None),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)

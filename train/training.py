@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -133,7 +134,8 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if weights is not None:
         pretrained.read_state_dict(weights)  # a file that is no checkpoint, said now
     if not split_list(dataset, "train").is_file():
-        log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split)")
+        log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split "
+            f"{shlex.quote(str(dataset))})")  # fmt: skip
         result = split_dataset(dataset, seed=config.seed)
         # Without the duplicates: load_splits says them, on every run of the lists
         for line in dataclasses.replace(result, duplicated=[]).notes():
@@ -271,7 +273,7 @@ def load_splits(
             log(f"{name}: skipped {counted(split.skipped, 'image')} missing or unreadable: "
                 f"{some(split.skipped)}")  # fmt: skip
         if name == "train":
-            _refuse_untrained_classes(split, labels)
+            _refuse_untrained_classes(split, labels, dataset)
         if name == "train" and rank.world > 1:
             split = split.subset(distributed.shard(range(len(split)), rank))
             if not rank.main:  # rank 0's console shows what one process would, no more
@@ -285,14 +287,15 @@ def load_splits(
     return labels, splits
 
 
-def _refuse_untrained_classes(train: DecodedSplit, labels: list[str]) -> None:
+def _refuse_untrained_classes(train: DecodedSplit, labels: list[str], dataset: Path) -> None:
     """ValueError when a class has no training image left (its files gone or broken since the
     split): the model would answer it at random, yet be stored as knowing it."""
     trained = set(np.unique(train.labels).tolist())
     if untrained := [label for i, label in enumerate(labels) if i not in trained]:
         raise ValueError(
             f"no training image left for {counted(untrained, 'class', 'classes')}: "
-            f"{some(untrained)}; split the folder again (python -m train split)"
+            f"{some(untrained)}; split the folder again (python -m train split "
+            f"{shlex.quote(str(dataset))})"
         )
 
 
@@ -665,13 +668,14 @@ def package(
     labels: list[str],
     config: FitConfig,
     info: dict[str, Any],
+    dataset: Path,
 ) -> dict[str, Any]:
-    """Export, add the variants, measure them against Paddle fp32 and store the version; the
-    summary ``fit`` returns."""
+    """Export, add the variants, measure them against Paddle fp32 on ``dataset``'s val split and
+    store the version; the summary ``fit`` returns."""
     folder = export(state, splits, labels, config, info)
     add_variants(folder, splits["train"], config)
     if "val" in splits:  # which engines/precisions may serve it (lcnet_runner.guard)
-        figures = guard_figures(folder, splits["val"], "val", config.threads or None)
+        figures = guard_figures(folder, splits["val"], "val", config.threads or None, None, dataset)
         info = record_guard(folder, figures)
         log(describe(figures))
     tag = save_to_store(folder, config.name, info)
@@ -711,4 +715,4 @@ def fit_prepared(dataset: Path, config: FitConfig, weights: Path | None) -> dict
     test = pick_best(state, splits, labels, config)
     train_images = splits["train"].whole or len(splits["train"])  # a shard's: its split's
     info = model_info(config, dataset, labels, state, train_images, test, state.training_s)
-    return package(state, splits, labels, config, info)
+    return package(state, splits, labels, config, info, dataset)
