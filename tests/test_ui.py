@@ -19,14 +19,27 @@ sync_api = pytest.importorskip("playwright.sync_api")
 # No sandbox (root in CI), no calls home: this machine has no network.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+ALL_ANSWERED = "document.querySelector('.card') && !document.querySelector('.pending')"
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        yield browser.new_page(viewport={"width": 1100, "height": 760})
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page of its own per test: its scripts, routes and viewport leak into no other."""
+    page = browser.new_page(viewport={"width": 1100, "height": 760})
+    yield page
+    page.close()
+
+
+def images(trained: dict, count: int) -> list[str]:
+    return [str(trained["dataset"] / "green" / f"{i}.jpg") for i in range(count)]
 
 
 def test_upload_shows_the_api_answer_and_readable_errors(
@@ -73,3 +86,22 @@ def test_swagger_try_it_out_uploads_a_file(server: Server, trained: dict, page) 
     assert response.locator(".response-col_status").first.inner_text().strip() == "200"
     body = response.locator(".response-col_description pre").first.inner_text()
     assert json.loads(body) == expected
+
+
+def test_previews_let_go_of_their_files(server: Server, trained: dict, page, tmp_path) -> None:
+    """Each preview's object URL is revoked once shown (or found not to be an image): a page
+    used for hundreds of images held every file in memory until it closed, clear or not."""
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("this is not an image")
+    page.add_init_script("""
+        window.made = [];
+        const create = URL.createObjectURL;
+        URL.createObjectURL = (blob) => { const url = create(blob); made.push(url); return url; };
+    """)
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#files", [*images(trained, 3), str(not_image)])
+    page.wait_for_function(ALL_ANSWERED)
+    alive = page.evaluate("""Promise.all(made.map(
+        (url) => fetch(url).then(() => url, () => null))).then((urls) => urls.filter(Boolean))""")
+    assert page.evaluate("made.length") == 4 and alive == []
+    assert page.locator(".card img").count() == 3  # the pictures stay on screen

@@ -69,8 +69,14 @@ async function classify(file) {
   const card = text("article", "card pending");
   const img = document.createElement("img");
   img.alt = file.name;
+  // The decoded picture stays on screen once loaded; the URL would pin the file's bytes in
+  // memory until the page closes, also after "clear results".
+  img.onload = () => URL.revokeObjectURL(img.src);
+  img.onerror = () => {
+    URL.revokeObjectURL(img.src);
+    img.replaceWith(text("div", "noimg", "no preview")); // not an image
+  };
   img.src = URL.createObjectURL(file);
-  img.onerror = () => img.replaceWith(text("div", "noimg", "no preview"));  // not an image
   const body = text("div", "body");
   body.append(text("div", "name", file.name), text("div", "latency"));
   card.append(img, body);
