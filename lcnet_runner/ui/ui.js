@@ -105,7 +105,7 @@ function handle(files) {
   $("notice").hidden = true;
   const list = Array.from(files || []);
   if (!list.length) {
-    $("notice").textContent = "No files were dropped — drop image files, or click to choose.";
+    $("notice").textContent = "No files were dropped — drop image files, or choose them.";
     $("notice").hidden = false;
   }
   list.forEach(classify);
