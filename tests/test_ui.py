@@ -49,6 +49,8 @@ def test_upload_shows_the_api_answer_and_readable_errors(
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("this is not an image")
     expected = httpx.post(f"{server.url}/classify", files={"image": image.open("rb")}).json()
+    failed = []  # what the console says of failed loads, the browser's own (favicon) included
+    page.on("console", lambda m: m.type == "error" and failed.append(m.text.split(" ")[-3]))
 
     page.goto(f"{server.url}/ui")
     page.wait_for_selector("#model dt:text('architecture')")
@@ -65,6 +67,8 @@ def test_upload_shows_the_api_answer_and_readable_errors(
     bad = page.locator(".card.error")
     assert "notes.jpg" in bad.inner_text()
     assert "not an image format" in bad.locator(".message").inner_text()
+    # The not-image alone was refused: no /favicon.ico 404 in the server's log at each visit.
+    assert failed == ["400"]
     # The screenshot is kept with the test's files (CI artifact); docs/ui.png is one of them.
     page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
     assert (tmp_path / "ui.png").stat().st_size > 10_000
@@ -137,3 +141,23 @@ def test_the_keyboard_reaches_the_file_picker(server: Server, trained: dict, pag
     chooser.value.set_files(images(trained, 2))
     page.wait_for_function(ALL_ANSWERED)
     assert page.locator(".card:not(.error)").count() == 2
+
+
+def test_a_phone_sized_screen_and_a_long_file_name(
+    server: Server, trained: dict, page, tmp_path: Path
+) -> None:
+    """At 375 px nothing scrolls sideways, each fact of the header keeps its name and value on
+    one line, and a file name cut short on its card can be read whole."""
+    long_name = tmp_path / ("a-photo-with-a-very-long-name-" * 6 + ".jpg")
+    shutil.copy(images(trained, 1)[0], long_name)
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#model dt:text('architecture')")
+    page.set_input_files("#files", [str(long_name)])
+    page.wait_for_function(ALL_ANSWERED)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    split = page.evaluate("""[...document.querySelectorAll('#model dt')].filter(
+        (dt) => dt.getBoundingClientRect().top !== dt.nextElementSibling.getBoundingClientRect().top
+    ).map((dt) => dt.textContent)""")
+    assert split == []
+    assert page.get_attribute(".card .name", "title") == long_name.name

@@ -28,9 +28,16 @@ async function loadModel() {
       ["classes", info.labels.length], ["val top-1", percent(info.val_top1)],
       ["test top-1", percent(info.test_top1)], ["engine", info.engine],
     ];
-    box.replaceChildren(...facts.flatMap(([k, v]) => [text("dt", "", k), text("dd", "", String(v))]));
+    // One <div> per fact, so that a narrow screen wraps between facts, not inside one.
+    box.replaceChildren(...facts.map(([k, v]) => {
+      const fact = document.createElement("div");
+      fact.append(text("dt", "", k), text("dd", "", String(v)));
+      return fact;
+    }));
   } catch (err) {
-    box.replaceChildren(text("dt", "", "model"), text("dd", "", `unavailable (${err.message})`));
+    const fact = document.createElement("div");
+    fact.append(text("dt", "", "model"), text("dd", "", `unavailable (${err.message})`));
+    box.replaceChildren(fact);
   }
 }
 
@@ -78,7 +85,9 @@ async function classify(file) {
   };
   img.src = URL.createObjectURL(file);
   const body = text("div", "body");
-  body.append(text("div", "name", file.name), text("div", "latency"));
+  const name = text("div", "name", file.name);
+  name.title = file.name; // a long one is cut short on the card
+  body.append(name, text("div", "latency"));
   card.append(img, body);
   $("results").prepend(card);
 
