@@ -61,6 +61,8 @@ def test_upload_shows_the_api_answer_and_readable_errors(
     page.wait_for_function(
         "document.querySelectorAll('.card').length === 2 && !document.querySelector('.pending')"
     )
+    # in the order chosen (they were shown last one first)
+    assert page.locator(".card .name").all_inner_texts() == ["1.jpg", "notes.jpg"]
     good = page.locator(".card:not(.error)")
     assert good.locator(".category").first.inner_text() == expected[0]["category"]
     assert good.locator(".latency").inner_text().endswith(" ms")
@@ -111,6 +113,50 @@ def test_previews_let_go_of_their_files(server: Server, trained: dict, page, tmp
     assert page.locator(".card img").count() == 3  # the pictures stay on screen
 
 
+def test_uploads_go_four_at_a_time_and_clear_stops_the_rest(
+    server: Server, trained: dict, page
+) -> None:
+    """Dropping many images sends 4 at a time, not all at once (past the server's 503 bound,
+    with a latency that counted the wait for a connection); "clear results" stops those not
+    yet sent."""
+    in_flight, most, sent = set(), [0], []
+
+    def started(request) -> None:
+        if request.url.endswith("/classify"):
+            sent.append(request)
+            in_flight.add(request)
+            most[0] = max(most[0], len(in_flight))
+
+    page.on("request", started)
+    page.on("requestfinished", lambda request: in_flight.discard(request))
+    page.on("requestfailed", lambda request: in_flight.discard(request))
+    page.goto(f"{server.url}/ui")
+    page.set_input_files("#files", images(trained, 16))
+    page.wait_for_function(ALL_ANSWERED)
+    assert page.locator(".card:not(.error)").count() == 16 and most[0] == 4
+    assert page.inner_text("#status") == "16 images: 16 classified"
+
+    # 40 files chosen and "clear results" clicked in one go (a click after set_input_files
+    # came after the fast tiny model had answered most of them).
+    sent.clear()
+    jpeg = list(Path(images(trained, 1)[0]).read_bytes())
+    page.evaluate(
+        """(bytes) => {
+            const chosen = new DataTransfer();
+            const jpeg = new Uint8Array(bytes);
+            for (let i = 0; i < 40; i++) chosen.items.add(new File([jpeg], `${i}.jpg`));
+            const input = document.getElementById("files");
+            input.files = chosen.files;
+            input.dispatchEvent(new Event("change"));
+            document.getElementById("clear").click();
+        }""",
+        jpeg,
+    )
+    page.wait_for_timeout(2000)
+    assert len(sent) <= 4 and page.locator(".card").count() == 0
+    assert page.inner_text("#status") == ""
+
+
 def contrast(*colours: str) -> float:
     """WCAG's contrast ratio of two CSS ``rgb(r, g, b)`` colours."""
 
@@ -126,7 +172,7 @@ def contrast(*colours: str) -> float:
 def test_the_keyboard_reaches_the_file_picker(server: Server, trained: dict, page) -> None:
     """The file input (display: none) could not be reached by Tab: without a mouse there was no
     way to choose a file. Now the first Tab reaches it, the drop zone shows the focus, Enter
-    opens the picker."""
+    opens the picker; results are announced as one status line, not card by card."""
     page.goto(f"{server.url}/ui")
     page.wait_for_selector("#model dt:text('architecture')")
     page.keyboard.press("Tab")
@@ -140,7 +186,9 @@ def test_the_keyboard_reaches_the_file_picker(server: Server, trained: dict, pag
         page.keyboard.press("Enter")
     chooser.value.set_files(images(trained, 2))
     page.wait_for_function(ALL_ANSWERED)
-    assert page.locator(".card:not(.error)").count() == 2
+    assert page.get_by_role("status").inner_text() == "2 images: 2 classified"
+    assert page.get_attribute("#results", "aria-live") is None
+    assert page.get_attribute(".card .bar", "aria-hidden") == "true"  # its score is text
 
 
 def test_a_phone_sized_screen_and_a_long_file_name(

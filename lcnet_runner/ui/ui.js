@@ -2,7 +2,15 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// Uploads in flight at once; the rest wait here, not in the browser: a hundred dropped images
+// would otherwise all be sent at once, past the server's LCNET_MAX_QUEUED_IMAGES (503), and a
+// card's latency would count its wait for one of the browser's 6 connections.
+const IN_FLIGHT = 4;
 let limits = { max_body_bytes: 20 * 1024 * 1024 };
+let waiting = []; // [file, card] not sent yet
+let inFlight = 0;
+let batch = new AbortController(); // "clear results" aborts what waits and what is in flight
+const tally = { total: 0, classified: 0, failed: 0 };
 
 function percent(value) {
   return value === null || value === undefined ? "—" : `${(100 * value).toFixed(1)} %`;
@@ -41,27 +49,46 @@ async function loadModel() {
   }
 }
 
+function setState(card, state) {
+  card.querySelector(".latency").textContent = state;
+}
+
 function showPredictions(card, predictions, ms) {
   card.classList.remove("pending");
-  card.querySelector(".latency").textContent = `${ms.toFixed(1)} ms`;
+  setState(card, `${ms.toFixed(1)} ms`);
   const list = text("div", "pred");
   for (const p of predictions) {
     const row = text("div", "row");
     row.append(text("span", "category", p.category), text("span", "score", percent(p.score)));
     const bar = text("div", "bar");
+    bar.setAttribute("aria-hidden", "true"); // the score is in the row above, as text
     const fill = text("span");
     fill.style.width = `${Math.max(1, 100 * p.score)}%`;
     bar.append(fill);
     list.append(row, bar);
   }
   card.querySelector(".body").append(list);
+  count("classified");
 }
 
 function showError(card, message) {
   card.classList.remove("pending");
   card.classList.add("error");
-  card.querySelector(".latency").textContent = "not classified";
+  setState(card, "not classified");
   card.querySelector(".body").append(text("div", "message", message));
+  count("failed");
+}
+
+// One line for everyone, and the only live region for screen readers: cards appearing one by
+// one would each be read out whole.
+function count(outcome) {
+  if (outcome) tally[outcome] += 1;
+  const { total, classified, failed } = tally;
+  const left = total - classified - failed;
+  const parts = [`${classified} classified`];
+  if (failed) parts.push(`${failed} not classified`);
+  if (left) parts.push(`${left} to go`);
+  $("status").textContent = total ? `${total} image${total > 1 ? "s" : ""}: ${parts.join(", ")}` : "";
 }
 
 async function readError(response) {
@@ -72,8 +99,8 @@ async function readError(response) {
   return `the server answered HTTP ${response.status}`;
 }
 
-async function classify(file) {
-  const card = text("article", "card pending");
+function card(file) {
+  const node = text("article", "card pending");
   const img = document.createElement("img");
   img.alt = file.name;
   // The decoded picture stays on screen once loaded; the URL would pin the file's bytes in
@@ -87,26 +114,35 @@ async function classify(file) {
   const body = text("div", "body");
   const name = text("div", "name", file.name);
   name.title = file.name; // a long one is cut short on the card
-  body.append(name, text("div", "latency"));
-  card.append(img, body);
-  $("results").prepend(card);
+  body.append(name, text("div", "latency", "waiting"));
+  node.append(img, body);
+  return node;
+}
 
-  if (file.size > limits.max_body_bytes) {
-    const mb = (n) => (n / 1024 / 1024).toFixed(1);
-    showError(card, `This file is too large (${mb(file.size)} MB; the limit is ${mb(limits.max_body_bytes)} MB).`);
-    return;
-  }
+async function classify(file, card, signal) {
   const form = new FormData();
   form.append("image", file, file.name);
   form.append("top_k", $("topk").value);
+  setState(card, "classifying…");
   const start = performance.now();
+  let response, answer;
   try {
-    const response = await fetch("/classify", { method: "POST", body: form });
-    const ms = performance.now() - start;
-    if (response.ok) showPredictions(card, await response.json(), ms);
-    else showError(card, `Could not classify this file: ${await readError(response)}.`);
+    response = await fetch("/classify", { method: "POST", body: form, signal });
+    answer = response.ok ? await response.json() : null;
   } catch (err) {
-    showError(card, `The server could not be reached (${err.message}).`);
+    if (!signal.aborted) showError(card, `The server could not be reached (${err.message}).`);
+    return;
+  }
+  const ms = performance.now() - start;
+  if (answer) showPredictions(card, answer, ms);
+  else showError(card, `Could not classify this file: ${await readError(response)}.`);
+}
+
+function sendWaiting() {
+  while (inFlight < IN_FLIGHT && waiting.length) {
+    const [file, node] = waiting.shift();
+    inFlight += 1;
+    classify(file, node, batch.signal).finally(() => { inFlight -= 1; sendWaiting(); });
   }
 }
 
@@ -116,12 +152,34 @@ function handle(files) {
   if (!list.length) {
     $("notice").textContent = "No files were dropped — drop image files, or choose them.";
     $("notice").hidden = false;
+    return;
   }
-  list.forEach(classify);
+  const cards = list.map(card);
+  $("results").prepend(...cards); // this drop's files in their order, above earlier ones
+  tally.total += list.length;
+  count();
+  list.forEach((file, i) => {
+    if (file.size > limits.max_body_bytes) {
+      const mb = (n) => (n / 1024 / 1024).toFixed(1);
+      showError(cards[i], `This file is too large (${mb(file.size)} MB; the limit is ${mb(limits.max_body_bytes)} MB).`);
+    } else {
+      waiting.push([file, cards[i]]);
+    }
+  });
+  sendWaiting();
+}
+
+function clear() {
+  batch.abort();
+  batch = new AbortController();
+  waiting = [];
+  Object.assign(tally, { total: 0, classified: 0, failed: 0 });
+  count();
+  $("results").replaceChildren();
 }
 
 $("files").addEventListener("change", (event) => { handle(event.target.files); event.target.value = ""; });
-$("clear").addEventListener("click", () => $("results").replaceChildren());
+$("clear").addEventListener("click", clear);
 const drop = $("drop");
 drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
