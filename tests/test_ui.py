@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
+from lcnet_runner.artifact import load_folder
 from lcnet_runner.testing import Server
+from train.export import save_to_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):  # CI installs it: there a missing browser fails
@@ -36,6 +43,17 @@ def page(browser):
     page = browser.new_page(viewport={"width": 1100, "height": 760})
     yield page
     page.close()
+
+
+@pytest.fixture(scope="module")
+def own_server(trained: dict):
+    """One worker that holds at most 8 images (then 503), serving the trained model stored
+    under a name of its own; and the version it started on."""
+    first = save_to_store(trained["export_dir"], "uipage", load_folder(trained["export_dir"]).info)
+    env = {"LCNET_MODEL": "uipage", "LCNET_WORKERS": "1", "LCNET_MAX_QUEUED_IMAGES": "8"}
+    server = Server(".", env).wait_ready()
+    yield server, first
+    server.stop()
 
 
 def images(trained: dict, count: int) -> list[str]:
@@ -155,6 +173,47 @@ def test_uploads_go_four_at_a_time_and_clear_stops_the_rest(
     page.wait_for_timeout(2000)
     assert len(sent) <= 4 and page.locator(".card").count() == 0
     assert page.inner_text("#status") == ""
+
+
+def busy(server: Server, seconds: float, tmp_path: Path) -> threading.Thread:
+    """A thread that keeps the server's one worker at its bound of 8 images for ``seconds``:
+    /classify_batch with 8 photo-sized images, back to back, on one connection."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(8):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), np.uint8)).save(buffer, "JPEG")
+        files.append(("images", (f"{i}.jpg", buffer.getvalue(), "image/jpeg")))
+
+    def load() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            until = time.monotonic() + seconds
+            while time.monotonic() < until:
+                client.post("/classify_batch", files=files)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_busy_server_is_asked_again_after_retry_after(
+    own_server, trained: dict, page, tmp_path: Path
+) -> None:
+    """A 503 (the worker holds LCNET_MAX_QUEUED_IMAGES) is sent again after its Retry-After,
+    a few times, rather than shown as the image's failure."""
+    server, _ = own_server
+    statuses = []
+    page.on("response", lambda r: r.url.endswith("/classify") and statuses.append(r.status))
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#model dt:text('architecture')")
+    load = busy(server, 2.0, tmp_path)
+    time.sleep(0.3)
+    page.set_input_files("#files", images(trained, 4))
+    page.wait_for_function(ALL_ANSWERED, timeout=30_000)
+    load.join(timeout=30)
+    assert 503 in statuses, statuses  # or this test tested nothing
+    assert page.locator(".card.error").count() == 0
+    assert page.inner_text("#status") == "4 images: 4 classified"
 
 
 def contrast(*colours: str) -> float:

@@ -6,6 +6,10 @@ const $ = (id) => document.getElementById(id);
 // would otherwise all be sent at once, past the server's LCNET_MAX_QUEUED_IMAGES (503), and a
 // card's latency would count its wait for one of the browser's 6 connections.
 const IN_FLIGHT = 4;
+// A 503 (the worker is busy) is sent again after its Retry-After (at most MAX_WAIT_S), this many
+// times, before its card shows it.
+const RETRIES = 4;
+const MAX_WAIT_S = 10;
 let limits = { max_body_bytes: 20 * 1024 * 1024 };
 let waiting = []; // [file, card] not sent yet
 let inFlight = 0;
@@ -99,6 +103,18 @@ async function readError(response) {
   return `the server answered HTTP ${response.status}`;
 }
 
+function retryAfterSeconds(response) {
+  const seconds = Number(response.headers.get("Retry-After")); // an HTTP date is NaN: 1 s
+  return Math.min(Number.isFinite(seconds) && seconds > 0 ? seconds : 1, MAX_WAIT_S);
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+  });
+}
+
 function card(file) {
   const node = text("article", "card pending");
   const img = document.createElement("img");
@@ -123,19 +139,30 @@ async function classify(file, card, signal) {
   const form = new FormData();
   form.append("image", file, file.name);
   form.append("top_k", $("topk").value);
-  setState(card, "classifying…");
-  const start = performance.now();
-  let response, answer;
-  try {
-    response = await fetch("/classify", { method: "POST", body: form, signal });
-    answer = response.ok ? await response.json() : null;
-  } catch (err) {
-    if (!signal.aborted) showError(card, `The server could not be reached (${err.message}).`);
+  for (let attempt = 0; ; attempt += 1) {
+    setState(card, "classifying…");
+    const start = performance.now();
+    let response, answer;
+    try {
+      response = await fetch("/classify", { method: "POST", body: form, signal });
+      answer = response.ok ? await response.json() : null;
+    } catch (err) {
+      if (!signal.aborted) showError(card, `The server could not be reached (${err.message}).`);
+      return;
+    }
+    const ms = performance.now() - start;
+    if (response.status === 503 && attempt < RETRIES) {
+      const wait = retryAfterSeconds(response);
+      setState(card, `server busy, trying again in ${wait} s`);
+      // Spread out, or the cards refused together all come back at the same moment.
+      await sleep(1000 * wait * (1 + Math.random() / 2), signal);
+      if (signal.aborted) return;
+      continue;
+    }
+    if (answer) showPredictions(card, answer, ms);
+    else showError(card, `Could not classify this file: ${await readError(response)}.`);
     return;
   }
-  const ms = performance.now() - start;
-  if (answer) showPredictions(card, answer, ms);
-  else showError(card, `Could not classify this file: ${await readError(response)}.`);
 }
 
 function sendWaiting() {
