@@ -13,11 +13,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import CLASS_NAMES
 from PIL import Image
 
-from lcnet_runner.artifact import load_folder
+from lcnet_runner.artifact import load_folder, write_labels_file
 from lcnet_runner.testing import Server
-from train.export import save_to_store
+from train.export import revise, save_to_store
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM and not os.environ.get("CI"):  # CI installs it: there a missing browser fails
@@ -26,6 +27,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 # No sandbox (root in CI), no calls home: this machine has no network.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+TOKEN = "ui-token"
 ALL_ANSWERED = "document.querySelector('.card') && !document.querySelector('.pending')"
 
 
@@ -47,10 +49,11 @@ def page(browser):
 
 @pytest.fixture(scope="module")
 def own_server(trained: dict):
-    """One worker that holds at most 8 images (then 503), serving the trained model stored
-    under a name of its own; and the version it started on."""
+    """One worker that holds at most 8 images (then 503) and reloads on request, serving the
+    trained model stored under a name of its own; and the version it started on."""
     first = save_to_store(trained["export_dir"], "uipage", load_folder(trained["export_dir"]).info)
-    env = {"LCNET_MODEL": "uipage", "LCNET_WORKERS": "1", "LCNET_MAX_QUEUED_IMAGES": "8"}
+    env = {"LCNET_MODEL": "uipage", "LCNET_WORKERS": "1", "LCNET_MAX_QUEUED_IMAGES": "8",
+           "LCNET_RELOAD": "request", "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
     server = Server(".", env).wait_ready()
     yield server, first
     server.stop()
@@ -214,6 +217,53 @@ def test_a_busy_server_is_asked_again_after_retry_after(
     assert 503 in statuses, statuses  # or this test tested nothing
     assert page.locator(".card.error").count() == 0
     assert page.inner_text("#status") == "4 images: 4 classified"
+
+
+def test_each_card_names_its_version_and_the_header_follows_a_reload(
+    own_server, trained: dict, page
+) -> None:
+    """Every answer carries X-Model-Version: each card shows it, and the header, which showed
+    the version the page was opened on for as long as it stayed open, follows a reload."""
+    server, _ = own_server
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#model dt:text('architecture')")
+    before = httpx.get(f"{server.url}/model").json()["tag"]
+    page.set_input_files("#files", images(trained, 1))
+    page.wait_for_function(ALL_ANSWERED)
+    assert page.inner_text(".card .version") == before.split(":")[1]
+
+    newer = revise(before, lambda folder: write_labels_file(
+        folder / "labels.txt", [f"new {name}" for name in CLASS_NAMES]))  # fmt: skip
+    reload = httpx.post(f"{server.url}/admin/reload", json={"tag": newer},
+                        headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    assert reload.status_code == 202, reload.text
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/model").json()["tag"] != newer:
+        assert time.monotonic() < deadline, "the server did not swap in 60 s"
+        time.sleep(0.2)
+
+    page.set_input_files("#files", images(trained, 1))
+    page.wait_for_function("document.querySelectorAll('.card').length === 2 && " + ALL_ANSWERED)
+    assert page.locator(".card .version").all_inner_texts() == [
+        newer.split(":")[1],
+        before.split(":")[1],
+    ]
+    assert page.locator(".card .category").first.inner_text().startswith("new ")
+    page.wait_for_function(
+        f"document.getElementById('model').innerText.includes('{newer.split(':')[1]}')"
+    )
+
+
+def test_the_header_fills_in_once_the_server_answers(server: Server, trained: dict, page) -> None:
+    """Opened while /model failed (the server restarting), the header said "unavailable" until
+    the page was loaded again; the first answer with a version now fills it in."""
+    page.route("**/model", lambda route: route.fulfill(status=503, body="starting"))
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#model dd:text('unavailable (HTTP 503)')")
+    page.unroute("**/model")
+    page.set_input_files("#files", images(trained, 1))
+    page.wait_for_selector("#model dt:text('architecture')")
+    assert trained["tag"].split(":")[1] in page.inner_text("#model")
 
 
 def contrast(*colours: str) -> float:

@@ -11,6 +11,8 @@ const IN_FLIGHT = 4;
 const RETRIES = 4;
 const MAX_WAIT_S = 10;
 let limits = { max_body_bytes: 20 * 1024 * 1024 };
+let shown = null; // the X-Model-Version of the /model answer the header shows
+let refreshing = null;
 let waiting = []; // [file, card] not sent yet
 let inFlight = 0;
 let batch = new AbortController(); // "clear results" aborts what waits and what is in flight
@@ -33,6 +35,7 @@ async function loadModel() {
     const response = await fetch("/model");
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
+    shown = response.headers.get("X-Model-Version");
     limits = info.limits || limits;
     const [name, version] = (info.tag || "exported folder").split(":");
     const facts = [
@@ -47,10 +50,21 @@ async function loadModel() {
       return fact;
     }));
   } catch (err) {
+    shown = null;
     const fact = document.createElement("div");
     fact.append(text("dt", "", "model"), text("dd", "", `unavailable (${err.message})`));
     box.replaceChildren(fact);
   }
+}
+
+// Every answer names the version that produced it: after a reload (LCNET_RELOAD) the header
+// would otherwise go on showing the version the page was opened on.
+function noteVersion(card, version) {
+  if (!version) return;
+  const meta = card.querySelector(".version");
+  meta.textContent = version.split(":").pop(); // the model's name is in the header
+  meta.title = `answered by ${version}`;
+  if (version !== shown && !refreshing) refreshing = loadModel().finally(() => { refreshing = null; });
 }
 
 function setState(card, state) {
@@ -130,7 +144,9 @@ function card(file) {
   const body = text("div", "body");
   const name = text("div", "name", file.name);
   name.title = file.name; // a long one is cut short on the card
-  body.append(name, text("div", "latency", "waiting"));
+  const meta = text("div", "meta");
+  meta.append(text("span", "latency", "waiting"), text("span", "version"));
+  body.append(name, meta);
   node.append(img, body);
   return node;
 }
@@ -151,6 +167,7 @@ async function classify(file, card, signal) {
       return;
     }
     const ms = performance.now() - start;
+    noteVersion(card, response.headers.get("X-Model-Version"));
     if (response.status === 503 && attempt < RETRIES) {
       const wait = retryAfterSeconds(response);
       setState(card, `server busy, trying again in ${wait} s`);
