@@ -282,6 +282,14 @@ def test_the_keyboard_reaches_the_file_picker(server: Server, trained: dict, pag
     """The file input (display: none) could not be reached by Tab: without a mouse there was no
     way to choose a file. Now the first Tab reaches it, the drop zone shows the focus, Enter
     opens the picker; results are announced as one status line, not card by card."""
+    # Listened for first: playwright asks Chromium to hand it file choosers without awaiting the
+    # answer, and under load an Enter that came first opened (and lost) the native dialog.
+    choosers = []
+
+    def chosen(chooser) -> None:
+        choosers.append(chooser)
+
+    page.on("filechooser", chosen)
     page.goto(f"{server.url}/ui")
     page.wait_for_selector("#model dt:text('architecture')")
     page.keyboard.press("Tab")
@@ -291,9 +299,14 @@ def test_the_keyboard_reaches_the_file_picker(server: Server, trained: dict, pag
     # WCAG 1.4.11: a control's boundary at 3:1 against its background (it was 2.5:1)
     border = page.eval_on_selector("#drop", "e => getComputedStyle(e).borderTopColor")
     assert contrast(border, "rgb(255, 255, 255)") >= 3
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(images(trained, 2))
+    page.keyboard.press("Enter")
+    for _ in range(100):
+        if choosers:
+            break
+        page.wait_for_timeout(100)
+    page.remove_listener("filechooser", chosen)
+    assert len(choosers) == 1, "Enter on the focused picker opened no file chooser"
+    choosers[0].set_files(images(trained, 2))
     page.wait_for_function(ALL_ANSWERED)
     assert page.get_by_role("status").inner_text() == "2 images: 2 classified"
     assert page.get_attribute("#results", "aria-live") is None
