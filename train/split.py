@@ -161,9 +161,18 @@ def split_dataset(
         broken=_broken_links(root),
         small=small,
         dropped=_dropped(previous, good, skipped),
-        duplicated=duplicated(root),
+        duplicated=duplicated(root, labels, _listed_paths(root, lists)),
         class_sizes={label: len(good[label]) for label in labels},
     )
+
+
+def _listed_paths(
+    root: Path, lists: dict[str, list[tuple[str, int]]]
+) -> dict[str, list[tuple[Path, int]]]:
+    """The lists ``split`` wrote, as ``read_split`` reads them back."""
+    absolute = Path(os.path.abspath(root))
+    return {split: [(absolute / rel, index) for rel, index in entries]
+            for split, entries in lists.items()}  # fmt: skip
 
 
 def _dropped(
@@ -473,18 +482,20 @@ def _bre(text: str) -> str:
 HEAD_BYTES = 4096
 
 
-def duplicated(dataset_dir: str | Path) -> list[str]:
+def duplicated(
+    dataset_dir: str | Path,
+    labels: Sequence[str],
+    splits: dict[str, Sequence[tuple[Path, int]]],
+) -> list[str]:
     """The images the split lists hold more than once, byte for byte, in two splits (a copy in
     train overstates val or test accuracy) or two classes (a labelling error), each as
-    ``cat/1.jpg (train) = cat/1 copy.jpg (test)``. Cheap on datasets larger than memory: a stat
-    a file, and only files of one size are read (``_same_bytes``)."""
+    ``cat/1.jpg (train) = cat/1 copy.jpg (test)``. ``splits``: each split's ``(absolute image
+    path, label index)`` pairs, as ``read_split`` gives them (the caller has read them already).
+    Cheap on datasets larger than memory: a stat a file, and only files of one size are read
+    (``_same_bytes``)."""
     root = Path(os.path.abspath(dataset_dir))  # as read_split names the files
-    labels = read_labels(root)
     listed = [
-        (path, split, labels[index])
-        for split in SPLITS
-        if split_list(root, split).is_file()
-        for path, index in read_split(root, split)
+        (path, split, labels[index]) for split, samples in splits.items() for path, index in samples
     ]
     found = []
     for group in _same_bytes([path for path, _, _ in listed]):

@@ -259,12 +259,15 @@ def load_splits(
     labels = read_labels(dataset)
     if rank.main and (note := unlisted_note(dataset)):
         log(note)
-    if rank.main and (note := duplicates_line(duplicated(dataset))):
+    listed = {
+        name: read_split(dataset, name) if split_list(dataset, name).is_file() else []
+        for name in (SPLITS if rank.main else ["train"])
+    }
+    if rank.main and (note := duplicates_line(duplicated(dataset, labels, listed))):
         log(note)
     workers = resolve_threads(config.workers)
     splits = {}
-    for name in SPLITS if rank.main else ["train"]:
-        samples = read_split(dataset, name) if split_list(dataset, name).is_file() else []
+    for name, samples in listed.items():
         if not samples:
             continue
         split = load_split(samples, config.preprocess, config.cache, name=name, dataset=dataset,
