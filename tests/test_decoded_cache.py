@@ -435,7 +435,7 @@ def test_disk_path_trains_like_ram_and_is_reused(colour_dataset: Path, tmp_path:
     one, two = (json.loads(r.stdout.splitlines()[-1]) for r in (ram, disk))
     assert (one["val_top1"], one["test_top1"]) == (two["val_top1"], two["test_top1"])
 
-    other = [*tiny_fit(epochs=1), *cache, "--ram-cache-mb", "0", "--lr", "0.02", "--seed", "1"]
+    other = [*tiny_fit(epochs=1), *cache, "--ram-cache-mb", "0", "--lr", "0.05", "--seed", "1"]
     again = run_cli("train", "fit", str(colour_dataset), *other, "--save-dir", str(tmp_path / "c"))
     assert again.stderr.count("(reused)") == 3 and "building" not in again.stderr
     evaluated = run_cli("train", "evaluate", str(tmp_path / "b" / "inference"), "--dataset",
