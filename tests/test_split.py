@@ -184,6 +184,30 @@ def test_a_second_split_keeps_every_listed_images_split(tmp_path: Path) -> None:
     assert dog == {split: {p for p in before[split] if p.parent.name == "dog"} for split in SPLITS}
 
 
+def test_a_class_the_lists_keep_in_train_is_not_called_too_small(tmp_path: Path) -> None:
+    """Every val and test line of one class moved into train: split said the class "has too few
+    images for one in val or test" (it has 10), sending the user to collect more."""
+    for name in ("cat", "dog"):
+        for i in range(10):
+            _save(tmp_path / name / f"{i}.jpg", size=8)
+    split_dataset(tmp_path)
+    lists = {split: (tmp_path / f"{split}_list.txt").read_text("utf-8").splitlines()
+             for split in SPLITS}  # fmt: skip
+    moved = [line for split in ("val", "test") for line in lists[split] if line.startswith("cat/")]
+    (tmp_path / "train_list.txt").write_text("\n".join([*lists["train"], *moved, ""]), "utf-8")
+    for split in ("val", "test"):
+        kept = [line for line in lists[split] if not line.startswith("cat/")]
+        (tmp_path / f"{split}_list.txt").write_text("".join(f"{line}\n" for line in kept))
+    result = split_dataset(tmp_path)
+    assert result.small == []
+    assert (
+        "1 class has no image in val or test because the existing lists keep all of its images "
+        "in other splits (--reshuffle splits afresh): cat (10 in train)"
+    ) in result.notes()
+    assert result.counts == {"train": 17, "val": 2, "test": 1}  # the lists' split, kept
+    assert split_dataset(tmp_path, reshuffle=True).notes() == []
+
+
 # How hand-made or other tools' lists separate a path from its label (PaddleX 2 reads each).
 LIST_STYLES = {
     "tab": lambda rel, index: f"{rel}\t{index}",

@@ -50,6 +50,8 @@ class SplitResult:
     ignored: list[str] = field(default_factory=list)  # other files and sub-folders of classes
     broken: list[str] = field(default_factory=list)  # links in class folders to nothing
     small: list[str] = field(default_factory=list)  # classes too small for a val or test image
+    # classes large enough for val and test whose images the lists kept all in other splits
+    held_back: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # listed before, in no class folder now
     duplicated: list[str] = field(default_factory=list)  # same bytes in two splits or classes
     class_sizes: dict[str, int] = field(default_factory=dict)  # readable images of each class
@@ -64,6 +66,7 @@ class SplitResult:
                          "distributed (--reshuffle splits afresh)")  # fmt: skip
         exts = "/".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
         small_verb = "has" if len(self.small) == 1 else "have"
+        held_verb = "has" if len(self.held_back) == 1 else "have"
         left_out = {
             f"skipped {counted(self.skipped, 'unreadable image')}": self.skipped,
             f"skipped {counted(self.empty, 'class folder')} with no readable image": self.empty,
@@ -73,6 +76,9 @@ class SplitResult:
             f"ignored {counted(self.broken, 'broken link')} (to nothing)": self.broken,
             f"{counted(self.small, 'class', 'classes')} {small_verb} too few images for one in "
             "val or test": self.small,
+            f"{counted(self.held_back, 'class', 'classes')} {held_verb} no image in val or test "
+            "because the existing lists keep all of its images in other splits (--reshuffle "
+            "splits afresh)": self.held_back,
             f"dropped {counted(self.dropped, 'listed image')} no class folder holds now":
                 self.dropped,
         }  # fmt: skip
@@ -136,15 +142,17 @@ def split_dataset(
 
     rng = random.Random(seed)
     lists: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
-    small = []
+    small, held_back = [], []
     for index, label in enumerate(labels):
         files = sorted(good[label])  # sorted first so the shuffle is platform-independent
         split_of = _assign(files, previous.get(label, {}), rng, val_ratio, test_ratio)
         for f, split in split_of.items():
             lists[split].append((f, index))
-        held = set(split_of.values())
-        if (val_ratio and "val" not in held) or (test_ratio and "test" not in held):
-            small.append(f"{_readable_name(label)} ({len(files)})")
+        name = _readable_name(label)
+        if (why := _why_short(split_of, val_ratio, test_ratio)) == TOO_SMALL:
+            small.append(f"{name} ({len(files)})")
+        elif why == HELD_BACK:
+            held_back.append(f"{name} ({_per_split(split_of)})")
 
     for split, entries in lists.items():
         write_text_atomic(split_list(root, split), "".join(f"{f} {i}\n" for f, i in entries))
@@ -160,10 +168,35 @@ def split_dataset(
         ignored=_ignored(root),
         broken=_broken_links(root),
         small=small,
+        held_back=held_back,
         dropped=_dropped(previous, good, skipped),
         duplicated=duplicated(root, labels, _listed_paths(root, lists)),
         class_sizes={label: len(good[label]) for label in labels},
     )
+
+
+# Why a class has no image in val or test although its ratio asks for one (``_why_short``).
+TOO_SMALL, HELD_BACK = "too small", "held back by the lists"
+
+
+def _why_short(split_of: dict[str, str], val_ratio: float, test_ratio: float) -> str | None:
+    """Why a class (``split_of``: its images' splits) has no image in val or test although the
+    ratio asks for some: TOO_SMALL when its size gives that split none (the remedy: more images),
+    HELD_BACK when it does but the earlier lists keep its images in the other splits (the remedy:
+    --reshuffle); None when it has one in each."""
+    n_val, n_test = _split_sizes(len(split_of), val_ratio, test_ratio)
+    held = set(split_of.values())
+    wanted = (("val", val_ratio, n_val), ("test", test_ratio, n_test))
+    short = [size for split, ratio, size in wanted if ratio and split not in held]
+    if not short:
+        return None
+    return HELD_BACK if all(short) else TOO_SMALL
+
+
+def _per_split(split_of: dict[str, str]) -> str:
+    """``20 in train`` or ``16 in train, 4 in val``: where a class's images are."""
+    held = Counter(split_of.values())
+    return ", ".join(f"{held[split]} in {split}" for split in SPLITS if held[split])
 
 
 def _listed_paths(
