@@ -647,6 +647,22 @@ def test_listed_images_deleted_since_are_dropped_and_said(tmp_path: Path) -> Non
     assert result.kept == sum(result.counts.values()) == 18
 
 
+def test_a_small_list_that_lost_its_images_is_not_refused(tmp_path: Path) -> None:
+    """A val list of one image, deleted since: "1 of 1 listed images are not in" refused the
+    whole dataset, in split and fit alike, where any other deleted image is dropped and said."""
+    data = _two_classes(tmp_path)
+    split_dataset(data)
+    val = data / "val_list.txt"
+    only = val.read_text("utf-8").splitlines()[0]
+    val.write_text(f"{only}\n", "utf-8")
+    (data / only.split(" ")[0]).unlink()
+    assert [path.name for path, _ in read_split(data, "val")] == [Path(only.split(" ")[0]).name]
+    result = split_dataset(data)  # fit's load_split skips the image and says so
+    assert f"dropped 1 listed image no class folder holds now: {only.split(' ')[0]}" in (
+        result.notes()
+    )
+
+
 def test_byte_identical_images_across_splits_or_classes_are_said(tmp_path: Path, capsys) -> None:
     """A copy of a test image in train overstates test accuracy; one image in two class folders
     is a labelling error. split said neither, nor did fit."""

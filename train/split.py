@@ -445,12 +445,14 @@ def _check_labels(
 
 
 def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) -> None:
-    """DatasetError when most of the images a list names are not in ``root``: its paths are
-    relative to another folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), not images
-    gone since the split. ``split`` wrote new lists over them, and ``fit`` trained on what was
-    left or stopped with "no training image left". A few gone are skipped and said."""
+    """DatasetError when most of the images a list names are not in ``root``, and most of those
+    all the folder's lists name together are not either: the paths are relative to another
+    folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), or the images were renamed, not
+    deleted since the split. ``split`` wrote new lists over them, and ``fit`` trained on what was
+    left or stopped with "no training image left". Fewer gone are skipped and said: counted per
+    list alone, a val list of one image refused the dataset once that image was deleted."""
     missing = [entry for entry in entries if not (root / entry.rel).exists()]
-    if len(missing) * 2 <= len(entries):
+    if len(missing) * 2 <= len(entries) or not _most_listed_missing(root):
         return
     first, found = missing[0], f"{len(missing)} of {len(entries)} listed images"
     if head := _extra_head(root, missing):
@@ -467,6 +469,13 @@ def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) 
         "paths in a list are relative to the folder holding it; fix them, or split afresh with "
         f"new lists over these (python -m train split {shlex.quote(str(given))} --reshuffle)"
     )
+
+
+def _most_listed_missing(root: Path) -> bool:
+    """Whether most of the images the folder's lists name together are not in it (read only
+    once one list's are: the lists are read, and their images looked for, again)."""
+    entries = [entry for split in SPLITS for entry in _list_entries(root, split)]
+    return sum(not (root / entry.rel).exists() for entry in entries) * 2 > len(entries)
 
 
 def _extra_head(root: Path, missing: list[ListEntry]) -> str | None:
