@@ -616,6 +616,51 @@ def test_lists_relative_to_the_folder_above_are_refused_with_the_fix(
     assert {split: read_split(data, split) for split in SPLITS} == before
 
 
+def test_lists_whose_lines_start_differently_are_fixed_by_one_sed(tmp_path: Path) -> None:
+    """Train's lines prefixed `my flowers/`, val's `./my flowers/`, one test line of three: the
+    sed said fixed train's (and the test line) only, and the next run asked for another."""
+    data = _two_classes(tmp_path / "my flowers")
+    split_dataset(data, seed=1)
+    before = {split: read_split(data, split) for split in SPLITS}
+    prefixes = {
+        "train": ["my flowers/"] * 14,
+        "val": ["./my flowers/"] * 4,
+        "test": ["my flowers/", ""],
+    }
+    for split, added in prefixes.items():
+        listed = data / f"{split}_list.txt"
+        lines = listed.read_text("utf-8").splitlines()
+        listed.write_text(
+            "".join(f"{start}{line}\n" for start, line in zip(added, lines, strict=False))
+        )
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(data, seed=2)
+    sed = str(refused.value).split("then run again: ")[1]
+    assert sed.startswith(r"sed -i 's#^\(\.[/\\]\)\{0,1\}my flowers[/\\]##' ")
+    subprocess.run(shlex.split(sed), check=True)  # once
+    assert split_dataset(data, seed=2).kept == 20
+    assert {split: read_split(data, split) for split in SPLITS} == before
+
+
+def test_a_few_lines_written_from_elsewhere_are_refused_not_dropped(tmp_path: Path) -> None:
+    """One test line of two prefixed `my flowers/`: its image, there all along, was said "dropped
+    ... no class folder holds now" and distributed again, maybe into train."""
+    data = _two_classes(tmp_path / "my flowers")
+    split_dataset(data, seed=1)
+    test = data / "test_list.txt"
+    first, second = test.read_text("utf-8").splitlines()
+    test.write_text(f"{first}\nmy flowers/{second}\n", "utf-8")
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(data, seed=2)
+    paths = " ".join(shlex.quote(str(data / f"{split}_list.txt")) for split in SPLITS)
+    assert str(refused.value) == (
+        f"{test}:2: its paths start with 'my flowers/', the dataset folder's own name ('my "
+        f"flowers/{second.split(' ')[0]}'; 1 of 2 listed images are found only without it): "
+        "paths in a list are relative to the folder holding it; drop it from every list, then "
+        f"run again: sed -i 's#^my flowers/##' {paths}"
+    )
+
+
 def test_lists_naming_images_not_there_are_never_written_over(tmp_path: Path) -> None:
     """Most listed images not in the folder: split wrote new lists over the user's, unsaid."""
     data = _two_classes(tmp_path)

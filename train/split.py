@@ -445,25 +445,28 @@ def _check_labels(
 
 
 def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) -> None:
-    """DatasetError when most of the images a list names are not in ``root``, and most of those
-    all the folder's lists name together are not either: the paths are relative to another
-    folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), or the images were renamed, not
-    deleted since the split. ``split`` wrote new lists over them, and ``fit`` trained on what was
-    left or stopped with "no training image left". Fewer gone are skipped and said: counted per
-    list alone, a val list of one image refused the dataset once that image was deleted."""
+    """DatasetError when a list's paths are relative to another folder: some found only without
+    their first folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), however few (those
+    images are there: dropped, they would change split); or most of its images not in ``root``,
+    and most of those all the folder's lists name together not either (written elsewhere, or the
+    images renamed), not deleted since the split. ``split`` wrote new lists over them, and ``fit``
+    trained on what was left or stopped with "no training image left". Fewer gone are skipped and
+    said: counted per list alone, a val list of one image refused the dataset once that image was
+    deleted."""
     missing = [entry for entry in entries if not (root / entry.rel).exists()]
-    if len(missing) * 2 <= len(entries) or not _most_listed_missing(root):
-        return
-    first, found = missing[0], f"{len(missing)} of {len(entries)} listed images"
     if head := _extra_head(root, missing):
+        headed = [entry for entry in missing if _found_without(root, entry.rel, head)]
         own = head == Path(os.path.abspath(root)).name  # root may be "."
         where = "the dataset folder's own name" if own else f"not in {given}"
         raise DatasetError(
-            f"{path}:{first.lineno}: its paths start with '{_readable_name(head)}/', {where} "
-            f"({_readable_name(first.rel)!r}; {found} are found only without it): paths in a "
-            f"list are relative to the folder holding it; drop it from every list, then run "
-            f"again: {_sed_dropping(head, path, missing, given)}"
+            f"{path}:{headed[0].lineno}: its paths start with '{_readable_name(head)}/', {where} "
+            f"({_readable_name(headed[0].rel)!r}; {len(headed)} of {len(entries)} listed images "
+            "are found only without it): paths in a list are relative to the folder holding it; "
+            f"drop it from every list, then run again: {_sed_dropping(root, head, given)}"
         )
+    if len(missing) * 2 <= len(entries) or not _most_listed_missing(root):
+        return
+    first, found = missing[0], f"{len(missing)} of {len(entries)} listed images"
     raise DatasetError(
         f"{path}:{first.lineno}: {found} are not in {given} ({_readable_name(first.rel)!r}): "
         "paths in a list are relative to the folder holding it; fix them, or split afresh with "
@@ -479,31 +482,43 @@ def _most_listed_missing(root: Path) -> bool:
 
 
 def _extra_head(root: Path, missing: list[ListEntry]) -> str | None:
-    """The first folder of the ``missing`` paths whose dropping finds most of them, or None."""
+    """The first folder that most ``missing`` paths found only without it start with, or None.
+    Never a folder of the dataset: one of its images deleted is no path from elsewhere."""
     heads = Counter(
         head
         for entry in missing
-        for head, _, rest in [entry.rel.partition("/")]
-        if rest and (root / rest).exists()
+        if _found_without(root, entry.rel, head := entry.rel.partition("/")[0])
     )
-    head, count = heads.most_common(1)[0] if heads else ("", 0)
-    return head if count * 2 > len(missing) else None
+    return heads.most_common(1)[0][0] if heads else None
 
 
-def _sed_dropping(head: str, path: Path, missing: list[ListEntry], given: Path) -> str:
+def _found_without(root: Path, rel: str, head: str) -> bool:
+    """Whether ``rel`` starts with the folder ``head``, which the dataset does not have, and
+    names one of the dataset's files once that is dropped."""
+    first, _, rest = rel.partition("/")
+    return first == head and bool(rest) and not (root / head).is_dir() and (root / rest).exists()
+
+
+def _sed_dropping(root: Path, head: str, given: Path) -> str:
     """The command that drops ``head`` and its separator from the start of every line of the
-    folder's lists, quoted: a sed script matching the start as the lines write it (``flowers/``,
-    ``./flowers\\`` from Windows), or any of those when the lines differ."""
-    lines = read_lines(path)
-    starts = {
-        _written_start(lines[entry.lineno - 1], head)
-        for entry in missing
-        if entry.rel.partition("/")[0] == head
-    }
+    folder's lists, quoted: a sed script matching the start as the lines of all of them write
+    it (``flowers/``, ``./flowers\\`` from Windows), or any of those when the lines differ (one
+    script for them all: one run fixes every list)."""
+    lists = [split_list(given, split) for split in SPLITS if split_list(given, split).is_file()]
+    starts = {start for listed in lists for start in _written_starts(root, listed, head)}
     any_start = r"\(\.[/\\]\)\{0,1\}" + _bre(head) + r"[/\\]"
     pattern = _bre(starts.pop()) if len(starts) == 1 else any_start
-    lists = [split_list(given, split) for split in SPLITS if split_list(given, split).is_file()]
     return shlex.join(["sed", "-i", f"s#^{pattern}##", *map(str, lists)])
+
+
+def _written_starts(root: Path, listed: Path, head: str) -> set[str]:
+    """How the lines of ``listed`` whose paths are found only without ``head`` write it."""
+    lines = read_lines(listed)
+    return {
+        _written_start(lines[entry.lineno - 1], head)
+        for entry in read_list(listed)
+        if _found_without(root, entry.rel, head)
+    }
 
 
 def _written_start(line: str, head: str) -> str:
