@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -678,3 +679,22 @@ def test_a_val_split_left_with_no_readable_image_is_as_if_absent(
     )
     assert "val_top1 —  val_top5 —" in result.stderr  # not Python's None
     assert json.loads(result.stdout.splitlines()[-1])["tag"].startswith("no-val:")
+
+
+def test_the_guards_advice_after_fit_names_the_stored_version(
+    colour_dataset: Path, tmp_path: Path
+) -> None:
+    """fit without --int8 advised `python -m train quantize RUN/inference --dataset ...`: the
+    export folder, which quantize updates in place while the stored version (what predict,
+    evaluate and the server load) stays without INT8; the stored guard kept that text too."""
+    pytest.importorskip("openvino")  # else the int8 row says the extra is missing
+    result = run_cli("train", "fit", str(colour_dataset), *tiny_fit(epochs=1), "--save-dir",
+                     str(tmp_path / "run"), "--name", "advised")  # fmt: skip
+    tag = json.loads(result.stdout.splitlines()[-1])["tag"]
+    advice = (
+        f"{tag} has no INT8 variant; make one with `python -m train quantize {tag} --dataset "
+        f"{shlex.quote(str(colour_dataset))}` (needs the int8 extra)"
+    )
+    assert f"openvino/int8      not measured here: {advice}" in result.stderr
+    stored = bentoml.models.get(tag).info.metadata["accuracy_guard"]
+    assert stored["not_measured"]["openvino/int8"] == advice

@@ -117,8 +117,18 @@ def store_labels(info: dict[str, Any]) -> dict[str, str]:
     return {k: str(info[k]) for k in keys if info.get(k) is not None}
 
 
+def new_tag(name: str) -> str:
+    """``name:version``, a version of ``name`` not stored yet: what advice written before the
+    folder is stored (the accuracy guard's, kept in its model_info.json) names it by, so that the
+    user can paste it; ``save_to_store`` then stores the folder under it."""
+    import bentoml
+
+    return str(bentoml.Tag.from_taglike(name).make_new_version())
+
+
 def save_to_store(folder: str | Path, name: str, info: dict[str, Any]) -> str:
-    """Copy an exported folder into the store as a new version of ``name``; returns the tag.
+    """Copy an exported folder into the store as a new version of ``name`` (or as the version
+    ``name:version`` names, from ``new_tag``); returns the tag.
 
     BentoML builds the version in a temporary directory and moves it into place only when the
     ``with`` block succeeds, so a failed save never leaves a half-written version behind.

@@ -47,7 +47,7 @@ from .console import log
 from .data import DecodedSplit, sample_crops, train_batches
 from .decoded_cache import load_split
 from .evaluation import dygraph_metrics, dygraph_scores
-from .export import base_info, export_inference, export_onnx, save_to_store
+from .export import base_info, export_inference, export_onnx, new_tag, save_to_store
 from .guard import describe, guard_figures, record_guard
 from .model import build_model
 from .plots import confusion_matrix, plot_confusion_matrix, plot_curves
@@ -677,11 +677,15 @@ def package(
     store the version; the summary ``fit`` returns."""
     folder = export(state, splits, labels, config, info)
     add_variants(folder, splits["train"], config)
+    # The guard's advice (make the INT8 variant with `quantize ...`) names the stored version,
+    # which the user passes to quantize, verify or predict, not the save dir's export folder.
+    tag = new_tag(config.name)
     if "val" in splits:  # which engines/precisions may serve it (lcnet_runner.guard)
-        figures = guard_figures(folder, splits["val"], "val", config.threads or None, None, dataset)
+        threads = config.threads or None
+        figures = guard_figures(folder, splits["val"], "val", threads, tag, dataset)
         info = record_guard(folder, figures)
         log(describe(figures))
-    tag = save_to_store(folder, config.name, info)
+    save_to_store(folder, tag, info)
     summary_keys = ("architecture", "val_top1", "test_top1", "epochs", "training_time_s")
     return {"tag": tag, **{k: info[k] for k in summary_keys}, "export_dir": str(folder)}
 
