@@ -733,6 +733,30 @@ def test_byte_identical_images_across_splits_or_classes_are_said(tmp_path: Path,
     assert line in capsys.readouterr().err.splitlines()
 
 
+def test_fit_splitting_a_folder_itself_compares_its_images_once(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """fit on a folder without lists split it, comparing every image's bytes for the
+    duplicates, left the note out, then compared them all again as it read the lists."""
+    import train.split
+    from train.distributed import SINGLE
+    from train.training import FitConfig, load_splits, prepare
+
+    data = _two_classes(tmp_path / "data")
+    shutil.copy(data / "cat" / "0.jpg", data / "dog" / "from cat.jpg")
+    compared = []
+    same_bytes = train.split._same_bytes
+    # A spy, no stand-in: the comparison runs as ever, and is counted.
+    monkeypatch.setattr(train.split, "_same_bytes", lambda paths: compared.append(paths) or
+                        same_bytes(paths))  # fmt: skip
+    config = FitConfig(pretrained="none", save_dir=str(tmp_path / "run"), ram_cache_mb=64)
+    prepare(data, config)
+    load_splits(data, config, SINGLE)
+    assert len(compared) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if "byte for byte" in line]
+    assert len(said) == 1 and "dog/from cat.jpg" in said[0]
+
+
 def test_files_of_one_size_and_head_are_told_apart_by_all_their_bytes(tmp_path: Path) -> None:
     from train.split import HEAD_BYTES, _same_bytes
 

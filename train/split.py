@@ -125,9 +125,11 @@ def split_dataset(
     test_ratio: float = 0.1,
     seed: int = 0,
     reshuffle: bool = False,
+    find_duplicates: bool = True,
 ) -> SplitResult:
     """Verify every image, split each class by the ratios and write the list files. Images the
-    folder's lists already name keep their split unless ``reshuffle``."""
+    folder's lists already name keep their split unless ``reshuffle``. ``find_duplicates=False``
+    leaves ``duplicated`` empty: ``fit`` finds them as it reads the lists, on every run."""
     _check_ratios(val_ratio, test_ratio)
     root = _check_dir(Path(dataset_dir))
     previous = {} if reshuffle else _listed_splits(root)
@@ -170,7 +172,7 @@ def split_dataset(
         small=small,
         held_back=held_back,
         dropped=_dropped(previous, good, skipped),
-        duplicated=duplicated(root, labels, _listed_paths(root, lists)),
+        duplicated=duplicated(root, labels, _listed_paths(root, lists)) if find_duplicates else [],
         class_sizes={label: len(good[label]) for label in labels},
     )
 

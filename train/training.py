@@ -136,9 +136,8 @@ def prepare(dataset: Path, config: FitConfig) -> Path | None:
     if not split_list(dataset, "train").is_file():
         log(f"{dataset} has no train_list.txt: splitting it 7:2:1 first (python -m train split "
             f"{shlex.quote(str(dataset))})")  # fmt: skip
-        result = split_dataset(dataset, seed=config.seed)
-        # Without the duplicates: load_splits says them, on every run of the lists
-        for line in dataclasses.replace(result, duplicated=[]).notes():
+        # Not the duplicates: load_splits finds and says them, on every run of the lists
+        for line in split_dataset(dataset, seed=config.seed, find_duplicates=False).notes():
             log(line)
     if config.resume:
         path = save_dir / CHECKPOINT
