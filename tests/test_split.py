@@ -18,6 +18,7 @@ from PIL import Image
 
 from lcnet_runner.preprocess import is_image_file
 from train.split import (
+    FEW_MISSING,
     SPLITS,
     DatasetError,
     SplitResult,
@@ -706,6 +707,21 @@ def test_a_small_list_that_lost_its_images_is_not_refused(tmp_path: Path) -> Non
     assert f"dropped 1 listed image no class folder holds now: {only.split(' ')[0]}" in (
         result.notes()
     )
+
+
+def test_one_list_written_elsewhere_is_refused_though_the_others_are_right(tmp_path: Path) -> None:
+    """A val list whose paths are from another machine (absolute, here) while train's are right:
+    its images are in the folder under other names, so dropping them would split them again,
+    most into training. More than a few gone, and most of the list: refused, not written over."""
+    data = _two_classes(tmp_path, per_class=20)
+    split_dataset(data)
+    val = data / "val_list.txt"
+    before = val.read_text("utf-8")
+    assert len(before.splitlines()) > FEW_MISSING
+    val.write_text("".join(f"/elsewhere/{line}\n" for line in before.splitlines()), "utf-8")
+    with pytest.raises(DatasetError, match=r"val_list.txt:1: 8 of 8 listed images are not in"):
+        split_dataset(data)
+    assert val.read_text("utf-8").startswith("/elsewhere/")
 
 
 def test_byte_identical_images_across_splits_or_classes_are_said(tmp_path: Path, capsys) -> None:

@@ -33,6 +33,9 @@ from lcnet_runner.artifact import (
 from lcnet_runner.preprocess import IMAGE_EXTENSIONS, InvalidImageError, is_image_file, load_pixels
 
 SPLITS = ("train", "val", "test")
+# A list this many of whose images are gone or fewer is read without them, even when they are
+# most of it (a small val list whose images were deleted): more is a list written elsewhere.
+FEW_MISSING = 5
 IMBALANCE = 10  # the largest class with this many times the images of the smallest is said
 
 
@@ -450,11 +453,10 @@ def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) 
     """DatasetError when a list's paths are relative to another folder: some found only without
     their first folder (a parent: ``flowers/daisy/1.jpg`` in ``flowers/``), however few (those
     images are there: dropped, they would change split); or most of its images not in ``root``,
-    and most of those all the folder's lists name together not either (written elsewhere, or the
-    images renamed), not deleted since the split. ``split`` wrote new lists over them, and ``fit``
-    trained on what was left or stopped with "no training image left". Fewer gone are skipped and
-    said: counted per list alone, a val list of one image refused the dataset once that image was
-    deleted."""
+    and more than a few (written elsewhere, or the images renamed), not deleted since the split.
+    ``split`` wrote new lists over them, and ``fit`` trained on what was left or stopped with "no
+    training image left". Fewer gone are skipped and said: a val list of one image refused the
+    dataset once that image was deleted."""
     missing = [entry for entry in entries if not (root / entry.rel).exists()]
     if head := _extra_head(root, missing):
         headed = [entry for entry in missing if _found_without(root, entry.rel, head)]
@@ -466,7 +468,7 @@ def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) 
             "are found only without it): paths in a list are relative to the folder holding it; "
             f"drop it from every list, then run again: {_sed_dropping(root, head, given)}"
         )
-    if len(missing) * 2 <= len(entries) or not _most_listed_missing(root):
+    if len(missing) * 2 <= len(entries) or len(missing) <= FEW_MISSING:
         return
     first, found = missing[0], f"{len(missing)} of {len(entries)} listed images"
     raise DatasetError(
@@ -474,13 +476,6 @@ def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) 
         "paths in a list are relative to the folder holding it; fix them, or split afresh with "
         f"new lists over these (python -m train split {shlex.quote(str(given))} --reshuffle)"
     )
-
-
-def _most_listed_missing(root: Path) -> bool:
-    """Whether most of the images the folder's lists name together are not in it (read only
-    once one list's are: the lists are read, and their images looked for, again)."""
-    entries = [entry for split in SPLITS for entry in _list_entries(root, split)]
-    return sum(not (root / entry.rel).exists() for entry in entries) * 2 > len(entries)
 
 
 def _extra_head(root: Path, missing: list[ListEntry]) -> str | None:
