@@ -12,9 +12,7 @@ import contextlib
 import fcntl
 import json
 import logging
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -258,18 +256,8 @@ class GrpcServer:
         called after this one). BentoML runs shutdown hooks only once HTTP's last request has
         been answered: meanwhile gRPC took new calls and its health said SERVING, and its own
         grace began only then, twice what a pod's termination grace allows."""
-        if threading.current_thread() is not threading.main_thread():
-            return  # no signals here (a test client's lifespan thread)
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            http_stop = signal.getsignal(signum)
-            if callable(http_stop):  # else nothing stops HTTP gracefully on it: nor gRPC
-
-                def begin(sig: int, frame: Any, http_stop: Callable = http_stop) -> None:
-                    loop.call_soon_threadsafe(self.begin_stop)
-                    http_stop(sig, frame)
-
-                signal.signal(signum, begin)
+        servers.on_stop_signal(lambda: loop.call_soon_threadsafe(self.begin_stop))
 
 
 async def start_grpc_server(

@@ -393,8 +393,8 @@ class ReloadOut(BaseModel):
 RELOAD_DOC = {
     "summary": "Load a new model version in every worker, swap when it passed its checks",
     "description": "Needs `Authorization: Bearer <LCNET_ADMIN_TOKEN>`. Answers 202 at once; "
-    "`GET /model` shows `reload.state` (loading, idle, failed) and the `X-Model-Version` header "
-    "of every answer the version that produced it.",
+    "`GET /model` shows `reload.state` (loading, idle, failed, interrupted) and the "
+    "`X-Model-Version` header of every answer the version that produced it.",
     "status_code": 202,
     # For the document only (its security scheme lets Swagger's "Try it out" send the token);
     # the route checks the header itself, as gRPC's metadata (handlers.check_admin).

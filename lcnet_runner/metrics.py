@@ -78,7 +78,8 @@ class ReloadCounter:
     def __init__(self, model: str) -> None:
         self._reloads = _metric(
             "Counter", "lcnet_model_reloads",
-            "Model version reloads by result: ok (swapped) or failed (old kept)",
+            "Model version reloads by result: ok (swapped), failed (old kept) or interrupted "
+            "(the worker stopped while it loaded)",
             labelnames=("model", "result"),
         ).labels  # fmt: skip
         self._model = model

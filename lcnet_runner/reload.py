@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
@@ -55,7 +56,8 @@ REJOIN_RETRY_S = (10.0, 300.0)  # after a failed reload, first wait to try again
 
 @dataclass
 class ReloadStatus:
-    """What ``/model`` says of the last reload: idle | loading | failed (the old one serves)."""
+    """What ``/model`` says of the last reload: idle | loading | failed (the old one serves) |
+    interrupted (the worker began to stop while it loaded)."""
 
     state: str = "idle"
     tag: str | None = None
@@ -265,10 +267,14 @@ class Reloader:
         self._latest_seen = served.tag if watch else None
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         self._task: asyncio.Task[None] | None = None
+        # Set as a stop signal reaches the worker: the signal that stops a server's whole
+        # process group stops a child checking a version too, which is no fault of the version.
+        self._told_to_stop = threading.Event()
 
     def start(self) -> None:
         with contextlib.suppress(OSError):
             forget_stopped_servers()
+        servers.on_stop_signal(self._told_to_stop.set)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="lcnet-reloader")
 
     async def stop(self) -> None:
@@ -394,9 +400,12 @@ class Reloader:
         try:
             runner = await asyncio.to_thread(self._load, tag)
         except Exception as err:
-            self.status = ReloadStatus("failed", tag, f"{type(err).__name__}: {err}")
-            logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
-            self._count("failed")
+            if self._told_to_stop.is_set():  # e.g. its child check, stopped by the same signal
+                self._interrupted(tag, err)
+            else:
+                self.status = ReloadStatus("failed", tag, f"{type(err).__name__}: {err}")
+                logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
+                self._count("failed")
             return False
         _warn_of_other_classes(self.served.runner, runner)
         retire_the_old_version = self.served.swap(runner)
@@ -410,6 +419,14 @@ class Reloader:
             _write_record(self.swapped_in, {"tag": tag})
         await retire_the_old_version  # one old version at a time: no third model in memory
         return True
+
+    def _interrupted(self, tag: str, err: Exception) -> None:
+        """A load that ended as the worker began to stop is no fault of the version (it was
+        logged and counted as a failed reload): said as what it was."""
+        self.status = ReloadStatus("interrupted", tag, "the server is shutting down")
+        logger.info("reload: loading %s interrupted by the server's shutdown (%s: %s)",
+                    tag, type(err).__name__, err)  # fmt: skip
+        self._count("interrupted")
 
     async def _rejoin(self) -> None:
         """While this worker's last reload has failed: swap in the version the others last

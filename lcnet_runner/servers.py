@@ -13,7 +13,10 @@ import os
 import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bentoml._internal.context import server_context
 
@@ -45,6 +48,24 @@ def server_alive(server: str) -> bool:
 def this_server() -> str:
     """The `bentoml serve` this worker belongs to: its arbiter, the worker's parent."""
     return server_id(os.getppid())
+
+
+def on_stop_signal(callback: Callable[[], None]) -> None:
+    """Call ``callback`` when SIGTERM or SIGINT tells this worker to stop, then the handler
+    already there (uvicorn's: HTTP's graceful stop; or one installed here before). Only in the
+    main thread (no signals arrive elsewhere: a test client's lifespan thread), and only on a
+    signal something stops the worker gracefully on (else it ends the process: nothing to do)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        stop = signal.getsignal(signum)
+        if callable(stop):
+
+            def first_callback(sig: int, frame: Any, stop: Callable = stop) -> None:
+                callback()
+                stop(sig, frame)
+
+            signal.signal(signum, first_callback)
 
 
 def stop_server(why: str) -> None:

@@ -8,6 +8,7 @@ name and must never swap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -22,11 +23,13 @@ from types import SimpleNamespace
 import bentoml
 import grpc
 import httpx
+import psutil
 import pytest
 from conftest import CLASS_NAMES, model_info_from, replacement, workers
 from prometheus_client.parser import text_string_to_metric_families
 
 from lcnet_runner.artifact import (
+    CHECKSUM_FILE,
     PARAMS_FILE,
     InvalidModelError,
     load_folder,
@@ -692,3 +695,61 @@ def test_a_reload_is_said_done_while_the_old_version_drains(tmp_path: Path, monk
         {"state": "idle", "tag": f"{NAME}:v2", "error": None}, ["ok"], False
     )  # fmt: skip
     assert closed_after  # once its request had answered
+
+
+def save_unchecksummed_version(trained: dict, name: str) -> str:
+    """A version stored the way releases before checksums stored theirs: a reload loads it in a
+    child process first."""
+    with bentoml.models.create(name) as stored:
+        shutil.copytree(trained["export_dir"], stored.path, dirs_exist_ok=True)
+        (Path(stored.path) / CHECKSUM_FILE).unlink(missing_ok=True)
+    return str(stored.tag)
+
+
+def child_checking(server: Server, timeout: float = 60) -> None:
+    """Until a worker's child process loads a version (``try_load_in_child``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.Process(server.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "each_variant" in " ".join(process.cmdline()):
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"no child process checked the version:\n{server.output()}")
+
+
+def test_a_shutdown_during_a_reloads_child_check_is_no_failed_reload(trained: dict) -> None:
+    """`kill -TERM -<pgid>` (Ctrl-C, a supervisor stopping the group) also stops the child that
+    checks a new version: that was logged and counted as a failed reload."""
+    save_to_store(trained["export_dir"], "stopped", load_folder(trained["export_dir"]).info)
+    env = {"LCNET_MODEL": "stopped", "LCNET_WORKERS": "1", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    server = Server(".", env).wait_ready()
+    try:
+        unchecked = save_unchecksummed_version(trained, "stopped")
+        assert admin_reload(server, TOKEN, {"tag": unchecked}).status_code == 202
+        child_checking(server)
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=30)
+        log = server.output()
+        counted = reload_counts(Path(server.home) / "prometheus_multiproc_dir", "stopped")
+    finally:
+        server.stop()
+    assert f"reload: loading {unchecked} interrupted by the server's shutdown" in log, log
+    assert "keeps serving" not in log and "[ERROR]" not in log and "Traceback" not in log, log
+    assert counted == {"interrupted": 1.0}, counted  # not "failed"
+
+
+def reload_counts(multiprocess_folder: Path, model: str) -> dict[str, float]:
+    """``lcnet_model_reloads_total`` by result, read from a stopped server's metric files."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(multiprocess_folder))
+    return {
+        sample.labels["result"]: sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "lcnet_model_reloads_total" and sample.labels["model"] == model
+    }
