@@ -331,3 +331,53 @@ def test_a_phone_sized_screen_and_a_long_file_name(
     ).map((dt) => dt.textContent)""")
     assert split == []
     assert page.get_attribute(".card .name", "title") == long_name.name
+
+
+def drop_paths(page, selector: str, paths: list[Path]) -> None:
+    """Drop files or folders from disk on ``selector`` as a user's drag does (Chromium's own
+    drag events: a folder arrives as the unreadable File a real drop gives)."""
+    box = page.locator(selector).bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    data = {"items": [], "files": [str(path) for path in paths], "dragOperationsMask": 1}
+    cdp = page.context.new_cdp_session(page)
+    for kind in ("dragEnter", "dragOver", "drop"):
+        cdp.send("Input.dispatchDragEvent", {"type": kind, "x": x, "y": y, "data": data})
+    cdp.detach()
+
+
+def test_a_file_that_cannot_be_read_is_not_blamed_on_the_server(
+    server: Server, trained: dict, page, tmp_path: Path
+) -> None:
+    """A dropped folder, or a file deleted after it was chosen and before it was sent: fetch
+    fails as when the server is gone, and the card said "the server could not be reached"."""
+    folder = tmp_path / "holiday photos"
+    folder.mkdir()
+    shutil.copy(images(trained, 1)[0], folder / "1.jpg")
+    page.goto(f"{server.url}/ui")
+    page.wait_for_selector("#model dt:text('architecture')")
+    drop_paths(page, "#drop", [folder])
+    page.wait_for_function(ALL_ANSWERED)
+    message = page.locator(".card.error .message").inner_text()
+    assert message.startswith("Could not read holiday photos (NotFoundError): a folder"), message
+
+    # Deleted while its card waits to send it again: the first try meets a busy server (503,
+    # a network edge played here), the retry's body is a file that is no longer there.
+    doomed = tmp_path / "deleted.jpg"
+    shutil.copy(images(trained, 1)[0], doomed)
+    busy_once = []
+
+    def first_busy(route) -> None:
+        if busy_once:
+            return route.continue_()
+        busy_once.append(route.request.url)
+        route.fulfill(status=503, headers={"Retry-After": "1"}, json={"error": "busy"})
+
+    page.route("**/classify", first_busy)
+    page.set_input_files("#files", [str(doomed)])
+    page.wait_for_selector(".card .latency:text-matches('server busy')")
+    doomed.unlink()
+    page.wait_for_function(ALL_ANSWERED)
+    cards = page.locator(".card.error .message").all_inner_texts()
+    assert cards[0].startswith("Could not read deleted.jpg (NotFoundError): "), cards
+    assert not any("server" in card for card in cards), cards
+    assert page.inner_text("#status") == "2 images: 0 classified, 2 not classified"

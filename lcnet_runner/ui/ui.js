@@ -151,6 +151,17 @@ function card(file) {
   return node;
 }
 
+// Why the file cannot be read (a DOMException's name, e.g. NotFoundError), or null. One byte is
+// enough: the browser checks the file is still the one chosen before it reads any.
+async function readFailure(file) {
+  try {
+    await file.slice(0, 1).arrayBuffer();
+    return null;
+  } catch (err) {
+    return err.name || String(err);
+  }
+}
+
 async function classify(file, card, signal) {
   const form = new FormData();
   form.append("image", file, file.name);
@@ -163,7 +174,13 @@ async function classify(file, card, signal) {
       response = await fetch("/classify", { method: "POST", body: form, signal });
       answer = response.ok ? await response.json() : null;
     } catch (err) {
-      if (!signal.aborted) showError(card, `The server could not be reached (${err.message}).`);
+      if (signal.aborted) return;
+      // fetch fails alike when the server is gone and when the browser cannot read the file it
+      // is to send (a dropped folder, a file moved or deleted since it was chosen).
+      const unreadable = await readFailure(file);
+      showError(card, unreadable
+        ? `Could not read ${file.name} (${unreadable}): a folder, or a file moved or deleted since it was chosen.`
+        : `The server could not be reached (${err.message}).`);
       return;
     }
     const ms = performance.now() - start;
