@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc._cython.cygrpc import ExecuteBatchError  # grpc.aio's, not exported elsewhere
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -72,19 +73,33 @@ def _refusal(err: Exception) -> tuple[grpc.StatusCode, str]:
     return _STATUS_CODES.get(status, grpc.StatusCode.INVALID_ARGUMENT), str(err)
 
 
+async def _send_version(context: grpc.aio.ServicerContext, tag: str) -> None:
+    """The version serving the call, as initial metadata (``x-model-version``). A call whose
+    deadline passed before this was sent has ended in gRPC's core (the client already has its
+    DEADLINE_EXCEEDED): the send fails with ExecuteBatchError, which grpc.aio logged at ERROR
+    with a traceback, as a fault of the servicer. It ends as gRPC's own cancellation of such a
+    call does, CancelledError (logged at DEBUG; counted DEADLINE_EXCEEDED by ``_measured``)."""
+    try:
+        await context.send_initial_metadata(((VERSION_KEY, tag),))
+    except ExecuteBatchError:
+        if _ended_code(context, otherwise="") != "DEADLINE_EXCEEDED":
+            raise  # not the deadline: a fault worth its traceback
+        raise asyncio.CancelledError("the call's deadline passed") from None
+
+
 class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
     def __init__(self, served: ServedModel, settings: ServingSettings, reloader: Reloader | None):
         self.served, self.settings, self.reloader = served, settings, reloader
 
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         with self.served.pinned() as runner:
-            await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+            await _send_version(context, runner.tag)
             work = handlers.classify(runner, request.image, request.top_k or None)
             return _response(await _call(context, work))
 
     async def ClassifyBatch(self, request, context):  # noqa: N802
         with self.served.pinned() as runner:
-            await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+            await _send_version(context, runner.tag)
             images = list(request.images)
             work = handlers.classify_batch(runner, self.settings, images, request.top_k or None)
             results = await _call(context, work)
@@ -92,7 +107,7 @@ class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
 
     async def ModelInfo(self, request, context):  # noqa: N802
         runner = self.served.runner
-        await context.send_initial_metadata(((VERSION_KEY, runner.tag),))
+        await _send_version(context, runner.tag)
         info = handlers.served_model_info(runner, self.settings, self.reloader)
         reload = {key: value or "" for key, value in info["reload"].items()}
         return lcnet_pb2.ModelInfoResponse(

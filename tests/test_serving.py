@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import socket
@@ -174,6 +175,77 @@ def test_a_grpc_call_that_fails_outside_a_refusal_is_not_counted_ok(
     with pytest.raises(RuntimeError):
         asyncio.run(_measured(servicer, "Classify", calls)(None, context))
     assert recorded == [("Classify", counted)]
+
+
+class _PastItsDeadline:
+    """A call's context once the deadline has passed in gRPC's core before the servicer sent
+    its initial metadata (the worker's loop busy meanwhile): the send fails as grpc.aio's does
+    then. A race on a real server; only this send is played, the call and deadline are real."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    async def send_initial_metadata(self, metadata) -> None:
+        from grpc._cython.cygrpc import ExecuteBatchError
+
+        time.sleep(max(0.0, self._context.time_remaining()) + 0.05)
+        raise ExecuteBatchError('Failed "execute_batch": (SendInitialMetadataOperation,)')
+
+
+def test_initial_metadata_past_the_deadline_is_no_server_fault(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """grpc.aio logged "ExecuteBatchError raised in core by servicer method" at ERROR with a
+    traceback when the version's metadata went out after the client's deadline: the client's
+    deadline, not a fault. Now it ends as a cancelled call (DEBUG) and counts DEADLINE_EXCEEDED."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import grpc
+
+    from lcnet_runner.grpc_api import ClassifierServicer, _measured
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+
+    recorded = []
+    calls = SimpleNamespace(record=lambda name, code, seconds: recorded.append((name, code)))
+    served = SimpleNamespace(runner=SimpleNamespace(tag="late:v1"))  # never reached: the send
+    servicer = ClassifierServicer(served, None, None)
+
+    async def model_info(request, context):
+        return await servicer.ModelInfo(request, _PastItsDeadline(context))
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        _measured(model_info, "ModelInfo", calls),
+        request_deserializer=lcnet_pb2.ModelInfoRequest.FromString,
+        response_serializer=lcnet_pb2.ModelInfoResponse.SerializeToString,
+    )
+
+    async def call_with_a_short_deadline() -> grpc.StatusCode:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("lcnet.v1.Classifier", {"ModelInfo": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = lcnet_pb2_grpc.ClassifierStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ModelInfo(lcnet_pb2.ModelInfoRequest(), timeout=0.3)
+                await asyncio.sleep(0.2)  # the servicer's end, logged by gRPC
+                return err.value.code()
+        finally:
+            await server.stop(None)
+
+    with caplog.at_level(logging.DEBUG, logger="grpc"):
+        assert asyncio.run(call_with_a_short_deadline()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert recorded == [("ModelInfo", "DEADLINE_EXCEEDED")]
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("RPC cancelled" in r.getMessage() for r in caplog.records)
 
 
 def _http_answers(server: Server, status: int, path: str) -> float:
