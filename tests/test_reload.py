@@ -386,6 +386,12 @@ def test_request_mode_swaps_only_when_asked(trained: dict) -> None:
         assert_a_restarted_worker_serves(server, image, newer)
         # the killed worker, which could not take its count back, is no longer counted
         until_served_workers(server, "asked", {newer: 2, first: 0})
+        # A second reload: each version served since the server started stays listed, at 0
+        # (prometheus_client's per-worker files cannot forget a series; README says so), even
+        # one deleted from the store; what serves now is the versions above 0.
+        third = save_version(newer, [f"third {name}" for name in CLASS_NAMES])
+        assert admin_reload(server, TOKEN, {"tag": third}).status_code == 202
+        until_served_workers(server, "asked", {third: 2, newer: 0, first: 0})
     finally:
         server.stop()
 
