@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc._cython.cygrpc import ExecuteBatchError  # grpc.aio's, not exported elsewhere
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -76,12 +75,13 @@ def _refusal(err: Exception) -> tuple[grpc.StatusCode, str]:
 async def _send_version(context: grpc.aio.ServicerContext, tag: str) -> None:
     """The version serving the call, as initial metadata (``x-model-version``). A call whose
     deadline passed before this was sent has ended in gRPC's core (the client already has its
-    DEADLINE_EXCEEDED): the send fails with ExecuteBatchError, which grpc.aio logged at ERROR
-    with a traceback, as a fault of the servicer. It ends as gRPC's own cancellation of such a
-    call does, CancelledError (logged at DEBUG; counted DEADLINE_EXCEEDED by ``_measured``)."""
+    DEADLINE_EXCEEDED): the send fails with ExecuteBatchError (a grpc.aio.InternalError, its
+    public name), which grpc.aio logged at ERROR with a traceback, as a fault of the servicer. It
+    ends as gRPC's own cancellation of such a call does, CancelledError (logged at DEBUG; counted
+    DEADLINE_EXCEEDED by ``_measured``)."""
     try:
         await context.send_initial_metadata(((VERSION_KEY, tag),))
-    except ExecuteBatchError:
+    except grpc.aio.InternalError:
         if _ended_code(context, otherwise="") != "DEADLINE_EXCEEDED":
             raise  # not the deadline: a fault worth its traceback
         raise asyncio.CancelledError("the call's deadline passed") from None
