@@ -455,8 +455,8 @@ def _check_found(root: Path, path: Path, entries: list[ListEntry], given: Path) 
     images are there: dropped, they would change split); or most of its images not in ``root``,
     and more than a few (written elsewhere, or the images renamed), not deleted since the split.
     ``split`` wrote new lists over them, and ``fit`` trained on what was left or stopped with "no
-    training image left". Fewer gone are skipped and said: a val list of one image refused the
-    dataset once that image was deleted."""
+    training image left". Fewer gone are images deleted since, skipped and said (FEW_MISSING:
+    without it, a val list of one image refused the dataset once that image was deleted)."""
     missing = [entry for entry in entries if not (root / entry.rel).exists()]
     if head := _extra_head(root, missing):
         headed = [entry for entry in missing if _found_without(root, entry.rel, head)]
