@@ -6,6 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
+import time
+
+STOP_POLL_S = 0.2  # how often a wait for a child looks whether its caller was told to stop
+STOP_GRACE_S = 2.0  # a child still running this long after its SIGTERM is killed
 
 
 class ChildFailedError(ChildProcessError):
@@ -22,23 +27,65 @@ class ChildFailedError(ChildProcessError):
         return -self.returncode in FAULT_SIGNALS
 
 
+class ChildStoppedError(ChildProcessError):
+    """The child was ended (or not started) because its caller was told to stop: no fault of
+    the child's work."""
+
+
 FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT}
 
 
-def run_python(args: list[str], timeout_s: float) -> str:
+def run_python(args: list[str], timeout_s: float, stop: threading.Event | None = None) -> str:
     """``python *args`` in a fresh interpreter; its stdout. ChildFailedError with the last line
     of its stderr (or its exit code) when it fails; ChildProcessError when it has not finished
-    within ``timeout_s``."""
-    try:
-        done = subprocess.run(
-            [sys.executable, *args], capture_output=True, text=True, timeout=timeout_s
-        )
-    except subprocess.TimeoutExpired:
-        raise ChildProcessError(f"no answer within {timeout_s:g} s") from None
-    if done.returncode != 0:
-        if done.returncode < 0:  # killed: whatever it wrote last is not why
-            why = f"killed by signal {-done.returncode}"
+    within ``timeout_s``; ChildStoppedError when ``stop`` is set first (a worker told to stop:
+    the child would outlive it), the child then ended."""
+    if stop is not None and stop.is_set():
+        raise ChildStoppedError("not started: the caller is stopping")
+    with subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as child:
+        try:
+            stdout, stderr = _output_when_ended(child, timeout_s, stop)
+        except BaseException:  # e.g. Ctrl-C in a CLI: no child left running (as subprocess.run)
+            child.kill()
+            raise
+    if child.returncode != 0:
+        if child.returncode < 0:  # killed: whatever it wrote last is not why
+            why = f"killed by signal {-child.returncode}"
         else:
-            why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-        raise ChildFailedError(why, done.stdout, done.returncode)
-    return done.stdout
+            why = (stderr.strip().splitlines() or [f"exit code {child.returncode}"])[-1]
+        raise ChildFailedError(why, stdout, child.returncode)
+    return stdout
+
+
+def _output_when_ended(
+    child: subprocess.Popen, timeout_s: float, stop: threading.Event | None
+) -> tuple[str, str]:
+    """The child's stdout and stderr once it has exited, read as it writes them (a child that
+    prints more than a pipe holds would wait for a reader forever). Waits in slices so that a
+    ``stop`` ends it within STOP_POLL_S."""
+    deadline = time.monotonic() + timeout_s
+    slice_s = STOP_POLL_S if stop is not None else timeout_s
+    while True:
+        try:
+            return child.communicate(timeout=max(0.0, min(slice_s, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:  # retrying loses none of its output
+            pass
+        if stop is not None and stop.is_set():
+            _end(child)
+            raise ChildStoppedError("ended: the caller is stopping") from None
+        if time.monotonic() >= deadline:
+            child.kill()
+            child.communicate()
+            raise ChildProcessError(f"no answer within {timeout_s:g} s") from None
+
+
+def _end(child: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if the child has not exited STOP_GRACE_S later; reaped."""
+    child.terminate()
+    try:
+        child.communicate(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()

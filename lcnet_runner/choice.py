@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,7 +51,7 @@ from .artifact import (
     load_folder,
     write_text_atomic,
 )
-from .child import ChildFailedError, run_python
+from .child import ChildFailedError, ChildStoppedError, run_python
 from .engines import (
     AUTO,
     ENGINES,
@@ -164,6 +165,7 @@ def choose(
     threads: int | None = None,
     skip_guard: bool = False,
     race_in_child: bool = False,
+    stop: threading.Event | None = None,
 ) -> Choice:
     """Load the requested variant; with several (``auto``), the fastest usable one here. A single
     requested variant that cannot serve raises its own error (ValueError).
@@ -171,7 +173,8 @@ def choose(
     ``race_in_child`` races in a child process (servers: a worker that loaded every engine to
     race them would keep ~300 MiB of libraries it never uses, Paddle's above all); by default
     the race runs here (test doubles at the engine seam; the CLIs race in a child too, where an
-    engine's native fault is that variant's failure, not the command's)."""
+    engine's native fault is that variant's failure, not the command's). ``stop`` set ends that
+    child (ChildStoppedError, nothing cached): a worker that is stopping."""
     requested = matching_variants(engine, precision)
     if len(requested) == 1:
         return load(artifact, requested[0], threads, skip_guard)
@@ -179,12 +182,12 @@ def choose(
     with locked_cache(race_key(artifact, requested, threads)) as cache:
         race, loaded = cache.race, {}
         if race is None:
-            race, loaded = _race_into(artifact, requested, threads, race_in_child)
+            race, loaded = _race_into(artifact, requested, threads, race_in_child, stop)
         elif race.not_runnable and race.raced_for != files:
             # A cached race's failures belong to the files that failed (another version's,
             # damaged or stale), not to the network the race is keyed by: race them again here.
             failed = [Variant.parse(name) for name in race.not_runnable]
-            again, loaded = _race_into(artifact, failed, threads, race_in_child)
+            again, loaded = _race_into(artifact, failed, threads, race_in_child, stop)
             race = race.with_raced_again(again)
         if not race.ranking:  # raised inside: nothing is cached, the next process races
             reasons = "; ".join(f"{v}: {why}" for v, why in race.not_runnable.items())
@@ -194,11 +197,15 @@ def choose(
 
 
 def _race_into(
-    artifact: ModelArtifact, requested: list[Variant], threads: int | None, in_child: bool
+    artifact: ModelArtifact,
+    requested: list[Variant],
+    threads: int | None,
+    in_child: bool,
+    stop: threading.Event | None = None,
 ) -> tuple[Race, dict[str, Engine]]:
     """Race ``requested``, here or in a child; the engines loaded here."""
     if in_child:
-        return _race_in_child(artifact, requested, threads), {}
+        return _race_in_child(artifact, requested, threads, stop), {}
     return _race(artifact, requested, threads)
 
 
@@ -245,17 +252,26 @@ def _fastest_usable(
     return chosen
 
 
-def _race_in_child(artifact: ModelArtifact, requested: list[Variant], threads: int | None) -> Race:
+def _race_in_child(
+    artifact: ModelArtifact,
+    requested: list[Variant],
+    threads: int | None,
+    stop: threading.Event | None = None,
+) -> Race:
     """Run ``_race`` in a fresh interpreter (``python -m lcnet_runner.choice``). A variant that
     crashes it (a native fault: OpenVINO's bf16 under ONEDNN_MAX_CPU_ISA=AVX2) is not runnable
-    here, and the others race again without it: it stopped every worker from starting."""
+    here, and the others race again without it: it stopped every worker from starting.
+    ``stop`` set ends the child: ChildStoppedError."""
     crashed: dict[str, str] = {}
     remaining = list(requested)
     while remaining:
         order = {"path": str(artifact.path), "tag": artifact.tag, "threads": threads,
                  "requested": [str(v) for v in remaining]}  # fmt: skip
+        command = ["-m", "lcnet_runner.choice", json.dumps(order)]
         try:
-            printed = run_python(["-m", "lcnet_runner.choice", json.dumps(order)], timeout_s=600)
+            printed = run_python(command, timeout_s=600, stop=stop)
+        except ChildStoppedError:  # no failure of the race: raised as is (and not cached)
+            raise
         except ChildProcessError as err:  # it failed, or gave no answer in time
             # Only its own fault is the variant's: a race killed from outside (the OOM killer,
             # a stop) says nothing of it, and is not cached.

@@ -4,6 +4,7 @@ or an exported folder."""
 from __future__ import annotations
 
 import numbers
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass
@@ -130,13 +131,15 @@ class Predictor:
         skip_guard: bool = False,
         solo_threads: int | None = None,
         race_in_child: bool = False,
+        stop: threading.Event | None = None,
     ):
         self.artifact: ModelArtifact = load_artifact(model)
         self.labels = self.artifact.labels
         self.preprocess_config = self.artifact.preprocess
         self.choice: Choice = choose(
-            self.artifact, engine, precision, threads, skip_guard, race_in_child=race_in_child
-        )
+            self.artifact, engine, precision, threads, skip_guard, race_in_child=race_in_child,
+            stop=stop,
+        )  # fmt: skip
         self.variant: Variant = self.choice.variant
         self.engine = self.choice.engine
         self.solo_engine = self._solo_engine(threads, solo_threads)

@@ -39,19 +39,21 @@ from pathlib import Path
 
 from . import servers
 from .artifact import (
-    ModelArtifact,
     ModelNotFoundError,
     bentoml_home,
     load_folder,
     verify_checksums,
     write_text_atomic,
 )
-from .child import run_python
+from .child import ChildStoppedError, run_python
 from .runner import LCNetRunner, release_free_memory
 
 logger = logging.getLogger("bentoml.lcnet")
 REQUEST_POLL_S = 0.5  # how often a worker looks at the request file (a stat call)
 REJOIN_RETRY_S = (10.0, 300.0)  # after a failed reload, first wait to try again, doubling to max
+# How long a worker told to stop waits for the load under way: one ending its child process
+# (child.STOP_GRACE_S at most) ends within it; one still working here is left to its thread.
+STOPPING_LOAD_WAIT_S = 5.0
 
 
 @dataclass
@@ -238,7 +240,9 @@ class UnreadableModelError(RuntimeError):
 
 
 class Reloader:
-    """Watches for the version this worker should serve and swaps it in (one at a time)."""
+    """Watches for the version this worker should serve and swaps it in (one at a time).
+    ``make_runner(artifact, stop=event)`` builds a version's runner; ``stop`` is set when a stop
+    signal reaches the worker, and ends the child processes it started (an engine race)."""
 
     def __init__(
         self,
@@ -247,7 +251,7 @@ class Reloader:
         *,
         watch: bool,
         interval_s: float,
-        make_runner: Callable[[ModelArtifact], LCNetRunner],
+        make_runner: Callable[..., LCNetRunner],
         on_result: Callable[[str], None] | None = None,
     ):
         self.served, self.model_name = served, model_name
@@ -267,8 +271,11 @@ class Reloader:
         self._latest_seen = served.tag if watch else None
         self._rejoin_at, self._rejoin_wait_s = 0.0, REJOIN_RETRY_S[0]
         self._task: asyncio.Task[None] | None = None
+        self._loading: asyncio.Task[LCNetRunner] | None = None  # the load under way, if any
         # Set as a stop signal reaches the worker: the signal that stops a server's whole
-        # process group stops a child checking a version too, which is no fault of the version.
+        # process group stops a child checking a version too, which is no fault of the version;
+        # one that reaches the worker alone (BentoML's arbiter stopping its workers) does not,
+        # and the load ends that child itself (run_python's ``stop``).
         self._told_to_stop = threading.Event()
 
     def start(self) -> None:
@@ -279,11 +286,17 @@ class Reloader:
 
     async def stop(self) -> None:
         """Cancel the watch and wait for it to end, so no swap begins while the worker stops (a
-        load running in its thread finishes there, unused)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        load running in its thread finishes there, unused). After a stop signal, a load under
+        way is waited for first: it ends its child process, which would outlive the worker
+        (uvicorn ends the process by the signal once it has shut down), and says it was
+        interrupted (its task resumes before this one, as it awaited the load first)."""
+        if self._task is None:
+            return
+        if self._told_to_stop.is_set() and self._loading is not None:
+            await asyncio.wait({self._loading}, timeout=STOPPING_LOAD_WAIT_S)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
     def request(self, tag: str | None) -> str:
         """Record a reload request every worker will act on; returns the resolved tag."""
@@ -397,8 +410,9 @@ class Reloader:
         """Load ``tag`` and swap it in; False if it failed (the served version stays)."""
         self.status = ReloadStatus("loading", tag)
         logger.info("reload: loading %s while %s serves", tag, self.served.tag)
+        self._loading = asyncio.create_task(asyncio.to_thread(self._load, tag))
         try:
-            runner = await asyncio.to_thread(self._load, tag)
+            runner = await self._loading
         except Exception as err:
             if self._told_to_stop.is_set():  # e.g. its child check, stopped by the same signal
                 self._interrupted(tag, err)
@@ -407,6 +421,8 @@ class Reloader:
                 logger.error("reload: %s failed, %s keeps serving: %s", tag, self.served.tag, err)
                 self._count("failed")
             return False
+        finally:
+            self._loading = None  # it holds the runner loaded: no reference past the swap
         _warn_of_other_classes(self.served.runner, runner)
         retire_the_old_version = self.served.swap(runner)
         # Said as soon as the new version answers, not once the old one's last request has
@@ -452,9 +468,9 @@ class Reloader:
 
     def _load(self, tag: str) -> LCNetRunner:
         artifact = load_folder(find_stored(tag).path, tag=tag)
-        if not verify_checksums(artifact.path):
-            try_load_in_child(artifact.path)  # stored before checksums were recorded
-        return self.make_runner(artifact)
+        if not verify_checksums(artifact.path):  # stored before checksums were recorded
+            try_load_in_child(artifact.path, stop=self._told_to_stop)
+        return self.make_runner(artifact, stop=self._told_to_stop)
 
     def _count(self, result: str) -> None:
         if self.on_result is not None:
@@ -475,15 +491,17 @@ def _warn_of_other_classes(served: LCNetRunner, new: LCNetRunner) -> None:
         )  # fmt: skip
 
 
-def try_load_in_child(folder: Path) -> None:
+def try_load_in_child(folder: Path, stop: threading.Event | None = None) -> None:
     """Load every variant of a model in a throwaway process first — whichever one this worker
     then serves, its file was read: if a file crashes native code, the child dies and this
-    worker does not."""
+    worker does not. ``stop`` set ends the child (ChildStoppedError)."""
     code = (
         "import sys; from lcnet_runner.predictor import each_variant\n"
         "for _ in each_variant(sys.argv[1], threads=1): pass"
     )
     try:
-        run_python(["-c", code, str(folder)], timeout_s=300)
+        run_python(["-c", code, str(folder)], timeout_s=300, stop=stop)
+    except ChildStoppedError:  # no failure: said as is
+        raise
     except ChildProcessError as err:
         raise RuntimeError(f"loading {folder.name} in a child process failed: {err}") from None

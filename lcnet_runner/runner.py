@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import functools
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,10 @@ class LCNetRunner:
         config: RunnerConfig = RunnerConfig(),
         observer: RunnerObserver | None = None,
         held: HeldImages | None = None,
+        stop: threading.Event | None = None,
     ):
+        """``stop``: set when the process begins to stop; it ends the engine race's child
+        process (``choice.choose``), which would outlive it (a server's reload)."""
         self.config = config
         self.predictor = Predictor(
             model,
@@ -169,6 +173,7 @@ class LCNetRunner:
             skip_guard=config.skip_guard,
             solo_threads=resolve_threads(config.solo_threads),
             race_in_child=True,  # a serving process keeps only the engine it serves
+            stop=stop,
         )
         self.labels = self.predictor.labels
         self.tag = self.predictor.artifact.name  # the version, shown with every answer

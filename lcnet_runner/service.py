@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -158,9 +159,9 @@ class LCNetService:
             )
         self.grpc_server = None
 
-    def _runner(self, artifact: ModelArtifact) -> LCNetRunner:
+    def _runner(self, artifact: ModelArtifact, stop: threading.Event | None = None) -> LCNetRunner:
         config = self.settings.runner
-        runner = LCNetRunner(artifact, config, self.observer, self.held)
+        runner = LCNetRunner(artifact, config, self.observer, self.held, stop=stop)
         logger.info(
             "serving %s on %s (engine=%s, precision=%s requested), %d thread(s)",
             runner.tag, runner.predictor.choice.describe(), config.engine, config.precision,

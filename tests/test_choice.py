@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from conftest import run_cli
 
 from lcnet_runner import Predictor
 from lcnet_runner.artifact import SELF_CHECK_FILE, load_folder, write_info
+from lcnet_runner.child import ChildStoppedError
 from lcnet_runner.choice import PRECISION_MARGIN, _race, choose, race_key, ranked
 from lcnet_runner.engines import (
     ENGINES,
@@ -442,4 +444,27 @@ def test_a_race_killed_from_outside_blames_no_variant(
     crash_openvino_fp32_in_children(tmp_path, monkeypatch, "SIGKILL")
     with pytest.raises(AccuracyGuardError, match="the engine race failed: killed by signal 9"):
         choose(load_folder(folder), threads=1, race_in_child=True)
+    assert list((tmp_path / "cache" / "engine-choice").glob("*.json")) == []
+
+
+def test_a_race_ended_as_its_worker_stops_is_not_cached(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving worker told to stop while a new version's race runs ends the race's child (it
+    would outlive the worker): no race, nothing cached, the next start races again."""
+    from lcnet_runner.runner import LCNetRunner, RunnerConfig
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    slow_race = 'import sys, time\nif "lcnet_runner.choice" in sys.orig_argv: time.sleep(60)\n'
+    (hooks / "sitecustomize.py").write_text(slow_race)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    )
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    start = time.monotonic()
+    with pytest.raises(ChildStoppedError):
+        LCNetRunner(load_folder(folder), RunnerConfig(threads=1), stop=stop)
+    assert time.monotonic() - start < 5
     assert list((tmp_path / "cache" / "engine-choice").glob("*.json")) == []

@@ -446,6 +446,39 @@ def ready(server: Server) -> bool:
         return False
 
 
+def set_after(event: threading.Event, seconds: float) -> None:
+    threading.Timer(seconds, event.set).start()
+
+
+def test_a_child_process_is_ended_once_its_caller_is_told_to_stop(monkeypatch) -> None:
+    """A worker told to stop ends the child its reload started (SIGTERM, then SIGKILL): it would
+    outlive the worker. A child that prints more than a pipe holds still answers whole."""
+    from lcnet_runner import child
+    from lcnet_runner.child import ChildStoppedError, run_python
+
+    stop = threading.Event()
+    printed = run_python(["-c", "print('x' * 1_000_000)"], timeout_s=30, stop=stop)
+    assert len(printed) == 1_000_001
+    set_after(stop, 0.5)
+    start = time.monotonic()
+    with pytest.raises(ChildStoppedError):
+        run_python(["-c", "import time; time.sleep(60)"], timeout_s=30, stop=stop)
+    assert time.monotonic() - start < 1.5
+    with pytest.raises(ChildStoppedError, match="not started"):  # stop came before the child
+        run_python(["-c", "pass"], timeout_s=30, stop=stop)
+
+    monkeypatch.setattr(child, "STOP_GRACE_S", 0.3)
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    stop = threading.Event()
+    set_after(stop, 0.5)
+    start = time.monotonic()
+    with pytest.raises(ChildStoppedError):
+        run_python(["-c", deaf], timeout_s=30, stop=stop)  # killed once its grace is over
+    assert time.monotonic() - start < 2
+    with pytest.raises(ChildProcessError, match="no answer within 0.5 s"):  # as before
+        run_python(["-c", "import time; time.sleep(60)"], timeout_s=0.5, stop=threading.Event())
+
+
 def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
     trained: dict, tmp_path: Path
 ) -> None:
@@ -712,14 +745,14 @@ def save_unchecksummed_version(trained: dict, name: str) -> str:
     return str(stored.tag)
 
 
-def child_checking(server: Server, timeout: float = 60) -> None:
-    """Until a worker's child process loads a version (``try_load_in_child``)."""
+def child_checking(server: Server, timeout: float = 60) -> psutil.Process:
+    """Until a worker's child process loads a version (``try_load_in_child``); that child."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for process in psutil.Process(server.process.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if "each_variant" in " ".join(process.cmdline()):
-                    return
+                    return process
         time.sleep(0.05)
     raise AssertionError(f"no child process checked the version:\n{server.output()}")
 
@@ -744,6 +777,68 @@ def test_a_shutdown_during_a_reloads_child_check_is_no_failed_reload(trained: di
     assert f"reload: loading {unchecked} interrupted by the server's shutdown" in log, log
     assert "keeps serving" not in log and "[ERROR]" not in log and "Traceback" not in log, log
     assert counted == {"interrupted": 1.0}, counted  # not "failed"
+
+
+# A child check that takes minutes (a large model on a slow disk): the reload's child sleeps
+# first. Only that child: the server's processes read this file too.
+SLOW_CHILD_CHECK = """
+import sys, time
+if "each_variant" in " ".join(sys.orig_argv):
+    time.sleep(120)
+"""
+
+
+def test_a_stop_signal_to_the_worker_alone_ends_its_reloads_child_check(
+    trained: dict, tmp_path: Path
+) -> None:
+    """BentoML's arbiter stops its workers one by one (`docker stop` of a container whose PID 1
+    is `bentoml serve`, `kill -TERM <worker>`): the child checking a version got no signal and
+    outlived its worker (which uvicorn ends by the signal once it has shut down), and the
+    reload was neither said nor counted. The worker ends its child; the reload is interrupted.
+    The arbiter restarts the worker, which takes the request up again until the server stops."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_CHILD_CHECK)
+    python_path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    save_to_store(trained["export_dir"], "stopping", load_folder(trained["export_dir"]).info)
+    env = {"LCNET_MODEL": "stopping", "LCNET_WORKERS": "1", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN, "PYTHONPATH": python_path}  # fmt: skip
+    server = Server(".", env).wait_ready()
+    try:
+        unchecked = save_unchecksummed_version(trained, "stopping")
+        assert admin_reload(server, TOKEN, {"tag": unchecked}).status_code == 202
+        child = child_checking(server)
+        [worker] = workers(server)
+        os.kill(worker, signal.SIGTERM)
+        worker_ended_in = seconds_until_ended(worker, timeout=30)
+        child_ended_in = seconds_until_ended(child.pid, timeout=5)
+        child_checking(server)  # the restarted worker's, stopped with the server's group
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=30)
+        log = server.output()
+        counted = reload_counts(Path(server.home) / "prometheus_multiproc_dir", "stopping")
+    finally:
+        server.stop()
+    assert worker_ended_in < 10, f"the worker ended {worker_ended_in:.1f} s after SIGTERM:\n{log}"
+    assert child_ended_in < 5, f"its child outlived it:\n{log}"
+    interrupted = f"reload: loading {unchecked} interrupted by the server's shutdown"
+    assert log.count(interrupted) == 2, log  # the first worker's, and its replacement's
+    assert "keeps serving" not in log and "[ERROR]" not in log and "Traceback" not in log, log
+    assert counted == {"interrupted": 2.0}, counted  # not "failed"
+
+
+def seconds_until_ended(pid: int, timeout: float) -> float:
+    """How long process ``pid`` (not ours: a server's) took to end, or ``timeout``; a zombie,
+    waiting for its parent to reap it, has ended."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def reload_counts(multiprocess_folder: Path, model: str) -> dict[str, float]:
