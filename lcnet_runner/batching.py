@@ -4,7 +4,7 @@ Callers (HTTP and gRPC handlers on a worker's event loop) await single items or 
 task takes everything queued (up to ``max_batch_size``) as soon as the engine is free, runs it in
 the engine's thread and hands each caller its own result. It never waits for arrivals on an idle
 server: it only lets requests the event loop is already working on join the batch, keeping the
-engine idle for at most ``max_delay_ms``.
+engine idle for at most ``max_delay_ms`` (on an idle loop, for a few of its turns: microseconds).
 
 Why asyncio and not a free-running engine thread: Paddle Inference holds the GIL while it runs
 (measured here: two predictors in two threads ran no faster than one). An engine thread that
@@ -30,6 +30,11 @@ from typing import Generic, NamedTuple, TypeVar
 logger = logging.getLogger(__name__)
 # A turn of an idle event loop takes ~10 µs; a turn that ran a request handler takes far longer.
 _IDLE_TURN_S = 50e-6
+# How many turns in a row must look idle before a batch is taken short. One is not enough where
+# requests reach the loop from another thread: grpc.aio's poller thread hands a call's
+# completions over in a turn that only completes futures, and the call they resume (its decode)
+# runs in the next turn; a new call takes a few such hops before its handler runs.
+_IDLE_TURNS = 3
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -169,9 +174,13 @@ class AdaptiveBatcher(Generic[T, R]):
         # let it finish them so they join this batch. The engine stays idle for at most
         # max_delay (counted from now: queued items have usually waited for the last batch).
         deadline = time.perf_counter() + self._max_delay_s
-        while len(self._queue) < self._max_batch_size and time.perf_counter() < deadline:
-            if not await self._loop_is_busy():
-                break
+        idle_turns = 0
+        while (
+            idle_turns < _IDLE_TURNS
+            and len(self._queue) < self._max_batch_size
+            and time.perf_counter() < deadline
+        ):
+            idle_turns = 0 if await self._loop_is_busy() else idle_turns + 1
         return self._take()
 
     async def _worker(self) -> None:

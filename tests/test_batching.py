@@ -86,6 +86,41 @@ def test_items_of_a_busy_loop_join_the_batch_within_max_delay(max_delay_ms) -> N
         assert sizes[0] == 1
 
 
+def test_requests_a_turn_away_join_the_batch() -> None:
+    """grpc.aio's poller thread hands calls to the loop in a turn that only completes futures;
+    each call's handler (its decode) runs in the next turn. Such a light turn is no idle loop:
+    the calls it resumed join the batch (they ran one at a time, behind a batch of one)."""
+    sizes: list[int] = []
+
+    async def main() -> None:
+        batcher = AdaptiveBatcher(doubler(sizes=sizes), max_delay_ms=100)
+        await batcher(0)
+        sizes.clear()
+        loop = asyncio.get_running_loop()
+        received = [loop.create_future() for _ in range(7)]
+
+        async def call(x: int, message: asyncio.Future) -> int:
+            await message  # the request's message, from the poller
+            time.sleep(0.001)  # decoding
+            return await batcher(x)
+
+        calls = [call(x, message) for x, message in zip(range(2, 9), received, strict=True)]
+        waiting = [asyncio.ensure_future(c) for c in calls]
+        await asyncio.sleep(0)  # every call waits for its message
+
+        def poller_hands_over() -> None:  # what grpc.aio's completion-queue reader does
+            for message in received:
+                message.set_result(None)
+
+        first = asyncio.ensure_future(batcher(1))
+        loop.call_soon(loop.call_soon, poller_hands_over)  # during the batcher's first yield
+        assert await asyncio.gather(first, *waiting) == [2 * x for x in range(1, 9)]
+        await batcher.close()
+
+    run(main())
+    assert sizes == [8]
+
+
 def test_max_delay_bounds_the_wait_on_a_busy_loop() -> None:
     """A loop kept busy by other work (1 s of it, in 1 ms turns) holds the batch back at most
     max_delay (5 ms): the request is answered long before the noise ends, not after it."""
