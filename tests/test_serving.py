@@ -371,6 +371,36 @@ def test_bad_grpc_input_is_invalid_argument(server: Server, call) -> None:
         assert len(client.classify(_png())) == 1
 
 
+def test_every_grpc_answer_names_the_model_version_that_produced_it(
+    server: Server, trained: dict
+) -> None:
+    """In its initial metadata, answered or refused, as HTTP's X-Model-Version header."""
+    import grpc
+
+    from lcnet_runner.protos import lcnet_pb2, lcnet_pb2_grpc
+
+    image = _png()
+    calls = [
+        ("Classify", lcnet_pb2.ClassifyRequest(image=image)),
+        ("ClassifyBatch", lcnet_pb2.ClassifyBatchRequest(images=[image, image])),
+        ("ModelInfo", lcnet_pb2.ModelInfoRequest()),
+        ("Classify", lcnet_pb2.ClassifyRequest(image=b"not an image")),
+        ("ClassifyBatch", lcnet_pb2.ClassifyBatchRequest(images=[])),
+    ]
+    codes, versions = [], []
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = lcnet_pb2_grpc.ClassifierStub(channel)
+        for method, request in calls:
+            try:
+                _, call = getattr(stub, method).with_call(request, timeout=30)
+            except grpc.RpcError as refused:
+                call = refused
+            codes.append(call.code().name)
+            versions.append(dict(call.initial_metadata()).get("x-model-version"))
+    assert codes == ["OK"] * 3 + ["INVALID_ARGUMENT"] * 2
+    assert versions == [trained["tag"]] * len(calls)
+
+
 def test_grpc_health_and_reflection(server: Server) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
