@@ -774,9 +774,14 @@ def test_a_shutdown_during_a_reloads_child_check_is_no_failed_reload(trained: di
         counted = reload_counts(Path(server.home) / "prometheus_multiproc_dir", "stopped")
     finally:
         server.stop()
-    assert f"reload: loading {unchecked} interrupted by the server's shutdown" in log, log
+    assert_only_interrupted(log, counted, unchecked, times=1)
+
+
+def assert_only_interrupted(log: str, counted: dict[str, float], tag: str, times: int) -> None:
+    """The reload of ``tag`` said and counted interrupted ``times`` times, never failed."""
+    assert log.count(f"reload: loading {tag} interrupted by the server's shutdown") == times, log
     assert "keeps serving" not in log and "[ERROR]" not in log and "Traceback" not in log, log
-    assert counted == {"interrupted": 1.0}, counted  # not "failed"
+    assert counted == {"interrupted": float(times)}, counted  # not "failed"
 
 
 # A child check that takes minutes (a large model on a slow disk): the reload's child sleeps
@@ -821,10 +826,7 @@ def test_a_stop_signal_to_the_worker_alone_ends_its_reloads_child_check(
         server.stop()
     assert worker_ended_in < 10, f"the worker ended {worker_ended_in:.1f} s after SIGTERM:\n{log}"
     assert child_ended_in < 5, f"its child outlived it:\n{log}"
-    interrupted = f"reload: loading {unchecked} interrupted by the server's shutdown"
-    assert log.count(interrupted) == 2, log  # the first worker's, and its replacement's
-    assert "keeps serving" not in log and "[ERROR]" not in log and "Traceback" not in log, log
-    assert counted == {"interrupted": 2.0}, counted  # not "failed"
+    assert_only_interrupted(log, counted, unchecked, times=2)  # the worker's, its replacement's
 
 
 def seconds_until_ended(pid: int, timeout: float) -> float:
