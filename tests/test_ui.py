@@ -178,15 +178,18 @@ def test_uploads_go_four_at_a_time_and_clear_stops_the_rest(
     assert page.inner_text("#status") == ""
 
 
-def busy(server: Server, seconds: float, tmp_path: Path) -> threading.Thread:
+def busy(server: Server, seconds: float) -> threading.Thread:
     """A thread that keeps the server's one worker at its bound of 8 images for ``seconds``:
-    /classify_batch with 8 photo-sized images, back to back, on one connection."""
-    rng = np.random.default_rng(0)
-    files = []
-    for i in range(8):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (480, 640, 3), np.uint8)).save(buffer, "JPEG")
-        files.append(("images", (f"{i}.jpg", buffer.getvalue(), "image/jpeg")))
+    /classify_batch with 8 large PNGs, back to back, on one connection. Each decodes in ~60 ms,
+    so a request holds the worker's 8 for ~0.5 s and the moment between two is rarely met (with
+    photo-sized JPEGs the page's requests slipped in between, on a busy machine). Returns once
+    the worker refuses a request as busy."""
+    ramp = np.linspace(0, 255, 2000, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (2000, 1)), np.tile(ramp[:, None], (1, 2000)),
+                       np.full((2000, 2000), 90, np.uint8)], axis=-1)  # fmt: skip
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    files = [("images", (f"{i}.png", buffer.getvalue(), "image/png")) for i in range(8)]
 
     def load() -> None:
         with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -196,12 +199,14 @@ def busy(server: Server, seconds: float, tmp_path: Path) -> threading.Thread:
 
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    probe = {"image": ("probe.png", buffer.getvalue(), "image/png")}
+    while httpx.post(f"{server.url}/classify", files=probe, timeout=30).status_code != 503:
+        assert time.monotonic() < deadline, "the worker never became busy"
     return thread
 
 
-def test_a_busy_server_is_asked_again_after_retry_after(
-    own_server, trained: dict, page, tmp_path: Path
-) -> None:
+def test_a_busy_server_is_asked_again_after_retry_after(own_server, trained: dict, page) -> None:
     """A 503 (the worker holds LCNET_MAX_QUEUED_IMAGES) is sent again after its Retry-After,
     a few times, rather than shown as the image's failure."""
     server, _ = own_server
@@ -209,8 +214,7 @@ def test_a_busy_server_is_asked_again_after_retry_after(
     page.on("response", lambda r: r.url.endswith("/classify") and statuses.append(r.status))
     page.goto(f"{server.url}/ui")
     page.wait_for_selector("#model dt:text('architecture')")
-    load = busy(server, 2.0, tmp_path)
-    time.sleep(0.3)
+    load = busy(server, 2.0)
     page.set_input_files("#files", images(trained, 4))
     page.wait_for_function(ALL_ANSWERED, timeout=30_000)
     load.join(timeout=30)
