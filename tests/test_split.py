@@ -643,6 +643,27 @@ def test_lists_whose_lines_start_differently_are_fixed_by_one_sed(tmp_path: Path
     assert {split: read_split(data, split) for split in SPLITS} == before
 
 
+def test_lists_saved_with_a_bom_are_fixed_by_the_sed_said(tmp_path: Path) -> None:
+    """Lists written from the folder above and saved by Notepad, a BOM before each first line:
+    the sed said matched every line but those, and the next run asked for another."""
+    data = _two_classes(tmp_path / "my flowers")
+    split_dataset(data, seed=1)
+    before = {split: read_split(data, split) for split in SPLITS}
+    _rewrite_lists(data, lambda line: f"my flowers/{line}")
+    for split in SPLITS:
+        listed = data / f"{split}_list.txt"
+        listed.write_bytes(b"\xef\xbb\xbf" + listed.read_bytes())
+    with pytest.raises(DatasetError) as refused:
+        split_dataset(data, seed=2)
+    sed = str(refused.value).split("then run again: ")[1]
+    assert sed.startswith(
+        r"sed -i 's#^\(\xEF\xBB\xBF\)\{0,1\}\(\.[/\\]\)\{0,1\}my flowers[/\\]##' "
+    )
+    subprocess.run(shlex.split(sed), check=True)  # once
+    assert split_dataset(data, seed=2).kept == 20
+    assert {split: read_split(data, split) for split in SPLITS} == before
+
+
 def test_a_few_lines_written_from_elsewhere_are_refused_not_dropped(tmp_path: Path) -> None:
     """One test line of two prefixed `my flowers/`: its image, there all along, was said "dropped
     ... no class folder holds now" and distributed again, maybe into train."""

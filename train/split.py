@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 # A list this many of whose images are gone or fewer is read without them, even when they are
 # most of it (a small val list whose images were deleted): more is a list written elsewhere.
 FEW_MISSING = 5
+BOM = "\ufeff"  # what a list saved by Windows' Notepad starts with (mid-list: joined by cat)
 IMBALANCE = 10  # the largest class with this many times the images of the smallest is said
 
 
@@ -397,7 +398,7 @@ def read_list(path: Path) -> list[ListEntry]:
     change split, in silence."""
     entries = []
     for lineno, line in enumerate(read_lines(path), 1):
-        fields = line.removeprefix("\ufeff").rsplit(maxsplit=1)  # a BOM: lists joined with cat
+        fields = line.removeprefix(BOM).rsplit(maxsplit=1)  # a BOM: lists joined with cat
         if not fields:
             continue
         rel, index = fields if len(fields) == 2 else ("", fields[0])
@@ -503,7 +504,8 @@ def _sed_dropping(root: Path, head: str, given: Path) -> str:
     script for them all: one run fixes every list)."""
     lists = [split_list(given, split) for split in SPLITS if split_list(given, split).is_file()]
     starts = {start for listed in lists for start in _written_starts(root, listed, head)}
-    any_start = r"\(\.[/\\]\)\{0,1\}" + _bre(head) + r"[/\\]"
+    any_bom = r"\(\xEF\xBB\xBF\)\{0,1\}" if any(s.startswith(BOM) for s in starts) else ""
+    any_start = any_bom + r"\(\.[/\\]\)\{0,1\}" + _bre(head) + r"[/\\]"
     pattern = _bre(starts.pop()) if len(starts) == 1 else any_start
     return shlex.join(["sed", "-i", f"s#^{pattern}##", *map(str, lists)])
 
@@ -511,6 +513,8 @@ def _sed_dropping(root: Path, head: str, given: Path) -> str:
 def _written_starts(root: Path, listed: Path, head: str) -> set[str]:
     """How the lines of ``listed`` whose paths are found only without ``head`` write it."""
     lines = read_lines(listed)
+    if lines and listed.read_bytes().startswith(BOM.encode()):  # read_lines took it off
+        lines[0] = BOM + lines[0]
     return {
         _written_start(lines[entry.lineno - 1], head)
         for entry in read_list(listed)
@@ -519,16 +523,20 @@ def _written_starts(root: Path, listed: Path, head: str) -> set[str]:
 
 
 def _written_start(line: str, head: str) -> str:
-    """How a list ``line`` writes its path's first folder ``head`` and the separator after it
-    (``read_list`` took off a leading ``./`` and read ``\\`` as ``/``)."""
-    line = line.removeprefix("\ufeff")
+    """How a list ``line`` writes its path's first folder ``head`` and the separator after it,
+    with the BOM before them if it has one (``read_list`` took off a BOM and a leading ``./``,
+    and read ``\\`` as ``/``)."""
+    bom = BOM if line.startswith(BOM) else ""
+    line = line.removeprefix(bom)
     dot = line[:2] if line[:2] in ("./", ".\\") else ""
-    return line[: len(dot) + len(head) + 1]
+    return bom + line[: len(dot) + len(head) + 1]
 
 
 def _bre(text: str) -> str:
-    """``text`` as a sed basic regular expression matching it literally (``#`` its delimiter)."""
-    return "".join(f"\\{c}" if c in "\\.*[]^$#" else c for c in text)
+    """``text`` as a sed basic regular expression matching it literally (``#`` its delimiter); a
+    BOM as GNU sed's byte escapes, which match it in any locale (and show in the command)."""
+    escaped = "".join(f"\\{c}" if c in "\\.*[]^$#" else c for c in text)
+    return escaped.replace(BOM, r"\xEF\xBB\xBF")
 
 
 # What is read of a file to tell it from others of its size before reading it whole: files that
