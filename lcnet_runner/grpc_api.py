@@ -58,7 +58,7 @@ async def _call(context: grpc.aio.ServicerContext, work, tag: str | None = None)
     served the call goes first (``_send_version``). Sent once the work is done, not before it:
     sending it is a round trip through grpc.aio's poller thread, and a call waiting for it had
     not decoded its image yet when the engine freed, so batches formed smaller (at 32 clients,
-    sent first: 5 % fewer calls a second, docs/benchmarks.md)."""
+    sent first: 4 % fewer calls a second, docs/benchmarks.md)."""
     refusal = None
     try:
         result = await work
