@@ -3,6 +3,9 @@ throwaway interpreter, so that a serving worker sees an exception instead of dyi
 
 from __future__ import annotations
 
+import ctypes
+import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -42,8 +45,9 @@ def run_python(args: list[str], timeout_s: float, stop: threading.Event | None =
     the child would outlive it), the child then ended."""
     if stop is not None and stop.is_set():
         raise ChildStoppedError("not started: the caller is stopping")
+    command = [sys.executable, "-c", _AS_CHILD, str(os.getpid()), *args]
     with subprocess.Popen(
-        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as child:
         try:
             stdout, stderr = _output_when_ended(child, timeout_s, stop)
@@ -89,3 +93,33 @@ def _end(child: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
+
+
+# What a child runs first: ``as_child``, then what it was started for.
+_AS_CHILD = "from lcnet_runner.child import as_child; as_child()"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def as_child() -> None:
+    """The child's side of ``run_python``: ask Linux to end it (SIGTERM) when the process that
+    started it ends, then run ``-c CODE`` or ``-m MODULE`` with the arguments after it, as
+    ``python`` would. A worker killed outright (the OOM killer's SIGKILL, a SIGTERM while it
+    started) left its engine race or version check running for up to 10 minutes, reparented."""
+    parent, option, target, *rest = sys.argv[1:]
+    _end_with(int(parent))
+    if option == "-m":
+        sys.argv = [target, *rest]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = ["-c", *rest]
+        exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+
+
+def _end_with(parent: int) -> None:
+    """SIGTERM this process once ``parent`` (the thread of it that started this one, which waits
+    for it) ends; exits at once if it already has. Linux only: elsewhere nothing is asked."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it ended before the request was made: nobody waits for us
+        raise SystemExit(f"the process that started this one ({parent}) has ended")

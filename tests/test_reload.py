@@ -479,6 +479,27 @@ def test_a_child_process_is_ended_once_its_caller_is_told_to_stop(monkeypatch) -
         run_python(["-c", "import time; time.sleep(60)"], timeout_s=0.5, stop=threading.Event())
 
 
+def test_a_child_process_ends_with_the_process_that_started_it() -> None:
+    """A worker killed outright (the OOM killer's SIGKILL) left the child checking a version, or
+    racing the engines, running for up to 10 minutes under init."""
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "from lcnet_runner.child import run_python\n"
+        "run_python(['-c', 'import time; time.sleep(60)'], timeout_s=60)")])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (children := psutil.Process(starter.pid).children()):
+            assert time.monotonic() < deadline, "no child started"
+            time.sleep(0.05)
+        [child] = children
+        time.sleep(0.5)  # past its first step: ended by the signal it asked for, not its check
+        starter.kill()
+        starter.wait()
+        assert seconds_until_ended(child.pid, timeout=5) < 5, "the child outlived its parent"
+    finally:
+        starter.kill()
+        starter.wait()
+
+
 def test_a_version_stored_without_checksums_is_loaded_in_a_child_first(
     trained: dict, tmp_path: Path
 ) -> None:
