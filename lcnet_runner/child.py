@@ -14,6 +14,9 @@ import time
 
 STOP_POLL_S = 0.2  # how often a wait for a child looks whether its caller was told to stop
 STOP_GRACE_S = 2.0  # a child still running this long after its SIGTERM is killed
+# What a child runs first: ``as_child``, then what it was started for.
+_AS_CHILD = "from lcnet_runner.child import as_child; as_child()"
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class ChildFailedError(ChildProcessError):
@@ -39,10 +42,11 @@ FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, si
 
 
 def run_python(args: list[str], timeout_s: float, stop: threading.Event | None = None) -> str:
-    """``python *args`` in a fresh interpreter; its stdout. ChildFailedError with the last line
-    of its stderr (or its exit code) when it fails; ChildProcessError when it has not finished
-    within ``timeout_s``; ChildStoppedError when ``stop`` is set first (a worker told to stop:
-    the child would outlive it), the child then ended."""
+    """``python *args`` in a fresh interpreter that ends with this process (``as_child``); its
+    stdout. ChildFailedError with the last line of its stderr (or its exit code) when it fails;
+    ChildProcessError when it has not finished within ``timeout_s``; ChildStoppedError when
+    ``stop`` is set first (a worker told to stop: the child would outlive it), the child then
+    ended."""
     if stop is not None and stop.is_set():
         raise ChildStoppedError("not started: the caller is stopping")
     command = [sys.executable, "-c", _AS_CHILD, str(os.getpid()), *args]
@@ -93,11 +97,6 @@ def _end(child: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.communicate()
-
-
-# What a child runs first: ``as_child``, then what it was started for.
-_AS_CHILD = "from lcnet_runner.child import as_child; as_child()"
-_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def as_child() -> None:
