@@ -781,21 +781,32 @@ def child_checking(server: Server, timeout: float = 60) -> psutil.Process:
 def test_a_shutdown_during_a_reloads_child_check_is_no_failed_reload(trained: dict) -> None:
     """`kill -TERM -<pgid>` (Ctrl-C, a supervisor stopping the group) also stops the child that
     checks a new version: that was logged and counted as a failed reload."""
-    save_to_store(trained["export_dir"], "stopped", load_folder(trained["export_dir"]).info)
-    env = {"LCNET_MODEL": "stopped", "LCNET_WORKERS": "1", "LCNET_RELOAD": "request",
-           "LCNET_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    with checking_a_new_version(trained, "stopped") as (server, unchecked, _):
+        log, counted = stopped_as_a_group(server, "stopped")
+    assert_only_interrupted(log, counted, unchecked, times=1)
+
+
+@contextlib.contextmanager
+def checking_a_new_version(trained: dict, name: str, env: dict[str, str] | None = None):
+    """A server (1 worker) serving ``name``, asked to reload a version stored without checksums,
+    once a child process checks it: (the server, that version's tag, the child)."""
+    save_to_store(trained["export_dir"], name, load_folder(trained["export_dir"]).info)
+    env = {"LCNET_MODEL": name, "LCNET_WORKERS": "1", "LCNET_RELOAD": "request",
+           "LCNET_ADMIN_TOKEN": TOKEN, **(env or {})}  # fmt: skip
     server = Server(".", env).wait_ready()
     try:
-        unchecked = save_unchecksummed_version(trained, "stopped")
+        unchecked = save_unchecksummed_version(trained, name)
         assert admin_reload(server, TOKEN, {"tag": unchecked}).status_code == 202
-        child_checking(server)
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=30)
-        log = server.output()
-        counted = reload_counts(Path(server.home) / "prometheus_multiproc_dir", "stopped")
+        yield server, unchecked, child_checking(server)
     finally:
         server.stop()
-    assert_only_interrupted(log, counted, unchecked, times=1)
+
+
+def stopped_as_a_group(server: Server, name: str) -> tuple[str, dict[str, float]]:
+    """`kill -TERM -<pgid>` to the server; then its log and its reloads of ``name`` by result."""
+    os.killpg(server.process.pid, signal.SIGTERM)
+    server.process.wait(timeout=30)
+    return server.output(), reload_counts(Path(server.home) / "prometheus_multiproc_dir", name)
 
 
 def assert_only_interrupted(log: str, counted: dict[str, float], tag: str, times: int) -> None:
@@ -826,25 +837,15 @@ def test_a_stop_signal_to_the_worker_alone_ends_its_reloads_child_check(
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SLOW_CHILD_CHECK)
     python_path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
-    save_to_store(trained["export_dir"], "stopping", load_folder(trained["export_dir"]).info)
-    env = {"LCNET_MODEL": "stopping", "LCNET_WORKERS": "1", "LCNET_RELOAD": "request",
-           "LCNET_ADMIN_TOKEN": TOKEN, "PYTHONPATH": python_path}  # fmt: skip
-    server = Server(".", env).wait_ready()
-    try:
-        unchecked = save_unchecksummed_version(trained, "stopping")
-        assert admin_reload(server, TOKEN, {"tag": unchecked}).status_code == 202
-        child = child_checking(server)
+    with checking_a_new_version(trained, "stopping", {"PYTHONPATH": python_path}) as (
+        server, unchecked, child,
+    ):  # fmt: skip
         [worker] = workers(server)
         os.kill(worker, signal.SIGTERM)
         worker_ended_in = seconds_until_ended(worker, timeout=30)
         child_ended_in = seconds_until_ended(child.pid, timeout=5)
         child_checking(server)  # the restarted worker's, stopped with the server's group
-        os.killpg(server.process.pid, signal.SIGTERM)
-        server.process.wait(timeout=30)
-        log = server.output()
-        counted = reload_counts(Path(server.home) / "prometheus_multiproc_dir", "stopping")
-    finally:
-        server.stop()
+        log, counted = stopped_as_a_group(server, "stopping")
     assert worker_ended_in < 10, f"the worker ended {worker_ended_in:.1f} s after SIGTERM:\n{log}"
     assert child_ended_in < 5, f"its child outlived it:\n{log}"
     assert_only_interrupted(log, counted, unchecked, times=2)  # the worker's, its replacement's
