@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from bentoml._internal.context import server_context
 
@@ -66,6 +66,14 @@ def on_stop_signal(callback: Callable[[], None]) -> None:
                 stop(sig, frame)
 
             signal.signal(signum, first_callback)
+
+
+def end_as_stopped() -> NoReturn:
+    """End this worker by SIGTERM, unhandled: as uvicorn ends a worker it stopped once it has
+    shut down, for one told to stop before it could serve."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.raise_signal(signal.SIGTERM)
+    raise SystemExit(1)  # not reached: SIGTERM ends the process
 
 
 def stop_server(why: str) -> None:

@@ -144,8 +144,7 @@ class LCNetService:
         # One bound for the worker: while a reload drains the old version, both runners count.
         self.held = HeldImages(self.settings.runner.max_queued_images, self.observer.held)
         self.served = ServedModel(
-            self._runner(load_folder(self.model.path, tag=str(self.model.tag))),
-            on_serving=ServedVersions(self.model.tag.name).serving,
+            self._first_runner(), on_serving=ServedVersions(self.model.tag.name).serving
         )
         self.reloader = None
         if self.settings.reload != "off":
@@ -158,6 +157,22 @@ class LCNetService:
                 on_result=ReloadCounter(self.model.tag.name).count,
             )
         self.grpc_server = None
+
+    def _first_runner(self) -> LCNetRunner:
+        """The runner of the version the worker starts on. A stop signal while its engine race
+        runs (Ctrl-C, or BentoML's arbiter stopping its workers one by one: `docker stop`, a pod
+        deleted as it starts) ends the race and the worker, as uvicorn ends it once it serves;
+        the race held it for its whole length (tens of seconds), or failed with a traceback."""
+        told_to_stop = threading.Event()
+        servers.on_stop_signal(told_to_stop.set)
+        try:
+            return self._runner(load_folder(self.model.path, tag=str(self.model.tag)), told_to_stop)
+        except Exception as err:
+            if not told_to_stop.is_set():
+                raise
+            logger.info("start-up interrupted by a stop signal before %s was loaded (%s: %s)",
+                        self.model.tag, type(err).__name__, err)  # fmt: skip
+            servers.end_as_stopped()
 
     def _runner(self, artifact: ModelArtifact, stop: threading.Event | None = None) -> LCNetRunner:
         config = self.settings.runner

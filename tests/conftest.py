@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -174,6 +175,33 @@ def workers(server: Server) -> list[int]:
         except psutil.Error:
             pass
     return pids
+
+
+def child_running(server: Server, marker: str, timeout: float = 60.0) -> psutil.Process:
+    """Until a process below ``server`` runs with ``marker`` in its command line (a worker's
+    child: ``lcnet_runner.child.run_python``); that process."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.Process(server.process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if marker in " ".join(process.cmdline()):
+                    return process
+        time.sleep(0.05)
+    raise AssertionError(f"no process ran {marker!r} in {timeout}s:\n{server.output()}")
+
+
+def seconds_until_ended(pid: int, timeout: float) -> float:
+    """How long process ``pid`` (not ours: a server's) took to end, or ``timeout``; a zombie,
+    waiting for its parent to reap it, has ended."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def replacement(server: Server, victim: int, count: int, timeout: float = 90.0) -> int:

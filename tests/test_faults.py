@@ -8,11 +8,12 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from conftest import model_info_from, replacement, workers
+from conftest import child_running, model_info_from, replacement, seconds_until_ended, workers
 from PIL import Image
 
 from lcnet_runner.testing import Server
@@ -183,3 +184,46 @@ def test_sigterm_lets_a_long_grpc_call_finish_and_refuses_new_ones(trained: dict
     print(f"answered {answered - sent:.1f}s after SIGTERM")
     assert count == 24
     assert answered > sent + 5  # longer than the old grace: the test can tell them apart
+
+
+# The engine race of a worker's first load takes minutes (many variants of a large model on a
+# slow machine): its child process sleeps first. Only that child: every process reads this.
+SLOW_RACE = """
+import sys, time
+if "lcnet_runner.choice" in " ".join(sys.orig_argv):
+    time.sleep(120)
+"""
+
+
+def test_a_stop_signal_during_the_start_up_race_ends_the_worker_at_once(
+    trained: dict, tmp_path: Path
+) -> None:
+    """A worker told to stop while it races the engines for its first load (BentoML's arbiter
+    stopping its workers one by one: `docker stop`, a pod deleted as it starts) finished the
+    race first, held for its whole length; stopped with its child (Ctrl-C to the group), it
+    failed its start-up with a traceback. Both now end the race and the worker at once, said in
+    one line; the arbiter restarts a worker stopped alone, which races again."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_RACE)
+    python_path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    cache = str(tmp_path / "cache")  # no race cached: the worker races
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", "PYTHONPATH": python_path,
+           "LCNET_CACHE": cache}  # fmt: skip
+    server = Server(".", env)
+    try:
+        race = child_running(server, "lcnet_runner.choice")
+        worker = race.parent().pid
+        os.kill(worker, signal.SIGTERM)
+        worker_ended_in = seconds_until_ended(worker, timeout=30)
+        race_ended_in = seconds_until_ended(race.pid, timeout=5)
+        child_running(server, "lcnet_runner.choice")  # the replacement's race
+        os.killpg(server.process.pid, signal.SIGTERM)
+        server.process.wait(timeout=30)
+        log = server.output()
+    finally:
+        server.stop()
+    assert worker_ended_in < 10, f"the worker ended {worker_ended_in:.1f} s after SIGTERM:\n{log}"
+    assert race_ended_in < 5, f"its race outlived it:\n{log}"
+    assert log.count("start-up interrupted by a stop signal") == 2, log
+    assert "[ERROR]" not in log and "Traceback" not in log, log

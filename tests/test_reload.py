@@ -25,7 +25,14 @@ import grpc
 import httpx
 import psutil
 import pytest
-from conftest import CLASS_NAMES, model_info_from, replacement, workers
+from conftest import (
+    CLASS_NAMES,
+    child_running,
+    model_info_from,
+    replacement,
+    seconds_until_ended,
+    workers,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from lcnet_runner.artifact import (
@@ -766,16 +773,9 @@ def save_unchecksummed_version(trained: dict, name: str) -> str:
     return str(stored.tag)
 
 
-def child_checking(server: Server, timeout: float = 60) -> psutil.Process:
+def child_checking(server: Server) -> psutil.Process:
     """Until a worker's child process loads a version (``try_load_in_child``); that child."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in psutil.Process(server.process.pid).children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "each_variant" in " ".join(process.cmdline()):
-                    return process
-        time.sleep(0.05)
-    raise AssertionError(f"no child process checked the version:\n{server.output()}")
+    return child_running(server, "each_variant")
 
 
 def test_a_shutdown_during_a_reloads_child_check_is_no_failed_reload(trained: dict) -> None:
@@ -849,20 +849,6 @@ def test_a_stop_signal_to_the_worker_alone_ends_its_reloads_child_check(
     assert worker_ended_in < 10, f"the worker ended {worker_ended_in:.1f} s after SIGTERM:\n{log}"
     assert child_ended_in < 5, f"its child outlived it:\n{log}"
     assert_only_interrupted(log, counted, unchecked, times=2)  # the worker's, its replacement's
-
-
-def seconds_until_ended(pid: int, timeout: float) -> float:
-    """How long process ``pid`` (not ours: a server's) took to end, or ``timeout``; a zombie,
-    waiting for its parent to reap it, has ended."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def reload_counts(multiprocess_folder: Path, model: str) -> dict[str, float]:
