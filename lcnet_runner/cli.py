@@ -261,4 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # OSError: a missing file, a file where a folder should be, no permission, a full disk...
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, as `python -m train` says it, no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0

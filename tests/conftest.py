@@ -177,17 +177,45 @@ def workers(server: Server) -> list[int]:
     return pids
 
 
-def child_running(server: Server, marker: str, timeout: float = 60.0) -> psutil.Process:
-    """Until a process below ``server`` runs with ``marker`` in its command line (a worker's
-    child: ``lcnet_runner.child.run_python``); that process."""
+# The engine race takes minutes (many variants of a large model on a slow machine): its child
+# process sleeps first. Only that child: every process started reads this.
+SLOW_RACE = """
+import sys, time
+if "lcnet_runner.choice" in " ".join(sys.orig_argv):
+    time.sleep(120)
+"""
+RACE_CHILD = "lcnet_runner.choice"  # in a race child's command line
+
+
+def slow_race(tmp_path: Path) -> dict[str, str]:
+    """The environment for processes whose engine race (``RACE_CHILD``) sleeps 2 minutes first,
+    with no race cached, so that they race."""
+    hooks = tmp_path / "slow-race"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_RACE)
+    python_path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    return {"PYTHONPATH": python_path, "LCNET_CACHE": str(tmp_path / "cache")}
+
+
+def child_of(pid: int, marker: str, timeout: float = 60.0) -> psutil.Process:
+    """Until a process below ``pid`` runs with ``marker`` in its command line (a child of
+    ``lcnet_runner.child.run_python``); that process."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for process in psutil.Process(server.process.pid).children(recursive=True):
+        for process in psutil.Process(pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 if marker in " ".join(process.cmdline()):
                     return process
         time.sleep(0.05)
-    raise AssertionError(f"no process ran {marker!r} in {timeout}s:\n{server.output()}")
+    raise AssertionError(f"no process ran {marker!r} in {timeout}s")
+
+
+def child_running(server: Server, marker: str) -> psutil.Process:
+    """``child_of`` a server's process group leader: a worker's child."""
+    try:
+        return child_of(server.process.pid, marker)
+    except AssertionError as err:
+        raise AssertionError(f"{err}:\n{server.output()}") from None
 
 
 def seconds_until_ended(pid: int, timeout: float) -> float:

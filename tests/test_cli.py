@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import RACE_CHILD, ROOT, child_of, run_cli, seconds_until_ended, slow_race
 from PIL import Image
 
 
@@ -238,6 +239,22 @@ def test_predict_bad_image(trained: dict, tmp_path: Path, name: str, content, sa
     result = run_cli("lcnet_runner", "predict", str(path), "--model", model, check=False)
     line = one_error_line(result)
     assert name in line and says in line
+
+
+def test_ctrl_c_while_predict_races_the_engines_is_one_line(trained: dict, tmp_path: Path) -> None:
+    """Ctrl-C during `predict`'s engine race (tens of seconds for a new model) printed a
+    traceback through subprocess; now one line and exit code 130, the race's child ended."""
+    image = _images(tmp_path / "in", 1)[0]
+    command = [sys.executable, "-m", "lcnet_runner", "predict", image, "--model",
+               trained["export_dir"]]  # fmt: skip
+    env = {**os.environ, **slow_race(tmp_path)}
+    with subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True) as cli:
+        race = child_of(cli.pid, RACE_CHILD)
+        cli.send_signal(signal.SIGINT)
+        _, stderr = cli.communicate(timeout=30)
+    assert (cli.returncode, stderr.splitlines()[-1:]) == (130, ["interrupted"]), stderr
+    assert "Traceback" not in stderr, stderr
+    assert seconds_until_ended(race.pid, timeout=5) < 5
 
 
 def test_predict_classifies_the_others_around_a_bad_image(trained: dict, tmp_path: Path) -> None:

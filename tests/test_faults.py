@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import child_running, model_info_from, replacement, seconds_until_ended, workers
+from conftest import (
+    RACE_CHILD,
+    child_running,
+    model_info_from,
+    replacement,
+    seconds_until_ended,
+    slow_race,
+    workers,
+)
 from PIL import Image
 
 from lcnet_runner.testing import Server
@@ -186,15 +194,6 @@ def test_sigterm_lets_a_long_grpc_call_finish_and_refuses_new_ones(trained: dict
     assert answered > sent + 5  # longer than the old grace: the test can tell them apart
 
 
-# The engine race of a worker's first load takes minutes (many variants of a large model on a
-# slow machine): its child process sleeps first. Only that child: every process reads this.
-SLOW_RACE = """
-import sys, time
-if "lcnet_runner.choice" in " ".join(sys.orig_argv):
-    time.sleep(120)
-"""
-
-
 def test_a_stop_signal_during_the_start_up_race_ends_the_worker_at_once(
     trained: dict, tmp_path: Path
 ) -> None:
@@ -203,21 +202,15 @@ def test_a_stop_signal_during_the_start_up_race_ends_the_worker_at_once(
     race first, held for its whole length; stopped with its child (Ctrl-C to the group), it
     failed its start-up with a traceback. Both now end the race and the worker at once, said in
     one line; the arbiter restarts a worker stopped alone, which races again."""
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_RACE)
-    python_path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
-    cache = str(tmp_path / "cache")  # no race cached: the worker races
-    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", "PYTHONPATH": python_path,
-           "LCNET_CACHE": cache}  # fmt: skip
+    env = {"LCNET_MODEL": trained["tag"], "LCNET_WORKERS": "1", **slow_race(tmp_path)}
     server = Server(".", env)
     try:
-        race = child_running(server, "lcnet_runner.choice")
+        race = child_running(server, RACE_CHILD)
         worker = race.parent().pid
         os.kill(worker, signal.SIGTERM)
         worker_ended_in = seconds_until_ended(worker, timeout=30)
         race_ended_in = seconds_until_ended(race.pid, timeout=5)
-        child_running(server, "lcnet_runner.choice")  # the replacement's race
+        child_running(server, RACE_CHILD)  # the replacement's race
         os.killpg(server.process.pid, signal.SIGTERM)
         server.process.wait(timeout=30)
         log = server.output()
