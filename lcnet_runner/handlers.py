@@ -93,6 +93,7 @@ def served_model_info(
             "max_batch_pixels": settings.runner.max_batch_pixels,
             "max_batch_images": settings.max_batch_images,
             "max_queued_images": settings.runner.max_queued_images,
+            "max_held_bytes": settings.max_held_bytes,
         },
         "reload": {"mode": settings.reload, **(reloader.describe() if reloader else {})},
         # Each worker answers for itself (its version, its reload, its load): which one this is.
@@ -100,6 +101,7 @@ def served_model_info(
             "index": server_context.worker_index,
             "pid": os.getpid(),
             "held_images": runner.held_images,  # against limits.max_queued_images
+            "held_bytes": runner.held_bytes,  # against limits.max_held_bytes
         },
     }
 

@@ -72,12 +72,30 @@ async def _body_arriving(timeout_s: float) -> AsyncIterator[None]:
         ) from None
 
 
+def _declared_size(request: Request) -> int | None:
+    """The body's size as Content-Length says it, None when it says none (a chunked upload);
+    past 18 digits, more than any limit."""
+    declared = request.headers.get("content-length", "")
+    # isdigit() is also true of "²", which int() refuses.
+    if not (declared.isascii() and declared.isdigit()):
+        return None
+    return int(declared) if len(declared) <= 18 else 10**18
+
+
 def _refuse_declared_excess(request: Request, limit: int) -> None:
     """413 at once when Content-Length already says the body is over ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    # isdigit() is also true of "²", which int() refuses; past 18 digits it is over any limit.
-    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+    declared = _declared_size(request)
+    if declared is not None and declared > limit:
         raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
+
+
+def receiving(request: Request, runner: LCNetRunner, settings: ServingSettings):
+    """The request held by the worker (``runner.receiving``) from before its body is read: as
+    many bytes as its Content-Length says, or as the body limit when it says none (a chunked
+    upload may be that large)."""
+    declared = _declared_size(request)
+    limit = settings.max_body_bytes
+    return runner.receiving(limit if declared is None else min(declared, limit))
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
@@ -233,7 +251,11 @@ async def typed_answer(work: Awaitable[Any], version: str, ctx: bentoml.Context)
 
 async def classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     """One image: the body itself (``top_k`` in the query string) or a multipart file field."""
-    runner.refuse_if_busy()  # before its body arrives
+    with receiving(request, runner, settings):
+        return await _classify(request, runner, settings)
+
+
+async def _classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
     content_type = _media_type(request)
     if content_type.startswith(RAW_IMAGE_TYPES):
         image = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
@@ -250,10 +272,10 @@ async def classify(request: Request, runner: LCNetRunner, settings: ServingSetti
 
 
 async def classify_batch(request: Request, runner: LCNetRunner, settings: ServingSettings) -> Any:
-    runner.refuse_if_busy()
-    images, top_k = await read_upload(request, settings, "images")
-    work = handlers.classify_batch(runner, settings, images, top_k)
-    return await unless_client_left(request, work)
+    with receiving(request, runner, settings):
+        images, top_k = await read_upload(request, settings, "images")
+        work = handlers.classify_batch(runner, settings, images, top_k)
+        return await unless_client_left(request, work)
 
 
 async def unless_client_left(request: Request, work: Awaitable[Any]) -> Any:

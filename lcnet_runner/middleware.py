@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse
 
 from . import handlers, servers
 from .handlers import RequestError, refusal_status
-from .http_api import ERROR_MEANINGS, read_upload, refusal
+from .http_api import ERROR_MEANINGS, read_upload, receiving, refusal
 from .runner import RunnerBusyError
 from .settings import ServingSettings
 
@@ -127,9 +127,19 @@ class TypedApiGuard:
             # BentoML refuses it here too, but with a JSON list for a body
             message = f"{PICKLE_TYPE.decode()} is only for calls between services"
             return await JSONResponse({"error": message}, 415)(scope, receive, send)
+        request, runner = Request(scope, receive), get_current_service().served.runner
         try:
-            get_current_service().served.runner.refuse_if_busy()  # before its body arrives
-            images, top_k = await read_upload(Request(scope, receive), self.settings, field)
+            with receiving(request, runner, self.settings):  # from before its body arrives
+                await self._guarded(request, field, send)
+        except RunnerBusyError as err:  # refused at once (_guarded answers its own refusals)
+            await refusal({"error": str(err)}, 503, runner.tag)(scope, receive, send)
+
+    async def _guarded(self, request: Request, field: str, send) -> None:
+        """The body read and checked, then its file field(s) and ``top_k`` alone on to
+        BentoML; or the refusal."""
+        scope, receive = request.scope, request.receive
+        try:
+            images, top_k = await read_upload(request, self.settings, field)
             if field == "image" and len(images) != 1:
                 raise RequestError(422, "send exactly one file in 'image'")
             body, content_type = _multipart_body(field, images, handlers.parse_top_k(top_k))

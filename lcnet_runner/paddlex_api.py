@@ -16,7 +16,14 @@ from starlette.responses import JSONResponse
 
 from . import handlers
 from .handlers import RequestError
-from .http_api import failure, invalid_request, read_body, refusal, unless_client_left
+from .http_api import (
+    failure,
+    invalid_request,
+    read_body,
+    receiving,
+    refusal,
+    unless_client_left,
+)
 from .runner import LCNetRunner
 from .settings import ServingSettings
 
@@ -30,17 +37,8 @@ class PaddleXRequest(BaseModel):
 async def paddlex_classify(request: Request, runner: LCNetRunner, settings: ServingSettings):
     log_id = uuid.uuid4().hex
     try:
-        runner.refuse_if_busy()
-        body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-        try:
-            asked = PaddleXRequest.model_validate_json(body)
-        except ValidationError as err:
-            raise invalid_request(err) from None
-        if asked.topk is not None and asked.topk < 1:
-            raise RequestError(422, "topk must be > 0")
-        image = _base64_image(asked.image)
-        top_k = asked.topk or min(5, len(runner.labels))  # PaddleX's Topk default
-        predictions = await unless_client_left(request, runner.aclassify(image, top_k))
+        with receiving(request, runner, settings):
+            predictions = await _classify(request, runner, settings)
     except Exception as err:
         status, message = failure(err)
         error = {"logId": log_id, "errorCode": status, "errorMsg": message, "error": message}
@@ -50,6 +48,19 @@ async def paddlex_classify(request: Request, runner: LCNetRunner, settings: Serv
     result = {"categories": categories, "image": None}
     answer = {"logId": log_id, "errorCode": 0, "errorMsg": "Success", "result": result}
     return JSONResponse(answer, headers={handlers.VERSION_HEADER: runner.tag})
+
+
+async def _classify(request: Request, runner: LCNetRunner, settings: ServingSettings) -> list:
+    body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+    try:
+        asked = PaddleXRequest.model_validate_json(body)
+    except ValidationError as err:
+        raise invalid_request(err) from None
+    if asked.topk is not None and asked.topk < 1:
+        raise RequestError(422, "topk must be > 0")
+    image = _base64_image(asked.image)
+    top_k = asked.topk or min(5, len(runner.labels))  # PaddleX's Topk default
+    return await unless_client_left(request, runner.aclassify(image, top_k))
 
 
 def _base64_image(text: str) -> bytes:

@@ -38,6 +38,10 @@ class ServingSettings:
     runner: RunnerConfig = SERVED_RUNNER  # engine, precision, threads, batching, limits
     workers: int = 0  # 0: cores ÷ threads (measured best on 2 cores: 2 workers × 1 thread)
     max_body_bytes: int = 20 * 1024 * 1024
+    # The bytes of the requests a worker takes in and has not answered yet (bodies being read,
+    # images decoding or queued): past it a new request is refused (503 / UNAVAILABLE) before
+    # its body is read. 256 MiB: ~2,500 photos of 100 KB, 12 requests at the body limit. 0: none.
+    max_held_bytes: int = 256 * 1024 * 1024
     body_timeout_s: float = 30.0  # a request body must have arrived whole by then (else 408)
     max_batch_images: int = 64
     grpc_port: int = 50051  # 0 disables gRPC
@@ -116,6 +120,7 @@ class ServingSettings:
 SETTINGS_RANGES = {
     "workers": (0, 1024),
     "max_body_bytes": (1, 2**31 - 1),
+    "max_held_bytes": (0, math.inf),
     "max_batch_images": (1, math.inf),
     "grpc_port": (0, 65535),
     "grpc_max_connection_age_s": (0, (2**31 - 1) // 1000),  # 0: never

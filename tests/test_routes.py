@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 
 from lcnet_runner import Predictor
 from lcnet_runner.hardware import default_threads
+from lcnet_runner.settings import ServingSettings
 
 JSON_ERROR = {"error"}
 
@@ -296,6 +297,7 @@ def test_model_route_describes_the_served_model(client: TestClient, trained: dic
     assert info["solo_threads"] == solo
     assert info["worker"]["pid"] == os.getpid()  # in process here; which worker, when served
     assert info["worker"]["held_images"] == 0  # none admitted and not yet answered
+    assert info["worker"]["held_bytes"] == 0 and info["limits"]["max_held_bytes"] == 256 * 2**20
 
 
 def test_bentoml_routes_and_the_ui_are_served(client: TestClient) -> None:
@@ -586,11 +588,41 @@ def test_a_refused_body_is_freed_at_once(client: TestClient) -> None:
     assert held[0] < len(body) / 2, held
 
 
-@pytest.fixture
-def busy(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The worker as it is while it holds LCNET_MAX_QUEUED_IMAGES images."""
+@pytest.mark.parametrize(
+    "headers, held",
+    [({"content-length": "1000"}, 1000),  # what it says it sends
+     ({"transfer-encoding": "chunked"}, 20 * 2**20),  # no size said: as much as it may send
+     ({"content-length": "9" * 40}, 20 * 2**20)],  # over the limit (refused 413 once read)
+)  # fmt: skip
+def test_a_request_is_held_at_its_declared_size_from_before_its_body_is_read(
+    headers: dict, held: int
+) -> None:
+    """A worker counts a request's bytes before reading its body: 100 uploads of 17 MB read at
+    once took one worker to 2 GB, each under the image bound."""
+    from starlette.requests import Request
+
+    from lcnet_runner.http_api import receiving
+
+    class Runner:  # the seam: what the route asks the runner to hold
+        def receiving(self, size: int) -> contextlib.AbstractContextManager:
+            self.size = size
+            return contextlib.nullcontext()
+
+    runner = Runner()
+    scope = {"type": "http", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    with receiving(Request(scope), runner, ServingSettings.from_env({})):
+        assert runner.size == held
+
+
+@pytest.fixture(params=["images", "bytes"])
+def busy(client: TestClient, monkeypatch: pytest.MonkeyPatch, request) -> None:
+    """The worker as it is while it holds LCNET_MAX_QUEUED_IMAGES images, or the request bytes
+    of LCNET_MAX_HELD_BYTES."""
     held = bentoml.get_current_service().held
-    monkeypatch.setattr(held, "count", held.limit)
+    if request.param == "images":
+        monkeypatch.setattr(held, "count", held.limit)
+    else:
+        monkeypatch.setattr(held, "bytes", held.byte_limit)
 
 
 @pytest.mark.usefixtures("busy")

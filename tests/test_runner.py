@@ -16,7 +16,7 @@ from lcnet_runner import Predictor
 from lcnet_runner.batching import BatchStats
 from lcnet_runner.engines import PaddleEngine
 from lcnet_runner.predictor import TopKError
-from lcnet_runner.runner import LCNetRunner, RunnerConfig
+from lcnet_runner.runner import LCNetRunner, RunnerBusyError, RunnerConfig
 from train.split import read_split
 
 
@@ -247,7 +247,6 @@ def test_a_busy_runner_refuses_at_once_and_takes_requests_again_as_it_answers(
     it holds max_queued_images, a new request is refused before any work, as BentoML's 503; a
     request is admitted whole while there is any room (a batch larger than the room would never
     pass), and the room comes back as answers go."""
-    from lcnet_runner.runner import RunnerBusyError
 
     small = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
     large = io.BytesIO()
@@ -319,7 +318,7 @@ def test_the_images_a_runner_holds_are_counted_for_model_and_metrics(trained: di
 def test_runners_that_share_a_bound_hold_at_most_it_together(trained: dict) -> None:
     """A server's worker gives every runner it makes one bound: while a reload drains the old
     version's requests, the new version admitted up to the bound again (twice it in memory)."""
-    from lcnet_runner.runner import HeldImages, RunnerBusyError
+    from lcnet_runner.runner import HeldImages
 
     image = next(iter(read_split(trained["dataset"], "test")))[0].read_bytes()
 
@@ -335,6 +334,30 @@ def test_runners_that_share_a_bound_hold_at_most_it_together(trained: dict) -> N
         await asyncio.gather(old.close(), new.close())
 
     asyncio.run(main())
+
+
+def test_a_server_holds_request_bytes_up_to_its_bound() -> None:
+    """A server counts the bytes of each request it takes in, from before its body is read
+    (``receiving``): 100 uploads of 17 MB, each under the image bound, took one worker from
+    330 MB to 2 GB. A request is admitted whole while there is any room, and the bytes are
+    given back when it is answered or fails."""
+    from lcnet_runner.runner import HeldImages
+
+    held = HeldImages(limit=0, byte_limit=100)
+    with held.receiving(60), held.receiving(60):  # 60 left room: the second passes whole
+        assert held.bytes == 120
+        with pytest.raises(
+            RunnerBusyError, match=r"holds 120 bytes of requests \(its limit: 100\)"
+        ):
+            with held.receiving(1):
+                pass
+    with pytest.raises(ValueError), held.receiving(500):
+        raise ValueError("a bad image")
+    assert held.bytes == 0
+    unbounded = HeldImages(limit=0)
+    with unbounded.receiving(10**12):
+        with unbounded.receiving(10**12):
+            assert unbounded.bytes == 2 * 10**12
 
 
 def test_memory_is_given_back_once_the_last_large_request_is_answered(
@@ -359,7 +382,12 @@ def test_memory_is_given_back_once_the_last_large_request_is_answered(
                              runner.aclassify_batch([large.getvalue()] * 2))  # fmt: skip
         # given back on the decode thread: what was submitted to it before this has run
         await asyncio.get_running_loop().run_in_executor(runner._decoder, lambda: None)
+        # refused as it arrives (a server's bound): gRPC had received the call whole
+        runner._held.byte_limit = runner._held.bytes = 1
+        with pytest.raises(RunnerBusyError), runner.receiving(len(large.getvalue())):
+            pass
+        await asyncio.get_running_loop().run_in_executor(runner._decoder, lambda: None)
         await runner.close()
 
     asyncio.run(main())
-    assert released == [1]
+    assert released == [1, 1]
