@@ -64,7 +64,7 @@ async def _call(context: grpc.aio.ServicerContext, work, tag: str | None = None)
 
     Not aborted: grpc.aio keeps an abort's exception on the call's state, and its traceback
     holds the frames that hold the request, a cycle only the garbage collector frees (a burst
-    of 17 MB uploads, a third refused: a worker stayed 1.1 GB larger, idle, until a collection).
+    of 17 MB uploads, half refused: a worker stayed 1.1 GB larger, idle, until a collection).
     """
     try:
         result = await work

@@ -89,7 +89,9 @@ def _refuse_declared_excess(request: Request, limit: int) -> None:
         raise RequestError(413, f"request body is larger than the limit of {limit} bytes")
 
 
-def receiving(request: Request, runner: LCNetRunner, settings: ServingSettings):
+def receiving(
+    request: Request, runner: LCNetRunner, settings: ServingSettings
+) -> contextlib.AbstractContextManager[None]:
     """The request held by the worker (``runner.receiving``) from before its body is read: as
     many bytes as its Content-Length says, or as the body limit when it says none (a chunked
     upload may be that large)."""

@@ -65,7 +65,7 @@ class HeldImages:
     A server also counts the bytes of the requests it takes in (``receiving``), from before
     their bodies are read until they are answered, against ``byte_limit``: 512 images of the
     largest size allowed would be 10 GB, and a burst of 100 uploads of 17 MB, each under the
-    image bound, took one worker from 330 MB to 2.0 GB over HTTP and 4.3 GB over gRPC."""
+    image bound, took one worker from 330 MB to 2.0 GB over HTTP and 3.8 GB over gRPC."""
 
     def __init__(
         self, limit: int, on_change: Callable[[int], None] | None = None, byte_limit: int = 0
