@@ -35,7 +35,8 @@ def _metric(kind: str, name: str, documentation: str, **spec: Any) -> Any:
 
 class PrometheusObserver:
     """Batch sizes the runner formed, per-stage latency (decode, queue wait, inference), and the
-    images the runners hold (admitted, not yet answered), summed over the live workers."""
+    images and request bytes the runners hold (not yet answered), summed over the live
+    workers."""
 
     def __init__(self, model: str):
         batch_size = _metric(
@@ -54,13 +55,23 @@ class PrometheusObserver:
             "a worker refuses requests (503) while it holds LCNET_MAX_QUEUED_IMAGES",
             labelnames=("model",), multiprocess_mode="livesum",
         )  # fmt: skip
+        held_bytes = _metric(
+            "Gauge", "lcnet_runner_held_bytes",
+            "Bytes of the requests taken in and not yet answered (bodies read or being read), "
+            "all workers: a worker refuses requests (503) while it holds LCNET_MAX_HELD_BYTES",
+            labelnames=("model",), multiprocess_mode="livesum",
+        )  # fmt: skip
         self._batch_size = batch_size.labels(model=model)
         self._stage = {stage: stage_seconds.labels(model=model, stage=stage) for stage in STAGES}
         self._held_images = held_images.labels(model=model)
+        self._held_bytes = held_bytes.labels(model=model)
 
+    # Added to, never set: several runners may report to one observer.
     def held(self, change: int) -> None:
-        # Added to, never set: several runners may report to one observer.
         self._held_images.inc(change)
+
+    def held_bytes(self, change: int) -> None:
+        self._held_bytes.inc(change)
 
     def decoded(self, seconds: float) -> None:
         self._stage["decode"].observe(seconds)

@@ -60,7 +60,7 @@ class HeldImages:
     past it a new request raises RunnerBusyError at once. One runner has its own; a server's
     runners of one worker share one, so that while a reload drains the old version the worker
     still holds at most ``limit`` images in all. ``on_change`` is told each rise and fall (a
-    gauge on ``/metrics``). Used from one event loop.
+    gauge on ``/metrics``; ``on_bytes_change`` of the bytes). Used from one event loop.
 
     A server also counts the bytes of the requests it takes in (``receiving``), from before
     their bodies are read until they are answered, against ``byte_limit``: 512 images of the
@@ -68,11 +68,15 @@ class HeldImages:
     image bound, took one worker from 330 MB to 2.0 GB over HTTP and 3.8 GB over gRPC."""
 
     def __init__(
-        self, limit: int, on_change: Callable[[int], None] | None = None, byte_limit: int = 0
+        self,
+        limit: int,
+        on_change: Callable[[int], None] | None = None,
+        byte_limit: int = 0,
+        on_bytes_change: Callable[[int], None] | None = None,
     ):
         self.limit, self.count = limit, 0  # limit 0: no bound
         self.byte_limit, self.bytes = byte_limit, 0  # byte_limit 0: no bound
-        self._on_change = on_change
+        self._on_change, self._on_bytes_change = on_change, on_bytes_change
 
     def refuse_if_busy(self) -> None:
         if self.limit and self.count >= self.limit:
@@ -104,16 +108,21 @@ class HeldImages:
         answered), unless ``refuse_if_busy`` refuses it; admitted whole when there is any room,
         as ``holding`` admits images."""
         self.refuse_if_busy()
-        self.bytes += size
+        self._change_bytes(size)
         try:
             yield
         finally:
-            self.bytes -= size
+            self._change_bytes(-size)
 
     def _change(self, change: int) -> None:
         self.count += change
         if self._on_change is not None:
             self._on_change(change)
+
+    def _change_bytes(self, change: int) -> None:
+        self.bytes += change
+        if self._on_bytes_change is not None:
+            self._on_bytes_change(change)
 
 
 def _bytes_in(images: Sequence[ImageSource]) -> int:

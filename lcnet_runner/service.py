@@ -142,8 +142,10 @@ class LCNetService:
         self.settings = ServingSettings.from_env()
         self.observer = PrometheusObserver(self.model.tag.name)
         # One bound for the worker: while a reload drains the old version, both runners count.
-        self.held = HeldImages(self.settings.runner.max_queued_images, self.observer.held,
-                               byte_limit=self.settings.max_held_bytes)  # fmt: skip
+        self.held = HeldImages(
+            self.settings.runner.max_queued_images, self.observer.held,
+            byte_limit=self.settings.max_held_bytes, on_bytes_change=self.observer.held_bytes,
+        )  # fmt: skip
         self.served = ServedModel(
             self._first_runner(), on_serving=ServedVersions(self.model.tag.name).serving
         )

@@ -343,7 +343,8 @@ def test_a_server_holds_request_bytes_up_to_its_bound() -> None:
     given back when it is answered or fails."""
     from lcnet_runner.runner import HeldImages
 
-    held = HeldImages(limit=0, byte_limit=100)
+    changes: list[int] = []  # what /metrics' lcnet_runner_held_bytes is told
+    held = HeldImages(limit=0, byte_limit=100, on_bytes_change=changes.append)
     with held.receiving(60), held.receiving(60):  # 60 left room: the second passes whole
         assert held.bytes == 120
         with pytest.raises(
@@ -353,7 +354,7 @@ def test_a_server_holds_request_bytes_up_to_its_bound() -> None:
                 pass
     with pytest.raises(ValueError), held.receiving(500):
         raise ValueError("a bad image")
-    assert held.bytes == 0
+    assert held.bytes == 0 and changes == [60, 60, -60, -60, 500, -500]
     unbounded = HeldImages(limit=0)
     with unbounded.receiving(10**12):
         with unbounded.receiving(10**12):

@@ -80,7 +80,8 @@ def test_bentoml_endpoints_keep_working(server: Server) -> None:
         assert httpx.get(f"{server.url}{path}").status_code == 200, path
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "lcnet_runner_batch_size" in metrics
-    assert re.search(r'^lcnet_runner_held_images\{model="[^"]+"\} 0\.0$', metrics, re.M)
+    for held in ("images", "bytes"):  # none held once answered
+        assert re.search(rf'^lcnet_runner_held_{held}\{{model="[^"]+"\}} 0\.0$', metrics, re.M)
     assert "swagger" in httpx.get(f"{server.url}/").text.lower()
     spec = httpx.get(f"{server.url}/docs.json").json()
     assert spec["openapi"].startswith("3.") and "/readyz" in spec["paths"]
