@@ -33,6 +33,17 @@ def _metric(kind: str, name: str, documentation: str, **spec: Any) -> Any:
     return getattr(prometheus_client, kind)(name=name, documentation=documentation, **spec)
 
 
+def _held_gauge(unit: str, what: str, bound: str):
+    """``lcnet_runner_held_<unit>``: what the workers hold and have not answered yet, summed
+    over the live ones (a runner adds to it as it takes in and answers)."""
+    return _metric(
+        "Gauge", f"lcnet_runner_held_{unit}",
+        f"{what} and not yet answered, all workers: a worker refuses requests (503) while it "
+        f"holds {bound}",
+        labelnames=("model",), multiprocess_mode="livesum",
+    )  # fmt: skip
+
+
 class PrometheusObserver:
     """Batch sizes the runner formed, per-stage latency (decode, queue wait, inference), and the
     images and request bytes the runners hold (not yet answered), summed over the live
@@ -49,22 +60,15 @@ class PrometheusObserver:
             "Seconds per image (decode, queue_wait) or per batch (inference)",
             labelnames=("model", "stage"), buckets=_LATENCY_BUCKETS,
         )  # fmt: skip
-        held_images = _metric(
-            "Gauge", "lcnet_runner_held_images",
-            "Images admitted and not yet answered (decoding, queued, in a batch), all workers: "
-            "a worker refuses requests (503) while it holds LCNET_MAX_QUEUED_IMAGES",
-            labelnames=("model",), multiprocess_mode="livesum",
-        )  # fmt: skip
-        held_bytes = _metric(
-            "Gauge", "lcnet_runner_held_bytes",
-            "Bytes of the requests taken in and not yet answered (bodies read or being read), "
-            "all workers: a worker refuses requests (503) while it holds LCNET_MAX_HELD_BYTES",
-            labelnames=("model",), multiprocess_mode="livesum",
-        )  # fmt: skip
         self._batch_size = batch_size.labels(model=model)
         self._stage = {stage: stage_seconds.labels(model=model, stage=stage) for stage in STAGES}
-        self._held_images = held_images.labels(model=model)
-        self._held_bytes = held_bytes.labels(model=model)
+        self._held_images = _held_gauge(
+            "images", "Images admitted (decoding, queued, in a batch)", "LCNET_MAX_QUEUED_IMAGES"
+        ).labels(model=model)
+        self._held_bytes = _held_gauge(
+            "bytes", "Bytes of the requests taken in (bodies read or being read)",
+            "LCNET_MAX_HELD_BYTES",
+        ).labels(model=model)  # fmt: skip
 
     # Added to, never set: several runners may report to one observer.
     def held(self, change: int) -> None:
