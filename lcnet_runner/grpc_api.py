@@ -108,12 +108,11 @@ class ClassifierServicer(lcnet_pb2_grpc.ClassifierServicer):
     def __init__(self, served: ServedModel, settings: ServingSettings, reloader: Reloader | None):
         self.served, self.settings, self.reloader = served, settings, reloader
 
+    # A refused call (``_call``: None, its status set) answers an empty message.
     async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
         with self.served.pinned() as runner:
             predictions = await _call(context, self._classify(runner, request), runner.tag)
-        if predictions is None:  # refused
-            return lcnet_pb2.ClassifyResponse()
-        return _response(predictions)
+        return _response(predictions or [])
 
     async def ClassifyBatch(self, request, context):  # noqa: N802
         with self.served.pinned() as runner:
